@@ -1,0 +1,55 @@
+"""One exception class per error code on the wire."""
+from __future__ import annotations
+
+from protocol.messages import ErrorCode
+
+
+class RingserveError(Exception):
+    code = ErrorCode.INTERNAL
+    retryable = False
+
+    def __init__(self, message: str, request_id: str | None = None):
+        super().__init__(f"{self.code}: {message}")
+        self.message, self.request_id = message, request_id
+
+
+class BadRequest(RingserveError):
+    code = ErrorCode.BAD_REQUEST
+
+
+class UnknownModel(RingserveError):
+    code = ErrorCode.UNKNOWN_MODEL
+
+
+class UnknownVersion(RingserveError):
+    code = ErrorCode.UNKNOWN_VERSION
+
+
+class Overloaded(RingserveError):
+    """The master's queue for the model is full: back off and retry."""
+
+    code = ErrorCode.OVERLOADED
+    retryable = True
+
+
+class Timeout(RingserveError):
+    code = ErrorCode.TIMEOUT
+
+
+class WorkerLost(RingserveError):
+    code = ErrorCode.WORKER_LOST
+    retryable = True
+
+
+class Internal(RingserveError):
+    code = ErrorCode.INTERNAL
+
+
+BY_CODE = {cls.code: cls for cls in (BadRequest, UnknownModel, UnknownVersion, Overloaded, Timeout, WorkerLost,
+                                     Internal)}
+
+
+def from_error(error: dict | None, request_id: str | None) -> RingserveError:
+    error = error if isinstance(error, dict) else {}
+    cls = BY_CODE.get(error.get("code"), Internal)
+    return cls(str(error.get("message", "no message")), request_id)

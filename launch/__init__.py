@@ -1,0 +1,1 @@
+"""Entry points, one per role (console scripts in setup.cfg), and the local cluster."""

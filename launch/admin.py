@@ -1,0 +1,39 @@
+"""ringserve-admin: ask the master for its status, or drain a worker."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from client.admin import AdminClient, format_status
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ringserve-admin", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    st = sub.add_parser("status", help="workers, models, queues and counters")
+    st.add_argument("--master", default="tcp://127.0.0.1:5557", help="the master's admin endpoint")
+    st.add_argument("--json", action="store_true", help="print the raw status as JSON")
+    dr = sub.add_parser("drain", help="stop sending work to a worker; it finishes and leaves")
+    dr.add_argument("worker", help="worker name (as in status)")
+    dr.add_argument("--master", default="tcp://127.0.0.1:5557")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    admin = AdminClient(args.master)
+    try:
+        if args.command == "status":
+            st = admin.status()
+            print(json.dumps(st, indent=2, default=str) if args.json else format_status(st))
+        elif args.command == "drain":
+            print(json.dumps(admin.drain(args.worker)))
+    except TimeoutError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Start and stop role processes: used by the local cluster, the benchmarks and the tests.
+
+A role that binds sockets prints one line ``RINGSERVE_READY {json}`` on stdout once bound
+(ephemeral ports included), so whoever started it learns its endpoints without guessing.
+Each child runs in its own session, so stop() can always take down the whole group.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+READY_PREFIX = "RINGSERVE_READY "
+
+
+def announce(info: dict) -> None:
+    print(READY_PREFIX + json.dumps(info), flush=True)
+
+
+class RoleProcess:
+    def __init__(self, module: str, args: Sequence[str], log_path: str | os.PathLike | None = None,
+                 wait_ready: bool = True, ready_timeout: float = 60.0, env: dict | None = None):
+        self.module, self.args = module, list(args)
+        self.log_path = Path(log_path) if log_path else None
+        self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen([sys.executable, "-m", module, *self.args], stdout=subprocess.PIPE,
+                                     stderr=self._log, start_new_session=True,
+                                     env={**os.environ, **(env or {})})
+        self.info: dict = {}
+        if wait_ready:
+            self.info = self._read_ready(ready_timeout)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def _read_ready(self, timeout: float) -> dict:
+        end = time.monotonic() + timeout
+        buf = b""
+        fd = self.proc.stdout.fileno()
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                break
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    break
+                buf += chunk
+                for line in buf.decode(errors="replace").splitlines():
+                    if line.startswith(READY_PREFIX):
+                        return json.loads(line[len(READY_PREFIX):])
+        self.stop()
+        raise RuntimeError(f"{self.module} did not start (see {self.log_path}): {self.tail_log()}")
+
+    def tail_log(self, n: int = 20) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def wait(self, timeout: float) -> int | None:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return None
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM (graceful drain), then SIGKILL if it is still there after `timeout`."""
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGCONT)
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            if self.wait(timeout) is None:
+                self.kill()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        if self._log is not subprocess.DEVNULL:
+            self._log.close()
+            self._log = subprocess.DEVNULL
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.wait(5)
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
+    """Poll `predicate` until truthy (bounded in time); return its value or raise TimeoutError."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= end:
+            raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def wait_for_workers(admin_address: str, count: int, timeout: float = 60.0, model: str | None = None,
+                     version: int | None = None) -> dict:
+    """Wait until the master lists `count` ready workers (serving `model` at `version` if given)."""
+    from client.admin import AdminClient
+
+    admin = AdminClient(admin_address, timeout=2.0)
+
+    def enough():
+        st = admin.status()
+        ok = [w for w in st["workers"] if w["state"] != "draining" and all(
+            i.get("ready", True) and (version is None or i.get("version") == version)
+            for m, i in w["models"].items() if model is None or m == model) and (model is None or model in w["models"])]
+        return st if len(ok) >= count else None
+
+    return wait_until(enough, timeout, 0.1, f"{count} workers at {admin_address}")

@@ -1,0 +1,77 @@
+"""ringserve-worker: runs models for a master (CUDA when available, else CPU).
+
+With --device all-gpus it starts one worker process per visible GPU (one on CPU if none).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+
+import structlog
+
+from launch.logsetup import add_log_flag, configure_logging
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ringserve-worker", description=__doc__)
+    p.add_argument("--master", default="tcp://127.0.0.1:5556", help="the master's worker endpoint")
+    p.add_argument("--model", action="append", required=True,
+                   metavar="NAME=MODULE:FACTORY[,weights=F][,dtype=D][,quantize=int8][,arg.K=V]",
+                   help="a model to serve (repeatable)")
+    p.add_argument("--name", default=None, help="worker name shown in status (default worker-PID)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | all-gpus")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="default precision for models that do not set dtype=")
+    p.add_argument("--quantize", default=None, choices=["int8"], help="default dynamic quantization (CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--max-batch-size", type=int, default=1, help="rows per batch; 1 turns batching off")
+    p.add_argument("--max-queue-delay-us", type=float, default=1000.0,
+                   help="longest wait for a batch to fill, from the oldest request's arrival")
+    p.add_argument("--credit", type=int, default=None, help="requests in flight (default 2 x batch size, >= 4)")
+    p.add_argument("--weight", type=float, default=1.0, help="weight for the weighted-random policy")
+    p.add_argument("--heartbeat-interval", type=float, default=1.0)
+    p.add_argument("--heartbeat-liveness", type=int, default=3)
+    p.add_argument("--max-backoff", type=float, default=32.0, help="longest reconnect backoff, seconds")
+    p.add_argument("--paramservers", default=None,
+                   help="comma-separated shard endpoints (ROUTER) to take weights from")
+    add_log_flag(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
+    configure_logging("worker", args.log_level)
+    if args.device == "all-gpus":
+        sys.exit(_one_per_gpu(argv if argv is not None else sys.argv[1:]))
+    from launch.procs import announce
+    from worker.runtime import build_worker
+
+    agent = build_worker(args)
+    agent.install_signal_handlers()
+    announce({"role": "worker", "pid": os.getpid(), "name": agent.cfg.name})
+    agent.run()
+
+
+def _one_per_gpu(argv: list[str]) -> int:
+    import torch
+
+    count = torch.cuda.device_count()
+    devices = [f"cuda:{i}" for i in range(count)] or ["cpu"]
+    base = [a for a in argv if a != "all-gpus" and a != "--device"]
+    children = [subprocess.Popen([sys.executable, "-m", "launch.worker", *base, "--device", d]) for d in devices]
+    structlog.get_logger("ringserve.worker").info("started_per_gpu_workers", devices=devices)
+
+    def forward(signum, _frame):
+        for c in children:
+            c.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    return max(c.wait() for c in children)
+
+
+if __name__ == "__main__":
+    main()

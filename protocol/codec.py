@@ -1,0 +1,115 @@
+"""msgpack headers and raw tensor frames, decoded zero-copy.
+
+A message body is one msgpack map (the header) followed by one raw frame per tensor.
+The header lists the tensors as ``[name, dtype, shape]`` in frame order. Tensors are
+never pickled: a frame is exactly ``prod(shape) * itemsize`` little-endian bytes and is
+turned back into an array with ``numpy.frombuffer`` (no copy).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Iterable, Mapping, Sequence
+
+import msgpack
+import numpy as np
+
+from protocol.messages import ProtocolError
+
+SUPPORTED_DTYPES = frozenset(
+    ["bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64"]
+)
+MAX_DIMS = 8
+MAX_TENSORS = 64
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(buf) -> Any:
+    """Unpack a msgpack frame; any failure becomes ProtocolError."""
+    try:
+        return msgpack.unpackb(_bytes(buf), raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"body is not valid msgpack: {type(exc).__name__}") from None
+
+
+def unpack_map(buf) -> dict:
+    obj = unpack(buf)
+    if not isinstance(obj, dict):
+        raise ProtocolError("body must be a msgpack map")
+    return obj
+
+
+def _bytes(buf):
+    """zmq.Frame, memoryview or bytes -> something msgpack/numpy can read without copying."""
+    return buf.buffer if hasattr(buf, "buffer") else buf
+
+
+def encode_tensors(tensors: Mapping[str, Any]) -> tuple[list, list]:
+    """Named arrays (numpy or torch) -> (header meta list, frames)."""
+    meta, frames = [], []
+    for name, value in tensors.items():
+        arr = to_numpy(value)
+        meta.append([name, arr.dtype.name, list(arr.shape)])
+        frames.append(memoryview(arr).cast("B") if arr.size else b"")
+    return meta, frames
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """Contiguous little-endian numpy array from numpy, torch or a nested list."""
+    if hasattr(value, "detach"):  # torch.Tensor, without importing torch here
+        value = value.detach()
+        if str(value.dtype) == "torch.bfloat16":
+            value = value.float()
+        value = value.cpu().numpy()
+    arr = np.ascontiguousarray(value)
+    if arr.dtype.name not in SUPPORTED_DTYPES:
+        raise ProtocolError(f"unsupported dtype {arr.dtype.name}")
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return arr
+
+
+def decode_tensors(meta: Any, frames: Sequence) -> dict[str, np.ndarray]:
+    """Validate meta against frames and view each frame as an array, without copying."""
+    if not isinstance(meta, list):
+        raise ProtocolError("tensor list must be an array of [name, dtype, shape]")
+    if len(meta) > MAX_TENSORS:
+        raise ProtocolError(f"too many tensors ({len(meta)} > {MAX_TENSORS})")
+    if len(meta) != len(frames):
+        raise ProtocolError(f"header lists {len(meta)} tensors but {len(frames)} data frames follow")
+    out: dict[str, np.ndarray] = {}
+    for entry, frame in zip(meta, frames):
+        name, dtype, shape = _check_entry(entry)
+        if name in out:
+            raise ProtocolError(f"tensor {name!r} appears twice")
+        buf = _bytes(frame)
+        expected = math.prod(shape) * np.dtype(dtype).itemsize
+        if len(buf) != expected:
+            raise ProtocolError(
+                f"tensor {name!r}: {len(buf)} bytes but dtype {dtype} shape {shape} needs {expected}"
+            )
+        out[name] = np.frombuffer(buf, dtype=dtype).reshape(shape) if expected else np.zeros(shape, dtype)
+    return out
+
+
+def _check_entry(entry: Any) -> tuple[str, str, tuple[int, ...]]:
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 3):
+        raise ProtocolError("each tensor must be described as [name, dtype, shape]")
+    name, dtype, shape = entry
+    if not isinstance(name, str) or not name:
+        raise ProtocolError("tensor name must be a non-empty string")
+    if dtype not in SUPPORTED_DTYPES:
+        raise ProtocolError(f"tensor {name!r}: unsupported dtype {dtype!r}")
+    if (
+        not isinstance(shape, (list, tuple))
+        or len(shape) > MAX_DIMS
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise ProtocolError(f"tensor {name!r}: shape must be a list of at most {MAX_DIMS} non-negative ints")
+    return name, dtype, tuple(shape)
+
+
+def frame_bytes(frames: Iterable) -> int:
+    return sum(len(_bytes(f)) for f in frames)

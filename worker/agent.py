@@ -1,0 +1,242 @@
+"""The worker's socket thread: registration, heartbeats, reconnects, request intake, drain.
+
+It owns the DEALER to the master and the inproc PULL that carries replies from the compute
+thread, so heartbeats keep flowing while a long batch runs. A master silent for
+liveness x interval is presumed dead: the worker reconnects with a fresh socket and
+exponential backoff and registers again (Paranoid Pirate). A DISCONNECT from the master
+(it restarted, or it evicted us) also makes the worker register again.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import structlog
+import zmq
+
+from protocol.codec import decode_tensors, pack, unpack_map
+from protocol.messages import (
+    DISCONNECT, DRAIN, HEARTBEAT, READY, REPLY, REQUEST, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
+)
+from worker.batching import Batcher, WorkItem
+from worker.compute import CHANGED, RESULT, ComputeThread
+from worker.loader import BadInput, ServedModel
+
+log = structlog.get_logger("ringserve.worker")
+
+MAX_RECV_PER_TURN = 256
+
+
+@dataclass
+class WorkerConfig:
+    master: str
+    name: str = field(default_factory=lambda: f"worker-{os.getpid()}")
+    heartbeat_interval: float = 1.0
+    heartbeat_liveness: int = 3
+    max_backoff: float = 32.0
+    max_batch_size: int = 1
+    max_queue_delay_s: float = 0.001
+    credit: int | None = None
+    weight: float = 1.0
+    hwm: int = 10_000
+
+    @property
+    def effective_credit(self) -> int:
+        """Enough requests in flight to fill one batch while the previous one runs."""
+        return self.credit or max(4, 2 * self.max_batch_size)
+
+
+class WorkerAgent:
+    def __init__(self, cfg: WorkerConfig, models: dict[str, ServedModel], ctx: zmq.Context | None = None):
+        self.cfg, self.models = cfg, models
+        self.ctx = ctx or zmq.Context()
+        self.results = self.ctx.socket(zmq.PULL)
+        self.results.setsockopt(zmq.LINGER, 0)
+        self.results_ep = f"inproc://ringserve-results-{uuid.uuid4().hex}"
+        self.results.bind(self.results_ep)
+        self.compute = ComputeThread(self.ctx, self.results_ep, models,
+                                     Batcher(cfg.max_batch_size, cfg.max_queue_delay_s))
+        self.dealer: zmq.Socket | None = None
+        self.poller = zmq.Poller()
+        self.poller.register(self.results, zmq.POLLIN)
+        self.in_flight = 0
+        self.draining = False
+        self.done = False
+        self.master_epoch: str | None = None
+        self.last_heard = self.last_beat = 0.0
+        self.backoff = 0.0
+        self.register_at: float | None = None
+        self.reconnects = 0
+        self.drain_requested: str | None = None
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        self.compute.start()
+        self._connect()
+        try:
+            while not self.done:
+                events = dict(self.poller.poll(self._poll_timeout_ms()))
+                if self.results in events:
+                    self._drain(self.results, self.on_result)
+                if self.dealer in events:
+                    self._drain(self.dealer, self.on_master)
+                self.on_tick(time.monotonic())
+        finally:
+            self.close()
+
+    def _drain(self, sock: zmq.Socket, handler) -> None:
+        for _ in range(MAX_RECV_PER_TURN):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                handler(frames)
+            except Exception:
+                log.exception("worker_handler_failed", handler=handler.__name__)
+
+    def _poll_timeout_ms(self) -> int:
+        return max(1, int(self.cfg.heartbeat_interval * 1000 / 4))
+
+    def close(self) -> None:
+        self.compute.stopping.set()
+        self.compute.join(timeout=5)
+        if self.dealer is not None:
+            self.dealer.close(linger=0)
+        self.results.close(linger=0)
+        log.info("worker_closed", worker=self.cfg.name)
+
+    # ------------------------------------------------------------ connection
+    def _connect(self) -> None:
+        if self.dealer is not None:
+            self.poller.unregister(self.dealer)
+            self.dealer.close(linger=0)
+        self.dealer = self.ctx.socket(zmq.DEALER)
+        self.dealer.setsockopt(zmq.IDENTITY, f"{self.cfg.name}-{uuid.uuid4().hex[:8]}".encode())
+        self.dealer.setsockopt(zmq.LINGER, 0)
+        self.dealer.setsockopt(zmq.SNDHWM, self.cfg.hwm)
+        self.dealer.setsockopt(zmq.RCVHWM, self.cfg.hwm)
+        self.dealer.setsockopt(zmq.RECONNECT_IVL, 100)
+        self.dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.dealer.connect(self.cfg.master)
+        self.poller.register(self.dealer, zmq.POLLIN)
+        self.last_heard = time.monotonic()
+        self._register()
+
+    def _register(self) -> None:
+        info = {"name": self.cfg.name, "models": self._models_info(), "credit": self.cfg.effective_credit,
+                "device": self._device(), "pid": os.getpid(), "weight": self.cfg.weight}
+        self._send([READY, pack(info)])
+        self.register_at = None
+        log.info("worker_registering", worker=self.cfg.name, master=self.cfg.master, models=sorted(self.models))
+
+    def _device(self) -> str:
+        return ",".join(sorted({str(m.device) for m in self.models.values()}))
+
+    def _models_info(self) -> dict:
+        return {name: m.describe() for name, m in self.models.items()}
+
+    def _send(self, parts: list) -> None:
+        try:
+            self.dealer.send_multipart([WORKER_PROTO, *parts], zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            log.warning("master_unreachable_message_dropped", command=parts[0].hex())
+
+    # ---------------------------------------------------------------- events
+    def on_tick(self, now: float) -> None:
+        if self.drain_requested:
+            self.start_drain(self.drain_requested)
+            self.drain_requested = None
+        if self.register_at is not None and now >= self.register_at:
+            self._register()
+        if now - self.last_beat >= self.cfg.heartbeat_interval:
+            self._heartbeat(now)
+        silent = now - self.last_heard
+        if silent > self.cfg.heartbeat_interval * self.cfg.heartbeat_liveness + self.backoff:
+            self.backoff = min(max(self.cfg.heartbeat_interval, self.backoff * 2), self.cfg.max_backoff)
+            self.reconnects += 1
+            log.warning("master_silent_reconnecting", silent_s=round(silent, 2), next_backoff_s=self.backoff)
+            self._connect()
+        if self.draining and self.in_flight == 0:
+            self._send([DISCONNECT, pack({"reason": "drained"})])
+            log.info("worker_drained", worker=self.cfg.name)
+            self.done = True
+
+    def _heartbeat(self, now: float) -> None:
+        self.last_beat = now
+        self._send([HEARTBEAT, pack({"models": self._models_info(), "in_flight": self.in_flight,
+                                     "stats": self.compute.stats.snapshot(), "draining": self.draining,
+                                     "reconnects": self.reconnects})])
+
+    def on_master(self, frames: list[zmq.Frame]) -> None:
+        if len(frames) < 2 or frames[0].bytes != WORKER_PROTO:
+            log.warning("bad_master_message", frames=len(frames))
+            return
+        cmd = frames[1].bytes
+        self.last_heard = time.monotonic()
+        if cmd == REQUEST:
+            self.on_request(frames[2], frames[3:])
+        elif cmd == HEARTBEAT:
+            info = unpack_map(frames[2]) if len(frames) > 2 else {}
+            epoch = info.get("epoch")
+            if self.master_epoch is not None and epoch != self.master_epoch:
+                log.info("master_restarted", old=self.master_epoch, new=epoch)
+            self.master_epoch = epoch
+            self.backoff = 0.0
+        elif cmd == DISCONNECT:
+            info = unpack_map(frames[2]) if len(frames) > 2 else {}
+            if self.draining:
+                self.done = True
+                return
+            # Register again; back off if the master keeps refusing us.
+            delay = 0.0 if "error" not in info else max(self.cfg.heartbeat_interval, self.backoff)
+            self.register_at = time.monotonic() + delay
+            log.info("master_said_disconnect", reason=info.get("reason"), error=info.get("error"))
+        elif cmd == DRAIN:
+            self.start_drain("master")
+
+    def on_request(self, header_frame: zmq.Frame, data: list[zmq.Frame]) -> None:
+        now = time.monotonic()
+        try:
+            header = unpack_map(header_frame)
+            rid, attempt = header["id"], header.get("attempt", 1)
+        except (ProtocolError, KeyError) as exc:
+            log.warning("bad_request_from_master", error=str(exc))
+            return
+        try:
+            model = self.models.get(header.get("model"))
+            if model is None:
+                raise ProtocolError(f"this worker does not serve model {header.get('model')!r}")
+            inputs = decode_tensors(header.get("inputs"), data)
+            rows = model.check_inputs(inputs)
+        except (ProtocolError, BadInput) as exc:
+            self._send([REPLY, pack(error_body(rid, ErrorCode.BAD_REQUEST, str(exc), attempt=attempt))])
+            return
+        timeout_s = float(header.get("timeout_ms") or 0) / 1000.0 or 3600.0
+        self.in_flight += 1
+        self.compute.inbox.put(WorkItem(rid, attempt, model.name, header.get("version"), inputs, rows,
+                                        arrival=now, deadline=now + timeout_s, keepalive=data))
+
+    def on_result(self, frames: list[zmq.Frame]) -> None:
+        kind = frames[0].bytes
+        if kind == RESULT:
+            self.in_flight -= 1
+            self._send([REPLY, *frames[1:]])
+        elif kind == CHANGED:
+            self._heartbeat(time.monotonic())
+
+    def start_drain(self, why: str) -> None:
+        if not self.draining:
+            log.info("worker_draining", worker=self.cfg.name, why=why, in_flight=self.in_flight)
+            self.draining = True
+            self._heartbeat(time.monotonic())
+
+    def install_signal_handlers(self) -> None:
+        def handler(signum, _frame):  # only set a flag: the socket belongs to the loop
+            self.drain_requested = signal.Signals(signum).name
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)

@@ -1,0 +1,138 @@
+"""The compute thread: forms batches, runs the model, hands replies to the socket thread.
+
+It owns one inproc PUSH socket (made in this thread) and never touches the master socket.
+Weight swaps are applied here, between batches, so no batch ever sees two versions.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Mapping
+
+import structlog
+import zmq
+
+from protocol.codec import encode_tensors, pack
+from protocol.messages import ErrorCode, error_body
+from worker.batching import Batcher, WorkItem, concat_inputs, split_outputs
+from worker.loader import ServedModel
+
+log = structlog.get_logger("ringserve.worker.compute")
+
+IDLE_WAIT_S = 0.05
+RESULT = b"R"  # [RESULT, header, *frames]: a reply for the master
+CHANGED = b"S"  # [CHANGED]: model state changed (new version): heartbeat now
+
+
+class BatchStats:
+    """Per-batch figures shown in the admin status."""
+
+    def __init__(self) -> None:
+        self.batches = self.requests = self.rows = self.max_rows = 0
+        self.queue_wait_s = self.compute_s = 0.0
+        self.skipped_expired = 0
+
+    def record(self, items: list[WorkItem], started: float, finished: float) -> None:
+        rows = sum(i.rows for i in items)
+        self.batches += 1
+        self.requests += len(items)
+        self.rows += rows
+        self.max_rows = max(self.max_rows, rows)
+        self.queue_wait_s += sum(started - i.arrival for i in items)
+        self.compute_s += finished - started
+
+    def snapshot(self) -> dict:
+        b = max(self.batches, 1)
+        return {"batches": self.batches, "requests": self.requests, "rows": self.rows,
+                "mean_batch_size": round(self.rows / b, 3), "max_batch_size_seen": self.max_rows,
+                "mean_queue_wait_ms": round(1000 * self.queue_wait_s / max(self.requests, 1), 3),
+                "mean_compute_ms": round(1000 * self.compute_s / b, 3),
+                "skipped_expired": self.skipped_expired}
+
+
+class ComputeThread(threading.Thread):
+    def __init__(self, ctx: zmq.Context, results_endpoint: str, models: Mapping[str, ServedModel],
+                 batcher: Batcher):
+        super().__init__(name="ringserve-compute", daemon=True)
+        self.ctx, self.results_endpoint, self.models, self.batcher = ctx, results_endpoint, models, batcher
+        self.inbox: queue.Queue[WorkItem] = queue.Queue()
+        self.swaps: queue.Queue[tuple[str, dict, int]] = queue.Queue()
+        self.stats = BatchStats()
+        self.stopping = threading.Event()
+        self.push: zmq.Socket | None = None
+
+    def run(self) -> None:
+        self.push = self.ctx.socket(zmq.PUSH)
+        self.push.setsockopt(zmq.LINGER, 0)
+        self.push.connect(self.results_endpoint)
+        try:
+            while not self.stopping.is_set():
+                self._apply_swaps()
+                self._take_inbox(block_s=None)
+                now = time.monotonic()
+                for item in self.batcher.take_expired(now):
+                    self.stats.skipped_expired += 1
+                    self._reply_error(item, ErrorCode.TIMEOUT, "deadline passed before compute started")
+                batch, wait = self.batcher.next_batch(now)
+                if batch:
+                    self._run_batch(batch)
+                else:
+                    self._take_inbox(block_s=IDLE_WAIT_S if wait is None else min(wait, IDLE_WAIT_S))
+        finally:
+            self.push.close(linger=0)
+
+    def _take_inbox(self, block_s: float | None) -> None:
+        try:
+            if block_s is not None:
+                self.batcher.add(self.inbox.get(timeout=max(block_s, 0.0)))
+            while True:
+                self.batcher.add(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+
+    def _apply_swaps(self) -> None:
+        changed = False
+        while True:
+            try:
+                name, state, version = self.swaps.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                self.models[name].swap(state, version)
+                changed = True
+                log.info("weights_swapped", model=name, version=version)
+            except Exception as exc:
+                log.error("weights_swap_failed", model=name, version=version, error=str(exc))
+        if changed:
+            self.push.send_multipart([CHANGED])
+
+    def _run_batch(self, batch: list[WorkItem]) -> None:
+        model = self.models[batch[0].model]
+        pinned = batch[0].version
+        if pinned is not None and pinned != model.version:
+            for item in batch:
+                self._reply_error(item, ErrorCode.UNKNOWN_VERSION,
+                                  f"worker now serves version {model.version}, not {pinned}")
+            return
+        started = time.monotonic()
+        try:
+            outputs = model.run(concat_inputs(batch))
+            parts = split_outputs(outputs, batch)
+        except Exception as exc:
+            log.warning("model_error", model=model.name, error=f"{type(exc).__name__}: {exc}",
+                        request_ids=[i.rid for i in batch])
+            for item in batch:
+                self._reply_error(item, ErrorCode.INTERNAL, f"model raised {type(exc).__name__}: {exc}")
+            return
+        finally:
+            self.stats.record(batch, started, time.monotonic())
+        for item, out in zip(batch, parts):
+            meta, frames = encode_tensors(out)
+            header = {"id": item.rid, "attempt": item.attempt, "ok": True, "model": item.model,
+                      "version": model.version, "outputs": meta, "batch_rows": sum(i.rows for i in batch)}
+            self.push.send_multipart([RESULT, pack(header), *frames], copy=False)
+
+    def _reply_error(self, item: WorkItem, code: str, message: str) -> None:
+        body = error_body(item.rid, code, message, attempt=item.attempt, model=item.model)
+        self.push.send_multipart([RESULT, pack(body)])

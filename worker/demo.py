@@ -1,0 +1,74 @@
+"""Demo models shipped with ringserve, so the local cluster and the tests need no download.
+
+Every factory is deterministic for a given seed. A model may declare ``input_spec``:
+name -> (shape with None for free dims, dtype); the worker checks requests against it.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, in_dim: int = 256, hidden: int = 1024, out_dim: int = 10):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, out_dim))
+        self.input_spec = {"x": ((None, in_dim), "float32")}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.net(x)}
+
+
+class SmallCNN(nn.Module):
+    def __init__(self, channels: int = 1, size: int = 28, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(channels, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(4))
+        self.head = nn.Linear(16 * 16, classes)
+        self.input_spec = {"image": ((None, channels, size, size), "float32")}
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.head(self.features(image).flatten(1))}
+
+
+class Echo(nn.Module):
+    """Returns its input times a scale; any trailing shape. The no-op model of the benchmarks."""
+
+    def __init__(self, delay: float = 0.0):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(1))
+        self.delay = delay
+        self.input_spec = {"x": (None, "float32")}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.delay:
+            time.sleep(self.delay)
+        if torch.isnan(x).any():
+            raise ValueError("input contains NaN")
+        return {"y": x * self.scale}
+
+
+def _seeded(seed: int):
+    torch.manual_seed(seed)
+
+
+def mlp(in_dim: int = 256, hidden: int = 1024, out_dim: int = 10, seed: int = 0) -> nn.Module:
+    _seeded(seed)
+    return MLP(in_dim, hidden, out_dim)
+
+
+def cnn(channels: int = 1, size: int = 28, classes: int = 10, seed: int = 0) -> nn.Module:
+    _seeded(seed)
+    return SmallCNN(channels, size, classes)
+
+
+def noop() -> nn.Module:
+    return Echo()
+
+
+def slow(delay: float = 1.0) -> nn.Module:
+    """Echo that sleeps `delay` seconds per batch: for timeouts, overload and failover tests."""
+    return Echo(delay)

@@ -1,0 +1,25 @@
+"""Assemble a worker from its flags: load the models, build the agent (and the weight sync)."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from worker.agent import WorkerAgent, WorkerConfig
+from worker.loader import ServedModel, parse_model_arg, pick_device
+
+
+def build_worker(args) -> WorkerAgent:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    defaults = {"dtype": args.dtype, "quantize": args.quantize}
+    models = {}
+    for text in args.model:
+        opts = parse_model_arg(text, defaults)
+        models[opts.name] = ServedModel(opts, device)
+    cfg = WorkerConfig(master=args.master, name=args.name or f"worker-{os.getpid()}",
+                       heartbeat_interval=args.heartbeat_interval, heartbeat_liveness=args.heartbeat_liveness,
+                       max_backoff=args.max_backoff, max_batch_size=args.max_batch_size,
+                       max_queue_delay_s=args.max_queue_delay_us / 1e6, credit=args.credit, weight=args.weight)
+    return WorkerAgent(cfg, models)
