@@ -34,11 +34,16 @@ class RoleProcess:
                                      env={**os.environ, **(env or {})})
         self.info: dict = {}
         if wait_ready:
-            self.info = self._read_ready(ready_timeout)
+            self.wait_ready(ready_timeout)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def wait_ready(self, timeout: float = 60.0) -> dict:
+        """Block until the child announced itself; its info (endpoints, pid) is kept in .info."""
+        self.info = self._read_ready(timeout)
+        return self.info
 
     def _read_ready(self, timeout: float) -> dict:
         end = time.monotonic() + timeout

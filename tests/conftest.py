@@ -1,0 +1,87 @@
+"""Fixtures that start real ringserve processes on 127.0.0.1 ephemeral ports and always stop them."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import zmq
+
+from launch.procs import RoleProcess, wait_for_workers
+
+EPHEMERAL = "tcp://127.0.0.1:*"
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+class Cluster:
+    """A master and its workers; every process started here is stopped by `stop_all`."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.procs: list[RoleProcess] = []
+        self.master: RoleProcess | None = None
+        self.workers: list[RoleProcess] = []
+
+    def start_master(self, *args: str, endpoints: dict | None = None) -> RoleProcess:
+        ep = endpoints or {"frontend": EPHEMERAL, "backend": EPHEMERAL, "admin": EPHEMERAL}
+        self.master = self._start("launch.master", ["--frontend", ep["frontend"], "--backend", ep["backend"],
+                                                    "--admin", ep["admin"], "--heartbeat-interval", "0.2",
+                                                    *args], "master")
+        return self.master
+
+    def start_workers(self, count: int, *args: str, names: list[str] | None = None, wait: bool = True,
+                      model: str = "mlp=worker.demo:mlp") -> list[RoleProcess]:
+        names = names or [f"w{len(self.workers) + i}" for i in range(count)]
+        started = [self._start("launch.worker", ["--master", self.master.info["backend"], "--name", name,
+                                                 "--threads", "1", "--heartbeat-interval", "0.2",
+                                                 "--model", model, *args], name, wait_ready=False)
+                   for name in names]
+        for p in started:
+            p.wait_ready(90)
+        self.workers += started
+        if wait:
+            wait_for_workers(self.admin, len(self.workers), timeout=60)
+        return started
+
+    def _start(self, module: str, args: list[str], label: str, wait_ready: bool = True) -> RoleProcess:
+        proc = RoleProcess(module, args, self.tmp / f"{label}-{len(self.procs)}.log", wait_ready=False)
+        self.procs.append(proc)
+        if wait_ready:
+            proc.wait_ready(60)
+        return proc
+
+    @property
+    def frontend(self) -> str:
+        return self.master.info["frontend"]
+
+    @property
+    def admin(self) -> str:
+        return self.master.info["admin"]
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            p.stop(timeout=3)
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    c = Cluster(tmp_path)
+    try:
+        yield c
+    finally:
+        c.stop_all()
+
+
+@pytest.fixture
+def zctx():
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+def raw_socket(ctx: zmq.Context, kind: int, address: str) -> zmq.Socket:
+    sock = ctx.socket(kind)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.connect(address)
+    return sock

@@ -1,0 +1,97 @@
+"""End to end: client -> master -> worker -> model -> client, on real processes."""
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+import zmq
+from safetensors.torch import save_file
+
+from client import Client
+from protocol.codec import pack, unpack_map
+from protocol.envelope import request_body
+from tests.conftest import raw_socket
+from worker import demo
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_outputs_equal_in_process(cluster, tmp_path):
+    weights = tmp_path / "mlp.safetensors"
+    save_file(demo.mlp(seed=11).state_dict(), str(weights))
+    cluster.start_master()
+    cluster.start_workers(2, model=f"mlp=worker.demo:mlp,weights={weights}")
+    ref = demo.mlp(seed=11).eval()
+    x = np.random.default_rng(0).standard_normal((32, 256), dtype=np.float32)
+    with Client(cluster.frontend, timeout=10) as c:
+        whole = c.infer("mlp", {"x": x})["logits"]
+        rows = [f.result() for f in [c.infer_async("mlp", {"x": x[i:i + 1]}) for i in range(32)]]
+        as_torch = c.infer("mlp", {"x": torch.from_numpy(x[:3])})["logits"]
+        via_asyncio = asyncio.run(c.ainfer("mlp", {"x": x[:2]}))["logits"]
+    with torch.inference_mode():
+        expect = ref(torch.from_numpy(x))["logits"].numpy()
+    np.testing.assert_allclose(whole, expect, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate([r.outputs["logits"] for r in rows]), expect, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(as_torch, expect[:3], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(via_asyncio, expect[:2], rtol=1e-5, atol=1e-5)
+    assert {r.worker for r in rows} == {"w0", "w1"}
+
+
+def test_cnn_outputs_equal_in_process(cluster):
+    cluster.start_master()
+    cluster.start_workers(1, model="cnn=worker.demo:cnn")
+    x = np.random.default_rng(1).standard_normal((5, 1, 28, 28), dtype=np.float32)
+    with Client(cluster.frontend, timeout=10) as c:
+        got = c.infer("cnn", {"image": x})["logits"]
+    with torch.inference_mode():
+        expect = demo.cnn().eval()(torch.from_numpy(x))["logits"].numpy()
+    np.testing.assert_allclose(got, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_mdp_client_from_the_rfc(cluster, zctx):
+    """A plain DEALER speaking RFC 7 client frames gets an answer (and mmi.service works)."""
+    cluster.start_master()
+    cluster.start_workers(1, model="echo=worker.demo:noop")
+    sock = raw_socket(zctx, zmq.DEALER, cluster.frontend)
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    header = {"id": "rfc-1", "inputs": [["x", "float32", [2, 3]]]}
+    sock.send_multipart([b"", b"MDPC01", b"echo", pack(header), x.tobytes()])
+    empty, proto, service, body, data = sock.recv_multipart()
+    assert (empty, proto, service) == (b"", b"MDPC01", b"echo")
+    reply = unpack_map(body)
+    assert reply["ok"] and reply["id"] == "rfc-1"
+    np.testing.assert_array_equal(np.frombuffer(data, np.float32).reshape(2, 3), x)
+    sock.send_multipart([b"", b"MDPC01", b"mmi.service", b"echo"])
+    assert unpack_map(sock.recv_multipart()[3])["code"] == "200"
+    sock.send_multipart([b"", b"MDPC01", b"mmi.service", b"nothing"])
+    assert unpack_map(sock.recv_multipart()[3])["code"] == "404"
+
+
+def test_admin_status_and_cli(cluster):
+    import subprocess
+    import sys
+
+    cluster.start_master()
+    cluster.start_workers(1, model="echo=worker.demo:noop")
+    with Client(cluster.frontend) as c:
+        c.infer("echo", {"x": np.ones((1, 2), np.float32)})
+    out = subprocess.run([sys.executable, "-m", "launch.admin", "status", "--master", cluster.admin],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0 and "w0" in out.stdout and "echo" in out.stdout
+    js = subprocess.run([sys.executable, "-m", "launch.admin", "status", "--json", "--master", cluster.admin],
+                        capture_output=True, text=True, timeout=30)
+    import json
+    st = json.loads(js.stdout)
+    assert st["models"]["echo"]["ok"] == 1 and st["workers"][0]["credit"] >= 1
+    assert {"state", "heartbeat_age_s", "in_flight", "done", "device"} <= set(st["workers"][0])
+
+
+@pytest.mark.parametrize("role", ["launch.master", "launch.worker", "launch.admin", "launch.local"])
+def test_every_launch_script_has_help(role):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", role, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "usage" in out.stdout

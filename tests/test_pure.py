@@ -1,0 +1,140 @@
+"""The pure parts, tested without sockets: codec, policies, liveness, batching."""
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from master import liveness
+from master.scheduler import Load, make_policy
+from protocol.codec import decode_tensors, encode_tensors, pack, unpack_map
+from protocol.envelope import parse_request_header
+from protocol.messages import ProtocolError
+from worker.batching import Batcher, WorkItem, concat_inputs, split_outputs
+
+
+def test_codec_roundtrip_is_zero_copy():
+    arrs = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.array([True, False]),
+            "c": np.zeros((0, 5), np.int64)}
+    meta, frames = encode_tensors(arrs)
+    frames = [bytes(f) for f in frames]
+    out = decode_tensors(unpack_map(pack(meta) and pack({"m": meta}))["m"], frames)
+    for k in arrs:
+        np.testing.assert_array_equal(out[k], arrs[k])
+        assert out[k].dtype == arrs[k].dtype
+    assert np.shares_memory(out["a"], np.frombuffer(frames[0], np.uint8))
+
+
+@pytest.mark.parametrize("meta,frames,msg", [
+    ([["x", "float32", [2, 2]]], [b"\0" * 15], "needs 16"),
+    ([["x", "complex64", [1]]], [b"\0" * 8], "unsupported dtype"),
+    ([["x", "float32", [-1]]], [b""], "non-negative"),
+    ([["x", "float32", [1]]], [], "1 tensors but 0"),
+    ("nope", [], "array"),
+    ([["x", "float32", [1]], ["x", "float32", [1]]], [b"\0" * 4] * 2, "twice"),
+])
+def test_codec_rejects_bad_tensors(meta, frames, msg):
+    with pytest.raises(ProtocolError, match=msg):
+        decode_tensors(meta, frames)
+
+
+def test_bad_msgpack_and_missing_fields():
+    with pytest.raises(ProtocolError, match="msgpack"):
+        unpack_map(b"\xc1\xc1")
+    with pytest.raises(ProtocolError, match="'inputs'"):
+        parse_request_header({"id": "1"}, [])
+    with pytest.raises(ProtocolError, match="'id'"):
+        parse_request_header({"inputs": []}, [])
+    with pytest.raises(ProtocolError, match="timeout_ms"):
+        parse_request_header({"id": "1", "inputs": [], "timeout_ms": -1}, [])
+
+
+def loads(*outstanding, credit=10, weights=None):
+    return [Load(f"w{i}".encode(), o, credit, (weights or [1] * len(outstanding))[i])
+            for i, o in enumerate(outstanding)]
+
+
+def test_least_outstanding_prefers_idle():
+    choose = make_policy("least-outstanding", seed=1)
+    for _ in range(50):
+        assert choose(loads(3, 0, 5)) == b"w1"
+
+
+def test_round_robin_exact():
+    choose = make_policy("round-robin")
+    counts = Counter(choose(loads(0, 0, 0)) for _ in range(999))
+    assert counts == {b"w0": 333, b"w1": 333, b"w2": 333}
+
+
+def test_weighted_random_matches_weights():
+    choose = make_policy("weighted-random", seed=3)
+    counts = Counter(choose(loads(0, 0, 0, weights=[1, 2, 5])) for _ in range(8000))
+    for key, w in ((b"w0", 1), (b"w1", 2), (b"w2", 5)):
+        assert abs(counts[key] / 8000 - w / 8) < 0.03
+
+
+def test_power_of_two_avoids_the_busiest():
+    choose = make_policy("power-of-two", seed=4)
+    counts = Counter(choose(loads(0, 0, 9)) for _ in range(600))
+    assert counts[b"w2"] == 0
+
+
+def test_unknown_policy():
+    with pytest.raises(ValueError, match="unknown policy"):
+        make_policy("fastest")
+
+
+def test_liveness_missed():
+    seen = {"a": 10.0, "b": 7.0, "c": 9.5}
+    assert liveness.missed(seen, now=10.0, interval_s=1.0, liveness=2) == {"b"}
+    assert liveness.expiry(0.5, 3) == 1.5
+
+
+def item(rid, rows, arrival, model="m", trailing=(4,), deadline=99.0):
+    return WorkItem(rid, 1, model, None, {"x": np.full((rows, *trailing), float(rid[-1]), np.float32)},
+                    rows, arrival, deadline)
+
+
+def test_batcher_waits_then_batches_up_to_max():
+    b = Batcher(max_batch_size=4, max_queue_delay_s=0.01)
+    b.add(item("r1", 1, arrival=0.0))
+    batch, wait = b.next_batch(now=0.004)
+    assert batch == [] and wait == pytest.approx(0.006)
+    for i in range(2, 7):
+        b.add(item(f"r{i}", 1, arrival=0.005))
+    batch, _ = b.next_batch(now=0.005)  # full: no need to wait
+    assert [i.rid for i in batch] == ["r1", "r2", "r3", "r4"]
+    batch, wait = b.next_batch(now=0.006)
+    assert batch == [] and wait == pytest.approx(0.009)
+    batch, _ = b.next_batch(now=0.02)
+    assert [i.rid for i in batch] == ["r5", "r6"]
+
+
+def test_batcher_never_mixes_trailing_shapes_and_drops_expired():
+    b = Batcher(max_batch_size=8, max_queue_delay_s=0.0)
+    b.add(item("a1", 2, 0.0, trailing=(4,)))
+    b.add(item("b2", 1, 0.0, trailing=(5,)))
+    b.add(item("a3", 1, 0.0, trailing=(4,)))
+    b.add(item("x4", 1, 0.0, deadline=0.5))
+    assert [i.rid for i in b.take_expired(now=1.0)] == ["x4"]
+    first, _ = b.next_batch(1.0)
+    second, _ = b.next_batch(1.0)
+    assert {tuple(i.rid for i in first), tuple(i.rid for i in second)} == {("a1", "a3"), ("b2",)}
+
+
+def test_concat_and_split_roundtrip():
+    items = [item("r1", 1, 0), item("r2", 3, 0), item("r3", 2, 0)]
+    batched = concat_inputs(items)
+    assert batched["x"].shape == (6, 4)
+    parts = split_outputs({"y": batched["x"] * 2}, items)
+    for it, part in zip(items, parts):
+        np.testing.assert_array_equal(part["y"], it.inputs["x"] * 2)
+    with pytest.raises(ValueError, match="rows along dim 0"):
+        split_outputs({"y": np.zeros((5, 1))}, items)
+
+
+def test_random_policy_uses_all():
+    choose = make_policy("random", seed=random.randint(0, 1000))
+    assert set(choose(loads(0, 0, 0)) for _ in range(200)) == {b"w0", b"w1", b"w2"}
