@@ -74,6 +74,7 @@ class Broker:
         self.answered = AnsweredCache()
         self.counters: dict[str, ModelCounters] = {}
         self.deadlines: list[tuple[float, str]] = []
+        self.late_replies = 0
         self.stopping = False
         self.stop_deadline = 0.0
         self.started = time.time()
@@ -133,6 +134,9 @@ class Broker:
     def _poll_timeout_ms(self) -> int:
         now = time.monotonic()
         nxt = self.last_heartbeat + self.cfg.heartbeat_interval
+        if self.workers:  # wake for the earliest possible eviction, not just the next heartbeat
+            expiry = liveness.expiry(self.cfg.heartbeat_interval, self.cfg.heartbeat_liveness)
+            nxt = min(nxt, min(w.last_seen for w in self.workers.values()) + expiry)
         if self.deadlines:
             nxt = min(nxt, self.deadlines[0][0])
         return max(0, min(int((nxt - now) * 1000) + 1, 1000))
@@ -155,11 +159,11 @@ class Broker:
             beat = pack({"epoch": self.epoch})
             for w in list(self.workers.values()):
                 self._send_worker(w, [HEARTBEAT, beat])
-            seen = {ident: w.last_seen for ident, w in self.workers.items()}
-            for ident in liveness.missed(seen, now, self.cfg.heartbeat_interval, self.cfg.heartbeat_liveness):
-                w = self.workers.get(ident)
-                if w is not None:
-                    self.evict(w, "heartbeat_expired", tell=True)
+        seen = {ident: w.last_seen for ident, w in self.workers.items()}
+        for ident in liveness.missed(seen, now, self.cfg.heartbeat_interval, self.cfg.heartbeat_liveness):
+            w = self.workers.get(ident)
+            if w is not None:
+                self.evict(w, "heartbeat_expired", tell=True)
 
     # --------------------------------------------------------------- clients
     def on_client(self, frames: Sequence[zmq.Frame]) -> None:
@@ -361,6 +365,7 @@ class Broker:
             rid = unpack_map(header_frame).get("id")
         except ProtocolError:
             rid = None
+        self.late_replies += 1
         log.info("late_reply_dropped", request_id=rid, why=why)
 
     def evict(self, w: WorkerRecord, reason: str, tell: bool = False) -> None:

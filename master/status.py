@@ -41,6 +41,7 @@ def build_status(broker, now: float) -> dict:
         "uptime_s": round(time.time() - broker.started, 1),
         "stopping": broker.stopping,
         "pending": len(broker.pending),
+        "late_replies_dropped": broker.late_replies,
         "workers": workers,
         "models": models,
     }

@@ -1,0 +1,150 @@
+"""Reliability on real processes: dead and hung workers, master restarts, overload, deadlines, drain."""
+from __future__ import annotations
+
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from client import Client, Overloaded, Timeout
+from client.admin import AdminClient
+from launch.procs import wait_for_workers, wait_until
+
+pytestmark = pytest.mark.timeout(150)
+
+HB, LIVENESS = 0.2, 3  # the cluster fixture starts every role with a 0.2 s heartbeat
+EVICT_LIMIT = HB * LIVENESS + 0.5  # liveness x interval plus a margin
+
+
+def names(admin: str) -> set[str]:
+    return {w["name"] for w in AdminClient(admin).status()["workers"]}
+
+
+def x_of(i: int) -> dict:
+    return {"x": np.full((1, 4), float(i), np.float32)}
+
+
+def check_all_results(futures, timeout=60):
+    """Every request has exactly one answer, a result, and it is its own (echo of its input)."""
+    for i, f in enumerate(futures):
+        reply = f.result(timeout=timeout)
+        np.testing.assert_array_equal(reply.outputs["y"], x_of(i)["x"])
+
+
+def test_sigkill_one_of_three_workers_with_1000_in_flight(cluster):
+    cluster.start_master("--max-queue", "2000")
+    cluster.start_workers(3, "--max-batch-size", "4", "--credit", "8",
+                          model="echo=worker.demo:slow,arg.delay=0.01")
+    victim = cluster.workers[1]
+    with Client(cluster.frontend, timeout=60) as c:
+        futures = [c.infer_async("echo", x_of(i)) for i in range(1000)]
+        wait_until(lambda: sum(f.done() for f in futures) >= 50, 30, what="work under way")
+        killed_at = time.monotonic()
+        victim.signal(signal.SIGKILL)
+        wait_until(lambda: "w1" not in names(cluster.admin), 10, 0.01, "eviction")
+        evicted_after = time.monotonic() - killed_at
+        check_all_results(futures)
+        assert c.stats.duplicates_dropped == 0
+    assert evicted_after <= EVICT_LIMIT, evicted_after
+    st = AdminClient(cluster.admin).status()
+    assert st["models"]["echo"]["ok"] == 1000 and st["models"]["echo"]["errors"] == {}
+
+
+def test_hung_worker_is_evicted_and_comes_back(cluster):
+    cluster.start_master()
+    cluster.start_workers(3, "--credit", "4", model="echo=worker.demo:slow,arg.delay=0.02")
+    hung = cluster.workers[0]
+    with Client(cluster.frontend, timeout=30) as c:
+        futures = [c.infer_async("echo", x_of(i)) for i in range(200)]
+        wait_until(lambda: sum(f.done() for f in futures) >= 10, 30, what="work under way")
+        stopped_at = time.monotonic()
+        hung.signal(signal.SIGSTOP)
+        wait_until(lambda: "w0" not in names(cluster.admin), 10, 0.01, "eviction of the hung worker")
+        assert time.monotonic() - stopped_at <= EVICT_LIMIT
+        check_all_results(futures)
+        hung.signal(signal.SIGCONT)
+        wait_until(lambda: "w0" in names(cluster.admin), 20, 0.05, "re-registration after SIGCONT")
+
+        def w0_serves():
+            batch = [c.infer_async("echo", x_of(1)) for _ in range(12)]
+            return any(f.result().worker == "w0" for f in batch)
+
+        wait_until(w0_serves, 20, 0.05, "w0 answering again")
+
+
+def test_master_restart_is_invisible_to_workers_and_clients(cluster):
+    master = cluster.start_master()
+    endpoints = dict(master.info)
+    cluster.start_workers(2, model="echo=worker.demo:slow,arg.delay=0.05")
+    with Client(cluster.frontend, timeout=30, retry_interval=0.2) as c:
+        assert c.infer("echo", x_of(0))["y"][0, 0] == 0
+        inflight = [c.infer_async("echo", x_of(i)) for i in range(20)]
+        master.signal(signal.SIGKILL)
+        master.wait(5)
+        during = [c.infer_async("echo", x_of(i)) for i in range(20)]  # sent while no master runs
+        time.sleep(0.3)
+        cluster.start_master(endpoints=endpoints)
+        wait_for_workers(cluster.admin, 2, timeout=20)
+        check_all_results(inflight)
+        check_all_results(during)
+        assert c.stats.master_restarts >= 1
+
+
+def test_overload_answers_quickly_and_recovers(cluster):
+    cluster.start_master("--max-queue", "20")
+    cluster.start_workers(1, "--credit", "2", model="slow=worker.demo:slow,arg.delay=0.1")
+    with Client(cluster.frontend, timeout=30) as c:
+        t0 = time.monotonic()
+        flood = [c.infer_async("slow", x_of(i), timeout=1.0) for i in range(600)]
+        overloaded = 0
+        for f in flood:
+            try:
+                f.result(timeout=30)
+            except Overloaded as exc:
+                overloaded += 1
+                assert exc.retryable
+            except Timeout:
+                pass
+            if overloaded == 500:
+                assert time.monotonic() - t0 < 5.0  # rejections come at once, not after the queue drains
+        assert overloaded >= 500
+        st = AdminClient(cluster.admin).status()
+        assert st["pending"] <= 20 + 2  # memory stays bounded: queue bound plus credit
+        np.testing.assert_array_equal(c.infer("slow", x_of(3), timeout=10)["y"], x_of(3)["x"])
+
+
+def test_short_timeout_on_slow_model(cluster):
+    cluster.start_master()
+    cluster.start_workers(1, "--credit", "4", model="slow=worker.demo:slow,arg.delay=1.0")
+    with Client(cluster.frontend, timeout=10) as c:
+        t0 = time.monotonic()
+        first = c.infer_async("slow", x_of(1), timeout=0.05)
+        second = c.infer_async("slow", x_of(2), timeout=0.05)  # expires waiting behind the first
+        for f in (first, second):
+            with pytest.raises(Timeout):
+                f.result(timeout=5)
+        assert time.monotonic() - t0 < 0.6
+        admin = AdminClient(cluster.admin)
+        wait_until(lambda: admin.status()["late_replies_dropped"] >= 2, 5, what="late replies dropped")
+        assert c.stats.duplicates_dropped == 0
+        # figures travel on the next heartbeat: the second request was never computed
+        stats = wait_until(lambda: admin.status()["workers"][0]["stats"].get("skipped_expired"), 5)
+        assert stats == 1 and admin.status()["workers"][0]["stats"]["batches"] == 1
+        np.testing.assert_array_equal(c.infer("slow", x_of(5), timeout=5)["y"], x_of(5)["x"])
+
+
+def test_drained_worker_finishes_in_flight_and_gets_nothing_new(cluster):
+    cluster.start_master()
+    cluster.start_workers(2, "--credit", "4", model="slow=worker.demo:slow,arg.delay=0.3")
+    admin = AdminClient(cluster.admin)
+    with Client(cluster.frontend, timeout=20) as c:
+        first = [c.infer_async("slow", x_of(i)) for i in range(6)]
+        wait_until(lambda: any(w["in_flight"] for w in admin.status()["workers"] if w["name"] == "w0"), 5)
+        assert admin.drain("w0")["draining"] == ["w0"]
+        after = [c.infer_async("slow", x_of(i)) for i in range(6)]
+        check_all_results(first)
+        check_all_results(after)
+        assert all(f.result().worker == "w1" for f in after)
+        assert cluster.workers[0].wait(10) == 0  # it left by itself, cleanly
+        assert names(cluster.admin) == {"w1"}
