@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -97,7 +98,9 @@ class ServedModel:
         if self.opts.quantize == "int8":
             if self.device.type != "cpu":
                 raise ValueError("int8 dynamic quantization runs on CPU only")
-            return torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
+            with warnings.catch_warnings():  # torch marks eager quantization deprecated; it still works
+                warnings.simplefilter("ignore")
+                return torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
         return module.to(self.device, dtype=DTYPES[self.opts.dtype])
 
     @property
