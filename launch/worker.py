@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-liveness", type=int, default=3)
     p.add_argument("--max-backoff", type=float, default=32.0, help="longest reconnect backoff, seconds")
     p.add_argument("--paramservers", default=None,
-                   help="comma-separated shard endpoints (ROUTER) to take weights from")
+                   help="NAME=ENDPOINT,... of the parameter-server shards to take weights from")
     add_log_flag(p)
     return p
 

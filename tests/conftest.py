@@ -21,6 +21,7 @@ class Cluster:
         self.procs: list[RoleProcess] = []
         self.master: RoleProcess | None = None
         self.workers: list[RoleProcess] = []
+        self.shards: dict[str, RoleProcess] = {}
 
     def start_master(self, *args: str, endpoints: dict | None = None) -> RoleProcess:
         ep = endpoints or {"frontend": EPHEMERAL, "backend": EPHEMERAL, "admin": EPHEMERAL}
@@ -49,6 +50,21 @@ class Cluster:
         if wait_ready:
             proc.wait_ready(60)
         return proc
+
+    def start_shards(self, count: int, endpoints: dict | None = None, prefix: str = "ps") -> dict[str, str]:
+        """Start `count` shards (data under tmp/<name>); return {name: endpoint} (the ring's shard list)."""
+        started = {}
+        for i in range(count):
+            name = f"{prefix}{i}"
+            bind = (endpoints or {}).get(name, {}).get("endpoint", EPHEMERAL)
+            pub = (endpoints or {}).get(name, {}).get("pub", EPHEMERAL)
+            started[name] = self._start("launch.ps", ["--name", name, "--data-dir", str(self.tmp / name),
+                                                      "--bind", bind, "--pub", pub, "--announce-interval", "0.2"],
+                                        name, wait_ready=False)
+        for p in started.values():
+            p.wait_ready(60)
+        self.shards.update(started)
+        return {n: p.info["endpoint"] for n, p in started.items()}
 
     @property
     def frontend(self) -> str:

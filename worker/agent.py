@@ -71,10 +71,13 @@ class WorkerAgent:
         self.register_at: float | None = None
         self.reconnects = 0
         self.drain_requested: str | None = None
+        self.sync = None  # a WeightSync thread when weights come from parameter servers
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
         self.compute.start()
+        if self.sync is not None:
+            self.sync.start()
         self._connect()
         try:
             while not self.done:
@@ -102,6 +105,9 @@ class WorkerAgent:
         return max(1, int(self.cfg.heartbeat_interval * 1000 / 4))
 
     def close(self) -> None:
+        if self.sync is not None:
+            self.sync.stopping.set()
+            self.sync.join(timeout=5)
         self.compute.stopping.set()
         self.compute.join(timeout=5)
         if self.dealer is not None:

@@ -82,11 +82,12 @@ def pick_device(requested: str | None) -> torch.device:
 class ServedModel:
     """One model as a worker serves it. Only the compute thread runs or swaps it."""
 
-    def __init__(self, opts: ModelOptions, device: torch.device, version: int | None = None):
+    def __init__(self, opts: ModelOptions, device: torch.device, version: int | None = None,
+                 wait_for_weights: bool = False):
         self.name, self.opts, self.device = opts.name, opts, device
         module = build_module(opts.spec, opts.kwargs)
         self.input_spec: dict | None = getattr(module, "input_spec", None)
-        self.ready = True
+        self.ready = not wait_for_weights  # not ready until the parameter servers give it weights
         if opts.weights:
             module.load_state_dict(load_file(opts.weights), strict=True)
         self.version = version if version is not None else (0 if opts.weights else None)

@@ -1,0 +1,84 @@
+"""Calling parameter-server shards in parallel: one DEALER per shard, replies matched by rid.
+
+Used by the publisher (client/) and by the worker's weight sync (worker/). A shard that does
+not answer in time gets a fresh socket, so nothing queued for it is delivered late.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Mapping, Sequence
+
+import zmq
+
+from protocol.codec import pack, unpack_map
+from protocol.messages import SHARD_PROTO, ProtocolError
+
+
+class ShardCallError(RuntimeError):
+    """Some shards failed or did not answer; `failures` maps shard name -> reason."""
+
+    def __init__(self, failures: dict[str, str]):
+        super().__init__("; ".join(f"{k}: {v}" for k, v in sorted(failures.items())))
+        self.failures = failures
+
+
+class ShardRPC:
+    def __init__(self, ctx: zmq.Context, shards: Mapping[str, str], timeout: float = 10.0):
+        self.ctx, self.shards, self.timeout = ctx, dict(shards), timeout
+        self.socks: dict[str, zmq.Socket] = {}
+        self._rids = itertools.count(1)
+        for name in self.shards:
+            self._open(name)
+
+    def _open(self, name: str) -> None:
+        old = self.socks.get(name)
+        if old is not None:
+            old.close(linger=0)
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.connect(self.shards[name])
+        self.socks[name] = sock
+
+    def call(self, requests: Mapping[str, tuple[dict, Sequence]], timeout: float | None = None,
+             raise_on_error: bool = True) -> dict[str, tuple[dict, list]]:
+        """Send each shard its (header, frames) at once; wait for all replies (or the timeout)."""
+        rids = {}
+        for name, (header, frames) in requests.items():
+            rids[name] = next(self._rids)
+            self.socks[name].send_multipart([SHARD_PROTO, pack({**header, "rid": rids[name]}), *frames], copy=False)
+        replies: dict[str, tuple[dict, list]] = {}
+        failures: dict[str, str] = {}
+        end = time.monotonic() + (self.timeout if timeout is None else timeout)
+        poller = zmq.Poller()
+        for name in requests:
+            poller.register(self.socks[name], zmq.POLLIN)
+        waiting = set(requests)
+        while waiting and time.monotonic() < end:
+            for sock, _ in poller.poll(max(1, int((end - time.monotonic()) * 1000))):
+                name = next(n for n in waiting | set(replies) if self.socks[n] is sock)
+                frames = sock.recv_multipart(copy=False)
+                try:
+                    header = unpack_map(frames[1])
+                except (ProtocolError, IndexError):
+                    continue
+                if name not in waiting or header.get("rid") != rids[name]:
+                    continue  # a stale reply to an earlier call
+                waiting.discard(name)
+                replies[name] = (header, frames[2:])
+                if not header.get("ok"):
+                    failures[name] = str(header.get("error", {}).get("message", header))
+        for name in waiting:
+            failures[name] = f"no answer in {self.timeout if timeout is None else timeout}s"
+            self._open(name)
+        if failures and raise_on_error:
+            raise ShardCallError(failures)
+        return replies
+
+    def call_all(self, header: dict, timeout: float | None = None, raise_on_error: bool = True):
+        return self.call({n: (header, []) for n in self.shards}, timeout, raise_on_error)
+
+    def close(self) -> None:
+        for sock in self.socks.values():
+            sock.close(linger=0)

@@ -1,0 +1,156 @@
+"""Weight sync thread: follows the parameter servers and hands new weights to the compute thread.
+
+Clone pattern: a SUB socket hears every shard's announcements (commit, rollback, and a
+periodic heartbeat with the current state). A sequence gap, a shard restart (new boot id) or
+a shard not heard from yet makes the worker ask that shard for a snapshot (hello). A model
+switches to version V only when *every* shard says V is current (a half-done publish stays
+invisible). Then the pieces are fetched from all shards in parallel, checksummed, assembled
+beside the live weights, and queued for the compute thread, which swaps between batches.
+"""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from typing import Mapping
+
+import numpy as np
+import structlog
+import torch
+import zmq
+
+from protocol.codec import unpack_map
+from protocol.messages import ProtocolError
+from protocol.placement import Piece
+from protocol.shardrpc import ShardCallError, ShardRPC
+
+log = structlog.get_logger("ringserve.worker.sync")
+
+
+class ShardView:
+    def __init__(self) -> None:
+        self.boot: str | None = None
+        self.seq = -1
+        self.current: dict[str, int] = {}
+        self.pub: str | None = None
+        self.known = False
+
+
+class WeightSync(threading.Thread):
+    def __init__(self, ctx: zmq.Context, shards: Mapping[str, str], models: Mapping, swaps, on_error=None,
+                 timeout: float = 30.0, resync_s: float = 5.0):
+        super().__init__(name="ringserve-weight-sync", daemon=True)
+        self.ctx, self.shards, self.models, self.swaps = ctx, dict(shards), models, swaps
+        self.timeout, self.resync_s = timeout, resync_s
+        self.views = {n: ShardView() for n in self.shards}
+        self.wanted: dict[str, int] = {}  # model -> version queued for swap (avoid fetching twice)
+        self.refused: dict[tuple[str, int], str] = {}
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        rpc = ShardRPC(self.ctx, self.shards, self.timeout)
+        sub = self.ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        connected: set[str] = set()
+        last_resync = 0.0
+        try:
+            while not self.stopping.is_set():
+                now = time.monotonic()
+                stale = [n for n, v in self.views.items() if not v.known]
+                if stale and now - last_resync >= min(1.0, self.resync_s) or now - last_resync >= self.resync_s:
+                    last_resync = now
+                    self._snapshot(rpc, stale or list(self.shards))
+                for n, v in self.views.items():
+                    if v.pub and n not in connected:
+                        sub.connect(v.pub)
+                        connected.add(n)
+                if sub.poll(200):
+                    for _ in range(100):
+                        try:
+                            frames = sub.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._on_announce(frames)
+                self._maybe_fetch(rpc)
+        finally:
+            sub.close(linger=0)
+            rpc.close()
+
+    def _on_announce(self, frames: list[bytes]) -> None:
+        try:
+            msg = unpack_map(frames[-1])
+        except ProtocolError:
+            return
+        view = self.views.get(msg.get("shard"))
+        if view is None:
+            return
+        seq, boot = msg.get("seq", 0), msg.get("boot")
+        expected = view.seq if msg.get("kind") == "hugz" else view.seq + 1
+        if boot != view.boot or seq != expected:
+            if view.known:
+                log.info("shard_gap_resync", shard=msg.get("shard"), seq=seq, expected=expected)
+            view.known = False  # ask for a snapshot rather than trust a partial history
+            return
+        view.seq = seq
+        view.current = dict(msg.get("current", {}))
+
+    def _snapshot(self, rpc: ShardRPC, names: list[str]) -> None:
+        replies = rpc.call({n: ({"cmd": "hello"}, []) for n in names}, timeout=2.0, raise_on_error=False)
+        for n, (h, _) in replies.items():
+            if h.get("ok"):
+                v = self.views[n]
+                v.boot, v.seq, v.current, v.pub, v.known = h["boot"], h["seq"], dict(h["current"]), h["pub"], True
+
+    def _maybe_fetch(self, rpc: ShardRPC) -> None:
+        if not all(v.known for v in self.views.values()):
+            return
+        for name, model in self.models.items():
+            agreed = {v.current.get(name) for v in self.views.values()}
+            if len(agreed) != 1:
+                continue  # shards disagree: a publish or rollback is half done; keep what we serve
+            version = agreed.pop()
+            if version is None or version == self.wanted.get(name, model.version) or (name, version) in self.refused:
+                continue
+            self._fetch(rpc, name, version)
+
+    def _fetch(self, rpc: ShardRPC, model: str, version: int) -> None:
+        t0 = time.monotonic()
+        try:
+            replies = rpc.call_all({"cmd": "fetch", "model": model, "version": version})
+            state = assemble(replies)
+        except (ShardCallError, ValueError) as exc:
+            log.error("weights_fetch_failed", model=model, version=version, error=str(exc))
+            if "CORRUPT" in str(exc) or "checksum" in str(exc):
+                self.refused[(model, version)] = str(exc)
+            return
+        self.wanted[model] = version
+        self.swaps.put((model, state, version))
+        log.info("weights_fetched", model=model, version=version, tensors=len(state),
+                 seconds=round(time.monotonic() - t0, 3))
+
+
+def assemble(replies: Mapping[str, tuple[dict, list]]) -> dict[str, torch.Tensor]:
+    """Pieces from every shard -> full tensors, each piece checked against its checksum."""
+    flat: dict[str, np.ndarray] = {}
+    shapes: dict[str, tuple] = {}
+    filled: dict[str, int] = {}
+    for shard, (header, frames) in replies.items():
+        items = header.get("pieces", [])
+        if len(items) != len(frames):
+            raise ValueError(f"shard {shard}: {len(items)} pieces but {len(frames)} frames")
+        for item, frame in zip(items, frames):
+            piece, checksum = Piece.from_list(item[:6]), item[6]
+            buf = frame.buffer
+            if hashlib.sha256(buf).hexdigest() != checksum:
+                raise ValueError(f"shard {shard}: piece {piece.key} failed its checksum")
+            if piece.param not in flat:
+                flat[piece.param] = np.empty(int(np.prod(piece.shape)), dtype=piece.dtype)
+                shapes[piece.param] = piece.shape
+                filled[piece.param] = 0
+            flat[piece.param][piece.start:piece.stop] = np.frombuffer(buf, dtype=piece.dtype)
+            filled[piece.param] += piece.stop - piece.start
+    for name, arr in flat.items():
+        if filled[name] != arr.size:
+            raise ValueError(f"tensor {name}: got {filled[name]} of {arr.size} elements from the shards")
+    return {n: torch.from_numpy(a.reshape(shapes[n])) for n, a in flat.items()}
