@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import percentiles  # noqa: E402
 from client import Client  # noqa: E402
 from client.admin import AdminClient  # noqa: E402
+from launch.logsetup import configure_logging  # noqa: E402
 from launch.procs import RoleProcess, wait_for_workers  # noqa: E402
 
 EPH = "tcp://127.0.0.1:*"
@@ -37,6 +38,7 @@ def main(argv=None) -> None:
     p.add_argument("--heartbeat-interval", type=float, default=0.25)
     p.add_argument("--liveness", type=int, default=3)
     args = p.parse_args(argv)
+    configure_logging("bench", "warning")  # logs to stderr: stdout is the one JSON line
     tmp = Path(tempfile.mkdtemp(prefix="rs-failover-"))
     hb = ["--heartbeat-interval", str(args.heartbeat_interval), "--heartbeat-liveness", str(args.liveness)]
     procs = [RoleProcess("launch.master", ["--frontend", EPH, "--backend", EPH, "--admin", EPH,

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import closed_loop, in_process_rate  # noqa: E402
 from client import Client  # noqa: E402
+from launch.logsetup import configure_logging  # noqa: E402
 from launch.procs import RoleProcess, wait_for_workers  # noqa: E402
 from worker import demo  # noqa: E402
 
@@ -52,6 +53,7 @@ def main(argv=None) -> None:
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    configure_logging("bench", "warning")  # logs to stderr: stdout is the one JSON line
     torch.set_num_threads(int(os.environ.get("RS_THREADS", 1)))
     tmp = Path(tempfile.mkdtemp(prefix="rs-bench-"))
     x1 = np.random.default_rng(0).standard_normal((1, 256), dtype=np.float32)

@@ -17,11 +17,26 @@ def parser() -> argparse.ArgumentParser:
     dr = sub.add_parser("drain", help="stop sending work to a worker; it finishes and leaves")
     dr.add_argument("worker", help="worker name (as in status)")
     dr.add_argument("--master", default="tcp://127.0.0.1:5557")
+    rb = sub.add_parser("rollback", help="make an earlier committed version current; workers swap back")
+    rb.add_argument("--shards", required=True, help="NAME=ENDPOINT,... of the parameter servers")
+    rb.add_argument("--model", required=True)
+    rb.add_argument("--version", type=int, required=True)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "rollback":
+        from client.params import ParamClient, PublishError
+
+        with ParamClient(args.shards, timeout=10) as pc:
+            try:
+                pc.rollback(args.model, args.version)
+            except PublishError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+        print(json.dumps({"model": args.model, "current": args.version}))
+        return 0
     admin = AdminClient(args.master)
     try:
         if args.command == "status":

@@ -162,7 +162,11 @@ class Shard:
         sl = self.store.slices.get(model, {}).get(version)
         if sl is None:
             return error_body(None, ErrorCode.UNKNOWN_VERSION, f"shard {self.cfg.name} has no {model!r} v{version}")
-        keys = list(sl.pieces)
+        manifest = [[*sl.pieces[k].as_list(), sl.checksums[k]] for k in sl.pieces]
+        if header.get("manifest_only"):  # what the version is made of, so a worker fetches only what changed
+            return {"ok": True, "model": model, "version": version, "manifest": manifest}
+        wanted = header.get("keys")
+        keys = [k for k in sl.pieces if wanted is None or k in set(wanted)]
         return ({"ok": True, "model": model, "version": version,
                  "pieces": [[*sl.pieces[k].as_list(), sl.checksums[k]] for k in keys]},
                 [memoryview(sl.data[k]).cast("B") for k in keys])

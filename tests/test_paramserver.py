@@ -190,3 +190,27 @@ def test_shard_restart_keeps_versions_and_refuses_corruption(cluster):
         reply = pc.rpc.call({"ps0": ({"cmd": "fetch", "model": "mlp", "version": 2}, [])}, raise_on_error=False)
         err = reply["ps0"][0]["error"]
         assert err["code"] == "CORRUPT" and "checksum mismatch" in err["message"]
+
+
+def test_worker_without_weights_waits_for_a_version_and_cli_rollback(cluster):
+    import subprocess
+    import sys
+
+    eps = start(cluster, shards=2)
+    start_workers(cluster, eps, count=1)
+    admin = AdminClient(cluster.admin)
+    st = wait_until(lambda: admin.status()["workers"], 30, what="worker registered")
+    assert st[0]["models"]["mlp"]["ready"] is False and st[0]["models"]["mlp"]["version"] is None
+    x = np.random.default_rng(4).standard_normal((1, 256), dtype=np.float32)
+    with Client(cluster.frontend, timeout=30) as c:
+        queued = c.infer_async("mlp", {"x": x})  # waits in the master's queue: nobody is ready
+        with ParamClient(eps, chunk_bytes=SMALL_CHUNK) as pc:
+            pc.publish("mlp", mlp_state(1))
+            pc.publish("mlp", mlp_state(2))
+        assert queued.result().version in (1, 2)
+        wait_for_workers(cluster.admin, 1, 30, model="mlp", version=2)
+        out = subprocess.run([sys.executable, "-m", "launch.admin", "rollback", "--shards", shard_list(eps),
+                              "--model", "mlp", "--version", "1"], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        wait_for_workers(cluster.admin, 1, 30, model="mlp", version=1)
+        assert c.infer_async("mlp", {"x": x}).result().version == 1

@@ -72,3 +72,23 @@ def noop() -> nn.Module:
 def slow(delay: float = 1.0) -> nn.Module:
     """Echo that sleeps `delay` seconds per batch: for timeouts, overload and failover tests."""
     return Echo(delay)
+
+
+class Stack(nn.Module):
+    """`layers` square Linear layers: a model whose weights split into many equal tensors."""
+
+    def __init__(self, layers: int, width: int):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(layers))
+        self.input_spec = {"x": ((None, width), "float32")}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return {"y": x}
+
+
+def stack(layers: int = 100, width: int = 512, seed: int = 0) -> nn.Module:
+    """100 x 512x512 fp32 is ~105 MB: the weight-sync benchmark's model (one layer = 1%)."""
+    _seeded(seed)
+    return Stack(layers, width)

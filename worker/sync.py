@@ -45,6 +45,7 @@ class WeightSync(threading.Thread):
         self.views = {n: ShardView() for n in self.shards}
         self.wanted: dict[str, int] = {}  # model -> version queued for swap (avoid fetching twice)
         self.refused: dict[tuple[str, int], str] = {}
+        self.held: dict[str, Held] = {}  # model -> the weights last fetched (for delta fetches)
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -115,42 +116,76 @@ class WeightSync(threading.Thread):
             self._fetch(rpc, name, version)
 
     def _fetch(self, rpc: ShardRPC, model: str, version: int) -> None:
+        """Ask every shard what `version` is made of; fetch only pieces whose checksum we lack."""
         t0 = time.monotonic()
+        held = self.held.get(model)
         try:
-            replies = rpc.call_all({"cmd": "fetch", "model": model, "version": version})
-            state = assemble(replies)
+            manifests = {n: h["manifest"] for n, (h, _) in rpc.call_all(
+                {"cmd": "fetch", "model": model, "version": version, "manifest_only": True}).items()}
+            need = {n: [item[0] for item in items if held is None or held.sums.get(item[0]) != item[6]]
+                    for n, items in manifests.items()}
+            replies = rpc.call({n: ({"cmd": "fetch", "model": model, "version": version, "keys": keys}, [])
+                                for n, keys in need.items() if keys})
+            new = assemble(manifests, replies, held)
         except (ShardCallError, ValueError) as exc:
             log.error("weights_fetch_failed", model=model, version=version, error=str(exc))
             if "CORRUPT" in str(exc) or "checksum" in str(exc):
                 self.refused[(model, version)] = str(exc)
             return
+        self.held[model] = new
         self.wanted[model] = version
-        self.swaps.put((model, state, version))
-        log.info("weights_fetched", model=model, version=version, tensors=len(state),
-                 seconds=round(time.monotonic() - t0, 3))
+        self.swaps.put((model, new.tensors(), version))
+        log.info("weights_fetched", model=model, version=version, pieces_fetched=sum(map(len, need.values())),
+                 pieces_total=sum(map(len, manifests.values())), seconds=round(time.monotonic() - t0, 3))
 
 
-def assemble(replies: Mapping[str, tuple[dict, list]]) -> dict[str, torch.Tensor]:
-    """Pieces from every shard -> full tensors, each piece checked against its checksum."""
-    flat: dict[str, np.ndarray] = {}
-    shapes: dict[str, tuple] = {}
-    filled: dict[str, int] = {}
+class Held:
+    """The weights a worker holds, flat per parameter, with the checksum of every piece."""
+
+    def __init__(self) -> None:
+        self.flat: dict[str, np.ndarray] = {}
+        self.shapes: dict[str, tuple] = {}
+        self.sums: dict[str, str] = {}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {n: torch.from_numpy(a.reshape(self.shapes[n])) for n, a in self.flat.items()}
+
+
+def assemble(manifests: Mapping[str, list], replies: Mapping[str, tuple[dict, list]], held: Held | None) -> Held:
+    """Build the new weights beside the live ones: unchanged pieces from `held`, the rest from
+    the shards' replies, every received piece checked against its checksum. Parameters with no
+    changed piece keep sharing the held array (they are never written to)."""
+    pieces = {item[0]: (Piece.from_list(item[:6]), item[6]) for items in manifests.values() for item in items}
+    received: dict[str, memoryview] = {}
     for shard, (header, frames) in replies.items():
         items = header.get("pieces", [])
         if len(items) != len(frames):
             raise ValueError(f"shard {shard}: {len(items)} pieces but {len(frames)} frames")
         for item, frame in zip(items, frames):
-            piece, checksum = Piece.from_list(item[:6]), item[6]
             buf = frame.buffer
-            if hashlib.sha256(buf).hexdigest() != checksum:
-                raise ValueError(f"shard {shard}: piece {piece.key} failed its checksum")
-            if piece.param not in flat:
-                flat[piece.param] = np.empty(int(np.prod(piece.shape)), dtype=piece.dtype)
-                shapes[piece.param] = piece.shape
-                filled[piece.param] = 0
-            flat[piece.param][piece.start:piece.stop] = np.frombuffer(buf, dtype=piece.dtype)
-            filled[piece.param] += piece.stop - piece.start
-    for name, arr in flat.items():
-        if filled[name] != arr.size:
-            raise ValueError(f"tensor {name}: got {filled[name]} of {arr.size} elements from the shards")
-    return {n: torch.from_numpy(a.reshape(shapes[n])) for n, a in flat.items()}
+            if hashlib.sha256(buf).hexdigest() != item[6] or pieces.get(item[0], (None, None))[1] != item[6]:
+                raise ValueError(f"shard {shard}: piece {item[0]} failed its checksum")
+            received[item[0]] = buf
+    new = Held()
+    by_param: dict[str, list[tuple[Piece, str]]] = {}
+    for piece, checksum in pieces.values():
+        by_param.setdefault(piece.param, []).append((piece, checksum))
+    for param, plist in by_param.items():
+        shape, dtype = plist[0][0].shape, plist[0][0].dtype
+        numel = int(np.prod(shape))
+        if sum(p.stop - p.start for p, _ in plist) != numel:
+            raise ValueError(f"tensor {param}: the shards' pieces do not cover its {numel} elements")
+        old = held.flat.get(param) if held else None
+        reuse = old is not None and old.size == numel and old.dtype.name == dtype
+        if reuse and not any(p.key in received for p, _ in plist):
+            arr = old
+        else:
+            arr = old.copy() if reuse else np.empty(numel, dtype=dtype)
+            for p, checksum in plist:
+                if p.key in received:
+                    arr[p.start:p.stop] = np.frombuffer(received[p.key], dtype=dtype)
+                elif not (reuse and held.sums.get(p.key) == checksum):
+                    raise ValueError(f"piece {p.key} neither held nor received")
+        new.flat[param], new.shapes[param] = arr, shape
+        new.sums.update({p.key: c for p, c in plist})
+    return new
