@@ -1,12 +1,15 @@
 """ringserve-local: a whole cluster on this machine, on an embedded default.
 
-Starts a master and N workers serving the demo MLP and CNN (weights written to a temporary
-safetensors file from a fixed seed), sends real requests, prints each result beside the
-same model run in-process, prints the admin status table, then stops everything.
+Starts parameter-server shards, a master and N workers serving the demo MLP and CNN.
+Publishes v1 of both models (weights from a fixed seed) to the shards; the workers start
+with no weights and take them from the shards. Sends real requests and prints each result
+beside the same model run in-process, publishes a delta v2 of the MLP live and shows the
+replies switch to it, prints the admin status table, then stops everything.
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import tempfile
 import time
@@ -14,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from client import Client
 from client.admin import AdminClient, format_status
+from client.params import ParamClient
+from launch.logsetup import configure_logging
 from launch.procs import RoleProcess, wait_for_workers
 from worker import demo
 
@@ -27,41 +31,56 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--requests", type=int, default=16, help="requests per model")
     p.add_argument("--policy", default="least-outstanding")
+    p.add_argument("--shards", type=int, default=2, help="parameter-server shards")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--workdir", default=None, help="where weights and logs go (default: a temp dir)")
     return p
 
 
-def write_demo_weights(workdir: Path) -> dict[str, Path]:
-    paths = {}
-    for name, factory in (("mlp", demo.mlp), ("cnn", demo.cnn)):
-        path = workdir / f"{name}.safetensors"
-        save_file({k: v.contiguous() for k, v in factory(seed=7).state_dict().items()}, str(path))
-        paths[name] = path
-    return paths
+def demo_weights(seed: int) -> dict[str, dict[str, torch.Tensor]]:
+    return {"mlp": demo.mlp(seed=seed).state_dict(), "cnn": demo.cnn(seed=seed).state_dict()}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    configure_logging("local", "warning")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below: stop every child
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ringserve-local-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    weights = write_demo_weights(workdir)
-    print(f"workdir: {workdir} (logs and weights)")
+    print(f"workdir: {workdir} (logs and shard data)")
+    eph = "tcp://127.0.0.1:*"
     procs: list[RoleProcess] = []
     try:
-        master = RoleProcess("launch.master", ["--frontend", "tcp://127.0.0.1:*", "--backend", "tcp://127.0.0.1:*",
-                                               "--admin", "tcp://127.0.0.1:*", "--policy", args.policy],
-                             workdir / "master.log")
+        shards = [RoleProcess("launch.ps", ["--name", f"ps{i}", "--data-dir", str(workdir / f"ps{i}"),
+                                            "--bind", eph, "--pub", eph], workdir / f"ps{i}.log", wait_ready=False)
+                  for i in range(args.shards)]
+        procs += shards
+        shard_list = ",".join(f"{s.wait_ready()['name']}={s.info['endpoint']}" for s in shards)
+        print(f"parameter servers: {shard_list}")
+        master = RoleProcess("launch.master", ["--frontend", eph, "--backend", eph, "--admin", eph,
+                                               "--policy", args.policy], workdir / "master.log")
         procs.append(master)
         print(f"master: {master.info['frontend']} (clients), {master.info['admin']} (admin)")
-        for i in range(args.workers):
-            procs.append(RoleProcess("launch.worker", [
+        v1 = demo_weights(seed=7)
+        with ParamClient(shard_list) as pc:
+            for model, state in v1.items():
+                print(f"published {model} v{pc.publish(model, state)}")
+            workers = [RoleProcess("launch.worker", [
                 "--master", master.info["backend"], "--name", f"worker-{i}", "--threads", "1",
-                "--max-batch-size", str(args.max_batch_size),
-                "--model", f"mlp=worker.demo:mlp,weights={weights['mlp']}",
-                "--model", f"cnn=worker.demo:cnn,weights={weights['cnn']}"], workdir / f"worker-{i}.log"))
-        wait_for_workers(master.info["admin"], args.workers, timeout=60)
-        run_requests(master.info["frontend"], args.requests)
+                "--max-batch-size", str(args.max_batch_size), "--paramservers", shard_list,
+                "--model", "mlp=worker.demo:mlp", "--model", "cnn=worker.demo:cnn"], workdir / f"worker-{i}.log",
+                wait_ready=False) for i in range(args.workers)]
+            procs += workers
+            for w in workers:
+                w.wait_ready()
+            wait_for_workers(master.info["admin"], args.workers, timeout=60, model="mlp", version=1)
+            run_requests(master.info["frontend"], args.requests, v1)
+            v2 = dict(v1)
+            v2["mlp"] = {**v1["mlp"], "net.4.bias": v1["mlp"]["net.4.bias"] + 1.0}
+            version = pc.publish("mlp", {"net.4.bias": v2["mlp"]["net.4.bias"]}, base=1)
+            print(f"\npublished mlp v{version} (delta: one tensor), live")
+            wait_for_workers(master.info["admin"], args.workers, timeout=60, model="mlp", version=version)
+            run_requests(master.info["frontend"], args.requests, v2, models=("mlp",))
         time.sleep(1.1)  # one heartbeat, so the batch figures in the table are current
         print()
         print(format_status(AdminClient(master.info["admin"]).status()))
@@ -71,13 +90,16 @@ def main(argv: list[str] | None = None) -> int:
             p.stop()
 
 
-def run_requests(address: str, count: int) -> None:
+def run_requests(address: str, count: int, weights: dict, models=("mlp", "cnn")) -> None:
     rng = np.random.default_rng(0)
-    reference = {"mlp": demo.mlp(seed=7).eval(), "cnn": demo.cnn(seed=7).eval()}
+    reference = {"mlp": demo.mlp().eval(), "cnn": demo.cnn().eval()}
+    for name, module in reference.items():
+        module.load_state_dict(weights[name])
     inputs = {"mlp": ("x", lambda: rng.standard_normal((1, 256), dtype=np.float32)),
               "cnn": ("image", lambda: rng.standard_normal((1, 1, 28, 28), dtype=np.float32))}
     with Client(address, timeout=10) as client:
-        for model, (name, make) in inputs.items():
+        for model in models:
+            name, make = inputs[model]
             batch = [make() for _ in range(count)]
             t0 = time.perf_counter()
             futures = [client.infer_async(model, {name: x}) for x in batch]
@@ -87,7 +109,7 @@ def run_requests(address: str, count: int) -> None:
                 expect = [reference[model](**{name: torch.from_numpy(x)})["logits"].numpy() for x in batch]
             worst = max(float(np.abs(r.outputs["logits"] - e).max()) for r, e in zip(replies, expect))
             for r in replies[:4]:
-                print(f"{model} {r.id}: class={int(r.outputs['logits'].argmax())} worker={r.worker} "
+                print(f"{model} v{r.version} {r.id}: class={int(r.outputs['logits'].argmax())} worker={r.worker} "
                       f"batch_rows={r.header.get('batch_rows')}")
             print(f"{model}: {count} requests in {took * 1000:.1f} ms, max |ringserve - in-process| = {worst:.2e}")
 

@@ -95,3 +95,22 @@ def test_every_launch_script_has_help(role):
 
     out = subprocess.run([sys.executable, "-m", role, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "usage" in out.stdout
+
+
+def test_local_cluster_main_job(tmp_path):
+    """The README's main job: shards, master, workers, real requests, a live delta, the status table."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "launch.local", "--requests", "4", "--workdir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:  # SIGTERM makes it stop the processes it started
+            proc.terminate()
+            proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "mlp v2" in stdout and "WORKER" in stdout and "ERRORS" in stdout
+    worst = [float(line.rsplit("=", 1)[1]) for line in stdout.splitlines() if "max |ringserve" in line]
+    assert len(worst) == 3 and max(worst) < 1e-4
