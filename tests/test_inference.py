@@ -88,7 +88,8 @@ def test_admin_status_and_cli(cluster):
     assert {"state", "heartbeat_age_s", "in_flight", "done", "device"} <= set(st["workers"][0])
 
 
-@pytest.mark.parametrize("role", ["launch.master", "launch.worker", "launch.admin", "launch.local"])
+@pytest.mark.parametrize("role", ["launch.master", "launch.worker", "launch.admin", "launch.local", "launch.ps",
+                                  "launch.publish"])
 def test_every_launch_script_has_help(role):
     import subprocess
     import sys
