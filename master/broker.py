@@ -25,6 +25,7 @@ from master.scheduler import Load, make_policy
 from master.status import build_status
 from protocol.codec import pack, unpack_map
 from protocol.envelope import parse_request_header
+from protocol.sockets import drain
 from protocol.messages import (
     DISCONNECT, DRAIN, HEARTBEAT, MDP_CLIENT, MMI_PING, MMI_SERVICE, READY, REPLY, REQUEST,
     WORKER_COMMANDS, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
@@ -99,7 +100,7 @@ class Broker:
                 for sock, handler in ((self.backend, self.on_worker), (self.frontend, self.on_client),
                                       (self.admin, self.on_admin)):
                     if sock in events:
-                        self._drain_socket(sock, handler)
+                        drain(sock, handler, MAX_BATCH_RECV)
                 self.on_tick(time.monotonic())
         finally:
             self.close()
@@ -140,17 +141,6 @@ class Broker:
         if self.deadlines:
             nxt = min(nxt, self.deadlines[0][0])
         return max(0, min(int((nxt - now) * 1000) + 1, 1000))
-
-    def _drain_socket(self, sock: zmq.Socket, handler) -> None:
-        for _ in range(MAX_BATCH_RECV):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                handler(frames)
-            except Exception:  # one bad message must never stop the loop
-                log.exception("handler_failed", socket=handler.__name__)
 
     def on_tick(self, now: float) -> None:
         self._expire_deadlines(now)

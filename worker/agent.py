@@ -21,6 +21,7 @@ from protocol.codec import decode_tensors, pack, unpack_map
 from protocol.messages import (
     DISCONNECT, DRAIN, HEARTBEAT, READY, REPLY, REQUEST, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
 )
+from protocol.sockets import drain
 from worker.batching import Batcher, WorkItem
 from worker.compute import CHANGED, RESULT, ComputeThread
 from worker.loader import BadInput, ServedModel
@@ -83,23 +84,12 @@ class WorkerAgent:
             while not self.done:
                 events = dict(self.poller.poll(self._poll_timeout_ms()))
                 if self.results in events:
-                    self._drain(self.results, self.on_result)
+                    drain(self.results, self.on_result, MAX_RECV_PER_TURN)
                 if self.dealer in events:
-                    self._drain(self.dealer, self.on_master)
+                    drain(self.dealer, self.on_master, MAX_RECV_PER_TURN)
                 self.on_tick(time.monotonic())
         finally:
             self.close()
-
-    def _drain(self, sock: zmq.Socket, handler) -> None:
-        for _ in range(MAX_RECV_PER_TURN):
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            try:
-                handler(frames)
-            except Exception:
-                log.exception("worker_handler_failed", handler=handler.__name__)
 
     def _poll_timeout_ms(self) -> int:
         return max(1, int(self.cfg.heartbeat_interval * 1000 / 4))
