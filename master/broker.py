@@ -80,6 +80,10 @@ class Broker:
         self.stop_deadline = 0.0
         self.started = time.time()
         self.last_heartbeat = 0.0
+        # After a (re)start, live workers need up to liveness x interval to register again:
+        # until then a request for a model we do not know yet waits instead of failing.
+        self.grace_until = time.monotonic() + liveness.expiry(cfg.heartbeat_interval, cfg.heartbeat_liveness)
+        self.in_grace = True
         self.frontend, self.frontend_ep = _router(self.ctx, cfg.frontend, cfg.hwm)
         self.backend, self.backend_ep = _router(self.ctx, cfg.backend, cfg.hwm)
         self.admin, self.admin_ep = _router(self.ctx, cfg.admin, 1000)
@@ -144,6 +148,9 @@ class Broker:
 
     def on_tick(self, now: float) -> None:
         self._expire_deadlines(now)
+        if self.in_grace and now >= self.grace_until:
+            self.in_grace = False
+            self._fail_orphans()
         if liveness.heartbeat_due(self.last_heartbeat, now, self.cfg.heartbeat_interval):
             self.last_heartbeat = now
             beat = pack({"epoch": self.epoch})
@@ -200,10 +207,11 @@ class Broker:
         if self.stopping:
             self._reject(ident, service, rid, model, ErrorCode.OVERLOADED, "master is shutting down")
             return
-        if not any(model in w.models for w in self.workers.values()):
+        known = any(model in w.models for w in self.workers.values())
+        if not known and not self.in_grace:
             self._reject(ident, service, rid, model, ErrorCode.UNKNOWN_MODEL, f"no worker serves model {model!r}")
             return
-        if parsed.version is not None and not any(
+        if known and parsed.version is not None and not any(
             w.models.get(model, {}).get("version") == parsed.version for w in self.workers.values()
         ):
             self._reject(ident, service, rid, model, ErrorCode.UNKNOWN_VERSION,
@@ -245,6 +253,8 @@ class Broker:
     # ------------------------------------------------------------ scheduling
     def dispatch(self, model: str) -> None:
         """Hand queued requests for `model` to workers with credit, as the policy chooses."""
+        if not any(w.has_credit() and w.serves(model) for w in self.workers.values()):
+            return  # the common case under load: nobody free, so do not even look at the queue
         for req in self.queues.waiting(model):
             able = [w for w in self.workers.values() if w.has_credit() and w.serves(model)]
             if not able:
@@ -379,9 +389,17 @@ class Broker:
         w.in_flight.clear()
         for model in {m for other in self.workers.values() for m in other.models} & set(w.models):
             self.dispatch(model)
-        for req in list(self.pending.values()):  # requests for a model nobody serves any more
-            if req.worker is None and not any(req.model in o.models for o in self.workers.values()):
-                self.fail(req, ErrorCode.WORKER_LOST, f"no worker left serving {req.model!r}")
+        self._fail_orphans()
+
+    def _fail_orphans(self) -> None:
+        """Queued requests for a model no registered worker serves get their final answer now."""
+        if self.in_grace:
+            return
+        served = {m for w in self.workers.values() for m in w.models}
+        for req in list(self.pending.values()):
+            if req.worker is None and req.model not in served:
+                code = ErrorCode.WORKER_LOST if req.attempts else ErrorCode.UNKNOWN_MODEL
+                self.fail(req, code, f"no worker serves model {req.model!r}")
 
     # ------------------------------------------------------------ answering
     def finish(self, req: PendingRequest, body: list, error_code: str | None) -> None:

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from client import Client, Overloaded, Timeout
+from client import Client, Overloaded, Timeout, UnknownModel
 from client.admin import AdminClient
 from launch.procs import wait_for_workers, wait_until
 
@@ -148,3 +148,24 @@ def test_drained_worker_finishes_in_flight_and_gets_nothing_new(cluster):
         assert all(f.result().worker == "w1" for f in after)
         assert cluster.workers[0].wait(10) == 0  # it left by itself, cleanly
         assert names(cluster.admin) == {"w1"}
+
+
+def test_requests_wait_for_workers_during_master_startup_grace(cluster):
+    """Right after a (re)start the master knows no workers yet: requests wait, not UNKNOWN_MODEL."""
+    master = cluster.start_master("--heartbeat-liveness", "50")  # 10 s grace
+    with Client(cluster.frontend, timeout=60) as c:
+        early = c.infer_async("echo", x_of(7))  # no worker exists yet
+        cluster.start_workers(1, model="echo=worker.demo:noop")
+        np.testing.assert_array_equal(early.result(timeout=60).outputs["y"], x_of(7)["x"])
+    assert master.alive()
+
+
+def test_unknown_model_after_grace(cluster):
+    cluster.start_master()  # 0.6 s grace
+    with Client(cluster.frontend, timeout=10) as c:
+        during = c.infer_async("nothing", x_of(1))  # sent during the grace: answered when it ends
+        with pytest.raises(UnknownModel):
+            during.result(timeout=5)
+        cluster.start_workers(1, model="echo=worker.demo:noop")
+        with pytest.raises(UnknownModel):
+            c.infer("nothing", x_of(1))
