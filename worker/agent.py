@@ -211,7 +211,8 @@ class WorkerAgent:
         except (ProtocolError, BadInput) as exc:
             self._send([REPLY, pack(error_body(rid, ErrorCode.BAD_REQUEST, str(exc), attempt=attempt))])
             return
-        timeout_s = float(header.get("timeout_ms") or 0) / 1000.0 or 3600.0
+        remaining_ms = header.get("timeout_ms")  # 0 means already expired: TIMEOUT without compute
+        timeout_s = 3600.0 if remaining_ms is None else max(float(remaining_ms), 0.0) / 1000.0
         self.in_flight += 1
         self.compute.inbox.put(WorkItem(rid, attempt, model.name, header.get("version"), inputs, rows,
                                         arrival=now, deadline=now + timeout_s, keepalive=data))
