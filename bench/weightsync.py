@@ -25,7 +25,7 @@ from client import Client  # noqa: E402
 from client.admin import AdminClient  # noqa: E402
 from client.params import ParamClient  # noqa: E402
 from launch.logsetup import configure_logging  # noqa: E402
-from launch.procs import RoleProcess, wait_for_workers, wait_until  # noqa: E402
+from launch.procs import RoleProcess, wait_until  # noqa: E402
 from worker import demo  # noqa: E402
 
 EPH = "tcp://127.0.0.1:*"

@@ -6,7 +6,11 @@ from protocol.messages import ErrorCode
 
 class RingserveError(Exception):
     code = ErrorCode.INTERNAL
-    retryable = False
+
+    @property
+    def retryable(self) -> bool:
+        """Worth sending again later (the protocol's list: OVERLOADED, WORKER_LOST)."""
+        return self.code in ErrorCode.RETRYABLE
 
     def __init__(self, message: str, request_id: str | None = None):
         super().__init__(f"{self.code}: {message}")
@@ -29,7 +33,6 @@ class Overloaded(RingserveError):
     """The master's queue for the model is full: back off and retry."""
 
     code = ErrorCode.OVERLOADED
-    retryable = True
 
 
 class Timeout(RingserveError):
@@ -38,7 +41,6 @@ class Timeout(RingserveError):
 
 class WorkerLost(RingserveError):
     code = ErrorCode.WORKER_LOST
-    retryable = True
 
 
 class Internal(RingserveError):

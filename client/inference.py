@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -62,7 +62,6 @@ class ClientStats:
     resent: int = 0
     duplicates_dropped: int = 0
     master_restarts: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Client:

@@ -22,7 +22,7 @@ import zmq
 
 from paramserver.store import ShardStore, Slice, sha256
 from protocol.codec import pack, unpack_map
-from protocol.messages import SHARD_PROTO, ErrorCode, ProtocolError, error_body
+from protocol.messages import SHARD_COMMANDS, SHARD_PROTO, ErrorCode, ProtocolError, error_body
 from protocol.placement import Piece
 
 log = structlog.get_logger("ringserve.paramserver")
@@ -89,9 +89,9 @@ class Shard:
                 raise ProtocolError("expected [RSP01][header][tensor frames...]")
             header = unpack_map(frames[2])
             rid = header.get("rid")
-            handler = getattr(self, f"on_{header.get('cmd')}", None)
-            if handler is None:
-                raise ProtocolError(f"unknown command {header.get('cmd')!r}")
+            if header.get("cmd") not in SHARD_COMMANDS:
+                raise ProtocolError(f"unknown command {header.get('cmd')!r}; one of {', '.join(SHARD_COMMANDS)}")
+            handler = getattr(self, f"on_{header['cmd']}")
             reply = handler(header, frames[3:])
             if isinstance(reply, tuple):
                 reply, out = reply

@@ -8,7 +8,7 @@ turned back into an array with ``numpy.frombuffer`` (no copy).
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import msgpack
 import numpy as np
@@ -110,6 +110,3 @@ def _check_entry(entry: Any) -> tuple[str, str, tuple[int, ...]]:
         raise ProtocolError(f"tensor {name!r}: shape must be a list of at most {MAX_DIMS} non-negative ints")
     return name, dtype, tuple(shape)
 
-
-def frame_bytes(frames: Iterable) -> int:
-    return sum(len(_bytes(f)) for f in frames)

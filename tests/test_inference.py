@@ -11,7 +11,6 @@ from safetensors.torch import save_file
 
 from client import Client
 from protocol.codec import pack, unpack_map
-from protocol.envelope import request_body
 from tests.conftest import raw_socket
 from worker import demo
 

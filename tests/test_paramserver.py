@@ -214,3 +214,12 @@ def test_worker_without_weights_waits_for_a_version_and_cli_rollback(cluster):
         assert out.returncode == 0, out.stderr
         wait_for_workers(cluster.admin, 1, 30, model="mlp", version=1)
         assert c.infer_async("mlp", {"x": x}).result().version == 1
+
+
+def test_shard_answers_only_its_commands(cluster):
+    eps = cluster.start_shards(1)
+    with ParamClient(eps, timeout=5) as pc:
+        for cmd in ("message", "run", "explode"):  # "message" must not reach on_message
+            reply = pc.rpc.call_all({"cmd": cmd}, raise_on_error=False)["ps0"][0]
+            assert reply["error"]["code"] == "BAD_REQUEST" and "unknown command" in reply["error"]["message"]
+        assert pc.hello()["ps0"]["ok"]

@@ -18,7 +18,7 @@ def spread(address: str, model: str, n: int = N, window: int = 6) -> Counter:
     x = {"x": np.ones((1, 4), np.float32)}
     with Client(address, timeout=20) as c:
         inflight = []
-        for i in range(n):
+        for _ in range(n):
             inflight.append(c.infer_async(model, x))
             if len(inflight) >= window:
                 counts[inflight.pop(0).result().worker] += 1

@@ -20,7 +20,7 @@ def test_codec_roundtrip_is_zero_copy():
             "c": np.zeros((0, 5), np.int64)}
     meta, frames = encode_tensors(arrs)
     frames = [bytes(f) for f in frames]
-    out = decode_tensors(unpack_map(pack(meta) and pack({"m": meta}))["m"], frames)
+    out = decode_tensors(unpack_map(pack({"m": meta}))["m"], frames)
     for k in arrs:
         np.testing.assert_array_equal(out[k], arrs[k])
         assert out[k].dtype == arrs[k].dtype
