@@ -22,10 +22,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import percentiles  # noqa: E402
-from client import Client  # noqa: E402
-from client.admin import AdminClient  # noqa: E402
-from launch.logsetup import configure_logging  # noqa: E402
-from launch.procs import RoleProcess, wait_for_workers  # noqa: E402
+from ringserve.client import Client  # noqa: E402
+from ringserve.client.admin import AdminClient  # noqa: E402
+from ringserve.launch.logsetup import configure_logging  # noqa: E402
+from ringserve.launch.procs import RoleProcess, wait_for_workers  # noqa: E402
 
 EPH = "tcp://127.0.0.1:*"
 
@@ -41,12 +41,12 @@ def main(argv=None) -> None:
     configure_logging("bench", "warning")  # logs to stderr: stdout is the one JSON line
     tmp = Path(tempfile.mkdtemp(prefix="rs-failover-"))
     hb = ["--heartbeat-interval", str(args.heartbeat_interval), "--heartbeat-liveness", str(args.liveness)]
-    procs = [RoleProcess("launch.master", ["--frontend", EPH, "--backend", EPH, "--admin", EPH,
+    procs = [RoleProcess("ringserve.launch.master", ["--frontend", EPH, "--backend", EPH, "--admin", EPH,
                                            "--log-level", "warning", *hb], tmp / "master.log")]
     master = procs[0]
     try:
-        workers = [RoleProcess("launch.worker", ["--master", master.info["backend"], "--name", f"w{i}",
-                                                 "--model", "echo=worker.demo:slow,arg.delay=0.002",
+        workers = [RoleProcess("ringserve.launch.worker", ["--master", master.info["backend"], "--name", f"w{i}",
+                                                 "--model", "echo=ringserve.worker.demo:slow,arg.delay=0.002",
                                                  "--threads", "1", "--log-level", "warning", *hb],
                                tmp / f"w{i}.log", wait_ready=False) for i in range(3)]
         procs += workers

@@ -19,21 +19,21 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import closed_loop, in_process_rate  # noqa: E402
-from client import Client  # noqa: E402
-from launch.logsetup import configure_logging  # noqa: E402
-from launch.procs import RoleProcess, wait_for_workers  # noqa: E402
-from worker import demo  # noqa: E402
+from ringserve.client import Client  # noqa: E402
+from ringserve.launch.logsetup import configure_logging  # noqa: E402
+from ringserve.launch.procs import RoleProcess, wait_for_workers  # noqa: E402
+from ringserve.worker import demo  # noqa: E402
 
 EPH = "tcp://127.0.0.1:*"
 
 
 def serve_and_measure(tmp: Path, model_arg: str, model: str, make, seconds: float, concurrency: int,
                       worker_args: list[str], device: str) -> tuple:
-    master = RoleProcess("launch.master", ["--frontend", EPH, "--backend", EPH, "--admin", EPH,
+    master = RoleProcess("ringserve.launch.master", ["--frontend", EPH, "--backend", EPH, "--admin", EPH,
                                            "--log-level", "warning"], tmp / "master.log")
     worker = None
     try:
-        worker = RoleProcess("launch.worker", ["--master", master.info["backend"], "--model", model_arg,
+        worker = RoleProcess("ringserve.launch.worker", ["--master", master.info["backend"], "--model", model_arg,
                                                "--device", device, "--log-level", "warning",
                                                "--threads", str(os.environ.get("RS_THREADS", 1)), *worker_args],
                              tmp / "worker.log")
@@ -60,13 +60,13 @@ def main(argv=None) -> None:
     one = lambda: {"x": x1}  # noqa: E731
     r = {"device": args.device, "concurrency": args.concurrency, "torch_threads": torch.get_num_threads()}
 
-    rate, p50, p99, err = serve_and_measure(tmp, "noop=worker.demo:noop", "noop", one, args.seconds,
+    rate, p50, p99, err = serve_and_measure(tmp, "noop=ringserve.worker.demo:noop", "noop", one, args.seconds,
                                             args.concurrency, [], args.device)
     r.update(noop_req_per_s=round(rate, 1), noop_p50_ms=round(p50, 3), noop_p99_ms=round(p99, 3))
-    rate, p50, p99, err2 = serve_and_measure(tmp, "mlp=worker.demo:mlp", "mlp", one, args.seconds,
+    rate, p50, p99, err2 = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", one, args.seconds,
                                              args.concurrency, ["--max-batch-size", "1"], args.device)
     r.update(mlp_req_per_s=round(rate, 1), mlp_p50_ms=round(p50, 3), mlp_p99_ms=round(p99, 3))
-    rate, p50, p99, err3 = serve_and_measure(tmp, "mlp=worker.demo:mlp", "mlp", one, args.seconds,
+    rate, p50, p99, err3 = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", one, args.seconds,
                                              args.concurrency, ["--max-batch-size", "32",
                                                                 "--max-queue-delay-us", "2000"], args.device)
     r.update(mlp_batched_req_per_s=round(rate, 1), mlp_batched_p50_ms=round(p50, 3),

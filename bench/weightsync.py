@@ -21,12 +21,12 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from client import Client  # noqa: E402
-from client.admin import AdminClient  # noqa: E402
-from client.params import ParamClient  # noqa: E402
-from launch.logsetup import configure_logging  # noqa: E402
-from launch.procs import RoleProcess, wait_until  # noqa: E402
-from worker import demo  # noqa: E402
+from ringserve.client import Client  # noqa: E402
+from ringserve.client.admin import AdminClient  # noqa: E402
+from ringserve.client.params import ParamClient  # noqa: E402
+from ringserve.launch.logsetup import configure_logging  # noqa: E402
+from ringserve.launch.procs import RoleProcess, wait_until  # noqa: E402
+from ringserve.worker import demo  # noqa: E402
 
 EPH = "tcp://127.0.0.1:*"
 
@@ -71,20 +71,20 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     configure_logging("bench", "warning")  # logs to stderr: stdout is the one JSON line
     tmp = Path(tempfile.mkdtemp(prefix="rs-wsync-"))
-    spec = f"big=worker.demo:stack,arg.layers={args.layers},arg.width={args.width}"
+    spec = f"big=ringserve.worker.demo:stack,arg.layers={args.layers},arg.width={args.width}"
     procs: list[RoleProcess] = []
     try:
-        shards = [RoleProcess("launch.ps", ["--name", f"ps{i}", "--data-dir", str(tmp / f"ps{i}"), "--bind", EPH,
+        shards = [RoleProcess("ringserve.launch.ps", ["--name", f"ps{i}", "--data-dir", str(tmp / f"ps{i}"), "--bind", EPH,
                                             "--pub", EPH, "--announce-interval", "0.2", "--log-level", "warning"],
                               tmp / f"ps{i}.log", wait_ready=False) for i in range(args.shards)]
         procs += shards
         for s in shards:
             s.wait_ready()
         eps = {s.info["name"]: s.info["endpoint"] for s in shards}
-        master = RoleProcess("launch.master", ["--frontend", EPH, "--backend", EPH, "--admin", EPH,
+        master = RoleProcess("ringserve.launch.master", ["--frontend", EPH, "--backend", EPH, "--admin", EPH,
                                                "--log-level", "warning"], tmp / "master.log")
         procs.append(master)
-        workers = [RoleProcess("launch.worker", ["--master", master.info["backend"], "--name", f"w{i}",
+        workers = [RoleProcess("ringserve.launch.worker", ["--master", master.info["backend"], "--name", f"w{i}",
                                                  "--model", spec, "--threads", "1", "--log-level", "warning",
                                                  "--paramservers", ",".join(f"{n}={e}" for n, e in eps.items())],
                                tmp / f"w{i}.log", wait_ready=False) for i in range(args.workers)]

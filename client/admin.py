@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import zmq
 
-from protocol.codec import pack, unpack_map
+from ringserve.protocol.codec import pack, unpack_map
 
 
 class AdminClient:

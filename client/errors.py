@@ -1,7 +1,7 @@
 """One exception class per error code on the wire."""
 from __future__ import annotations
 
-from protocol.messages import ErrorCode
+from ringserve.protocol.messages import ErrorCode
 
 
 class RingserveError(Exception):

@@ -27,10 +27,10 @@ import numpy as np
 import structlog
 import zmq
 
-from client.errors import RingserveError, Timeout, from_error
-from protocol.codec import pack
-from protocol.envelope import client_frames, parse_reply, request_body
-from protocol.messages import MDP_CLIENT, MMI_PING, ProtocolError
+from ringserve.client.errors import RingserveError, Timeout, from_error
+from ringserve.protocol.codec import pack
+from ringserve.protocol.envelope import client_frames, parse_reply, request_body
+from ringserve.protocol.messages import MDP_CLIENT, MMI_PING, ProtocolError
 
 log = structlog.get_logger("ringserve.client")
 

@@ -15,9 +15,9 @@ import structlog
 import zmq
 from safetensors.numpy import load_file
 
-from protocol.codec import to_numpy
-from protocol.placement import DEFAULT_CHUNK_BYTES, parse_shards, place, plan
-from protocol.shardrpc import ShardCallError, ShardRPC
+from ringserve.protocol.codec import to_numpy
+from ringserve.protocol.placement import DEFAULT_CHUNK_BYTES, parse_shards, place, plan
+from ringserve.protocol.shardrpc import ShardCallError, ShardRPC
 
 log = structlog.get_logger("ringserve.publish")
 

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from client.admin import AdminClient, format_status
+from ringserve.client.admin import AdminClient, format_status
 
 
 def parser() -> argparse.ArgumentParser:
@@ -27,7 +27,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.command == "rollback":
-        from client.params import ParamClient, PublishError
+        from ringserve.client.params import ParamClient, PublishError
 
         with ParamClient(args.shards, timeout=10) as pc:
             try:

@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from client import Client
-from client.admin import AdminClient, format_status
-from client.params import ParamClient
-from launch.logsetup import configure_logging
-from launch.procs import RoleProcess, wait_for_workers
-from worker import demo
+from ringserve.client import Client
+from ringserve.client.admin import AdminClient, format_status
+from ringserve.client.params import ParamClient
+from ringserve.launch.logsetup import configure_logging
+from ringserve.launch.procs import RoleProcess, wait_for_workers
+from ringserve.worker import demo
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,13 +51,13 @@ def main(argv: list[str] | None = None) -> int:
     eph = "tcp://127.0.0.1:*"
     procs: list[RoleProcess] = []
     try:
-        shards = [RoleProcess("launch.ps", ["--name", f"ps{i}", "--data-dir", str(workdir / f"ps{i}"),
+        shards = [RoleProcess("ringserve.launch.ps", ["--name", f"ps{i}", "--data-dir", str(workdir / f"ps{i}"),
                                             "--bind", eph, "--pub", eph], workdir / f"ps{i}.log", wait_ready=False)
                   for i in range(args.shards)]
         procs += shards
         shard_list = ",".join(f"{s.wait_ready()['name']}={s.info['endpoint']}" for s in shards)
         print(f"parameter servers: {shard_list}")
-        master = RoleProcess("launch.master", ["--frontend", eph, "--backend", eph, "--admin", eph,
+        master = RoleProcess("ringserve.launch.master", ["--frontend", eph, "--backend", eph, "--admin", eph,
                                                "--policy", args.policy], workdir / "master.log")
         procs.append(master)
         print(f"master: {master.info['frontend']} (clients), {master.info['admin']} (admin)")
@@ -65,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         with ParamClient(shard_list) as pc:
             for model, state in v1.items():
                 print(f"published {model} v{pc.publish(model, state)}")
-            workers = [RoleProcess("launch.worker", [
+            workers = [RoleProcess("ringserve.launch.worker", [
                 "--master", master.info["backend"], "--name", f"worker-{i}", "--threads", "1",
                 "--max-batch-size", str(args.max_batch_size), "--paramservers", shard_list,
-                "--model", "mlp=worker.demo:mlp", "--model", "cnn=worker.demo:cnn"], workdir / f"worker-{i}.log",
+                "--model", "mlp=ringserve.worker.demo:mlp", "--model", "cnn=ringserve.worker.demo:cnn"], workdir / f"worker-{i}.log",
                 wait_ready=False) for i in range(args.workers)]
             procs += workers
             for w in workers:

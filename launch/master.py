@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import argparse
 
-from launch.logsetup import add_log_flag, configure_logging
-from launch.procs import announce
-from master.broker import BrokerConfig, serve
-from master.scheduler import POLICIES
+from ringserve.launch.logsetup import add_log_flag, configure_logging
+from ringserve.launch.procs import announce
+from ringserve.master.broker import BrokerConfig, serve
+from ringserve.master.scheduler import POLICIES
 
 
 def parser() -> argparse.ArgumentParser:

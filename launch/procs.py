@@ -121,7 +121,7 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
 def wait_for_workers(admin_address: str, count: int, timeout: float = 60.0, model: str | None = None,
                      version: int | None = None) -> dict:
     """Wait until the master lists `count` ready workers (serving `model` at `version` if given)."""
-    from client.admin import AdminClient
+    from ringserve.client.admin import AdminClient
 
     admin = AdminClient(admin_address, timeout=2.0)
 

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from launch.logsetup import add_log_flag, configure_logging
-from launch.procs import announce
-from paramserver.shard import ShardConfig, serve
+from ringserve.launch.logsetup import add_log_flag, configure_logging
+from ringserve.launch.procs import announce
+from ringserve.paramserver.shard import ShardConfig, serve
 
 
 def parser() -> argparse.ArgumentParser:

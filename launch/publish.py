@@ -5,8 +5,8 @@ import argparse
 import json
 import sys
 
-from client.params import ParamClient, PublishError
-from launch.logsetup import add_log_flag, configure_logging
+from ringserve.client.params import ParamClient, PublishError
+from ringserve.launch.logsetup import add_log_flag, configure_logging
 
 
 def parser() -> argparse.ArgumentParser:

@@ -12,7 +12,7 @@ import sys
 
 import structlog
 
-from launch.logsetup import add_log_flag, configure_logging
+from ringserve.launch.logsetup import add_log_flag, configure_logging
 
 
 def parser() -> argparse.ArgumentParser:
@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging("worker", args.log_level)
     if args.device == "all-gpus":
         sys.exit(_one_per_gpu(argv if argv is not None else sys.argv[1:]))
-    from launch.procs import announce
-    from worker.runtime import build_worker
+    from ringserve.launch.procs import announce
+    from ringserve.worker.runtime import build_worker
 
     agent = build_worker(args)
     agent.install_signal_handlers()
@@ -61,7 +61,7 @@ def _one_per_gpu(argv: list[str]) -> int:
     count = torch.cuda.device_count()
     devices = [f"cuda:{i}" for i in range(count)] or ["cpu"]
     base = [a for a in argv if a != "all-gpus" and a != "--device"]
-    children = [subprocess.Popen([sys.executable, "-m", "launch.worker", *base, "--device", d]) for d in devices]
+    children = [subprocess.Popen([sys.executable, "-m", "ringserve.launch.worker", *base, "--device", d]) for d in devices]
     structlog.get_logger("ringserve.worker").info("started_per_gpu_workers", devices=devices)
 
     def forward(signum, _frame):

@@ -19,14 +19,14 @@ from typing import Sequence
 import structlog
 import zmq
 
-from master import liveness
-from master.registry import AnsweredCache, ModelCounters, ModelQueues, PendingRequest, WorkerRecord
-from master.scheduler import Load, make_policy
-from master.status import build_status
-from protocol.codec import pack, unpack_map
-from protocol.envelope import parse_request_header
-from protocol.sockets import drain
-from protocol.messages import (
+from ringserve.master import liveness
+from ringserve.master.registry import AnsweredCache, ModelCounters, ModelQueues, PendingRequest, WorkerRecord
+from ringserve.master.scheduler import Load, make_policy
+from ringserve.master.status import build_status
+from ringserve.protocol.codec import pack, unpack_map
+from ringserve.protocol.envelope import parse_request_header
+from ringserve.protocol.sockets import drain
+from ringserve.protocol.messages import (
     DISCONNECT, DRAIN, HEARTBEAT, MDP_CLIENT, MMI_PING, MMI_SERVICE, READY, REPLY, REQUEST,
     WORKER_COMMANDS, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
 )

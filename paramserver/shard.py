@@ -20,10 +20,10 @@ import numpy as np
 import structlog
 import zmq
 
-from paramserver.store import ShardStore, Slice, sha256
-from protocol.codec import pack, unpack_map
-from protocol.messages import SHARD_COMMANDS, SHARD_PROTO, ErrorCode, ProtocolError, error_body
-from protocol.placement import Piece
+from ringserve.paramserver.store import ShardStore, Slice, sha256
+from ringserve.protocol.codec import pack, unpack_map
+from ringserve.protocol.messages import SHARD_COMMANDS, SHARD_PROTO, ErrorCode, ProtocolError, error_body
+from ringserve.protocol.placement import Piece
 
 log = structlog.get_logger("ringserve.paramserver")
 

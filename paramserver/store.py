@@ -17,7 +17,7 @@ import structlog
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from protocol.placement import Piece
+from ringserve.protocol.placement import Piece
 
 log = structlog.get_logger("ringserve.paramserver.store")
 

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 import msgpack
 import numpy as np
 
-from protocol.messages import ProtocolError
+from ringserve.protocol.messages import ProtocolError
 
 SUPPORTED_DTYPES = frozenset(
     ["bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64"]

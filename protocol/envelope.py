@@ -8,8 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from protocol.codec import decode_tensors, encode_tensors, pack, unpack_map
-from protocol.messages import MDP_CLIENT, ProtocolError
+from ringserve.protocol.codec import decode_tensors, encode_tensors, pack, unpack_map
+from ringserve.protocol.messages import MDP_CLIENT, ProtocolError
 
 MAX_ID_LEN = 128
 

@@ -11,8 +11,8 @@ from typing import Mapping, Sequence
 
 import zmq
 
-from protocol.codec import pack, unpack_map
-from protocol.messages import SHARD_PROTO, ProtocolError
+from ringserve.protocol.codec import pack, unpack_map
+from ringserve.protocol.messages import SHARD_PROTO, ProtocolError
 
 
 class ShardCallError(RuntimeError):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from launch.procs import RoleProcess, wait_for_workers
+from ringserve.launch.procs import RoleProcess, wait_for_workers
 
 EPHEMERAL = "tcp://127.0.0.1:*"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -25,15 +25,15 @@ class Cluster:
 
     def start_master(self, *args: str, endpoints: dict | None = None) -> RoleProcess:
         ep = endpoints or {"frontend": EPHEMERAL, "backend": EPHEMERAL, "admin": EPHEMERAL}
-        self.master = self._start("launch.master", ["--frontend", ep["frontend"], "--backend", ep["backend"],
+        self.master = self._start("ringserve.launch.master", ["--frontend", ep["frontend"], "--backend", ep["backend"],
                                                     "--admin", ep["admin"], "--heartbeat-interval", "0.2",
                                                     *args], "master")
         return self.master
 
     def start_workers(self, count: int, *args: str, names: list[str] | None = None, wait: bool = True,
-                      model: str = "mlp=worker.demo:mlp") -> list[RoleProcess]:
+                      model: str = "mlp=ringserve.worker.demo:mlp") -> list[RoleProcess]:
         names = names or [f"w{len(self.workers) + i}" for i in range(count)]
-        started = [self._start("launch.worker", ["--master", self.master.info["backend"], "--name", name,
+        started = [self._start("ringserve.launch.worker", ["--master", self.master.info["backend"], "--name", name,
                                                  "--threads", "1", "--heartbeat-interval", "0.2",
                                                  "--model", model, *args], name, wait_ready=False)
                    for name in names]
@@ -58,7 +58,7 @@ class Cluster:
             name = f"{prefix}{i}"
             bind = (endpoints or {}).get(name, {}).get("endpoint", EPHEMERAL)
             pub = (endpoints or {}).get(name, {}).get("pub", EPHEMERAL)
-            started[name] = self._start("launch.ps", ["--name", name, "--data-dir", str(self.tmp / name),
+            started[name] = self._start("ringserve.launch.ps", ["--name", name, "--data-dir", str(self.tmp / name),
                                                       "--bind", bind, "--pub", pub, "--announce-interval", "0.2"],
                                         name, wait_ready=False)
         for p in started.values():

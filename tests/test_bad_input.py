@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import zmq
 
-from client import BadRequest, Client, Internal, UnknownModel
-from protocol.codec import pack, unpack_map
-from protocol.messages import DISCONNECT, READY, WORKER_PROTO
+from ringserve.client import BadRequest, Client, Internal, UnknownModel
+from ringserve.protocol.codec import pack, unpack_map
+from ringserve.protocol.messages import DISCONNECT, READY, WORKER_PROTO
 from tests.conftest import raw_socket
 
 pytestmark = pytest.mark.timeout(120)
@@ -68,8 +68,8 @@ def test_garbage_to_every_socket(cluster, zctx):
 
 def test_typed_errors_from_client_library(cluster):
     cluster.start_master()
-    cluster.start_workers(1, model="echo=worker.demo:noop")
-    cluster.start_workers(1, model="mlp=worker.demo:mlp")
+    cluster.start_workers(1, model="echo=ringserve.worker.demo:noop")
+    cluster.start_workers(1, model="mlp=ringserve.worker.demo:mlp")
     with Client(cluster.frontend, timeout=10) as c:
         with pytest.raises(UnknownModel, match="resnet"):
             c.infer("resnet", {"x": GOOD_X})

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from client import Client
-from client.admin import AdminClient
-from launch.procs import wait_until
-from worker import demo
-from worker.loader import ServedModel, parse_model_arg
+from ringserve.client import Client
+from ringserve.client.admin import AdminClient
+from ringserve.launch.procs import wait_until
+from ringserve.worker import demo
+from ringserve.worker.loader import ServedModel, parse_model_arg
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -21,8 +21,8 @@ def reference(model, name, x):
         return model.eval()(**{name: torch.from_numpy(x)})["logits"].numpy()
 
 
-@pytest.mark.parametrize("spec,name,shape", [("mlp=worker.demo:mlp", "x", (256,)),
-                                             ("cnn=worker.demo:cnn", "image", (1, 28, 28))])
+@pytest.mark.parametrize("spec,name,shape", [("mlp=ringserve.worker.demo:mlp", "x", (256,)),
+                                             ("cnn=ringserve.worker.demo:cnn", "image", (1, 28, 28))])
 def test_batched_equals_unbatched(cluster, spec, name, shape):
     cluster.start_master()
     cluster.start_workers(1, "--max-batch-size", "16", "--max-queue-delay-us", "20000", model=spec)
@@ -40,7 +40,7 @@ def test_batched_equals_unbatched(cluster, spec, name, shape):
 
 def test_batches_fill_but_never_exceed_max(cluster):
     cluster.start_master()
-    cluster.start_workers(1, "--max-batch-size", "8", "--max-queue-delay-us", "5000", model="echo=worker.demo:noop")
+    cluster.start_workers(1, "--max-batch-size", "8", "--max-queue-delay-us", "5000", model="echo=ringserve.worker.demo:noop")
     with Client(cluster.frontend, timeout=10) as c:
         futures = [c.infer_async("echo", {"x": np.full((1, 4), i, np.float32)}) for i in range(64)]
         for i, f in enumerate(futures):
@@ -55,7 +55,7 @@ def test_lone_request_waits_only_max_queue_delay(cluster):
     delay = 0.3
     cluster.start_master()
     cluster.start_workers(1, "--max-batch-size", "64", "--max-queue-delay-us", str(delay * 1e6),
-                          model="echo=worker.demo:noop")
+                          model="echo=ringserve.worker.demo:noop")
     with Client(cluster.frontend, timeout=10) as c:
         c.infer("echo", {"x": np.ones((1, 2), np.float32)})  # warm-up
         t0 = time.monotonic()
@@ -66,7 +66,7 @@ def test_lone_request_waits_only_max_queue_delay(cluster):
 
 def test_different_trailing_shapes_never_share_a_batch(cluster):
     cluster.start_master()
-    cluster.start_workers(1, "--max-batch-size", "32", "--max-queue-delay-us", "20000", model="echo=worker.demo:noop")
+    cluster.start_workers(1, "--max-batch-size", "32", "--max-queue-delay-us", "20000", model="echo=ringserve.worker.demo:noop")
     with Client(cluster.frontend, timeout=10) as c:
         xs = [np.full((1 + i % 2, 3 if i % 2 else 5), i, np.float32) for i in range(24)]
         replies = [f.result() for f in [c.infer_async("echo", {"x": x}) for x in xs]]
@@ -81,8 +81,8 @@ def test_different_trailing_shapes_never_share_a_batch(cluster):
 def test_reduced_precision_close_to_float32(opts, tolerance):
     """Tolerance: max |out - fp32| relative to max |fp32|, per mode (fp16 1%, bf16 and int8 5%)."""
     x = np.random.default_rng(4).standard_normal((16, 256), dtype=np.float32)
-    ref = ServedModel(parse_model_arg("m=worker.demo:mlp"), torch.device("cpu")).run({"x": x})["logits"]
-    low = ServedModel(parse_model_arg(f"m=worker.demo:mlp,{opts}"), torch.device("cpu"))
+    ref = ServedModel(parse_model_arg("m=ringserve.worker.demo:mlp"), torch.device("cpu")).run({"x": x})["logits"]
+    low = ServedModel(parse_model_arg(f"m=ringserve.worker.demo:mlp,{opts}"), torch.device("cpu"))
     out = low.run({"x": x.copy()})["logits"]
     assert out.dtype == np.float32
     assert np.abs(out - ref).max() / np.abs(ref).max() < tolerance
@@ -90,8 +90,8 @@ def test_reduced_precision_close_to_float32(opts, tolerance):
 
 def test_precision_is_per_model_and_shown_in_status(cluster):
     cluster.start_master()
-    cluster.start_workers(1, "--model", "half=worker.demo:mlp,dtype=float16", "--model",
-                          "q8=worker.demo:mlp,quantize=int8", model="full=worker.demo:mlp")
+    cluster.start_workers(1, "--model", "half=ringserve.worker.demo:mlp,dtype=float16", "--model",
+                          "q8=ringserve.worker.demo:mlp,quantize=int8", model="full=ringserve.worker.demo:mlp")
     x = np.random.default_rng(5).standard_normal((4, 256), dtype=np.float32)
     with Client(cluster.frontend, timeout=10) as c:
         full = c.infer("full", {"x": x})["logits"]
@@ -109,8 +109,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_cuda_matches_cpu(dtype):
     x = np.random.default_rng(6).standard_normal((8, 256), dtype=np.float32)
-    cpu = ServedModel(parse_model_arg("m=worker.demo:mlp"), torch.device("cpu")).run({"x": x})["logits"]
-    gpu = ServedModel(parse_model_arg(f"m=worker.demo:mlp,dtype={dtype}"), torch.device("cuda:0"))
+    cpu = ServedModel(parse_model_arg("m=ringserve.worker.demo:mlp"), torch.device("cpu")).run({"x": x})["logits"]
+    gpu = ServedModel(parse_model_arg(f"m=ringserve.worker.demo:mlp,dtype={dtype}"), torch.device("cuda:0"))
     out = gpu.run({"x": x.copy()})["logits"]
     assert np.abs(out - cpu).max() / np.abs(cpu).max() < (1e-3 if dtype == "float32" else 5e-2)
 
@@ -118,7 +118,7 @@ def test_cuda_matches_cpu(dtype):
 @cuda
 def test_cuda_worker_end_to_end(cluster):
     cluster.start_master()
-    cluster.start_workers(1, "--device", "cuda:0", "--max-batch-size", "8", model="mlp=worker.demo:mlp")
+    cluster.start_workers(1, "--device", "cuda:0", "--max-batch-size", "8", model="mlp=ringserve.worker.demo:mlp")
     x = np.random.default_rng(7).standard_normal((3, 256), dtype=np.float32)
     with Client(cluster.frontend, timeout=30) as c:
         out = c.infer("mlp", {"x": x})["logits"]
@@ -128,4 +128,4 @@ def test_cuda_worker_end_to_end(cluster):
 
 def test_int8_refused_on_cuda_device_names_the_reason():
     with pytest.raises(ValueError, match="CPU only"):
-        ServedModel(parse_model_arg("m=worker.demo:mlp,quantize=int8"), torch.device("cuda:0"))
+        ServedModel(parse_model_arg("m=ringserve.worker.demo:mlp,quantize=int8"), torch.device("cuda:0"))

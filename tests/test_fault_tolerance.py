@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from client import Client, Overloaded, Timeout, UnknownModel
-from client.admin import AdminClient
-from launch.procs import wait_for_workers, wait_until
+from ringserve.client import Client, Overloaded, Timeout, UnknownModel
+from ringserve.client.admin import AdminClient
+from ringserve.launch.procs import wait_for_workers, wait_until
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -35,7 +35,7 @@ def check_all_results(futures, timeout=60):
 def test_sigkill_one_of_three_workers_with_1000_in_flight(cluster):
     cluster.start_master("--max-queue", "2000")
     cluster.start_workers(3, "--max-batch-size", "4", "--credit", "8",
-                          model="echo=worker.demo:slow,arg.delay=0.01")
+                          model="echo=ringserve.worker.demo:slow,arg.delay=0.01")
     victim = cluster.workers[1]
     with Client(cluster.frontend, timeout=60) as c:
         futures = [c.infer_async("echo", x_of(i)) for i in range(1000)]
@@ -53,7 +53,7 @@ def test_sigkill_one_of_three_workers_with_1000_in_flight(cluster):
 
 def test_hung_worker_is_evicted_and_comes_back(cluster):
     cluster.start_master()
-    cluster.start_workers(3, "--credit", "4", model="echo=worker.demo:slow,arg.delay=0.02")
+    cluster.start_workers(3, "--credit", "4", model="echo=ringserve.worker.demo:slow,arg.delay=0.02")
     hung = cluster.workers[0]
     with Client(cluster.frontend, timeout=30) as c:
         futures = [c.infer_async("echo", x_of(i)) for i in range(200)]
@@ -76,7 +76,7 @@ def test_hung_worker_is_evicted_and_comes_back(cluster):
 def test_master_restart_is_invisible_to_workers_and_clients(cluster):
     master = cluster.start_master()
     endpoints = dict(master.info)
-    cluster.start_workers(2, model="echo=worker.demo:slow,arg.delay=0.05")
+    cluster.start_workers(2, model="echo=ringserve.worker.demo:slow,arg.delay=0.05")
     with Client(cluster.frontend, timeout=30, retry_interval=0.2) as c:
         assert c.infer("echo", x_of(0))["y"][0, 0] == 0
         inflight = [c.infer_async("echo", x_of(i)) for i in range(20)]
@@ -93,7 +93,7 @@ def test_master_restart_is_invisible_to_workers_and_clients(cluster):
 
 def test_overload_answers_quickly_and_recovers(cluster):
     cluster.start_master("--max-queue", "20")
-    cluster.start_workers(1, "--credit", "2", model="slow=worker.demo:slow,arg.delay=0.1")
+    cluster.start_workers(1, "--credit", "2", model="slow=ringserve.worker.demo:slow,arg.delay=0.1")
     with Client(cluster.frontend, timeout=30) as c:
         t0 = time.monotonic()
         flood = [c.infer_async("slow", x_of(i), timeout=1.0) for i in range(600)]
@@ -116,7 +116,7 @@ def test_overload_answers_quickly_and_recovers(cluster):
 
 def test_short_timeout_on_slow_model(cluster):
     cluster.start_master()
-    cluster.start_workers(1, "--credit", "4", model="slow=worker.demo:slow,arg.delay=1.0")
+    cluster.start_workers(1, "--credit", "4", model="slow=ringserve.worker.demo:slow,arg.delay=1.0")
     with Client(cluster.frontend, timeout=10) as c:
         t0 = time.monotonic()
         first = c.infer_async("slow", x_of(1), timeout=0.05)
@@ -136,7 +136,7 @@ def test_short_timeout_on_slow_model(cluster):
 
 def test_drained_worker_finishes_in_flight_and_gets_nothing_new(cluster):
     cluster.start_master()
-    cluster.start_workers(2, "--credit", "4", model="slow=worker.demo:slow,arg.delay=0.3")
+    cluster.start_workers(2, "--credit", "4", model="slow=ringserve.worker.demo:slow,arg.delay=0.3")
     admin = AdminClient(cluster.admin)
     with Client(cluster.frontend, timeout=20) as c:
         first = [c.infer_async("slow", x_of(i)) for i in range(6)]
@@ -155,7 +155,7 @@ def test_requests_wait_for_workers_during_master_startup_grace(cluster):
     master = cluster.start_master("--heartbeat-liveness", "50")  # 10 s grace
     with Client(cluster.frontend, timeout=60) as c:
         early = c.infer_async("echo", x_of(7))  # no worker exists yet
-        cluster.start_workers(1, model="echo=worker.demo:noop")
+        cluster.start_workers(1, model="echo=ringserve.worker.demo:noop")
         np.testing.assert_array_equal(early.result(timeout=60).outputs["y"], x_of(7)["x"])
     assert master.alive()
 
@@ -166,6 +166,6 @@ def test_unknown_model_after_grace(cluster):
         during = c.infer_async("nothing", x_of(1))  # sent during the grace: answered when it ends
         with pytest.raises(UnknownModel):
             during.result(timeout=5)
-        cluster.start_workers(1, model="echo=worker.demo:noop")
+        cluster.start_workers(1, model="echo=ringserve.worker.demo:noop")
         with pytest.raises(UnknownModel):
             c.infer("nothing", x_of(1))

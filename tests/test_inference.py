@@ -9,10 +9,10 @@ import torch
 import zmq
 from safetensors.torch import save_file
 
-from client import Client
-from protocol.codec import pack, unpack_map
+from ringserve.client import Client
+from ringserve.protocol.codec import pack, unpack_map
 from tests.conftest import raw_socket
-from worker import demo
+from ringserve.worker import demo
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -21,7 +21,7 @@ def test_outputs_equal_in_process(cluster, tmp_path):
     weights = tmp_path / "mlp.safetensors"
     save_file(demo.mlp(seed=11).state_dict(), str(weights))
     cluster.start_master()
-    cluster.start_workers(2, model=f"mlp=worker.demo:mlp,weights={weights}")
+    cluster.start_workers(2, model=f"mlp=ringserve.worker.demo:mlp,weights={weights}")
     ref = demo.mlp(seed=11).eval()
     x = np.random.default_rng(0).standard_normal((32, 256), dtype=np.float32)
     with Client(cluster.frontend, timeout=10) as c:
@@ -40,7 +40,7 @@ def test_outputs_equal_in_process(cluster, tmp_path):
 
 def test_cnn_outputs_equal_in_process(cluster):
     cluster.start_master()
-    cluster.start_workers(1, model="cnn=worker.demo:cnn")
+    cluster.start_workers(1, model="cnn=ringserve.worker.demo:cnn")
     x = np.random.default_rng(1).standard_normal((5, 1, 28, 28), dtype=np.float32)
     with Client(cluster.frontend, timeout=10) as c:
         got = c.infer("cnn", {"image": x})["logits"]
@@ -52,7 +52,7 @@ def test_cnn_outputs_equal_in_process(cluster):
 def test_mdp_client_from_the_rfc(cluster, zctx):
     """A plain DEALER speaking RFC 7 client frames gets an answer (and mmi.service works)."""
     cluster.start_master()
-    cluster.start_workers(1, model="echo=worker.demo:noop")
+    cluster.start_workers(1, model="echo=ringserve.worker.demo:noop")
     sock = raw_socket(zctx, zmq.DEALER, cluster.frontend)
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     header = {"id": "rfc-1", "inputs": [["x", "float32", [2, 3]]]}
@@ -73,13 +73,13 @@ def test_admin_status_and_cli(cluster):
     import sys
 
     cluster.start_master()
-    cluster.start_workers(1, model="echo=worker.demo:noop")
+    cluster.start_workers(1, model="echo=ringserve.worker.demo:noop")
     with Client(cluster.frontend) as c:
         c.infer("echo", {"x": np.ones((1, 2), np.float32)})
-    out = subprocess.run([sys.executable, "-m", "launch.admin", "status", "--master", cluster.admin],
+    out = subprocess.run([sys.executable, "-m", "ringserve.launch.admin", "status", "--master", cluster.admin],
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 0 and "w0" in out.stdout and "echo" in out.stdout
-    js = subprocess.run([sys.executable, "-m", "launch.admin", "status", "--json", "--master", cluster.admin],
+    js = subprocess.run([sys.executable, "-m", "ringserve.launch.admin", "status", "--json", "--master", cluster.admin],
                         capture_output=True, text=True, timeout=30)
     import json
     st = json.loads(js.stdout)
@@ -87,8 +87,8 @@ def test_admin_status_and_cli(cluster):
     assert {"state", "heartbeat_age_s", "in_flight", "done", "device"} <= set(st["workers"][0])
 
 
-@pytest.mark.parametrize("role", ["launch.master", "launch.worker", "launch.admin", "launch.local", "launch.ps",
-                                  "launch.publish"])
+@pytest.mark.parametrize("role", ["ringserve.launch.master", "ringserve.launch.worker", "ringserve.launch.admin", "ringserve.launch.local", "ringserve.launch.ps",
+                                  "ringserve.launch.publish"])
 def test_every_launch_script_has_help(role):
     import subprocess
     import sys
@@ -102,7 +102,7 @@ def test_local_cluster_main_job(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "launch.local", "--requests", "4", "--workdir", str(tmp_path)],
+    proc = subprocess.Popen([sys.executable, "-m", "ringserve.launch.local", "--requests", "4", "--workdir", str(tmp_path)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=150)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from client import Client, UnknownVersion
-from client.admin import AdminClient
-from client.params import ParamClient, PublishError, changed_tensors
-from launch.procs import wait_for_workers, wait_until
-from protocol.placement import owner, place, plan, ring
-from worker import demo
+from ringserve.client import Client, UnknownVersion
+from ringserve.client.admin import AdminClient
+from ringserve.client.params import ParamClient, PublishError, changed_tensors
+from ringserve.launch.procs import wait_for_workers, wait_until
+from ringserve.protocol.placement import owner, place, plan, ring
+from ringserve.worker import demo
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -147,7 +147,7 @@ def test_publish_with_a_shard_down_fails_cleanly(cluster):
             r = c.infer_async("mlp", {"x": x}).result()
             assert r.version == 1
             np.testing.assert_allclose(r.outputs["logits"], expected(v1, x), rtol=1e-4, atol=1e-5)
-        cluster._start("launch.ps", ["--name", "ps1", "--data-dir", str(cluster.tmp / "ps1"), "--bind",
+        cluster._start("ringserve.launch.ps", ["--name", "ps1", "--data-dir", str(cluster.tmp / "ps1"), "--bind",
                                      info["endpoint"], "--pub", info["pub"], "--announce-interval", "0.2"],
                        "ps1-back")
         v2 = mlp_state(2)
@@ -166,7 +166,7 @@ def test_shard_restart_keeps_versions_and_refuses_corruption(cluster):
     info = dict(shard.info)
     shard.signal(signal.SIGKILL)
     shard.wait(5)
-    restarted = cluster._start("launch.ps", ["--name", "ps0", "--data-dir", str(cluster.tmp / "ps0"),
+    restarted = cluster._start("ringserve.launch.ps", ["--name", "ps0", "--data-dir", str(cluster.tmp / "ps0"),
                                              "--bind", info["endpoint"], "--pub", info["pub"],
                                              "--announce-interval", "0.2"], "ps0-restarted")
     with ParamClient(eps, chunk_bytes=SMALL_CHUNK, timeout=3.0) as pc:
@@ -182,7 +182,7 @@ def test_shard_restart_keeps_versions_and_refuses_corruption(cluster):
         raw = bytearray(path.read_bytes())
         raw[len(raw) // 2] ^= 0xFF
         path.write_bytes(bytes(raw))
-        cluster._start("launch.ps", ["--name", "ps0", "--data-dir", str(cluster.tmp / "ps0"), "--bind",
+        cluster._start("ringserve.launch.ps", ["--name", "ps0", "--data-dir", str(cluster.tmp / "ps0"), "--bind",
                                      info["endpoint"], "--pub", info["pub"], "--announce-interval", "0.2"],
                        "ps0-corrupt")
         hello = pc.hello()["ps0"]
@@ -209,7 +209,7 @@ def test_worker_without_weights_waits_for_a_version_and_cli_rollback(cluster):
             pc.publish("mlp", mlp_state(2))
         assert queued.result().version in (1, 2)
         wait_for_workers(cluster.admin, 1, 30, model="mlp", version=2)
-        out = subprocess.run([sys.executable, "-m", "launch.admin", "rollback", "--shards", shard_list(eps),
+        out = subprocess.run([sys.executable, "-m", "ringserve.launch.admin", "rollback", "--shards", shard_list(eps),
                               "--model", "mlp", "--version", "1"], capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr
         wait_for_workers(cluster.admin, 1, 30, model="mlp", version=1)

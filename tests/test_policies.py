@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from client import Client
+from ringserve.client import Client
 
 pytestmark = pytest.mark.timeout(120)
 N = 1000
@@ -27,7 +27,7 @@ def spread(address: str, model: str, n: int = N, window: int = 6) -> Counter:
     return counts
 
 
-def start(cluster, policy: str, *master_args: str, model="echo=worker.demo:noop"):
+def start(cluster, policy: str, *master_args: str, model="echo=ringserve.worker.demo:noop"):
     cluster.start_master("--policy", policy, "--seed", "5", *master_args)
     cluster.start_workers(3, "--credit", "4", names=["a", "b", "c"], model=model)
 
@@ -52,7 +52,7 @@ def test_random_policies_use_every_worker(cluster, policy):
 
 
 def test_least_outstanding_prefers_idle_worker(cluster):
-    start(cluster, "least-outstanding", model="slow=worker.demo:slow,arg.delay=0.15")
+    start(cluster, "least-outstanding", model="slow=ringserve.worker.demo:slow,arg.delay=0.15")
     with Client(cluster.frontend, timeout=20) as c:
         for _ in range(3):  # waves of 3 concurrent slow requests: one per idle worker, never two on one
             wave = [c.infer_async("slow", {"x": np.ones((1, 2), np.float32)}) for _ in range(3)]

@@ -7,12 +7,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from master import liveness
-from master.scheduler import Load, make_policy
-from protocol.codec import decode_tensors, encode_tensors, pack, unpack_map
-from protocol.envelope import parse_request_header
-from protocol.messages import ProtocolError
-from worker.batching import Batcher, WorkItem, concat_inputs, split_outputs
+from ringserve.master import liveness
+from ringserve.master.scheduler import Load, make_policy
+from ringserve.protocol.codec import decode_tensors, encode_tensors, pack, unpack_map
+from ringserve.protocol.envelope import parse_request_header
+from ringserve.protocol.messages import ProtocolError
+from ringserve.worker.batching import Batcher, WorkItem, concat_inputs, split_outputs
 
 
 def test_codec_roundtrip_is_zero_copy():

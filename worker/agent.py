@@ -17,14 +17,14 @@ from dataclasses import dataclass, field
 import structlog
 import zmq
 
-from protocol.codec import decode_tensors, pack, unpack_map
-from protocol.messages import (
+from ringserve.protocol.codec import decode_tensors, pack, unpack_map
+from ringserve.protocol.messages import (
     DISCONNECT, DRAIN, HEARTBEAT, READY, REPLY, REQUEST, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
 )
-from protocol.sockets import drain
-from worker.batching import Batcher, WorkItem
-from worker.compute import CHANGED, RESULT, ComputeThread
-from worker.loader import BadInput, ServedModel
+from ringserve.protocol.sockets import drain
+from ringserve.worker.batching import Batcher, WorkItem
+from ringserve.worker.compute import CHANGED, RESULT, ComputeThread
+from ringserve.worker.loader import BadInput, ServedModel
 
 log = structlog.get_logger("ringserve.worker")
 

@@ -13,10 +13,10 @@ from typing import Mapping
 import structlog
 import zmq
 
-from protocol.codec import encode_tensors, pack
-from protocol.messages import ErrorCode, error_body
-from worker.batching import Batcher, WorkItem, concat_inputs, split_outputs
-from worker.loader import ServedModel
+from ringserve.protocol.codec import encode_tensors, pack
+from ringserve.protocol.messages import ErrorCode, error_body
+from ringserve.worker.batching import Batcher, WorkItem, concat_inputs, split_outputs
+from ringserve.worker.loader import ServedModel
 
 log = structlog.get_logger("ringserve.worker.compute")
 

@@ -36,7 +36,7 @@ class ModelOptions:
 
 
 def parse_model_arg(text: str, defaults: Mapping[str, Any] | None = None) -> ModelOptions:
-    """'mlp=worker.demo:mlp,dtype=float16,arg.hidden=512' -> ModelOptions."""
+    """'mlp=ringserve.worker.demo:mlp,dtype=float16,arg.hidden=512' -> ModelOptions."""
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
         raise ValueError(f"model must look like NAME=module:factory[,key=value...], got {text!r}")

@@ -5,10 +5,10 @@ import os
 
 import torch
 
-from worker.agent import WorkerAgent, WorkerConfig
-from protocol.placement import parse_shards
-from worker.sync import WeightSync
-from worker.loader import ServedModel, parse_model_arg, pick_device
+from ringserve.worker.agent import WorkerAgent, WorkerConfig
+from ringserve.protocol.placement import parse_shards
+from ringserve.worker.sync import WeightSync
+from ringserve.worker.loader import ServedModel, parse_model_arg, pick_device
 
 
 def build_worker(args) -> WorkerAgent:

@@ -19,10 +19,10 @@ import structlog
 import torch
 import zmq
 
-from protocol.codec import unpack_map
-from protocol.messages import ProtocolError
-from protocol.placement import Piece
-from protocol.shardrpc import ShardCallError, ShardRPC
+from ringserve.protocol.codec import unpack_map
+from ringserve.protocol.messages import ProtocolError
+from ringserve.protocol.placement import Piece
+from ringserve.protocol.shardrpc import ShardCallError, ShardRPC
 
 log = structlog.get_logger("ringserve.worker.sync")
 
