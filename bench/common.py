@@ -14,9 +14,13 @@ def percentiles(lat_s: list[float]) -> tuple[float, float]:
     return float(np.percentile(a, 50)), float(np.percentile(a, 99))
 
 
-def closed_loop(client, model: str, make_inputs, concurrency: int, seconds: float, timeout: float = 10.0):
-    """Keep `concurrency` requests in flight for `seconds`; return (req/s, p50 ms, p99 ms, errors)."""
-    lat, errors = [], 0
+def closed_loop(client, model: str, make_inputs, concurrency: int, seconds: float, timeout: float = 10.0,
+                latencies: list | None = None):
+    """Keep `concurrency` requests in flight for `seconds`; return (req/s, p50 ms, p99 ms, errors).
+
+    Every latency (seconds) is appended to `latencies` when one is given, for merging across processes."""
+    lat = latencies if latencies is not None else []
+    errors = 0
     started: dict = {}
     end = time.perf_counter() + seconds
     t0 = time.perf_counter()

@@ -1,8 +1,14 @@
-"""Throughput and latency through ringserve vs the same model in-process; prints one JSON line.
+"""Throughput, latency and CPU per request through ringserve vs the same model in-process, and vs
+a minimal Python ZeroMQ broker; prints one JSON line.
 
-1 master, 1 worker, closed loop with 64 requests in flight (single-row requests):
-no-op model, MLP 256->1024->1024->10 fp32 unbatched, and MLP with max_batch_size=32,
-beside the MLP called in-process at batch 1 and batch 32 in the same run.
+1 master, 1 worker; the load comes from separate processes (bench/loadgen.py), closed loop with
+64 single-row requests in flight: no-op model, MLP 256->1024->1024->10 fp32 unbatched, and the
+MLP with max_batch_size=32, beside the MLP called in-process at batch 1 and batch 32 and the
+minimal broker (`zmq_limit_req_per_s`), all in the same run. CPU per request is read from each
+process's own counters, so it holds on a noisy machine:
+  master_cpu_us_per_req / client_cpu_us_per_req   from the no-op run
+  worker_cpu_us_per_req                           no-op run: the worker's cost beyond the model
+  mlp_*_cpu_us_per_req                            the same, for the MLP runs
 """
 from __future__ import annotations
 
@@ -18,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import closed_loop, in_process_rate  # noqa: E402
-from ringserve.client import Client  # noqa: E402
+from bench.common import in_process_rate  # noqa: E402
+from bench.loadgen import run_load, zmq_limit  # noqa: E402
 from ringserve.launch.logsetup import configure_logging  # noqa: E402
 from ringserve.launch.procs import RoleProcess, wait_for_workers  # noqa: E402
 from ringserve.worker import demo  # noqa: E402
@@ -27,67 +33,77 @@ from ringserve.worker import demo  # noqa: E402
 EPH = "tcp://127.0.0.1:*"
 
 
-def serve_and_measure(tmp: Path, model_arg: str, model: str, make, seconds: float, concurrency: int,
-                      worker_args: list[str], device: str) -> tuple:
+def serve_and_measure(tmp: Path, model_arg: str, model: str, args, worker_args: list[str]) -> dict:
+    """Start a master and one worker, drive load from separate processes, return figures."""
     master = RoleProcess("ringserve.launch.master", ["--frontend", EPH, "--backend", EPH, "--admin", EPH,
-                                           "--log-level", "warning"], tmp / "master.log")
+                                                     "--log-level", "warning"], tmp / "master.log")
     worker = None
     try:
         worker = RoleProcess("ringserve.launch.worker", ["--master", master.info["backend"], "--model", model_arg,
-                                               "--device", device, "--log-level", "warning",
-                                               "--threads", str(os.environ.get("RS_THREADS", 1)), *worker_args],
-                             tmp / "worker.log")
+                                                         "--device", args.device, "--log-level", "warning",
+                                                         "--threads", str(os.environ.get("RS_THREADS", 1)),
+                                                         *worker_args], tmp / "worker.log")
         wait_for_workers(master.info["admin"], 1, 60)
-        with Client(master.info["frontend"], timeout=30) as c:
-            closed_loop(c, model, make, concurrency, min(0.5, seconds))  # warm-up
-            return closed_loop(c, model, make, concurrency, seconds)
+        res, cpu = run_load(master.info["frontend"], model, (1, 256), args.concurrency, args.seconds,
+                            processes=args.load_processes,
+                            server_pids={"master": master.pid, "worker": worker.pid})
     finally:
         if worker:
             worker.stop()
         master.stop()
+    p50, p99 = res.percentiles_ms()
+    n = max(1, res.answered)
+    return {"req_per_s": round(res.rate, 1), "p50_ms": round(p50, 3), "p99_ms": round(p99, 3),
+            "errors": res.errors, "master_cpu_us": round(cpu["master"] / n * 1e6, 1),
+            "worker_cpu_us": round(cpu["worker"] / n * 1e6, 1), "client_cpu_us": round(res.client_cpu_s / n * 1e6, 1)}
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=4.0, help="measurement time per configuration")
-    p.add_argument("--concurrency", type=int, default=64)
+    p.add_argument("--concurrency", type=int, default=64, help="requests in flight, over all load processes")
+    p.add_argument("--load-processes", type=int, default=2, help="separate processes driving the load")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     configure_logging("bench", "warning")  # logs to stderr: stdout is the one JSON line
     torch.set_num_threads(int(os.environ.get("RS_THREADS", 1)))
     tmp = Path(tempfile.mkdtemp(prefix="rs-bench-"))
-    x1 = np.random.default_rng(0).standard_normal((1, 256), dtype=np.float32)
-    one = lambda: {"x": x1}  # noqa: E731
-    r = {"device": args.device, "concurrency": args.concurrency, "torch_threads": torch.get_num_threads()}
+    r = {"device": args.device, "concurrency": args.concurrency, "load_processes": args.load_processes,
+         "torch_threads": torch.get_num_threads()}
 
-    rate, p50, p99, err = serve_and_measure(tmp, "noop=ringserve.worker.demo:noop", "noop", one, args.seconds,
-                                            args.concurrency, [], args.device)
-    r.update(noop_req_per_s=round(rate, 1), noop_p50_ms=round(p50, 3), noop_p99_ms=round(p99, 3))
-    rate, p50, p99, err2 = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", one, args.seconds,
-                                             args.concurrency, ["--max-batch-size", "1"], args.device)
-    r.update(mlp_req_per_s=round(rate, 1), mlp_p50_ms=round(p50, 3), mlp_p99_ms=round(p99, 3))
-    rate, p50, p99, err3 = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", one, args.seconds,
-                                             args.concurrency, ["--max-batch-size", "32",
-                                                                "--max-queue-delay-us", "2000"], args.device)
-    r.update(mlp_batched_req_per_s=round(rate, 1), mlp_batched_p50_ms=round(p50, 3),
-             mlp_batched_p99_ms=round(p99, 3))
+    limit = zmq_limit(args.seconds, args.concurrency, args.load_processes)
+    noop = serve_and_measure(tmp, "noop=ringserve.worker.demo:noop", "noop", args, [])
+    mlp = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", args, ["--max-batch-size", "1"])
+    batched = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", args,
+                                ["--max-batch-size", "32", "--max-queue-delay-us", "2000"])
 
     dev = torch.device(args.device)
     model = demo.mlp().eval().to(dev)
+    x1 = np.random.default_rng(0).standard_normal((1, 256), dtype=np.float32)
     x32 = torch.from_numpy(np.repeat(x1, 32, axis=0))
 
     def call(batch):
         with torch.inference_mode():
-            out = model(batch.to(dev))["logits"].cpu()
-        return out
+            return model(batch.to(dev))["logits"].cpu()
 
     bs1 = in_process_rate(lambda: call(torch.from_numpy(x1)), args.seconds / 2)
     bs32 = in_process_rate(lambda: call(x32), args.seconds / 2) * 32
-    r.update(inprocess_bs1_req_per_s=round(bs1, 1), inprocess_bs32_samples_per_s=round(bs32, 1),
-             mlp_vs_inprocess_bs1=round(r["mlp_req_per_s"] / bs1, 3),
-             mlp_batched_vs_inprocess_bs1=round(r["mlp_batched_req_per_s"] / bs1, 3),
-             mlp_batched_vs_inprocess_bs32=round(r["mlp_batched_req_per_s"] / bs32, 3),
-             errors=err + err2 + err3)
+    r.update(zmq_limit_req_per_s=round(limit, 1),
+             noop_req_per_s=noop["req_per_s"], noop_p50_ms=noop["p50_ms"], noop_p99_ms=noop["p99_ms"],
+             noop_vs_zmq_limit=round(noop["req_per_s"] / limit, 3),
+             master_cpu_us_per_req=noop["master_cpu_us"], worker_cpu_us_per_req=noop["worker_cpu_us"],
+             client_cpu_us_per_req=noop["client_cpu_us"],
+             mlp_req_per_s=mlp["req_per_s"], mlp_p50_ms=mlp["p50_ms"], mlp_p99_ms=mlp["p99_ms"],
+             mlp_master_cpu_us_per_req=mlp["master_cpu_us"], mlp_worker_cpu_us_per_req=mlp["worker_cpu_us"],
+             mlp_worker_overhead_us_per_req=round(mlp["worker_cpu_us"] - 1e6 / bs1, 1),
+             mlp_batched_req_per_s=batched["req_per_s"], mlp_batched_p50_ms=batched["p50_ms"],
+             mlp_batched_p99_ms=batched["p99_ms"], mlp_batched_master_cpu_us_per_req=batched["master_cpu_us"],
+             mlp_batched_worker_cpu_us_per_req=batched["worker_cpu_us"],
+             inprocess_bs1_req_per_s=round(bs1, 1), inprocess_bs32_samples_per_s=round(bs32, 1),
+             mlp_vs_inprocess_bs1=round(mlp["req_per_s"] / bs1, 3),
+             mlp_batched_vs_inprocess_bs1=round(batched["req_per_s"] / bs1, 3),
+             mlp_batched_vs_inprocess_bs32=round(batched["req_per_s"] / bs32, 3),
+             errors=noop["errors"] + mlp["errors"] + batched["errors"])
     print(json.dumps(r))
 
 

@@ -1,0 +1,198 @@
+"""Load from separate processes, CPU read from each process's own counters.
+
+The load generator must not be what limits a figure, and a CPU figure must hold on a noisy
+machine, so: each load process runs its own Client (or raw DEALER) in a closed loop and
+reports its own CPU time (``time.process_time``), and server processes are read from
+``/proc/<pid>/stat`` before and after the measured window. CPU per request is then
+``cpu seconds / requests answered`` for each role, independent of wall-clock noise.
+
+``zmq_limit`` measures, in the same run, a minimal Python ZeroMQ broker (client DEALER ->
+ROUTER -> worker DEALER -> back, no model): the ceiling any Python broker reaches here.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` (Linux /proc), children not included."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # utime, stime (fields 14 and 15)
+
+
+@dataclass
+class LoadResult:
+    answered: int = 0
+    errors: int = 0
+    seconds: float = 0.0
+    client_cpu_s: float = 0.0
+    latencies_s: list = field(default_factory=list)
+
+    @property
+    def rate(self) -> float:
+        return self.answered / self.seconds if self.seconds else 0.0
+
+    def percentiles_ms(self) -> tuple[float, float]:
+        from bench.common import percentiles
+        return percentiles(self.latencies_s)
+
+
+def _client_proc(address: str, model: str, row_shape: tuple, concurrency: int, warmup: float, seconds: float,
+                 start_at: float, out) -> None:
+    """One load process: a ringserve Client kept at `concurrency` in flight."""
+    from bench.common import closed_loop
+    from ringserve.client import Client
+
+    x = np.random.default_rng(os.getpid()).standard_normal(row_shape, dtype=np.float32)
+    make = lambda: {"x": x}  # noqa: E731
+    with Client(address, timeout=30) as c:
+        closed_loop(c, model, make, concurrency, warmup)
+        time.sleep(max(0.0, start_at - time.time()))
+        lat: list = []
+        cpu0, t0 = time.process_time(), time.perf_counter()
+        _, _, _, errors = closed_loop(c, model, make, concurrency, seconds, timeout=30, latencies=lat)
+        out.send((len(lat), errors, time.perf_counter() - t0, time.process_time() - cpu0, lat))
+
+
+def run_load(address: str, model: str, row_shape: tuple, concurrency: int, seconds: float,
+             processes: int = 2, warmup: float = 0.5, server_pids: dict[str, int] | None = None
+             ) -> tuple[LoadResult, dict[str, float]]:
+    """Drive `concurrency` requests in flight from `processes` load processes.
+
+    Returns the merged result and the CPU seconds each server pid spent in the window."""
+    ctx = mp.get_context("spawn")
+    pipes, procs = [], []
+    start_at = time.time() + warmup + 3.0  # every process starts measuring at the same moment
+    per = max(1, concurrency // processes)
+    for _ in range(processes):
+        r, w = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_client_proc, args=(address, model, row_shape, per, warmup, seconds, start_at, w),
+                        daemon=True)
+        p.start()
+        pipes.append(r)
+        procs.append(p)
+    server_pids = server_pids or {}
+    try:
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu0 = {k: proc_cpu_s(pid) for k, pid in server_pids.items()}
+        res = LoadResult()
+        for r in pipes:
+            if not r.poll(seconds + 60):
+                raise RuntimeError("a load process did not report")
+            n, errors, took, cpu, lat = r.recv()
+            res.answered += n
+            res.errors += errors
+            res.seconds = max(res.seconds, took)
+            res.client_cpu_s += cpu
+            res.latencies_s.extend(lat)
+        cpu = {k: proc_cpu_s(pid) - cpu0[k] for k, pid in server_pids.items()}
+        return res, cpu
+    finally:
+        for p in procs:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+
+
+# ----------------------------------------------------------- the ZeroMQ ceiling
+def _limit_broker(ready, stop_at: float) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    for s in (front, back):
+        s.linger = 0
+    front.bind("tcp://127.0.0.1:*")
+    back.bind("tcp://127.0.0.1:*")
+    ready.send((front.getsockopt_string(zmq.LAST_ENDPOINT), back.getsockopt_string(zmq.LAST_ENDPOINT)))
+    worker = back.recv_multipart()[0]  # the worker says hello first
+    poller = zmq.Poller()
+    poller.register(front, zmq.POLLIN)
+    poller.register(back, zmq.POLLIN)
+    while time.time() < stop_at:
+        for sock, _ in poller.poll(100):
+            while True:
+                try:
+                    msg = sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if sock is front:  # [client, body] -> [worker, client, body]
+                    back.send_multipart([worker, *msg])
+                else:  # [worker, client, body] -> [client, body]
+                    front.send_multipart(msg[1:])
+    ctx.destroy(linger=0)
+
+
+def _limit_worker(endpoint: str, stop_at: float) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    s.connect(endpoint)
+    s.send(b"hello")
+    while time.time() < stop_at:
+        if s.poll(100):
+            s.send_multipart(s.recv_multipart())
+    ctx.destroy(linger=0)
+
+
+def _limit_client(endpoint: str, concurrency: int, seconds: float, start_at: float, out) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.linger = 0
+    s.connect(endpoint)
+    body = b"x" * 1100  # about the size of a single-row MLP request
+    time.sleep(max(0.0, start_at - time.time()))
+    t0 = time.perf_counter()
+    end, n = t0 + seconds, 0
+    for _ in range(concurrency):
+        s.send(body)
+    while time.perf_counter() < end:
+        if s.poll(1000):
+            s.recv()
+            n += 1
+            s.send(body)
+    out.send((n, time.perf_counter() - t0))
+    ctx.destroy(linger=0)
+
+
+def zmq_limit(seconds: float, concurrency: int = 64, processes: int = 2) -> float:
+    """Round trips per second through a minimal Python ROUTER broker to one echo worker."""
+    ctx = mp.get_context("spawn")
+    stop_at = time.time() + seconds + 15.0
+    r, w = ctx.Pipe(duplex=False)
+    broker = ctx.Process(target=_limit_broker, args=(w, stop_at), daemon=True)
+    broker.start()
+    front, back = r.recv()
+    worker = ctx.Process(target=_limit_worker, args=(back, stop_at), daemon=True)
+    worker.start()
+    start_at = time.time() + 3.0
+    pipes, clients = [], []
+    for _ in range(processes):
+        cr, cw = ctx.Pipe(duplex=False)
+        p = ctx.Process(target=_limit_client, args=(front, max(1, concurrency // processes), seconds, start_at, cw),
+                        daemon=True)
+        p.start()
+        pipes.append(cr)
+        clients.append(p)
+    try:
+        total, took = 0, 0.0
+        for cr in pipes:
+            n, t = cr.recv()
+            total, took = total + n, max(took, t)
+        return total / took
+    finally:
+        for p in (*clients, worker, broker):
+            p.kill()
+            p.join(5)
