@@ -244,7 +244,8 @@ class Broker:
             self._reject(ident, service, rid, model, ErrorCode.OVERLOADED, "master is shutting down")
             return
         known = counters is not None and self._served(model)
-        if not known and (not self.in_grace or self._unknown_waiting() >= MAX_UNKNOWN_WAITING):
+        if not known and (not self.in_grace or (self.queues.depth(model) == 0
+                                                 and self._unknown_waiting() >= MAX_UNKNOWN_WAITING)):
             self._reject(ident, service, rid, model, ErrorCode.UNKNOWN_MODEL,
                          f"no worker serves model {short_repr(model)}")
             return
@@ -256,7 +257,8 @@ class Broker:
             return
         if self.queues.full(model, parsed.version):
             self._reject(ident, service, rid, model, ErrorCode.OVERLOADED,
-                         f"queue for {model!r} is full ({self.cfg.max_queue})")
+                         f"queue for {model!r} is full ({self.cfg.max_queue} requests, "
+                         f"{self.queues.max_pins} version pins)")
             return
         now = time.monotonic()
         timeout = self.cfg.default_timeout if parsed.timeout_ms is None else parsed.timeout_ms / 1000.0

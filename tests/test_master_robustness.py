@@ -453,3 +453,15 @@ def test_mmi_service_answers_plain_rfc8_codes(broker):
                                 (b"mmi.nothing", b"mlp", b"501")):
         client.send_multipart([b"", b"MDPC01", service, body])
         assert recv(broker, client) == [b"", b"MDPC01", service, code]
+
+
+def test_start_up_grace_keeps_only_a_bounded_number_of_unknown_names_waiting(broker):
+    broker.in_grace, broker.grace_until = True, time.monotonic() + 60
+    client = dealer(broker, "frontend")
+    for i in range(100):
+        request(client, f"g{i}", model=f"later-{i}".encode())
+    refused = [answer(recv(broker, client)) for _ in range(100 - 64)]
+    assert {r["error"]["code"] for r in refused} == {"UNKNOWN_MODEL"}
+    assert len(broker.queues.models()) == 64 and len(broker.pending) == 64
+    request(client, "g-again", model=b"later-0")  # a name already waiting may queue more
+    pump(broker, lambda: "g-again" in broker.pending)
