@@ -110,7 +110,7 @@ class Client:
             return fut.result(timeout=timeout + self.grace).outputs
         except FutureTimeout:
             fut.cancel()
-            raise Timeout("no answer before the deadline", None) from None
+            raise Timeout("no answer before the deadline", getattr(fut, "request_id", None)) from None
 
     def infer_async(self, model: str, inputs: Mapping[str, Any], timeout: float | None = None,
                     version: int | None = None, request_id: str | None = None) -> Future:
@@ -128,6 +128,7 @@ class Client:
             self._live_ids.add(rid)
         now = time.monotonic()
         fut: Future = Future()
+        fut.request_id = rid  # type: ignore[attr-defined]  # for callers correlating their own logs
         p = _Pending(rid, client_frames(model, body), fut, now + timeout + self.grace, now + self.retry_interval,
                      self.retry_interval)
         self._outbox.append(p)
