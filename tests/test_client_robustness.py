@@ -208,3 +208,31 @@ def test_tcp_drop_without_master_restart_loses_nothing(cluster):
     finally:
         proxy.close()
     assert cluster.master.alive()
+
+
+def test_garbage_from_the_master_never_stops_the_client(fake_master):
+    """Seeded junk on the client's socket (bad frames, corrupt msgpack, lying outputs): later answers still land."""
+    import random
+
+    rng = random.Random(7)
+    with Client(fake_master.address, timeout=10) as c:
+        fut = c.infer_async("echo", X, request_id="victim")
+        ident, _ = fake_master.next_request()
+        junk = [pack({"id": "victim", "ok": True, "outputs": [["y", ["float32"], [1]]]}),
+                pack({"id": "victim", "ok": True, "outputs": [["y", "float32", [0, 2**63]]]}),
+                pack({"id": ["victim"], "ok": False, "error": 5}), pack({"id": "victim", "ack": True, "epoch": 7}),
+                pack({"epoch": {"x": 1}}), pack([1, 2]), b"\xc1\xc1", b""]
+        for _ in range(300):
+            choice = rng.randrange(3)
+            if choice == 0:
+                fake_master.sock.send_multipart([ident, *[rng.randbytes(rng.randrange(8)) for _ in range(rng.randrange(1, 5))]])
+            elif choice == 1:
+                fake_master.sock.send_multipart([ident, b"", b"MDPC01", b"echo", rng.choice(junk)])
+            else:
+                good = bytearray(pack({"id": "nobody", "ok": True, "outputs": [["y", "float32", [1]]]}))
+                good[rng.randrange(len(good))] = rng.randrange(256)
+                fake_master.sock.send_multipart([ident, b"", b"MDPC01", b"echo", bytes(good), b"\0" * 3])
+        fake_master.answer_ok(ident, "victim")
+        reply = fut.result(timeout=10)
+        assert reply.id == "victim" and reply.outputs["y"].tolist() == [1.0]
+        assert c._thread.is_alive()
