@@ -183,7 +183,8 @@ class Client:
         finally:
             for p in self._pending.values():
                 self._resolve(p, exc=RingserveError("client closed before an answer arrived", p.rid))
-            for p in self._outbox:
+            while self._outbox:  # popleft: callers may still be appending
+                p = self._outbox.popleft()
                 self._resolve(p, exc=RingserveError("client closed before the request was sent", p.rid))
             sock.disable_monitor()
             monitor.close(linger=0)
