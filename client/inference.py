@@ -8,7 +8,14 @@ with de-duplication by request id on the master):
   * every master message carries its epoch (one per master process); when the epoch changes
     the master restarted, and requests it had acknowledged are sent again;
   * while requests are pending the client pings the master (mmi.ping) to learn its epoch;
+  * after the socket reconnects (a TCP drop: ZeroMQ gives the DEALER a new routing id, so
+    answers the master sent meanwhile are lost), every unanswered request is sent again; the
+    master routes its answer to the new socket (or resends the answer it remembers);
   * a request with no final answer by its deadline (plus a grace) fails with Timeout locally.
+
+The I/O thread survives anything a caller does (a cancelled future, a bad reply) and `infer()`
+never waits longer than its timeout plus the grace. A request id is in flight at most once per
+client: reusing one that has no answer yet raises ValueError.
 """
 from __future__ import annotations
 
@@ -19,13 +26,15 @@ import os
 import threading
 import time
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
 import structlog
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from ringserve.client.errors import RingserveError, Timeout, from_error
 from ringserve.protocol.codec import pack
@@ -62,6 +71,8 @@ class ClientStats:
     resent: int = 0
     duplicates_dropped: int = 0
     master_restarts: int = 0
+    reconnects: int = 0  # the socket's connection to the master was made again
+    loop_errors: int = 0  # exceptions the I/O loop caught and survived
 
 
 class Client:
@@ -76,6 +87,8 @@ class Client:
         self._ids = itertools.count()
         self._outbox: collections.deque[_Pending] = collections.deque()
         self._pending: dict[str, _Pending] = {}
+        self._ids_lock = threading.Lock()
+        self._live_ids: set[str] = set()  # ids handed to infer_async and not yet answered
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
         self._closing = False
@@ -87,19 +100,35 @@ class Client:
     # ------------------------------------------------------------ public API
     def infer(self, model: str, inputs: Mapping[str, Any], timeout: float | None = None,
               version: int | None = None) -> dict[str, np.ndarray]:
-        """Run `model` on named inputs (numpy arrays or torch tensors); return numpy outputs."""
-        return self.infer_async(model, inputs, timeout, version).result().outputs
+        """Run `model` on named inputs (numpy arrays or torch tensors); return numpy outputs.
+
+        Waits at most `timeout` plus the client's grace, whatever happens to the I/O thread.
+        """
+        timeout = self.timeout if timeout is None else timeout
+        fut = self.infer_async(model, inputs, timeout, version)
+        try:
+            return fut.result(timeout=timeout + self.grace).outputs
+        except FutureTimeout:
+            fut.cancel()
+            raise Timeout("no answer before the deadline", getattr(fut, "request_id", None)) from None
 
     def infer_async(self, model: str, inputs: Mapping[str, Any], timeout: float | None = None,
                     version: int | None = None, request_id: str | None = None) -> Future:
         """Send now; the Future resolves to a Reply or raises a RingserveError subclass."""
         if self._closing:
             raise RuntimeError("client is closed")
+        if not self._thread.is_alive():
+            raise RuntimeError("the client's I/O thread has stopped; make a new Client")
         timeout = self.timeout if timeout is None else timeout
         rid = request_id or f"{self._prefix}-{next(self._ids)}"
         body = request_body(rid, inputs, version=version, timeout_ms=timeout * 1000.0, ack=True)
+        with self._ids_lock:
+            if rid in self._live_ids:
+                raise ValueError(f"request id {rid!r} is already in flight on this client; use a new id")
+            self._live_ids.add(rid)
         now = time.monotonic()
         fut: Future = Future()
+        fut.request_id = rid  # type: ignore[attr-defined]  # for callers correlating their own logs
         p = _Pending(rid, client_frames(model, body), fut, now + timeout + self.grace, now + self.retry_interval,
                      self.retry_interval)
         self._outbox.append(p)
@@ -135,40 +164,97 @@ class Client:
         sock.setsockopt(zmq.RCVHWM, self.hwm)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        # Watch the connection before connecting, so the first handshake is seen as the first.
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.address)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        last_ping = 0.0
+        self._handshakes = 0
+        self._last_ping = 0.0
         try:
             while not self._closing:
-                events = dict(poller.poll(50))
-                if self._wake_r in events:
-                    try:
-                        os.read(self._wake_r, 65536)
-                    except BlockingIOError:
-                        pass
-                while self._outbox:
-                    p = self._outbox.popleft()
-                    self._pending[p.rid] = p
-                    self._send(sock, p)
-                if sock in events:
-                    for _ in range(1024):
-                        try:
-                            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._on_message(sock, frames)
-                now = time.monotonic()
-                self._on_timers(sock, now)
-                if self._pending and now - last_ping >= self.ping_interval:
-                    last_ping = now
-                    self._try_send(sock, client_frames(MMI_PING, [pack({})]))
+                try:
+                    self._turn(sock, monitor, poller)
+                except Exception:  # nothing a caller or a peer does may end this thread
+                    self.stats.loop_errors += 1
+                    log.exception("client_loop_error")
         finally:
             for p in self._pending.values():
-                if not p.future.done():
-                    p.future.set_exception(RingserveError("client closed before an answer arrived", p.rid))
+                self._resolve(p, exc=RingserveError("client closed before an answer arrived", p.rid))
+            while self._outbox:  # popleft: callers may still be appending
+                p = self._outbox.popleft()
+                self._resolve(p, exc=RingserveError("client closed before the request was sent", p.rid))
+            sock.disable_monitor()
+            monitor.close(linger=0)
             sock.close(linger=0)
+
+    def _turn(self, sock: zmq.Socket, monitor: zmq.Socket, poller: zmq.Poller) -> None:
+        """One loop turn: take new requests, read the monitor and the socket, run the timers."""
+        events = dict(poller.poll(50))
+        if self._wake_r in events:
+            try:
+                os.read(self._wake_r, 65536)
+            except BlockingIOError:
+                pass
+        while self._outbox:
+            p = self._outbox.popleft()
+            self._pending[p.rid] = p
+            self._send(sock, p)
+        if monitor in events:
+            for _ in range(64):
+                try:
+                    event = recv_monitor_message(monitor, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_monitor(sock, event["event"])
+        if sock in events:
+            for _ in range(1024):
+                try:
+                    frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                try:
+                    self._on_message(sock, frames)
+                except Exception:
+                    self.stats.loop_errors += 1
+                    log.exception("client_bad_message")
+        now = time.monotonic()
+        self._on_timers(sock, now)
+        if self._pending and now - self._last_ping >= self.ping_interval:
+            self._last_ping = now
+            self._try_send(sock, client_frames(MMI_PING, [pack({})]))
+
+    def _on_monitor(self, sock: zmq.Socket, event: int) -> None:
+        """A new connection to the master after the first: what it had not answered is sent again."""
+        if event != zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            return
+        self._handshakes += 1
+        if self._handshakes == 1:
+            return
+        self.stats.reconnects += 1
+        log.info("client_reconnected_resending", requests=len(self._pending))
+        now = time.monotonic()
+        for p in list(self._pending.values()):
+            p.acked_epoch = None
+            p.backoff = self.retry_interval
+            p.next_retry = now + p.backoff
+            self._send(sock, p)
+
+    def _resolve(self, p: _Pending, result: Reply | None = None, exc: BaseException | None = None) -> None:
+        """Give a request its answer; a future the caller cancelled (or already answered) is left alone."""
+        with self._ids_lock:
+            self._live_ids.discard(p.rid)
+        if p.future.done():
+            return
+        try:
+            if exc is not None:
+                p.future.set_exception(exc)
+            else:
+                p.future.set_result(result)
+        except InvalidStateError:  # cancelled between the check and the set
+            pass
 
     def _send(self, sock: zmq.Socket, p: _Pending) -> None:
         p.sends += 1
@@ -186,9 +272,12 @@ class Client:
 
     def _on_timers(self, sock: zmq.Socket, now: float) -> None:
         for p in list(self._pending.values()):
-            if now >= p.deadline:
+            if p.future.cancelled():  # the caller gave up: stop sending it
                 del self._pending[p.rid]
-                p.future.set_exception(Timeout("no answer from the master before the deadline", p.rid))
+                self._resolve(p)
+            elif now >= p.deadline:
+                del self._pending[p.rid]
+                self._resolve(p, exc=Timeout("no answer from the master before the deadline", p.rid))
             elif p.acked_epoch is None and now >= p.next_retry:
                 p.backoff = min(p.backoff * 2, self.max_retry_interval)
                 p.next_retry = now + p.backoff
@@ -203,9 +292,10 @@ class Client:
         except ProtocolError as exc:
             log.warning("client_bad_reply", error=str(exc))
             return
-        self._observe_epoch(sock, header.get("epoch"))
-        rid = header.get("id")
-        p = self._pending.get(rid)
+        epoch = header.get("epoch")
+        self._observe_epoch(sock, epoch if isinstance(epoch, str) else None)
+        rid = header.get("id") if isinstance(header.get("id"), str) else None
+        p = self._pending.get(rid) if rid is not None else None
         if header.get("ack"):
             if p is not None:
                 p.acked_epoch = header.get("epoch")
@@ -217,9 +307,9 @@ class Client:
             return
         del self._pending[rid]
         if header.get("ok"):
-            p.future.set_result(Reply(rid, outputs, header.get("version"), header.get("worker"), header))
+            self._resolve(p, Reply(rid, outputs, header.get("version"), header.get("worker"), header))
         else:
-            p.future.set_exception(from_error(header.get("error"), rid))
+            self._resolve(p, exc=from_error(header.get("error"), rid))
 
     def _observe_epoch(self, sock: zmq.Socket, epoch: str | None) -> None:
         if not epoch or epoch == self.epoch:

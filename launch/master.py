@@ -2,11 +2,38 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from ringserve.launch.logsetup import add_log_flag, configure_logging
 from ringserve.launch.procs import announce
 from ringserve.master.broker import BrokerConfig, serve
 from ringserve.master.scheduler import POLICIES
+
+
+def _number(kind, lo: float, lo_open: bool = False):
+    """An argparse type: a finite `kind` >= lo (> lo when lo_open); a clear error at parse time."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if not math.isfinite(value) or value < lo or (lo_open and value == lo):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number {'>' if lo_open else '>='} {lo:g}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_float = _number(float, 0, lo_open=True)
+positive_int = _number(int, 1)
+
+
+def worker_weight(text: str) -> tuple[str, float]:
+    """WORKER=W with W finite and > 0 (a NaN or zero weight would stop weighted-random dispatch)."""
+    name, sep, w = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WORKER=W")
+    return name, positive_float(w)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -15,16 +42,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="tcp://127.0.0.1:5556", help="worker endpoint")
     p.add_argument("--admin", default="tcp://127.0.0.1:5557", help="admin status endpoint")
     p.add_argument("--policy", default="least-outstanding", choices=sorted(POLICIES))
-    p.add_argument("--weight", action="append", default=[], metavar="WORKER=W",
+    p.add_argument("--weight", action="append", default=[], metavar="WORKER=W", type=worker_weight,
                    help="weight of a worker for weighted-random (repeatable)")
-    p.add_argument("--heartbeat-interval", type=float, default=1.0, help="seconds between heartbeats")
-    p.add_argument("--heartbeat-liveness", type=int, default=3, help="missed heartbeats before eviction")
-    p.add_argument("--max-queue", type=int, default=1000, help="queued requests per model before OVERLOADED")
-    p.add_argument("--max-attempts", type=int, default=3, help="tries per request across workers")
-    p.add_argument("--default-timeout", type=float, default=30.0, help="seconds, for requests without one")
-    p.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to finish work on SIGTERM")
-    p.add_argument("--hwm", type=int, default=10_000, help="ZeroMQ high-water mark per socket")
+    p.add_argument("--heartbeat-interval", type=positive_float, default=1.0, help="seconds between heartbeats")
+    p.add_argument("--heartbeat-liveness", type=positive_int, default=3, help="missed heartbeats before eviction")
+    p.add_argument("--max-queue", type=positive_int, default=1000, help="queued requests per model before OVERLOADED")
+    p.add_argument("--max-attempts", type=positive_int, default=3, help="tries per request across workers")
+    p.add_argument("--default-timeout", type=positive_float, default=30.0, help="seconds, for requests without one")
+    p.add_argument("--drain-timeout", type=_number(float, 0), default=10.0, help="seconds to finish work on SIGTERM")
+    p.add_argument("--hwm", type=positive_int, default=10_000, help="ZeroMQ high-water mark per socket")
     p.add_argument("--seed", type=int, default=None, help="seed for the random policies")
+    p.add_argument("--answer-cache-bytes", type=positive_int, default=64 << 20,
+                   help="reply bytes kept to answer a retried request id again (oldest dropped first)")
+    p.add_argument("--max-timeout", type=positive_float, default=300.0,
+                   help="seconds; a client's timeout_ms is capped to this")
     add_log_flag(p)
     return p
 
@@ -32,13 +63,11 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     configure_logging("master", args.log_level)
-    weights = {}
-    for item in args.weight:
-        name, _, w = item.partition("=")
-        weights[name] = float(w)
+    weights = dict(args.weight)
     cfg = BrokerConfig(args.frontend, args.backend, args.admin, args.policy, weights, args.heartbeat_interval,
                        args.heartbeat_liveness, args.max_queue, args.max_attempts, args.default_timeout, args.hwm,
-                       args.drain_timeout, args.seed)
+                       args.drain_timeout, args.seed, answer_cache_bytes=args.answer_cache_bytes,
+                       max_timeout=args.max_timeout)
     serve(cfg, announce)
 
 

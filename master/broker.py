@@ -4,6 +4,11 @@ Methods are named after protocol events (Majordomo style): ``on_client``, ``on_w
 ``on_admin``, ``on_reply``, ``on_ready``, ``on_heartbeat``. Decisions live elsewhere:
 which worker gets a request is ``scheduler``'s, who is dead is ``liveness``'s. This loop only
 moves frames and keeps the books so that every request gets exactly one final answer.
+
+Nothing a peer sends is trusted: worker and client headers go through the parsers in
+``protocol.envelope`` (clean typed values or ProtocolError) before they touch the books, and a
+handler that raises anyway is logged, its peer answered (a client) or disconnected (a worker),
+and the loop goes on.
 """
 from __future__ import annotations
 
@@ -23,17 +28,20 @@ from ringserve.master import liveness
 from ringserve.master.registry import AnsweredCache, ModelCounters, ModelQueues, PendingRequest, WorkerRecord
 from ringserve.master.scheduler import Load, make_policy
 from ringserve.master.status import build_status
-from ringserve.protocol.codec import pack, unpack_map
-from ringserve.protocol.envelope import parse_request_header
+from ringserve.protocol.codec import pack, short_repr, unpack_map
+from ringserve.protocol.envelope import (
+    MAX_NAME_LEN, parse_heartbeat, parse_ready, parse_request_header, parse_worker_reply,
+)
 from ringserve.protocol.sockets import drain
 from ringserve.protocol.messages import (
-    DISCONNECT, DRAIN, HEARTBEAT, MDP_CLIENT, MMI_PING, MMI_SERVICE, READY, REPLY, REQUEST,
-    WORKER_COMMANDS, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
+    DISCONNECT, DRAIN, HEARTBEAT, MDP_CLIENT, MMI_FOUND, MMI_NOT_FOUND, MMI_NOT_IMPLEMENTED, MMI_PING,
+    MMI_SERVICE, READY, REPLY, REQUEST, WORKER_COMMANDS, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
 )
 
 log = structlog.get_logger("ringserve.master")
 
 MAX_BATCH_RECV = 256  # messages read from one socket per loop turn, so no socket starves the others
+MAX_UNKNOWN_WAITING = 64  # during the start-up grace: model names nobody serves yet that may queue
 
 
 @dataclass
@@ -51,6 +59,8 @@ class BrokerConfig:
     hwm: int = 10_000
     drain_timeout: float = 10.0
     seed: int | None = None
+    answer_cache_bytes: int = 64 << 20  # reply bytes kept to answer retried ids again
+    max_timeout: float = 300.0  # a client's timeout_ms is capped to this many seconds
 
 
 def _router(ctx: zmq.Context, endpoint: str, hwm: int) -> tuple[zmq.Socket, str]:
@@ -72,10 +82,12 @@ class Broker:
         self.workers: dict[bytes, WorkerRecord] = {}
         self.pending: dict[str, PendingRequest] = {}
         self.queues = ModelQueues(cfg.max_queue)
-        self.answered = AnsweredCache()
-        self.counters: dict[str, ModelCounters] = {}
-        self.deadlines: list[tuple[float, str]] = []
+        self.answered = AnsweredCache(max_bytes=cfg.answer_cache_bytes)
+        self.counters: dict[str, ModelCounters] = {}  # only for models some worker serves or served
+        self.unknown_model_requests = 0  # requests for names nobody serves: one number, not one entry each
+        self.deadlines: list[tuple[float, str]] = []  # lazy: answered entries are skipped, compacted in finish
         self.late_replies = 0
+        self.bad_worker_messages = 0
         self.stopping = False
         self.stop_deadline = 0.0
         self.started = time.time()
@@ -105,7 +117,10 @@ class Broker:
                                       (self.admin, self.on_admin)):
                     if sock in events:
                         drain(sock, handler, MAX_BATCH_RECV)
-                self.on_tick(time.monotonic())
+                try:
+                    self.on_tick(time.monotonic())
+                except Exception:  # a bug must not end the loop; the next turn tries again
+                    log.exception("tick_failed")
         finally:
             self.close()
 
@@ -165,6 +180,14 @@ class Broker:
     # --------------------------------------------------------------- clients
     def on_client(self, frames: Sequence[zmq.Frame]) -> None:
         ident = frames[0].bytes
+        try:
+            self._on_client(ident, frames)
+        except Exception:
+            log.exception("client_handler_failed", client=ident.hex())
+            self._reply_client(ident, frames[3].bytes if len(frames) > 3 else b"",
+                               error_body(None, ErrorCode.INTERNAL, "the master could not handle this message"))
+
+    def _on_client(self, ident: bytes, frames: Sequence[zmq.Frame]) -> None:
         if len(frames) < 4 or frames[1].bytes != b"" or frames[2].bytes != MDP_CLIENT:
             self._reply_client(ident, b"", error_body(None, ErrorCode.BAD_REQUEST,
                                "expected [empty][MDPC01][service][body...] (ZeroMQ RFC 7)"))
@@ -180,6 +203,8 @@ class Broker:
             return
         rid = None
         try:
+            if not model or len(model) > MAX_NAME_LEN:
+                raise ProtocolError(f"service name must be 1..{MAX_NAME_LEN} characters")
             if not body:
                 raise ProtocolError("missing request body")
             header = unpack_map(body[0])
@@ -192,7 +217,11 @@ class Broker:
 
     def on_request(self, ident: bytes, service: bytes, model: str, header: dict, parsed, frames: list) -> None:
         rid = parsed.rid
-        if rid in self.pending:  # a client retry of something we already hold: answer once
+        held = self.pending.get(rid)
+        if held is not None:  # a client retry of something we already hold: run once, answer whoever asked last
+            if held.client != ident:
+                log.info("request_new_route", request_id=rid)
+                held.client = ident
             if parsed.ack:
                 self._reply_client(ident, service, {"id": rid, "ack": True})
             return
@@ -200,16 +229,25 @@ class Broker:
             cached = self.answered.reply(rid)
             log.info("duplicate_request", request_id=rid, resent=cached is not None)
             if cached is not None:
-                self._send_client(ident, cached)
+                self._send_client(ident, [ident, b"", MDP_CLIENT, *cached])
+            else:  # remembered as answered, but the reply itself is no longer held: say so, never run twice
+                self._reply_client(ident, service, error_body(
+                    rid, ErrorCode.BAD_REQUEST, "this id was already answered and the answer is no longer "
+                    "held; send the request again under a new id"))
             return
-        counters = self.counters.setdefault(model, ModelCounters())
-        counters.requests += 1
+        counters = self._counters(model)
+        if counters is not None:
+            counters.requests += 1
+        else:
+            self.unknown_model_requests += 1
         if self.stopping:
             self._reject(ident, service, rid, model, ErrorCode.OVERLOADED, "master is shutting down")
             return
-        known = any(model in w.models for w in self.workers.values())
-        if not known and not self.in_grace:
-            self._reject(ident, service, rid, model, ErrorCode.UNKNOWN_MODEL, f"no worker serves model {model!r}")
+        known = counters is not None and self._served(model)
+        if not known and (not self.in_grace or (self.queues.depth(model) == 0
+                                                 and self._unknown_waiting() >= MAX_UNKNOWN_WAITING)):
+            self._reject(ident, service, rid, model, ErrorCode.UNKNOWN_MODEL,
+                         f"no worker serves model {short_repr(model)}")
             return
         if known and parsed.version is not None and not any(
             w.models.get(model, {}).get("version") == parsed.version for w in self.workers.values()
@@ -217,12 +255,14 @@ class Broker:
             self._reject(ident, service, rid, model, ErrorCode.UNKNOWN_VERSION,
                          f"no worker serves model {model!r} at version {parsed.version}")
             return
-        if self.queues.full(model):
+        if self.queues.full(model, parsed.version):
             self._reject(ident, service, rid, model, ErrorCode.OVERLOADED,
-                         f"queue for {model!r} is full ({self.cfg.max_queue})")
+                         f"queue for {model!r} is full ({self.cfg.max_queue} requests, "
+                         f"{self.queues.max_pins} version pins)")
             return
         now = time.monotonic()
-        timeout = parsed.timeout_ms / 1000.0 if parsed.timeout_ms else self.cfg.default_timeout
+        timeout = self.cfg.default_timeout if parsed.timeout_ms is None else parsed.timeout_ms / 1000.0
+        timeout = min(timeout, self.cfg.max_timeout)  # the client chooses, within the master's cap
         req = PendingRequest(rid, ident, service, model, parsed.version, header, frames, now + timeout, now)
         self.pending[rid] = req
         heapq.heappush(self.deadlines, (req.deadline, rid))
@@ -231,41 +271,74 @@ class Broker:
             self._reply_client(ident, service, {"id": rid, "ack": True})
         self.dispatch(model)
 
+    def _served(self, model: str) -> bool:
+        return any(model in w.models for w in self.workers.values())
+
+    def _counters(self, model: str) -> ModelCounters | None:
+        """Counters of a model some worker serves (or served); None for any other name a client asks."""
+        c = self.counters.get(model)
+        if c is None and self._served(model):
+            c = self.counters[model] = ModelCounters()
+        return c
+
+    def _unknown_waiting(self) -> int:
+        """Model names with queued requests that no worker serves (only during the start-up grace)."""
+        served = {m for w in self.workers.values() for m in w.models}
+        return sum(1 for m in self.queues.models() if m not in served)
+
     def on_mmi(self, ident: bytes, service: bytes, name: str, body: Sequence[zmq.Frame]) -> None:
+        """ZeroMQ RFC 8: mmi.service answers one plain frame, "200" or "404"; unknown mmi.* "501"."""
         if name == MMI_PING:
             self._reply_client(ident, service, {"ok": True, "epoch": self.epoch})
-        elif name == MMI_SERVICE:
+            return
+        if name == MMI_SERVICE:
             wanted = body[0].bytes.decode("utf-8", "replace") if body else ""
-            known = any(wanted in w.models for w in self.workers.values())
-            self._reply_client(ident, service, {"ok": True, "code": "200" if known else "404"})
+            code = MMI_FOUND if self._served(wanted) else MMI_NOT_FOUND
         else:
-            self._reply_client(ident, service, {"ok": False, "code": "501",
-                                                "error": {"code": ErrorCode.BAD_REQUEST,
-                                                          "message": f"unknown service {name!r}"}})
+            code = MMI_NOT_IMPLEMENTED
+        self._send_client(ident, [ident, b"", MDP_CLIENT, service, code])
 
     def _reject(self, ident: bytes, service: bytes, rid: str, model: str, code: str, message: str) -> None:
-        self.counters[model].count_error(code)
+        counters = self._counters(model)
+        if counters is not None:
+            counters.count_error(code)
         body = [pack(error_body(rid, code, message, epoch=self.epoch))]
-        self.answered.add(rid, [ident, b"", MDP_CLIENT, service, *body])
+        if code not in ErrorCode.RETRYABLE:  # a retry under the same id may succeed later
+            self.answered.add(rid, [service, *body])
         self._send_client(ident, [ident, b"", MDP_CLIENT, service, *body])
-        log.info("request_rejected", request_id=rid, model=model, code=code)
+        log.info("request_rejected", request_id=rid, model=model[:MAX_NAME_LEN], code=code)
 
     # ------------------------------------------------------------ scheduling
     def dispatch(self, model: str) -> None:
-        """Hand queued requests for `model` to workers with credit, as the policy chooses."""
-        if not any(w.has_credit() and w.serves(model) for w in self.workers.values()):
-            return  # the common case under load: nobody free, so do not even look at the queue
-        for req in self.queues.waiting(model):
+        """Hand queued requests for `model` to workers with credit, as the policy chooses.
+
+        Each send looks at the workers once and at the head of each version pin's FIFO, never
+        the whole queue; the free workers are recomputed before every send, so an eviction in
+        the middle (a failed send) cannot leave a stale view that sends beyond credit.
+        """
+        for _ in range(len(self.workers) + sum(w.credit for w in self.workers.values()) + 1):
             able = [w for w in self.workers.values() if w.has_credit() and w.serves(model)]
             if not able:
+                return  # the common case under load: nobody free, so do not even look at the queue
+            best: tuple[PendingRequest, list[WorkerRecord]] | None = None
+            for pin, req in self.queues.heads(model):
+                if best is not None and req.seq >= best[0].seq:
+                    continue
+                cands = able if pin is None else [w for w in able if w.serves(model, pin)]
+                if cands:
+                    best = (req, cands)
+            if best is None:
                 return
-            cands = [w for w in able if w.serves(model, req.version)] if req.version is not None else able
-            if not cands:
-                continue
-            loads = [Load(w.ident, len(w.in_flight), w.credit, w.weight) for w in cands]
-            self.send_request(self.workers[self.policy(loads)], req)
+            req, cands = best
+            by_ident = {w.ident: w for w in cands}
+            key = self.policy([Load(w.ident, len(w.in_flight), w.credit, w.weight) for w in cands])
+            self.send_request(by_ident.get(key, cands[0]), req)
 
-    def send_request(self, w: WorkerRecord, req: PendingRequest) -> None:
+    def send_request(self, w: WorkerRecord, req: PendingRequest) -> bool:
+        """One REQUEST for one attempt; refused unless the worker is still registered and has credit."""
+        if self.workers.get(w.ident) is not w or not w.has_credit() or req.worker is not None:
+            log.error("dispatch_refused", request_id=req.rid, worker=w.name)
+            return False
         now = time.monotonic()
         req.attempts += 1
         req.worker = w.ident
@@ -275,16 +348,33 @@ class Broker:
                   "timeout_ms": max(0.0, (req.deadline - now) * 1000.0), "inputs": req.header["inputs"]}
         if not self._send_worker(w, [REQUEST, pack(header), *req.frames]):
             self.evict(w, "send_failed")
+            return False
+        return True
 
     # --------------------------------------------------------------- workers
     def on_worker(self, frames: Sequence[zmq.Frame]) -> None:
         ident = frames[0].bytes
+        try:
+            self._on_worker(ident, frames)
+        except ProtocolError as exc:
+            self._disconnect_peer(ident, str(exc))
+        except Exception:
+            log.exception("worker_handler_failed", peer=ident.hex())
+            self._disconnect_peer(ident, "the master could not handle this message", ErrorCode.INTERNAL)
+
+    def _disconnect_peer(self, ident: bytes, message: str, code: str = ErrorCode.BAD_REQUEST) -> None:
+        """A peer that broke the protocol is forgotten (its work goes elsewhere) and told why."""
+        self.bad_worker_messages += 1
+        w = self.workers.get(ident)
+        log.warning("bad_worker_message", peer=ident.hex(), worker=w.name if w else None, error=message[:300])
+        if w is not None:
+            self.evict(w, "bad_message")
+        self._send_raw(self.backend, [ident, WORKER_PROTO, DISCONNECT, pack(error_body(None, code, message))])
+
+    def _on_worker(self, ident: bytes, frames: Sequence[zmq.Frame]) -> None:
         cmd = frames[2].bytes if len(frames) >= 3 else b""
         if len(frames) < 3 or frames[1].bytes != WORKER_PROTO or cmd not in WORKER_COMMANDS:
-            self._send_raw(self.backend, [ident, WORKER_PROTO, DISCONNECT,
-                                          pack(error_body(None, ErrorCode.BAD_REQUEST,
-                                                          "expected [RSW01][command][header...]"))])
-            return
+            raise ProtocolError("expected [RSW01][command][header...]")
         worker = self.workers.get(ident)
         if cmd == READY:
             self.on_ready(ident, frames[3:])
@@ -296,56 +386,51 @@ class Broker:
                 self._note_late_reply(frames[3], "unknown_worker")
             return
         worker.last_seen = time.monotonic()
-        try:
-            if cmd == REPLY:
-                self.on_reply(worker, frames[3], frames[4:])
-            elif cmd == HEARTBEAT:
-                self.on_heartbeat(worker, unpack_map(frames[3]) if len(frames) > 3 else {})
-            elif cmd == DISCONNECT:
-                self.evict(worker, "worker_disconnected")
-        except ProtocolError as exc:
-            log.warning("bad_worker_message", worker=worker.name, error=str(exc))
+        if cmd == REPLY:
+            if len(frames) < 4:
+                raise ProtocolError("REPLY needs a header")
+            self.on_reply(worker, frames[3], frames[4:])
+        elif cmd == HEARTBEAT:
+            self.on_heartbeat(worker, unpack_map(frames[3]) if len(frames) > 3 else {})
+        elif cmd == DISCONNECT:
+            self.evict(worker, "worker_disconnected")
+        else:
+            raise ProtocolError("REQUEST and DRAIN go from the master to a worker, not back")
 
     def on_ready(self, ident: bytes, rest: Sequence[zmq.Frame]) -> None:
         try:
-            info = unpack_map(rest[0]) if rest else {}
-            models = info["models"]
-            credit = int(info.get("credit", 1))
-            if not isinstance(models, dict) or not models or credit < 1:
-                raise ProtocolError("READY needs a non-empty 'models' map and credit >= 1")
-        except (ProtocolError, KeyError, TypeError, ValueError) as exc:
-            self._send_raw(self.backend, [ident, WORKER_PROTO, DISCONNECT,
-                                          pack(error_body(None, ErrorCode.BAD_REQUEST, f"bad READY: {exc}"))])
-            return
+            hello = parse_ready(unpack_map(rest[0]) if rest else None)
+        except ProtocolError as exc:
+            raise ProtocolError(f"bad READY: {exc}") from None
         old = self.workers.get(ident)
         if old is not None:
             self.evict(old, "re_registered")
-        name = str(info.get("name") or ident.hex())
-        w = WorkerRecord(ident, name, models, credit, str(info.get("device", "?")), info.get("pid"),
-                         weight=float(self.cfg.weights.get(name, info.get("weight", 1.0))))
+        name = hello.name or ident.hex()
+        w = WorkerRecord(ident, name, hello.models, hello.credit, hello.device, hello.pid,
+                         weight=self.cfg.weights.get(name, hello.weight))
         self.workers[ident] = w
-        log.info("worker_registered", worker=name, models=sorted(models), credit=credit, device=w.device)
+        log.info("worker_registered", worker=name, models=sorted(hello.models), credit=hello.credit, device=w.device)
         self._send_worker(w, [HEARTBEAT, pack({"epoch": self.epoch})])
-        for model in models:
+        for model in hello.models:
             self.dispatch(model)
 
     def on_heartbeat(self, w: WorkerRecord, info: dict) -> None:
-        models = info.get("models")
-        changed = isinstance(models, dict) and models != w.models
+        beat = parse_heartbeat(info)
+        changed = beat.models is not None and beat.models != w.models
         if changed:
-            w.models = models
-        if isinstance(info.get("stats"), dict):
-            w.stats = info["stats"]
-        if info.get("draining") and w.state != "draining":
+            w.models = beat.models
+        if beat.stats is not None:
+            w.stats = beat.stats
+        if beat.draining and w.state != "draining":
             w.state = "draining"
             log.info("worker_draining", worker=w.name, in_flight=len(w.in_flight))
         if changed:
-            for model in models:
+            for model in w.models:
                 self.dispatch(model)
 
     def on_reply(self, w: WorkerRecord, header_frame: zmq.Frame, frames: Sequence[zmq.Frame]) -> None:
-        header = unpack_map(header_frame)
-        rid, attempt = header.get("id"), header.get("attempt")
+        reply = parse_worker_reply(unpack_map(header_frame), frames)
+        rid, attempt = reply.rid, reply.attempt
         if w.in_flight.get(rid) == attempt:
             del w.in_flight[rid]
             w.done += 1
@@ -353,11 +438,9 @@ class Broker:
         if req is None or req.worker != w.ident or req.attempts != attempt:
             self._note_late_reply(header_frame, "not_current_attempt")
         else:
-            header["worker"] = w.name
-            header["epoch"] = self.epoch
-            self.finish(req, [pack(header), *frames],
-                        None if header.get("ok") else header.get("error", {}).get("code", ErrorCode.INTERNAL))
-        for model in w.models:
+            header = {**reply.header, "worker": w.name, "epoch": self.epoch}
+            self.finish(req, [pack(header), *frames] if reply.ok else [pack(header)], reply.error_code)
+        for model in list(w.models):
             self.dispatch(model)
 
     def _note_late_reply(self, header_frame, why: str) -> None:
@@ -381,13 +464,15 @@ class Broker:
                 continue
             req.worker = None
             if req.attempts < self.cfg.max_attempts and now < req.deadline:
-                self.counters[req.model].retries += 1
+                counters = self._counters(req.model)
+                if counters is not None:
+                    counters.retries += 1
                 self.queues.push(req, front=True)
             else:
                 self.fail(req, ErrorCode.WORKER_LOST,
                           f"worker {w.name} lost ({reason}) after {req.attempts} attempt(s)")
         w.in_flight.clear()
-        for model in {m for other in self.workers.values() for m in other.models} & set(w.models):
+        for model in sorted({m for other in self.workers.values() for m in other.models} & set(w.models)):
             self.dispatch(model)
         self._fail_orphans()
 
@@ -406,14 +491,18 @@ class Broker:
         """The one place a request gets its final answer."""
         self.pending.pop(req.rid, None)
         self.queues.remove(req)
-        counters = self.counters.setdefault(req.model, ModelCounters())
-        if error_code is None:
-            counters.ok += 1
-        else:
-            counters.count_error(error_code)
-        msg = [req.client, b"", MDP_CLIENT, req.service, *body]
-        self.answered.add(req.rid, msg)
-        self._send_client(req.client, msg)
+        counters = self._counters(req.model)
+        if counters is not None:
+            if error_code is None:
+                counters.ok += 1
+            else:
+                counters.count_error(error_code)
+        if error_code not in ErrorCode.RETRYABLE:  # only final answers are remembered for retried ids
+            self.answered.add(req.rid, [req.service, *body])
+        self._send_client(req.client, [req.client, b"", MDP_CLIENT, req.service, *body])
+        if len(self.deadlines) > 2 * len(self.pending) + 1024:  # answered entries dominate: drop them
+            self.deadlines = [(r.deadline, r.rid) for r in self.pending.values()]
+            heapq.heapify(self.deadlines)
 
     def fail(self, req: PendingRequest, code: str, message: str) -> None:
         log.info("request_failed", request_id=req.rid, model=req.model, code=code, message=message)
@@ -433,10 +522,13 @@ class Broker:
         envelope = [ident, b""] if len(frames) > 2 and frames[1].bytes == b"" else [ident]
         try:
             cmd = unpack_map(frames[-1]) if len(frames) > 1 else {}
-            reply = self.on_admin_command(cmd)
+            reply = pack(self.on_admin_command(cmd))
         except ProtocolError as exc:
-            reply = error_body(None, ErrorCode.BAD_REQUEST, str(exc))
-        self._send_raw(self.admin, [*envelope, pack(reply)])
+            reply = pack(error_body(None, ErrorCode.BAD_REQUEST, str(exc)))
+        except Exception:
+            log.exception("admin_handler_failed")
+            reply = pack(error_body(None, ErrorCode.INTERNAL, "the master could not handle this command"))
+        self._send_raw(self.admin, [*envelope, reply])
 
     def on_admin_command(self, cmd: dict) -> dict:
         name = cmd.get("cmd")
@@ -444,15 +536,18 @@ class Broker:
             return {"ok": True, **build_status(self, time.monotonic())}
         if name == "drain":
             target = cmd.get("worker")
+            if not isinstance(target, str):
+                return error_body(None, ErrorCode.BAD_REQUEST, "drain needs 'worker': a worker name or id")
             matched = [w for w in self.workers.values() if target in (w.name, w.ident.hex())]
             for w in matched:
                 w.state = "draining"
                 self._send_worker(w, [DRAIN, pack({"reason": "admin"})])
                 log.info("worker_draining", worker=w.name, in_flight=len(w.in_flight))
             if not matched:
-                return error_body(None, ErrorCode.BAD_REQUEST, f"no worker named {target!r}")
+                return error_body(None, ErrorCode.BAD_REQUEST, f"no worker named {short_repr(target)}")
             return {"ok": True, "draining": [w.name for w in matched]}
-        return error_body(None, ErrorCode.BAD_REQUEST, f"unknown admin command {name!r}; try status or drain")
+        return error_body(None, ErrorCode.BAD_REQUEST,
+                          f"unknown admin command {short_repr(name)}; try status or drain")
 
     # --------------------------------------------------------------- sends
     def _reply_client(self, ident: bytes, service: bytes, body: dict) -> None:
@@ -461,7 +556,7 @@ class Broker:
 
     def _send_client(self, ident: bytes, msg: list) -> None:
         if not self._send_raw(self.frontend, msg):
-            log.warning("reply_undeliverable", client=ident.hex())
+            log.warning("reply_undeliverable", client=ident.hex()[:64])
 
     def _send_worker(self, w: WorkerRecord, parts: list) -> bool:
         return self._send_raw(self.backend, [w.ident, WORKER_PROTO, *parts])

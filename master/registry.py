@@ -4,6 +4,7 @@ Plain data, no sockets: the broker mutates these in its one loop.
 """
 from __future__ import annotations
 
+import itertools
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ class WorkerRecord:
 @dataclass
 class PendingRequest:
     rid: str
-    client: bytes
+    client: bytes  # the routing id that asked last: answers go there (a retry may come from a new socket)
     service: bytes
     model: str
     version: int | None
@@ -55,6 +56,7 @@ class PendingRequest:
     received: float
     attempts: int = 0
     worker: bytes | None = None
+    seq: int = 0  # queue order, set by ModelQueues.push (negative: re-queued at the front)
 
 
 @dataclass
@@ -69,55 +71,118 @@ class ModelCounters:
 
 
 class ModelQueues:
-    """A FIFO per model with O(1) removal, bounded by max_queue."""
+    """Per model, one FIFO per version pin (None: any version), with O(1) push and removal.
 
-    def __init__(self, max_queue: int):
-        self.max_queue = max_queue
-        self._queues: dict[str, OrderedDict[str, PendingRequest]] = {}
+    Dispatch looks only at the head of each pin's FIFO, so its cost does not grow with the
+    queue. Requests re-queued at the front (their worker was lost) go before every other one.
+    Bounded: `max_queue` requests per model, `max_pins` distinct pins per model.
+    """
 
-    def full(self, model: str) -> bool:
-        return len(self._queues.get(model, ())) >= self.max_queue
+    def __init__(self, max_queue: int, max_pins: int = 64):
+        self.max_queue, self.max_pins = max_queue, max_pins
+        self._queues: dict[str, dict[int | None, OrderedDict[str, PendingRequest]]] = {}
+        self._depth: dict[str, int] = {}
+        self._seq = itertools.count()
+        self._front_seq = itertools.count(-1, -1)
+        self.heads_examined = 0  # cost counter, for tests: heads looked at by dispatch
+
+    def full(self, model: str, version: int | None = None) -> bool:
+        """No room for one more request of `model` (pinned to `version`)."""
+        if self._depth.get(model, 0) >= self.max_queue:
+            return True
+        pins = self._queues.get(model, {})
+        return version not in pins and len(pins) >= self.max_pins
 
     def push(self, req: PendingRequest, front: bool = False) -> None:
-        q = self._queues.setdefault(req.model, OrderedDict())
+        pins = self._queues.setdefault(req.model, {})
+        q = pins.setdefault(req.version, OrderedDict())
+        if req.rid not in q:
+            self._depth[req.model] = self._depth.get(req.model, 0) + 1
+        req.seq = next(self._front_seq) if front else next(self._seq)
         q[req.rid] = req
         if front:
             q.move_to_end(req.rid, last=False)
 
     def remove(self, req: PendingRequest) -> None:
-        self._queues.get(req.model, {}).pop(req.rid, None)
+        pins = self._queues.get(req.model)
+        q = pins.get(req.version) if pins else None
+        if q is None or q.pop(req.rid, None) is None:
+            return
+        self._depth[req.model] -= 1
+        if not q:  # empty FIFOs and models are dropped, so the books do not grow with names asked
+            del pins[req.version]
+            if not pins:
+                del self._queues[req.model]
+                del self._depth[req.model]
+
+    def heads(self, model: str) -> list[tuple[int | None, PendingRequest]]:
+        """The oldest waiting request of each version pin of `model`."""
+        out = [(pin, next(iter(q.values()))) for pin, q in self._queues.get(model, {}).items()]
+        self.heads_examined += len(out)
+        return out
 
     def waiting(self, model: str) -> list[PendingRequest]:
-        return list(self._queues.get(model, {}).values())
+        """Every waiting request of `model`, oldest first (for status and tests, not dispatch)."""
+        return sorted((r for q in self._queues.get(model, {}).values() for r in q.values()), key=lambda r: r.seq)
 
     def models(self) -> list[str]:
-        return [m for m, q in self._queues.items() if q]
+        return list(self._queues)
 
     def depth(self, model: str) -> int:
-        return len(self._queues.get(model, ()))
+        return self._depth.get(model, 0)
+
+
+def reply_size(frames: list) -> int:
+    """Bytes held by a reply's frames (bytes, memoryviews or zmq.Frames)."""
+    total = 0
+    for f in frames:
+        total += len(f.buffer) if hasattr(f, "buffer") else len(f)
+    return total
 
 
 class AnsweredCache:
     """Request ids already answered (and their last replies), so a retried id is answered once.
 
-    Ids are kept up to max_ids; the reply frames of the most recent max_replies only.
+    Ids are kept up to `max_ids`; reply frames (the body after the service frame, so they can be
+    sent to whichever socket asks) only while their total stays within `max_bytes`, newest first.
+    A reply bigger than the whole budget is not kept at all.
     """
 
-    def __init__(self, max_ids: int = 100_000, max_replies: int = 1024):
+    def __init__(self, max_ids: int = 100_000, max_bytes: int = 64 << 20):
         self._ids: OrderedDict[str, None] = OrderedDict()
-        self._replies: OrderedDict[str, list] = OrderedDict()
-        self.max_ids, self.max_replies = max_ids, max_replies
+        self._replies: OrderedDict[str, tuple[list, int]] = OrderedDict()
+        self.max_ids, self.max_bytes = max_ids, max_bytes
+        self.bytes = 0
 
-    def add(self, rid: str, reply: list) -> None:
+    def add(self, rid: str, body: list) -> None:
         self._ids[rid] = None
-        self._replies[rid] = reply
-        if len(self._ids) > self.max_ids:
-            self._ids.popitem(last=False)
-        if len(self._replies) > self.max_replies:
-            self._replies.popitem(last=False)
+        self._ids.move_to_end(rid)
+        self._drop_reply(rid)
+        size = reply_size(body) + len(rid) + 64
+        if size <= self.max_bytes:
+            self._replies[rid] = (body, size)
+            self.bytes += size
+        while self.bytes > self.max_bytes and self._replies:
+            self._drop_reply(next(iter(self._replies)))
+        while len(self._ids) > self.max_ids:
+            old, _ = self._ids.popitem(last=False)
+            self._drop_reply(old)
+
+    def _drop_reply(self, rid: str) -> None:
+        held = self._replies.pop(rid, None)
+        if held is not None:
+            self.bytes -= held[1]
 
     def __contains__(self, rid: str) -> bool:
         return rid in self._ids
 
+    def __len__(self) -> int:
+        return len(self._ids)
+
     def reply(self, rid: str) -> list | None:
-        return self._replies.get(rid)
+        held = self._replies.get(rid)
+        return held[0] if held is not None else None
+
+    @property
+    def replies_held(self) -> int:
+        return len(self._replies)

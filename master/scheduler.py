@@ -5,6 +5,7 @@ of them. Policies never see sockets, so they are tested without any.
 """
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -54,11 +55,16 @@ def uniform_random(rng: random.Random) -> Policy:
     return choose
 
 
+def usable_weight(weight: float) -> float:
+    """A weight random.choices can use: NaN, infinite or non-positive ones count as almost nothing."""
+    return weight if math.isfinite(weight) and weight > 0 else 1e-9
+
+
 def weighted_random(rng: random.Random) -> Policy:
     """P(i) = W(i) / sum(W) over the candidates."""
 
     def choose(loads: Sequence[Load]) -> bytes:
-        return rng.choices([ld.key for ld in loads], weights=[max(ld.weight, 0.0) or 1e-9 for ld in loads])[0]
+        return rng.choices([ld.key for ld in loads], weights=[usable_weight(ld.weight) for ld in loads])[0]
 
     return choose
 

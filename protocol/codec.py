@@ -8,6 +8,7 @@ turned back into an array with ``numpy.frombuffer`` (no copy).
 from __future__ import annotations
 
 import math
+import reprlib
 from typing import Any, Mapping, Sequence
 
 import msgpack
@@ -20,6 +21,9 @@ SUPPORTED_DTYPES = frozenset(
 )
 MAX_DIMS = 8
 MAX_TENSORS = 64
+MAX_NAME = 128  # characters in a tensor name
+MAX_ELEMENTS = 2**40  # product of a shape's dims (zeros counted as 1)
+MAX_DIM = 2**31 - 1  # one dimension; numpy's own limit is far beyond anything a frame can hold
 
 
 def pack(obj: Any) -> bytes:
@@ -98,15 +102,26 @@ def _check_entry(entry: Any) -> tuple[str, str, tuple[int, ...]]:
     if not (isinstance(entry, (list, tuple)) and len(entry) == 3):
         raise ProtocolError("each tensor must be described as [name, dtype, shape]")
     name, dtype, shape = entry
-    if not isinstance(name, str) or not name:
-        raise ProtocolError("tensor name must be a non-empty string")
-    if dtype not in SUPPORTED_DTYPES:
-        raise ProtocolError(f"tensor {name!r}: unsupported dtype {dtype!r}")
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME:
+        raise ProtocolError(f"tensor name must be a string of 1..{MAX_NAME} characters")
+    if not isinstance(dtype, str) or dtype not in SUPPORTED_DTYPES:  # a list or map is not hashable
+        raise ProtocolError(f"tensor {name[:64]!r}: unsupported dtype {short_repr(dtype)}")
     if (
         not isinstance(shape, (list, tuple))
         or len(shape) > MAX_DIMS
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)
     ):
-        raise ProtocolError(f"tensor {name!r}: shape must be a list of at most {MAX_DIMS} non-negative ints")
+        raise ProtocolError(f"tensor {name[:64]!r}: shape must be a list of at most {MAX_DIMS} non-negative ints "
+                            f"up to {MAX_DIM}")
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:  # numpy refuses such a shape even when empty
+        raise ProtocolError(f"tensor {name[:64]!r}: shape {list(shape)} is too large")
     return name, dtype, tuple(shape)
+
+
+def short_repr(value: Any, limit: int = 80) -> str:
+    """repr() for error messages about peer data: bounded in length, never recursing without end."""
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother = 3, limit, limit
+    text = r.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 

@@ -8,10 +8,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
-from ringserve.protocol.codec import decode_tensors, encode_tensors, pack, unpack_map
-from ringserve.protocol.messages import MDP_CLIENT, ProtocolError
+import math
+
+from ringserve.protocol.codec import decode_tensors, encode_tensors, pack, short_repr, unpack_map
+from ringserve.protocol.messages import MDP_CLIENT, ErrorCode, ProtocolError
 
 MAX_ID_LEN = 128
+MAX_NAME_LEN = 128  # worker and model names
+MAX_MODELS = 256  # models one worker may announce
+MAX_CREDIT = 100_000
+MAX_WEIGHT = 1e6
+MAX_STATS = 64  # entries of a worker's stats map the master keeps
+MAX_TEXT = 1000  # characters of an error message passed on
+MAX_INT = 2**63 - 1
 
 
 @dataclass
@@ -70,3 +79,145 @@ def parse_reply(body: Sequence) -> tuple[dict, dict]:
     header = unpack_map(body[0])
     outputs = decode_tensors(header.get("outputs", []), body[1:]) if header.get("ok") else {}
     return header, outputs
+
+
+# ------------------------------------------------------------------ worker -> master
+# The master trusts no peer: these turn a worker's msgpack map into clean typed values, or raise
+# ProtocolError, before anything reaches the master's books.
+
+@dataclass
+class WorkerHello:
+    """A validated READY."""
+
+    name: str | None
+    models: dict[str, dict]
+    credit: int
+    weight: float
+    device: str
+    pid: int | None
+
+
+@dataclass
+class WorkerBeat:
+    """A validated HEARTBEAT (models None when the worker did not say)."""
+
+    models: dict[str, dict] | None
+    stats: dict | None
+    draining: bool
+
+
+@dataclass
+class WorkerReply:
+    """A validated REPLY: `header` is rebuilt from checked fields only, ready for the client."""
+
+    rid: str
+    attempt: int
+    ok: bool
+    error_code: str | None
+    header: dict
+
+
+def _int(value: Any, what: str, lo: int, hi: int = MAX_INT) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ProtocolError(f"field {what!r} must be an integer in {lo}..{hi}, got {short_repr(value)}")
+    return value
+
+
+def _str(value: Any, what: str, max_len: int = MAX_NAME_LEN, allow_empty: bool = False) -> str:
+    if not isinstance(value, str) or len(value) > max_len or (not value and not allow_empty):
+        raise ProtocolError(f"field {what!r} must be a string of {0 if allow_empty else 1}..{max_len} "
+                            f"characters, got {short_repr(value)}")
+    return value
+
+
+def _opt_str(value: Any, what: str) -> str | None:
+    return None if value is None else _str(value, what, allow_empty=True)
+
+
+def parse_models(models: Any) -> dict[str, dict]:
+    """{model: {"version", "ready", "dtype", "quantize", "device"}} -> a clean copy (str keys only)."""
+    if not isinstance(models, dict) or not 1 <= len(models) <= MAX_MODELS:
+        raise ProtocolError(f"field 'models' must be a map of 1..{MAX_MODELS} models")
+    clean = {}
+    for name, info in models.items():
+        _str(name, "models key")  # bytes keys are refused here too
+        if not isinstance(info, dict):
+            raise ProtocolError(f"models[{name[:64]!r}] must be a map, got {short_repr(info)}")
+        version = info.get("version")
+        ready = info.get("ready", True)
+        if not isinstance(ready, bool):
+            raise ProtocolError(f"models[{name[:64]!r}].ready must be true or false")
+        clean[name] = {"version": None if version is None else _int(version, "version", 0),
+                       "ready": ready, "dtype": _opt_str(info.get("dtype"), "dtype"),
+                       "quantize": _opt_str(info.get("quantize"), "quantize"),
+                       "device": _opt_str(info.get("device"), "device")}
+    return clean
+
+
+def parse_ready(info: Any) -> WorkerHello:
+    """Check a READY header: models map of maps, credit an int in range, weight finite and > 0."""
+    if not isinstance(info, dict):
+        raise ProtocolError("READY header must be a map")
+    if "models" not in info:
+        raise ProtocolError("READY needs a 'models' map")
+    weight = info.get("weight", 1.0)
+    if (not isinstance(weight, (int, float)) or isinstance(weight, bool) or not math.isfinite(weight)
+            or not 0 < weight <= MAX_WEIGHT):
+        raise ProtocolError(f"field 'weight' must be a finite number in (0, {MAX_WEIGHT:g}], got {short_repr(weight)}")
+    pid = info.get("pid")
+    return WorkerHello(name=_opt_str(info.get("name"), "name") or None,
+                       models=parse_models(info["models"]),
+                       credit=_int(info.get("credit", 1), "credit", 1, MAX_CREDIT),
+                       weight=float(weight),
+                       device=_str(info.get("device", "?"), "device", allow_empty=True),
+                       pid=None if pid is None else _int(pid, "pid", 0))
+
+
+def parse_heartbeat(info: Any) -> WorkerBeat:
+    """Check a worker's HEARTBEAT; stats keep only short scalar entries (they are shown, not used)."""
+    if not isinstance(info, dict):
+        raise ProtocolError("HEARTBEAT header must be a map")
+    models = parse_models(info["models"]) if info.get("models") is not None else None
+    stats = info.get("stats")
+    if stats is not None:
+        if not isinstance(stats, dict):
+            raise ProtocolError("field 'stats' must be a map")
+        stats = {k: v for k, v in list(stats.items())[:MAX_STATS]
+                 if isinstance(k, str) and len(k) <= 64
+                 and (v is None or isinstance(v, (bool, int, float)) or (isinstance(v, str) and len(v) <= 128))}
+    draining = info.get("draining", False)
+    if not isinstance(draining, bool):
+        raise ProtocolError("field 'draining' must be true or false")
+    return WorkerBeat(models, stats, draining)
+
+
+def parse_worker_reply(header: Any, frames: Sequence) -> WorkerReply:
+    """Check a REPLY: id, attempt, and either outputs that match the frames or a typed error.
+
+    An error's frames (there should be none) are not passed on; an unknown code becomes INTERNAL.
+    """
+    if not isinstance(header, dict):
+        raise ProtocolError("REPLY header must be a map")
+    rid = _str(header.get("id"), "id", MAX_ID_LEN)
+    attempt = _int(header.get("attempt"), "attempt", 1)
+    ok = header.get("ok")
+    if not isinstance(ok, bool):
+        raise ProtocolError("field 'ok' must be true or false")
+    clean: dict[str, Any] = {"id": rid, "ok": ok, "attempt": attempt}
+    for key in ("version", "batch_rows"):
+        if isinstance(header.get(key), int) and not isinstance(header.get(key), bool):
+            clean[key] = header[key]
+    if isinstance(header.get("model"), str) and len(header["model"]) <= MAX_NAME_LEN:
+        clean["model"] = header["model"]
+    if ok:
+        decode_tensors(header.get("outputs"), frames)  # checks byte counts; the views are discarded
+        clean["outputs"] = header["outputs"]
+        return WorkerReply(rid, attempt, True, None, clean)
+    error = header.get("error")
+    if not isinstance(error, dict):
+        raise ProtocolError("an error REPLY needs an 'error' map")
+    code = error.get("code") if error.get("code") in ErrorCode.ALL else ErrorCode.INTERNAL
+    message = error.get("message")
+    message = message[:MAX_TEXT] if isinstance(message, str) else "no message"
+    clean["error"] = {"code": code, "message": message}
+    return WorkerReply(rid, attempt, False, code, clean)

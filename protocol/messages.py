@@ -24,9 +24,12 @@ WORKER_COMMANDS = {READY, REQUEST, REPLY, HEARTBEAT, DISCONNECT, DRAIN}
 # Parameter-server commands (msgpack header field "cmd"), see docs/protocol.md.
 SHARD_COMMANDS = ("hello", "stage", "commit", "abort", "fetch", "rollback")
 
-# Internal services a client may address instead of a model (RFC 8 style "mmi." namespace).
-MMI_PING = "mmi.ping"  # reply {"epoch": ...}; the client library uses it to watch the master
-MMI_SERVICE = "mmi.service"  # body: service name; reply {"code": "200"|"404"}
+# Internal services a client may address instead of a model (ZeroMQ RFC 8, "mmi." namespace).
+MMI_PING = "mmi.ping"  # ringserve's own: reply {"ok", "epoch"}; the client library uses it to watch the master
+MMI_SERVICE = "mmi.service"  # RFC 8: body is a service name; reply is one plain frame "200" or "404"
+MMI_FOUND = b"200"
+MMI_NOT_FOUND = b"404"
+MMI_NOT_IMPLEMENTED = b"501"  # RFC 8: any other mmi.* service
 
 
 class ErrorCode:

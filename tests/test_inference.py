@@ -62,10 +62,13 @@ def test_mdp_client_from_the_rfc(cluster, zctx):
     reply = unpack_map(body)
     assert reply["ok"] and reply["id"] == "rfc-1"
     np.testing.assert_array_equal(np.frombuffer(data, np.float32).reshape(2, 3), x)
+    # ZeroMQ RFC 8: one plain frame, "200", "404", or "501" for an mmi service that does not exist
     sock.send_multipart([b"", b"MDPC01", b"mmi.service", b"echo"])
-    assert unpack_map(sock.recv_multipart()[3])["code"] == "200"
+    assert sock.recv_multipart() == [b"", b"MDPC01", b"mmi.service", b"200"]
     sock.send_multipart([b"", b"MDPC01", b"mmi.service", b"nothing"])
-    assert unpack_map(sock.recv_multipart()[3])["code"] == "404"
+    assert sock.recv_multipart() == [b"", b"MDPC01", b"mmi.service", b"404"]
+    sock.send_multipart([b"", b"MDPC01", b"mmi.nope", b"echo"])
+    assert sock.recv_multipart() == [b"", b"MDPC01", b"mmi.nope", b"501"]
 
 
 def test_admin_status_and_cli(cluster):
