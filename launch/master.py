@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ringserve.launch.logsetup import add_log_flag, configure_logging
+from ringserve.launch.metrics import add_metrics_flags, start_metrics
 from ringserve.launch.procs import announce
 from ringserve.master.broker import BrokerConfig, serve
 from ringserve.master.scheduler import POLICIES
@@ -25,6 +26,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to finish work on SIGTERM")
     p.add_argument("--hwm", type=int, default=10_000, help="ZeroMQ high-water mark per socket")
     p.add_argument("--seed", type=int, default=None, help="seed for the random policies")
+    add_metrics_flags(p)
     add_log_flag(p)
     return p
 
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = BrokerConfig(args.frontend, args.backend, args.admin, args.policy, weights, args.heartbeat_interval,
                        args.heartbeat_liveness, args.max_queue, args.max_attempts, args.default_timeout, args.hwm,
                        args.drain_timeout, args.seed)
-    serve(cfg, announce)
+    serve(cfg, announce, expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import structlog
 import zmq
 
 from ringserve.master import liveness
+from ringserve.master.metrics import MasterMetrics
 from ringserve.master.registry import AnsweredCache, ModelCounters, ModelQueues, PendingRequest, WorkerRecord
 from ringserve.master.scheduler import Load, make_policy
 from ringserve.master.status import build_status
@@ -33,7 +34,9 @@ from ringserve.protocol.messages import (
 
 log = structlog.get_logger("ringserve.master")
 
-MAX_BATCH_RECV = 256  # messages read from one socket per loop turn, so no socket starves the others
+MAX_BATCH_RECV = 256
+UNSERVED_LABEL = "_unserved"  # metrics label for names no worker serves
+METRICS_REFRESH_S = 0.25  # gauges (queue depth, in flight) are set from the books this often  # messages read from one socket per loop turn, so no socket starves the others
 
 
 @dataclass
@@ -76,6 +79,8 @@ class Broker:
         self.counters: dict[str, ModelCounters] = {}
         self.deadlines: list[tuple[float, str]] = []
         self.late_replies = 0
+        self.metrics = MasterMetrics(cfg.policy)
+        self.metrics_refreshed = 0.0
         self.stopping = False
         self.stop_deadline = 0.0
         self.started = time.time()
@@ -148,6 +153,9 @@ class Broker:
 
     def on_tick(self, now: float) -> None:
         self._expire_deadlines(now)
+        if now - self.metrics_refreshed >= METRICS_REFRESH_S:
+            self.metrics_refreshed = now
+            self._refresh_metrics()
         if self.in_grace and now >= self.grace_until:
             self.in_grace = False
             self._fail_orphans()
@@ -245,6 +253,7 @@ class Broker:
 
     def _reject(self, ident: bytes, service: bytes, rid: str, model: str, code: str, message: str) -> None:
         self.counters[model].count_error(code)
+        self.metrics.on_answer(self._model_label(model), None, code, 0.0)
         body = [pack(error_body(rid, code, message, epoch=self.epoch))]
         self.answered.add(rid, [ident, b"", MDP_CLIENT, service, *body])
         self._send_client(ident, [ident, b"", MDP_CLIENT, service, *body])
@@ -271,6 +280,7 @@ class Broker:
         req.worker = w.ident
         w.in_flight[req.rid] = req.attempts
         self.queues.remove(req)
+        self.metrics.on_dispatch(req.model, now - req.received)
         header = {"id": req.rid, "attempt": req.attempts, "model": req.model, "version": req.version,
                   "timeout_ms": max(0.0, (req.deadline - now) * 1000.0), "inputs": req.header["inputs"]}
         if not self._send_worker(w, [REQUEST, pack(header), *req.frames]):
@@ -356,7 +366,8 @@ class Broker:
             header["worker"] = w.name
             header["epoch"] = self.epoch
             self.finish(req, [pack(header), *frames],
-                        None if header.get("ok") else header.get("error", {}).get("code", ErrorCode.INTERNAL))
+                        None if header.get("ok") else header.get("error", {}).get("code", ErrorCode.INTERNAL),
+                        version=header.get("version"))
         for model in w.models:
             self.dispatch(model)
 
@@ -366,12 +377,14 @@ class Broker:
         except ProtocolError:
             rid = None
         self.late_replies += 1
+        self.metrics.on_late_reply()
         log.info("late_reply_dropped", request_id=rid, why=why)
 
     def evict(self, w: WorkerRecord, reason: str, tell: bool = False) -> None:
         """Forget a worker; send its in-flight requests elsewhere within their retry budget."""
         self.workers.pop(w.ident, None)
         log.warning("worker_evicted", worker=w.name, reason=reason, in_flight=len(w.in_flight))
+        self.metrics.on_evict(reason)
         if tell:
             self._send_raw(self.backend, [w.ident, WORKER_PROTO, DISCONNECT, pack({"reason": reason})])
         now = time.monotonic()
@@ -382,6 +395,7 @@ class Broker:
             req.worker = None
             if req.attempts < self.cfg.max_attempts and now < req.deadline:
                 self.counters[req.model].retries += 1
+                self.metrics.on_retry(req.model)
                 self.queues.push(req, front=True)
             else:
                 self.fail(req, ErrorCode.WORKER_LOST,
@@ -402,7 +416,7 @@ class Broker:
                 self.fail(req, code, f"no worker serves model {req.model!r}")
 
     # ------------------------------------------------------------ answering
-    def finish(self, req: PendingRequest, body: list, error_code: str | None) -> None:
+    def finish(self, req: PendingRequest, body: list, error_code: str | None, version: int | None = None) -> None:
         """The one place a request gets its final answer."""
         self.pending.pop(req.rid, None)
         self.queues.remove(req)
@@ -411,6 +425,8 @@ class Broker:
             counters.ok += 1
         else:
             counters.count_error(error_code)
+        self.metrics.on_answer(self._model_label(req.model), version if version is not None else req.version,
+                               error_code or "ok", time.monotonic() - req.received)
         msg = [req.client, b"", MDP_CLIENT, req.service, *body]
         self.answered.add(req.rid, msg)
         self._send_client(req.client, msg)
@@ -418,6 +434,20 @@ class Broker:
     def fail(self, req: PendingRequest, code: str, message: str) -> None:
         log.info("request_failed", request_id=req.rid, model=req.model, code=code, message=message)
         self.finish(req, [pack(error_body(req.rid, code, message, epoch=self.epoch))], code)
+
+    def _model_label(self, model: str) -> str:
+        """A metrics label: the model's name when a worker serves it, so client input cannot grow the books."""
+        return model if any(model in w.models for w in self.workers.values()) else UNSERVED_LABEL
+
+    def _refresh_metrics(self) -> None:
+        depths: dict[str, int] = {}
+        for req in self.pending.values():
+            if req.worker is None:
+                depths[req.model] = depths.get(req.model, 0) + 1
+        states: dict[str, int] = {}
+        for w in self.workers.values():
+            states[w.state] = states.get(w.state, 0) + 1
+        self.metrics.refresh(depths, {w.name: len(w.in_flight) for w in self.workers.values()}, states)
 
     def _expire_deadlines(self, now: float) -> None:
         while self.deadlines and self.deadlines[0][0] <= now:
@@ -480,10 +510,13 @@ class Broker:
             raise
 
 
-def serve(cfg: BrokerConfig, announce=None) -> None:
-    """Bind, announce the endpoints (for launchers and tests), and run until stopped."""
+def serve(cfg: BrokerConfig, announce=None, expose=None) -> None:
+    """Bind, expose metrics (`expose(registry)` returns their URL), announce the endpoints (for
+    launchers and tests), and run until stopped."""
     broker = Broker(cfg)
     broker.install_signal_handlers()
+    metrics_url = expose(broker.metrics.registry) if expose is not None else None
     if announce is not None:
-        announce({"role": "master", "pid": os.getpid(), "epoch": broker.epoch, **broker.endpoints})
+        announce({"role": "master", "pid": os.getpid(), "epoch": broker.epoch, "metrics": metrics_url,
+                  **broker.endpoints})
     broker.run()
