@@ -86,18 +86,21 @@ class Client:
 
     # ------------------------------------------------------------ public API
     def infer(self, model: str, inputs: Mapping[str, Any], timeout: float | None = None,
-              version: int | None = None) -> dict[str, np.ndarray]:
-        """Run `model` on named inputs (numpy arrays or torch tensors); return numpy outputs."""
-        return self.infer_async(model, inputs, timeout, version).result().outputs
+              version: int | None = None, tags: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+        """Run `model` on named inputs (numpy arrays or torch tensors); return numpy outputs.
+
+        `tags` (small str -> str map) travel with the request, e.g. the user id a sticky route keys on."""
+        return self.infer_async(model, inputs, timeout, version, tags=tags).result().outputs
 
     def infer_async(self, model: str, inputs: Mapping[str, Any], timeout: float | None = None,
-                    version: int | None = None, request_id: str | None = None) -> Future:
+                    version: int | None = None, request_id: str | None = None,
+                    tags: Mapping[str, str] | None = None) -> Future:
         """Send now; the Future resolves to a Reply or raises a RingserveError subclass."""
         if self._closing:
             raise RuntimeError("client is closed")
         timeout = self.timeout if timeout is None else timeout
         rid = request_id or f"{self._prefix}-{next(self._ids)}"
-        body = request_body(rid, inputs, version=version, timeout_ms=timeout * 1000.0, ack=True)
+        body = request_body(rid, inputs, version=version, timeout_ms=timeout * 1000.0, ack=True, tags=tags)
         now = time.monotonic()
         fut: Future = Future()
         p = _Pending(rid, client_frames(model, body), fut, now + timeout + self.grace, now + self.retry_interval,
@@ -107,8 +110,8 @@ class Client:
         return fut
 
     async def ainfer(self, model: str, inputs: Mapping[str, Any], timeout: float | None = None,
-                     version: int | None = None) -> dict[str, np.ndarray]:
-        reply = await asyncio.wrap_future(self.infer_async(model, inputs, timeout, version))
+                     version: int | None = None, tags: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+        reply = await asyncio.wrap_future(self.infer_async(model, inputs, timeout, version, tags=tags))
         return reply.outputs
 
     def close(self) -> None:

@@ -26,6 +26,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to finish work on SIGTERM")
     p.add_argument("--hwm", type=int, default=10_000, help="ZeroMQ high-water mark per socket")
     p.add_argument("--seed", type=int, default=None, help="seed for the random policies")
+    p.add_argument("--state-dir", default=None,
+                   help="directory where the master keeps traffic routes across restarts (default: memory only)")
     add_metrics_flags(p)
     add_log_flag(p)
     return p
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
         weights[name] = float(w)
     cfg = BrokerConfig(args.frontend, args.backend, args.admin, args.policy, weights, args.heartbeat_interval,
                        args.heartbeat_liveness, args.max_queue, args.max_attempts, args.default_timeout, args.hwm,
-                       args.drain_timeout, args.seed)
+                       args.drain_timeout, args.seed, args.state_dir)
     serve(cfg, announce, expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host))
 
 

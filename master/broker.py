@@ -20,6 +20,7 @@ import structlog
 import zmq
 
 from ringserve.master import liveness
+from ringserve.master import routing
 from ringserve.master.metrics import MasterMetrics
 from ringserve.master.registry import AnsweredCache, ModelCounters, ModelQueues, PendingRequest, WorkerRecord
 from ringserve.master.scheduler import Load, make_policy
@@ -35,6 +36,7 @@ from ringserve.protocol.messages import (
 log = structlog.get_logger("ringserve.master")
 
 MAX_BATCH_RECV = 256
+SHADOW_SUFFIX = "#shadow"  # request id of a shadow copy; its answer goes to metrics only
 UNSERVED_LABEL = "_unserved"  # metrics label for names no worker serves
 METRICS_REFRESH_S = 0.25  # gauges (queue depth, in flight) are set from the books this often  # messages read from one socket per loop turn, so no socket starves the others
 
@@ -54,6 +56,7 @@ class BrokerConfig:
     hwm: int = 10_000
     drain_timeout: float = 10.0
     seed: int | None = None
+    state_dir: str | None = None  # where routes are kept across restarts (none: routes live in memory)
 
 
 def _router(ctx: zmq.Context, endpoint: str, hwm: int) -> tuple[zmq.Socket, str]:
@@ -80,6 +83,9 @@ class Broker:
         self.deadlines: list[tuple[float, str]] = []
         self.late_replies = 0
         self.metrics = MasterMetrics(cfg.policy)
+        if cfg.state_dir:
+            os.makedirs(cfg.state_dir, exist_ok=True)
+        self.routes: dict[str, routing.Route] = routing.load_routes(self._routes_path()) if cfg.state_dir else {}
         self.metrics_refreshed = 0.0
         self.stopping = False
         self.stop_deadline = 0.0
@@ -193,6 +199,8 @@ class Broker:
             header = unpack_map(body[0])
             rid = header.get("id") if isinstance(header.get("id"), str) else None
             parsed = parse_request_header(header, body[1:])
+            if parsed.rid.endswith(SHADOW_SUFFIX):
+                raise ProtocolError(f"request ids ending in {SHADOW_SUFFIX!r} are reserved")
         except ProtocolError as exc:
             self._reply_client(ident, service, error_body(rid, ErrorCode.BAD_REQUEST, str(exc)))
             return
@@ -231,13 +239,36 @@ class Broker:
             return
         now = time.monotonic()
         timeout = parsed.timeout_ms / 1000.0 if parsed.timeout_ms else self.cfg.default_timeout
-        req = PendingRequest(rid, ident, service, model, parsed.version, header, frames, now + timeout, now)
+        route = self.routes.get(model) if parsed.version is None else None  # a pinned version wins
+        version = self._routed_version(route, parsed.tags) if route else parsed.version
+        req = PendingRequest(rid, ident, service, model, version, header, frames, now + timeout, now)
         self.pending[rid] = req
         heapq.heappush(self.deadlines, (req.deadline, rid))
         self.queues.push(req)
         if parsed.ack:
             self._reply_client(ident, service, {"id": rid, "ack": True})
+        if route is not None and route.shadow is not None and route.shadow != version:
+            self._mirror(req, route.shadow)
         self.dispatch(model)
+
+    def _routed_version(self, route: routing.Route, tags) -> int | None:
+        """The route's choice; None (any version) when no worker serves the chosen one right now."""
+        version = routing.choose(route, routing.sticky_value(route, tags))
+        return version if version in self._served_versions(route.model) else None
+
+    def _served_versions(self, model: str) -> set[int]:
+        return {w.models[model].get("version") for w in self.workers.values() if model in w.models} - {None}
+
+    def _mirror(self, req: PendingRequest, version: int) -> None:
+        """A shadow copy: same inputs, pinned to `version`, answered to nobody (counted in metrics)."""
+        if self.queues.full(req.model) or version not in self._served_versions(req.model):
+            self.metrics.on_shadow(req.model, version, "dropped")
+            return
+        shadow = PendingRequest(req.rid + SHADOW_SUFFIX, None, req.service, req.model, version, req.header,
+                                req.frames, req.deadline, req.received)
+        self.pending[shadow.rid] = shadow
+        heapq.heappush(self.deadlines, (shadow.deadline, shadow.rid))
+        self.queues.push(shadow)
 
     def on_mmi(self, ident: bytes, service: bytes, name: str, body: Sequence[zmq.Frame]) -> None:
         if name == MMI_PING:
@@ -420,6 +451,9 @@ class Broker:
         """The one place a request gets its final answer."""
         self.pending.pop(req.rid, None)
         self.queues.remove(req)
+        if req.client is None:  # a shadow copy: nobody waits for it, only metrics count it
+            self.metrics.on_shadow(req.model, req.version, error_code or "ok")
+            return
         counters = self.counters.setdefault(req.model, ModelCounters())
         if error_code is None:
             counters.ok += 1
@@ -472,6 +506,8 @@ class Broker:
         name = cmd.get("cmd")
         if name == "status":
             return {"ok": True, **build_status(self, time.monotonic())}
+        if name == "route":
+            return self.on_route(cmd)
         if name == "drain":
             target = cmd.get("worker")
             matched = [w for w in self.workers.values() if target in (w.name, w.ident.hex())]
@@ -482,7 +518,36 @@ class Broker:
             if not matched:
                 return error_body(None, ErrorCode.BAD_REQUEST, f"no worker named {target!r}")
             return {"ok": True, "draining": [w.name for w in matched]}
-        return error_body(None, ErrorCode.BAD_REQUEST, f"unknown admin command {name!r}; try status or drain")
+        return error_body(None, ErrorCode.BAD_REQUEST,
+                          f"unknown admin command {name!r}; try status, drain or route")
+
+    def on_route(self, cmd: dict) -> dict:
+        """Set, promote or clear a model's split (validated against the versions workers serve)."""
+        model = cmd.get("model")
+        before = dict(self.routes)
+        try:
+            if cmd.get("clear"):
+                if self.routes.pop(model, None) is None:
+                    raise routing.RouteError(f"no route for {model!r}")
+            elif cmd.get("promote") is not None:
+                self.routes[model] = routing.make_route(model, [(cmd["promote"], 100)],
+                                                        available=self._served_versions(model))
+            else:
+                self.routes[model] = routing.make_route(model, cmd.get("split") or "", cmd.get("sticky_key"),
+                                                        cmd.get("shadow"), available=self._served_versions(model))
+        except (routing.RouteError, TypeError) as exc:
+            return error_body(None, ErrorCode.BAD_REQUEST, str(exc))
+        if self.cfg.state_dir:
+            try:
+                routing.save_routes(self._routes_path(), self.routes)
+            except OSError as exc:  # not kept means not changed: the operator must know
+                self.routes = before
+                return error_body(None, ErrorCode.INTERNAL, f"route not saved to {self._routes_path()}: {exc}")
+        log.info("route_changed", model=model, route=self.routes[model].to_json() if model in self.routes else None)
+        return {"ok": True, "routes": {m: r.to_json() for m, r in self.routes.items()}}
+
+    def _routes_path(self) -> str:
+        return os.path.join(self.cfg.state_dir, "routes.json")
 
     # --------------------------------------------------------------- sends
     def _reply_client(self, ident: bytes, service: bytes, body: dict) -> None:

@@ -30,6 +30,9 @@ class MasterMetrics:
                                registry=r)
         self.late_replies = Counter("ringserve_late_replies", "Replies dropped: not the request's current attempt",
                                     registry=r)
+        self.shadow = Counter("ringserve_shadow_requests", "Shadow copies by model, version and outcome "
+                              "(answers discarded; 'dropped' when they could not be queued)",
+                              ["model", "version", "outcome"], registry=r)
         policy_info = Gauge("ringserve_dispatch_policy_info", "The master's scheduling policy", ["policy"],
                             registry=r)
         policy_info.labels(policy).set(1)
@@ -39,6 +42,9 @@ class MasterMetrics:
     def on_answer(self, model: str, version, outcome: str, seconds: float) -> None:
         self.requests.labels(model, "" if version is None else str(version), outcome).inc()
         self.request_duration.labels(model).observe(seconds)
+
+    def on_shadow(self, model: str, version, outcome: str) -> None:
+        self.shadow.labels(model, str(version), outcome).inc()
 
     def on_dispatch(self, model: str, waited_s: float) -> None:
         self.queue_duration.labels(model).observe(waited_s)

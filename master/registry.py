@@ -45,7 +45,7 @@ class WorkerRecord:
 @dataclass
 class PendingRequest:
     rid: str
-    client: bytes
+    client: bytes | None  # None: a shadow copy, answered to nobody
     service: bytes
     model: str
     version: int | None

@@ -44,4 +44,5 @@ def build_status(broker, now: float) -> dict:
         "late_replies_dropped": broker.late_replies,
         "workers": workers,
         "models": models,
+        "routes": {m: r.to_json() for m, r in broker.routes.items()},
     }
