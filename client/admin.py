@@ -29,6 +29,13 @@ class AdminClient:
     def drain(self, worker: str) -> dict:
         return self.call("drain", worker=worker)
 
+    def route(self, model: str, split: str | None = None, sticky_key: str | None = None,
+              shadow: int | None = None, promote: int | None = None, clear: bool = False) -> dict:
+        """Set, promote or clear a model's traffic split between versions (see master/routing.py)."""
+        args = {k: v for k, v in {"split": split, "sticky_key": sticky_key, "shadow": shadow,
+                                  "promote": promote}.items() if v is not None}
+        return self.call("route", model=model, clear=clear, **args)
+
 
 def format_status(st: dict) -> str:
     """A readable table of workers and models."""

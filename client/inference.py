@@ -99,13 +99,14 @@ class Client:
 
     # ------------------------------------------------------------ public API
     def infer(self, model: str, inputs: Mapping[str, Any], timeout: float | None = None,
-              version: int | None = None) -> dict[str, np.ndarray]:
+              version: int | None = None, tags: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
         """Run `model` on named inputs (numpy arrays or torch tensors); return numpy outputs.
 
         Waits at most `timeout` plus the client's grace, whatever happens to the I/O thread.
+        `tags` (small str -> str map) travel with the request, e.g. the user id a sticky route keys on.
         """
         timeout = self.timeout if timeout is None else timeout
-        fut = self.infer_async(model, inputs, timeout, version)
+        fut = self.infer_async(model, inputs, timeout, version, tags=tags)
         try:
             return fut.result(timeout=timeout + self.grace).outputs
         except FutureTimeout:
@@ -113,7 +114,8 @@ class Client:
             raise Timeout("no answer before the deadline", getattr(fut, "request_id", None)) from None
 
     def infer_async(self, model: str, inputs: Mapping[str, Any], timeout: float | None = None,
-                    version: int | None = None, request_id: str | None = None) -> Future:
+                    version: int | None = None, request_id: str | None = None,
+                    tags: Mapping[str, str] | None = None) -> Future:
         """Send now; the Future resolves to a Reply or raises a RingserveError subclass."""
         if self._closing:
             raise RuntimeError("client is closed")
@@ -121,7 +123,7 @@ class Client:
             raise RuntimeError("the client's I/O thread has stopped; make a new Client")
         timeout = self.timeout if timeout is None else timeout
         rid = request_id or f"{self._prefix}-{next(self._ids)}"
-        body = request_body(rid, inputs, version=version, timeout_ms=timeout * 1000.0, ack=True)
+        body = request_body(rid, inputs, version=version, timeout_ms=timeout * 1000.0, ack=True, tags=tags)
         with self._ids_lock:
             if rid in self._live_ids:
                 raise ValueError(f"request id {rid!r} is already in flight on this client; use a new id")
@@ -136,8 +138,8 @@ class Client:
         return fut
 
     async def ainfer(self, model: str, inputs: Mapping[str, Any], timeout: float | None = None,
-                     version: int | None = None) -> dict[str, np.ndarray]:
-        reply = await asyncio.wrap_future(self.infer_async(model, inputs, timeout, version))
+                     version: int | None = None, tags: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+        reply = await asyncio.wrap_future(self.infer_async(model, inputs, timeout, version, tags=tags))
         return reply.outputs
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
-"""ringserve-admin: ask the master for its status, or drain a worker."""
+"""ringserve-admin: the master's status, draining a worker, traffic splits between versions, and
+rollback of a model to an earlier version on the parameter servers."""
 from __future__ import annotations
 
 import argparse
@@ -17,6 +18,18 @@ def parser() -> argparse.ArgumentParser:
     dr = sub.add_parser("drain", help="stop sending work to a worker; it finishes and leaves")
     dr.add_argument("worker", help="worker name (as in status)")
     dr.add_argument("--master", default="tcp://127.0.0.1:5557")
+    rt = sub.add_parser("route", help="split a model's traffic between versions (canary, A/B, shadow)",
+                        description="Examples: --split 3=90,4=10 (canary); --split 3=50,4=50 --sticky-key user "
+                                    "(A/B: a request's tags['user'] keeps one version); --shadow 4 (mirror a "
+                                    "copy, answers discarded); --promote 4; --clear. A pinned version wins.")
+    rt.add_argument("--model", required=True)
+    what = rt.add_mutually_exclusive_group(required=True)
+    what.add_argument("--split", help="VERSION=PERCENT,... summing to 100")
+    what.add_argument("--promote", type=int, metavar="VERSION", help="send all traffic to VERSION; ends the split")
+    what.add_argument("--clear", action="store_true", help="remove the route (requests go to any version)")
+    rt.add_argument("--sticky-key", help="a request tag that keeps its value on one version")
+    rt.add_argument("--shadow", type=int, metavar="VERSION", help="mirror a copy of traffic to VERSION")
+    rt.add_argument("--master", default="tcp://127.0.0.1:5557")
     rb = sub.add_parser("rollback", help="make an earlier committed version current; workers swap back")
     rb.add_argument("--shards", required=True, help="NAME=ENDPOINT,... of the parameter servers")
     rb.add_argument("--model", required=True)
@@ -44,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(st, indent=2, default=str) if args.json else format_status(st))
         elif args.command == "drain":
             print(json.dumps(admin.drain(args.worker)))
+        elif args.command == "route":
+            reply = admin.route(args.model, args.split, args.sticky_key, args.shadow, args.promote, args.clear)
+            print(json.dumps(reply))
+            if not reply.get("ok"):
+                return 1
     except TimeoutError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -52,13 +52,14 @@ def main(argv: list[str] | None = None) -> int:
     procs: list[RoleProcess] = []
     try:
         shards = [RoleProcess("ringserve.launch.ps", ["--name", f"ps{i}", "--data-dir", str(workdir / f"ps{i}"),
-                                            "--bind", eph, "--pub", eph], workdir / f"ps{i}.log", wait_ready=False)
+                                            "--bind", eph, "--pub", eph, "--metrics-port", "0"], workdir / f"ps{i}.log",
+                              wait_ready=False)
                   for i in range(args.shards)]
         procs += shards
         shard_list = ",".join(f"{s.wait_ready()['name']}={s.info['endpoint']}" for s in shards)
         print(f"parameter servers: {shard_list}")
         master = RoleProcess("ringserve.launch.master", ["--frontend", eph, "--backend", eph, "--admin", eph,
-                                               "--policy", args.policy], workdir / "master.log")
+                                               "--policy", args.policy, "--metrics-port", "0"], workdir / "master.log")
         procs.append(master)
         print(f"master: {master.info['frontend']} (clients), {master.info['admin']} (admin)")
         v1 = demo_weights(seed=7)
@@ -68,11 +69,14 @@ def main(argv: list[str] | None = None) -> int:
             workers = [RoleProcess("ringserve.launch.worker", [
                 "--master", master.info["backend"], "--name", f"worker-{i}", "--threads", "1",
                 "--max-batch-size", str(args.max_batch_size), "--paramservers", shard_list,
-                "--model", "mlp=ringserve.worker.demo:mlp", "--model", "cnn=ringserve.worker.demo:cnn"], workdir / f"worker-{i}.log",
+                "--model", "mlp=ringserve.worker.demo:mlp", "--model", "cnn=ringserve.worker.demo:cnn",
+                "--metrics-port", "0"], workdir / f"worker-{i}.log",
                 wait_ready=False) for i in range(args.workers)]
             procs += workers
             for w in workers:
                 w.wait_ready()
+            print("metrics (Prometheus): " + ", ".join(f"{p.info.get('name', 'master')}={p.info['metrics']}"
+                                                     for p in (*shards, master, *workers)))
             wait_for_workers(master.info["admin"], args.workers, timeout=60, model="mlp", version=1)
             run_requests(master.info["frontend"], args.requests, v1)
             v2 = dict(v1)

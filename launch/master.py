@@ -5,6 +5,7 @@ import argparse
 import math
 
 from ringserve.launch.logsetup import add_log_flag, configure_logging
+from ringserve.launch.metrics import add_metrics_flags, start_metrics
 from ringserve.launch.procs import announce
 from ringserve.master.broker import BrokerConfig, serve
 from ringserve.master.scheduler import POLICIES
@@ -56,6 +57,9 @@ def parser() -> argparse.ArgumentParser:
                    help="reply bytes kept to answer a retried request id again (oldest dropped first)")
     p.add_argument("--max-timeout", type=positive_float, default=300.0,
                    help="seconds; a client's timeout_ms is capped to this")
+    p.add_argument("--state-dir", default=None,
+                   help="directory where the master keeps traffic routes across restarts (default: memory only)")
+    add_metrics_flags(p)
     add_log_flag(p)
     return p
 
@@ -67,8 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = BrokerConfig(args.frontend, args.backend, args.admin, args.policy, weights, args.heartbeat_interval,
                        args.heartbeat_liveness, args.max_queue, args.max_attempts, args.default_timeout, args.hwm,
                        args.drain_timeout, args.seed, answer_cache_bytes=args.answer_cache_bytes,
-                       max_timeout=args.max_timeout)
-    serve(cfg, announce)
+                       max_timeout=args.max_timeout, state_dir=args.state_dir)
+    serve(cfg, announce, expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ringserve.launch.logsetup import add_log_flag, configure_logging
+from ringserve.launch.metrics import add_metrics_flags, start_metrics
 from ringserve.launch.procs import announce
 from ringserve.paramserver.shard import ShardConfig, serve
 
@@ -16,6 +17,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pub", default="tcp://127.0.0.1:*", help="announcement endpoint (PUB)")
     p.add_argument("--keep", type=int, default=3, help="committed versions kept per model")
     p.add_argument("--announce-interval", type=float, default=1.0, help="seconds between state heartbeats")
+    add_metrics_flags(p)
     add_log_flag(p)
     return p
 
@@ -23,7 +25,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     configure_logging("paramserver", args.log_level)
-    serve(ShardConfig(args.name, args.data_dir, args.bind, args.pub, args.keep, args.announce_interval), announce)
+    serve(ShardConfig(args.name, args.data_dir, args.bind, args.pub, args.keep, args.announce_interval), announce,
+          expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import sys
 import structlog
 
 from ringserve.launch.logsetup import add_log_flag, configure_logging
+from ringserve.launch.metrics import add_metrics_flags, start_metrics
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-backoff", type=float, default=32.0, help="longest reconnect backoff, seconds")
     p.add_argument("--paramservers", default=None,
                    help="NAME=ENDPOINT,... of the parameter-server shards to take weights from")
+    add_metrics_flags(p)
     add_log_flag(p)
     return p
 
@@ -51,7 +53,8 @@ def main(argv: list[str] | None = None) -> None:
 
     agent = build_worker(args)
     agent.install_signal_handlers()
-    announce({"role": "worker", "pid": os.getpid(), "name": agent.cfg.name})
+    url = start_metrics(agent.metrics.registry, args.metrics_port, args.metrics_host)
+    announce({"role": "worker", "pid": os.getpid(), "name": agent.cfg.name, "metrics": url})
     agent.run()
 
 

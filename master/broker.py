@@ -25,6 +25,8 @@ import structlog
 import zmq
 
 from ringserve.master import liveness
+from ringserve.master import routing
+from ringserve.master.metrics import MasterMetrics
 from ringserve.master.registry import AnsweredCache, ModelCounters, ModelQueues, PendingRequest, WorkerRecord
 from ringserve.master.scheduler import Load, make_policy
 from ringserve.master.status import build_status
@@ -42,6 +44,9 @@ log = structlog.get_logger("ringserve.master")
 
 MAX_BATCH_RECV = 256  # messages read from one socket per loop turn, so no socket starves the others
 MAX_UNKNOWN_WAITING = 64  # during the start-up grace: model names nobody serves yet that may queue
+SHADOW_SUFFIX = "#shadow"  # request id of a shadow copy; its answer goes to metrics only
+UNSERVED_LABEL = "_unserved"  # metrics label for names no worker serves
+METRICS_REFRESH_S = 0.25  # gauges (queue depth, in flight) are set from the books this often
 
 
 @dataclass
@@ -61,6 +66,7 @@ class BrokerConfig:
     seed: int | None = None
     answer_cache_bytes: int = 64 << 20  # reply bytes kept to answer retried ids again
     max_timeout: float = 300.0  # a client's timeout_ms is capped to this many seconds
+    state_dir: str | None = None  # where routes are kept across restarts (none: routes live in memory)
 
 
 def _router(ctx: zmq.Context, endpoint: str, hwm: int) -> tuple[zmq.Socket, str]:
@@ -88,6 +94,11 @@ class Broker:
         self.deadlines: list[tuple[float, str]] = []  # lazy: answered entries are skipped, compacted in finish
         self.late_replies = 0
         self.bad_worker_messages = 0
+        self.metrics = MasterMetrics(cfg.policy)
+        if cfg.state_dir:
+            os.makedirs(cfg.state_dir, exist_ok=True)
+        self.routes: dict[str, routing.Route] = routing.load_routes(self._routes_path()) if cfg.state_dir else {}
+        self.metrics_refreshed = 0.0
         self.stopping = False
         self.stop_deadline = 0.0
         self.started = time.time()
@@ -163,6 +174,9 @@ class Broker:
 
     def on_tick(self, now: float) -> None:
         self._expire_deadlines(now)
+        if now - self.metrics_refreshed >= METRICS_REFRESH_S:
+            self.metrics_refreshed = now
+            self._refresh_metrics()
         if self.in_grace and now >= self.grace_until:
             self.in_grace = False
             self._fail_orphans()
@@ -210,6 +224,8 @@ class Broker:
             header = unpack_map(body[0])
             rid = header.get("id") if isinstance(header.get("id"), str) else None
             parsed = parse_request_header(header, body[1:])
+            if parsed.rid.endswith(SHADOW_SUFFIX):
+                raise ProtocolError(f"request ids ending in {SHADOW_SUFFIX!r} are reserved")
         except ProtocolError as exc:
             self._reply_client(ident, service, error_body(rid, ErrorCode.BAD_REQUEST, str(exc)))
             return
@@ -263,12 +279,16 @@ class Broker:
         now = time.monotonic()
         timeout = self.cfg.default_timeout if parsed.timeout_ms is None else parsed.timeout_ms / 1000.0
         timeout = min(timeout, self.cfg.max_timeout)  # the client chooses, within the master's cap
-        req = PendingRequest(rid, ident, service, model, parsed.version, header, frames, now + timeout, now)
+        route = self.routes.get(model) if parsed.version is None else None  # a pinned version wins
+        version = self._routed_version(route, parsed.tags) if route else parsed.version
+        req = PendingRequest(rid, ident, service, model, version, header, frames, now + timeout, now)
         self.pending[rid] = req
         heapq.heappush(self.deadlines, (req.deadline, rid))
         self.queues.push(req)
         if parsed.ack:
             self._reply_client(ident, service, {"id": rid, "ack": True})
+        if route is not None and route.shadow is not None and route.shadow != version:
+            self._mirror(req, route.shadow)
         self.dispatch(model)
 
     def _served(self, model: str) -> bool:
@@ -286,6 +306,29 @@ class Broker:
         served = {m for w in self.workers.values() for m in w.models}
         return sum(1 for m in self.queues.models() if m not in served)
 
+    def _routed_version(self, route: routing.Route, tags) -> int | None:
+        """The route's choice; None (any version) when no worker serves the chosen one right now."""
+        version = routing.choose(route, routing.sticky_value(route, tags))
+        return version if version in self._served_versions(route.model) else None
+
+    def _served_versions(self, model: str) -> set[int]:
+        return {w.models[model].get("version") for w in self.workers.values() if model in w.models} - {None}
+
+    def _mirror(self, req: PendingRequest, version: int) -> None:
+        """A shadow copy: same inputs, pinned to `version`, answered to nobody (counted in metrics)."""
+        if self.queues.full(req.model, version) or version not in self._served_versions(req.model):
+            self.metrics.on_shadow(req.model, version, "dropped")
+            return
+        shadow = PendingRequest(req.rid + SHADOW_SUFFIX, None, req.service, req.model, version, req.header,
+                                req.frames, req.deadline, req.received)
+        self.pending[shadow.rid] = shadow
+        heapq.heappush(self.deadlines, (shadow.deadline, shadow.rid))
+        self.queues.push(shadow)
+
+    def _model_label(self, model: str) -> str:
+        """A metrics label: the model's name when a worker serves it, so client input cannot grow the books."""
+        return model if self._served(model) else UNSERVED_LABEL
+
     def on_mmi(self, ident: bytes, service: bytes, name: str, body: Sequence[zmq.Frame]) -> None:
         """ZeroMQ RFC 8: mmi.service answers one plain frame, "200" or "404"; unknown mmi.* "501"."""
         if name == MMI_PING:
@@ -302,6 +345,7 @@ class Broker:
         counters = self._counters(model)
         if counters is not None:
             counters.count_error(code)
+        self.metrics.on_answer(self._model_label(model), None, code, 0.0)
         body = [pack(error_body(rid, code, message, epoch=self.epoch))]
         if code not in ErrorCode.RETRYABLE:  # a retry under the same id may succeed later
             self.answered.add(rid, [service, *body])
@@ -344,6 +388,7 @@ class Broker:
         req.worker = w.ident
         w.in_flight[req.rid] = req.attempts
         self.queues.remove(req)
+        self.metrics.on_dispatch(req.model, now - req.received)
         header = {"id": req.rid, "attempt": req.attempts, "model": req.model, "version": req.version,
                   "timeout_ms": max(0.0, (req.deadline - now) * 1000.0), "inputs": req.header["inputs"]}
         if not self._send_worker(w, [REQUEST, pack(header), *req.frames]):
@@ -439,7 +484,8 @@ class Broker:
             self._note_late_reply(header_frame, "not_current_attempt")
         else:
             header = {**reply.header, "worker": w.name, "epoch": self.epoch}
-            self.finish(req, [pack(header), *frames] if reply.ok else [pack(header)], reply.error_code)
+            self.finish(req, [pack(header), *frames] if reply.ok else [pack(header)], reply.error_code,
+                        version=reply.header.get("version"))
         for model in list(w.models):
             self.dispatch(model)
 
@@ -449,12 +495,14 @@ class Broker:
         except ProtocolError:
             rid = None
         self.late_replies += 1
+        self.metrics.on_late_reply()
         log.info("late_reply_dropped", request_id=rid, why=why)
 
     def evict(self, w: WorkerRecord, reason: str, tell: bool = False) -> None:
         """Forget a worker; send its in-flight requests elsewhere within their retry budget."""
         self.workers.pop(w.ident, None)
         log.warning("worker_evicted", worker=w.name, reason=reason, in_flight=len(w.in_flight))
+        self.metrics.on_evict(reason)
         if tell:
             self._send_raw(self.backend, [w.ident, WORKER_PROTO, DISCONNECT, pack({"reason": reason})])
         now = time.monotonic()
@@ -467,6 +515,7 @@ class Broker:
                 counters = self._counters(req.model)
                 if counters is not None:
                     counters.retries += 1
+                self.metrics.on_retry(req.model)
                 self.queues.push(req, front=True)
             else:
                 self.fail(req, ErrorCode.WORKER_LOST,
@@ -487,16 +536,21 @@ class Broker:
                 self.fail(req, code, f"no worker serves model {req.model!r}")
 
     # ------------------------------------------------------------ answering
-    def finish(self, req: PendingRequest, body: list, error_code: str | None) -> None:
+    def finish(self, req: PendingRequest, body: list, error_code: str | None, version: int | None = None) -> None:
         """The one place a request gets its final answer."""
         self.pending.pop(req.rid, None)
         self.queues.remove(req)
+        if req.client is None:  # a shadow copy: nobody waits for it, only metrics count it
+            self.metrics.on_shadow(req.model, req.version, error_code or "ok")
+            return
         counters = self._counters(req.model)
         if counters is not None:
             if error_code is None:
                 counters.ok += 1
             else:
                 counters.count_error(error_code)
+        self.metrics.on_answer(self._model_label(req.model), version if version is not None else req.version,
+                               error_code or "ok", time.monotonic() - req.received)
         if error_code not in ErrorCode.RETRYABLE:  # only final answers are remembered for retried ids
             self.answered.add(req.rid, [req.service, *body])
         self._send_client(req.client, [req.client, b"", MDP_CLIENT, req.service, *body])
@@ -507,6 +561,17 @@ class Broker:
     def fail(self, req: PendingRequest, code: str, message: str) -> None:
         log.info("request_failed", request_id=req.rid, model=req.model, code=code, message=message)
         self.finish(req, [pack(error_body(req.rid, code, message, epoch=self.epoch))], code)
+
+    def _model_label(self, model: str) -> str:
+        """A metrics label: the model's name when a worker serves it, so client input cannot grow the books."""
+        return model if any(model in w.models for w in self.workers.values()) else UNSERVED_LABEL
+
+    def _refresh_metrics(self) -> None:
+        depths = {m: self.queues.depth(m) for m in self.queues.models() if self._served(m)}
+        states: dict[str, int] = {}
+        for w in self.workers.values():
+            states[w.state] = states.get(w.state, 0) + 1
+        self.metrics.refresh(depths, {w.name: len(w.in_flight) for w in self.workers.values()}, states)
 
     def _expire_deadlines(self, now: float) -> None:
         while self.deadlines and self.deadlines[0][0] <= now:
@@ -534,6 +599,8 @@ class Broker:
         name = cmd.get("cmd")
         if name == "status":
             return {"ok": True, **build_status(self, time.monotonic())}
+        if name == "route":
+            return self.on_route(cmd)
         if name == "drain":
             target = cmd.get("worker")
             if not isinstance(target, str):
@@ -547,7 +614,35 @@ class Broker:
                 return error_body(None, ErrorCode.BAD_REQUEST, f"no worker named {short_repr(target)}")
             return {"ok": True, "draining": [w.name for w in matched]}
         return error_body(None, ErrorCode.BAD_REQUEST,
-                          f"unknown admin command {short_repr(name)}; try status or drain")
+                          f"unknown admin command {short_repr(name)}; try status, drain or route")
+
+    def on_route(self, cmd: dict) -> dict:
+        """Set, promote or clear a model's split (validated against the versions workers serve)."""
+        model = cmd.get("model")
+        before = dict(self.routes)
+        try:
+            if cmd.get("clear"):
+                if self.routes.pop(model, None) is None:
+                    raise routing.RouteError(f"no route for {short_repr(model)}")
+            elif cmd.get("promote") is not None:
+                self.routes[model] = routing.make_route(model, [(cmd["promote"], 100)],
+                                                        available=self._served_versions(model))
+            else:
+                self.routes[model] = routing.make_route(model, cmd.get("split") or "", cmd.get("sticky_key"),
+                                                        cmd.get("shadow"), available=self._served_versions(model))
+        except (routing.RouteError, TypeError) as exc:
+            return error_body(None, ErrorCode.BAD_REQUEST, str(exc))
+        if self.cfg.state_dir:
+            try:
+                routing.save_routes(self._routes_path(), self.routes)
+            except OSError as exc:  # not kept means not changed: the operator must know
+                self.routes = before
+                return error_body(None, ErrorCode.INTERNAL, f"route not saved to {self._routes_path()}: {exc}")
+        log.info("route_changed", model=model, route=self.routes[model].to_json() if model in self.routes else None)
+        return {"ok": True, "routes": {m: r.to_json() for m, r in self.routes.items()}}
+
+    def _routes_path(self) -> str:
+        return os.path.join(self.cfg.state_dir, "routes.json")
 
     # --------------------------------------------------------------- sends
     def _reply_client(self, ident: bytes, service: bytes, body: dict) -> None:
@@ -575,10 +670,13 @@ class Broker:
             raise
 
 
-def serve(cfg: BrokerConfig, announce=None) -> None:
-    """Bind, announce the endpoints (for launchers and tests), and run until stopped."""
+def serve(cfg: BrokerConfig, announce=None, expose=None) -> None:
+    """Bind, expose metrics (`expose(registry)` returns their URL), announce the endpoints (for
+    launchers and tests), and run until stopped."""
     broker = Broker(cfg)
     broker.install_signal_handlers()
+    metrics_url = expose(broker.metrics.registry) if expose is not None else None
     if announce is not None:
-        announce({"role": "master", "pid": os.getpid(), "epoch": broker.epoch, **broker.endpoints})
+        announce({"role": "master", "pid": os.getpid(), "epoch": broker.epoch, "metrics": metrics_url,
+                  **broker.endpoints})
     broker.run()

@@ -46,7 +46,8 @@ class WorkerRecord:
 @dataclass
 class PendingRequest:
     rid: str
-    client: bytes  # the routing id that asked last: answers go there (a retry may come from a new socket)
+    client: bytes | None  # the routing id that asked last: answers go there (a retry may come from a new
+    #                       socket); None for a shadow copy, answered to nobody
     service: bytes
     model: str
     version: int | None

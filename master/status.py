@@ -56,4 +56,5 @@ def build_status(broker, now: float) -> dict:
                          "bytes": broker.answered.bytes},
         "workers": workers,
         "models": models,
+        "routes": {m: r.to_json() for m, r in broker.routes.items()},
     }

@@ -20,6 +20,7 @@ import numpy as np
 import structlog
 import zmq
 
+from ringserve.paramserver.metrics import ShardMetrics
 from ringserve.paramserver.store import ShardStore, Slice, sha256
 from ringserve.protocol.codec import pack, unpack_map
 from ringserve.protocol.messages import SHARD_COMMANDS, SHARD_PROTO, ErrorCode, ProtocolError, error_body
@@ -58,6 +59,7 @@ class Shard:
         self.staging: dict[tuple[str, int], Slice] = {}
         self.stopping = False
         self.last_announce = 0.0
+        self.metrics = ShardMetrics(cfg.name)
 
     def run(self) -> None:
         log.info("shard_started", shard=self.cfg.name, endpoint=self.endpoint, pub=self.pub_endpoint,
@@ -71,6 +73,7 @@ class Shard:
                 if now - self.last_announce >= self.cfg.announce_interval:
                     self.last_announce = now
                     self._announce("hugz", "", None)
+                    self._refresh_metrics()
         finally:
             self.router.close(linger=0)
             self.pubsock.close(linger=0)
@@ -83,7 +86,8 @@ class Shard:
     def on_message(self, frames: list[zmq.Frame]) -> None:
         ident = frames[0].bytes
         out: list = []
-        rid = None
+        rid = cmd = None
+        started = time.monotonic()
         try:
             if len(frames) < 3 or frames[1].bytes != SHARD_PROTO:
                 raise ProtocolError("expected [RSP01][header][tensor frames...]")
@@ -91,7 +95,8 @@ class Shard:
             rid = header.get("rid")
             if header.get("cmd") not in SHARD_COMMANDS:
                 raise ProtocolError(f"unknown command {header.get('cmd')!r}; one of {', '.join(SHARD_COMMANDS)}")
-            handler = getattr(self, f"on_{header['cmd']}")
+            cmd = header["cmd"]
+            handler = getattr(self, f"on_{cmd}")
             reply = handler(header, frames[3:])
             if isinstance(reply, tuple):
                 reply, out = reply
@@ -102,6 +107,10 @@ class Shard:
             reply = error_body(None, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
         reply.setdefault("shard", self.cfg.name)
         reply["rid"] = rid
+        self.metrics.on_command(cmd or "invalid", "ok" if reply.get("ok") else reply.get("error", {}).get("code", "?"),
+                                time.monotonic() - started)
+        if out:
+            self.metrics.on_fetch(sum(memoryview(f).nbytes for f in out))
         try:
             self.router.send_multipart([ident, SHARD_PROTO, pack(reply), *out], copy=False)
         except zmq.ZMQError as exc:
@@ -180,6 +189,11 @@ class Shard:
         log.info("version_rolled_back", model=model, version=version)
         return {"ok": True}
 
+    def _refresh_metrics(self) -> None:
+        slices = self.store.slices
+        self.metrics.refresh({m: len(v) for m, v in slices.items()}, dict(self.store.current),
+                             sum(a.nbytes for by_v in slices.values() for sl in by_v.values() for a in sl.data.values()))
+
     def _announce(self, kind: str, model: str, version: int | None) -> None:
         if kind != "hugz":
             self.seq += 1
@@ -202,11 +216,14 @@ def _version(header: dict) -> int:
     return v
 
 
-def serve(cfg: ShardConfig, announce=None) -> None:
+def serve(cfg: ShardConfig, announce=None, expose=None) -> None:
+    """Bind, expose metrics (`expose(registry)` returns their URL), announce, run until stopped."""
     shard = Shard(cfg)
     signal.signal(signal.SIGTERM, shard.request_stop)
     signal.signal(signal.SIGINT, shard.request_stop)
+    shard._refresh_metrics()
+    metrics_url = expose(shard.metrics.registry) if expose is not None else None
     if announce is not None:
         announce({"role": "paramserver", "pid": os.getpid(), "name": cfg.name, "endpoint": shard.endpoint,
-                  "pub": shard.pub_endpoint})
+                  "pub": shard.pub_endpoint, "metrics": metrics_url})
     shard.run()

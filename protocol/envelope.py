@@ -21,6 +21,8 @@ MAX_WEIGHT = 1e6
 MAX_STATS = 64  # entries of a worker's stats map the master keeps
 MAX_TEXT = 1000  # characters of an error message passed on
 MAX_INT = 2**63 - 1
+MAX_TAGS = 16  # request tags: small str -> str map used for routing (e.g. a sticky user id)
+MAX_TAG_LEN = 256
 
 
 @dataclass
@@ -32,10 +34,11 @@ class ClientRequest:
     version: int | None
     timeout_ms: float | None
     ack: bool
+    tags: dict | None = None
 
 
 def request_body(rid: str, inputs: Mapping[str, Any], version: int | None = None,
-                 timeout_ms: float | None = None, ack: bool = False) -> list:
+                 timeout_ms: float | None = None, ack: bool = False, tags: Mapping[str, str] | None = None) -> list:
     """Body frames of a client request: msgpack header then one raw frame per tensor."""
     meta, frames = encode_tensors(inputs)
     header = {"id": rid, "inputs": meta}
@@ -45,6 +48,8 @@ def request_body(rid: str, inputs: Mapping[str, Any], version: int | None = None
         header["timeout_ms"] = float(timeout_ms)
     if ack:
         header["ack"] = True
+    if tags:
+        header["tags"] = dict(tags)
     return [pack(header), *frames]
 
 
@@ -69,7 +74,12 @@ def parse_request_header(header: dict, frames: Sequence) -> ClientRequest:
     if timeout_ms is not None and (not isinstance(timeout_ms, (int, float)) or isinstance(timeout_ms, bool)
                                    or not timeout_ms > 0):
         raise ProtocolError("field 'timeout_ms' must be a positive number")
-    return ClientRequest(rid, header["inputs"], version, timeout_ms, bool(header.get("ack", False)))
+    tags = header.get("tags")
+    if tags is not None and not (isinstance(tags, dict) and len(tags) <= MAX_TAGS and all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_TAG_LEN and len(v) <= MAX_TAG_LEN
+            for k, v in tags.items())):
+        raise ProtocolError(f"field 'tags' must map at most {MAX_TAGS} strings to strings of <= {MAX_TAG_LEN} chars")
+    return ClientRequest(rid, header["inputs"], version, timeout_ms, bool(header.get("ack", False)), tags)
 
 
 def parse_reply(body: Sequence) -> tuple[dict, dict]:

@@ -51,7 +51,8 @@ class Cluster:
             proc.wait_ready(60)
         return proc
 
-    def start_shards(self, count: int, endpoints: dict | None = None, prefix: str = "ps") -> dict[str, str]:
+    def start_shards(self, count: int, endpoints: dict | None = None, prefix: str = "ps",
+                     extra: tuple[str, ...] = ()) -> dict[str, str]:
         """Start `count` shards (data under tmp/<name>); return {name: endpoint} (the ring's shard list)."""
         started = {}
         for i in range(count):
@@ -59,7 +60,7 @@ class Cluster:
             bind = (endpoints or {}).get(name, {}).get("endpoint", EPHEMERAL)
             pub = (endpoints or {}).get(name, {}).get("pub", EPHEMERAL)
             started[name] = self._start("ringserve.launch.ps", ["--name", name, "--data-dir", str(self.tmp / name),
-                                                      "--bind", bind, "--pub", pub, "--announce-interval", "0.2"],
+                                                      "--bind", bind, "--pub", pub, "--announce-interval", "0.2", *extra],
                                         name, wait_ready=False)
         for p in started.values():
             p.wait_ready(60)

@@ -25,6 +25,7 @@ from ringserve.protocol.sockets import drain
 from ringserve.worker.batching import Batcher, WorkItem
 from ringserve.worker.compute import CHANGED, RESULT, ComputeThread
 from ringserve.worker.loader import BadInput, ServedModel
+from ringserve.worker.metrics import WorkerMetrics
 
 log = structlog.get_logger("ringserve.worker")
 
@@ -58,8 +59,9 @@ class WorkerAgent:
         self.results.setsockopt(zmq.LINGER, 0)
         self.results_ep = f"inproc://ringserve-results-{uuid.uuid4().hex}"
         self.results.bind(self.results_ep)
+        self.metrics = WorkerMetrics()
         self.compute = ComputeThread(self.ctx, self.results_ep, models,
-                                     Batcher(cfg.max_batch_size, cfg.max_queue_delay_s))
+                                     Batcher(cfg.max_batch_size, cfg.max_queue_delay_s), self.metrics)
         self.dealer: zmq.Socket | None = None
         self.poller = zmq.Poller()
         self.poller.register(self.results, zmq.POLLIN)
@@ -163,7 +165,9 @@ class WorkerAgent:
 
     def _heartbeat(self, now: float) -> None:
         self.last_beat = now
-        self._send([HEARTBEAT, pack({"models": self._models_info(), "in_flight": self.in_flight,
+        models = self._models_info()
+        self.metrics.refresh(models)
+        self._send([HEARTBEAT, pack({"models": models, "in_flight": self.in_flight,
                                      "stats": self.compute.stats.snapshot(), "draining": self.draining,
                                      "reconnects": self.reconnects})])
 

@@ -17,6 +17,7 @@ from ringserve.protocol.codec import encode_tensors, pack
 from ringserve.protocol.messages import ErrorCode, error_body
 from ringserve.worker.batching import Batcher, WorkItem, concat_inputs, split_outputs
 from ringserve.worker.loader import ServedModel
+from ringserve.worker.metrics import WorkerMetrics
 
 log = structlog.get_logger("ringserve.worker.compute")
 
@@ -53,12 +54,13 @@ class BatchStats:
 
 class ComputeThread(threading.Thread):
     def __init__(self, ctx: zmq.Context, results_endpoint: str, models: Mapping[str, ServedModel],
-                 batcher: Batcher):
+                 batcher: Batcher, metrics: WorkerMetrics | None = None):
         super().__init__(name="ringserve-compute", daemon=True)
         self.ctx, self.results_endpoint, self.models, self.batcher = ctx, results_endpoint, models, batcher
         self.inbox: queue.Queue[WorkItem] = queue.Queue()
         self.swaps: queue.Queue[tuple[str, dict, int]] = queue.Queue()
         self.stats = BatchStats()
+        self.metrics = metrics or WorkerMetrics()
         self.stopping = threading.Event()
         self.push: zmq.Socket | None = None
 
@@ -99,10 +101,13 @@ class ComputeThread(threading.Thread):
             except queue.Empty:
                 break
             try:
+                t0 = time.monotonic()
                 self.models[name].swap(state, version)
                 changed = True
+                self.metrics.on_swap(name, time.monotonic() - t0)
                 log.info("weights_swapped", model=name, version=version)
             except Exception as exc:
+                self.metrics.on_refused(name)
                 log.error("weights_swap_failed", model=name, version=version, error=str(exc))
         if changed:
             self.push.send_multipart([CHANGED])
@@ -126,13 +131,18 @@ class ComputeThread(threading.Thread):
                 self._reply_error(item, ErrorCode.INTERNAL, f"model raised {type(exc).__name__}: {exc}")
             return
         finally:
-            self.stats.record(batch, started, time.monotonic())
+            finished = time.monotonic()
+            self.stats.record(batch, started, finished)
+            self.metrics.on_batch(model.name, sum(i.rows for i in batch), [started - i.arrival for i in batch],
+                                  finished - started)
         for item, out in zip(batch, parts):
             meta, frames = encode_tensors(out)
             header = {"id": item.rid, "attempt": item.attempt, "ok": True, "model": item.model,
                       "version": model.version, "outputs": meta, "batch_rows": sum(i.rows for i in batch)}
             self.push.send_multipart([RESULT, pack(header), *frames], copy=False)
+            self.metrics.on_answer(item.model, "ok")
 
     def _reply_error(self, item: WorkItem, code: str, message: str) -> None:
         body = error_body(item.rid, code, message, attempt=item.attempt, model=item.model)
+        self.metrics.on_answer(item.model, code)
         self.push.send_multipart([RESULT, pack(body)])

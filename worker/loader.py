@@ -32,6 +32,7 @@ class ModelOptions:
     weights: str | None = None
     dtype: str = "float32"
     quantize: str | None = None
+    version: int = 0  # the version a file's weights are served as (shards give their own)
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -48,6 +49,10 @@ def parse_model_arg(text: str, defaults: Mapping[str, Any] | None = None) -> Mod
             opts.kwargs[key[4:]] = _literal(value)
         elif key in ("weights", "dtype", "quantize"):
             setattr(opts, key, value or None)
+        elif key == "version":
+            if not value.isdigit():
+                raise ValueError(f"version must be a non-negative integer, got {value!r}")
+            opts.version = int(value)
         else:
             raise ValueError(f"unknown model option {key!r} in {text!r}")
     if opts.dtype not in DTYPES:
@@ -90,7 +95,7 @@ class ServedModel:
         self.ready = not wait_for_weights  # not ready until the parameter servers give it weights
         if opts.weights:
             module.load_state_dict(load_file(opts.weights), strict=True)
-        self.version = version if version is not None else (0 if opts.weights else None)
+        self.version = version if version is not None else (opts.version if opts.weights else None)
         self.module = self._prepare(module)
         self.lock = threading.Lock()  # held while running or swapping, so the two never mix
 

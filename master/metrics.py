@@ -1,0 +1,75 @@
+"""The master's Prometheus metrics, named after Triton's and Ray Serve's habits.
+
+Counters and histograms are fed by the event loop at the protocol events that change them
+(``on_answer``, ``on_dispatch``, ...); gauges are refreshed from the loop's books by
+``refresh`` at most a few times a second, so the HTTP thread never reads the loop's dicts.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class MasterMetrics:
+    def __init__(self, policy: str) -> None:
+        self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes
+        self.requests = Counter("ringserve_requests", "Requests answered, by model, version and outcome "
+                                "(ok or the error code)", ["model", "version", "outcome"], registry=r)
+        self.request_duration = Histogram("ringserve_request_duration_seconds", "Arrival to final answer",
+                                          ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_duration = Histogram("ringserve_queue_duration_seconds", "Arrival to dispatch to a worker",
+                                        ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("ringserve_queue_depth", "Requests waiting for a worker", ["model"], registry=r)
+        self.in_flight = Gauge("ringserve_worker_in_flight", "Requests sent to a worker and not yet answered",
+                               ["worker"], registry=r)
+        self.workers = Gauge("ringserve_workers", "Registered workers by state", ["state"], registry=r)
+        self.evictions = Counter("ringserve_worker_evictions", "Workers evicted, by reason", ["reason"], registry=r)
+        self.retries = Counter("ringserve_retries", "Requests re-queued after their worker was lost", ["model"],
+                               registry=r)
+        self.late_replies = Counter("ringserve_late_replies", "Replies dropped: not the request's current attempt",
+                                    registry=r)
+        self.shadow = Counter("ringserve_shadow_requests", "Shadow copies by model, version and outcome "
+                              "(answers discarded; 'dropped' when they could not be queued)",
+                              ["model", "version", "outcome"], registry=r)
+        policy_info = Gauge("ringserve_dispatch_policy_info", "The master's scheduling policy", ["policy"],
+                            registry=r)
+        policy_info.labels(policy).set(1)
+        self._labels: dict[str, set] = {"queue": set(), "worker": set()}
+
+    # ------------------------------------------------------------ events
+    def on_answer(self, model: str, version, outcome: str, seconds: float) -> None:
+        self.requests.labels(model, "" if version is None else str(version), outcome).inc()
+        self.request_duration.labels(model).observe(seconds)
+
+    def on_shadow(self, model: str, version, outcome: str) -> None:
+        self.shadow.labels(model, str(version), outcome).inc()
+
+    def on_dispatch(self, model: str, waited_s: float) -> None:
+        self.queue_duration.labels(model).observe(waited_s)
+
+    def on_evict(self, reason: str) -> None:
+        self.evictions.labels(reason).inc()
+
+    def on_retry(self, model: str) -> None:
+        self.retries.labels(model).inc()
+
+    def on_late_reply(self) -> None:
+        self.late_replies.inc()
+
+    # ------------------------------------------------------------ gauges
+    def refresh(self, queue_depths: dict[str, int], in_flight: dict[str, int], states: dict[str, int]) -> None:
+        """Set the gauges from plain dicts the loop built; labels that vanished are removed."""
+        _set_all(self.queue_depth, queue_depths, self._labels, "queue")
+        _set_all(self.in_flight, in_flight, self._labels, "worker")
+        for state in ("ready", "draining"):
+            self.workers.labels(state).set(states.get(state, 0))
+
+
+def _set_all(gauge: Gauge, values: dict[str, int], seen: dict[str, set], key: str) -> None:
+    for label, value in values.items():
+        gauge.labels(label).set(value)
+    for gone in seen[key] - set(values):
+        gauge.remove(gone)
+    seen[key] = set(values)

@@ -1,0 +1,61 @@
+"""The worker's Prometheus metrics: batches, compute and queue time, versions, weight swaps.
+
+The compute thread feeds the per-batch figures (``on_batch``) and the weight swaps
+(``on_swap``, ``on_refused``); the socket thread refreshes the per-model gauges from the same
+description it sends in its heartbeat (``refresh``). prometheus-client's metrics are
+thread-safe, so the two threads and the HTTP thread need no lock of ours.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+LATENCY_BUCKETS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class WorkerMetrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        ProcessCollector(registry=r)
+        self.batch_size = Histogram("ringserve_worker_batch_size", "Rows per batch run by the model", ["model"],
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.compute = Histogram("ringserve_worker_compute_duration_seconds", "Model time per batch", ["model"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = Histogram("ringserve_worker_queue_duration_seconds",
+                               "Arrival at the worker to the start of its batch", ["model"],
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("ringserve_worker_requests", "Requests answered by this worker, by outcome",
+                                ["model", "outcome"], registry=r)
+        self.version = Gauge("ringserve_model_version", "Weights version served (0: weights from a file)",
+                             ["model"], registry=r)
+        self.ready = Gauge("ringserve_model_ready", "1 when the model has weights and serves", ["model"],
+                           registry=r)
+        self.swaps = Counter("ringserve_weight_swaps", "Weight versions swapped in", ["model"], registry=r)
+        self.swap_duration = Histogram("ringserve_weight_swap_duration_seconds",
+                                       "Time the compute thread spent swapping a version in", ["model"],
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.refused = Counter("ringserve_weight_refusals", "Weight versions refused (could not be loaded)",
+                               ["model"], registry=r)
+
+    def on_batch(self, model: str, rows: int, queue_waits_s: list[float], compute_s: float) -> None:
+        self.batch_size.labels(model).observe(rows)
+        self.compute.labels(model).observe(compute_s)
+        q = self.queue.labels(model)
+        for w in queue_waits_s:
+            q.observe(w)
+
+    def on_answer(self, model: str, outcome: str) -> None:
+        self.requests.labels(model, outcome).inc()
+
+    def on_swap(self, model: str, seconds: float) -> None:
+        self.swaps.labels(model).inc()
+        self.swap_duration.labels(model).observe(seconds)
+
+    def on_refused(self, model: str) -> None:
+        self.refused.labels(model).inc()
+
+    def refresh(self, models: dict[str, dict]) -> None:
+        """Per-model gauges from the heartbeat's description ({name: {"version", "ready", ...}})."""
+        for name, info in models.items():
+            self.version.labels(name).set(info.get("version") or 0)
+            self.ready.labels(name).set(1 if info.get("ready", True) else 0)
