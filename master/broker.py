@@ -265,9 +265,7 @@ class Broker:
             self._reject(ident, service, rid, model, ErrorCode.UNKNOWN_MODEL,
                          f"no worker serves model {short_repr(model)}")
             return
-        if known and parsed.version is not None and not any(
-            w.models.get(model, {}).get("version") == parsed.version for w in self.workers.values()
-        ):
+        if known and parsed.version is not None and parsed.version not in self._served_versions(model):
             self._reject(ident, service, rid, model, ErrorCode.UNKNOWN_VERSION,
                          f"no worker serves model {model!r} at version {parsed.version}")
             return
@@ -312,7 +310,7 @@ class Broker:
         return version if version in self._served_versions(route.model) else None
 
     def _served_versions(self, model: str) -> set[int]:
-        return {w.models[model].get("version") for w in self.workers.values() if model in w.models} - {None}
+        return set().union(*(w.versions(model) for w in self.workers.values()))
 
     def _mirror(self, req: PendingRequest, version: int) -> None:
         """A shadow copy: same inputs, pinned to `version`, answered to nobody (counted in metrics)."""

@@ -11,6 +11,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 
+def held_versions(info: dict) -> set[int]:
+    """{"version": 4, "versions": [3, 4]} -> {3, 4}: the current version and any kept beside it."""
+    return {v for v in (info.get("version"), *info.get("versions", ())) if v is not None}
+
+
 @dataclass
 class WorkerRecord:
     ident: bytes
@@ -31,7 +36,12 @@ class WorkerRecord:
         info = self.models.get(model)
         if info is None or not info.get("ready", True):
             return False
-        return version is None or info.get("version") == version
+        return version is None or version in held_versions(info)
+
+    def versions(self, model: str) -> set[int]:
+        """Every version of `model` this worker holds (a request may pin any of them)."""
+        return held_versions(self.models.get(model) or {})
+
 
     def has_credit(self) -> bool:
         return self.state == "ready" and len(self.in_flight) < self.credit

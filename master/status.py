@@ -40,8 +40,7 @@ def build_status(broker, now: float) -> dict:
             "ok": c.ok if c else 0,
             "errors": dict(c.errors) if c else {},
             "retries": c.retries if c else 0,
-            "versions": sorted({w.models[name].get("version") for w in broker.workers.values()
-                                if name in w.models and w.models[name].get("version") is not None}),
+            "versions": sorted(set().union(*(w.versions(name) for w in broker.workers.values()))),
         }
     return {
         "epoch": broker.epoch,

@@ -21,6 +21,7 @@ MAX_WEIGHT = 1e6
 MAX_STATS = 64  # entries of a worker's stats map the master keeps
 MAX_TEXT = 1000  # characters of an error message passed on
 MAX_INT = 2**63 - 1
+MAX_HELD_VERSIONS = 16  # versions of one model a worker may hold side by side
 MAX_TAGS = 16  # request tags: small str -> str map used for routing (e.g. a sticky user id)
 MAX_TAG_LEN = 256
 
@@ -145,7 +146,9 @@ def _opt_str(value: Any, what: str) -> str | None:
 
 
 def parse_models(models: Any) -> dict[str, dict]:
-    """{model: {"version", "ready", "dtype", "quantize", "device"}} -> a clean copy (str keys only)."""
+    """{model: {"version", "ready", "dtype", "quantize", "device", "versions"?, "refused"?}} -> a clean
+    copy (str keys only); "versions" lists every version held side by side, "refused" the last
+    version the worker could not load ({"version", "reason"})."""
     if not isinstance(models, dict) or not 1 <= len(models) <= MAX_MODELS:
         raise ProtocolError(f"field 'models' must be a map of 1..{MAX_MODELS} models")
     clean = {}
@@ -161,6 +164,18 @@ def parse_models(models: Any) -> dict[str, dict]:
                        "ready": ready, "dtype": _opt_str(info.get("dtype"), "dtype"),
                        "quantize": _opt_str(info.get("quantize"), "quantize"),
                        "device": _opt_str(info.get("device"), "device")}
+        held = info.get("versions")
+        if held is not None:
+            if not isinstance(held, list) or len(held) > MAX_HELD_VERSIONS:
+                raise ProtocolError(f"models[{name[:64]!r}].versions must be a list of <= {MAX_HELD_VERSIONS}")
+            clean[name]["versions"] = sorted({_int(v, "versions", 0) for v in held})
+        refused = info.get("refused")
+        if refused is not None:
+            if not isinstance(refused, dict):
+                raise ProtocolError(f"models[{name[:64]!r}].refused must be a map")
+            clean[name]["refused"] = {"version": _int(refused.get("version"), "refused.version", 0),
+                                      "reason": _str(refused.get("reason", ""), "refused.reason", MAX_TEXT,
+                                                     allow_empty=True)}
     return clean
 
 

@@ -465,3 +465,17 @@ def test_start_up_grace_keeps_only_a_bounded_number_of_unknown_names_waiting(bro
     assert len(broker.queues.models()) == 64 and len(broker.pending) == 64
     request(client, "g-again", model=b"later-0")  # a name already waiting may queue more
     pump(broker, lambda: "g-again" in broker.pending)
+
+
+def test_models_map_keeps_versions_held_side_by_side_and_refusals():
+    from ringserve.master.registry import WorkerRecord
+    from ringserve.protocol.envelope import parse_models
+
+    clean = parse_models({"m": {"version": 4, "versions": [3, 4, 4], "refused": {"version": 5, "reason": "x" * 600}}})
+    assert clean["m"]["versions"] == [3, 4] and clean["m"]["refused"]["version"] == 5
+    w = WorkerRecord(b"id", "w", clean, 4, "cpu", None)
+    assert w.versions("m") == {3, 4} and w.serves("m", 3) and w.serves("m", 4) and not w.serves("m", 5)
+    for bad in ({"versions": "3"}, {"versions": [3] * 17}, {"versions": [-1]}, {"refused": "no"},
+                {"refused": {"version": "x"}}, {"refused": {"version": 1, "reason": "y" * 5000}}):
+        with pytest.raises(ProtocolError):
+            parse_models({"m": {"version": 1, **bad}})
