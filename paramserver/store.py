@@ -71,6 +71,13 @@ def _atomic_write(path: Path, payload: bytes) -> None:
         os.close(dfd)
 
 
+def fallback_version(corrupt: int, history: list[int], good: set[int]) -> int | None:
+    """The version to serve when `corrupt` (the current one) cannot be read: the latest earlier
+    current version that is older than it and readable. Never a newer one: a newer version in
+    the history was current before a rollback, i.e. rolled back on purpose."""
+    return next((v for v in reversed(history) if v < corrupt and v in good), None)
+
+
 class ShardStore:
     def __init__(self, root: str | os.PathLike, keep: int = 3):
         self.root = Path(root)
@@ -169,14 +176,12 @@ class ShardStore:
         if wanted in good:
             self.current[model] = wanted
         elif wanted is not None:  # the current version is corrupt: go back to what was current before it
-            back = next((v for v in reversed(hist) if v in good), None)
+            back = fallback_version(wanted, hist, good)
             why = self.corrupt.get(model, {}).get(wanted, f"v{wanted} missing")
             self.fallback[model] = {"from": wanted, "to": back, "why": why}
             if back is not None:
                 self.current[model] = back
-                while hist and hist[-1] != back:
-                    hist.pop()
-                hist.pop()
+                del hist[max(i for i, v in enumerate(hist) if v == back):]
             log.error("current_version_corrupt_fell_back", model=model, version=wanted, now=back, why=why)
         log.info("model_loaded_from_disk", model=model, versions=sorted(good), current=self.current.get(model))
 
