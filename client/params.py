@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from typing import Any, Mapping
 
@@ -177,34 +178,42 @@ class ParamClient:
             raise PublishError(f"publish of {model!r} v{version} failed while staging, nothing changed: {why}")
         arbiter, *rest = sorted(self.shards)  # one shard decides between racing publishers
         first = self.rpc.call({arbiter: ({"cmd": "commit", **ids}, [])}, raise_on_error=False)
-        code, msg = _why(first.get(arbiter)) if not first.get(arbiter, ({}, []))[0].get("ok") else (None, "")
+        arbiter_ok = bool(first.get(arbiter, ({}, []))[0].get("ok"))
+        code, msg = (None, "") if arbiter_ok else _why(first.get(arbiter))
         if code == "CONFLICT":
             self.rpc.call_all({"cmd": "abort", **ids}, timeout=2, raise_on_error=False)
             raise PublishConflict(f"{model!r} v{version}: another publisher committed it first ({msg}); "
                                   f"nothing of this publish is served")
-        failed = {arbiter: (code, msg)} if code else {}
+        failed = {} if arbiter_ok else {arbiter: (code, msg)}
         if not failed and rest:
             replies = self.rpc.call({n: ({"cmd": "commit", **ids}, []) for n in rest}, raise_on_error=False)
             failed = {n: _why(replies.get(n)) for n in rest if n not in replies or not replies[n][0].get("ok")}
         if failed:
-            self._revert(model, ids, previous)
             why = "; ".join(f"{n}: {m}" for n, (_, m) in sorted(failed.items()))
+            self._revert(model, ids, previous)  # raises if some shard never confirms
             raise PublishError(f"publish of {model!r} v{version} failed to commit ({why}); "
                                f"reverted, the previous version stays current")
         log.info("published", model=model, version=version, base=base, tensors=len(arrays), pieces=len(pieces))
         return version
 
     def _revert(self, model: str, ids: dict, previous: Mapping[str, int | None]) -> None:
-        """Tell every shard, answering or not, to undo this publish; retried a few times, because
-        a commit that lands late on a slow shard must be undone too."""
+        """Tell every shard, answering or not, to undo this publish, and keep asking (bounded:
+        max(10 s, 3 x timeout)) until each confirms: a commit that lands late on a slow shard
+        must be undone too, or the shards would disagree."""
         todo = set(self.shards)
-        for _ in range(3):
+        end = time.monotonic() + max(10.0, 3 * self.rpc.timeout)
+        while todo and time.monotonic() < end:
             replies = self.rpc.call({n: ({"cmd": "revert", **ids, "previous": previous.get(n)}, []) for n in todo},
-                                    timeout=max(2.0, self.rpc.timeout / 3), raise_on_error=False)
+                                    timeout=min(self.rpc.timeout, max(0.5, end - time.monotonic())),
+                                    raise_on_error=False)
             todo -= {n for n, (h, _) in replies.items() if h.get("ok")}
-            if not todo:
-                return
-        log.error("revert_incomplete", model=model, version=ids["version"], shards=sorted(todo))
+            if todo:
+                time.sleep(0.2)
+        if todo:
+            log.error("revert_unconfirmed", model=model, version=ids["version"], shards=sorted(todo))
+            raise PublishError(f"publish of {model!r} v{ids['version']} failed and shards {sorted(todo)} did not "
+                               f"confirm the revert; workers keep the previous version while shards disagree; "
+                               f"repair with a rollback once they answer")
 
     def publish_file(self, model: str, path: str, version: int | None = None, base: int | None = None,
                      **options: bool) -> int:

@@ -387,8 +387,11 @@ def test_reserved_names_refused_at_stage_and_shard_starts_on_bad_data(cluster):
             pc.publish("m", {"__metadata__": np.zeros(2, np.float32)})
         assert pc.publish("m", {"w": np.zeros(2, np.float32)}) == 1
     shard = cluster.shards["ps0"]
+    where = {"ps0": dict(shard.info)}
     shard.stop()
-    cluster.start_shards(1)  # it starts again on the same data dir
+    cluster.start_shards(1, endpoints=where)  # it starts again on the same data dir, with what it committed
+    with ParamClient(eps) as pc:
+        assert pc.hello()["ps0"]["current"] == {"m": 1}
 
 
 # ------------------------------------------------------------------ item 6: staging is bounded
@@ -426,10 +429,13 @@ def test_a_commit_landing_after_the_publisher_gave_up_is_undone(cluster):
             return real_call(requests, timeout, raise_on_error)
 
         pc.rpc.call = call
+        wake = threading.Timer(5.0, slow.signal, args=(signal.SIGCONT,))  # back while the publisher reverts
+        wake.start()
         try:
             with pytest.raises(PublishError, match="failed to commit"):
                 pc.publish("mlp", mlp_state(2))
         finally:
+            wake.join(10)
             slow.signal(signal.SIGCONT)
             pc.rpc.call = real_call
         agreed = lambda: (lambda v: v if all(s == {"versions": [1], "current": 1} for s in v.values()) else None)(  # noqa
@@ -446,6 +452,7 @@ def test_manifest_is_checksummed_and_corrupt_current_falls_back_to_its_predecess
             pc.publish("mlp", mlp_state(seed))
         pc.rollback("mlp", 2)  # v3 rolled back on purpose
     shard = cluster.shards["ps0"]
+    where = {"ps0": dict(shard.info)}
     shard.stop()
     d = cluster.tmp / "ps0" / "mlp"
     m1 = json.loads((d / "v1.manifest.json").read_text())
@@ -454,7 +461,7 @@ def test_manifest_is_checksummed_and_corrupt_current_falls_back_to_its_predecess
     raw = bytearray((d / "v2.safetensors").read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     (d / "v2.safetensors").write_bytes(bytes(raw))
-    cluster.start_shards(1)
+    cluster.start_shards(1, endpoints=where)
     with ParamClient(eps, timeout=3.0) as pc:
         hello = pc.hello()["ps0"]
         assert "manifest fails its own checksum" in hello["corrupt"]["mlp"]["1"]
@@ -468,12 +475,13 @@ def test_corrupt_current_falls_back_to_the_version_current_before_it(cluster):
         for seed in (1, 2, 3):
             pc.publish("mlp", mlp_state(seed))
         pc.rollback("mlp", 2)
+    where = {"ps0": dict(cluster.shards["ps0"].info)}
     cluster.shards["ps0"].stop()
     d = cluster.tmp / "ps0" / "mlp"
     raw = bytearray((d / "v2.safetensors").read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     (d / "v2.safetensors").write_bytes(bytes(raw))
-    cluster.start_shards(1)
+    cluster.start_shards(1, endpoints=where)
     with ParamClient(eps, timeout=3.0) as pc:
         hello = pc.hello()["ps0"]
         assert hello["current"]["mlp"] == 1 and hello["fallback"]["mlp"]["to"] == 1
