@@ -112,9 +112,14 @@ class ParamClient:
         return {n: h for n, (h, _) in self.rpc.call_all({"cmd": "hello"}, timeout).items()}
 
     def versions(self, model: str) -> dict[str, dict]:
-        """Per shard: committed versions and the current one."""
-        return {n: {"versions": h["versions"].get(model, []), "current": h["current"].get(model)}
-                for n, h in self.hello().items()}
+        """Per shard: committed versions and the current one (plus corrupt versions and a fallback, if any)."""
+        out = {}
+        for n, h in self.hello().items():
+            out[n] = {"versions": h["versions"].get(model, []), "current": h["current"].get(model)}
+            for extra in ("corrupt", "fallback"):  # a corrupt current replaced by an older one, say so
+                if (h.get(extra) or {}).get(model):
+                    out[n][extra] = h[extra][model]
+        return out
 
     def layout(self, model: str, version: int) -> Layout:
         """The tensors (dtype, shape) of a committed version, from every shard's manifest."""

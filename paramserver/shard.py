@@ -259,6 +259,11 @@ class Shard:
     def on_fetch(self, header: dict, frames):
         model = _model(header)
         version = header.get("version", self.store.current.get(model))
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            raise ProtocolError("field 'version' must be a version number")
+        wanted = header.get("keys")
+        if wanted is not None and (not isinstance(wanted, list) or not all(isinstance(k, str) for k in wanted)):
+            raise ProtocolError("field 'keys' must be a list of piece keys")
         why = self.store.corrupt.get(model, {}).get(version)
         if why:
             return error_body(None, ErrorCode.CORRUPT, f"shard {self.cfg.name}: {model} {why}")
@@ -268,8 +273,8 @@ class Shard:
         manifest = [[*sl.pieces[k].as_list(), sl.checksums[k]] for k in sl.pieces]
         if header.get("manifest_only"):  # what the version is made of, so a worker fetches only what changed
             return {"ok": True, "model": model, "version": version, "manifest": manifest}
-        wanted = header.get("keys")
-        keys = [k for k in sl.pieces if wanted is None or k in set(wanted)]
+        wanted_set = None if wanted is None else set(wanted)
+        keys = [k for k in sl.pieces if wanted_set is None or k in wanted_set]
         return ({"ok": True, "model": model, "version": version,
                  "pieces": [[*sl.pieces[k].as_list(), sl.checksums[k]] for k in keys]},
                 [memoryview(sl.data[k]).cast("B") for k in keys])
