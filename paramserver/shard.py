@@ -135,7 +135,7 @@ class Shard:
             if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                 raise
             self.replies_dropped += 1
-            log.warning("shard_reply_undeliverable", cmd=reply.get("cmd"), rid=rid, dropped=self.replies_dropped,
+            log.warning("shard_reply_undeliverable", rid=rid, dropped=self.replies_dropped,
                         why="peer gone" if exc.errno == errno.EHOSTUNREACH else "peer not reading (high-water mark)")
 
     def on_hello(self, header: dict, frames) -> dict:
