@@ -222,7 +222,9 @@ class ServedModel:
             self.module = module
             self.version = version
             self.ready = True
-        self.refused = None
+        refused = self.refused
+        if refused is not None and version > refused["version"]:
+            self.refused = None  # a newer version serves now; an older one (a rollback) keeps the report
 
     def refuse(self, version: int, reason: str) -> None:
         """Remember (and report in heartbeats) a version this worker cannot load; it keeps serving the old one."""
