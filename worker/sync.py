@@ -35,6 +35,7 @@ log = structlog.get_logger("ringserve.worker.sync")
 
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 30.0
 SILENCE_INTERVALS = 5  # announce intervals without a word before a shard is asked for a snapshot
+SILENCE_MIN_S = 2.0  # ... and never less than this (a busy machine delays heartbeats)
 
 
 def next_backoff(previous: float | None) -> float:
@@ -64,6 +65,7 @@ class WeightSync(threading.Thread):
         self.refused: dict[tuple[str, int], str] = {}  # never fetched again
         self.retry: dict[tuple[str, int], tuple[float, float]] = {}  # (model, version) -> (not before, backoff)
         self.held: dict[str, Held] = {}  # model -> the weights last fetched (for delta fetches)
+        self.snapshots: dict[str, int] = {n: 0 for n in self.shards}  # hello snapshots taken, per shard
         self.retiring: list = []  # modules being replaced: freed here, not on the compute thread
         self.stopping = threading.Event()
 
@@ -78,7 +80,7 @@ class WeightSync(threading.Thread):
             while not self.stopping.is_set():
                 now = time.monotonic()
                 for n, v in self.views.items():
-                    if v.known and now - v.heard > SILENCE_INTERVALS * max(v.interval, 0.2):
+                    if v.known and now - v.heard > max(SILENCE_INTERVALS * v.interval, SILENCE_MIN_S):
                         log.info("shard_silent_resync", shard=n, silent_s=round(now - v.heard, 2))
                         v.known = False
                 stale = [n for n, v in self.views.items() if not v.known]
@@ -133,6 +135,7 @@ class WeightSync(threading.Thread):
                     boot, seq, current, pub = str(h["boot"]), int(h["seq"]), dict(h["current"]), str(h["pub"])
                     v.boot, v.seq, v.current, v.pub, v.known = boot, seq, current, pub, True
                     v.heard, v.interval = time.monotonic(), float(h.get("announce_interval", 1.0))
+                    self.snapshots[n] += 1
             except (KeyError, TypeError, ValueError) as exc:
                 log.warning("bad_hello", shard=n, error=str(exc))
 
