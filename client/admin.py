@@ -30,6 +30,11 @@ class AdminClient:
         return self.call("drain", worker=worker)
 
 
+def _refused(info: dict) -> str:
+    refused = info.get("refused")
+    return f",refused v{refused.get('version')}" if isinstance(refused, dict) else ""
+
+
 def format_status(st: dict) -> str:
     """A readable table of workers and models."""
     lines = [f"master epoch={st.get('epoch')} policy={st.get('policy')} uptime={st.get('uptime_s')}s "
@@ -40,7 +45,7 @@ def format_status(st: dict) -> str:
         models = ", ".join(f"{m}(v{i.get('version')}{'' if i.get('ready', True) else ',not ready'}"
                            f"{',' + i['dtype'] if i.get('dtype') not in (None, 'float32') else ''}"
                            f"{',int8' if i.get('quantize') else ''}"
-                           f"{',refused v' + str(i['refused'].get('version')) if isinstance(i.get('refused'), dict) else ''})"
+                           f"{_refused(i)})"
                            for m, i in w.get("models", {}).items())
         s = w.get("stats") or {}
         lines.append(f"{w['name']:<22} {w['state']:<9} {w['device']:<8} {models:<28} {w['credit']:>6} "

@@ -340,7 +340,8 @@ def _piece(item: object) -> tuple[Piece, str]:
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise ProtocolError(f"piece {key}: shape must be a list of at most 8 non-negative ints")
     numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    if not all(isinstance(x, int) and not isinstance(x, bool) for x in (start, stop)) or not 0 <= start <= stop <= numel:
+    ints = all(isinstance(x, int) and not isinstance(x, bool) for x in (start, stop))
+    if not ints or not 0 <= start <= stop <= numel:
         raise ProtocolError(f"piece {key}: range [{start}, {stop}) outside the {numel} elements")
     if not isinstance(checksum, str):
         raise ProtocolError(f"piece {key}: sha256 must be a hex string")

@@ -160,7 +160,8 @@ class ShardStore:
             try:
                 self.slices.setdefault(model, {})[version] = self._read(d, version, mf)
             except Exception as exc:  # noqa: BLE001 - a version we cannot read is corrupt, not fatal
-                why = str(exc) if isinstance(exc, CorruptVersion) else f"v{version}: unreadable ({type(exc).__name__}: {exc})"
+                why = (str(exc) if isinstance(exc, CorruptVersion)
+                       else f"v{version}: unreadable ({type(exc).__name__}: {exc})")
                 self.corrupt.setdefault(model, {})[version] = why
                 log.error("version_corrupt_refused", model=model, version=version, error=why)
         good = set(self.slices.get(model, {}))

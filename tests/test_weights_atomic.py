@@ -22,7 +22,7 @@ from ringserve.client.admin import AdminClient
 from ringserve.client.params import ParamClient, PublishConflict, PublishError, layout_problem, tiling_problem
 from ringserve.launch.procs import wait_for_workers, wait_until
 from ringserve.paramserver.store import meta_checksum, sha256
-from ringserve.protocol.codec import pack, unpack_map
+from ringserve.protocol.codec import pack
 from ringserve.protocol.messages import SHARD_PROTO
 from ringserve.protocol.placement import parse_shards
 from ringserve.worker import demo
@@ -282,8 +282,9 @@ def test_interleaved_stages_never_blend(cluster):
         ha, fa = stage_header("m", 1, "tok-a", {"w": a, "v": a}, digest="da")
         hb, fb = stage_header("m", 1, "tok-b", {"w": b}, digest="db")
         assert raw_call(pc, "ps0", ha, fa)["ok"] and raw_call(pc, "ps0", hb, fb)["ok"]
-        assert raw_call(pc, "ps0", {"cmd": "commit", "model": "m", "version": 1, "token": "tok-a", "digest": "da"})["ok"]
-        err = raw_call(pc, "ps0", {"cmd": "commit", "model": "m", "version": 1, "token": "tok-b", "digest": "db"})
+        commit = {"cmd": "commit", "model": "m", "version": 1}
+        assert raw_call(pc, "ps0", {**commit, "token": "tok-a", "digest": "da"})["ok"]
+        err = raw_call(pc, "ps0", {**commit, "token": "tok-b", "digest": "db"})
         assert err["error"]["code"] == "CONFLICT"
         got = fetch_version(pc, "m", 1)
         np.testing.assert_array_equal(got["w"], a)
@@ -438,8 +439,9 @@ def test_a_commit_landing_after_the_publisher_gave_up_is_undone(cluster):
             wake.join(10)
             slow.signal(signal.SIGCONT)
             pc.rpc.call = real_call
-        agreed = lambda: (lambda v: v if all(s == {"versions": [1], "current": 1} for s in v.values()) else None)(  # noqa
-            pc.versions("mlp"))
+        def agreed():
+            return all(s == {"versions": [1], "current": 1} for s in pc.versions("mlp").values())
+
         wait_until(agreed, 30, 0.2, what="shards agree on v1")
         time.sleep(1.0)
         assert all(s == {"versions": [1], "current": 1} for s in pc.versions("mlp").values())
