@@ -37,6 +37,11 @@ class AdminClient:
         return self.call("route", model=model, clear=clear, **args)
 
 
+def _refused(info: dict) -> str:
+    refused = info.get("refused")
+    return f",refused v{refused.get('version')}" if isinstance(refused, dict) else ""
+
+
 def format_status(st: dict) -> str:
     """A readable table of workers and models."""
     lines = [f"master epoch={st.get('epoch')} policy={st.get('policy')} uptime={st.get('uptime_s')}s "
@@ -46,11 +51,18 @@ def format_status(st: dict) -> str:
     for w in st.get("workers", []):
         models = ", ".join(f"{m}(v{i.get('version')}{'' if i.get('ready', True) else ',not ready'}"
                            f"{',' + i['dtype'] if i.get('dtype') not in (None, 'float32') else ''}"
-                           f"{',int8' if i.get('quantize') else ''})" for m, i in w.get("models", {}).items())
+                           f"{',int8' if i.get('quantize') else ''}"
+                           f"{_refused(i)})"
+                           for m, i in w.get("models", {}).items())
         s = w.get("stats") or {}
         lines.append(f"{w['name']:<22} {w['state']:<9} {w['device']:<8} {models:<28} {w['credit']:>6} "
                      f"{w['in_flight']:>5} {w['done']:>7} {w['heartbeat_age_s']:>6.2f}s {s.get('batches', 0):>8} "
                      f"{s.get('mean_batch_size', 0):>7}")
+    refusals = [f"  {w['name']} {m}: refused v{i['refused'].get('version')}: {i['refused'].get('reason')}"
+                for w in st.get("workers", []) for m, i in w.get("models", {}).items()
+                if isinstance(i.get("refused"), dict)]
+    if refusals:
+        lines += ["", "REFUSED VERSIONS (still serving the previous one)", *refusals]
     lines += ["", f"{'MODEL':<16} {'QUEUE':>6} {'INFL':>5} {'REQUESTS':>9} {'OK':>9} {'RETRIES':>8}  "
                   f"{'VERSIONS':<10} ERRORS"]
     for name, m in st.get("models", {}).items():

@@ -47,8 +47,14 @@ class Internal(RingserveError):
     code = ErrorCode.INTERNAL
 
 
+class Conflict(RingserveError):
+    """Publishing: that version number is already taken by other content (another publisher won)."""
+
+    code = ErrorCode.CONFLICT
+
+
 BY_CODE = {cls.code: cls for cls in (BadRequest, UnknownModel, UnknownVersion, Overloaded, Timeout, WorkerLost,
-                                     Internal)}
+                                     Internal, Conflict)}
 
 
 def from_error(error: dict | None, request_id: str | None) -> RingserveError:

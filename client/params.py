@@ -1,13 +1,24 @@
 """Publishing model weights to the parameter servers (two-phase: stage everywhere, then commit).
 
 A version becomes visible only when every shard has committed it: workers switch only when
-all shards announce the same current version. If staging fails on any shard, the others
-abort and nothing changes; if a commit fails part way, the shards that committed are rolled
-back to the previous current version, so the old version keeps serving.
+all shards announce the same current version.
+
+Before anything is staged the new version is checked against the model's layout: a delta
+against its base (same shapes and dtypes; new tensors only with `allow_new`), a full version
+against the current one (refused if it would leave the model unloadable, unless
+`allow_layout_change`). After staging, the shards' replies must tile every tensor exactly, or
+nothing is committed. Stages carry a random publisher token and a content digest: the commit
+goes first to one arbiter shard (the first by name), so of two publishers racing for one
+version number exactly one wins and the other gets CONFLICT having committed nothing. If a
+commit fails anywhere, every shard is told to revert this publish (its digest), including
+shards that did not answer, so a late commit is undone too and the shards agree again.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import time
+import uuid
 from typing import Any, Mapping
 
 import numpy as np
@@ -15,6 +26,7 @@ import structlog
 import zmq
 from safetensors.numpy import load_file
 
+from ringserve.client.errors import Conflict
 from ringserve.protocol.codec import to_numpy
 from ringserve.protocol.placement import DEFAULT_CHUNK_BYTES, parse_shards, place, plan
 from ringserve.protocol.shardrpc import ShardCallError, ShardRPC
@@ -24,6 +36,58 @@ log = structlog.get_logger("ringserve.publish")
 
 class PublishError(RuntimeError):
     pass
+
+
+class PublishConflict(PublishError, Conflict):
+    """The version number is taken by other content (another publisher won); nothing of ours is served."""
+
+    def __init__(self, message: str):
+        Conflict.__init__(self, message)  # "CONFLICT: ...", with .code and .message
+
+
+Layout = dict[str, tuple[str, tuple[int, ...]]]  # tensor -> (dtype, shape)
+
+
+def layout_problem(new: Layout, ref: Layout, delta: bool, allow_new: bool) -> str | None:
+    """Why `new` cannot replace (full) or update (delta) a version laid out as `ref`; None if it can.
+    A pure function: both the delta check and the "would leave the model unloadable" check."""
+    problems = []
+    for name in sorted(new):
+        if name not in ref:
+            if not allow_new:
+                problems.append(f"{name}: not in the {'base' if delta else 'current version'}")
+        elif new[name] != ref[name]:
+            problems.append(f"{name}: {new[name][0]}{list(new[name][1])}, "
+                            f"{'base' if delta else 'current version'} has {ref[name][0]}{list(ref[name][1])}")
+    if not delta:
+        missing = sorted(set(ref) - set(new))
+        if missing:
+            problems.append(f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''} (the current version has them)")
+    return "; ".join(problems[:8]) or None
+
+
+def tiling_problem(layouts: Mapping[str, Mapping[str, list]]) -> tuple[Layout, str | None]:
+    """Merge the shards' stage replies (param -> [dtype, shape, ranges]); check that every tensor's
+    pieces tile its elements exactly, with one dtype and shape. Returns (layout, problem)."""
+    merged: dict[str, list] = {}
+    problems = []
+    for shard, lay in layouts.items():
+        for param, (dtype, shape, ranges) in lay.items():
+            entry = merged.setdefault(param, [dtype, tuple(shape), []])
+            if (entry[0], entry[1]) != (dtype, tuple(shape)):
+                problems.append(f"{param}: shards disagree on its shape or dtype")
+            entry[2].extend(tuple(r) for r in ranges)
+    for param, (dtype, shape, ranges) in merged.items():
+        numel, edge = int(np.prod(shape, dtype=np.int64)) if shape else 1, 0
+        for start, stop in sorted(ranges):
+            if start != edge:
+                problems.append(f"{param}: pieces {'overlap' if start < edge else 'leave a gap'} at element {edge}")
+                break
+            edge = stop
+        else:
+            if edge != numel:
+                problems.append(f"{param}: pieces cover {edge} of {numel} elements")
+    return {p: (d, s) for p, (d, s, _) in merged.items()}, ("; ".join(problems[:8]) or None)
 
 
 class ParamClient:
@@ -48,13 +112,28 @@ class ParamClient:
         return {n: h for n, (h, _) in self.rpc.call_all({"cmd": "hello"}, timeout).items()}
 
     def versions(self, model: str) -> dict[str, dict]:
-        """Per shard: committed versions and the current one."""
-        return {n: {"versions": h["versions"].get(model, []), "current": h["current"].get(model)}
-                for n, h in self.hello().items()}
+        """Per shard: committed versions and the current one (plus corrupt versions and a fallback, if any)."""
+        out = {}
+        for n, h in self.hello().items():
+            out[n] = {"versions": h["versions"].get(model, []), "current": h["current"].get(model)}
+            for extra in ("corrupt", "fallback"):  # a corrupt current replaced by an older one, say so
+                if (h.get(extra) or {}).get(model):
+                    out[n][extra] = h[extra][model]
+        return out
+
+    def layout(self, model: str, version: int) -> Layout:
+        """The tensors (dtype, shape) of a committed version, from every shard's manifest."""
+        replies = self.rpc.call_all({"cmd": "fetch", "model": model, "version": version, "manifest_only": True})
+        return {item[1]: (item[2], tuple(item[3])) for h, _ in replies.values() for item in h["manifest"]}
 
     def publish(self, model: str, tensors: Mapping[str, Any], version: int | None = None,
-                base: int | None = None) -> int:
-        """Publish a full state dict, or with `base` a delta: only `tensors` change, the rest is base's."""
+                base: int | None = None, allow_new: bool = False, allow_layout_change: bool = False) -> int:
+        """Publish a full state dict, or with `base` a delta: only `tensors` change, the rest is base's.
+
+        Refused (PublishError, nothing committed) when a delta's tensors differ in shape or dtype
+        from the base's or are new (unless `allow_new`), or when a full version would not fit the
+        current version's layout (unless `allow_layout_change`). PublishConflict when the version
+        number is taken by other content."""
         try:
             states = self.hello()
         except ShardCallError as exc:
@@ -63,33 +142,87 @@ class ParamClient:
         if version is None:
             version = 1 + max([v for h in states.values() for v in h["versions"].get(model, [])], default=0)
         arrays = {name: to_numpy(t) for name, t in tensors.items()}
+        new_layout = {n: (a.dtype.name, tuple(a.shape)) for n, a in arrays.items()}
+        currents = set(previous.values()) - {None}
+        ref_version = base if base is not None else (currents.pop() if len(currents) == 1 else None)
+        if ref_version is not None and (base is not None or not allow_layout_change):
+            try:
+                ref = self.layout(model, ref_version)
+            except ShardCallError as exc:
+                raise PublishError(f"cannot read the layout of {model!r} v{ref_version}: {exc}") from None
+            problem = layout_problem(new_layout, ref, base is not None, allow_new)
+            if problem:
+                what = (f"delta on v{base}" if base is not None else
+                        f"full version (the current v{ref_version} would be replaced by weights no worker can load;"
+                        f" pass allow_layout_change / --allow-layout-change if the model changed)")
+                raise PublishError(f"refused to publish {model!r} v{version}, {what}: {problem}; nothing changed")
+        token = uuid.uuid4().hex
         pieces = plan({n: (a.dtype.name, a.shape, a.dtype.itemsize) for n, a in arrays.items()}, self.chunk_bytes)
         flat = {n: a.reshape(-1) for n, a in arrays.items()}
-        requests = {}
+        requests, sums = {}, []
+        replace = {n: [d, list(shp)] for n, (d, shp) in new_layout.items()} if base is not None else None
         for shard, mine in place(pieces, self.shards).items():
             frames = [memoryview(np.ascontiguousarray(flat[p.param][p.start:p.stop])).cast("B") for p in mine]
-            header = {"cmd": "stage", "model": model, "version": version, "base": base,
-                      "pieces": [[*p.as_list(), hashlib.sha256(f).hexdigest()] for p, f in zip(mine, frames)]}
-            requests[shard] = (header, frames)
-        try:
-            self.rpc.call(requests)
-        except ShardCallError as exc:
-            self.rpc.call_all({"cmd": "abort", "model": model, "version": version}, timeout=2, raise_on_error=False)
-            raise PublishError(f"publish of {model!r} v{version} failed while staging, nothing changed: {exc}") from None
-        replies = self.rpc.call_all({"cmd": "commit", "model": model, "version": version}, raise_on_error=False)
-        failed = {n for n in self.shards if n not in replies or not replies[n][0].get("ok")}
+            items = [[*p.as_list(), hashlib.sha256(f).hexdigest()] for p, f in zip(mine, frames)]
+            sums += items
+            requests[shard] = ({"cmd": "stage", "model": model, "version": version, "base": base, "token": token,
+                                "replace": replace, "pieces": items}, frames)
+        digest = hashlib.sha256(json.dumps([base, sorted(sums)], separators=(",", ":")).encode()).hexdigest()
+        for header, _ in requests.values():
+            header["digest"] = digest
+        ids = {"model": model, "version": version, "token": token, "digest": digest}
+        replies = self.rpc.call(requests, raise_on_error=False)
+        failed = {n: _why(replies.get(n)) for n in self.shards if n not in replies or not replies[n][0].get("ok")}
+        problem = None if failed else tiling_problem({n: h.get("layout", {}) for n, (h, _) in replies.items()})[1]
+        if failed or problem:
+            self.rpc.call_all({"cmd": "abort", **ids}, timeout=2, raise_on_error=False)
+            if any(code == "CONFLICT" for code, _ in failed.values()):
+                raise PublishConflict(f"{model!r} v{version} is already committed with other content; "
+                                      f"nothing of this publish is served")
+            why = problem or "; ".join(f"{n}: {msg}" for n, (_, msg) in sorted(failed.items()))
+            raise PublishError(f"publish of {model!r} v{version} failed while staging, nothing changed: {why}")
+        arbiter, *rest = sorted(self.shards)  # one shard decides between racing publishers
+        first = self.rpc.call({arbiter: ({"cmd": "commit", **ids}, [])}, raise_on_error=False)
+        arbiter_ok = bool(first.get(arbiter, ({}, []))[0].get("ok"))
+        code, msg = (None, "") if arbiter_ok else _why(first.get(arbiter))
+        if code == "CONFLICT":
+            self.rpc.call_all({"cmd": "abort", **ids}, timeout=2, raise_on_error=False)
+            raise PublishConflict(f"{model!r} v{version}: another publisher committed it first ({msg}); "
+                                  f"nothing of this publish is served")
+        failed = {} if arbiter_ok else {arbiter: (code, msg)}
+        if not failed and rest:
+            replies = self.rpc.call({n: ({"cmd": "commit", **ids}, []) for n in rest}, raise_on_error=False)
+            failed = {n: _why(replies.get(n)) for n in rest if n not in replies or not replies[n][0].get("ok")}
         if failed:
-            for n in set(self.shards) - failed:
-                if previous.get(n) is not None:
-                    self.rpc.call({n: ({"cmd": "rollback", "model": model, "version": previous[n]}, [])},
-                                  timeout=2, raise_on_error=False)
-            raise PublishError(f"publish of {model!r} v{version} failed to commit on {sorted(failed)}; "
-                               f"the previous version stays current")
+            why = "; ".join(f"{n}: {m}" for n, (_, m) in sorted(failed.items()))
+            self._revert(model, ids, previous)  # raises if some shard never confirms
+            raise PublishError(f"publish of {model!r} v{version} failed to commit ({why}); "
+                               f"reverted, the previous version stays current")
         log.info("published", model=model, version=version, base=base, tensors=len(arrays), pieces=len(pieces))
         return version
 
-    def publish_file(self, model: str, path: str, version: int | None = None, base: int | None = None) -> int:
-        return self.publish(model, load_file(path), version, base)
+    def _revert(self, model: str, ids: dict, previous: Mapping[str, int | None]) -> None:
+        """Tell every shard, answering or not, to undo this publish, and keep asking (bounded:
+        max(10 s, 3 x timeout)) until each confirms: a commit that lands late on a slow shard
+        must be undone too, or the shards would disagree."""
+        todo = set(self.shards)
+        end = time.monotonic() + max(10.0, 3 * self.rpc.timeout)
+        while todo and time.monotonic() < end:
+            replies = self.rpc.call({n: ({"cmd": "revert", **ids, "previous": previous.get(n)}, []) for n in todo},
+                                    timeout=min(self.rpc.timeout, max(0.5, end - time.monotonic())),
+                                    raise_on_error=False)
+            todo -= {n for n, (h, _) in replies.items() if h.get("ok")}
+            if todo:
+                time.sleep(0.2)
+        if todo:
+            log.error("revert_unconfirmed", model=model, version=ids["version"], shards=sorted(todo))
+            raise PublishError(f"publish of {model!r} v{ids['version']} failed and shards {sorted(todo)} did not "
+                               f"confirm the revert; workers keep the previous version while shards disagree; "
+                               f"repair with a rollback once they answer")
+
+    def publish_file(self, model: str, path: str, version: int | None = None, base: int | None = None,
+                     **options: bool) -> int:
+        return self.publish(model, load_file(path), version, base, **options)
 
     def rollback(self, model: str, version: int) -> None:
         """Make an earlier committed version current on every shard; workers swap back."""
@@ -97,6 +230,14 @@ class ParamClient:
             self.rpc.call_all({"cmd": "rollback", "model": model, "version": version})
         except ShardCallError as exc:
             raise PublishError(f"rollback of {model!r} to v{version} failed: {exc}") from None
+
+
+def _why(reply: tuple[dict, list] | None) -> tuple[str | None, str]:
+    """(error code, message) of a failed shard reply; (None, 'no answer') when there was none."""
+    if reply is None:
+        return None, "no answer"
+    err = reply[0].get("error") if isinstance(reply[0].get("error"), dict) else {}
+    return err.get("code"), str(err.get("message", reply[0]))
 
 
 def changed_tensors(new: Mapping[str, Any], old: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -17,6 +17,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pub", default="tcp://127.0.0.1:*", help="announcement endpoint (PUB)")
     p.add_argument("--keep", type=int, default=3, help="committed versions kept per model")
     p.add_argument("--announce-interval", type=float, default=1.0, help="seconds between state heartbeats")
+    p.add_argument("--max-staging-mb", type=float, default=2048.0,
+                   help="staged (uncommitted) data held at most, all publishers together; beyond it OVERLOADED")
+    p.add_argument("--staging-ttl", type=float, default=600.0,
+                   help="seconds a staged version waits for its commit before it is dropped")
     add_metrics_flags(p)
     add_log_flag(p)
     return p
@@ -25,8 +29,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     configure_logging("paramserver", args.log_level)
-    serve(ShardConfig(args.name, args.data_dir, args.bind, args.pub, args.keep, args.announce_interval), announce,
-          expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host))
+    serve(ShardConfig(args.name, args.data_dir, args.bind, args.pub, args.keep, args.announce_interval,
+                      max_staging_bytes=int(args.max_staging_mb * 1024 * 1024), staging_ttl=args.staging_ttl),
+          announce, expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host))
 
 
 if __name__ == "__main__":

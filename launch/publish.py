@@ -16,6 +16,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", help="a .safetensors file (for a delta: only the changed tensors)")
     p.add_argument("--version", type=int, default=None, help="default: newest committed + 1")
     p.add_argument("--base", type=int, default=None, help="publish a delta on top of this version")
+    p.add_argument("--allow-new-keys", action="store_true", help="a delta may add tensors its base lacks")
+    p.add_argument("--allow-layout-change", action="store_true",
+                   help="a full version may differ in tensors/shapes from the current one (the model changed)")
     p.add_argument("--rollback", type=int, default=None, metavar="VERSION", help="make VERSION current again")
     p.add_argument("--chunk-bytes", type=int, default=4 * 1024 * 1024, help="largest piece of one tensor")
     p.add_argument("--timeout", type=float, default=30.0)
@@ -32,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
                 pc.rollback(args.model, args.rollback)
                 print(json.dumps({"model": args.model, "current": args.rollback}))
             elif args.weights:
-                v = pc.publish_file(args.model, args.weights, args.version, args.base)
+                v = pc.publish_file(args.model, args.weights, args.version, args.base,
+                                    allow_new=args.allow_new_keys, allow_layout_change=args.allow_layout_change)
                 print(json.dumps({"model": args.model, "version": v}))
             else:
                 print(json.dumps(pc.versions(args.model)))

@@ -2,10 +2,17 @@
 
 Commands ([RSP01][msgpack header][tensor frames...]): hello (state snapshot), stage (receive
 this shard's pieces of a new version, checksums verified), commit (make it durable and
-current), abort, fetch (send a version's pieces), rollback (make an older version current).
+current), abort, revert (undo a commit of a publish that failed elsewhere), fetch (send a
+version's pieces), rollback (make an older version current).
 Each commit or rollback is announced on the PUB with a sequence number; a heartbeat
 announcement repeats the current state every interval, so a subscriber that joined late or
 saw a gap asks for a snapshot (hello) instead of trusting what it missed.
+
+Staging is keyed by (model, version, publisher token), so two publishers never blend; a
+version number that is already committed with other content is answered CONFLICT. A delta is
+merged by parameter name (the base's pieces of a parameter the delta carries are all
+replaced) and checked against the base. Staging is bounded in bytes and age. Replies are
+sent without blocking: a peer that does not read them loses them, the shard keeps serving.
 """
 from __future__ import annotations
 
@@ -22,7 +29,7 @@ import zmq
 
 from ringserve.paramserver.metrics import ShardMetrics
 from ringserve.paramserver.store import ShardStore, Slice, sha256
-from ringserve.protocol.codec import pack, unpack_map
+from ringserve.protocol.codec import SUPPORTED_DTYPES, pack, unpack_map
 from ringserve.protocol.messages import SHARD_COMMANDS, SHARD_PROTO, ErrorCode, ProtocolError, error_body
 from ringserve.protocol.placement import Piece
 
@@ -37,6 +44,22 @@ class ShardConfig:
     pub: str = "tcp://127.0.0.1:*"
     keep: int = 3
     announce_interval: float = 1.0
+    max_staging_bytes: int = 2 * 1024 ** 3  # all stages together; beyond it a stage is refused OVERLOADED
+    staging_ttl: float = 600.0  # seconds a stage may wait for its commit before it is dropped
+    hwm: int = 1000  # messages queued per peer; beyond it replies to that peer are dropped
+
+
+MAX_NAME = 512  # longest tensor name accepted (safetensors header names)
+
+
+@dataclass
+class Stage:
+    """One publisher's staged pieces of one version, invisible until committed."""
+
+    slice: Slice
+    token: str
+    created: float
+    nbytes: int  # bytes received for this stage (pieces shared with the base are not counted)
 
 
 class Shard:
@@ -48,6 +71,8 @@ class Shard:
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.SNDHWM, cfg.hwm)
+        self.router.setsockopt(zmq.SNDTIMEO, 0)
         self.router.bind(cfg.bind)
         self.pubsock = self.ctx.socket(zmq.PUB)
         self.pubsock.setsockopt(zmq.LINGER, 0)
@@ -56,7 +81,8 @@ class Shard:
         self.pub_endpoint = self.pubsock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.boot = uuid.uuid4().hex[:12]
         self.seq = 0
-        self.staging: dict[tuple[str, int], Slice] = {}
+        self.staging: dict[tuple[str, int, str], Stage] = {}  # (model, version, token) -> stage
+        self.replies_dropped = 0
         self.stopping = False
         self.last_announce = 0.0
         self.metrics = ShardMetrics(cfg.name)
@@ -70,6 +96,7 @@ class Shard:
                     frames = self.router.recv_multipart(copy=False)
                     self.on_message(frames)
                 now = time.monotonic()
+                self.expire_staging(now)
                 if now - self.last_announce >= self.cfg.announce_interval:
                     self.last_announce = now
                     self._announce("hugz", "", None)
@@ -111,60 +138,141 @@ class Shard:
                                 time.monotonic() - started)
         if out:
             self.metrics.on_fetch(sum(memoryview(f).nbytes for f in out))
-        try:
-            self.router.send_multipart([ident, SHARD_PROTO, pack(reply), *out], copy=False)
+        try:  # never block: a peer that does not read its replies loses them, nobody else waits
+            self.router.send_multipart([ident, SHARD_PROTO, pack(reply), *out], zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:
             if exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
                 raise
-            log.warning("shard_reply_undeliverable")
+            self.replies_dropped += 1
+            log.warning("shard_reply_undeliverable", rid=rid, dropped=self.replies_dropped,
+                        why="peer gone" if exc.errno == errno.EHOSTUNREACH else "peer not reading (high-water mark)")
 
     def on_hello(self, header: dict, frames) -> dict:
         return {"ok": True, "name": self.cfg.name, "pub": self.pub_endpoint, "boot": self.boot, "seq": self.seq,
                 "current": dict(self.store.current), "versions": self.store.versions(),
-                "corrupt": {m: {str(v): why for v, why in c.items()} for m, c in self.store.corrupt.items()}}
+                "corrupt": {m: {str(v): why for v, why in c.items()} for m, c in self.store.corrupt.items()},
+                "fallback": dict(self.store.fallback), "announce_interval": self.cfg.announce_interval,
+                "staging": {"stages": len(self.staging), "bytes": self.staging_bytes(),
+                            "max_bytes": self.cfg.max_staging_bytes, "ttl_s": self.cfg.staging_ttl},
+                "replies_dropped": self.replies_dropped}
+
+    # --------------------------------------------------------------- staging
+    def staging_bytes(self) -> int:
+        return sum(st.nbytes for st in self.staging.values())
+
+    def expire_staging(self, now: float) -> None:
+        for key, st in list(self.staging.items()):
+            if now - st.created > self.cfg.staging_ttl:
+                del self.staging[key]
+                log.warning("stage_expired", model=key[0], version=key[1], token=key[2], bytes=st.nbytes,
+                            age_s=round(now - st.created, 1))
 
     def on_stage(self, header: dict, frames) -> dict:
-        model, version, base = _model(header), _version(header), header.get("base")
+        model, version, token, digest = _model(header), _version(header), _token(header), _digest(header)
+        base = header.get("base")
+        if base is not None and (not isinstance(base, int) or isinstance(base, bool)):
+            raise ProtocolError("field 'base' must be a version number")
         items = header.get("pieces")
         if not isinstance(items, list) or len(items) != len(frames):
             raise ProtocolError("stage needs 'pieces' with one frame each")
-        sl = Slice(version)
+        replace = _replace(header)
+        committed = self.store.slices.get(model, {}).get(version)
+        if committed is not None and committed.digest != digest:
+            return error_body(None, ErrorCode.CONFLICT, f"{model!r} v{version} is already committed with other "
+                                                        f"content; publish a new version number")
+        nbytes = sum(len(f.buffer) for f in frames)
+        self.expire_staging(time.monotonic())
+        held = self.staging_bytes() - (self.staging[(model, version, token)].nbytes
+                                       if (model, version, token) in self.staging else 0)
+        if held + nbytes > self.cfg.max_staging_bytes:
+            return error_body(None, ErrorCode.OVERLOADED, f"staging area full ({held} of "
+                                                          f"{self.cfg.max_staging_bytes} bytes held); retry later")
+        sl = Slice(version, digest=digest)
+        base_slice = None
         if base is not None:
             base_slice = self.store.slices.get(model, {}).get(base)
             if base_slice is None:
                 return error_body(None, ErrorCode.UNKNOWN_VERSION, f"base version {base} of {model!r} not on shard")
-            sl.pieces, sl.data, sl.checksums = dict(base_slice.pieces), dict(base_slice.data), dict(base_slice.checksums)
+            gone = set(replace)  # merge by parameter: every base piece of a carried parameter is replaced
+            for k, p in base_slice.pieces.items():
+                if p.param not in gone:
+                    sl.pieces[k], sl.data[k], sl.checksums[k] = p, base_slice.data[k], base_slice.checksums[k]
+        layouts: dict[str, tuple[str, tuple]] = {}
         for item, frame in zip(items, frames):
-            piece, checksum = Piece.from_list(item[:6]), item[6]
+            piece, checksum = _piece(item)
+            if base is not None and piece.param not in replace:
+                raise ProtocolError(f"piece {piece.key}: parameter {piece.param!r} not listed in 'replace'")
+            if layouts.setdefault(piece.param, (piece.dtype, piece.shape)) != (piece.dtype, piece.shape):
+                raise ProtocolError(f"piece {piece.key}: pieces of {piece.param!r} disagree on shape or dtype")
             buf = frame.buffer
             if sha256(buf) != checksum:
                 raise ProtocolError(f"piece {piece.key}: checksum mismatch in transfer")
+            if len(buf) % np.dtype(piece.dtype).itemsize:
+                raise ProtocolError(f"piece {piece.key}: {len(buf)} bytes is not a whole number of {piece.dtype}")
             arr = np.frombuffer(buf, dtype=piece.dtype)
             if arr.size != piece.stop - piece.start:
                 raise ProtocolError(f"piece {piece.key}: {arr.size} elements, expected {piece.stop - piece.start}")
+            if piece.key in sl.pieces and sl.pieces[piece.key].param != piece.param:
+                raise ProtocolError(f"piece {piece.key}: key already names a piece of another parameter")
             sl.pieces[piece.key], sl.data[piece.key], sl.checksums[piece.key] = piece, arr, checksum
-        self.staging[(model, version)] = sl
-        return {"ok": True, "staged": len(items)}
+        if base_slice is not None:
+            problem = delta_problem(base_slice, replace)
+            if problem:
+                return error_body(None, ErrorCode.BAD_REQUEST, f"delta on v{base} of {model!r}: {problem}")
+        self.staging[(model, version, token)] = Stage(sl, token, time.monotonic(), nbytes)
+        return {"ok": True, "staged": len(items), "layout": layout(sl)}
 
     def on_commit(self, header: dict, frames) -> dict:
-        model, version = _model(header), _version(header)
-        if version in self.store.slices.get(model, {}):
-            return {"ok": True, "already": True}
-        sl = self.staging.pop((model, version), None)
-        if sl is None:
-            return error_body(None, ErrorCode.UNKNOWN_VERSION, f"nothing staged for {model!r} v{version}")
-        self.store.commit(model, sl)
+        model, version, token, digest = _model(header), _version(header), _token(header), _digest(header)
+        stage = self.staging.pop((model, version, token), None)
+        committed = self.store.slices.get(model, {}).get(version)
+        if committed is not None:
+            if committed.digest == digest:
+                return {"ok": True, "already": True}  # the same content again (a retried commit)
+            return error_body(None, ErrorCode.CONFLICT, f"{model!r} v{version} is already committed with other "
+                                                        f"content; publish a new version number")
+        if stage is None:
+            return error_body(None, ErrorCode.UNKNOWN_VERSION, f"nothing staged for {model!r} v{version} "
+                                                               f"by this publisher (expired or aborted?)")
+        if stage.slice.digest != digest:
+            raise ProtocolError("commit 'digest' differs from the staged one")
+        self.store.commit(model, stage.slice)
         self._announce("commit", model, version)
-        log.info("version_committed", model=model, version=version, pieces=len(sl.pieces))
+        log.info("version_committed", model=model, version=version, pieces=len(stage.slice.pieces), token=token)
         return {"ok": True}
 
     def on_abort(self, header: dict, frames) -> dict:
-        self.staging.pop((_model(header), _version(header)), None)
+        self.staging.pop((_model(header), _version(header), _token(header)), None)
         return {"ok": True}
+
+    def on_revert(self, header: dict, frames) -> dict:
+        """Undo this publisher's commit of `version` (it failed elsewhere): `previous` is current
+        again and the version is forgotten. Only a version with this publish's digest is touched."""
+        model, version, token, digest = _model(header), _version(header), _token(header), _digest(header)
+        previous = header.get("previous")
+        if previous is not None and (not isinstance(previous, int) or isinstance(previous, bool)):
+            raise ProtocolError("field 'previous' must be a version number or nil")
+        self.staging.pop((model, version, token), None)  # a commit arriving later finds nothing staged
+        committed = self.store.slices.get(model, {}).get(version)
+        if committed is None or committed.digest != digest:
+            return {"ok": True, "reverted": False}
+        if previous is not None and previous not in self.store.slices.get(model, {}):
+            previous = None
+        was_current = self.store.current.get(model) == version
+        self.store.revert(model, version, previous)
+        if was_current:
+            self._announce("rollback", model, previous)
+        log.warning("version_reverted", model=model, version=version, current=self.store.current.get(model))
+        return {"ok": True, "reverted": True}
 
     def on_fetch(self, header: dict, frames):
         model = _model(header)
         version = header.get("version", self.store.current.get(model))
+        if version is not None and (not isinstance(version, int) or isinstance(version, bool)):
+            raise ProtocolError("field 'version' must be a version number")
+        wanted = header.get("keys")
+        if wanted is not None and (not isinstance(wanted, list) or not all(isinstance(k, str) for k in wanted)):
+            raise ProtocolError("field 'keys' must be a list of piece keys")
         why = self.store.corrupt.get(model, {}).get(version)
         if why:
             return error_body(None, ErrorCode.CORRUPT, f"shard {self.cfg.name}: {model} {why}")
@@ -174,8 +282,8 @@ class Shard:
         manifest = [[*sl.pieces[k].as_list(), sl.checksums[k]] for k in sl.pieces]
         if header.get("manifest_only"):  # what the version is made of, so a worker fetches only what changed
             return {"ok": True, "model": model, "version": version, "manifest": manifest}
-        wanted = header.get("keys")
-        keys = [k for k in sl.pieces if wanted is None or k in set(wanted)]
+        wanted_set = None if wanted is None else set(wanted)
+        keys = [k for k in sl.pieces if wanted_set is None or k in wanted_set]
         return ({"ok": True, "model": model, "version": version,
                  "pieces": [[*sl.pieces[k].as_list(), sl.checksums[k]] for k in keys]},
                 [memoryview(sl.data[k]).cast("B") for k in keys])
@@ -207,6 +315,82 @@ def _model(header: dict) -> str:
     if not isinstance(model, str) or not model or "/" in model or model.startswith("."):
         raise ProtocolError("field 'model' must be a plain name")
     return model
+
+
+def _token(header: dict) -> str:
+    t = header.get("token")
+    if not isinstance(t, str) or not 1 <= len(t) <= 64:
+        raise ProtocolError("field 'token' must be the publisher's id (1..64 chars)")
+    return t
+
+
+def _digest(header: dict) -> str:
+    d = header.get("digest")
+    if not isinstance(d, str) or not 1 <= len(d) <= 128:
+        raise ProtocolError("field 'digest' must be the version's content digest")
+    return d
+
+
+def valid_name(name: object) -> bool:
+    """A tensor name the store can hold (safetensors reserves __metadata__)."""
+    return (isinstance(name, str) and 0 < len(name) <= MAX_NAME and name != "__metadata__"
+            and name.isprintable() and "#" not in name)
+
+
+def _piece(item: object) -> tuple[Piece, str]:
+    """Validate one [key, param, dtype, shape, start, stop, sha256] entry."""
+    if not isinstance(item, list) or len(item) != 7:
+        raise ProtocolError("a piece is [key, param, dtype, shape, start, stop, sha256]")
+    key, param, dtype, shape, start, stop, checksum = item
+    if not valid_name(param):
+        raise ProtocolError(f"tensor name {str(param)[:80]!r} cannot be stored (empty, too long, '#', "
+                            f"unprintable or reserved __metadata__)")
+    if not isinstance(key, str) or not (key == param or (key.startswith(param + "#")
+                                                          and key[len(param) + 1:].isdigit())):
+        raise ProtocolError(f"piece key {str(key)[:80]!r} must be {param!r} or {param!r}#N")
+    if dtype not in SUPPORTED_DTYPES:
+        raise ProtocolError(f"piece {key}: dtype {dtype!r} not supported")
+    if (not isinstance(shape, list) or len(shape) > 8
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        raise ProtocolError(f"piece {key}: shape must be a list of at most 8 non-negative ints")
+    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    ints = all(isinstance(x, int) and not isinstance(x, bool) for x in (start, stop))
+    if not ints or not 0 <= start <= stop <= numel:
+        raise ProtocolError(f"piece {key}: range [{start}, {stop}) outside the {numel} elements")
+    if not isinstance(checksum, str):
+        raise ProtocolError(f"piece {key}: sha256 must be a hex string")
+    return Piece(key, param, dtype, tuple(shape), start, stop), checksum
+
+
+def _replace(header: dict) -> dict[str, tuple[str, tuple]]:
+    """A delta's carried parameters: name -> (dtype, shape); every shard gets the whole list."""
+    rep = header.get("replace", {})
+    if rep is None:
+        return {}
+    if not isinstance(rep, dict) or not all(valid_name(k) and isinstance(v, list) and len(v) == 2
+                                            and isinstance(v[1], list) for k, v in rep.items()):
+        raise ProtocolError("field 'replace' must map tensor names to [dtype, shape]")
+    return {k: (str(v[0]), tuple(v[1])) for k, v in rep.items()}
+
+
+def delta_problem(base: Slice, replace: dict[str, tuple[str, tuple]]) -> str | None:
+    """What is wrong with a delta as far as this shard can see: a carried parameter whose dtype or
+    shape differs from the base's. (New parameters are checked by the publisher, which sees the
+    whole base; a shard may hold none of a parameter.)"""
+    known = {p.param: (p.dtype, p.shape) for p in base.pieces.values()}
+    for name, (dtype, shape) in sorted(replace.items()):
+        if name in known and known[name] != (dtype, tuple(shape)):
+            return (f"{name}: {dtype}{list(shape)} does not match the base's "
+                    f"{known[name][0]}{list(known[name][1])}")
+    return None
+
+
+def layout(sl: Slice) -> dict[str, list]:
+    """param -> [dtype, shape, [[start, stop], ...]] of what this shard holds of a version."""
+    out: dict[str, list] = {}
+    for p in sl.pieces.values():
+        out.setdefault(p.param, [p.dtype, list(p.shape), []])[2].append([p.start, p.stop])
+    return out
 
 
 def _version(header: dict) -> int:

@@ -22,7 +22,7 @@ DRAIN = b"\x06"  # master -> worker: finish in-flight work, then leave
 WORKER_COMMANDS = {READY, REQUEST, REPLY, HEARTBEAT, DISCONNECT, DRAIN}
 
 # Parameter-server commands (msgpack header field "cmd"), see docs/protocol.md.
-SHARD_COMMANDS = ("hello", "stage", "commit", "abort", "fetch", "rollback")
+SHARD_COMMANDS = ("hello", "stage", "commit", "abort", "revert", "fetch", "rollback")
 
 # Internal services a client may address instead of a model (ZeroMQ RFC 8, "mmi." namespace).
 MMI_PING = "mmi.ping"  # ringserve's own: reply {"ok", "epoch"}; the client library uses it to watch the master
@@ -43,6 +43,7 @@ class ErrorCode:
     WORKER_LOST = "WORKER_LOST"
     INTERNAL = "INTERNAL"
     CORRUPT = "CORRUPT"  # parameter servers only: a stored version failed its checksum
+    CONFLICT = "CONFLICT"  # parameter servers only: that version number is taken by other content
 
     ALL = (BAD_REQUEST, UNKNOWN_MODEL, UNKNOWN_VERSION, OVERLOADED, TIMEOUT, WORKER_LOST, INTERNAL)
     RETRYABLE = (OVERLOADED, WORKER_LOST)

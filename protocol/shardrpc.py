@@ -45,16 +45,21 @@ class ShardRPC:
              raise_on_error: bool = True) -> dict[str, tuple[dict, list]]:
         """Send each shard its (header, frames) at once; wait for all replies (or the timeout)."""
         rids = {}
-        for name, (header, frames) in requests.items():
-            rids[name] = next(self._rids)
-            self.socks[name].send_multipart([SHARD_PROTO, pack({**header, "rid": rids[name]}), *frames], copy=False)
         replies: dict[str, tuple[dict, list]] = {}
         failures: dict[str, str] = {}
+        for name, (header, frames) in requests.items():
+            rids[name] = next(self._rids)
+            try:  # never block: a shard whose queue is full counts as not answering
+                self.socks[name].send_multipart([SHARD_PROTO, pack({**header, "rid": rids[name]}), *frames],
+                                                zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                failures[name] = "send queue full (shard not reading)"
+                self._open(name)
         end = time.monotonic() + (self.timeout if timeout is None else timeout)
         poller = zmq.Poller()
         for name in requests:
             poller.register(self.socks[name], zmq.POLLIN)
-        waiting = set(requests)
+        waiting = set(requests) - set(failures)
         while waiting and time.monotonic() < end:
             for sock, _ in poller.poll(max(1, int((end - time.monotonic()) * 1000))):
                 name = next(n for n in waiting | set(replies) if self.socks[n] is sock)

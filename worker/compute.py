@@ -1,7 +1,9 @@
 """The compute thread: forms batches, runs the model, hands replies to the socket thread.
 
 It owns one inproc PUSH socket (made in this thread) and never touches the master socket.
-Weight swaps are applied here, between batches, so no batch ever sees two versions.
+Weight swaps are applied here, between batches, so no batch ever sees two versions; the
+weight-sync thread hands over a complete module (built, converted and on the device), so a
+swap here is one reference assignment and never stalls serving.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ class ComputeThread(threading.Thread):
         super().__init__(name="ringserve-compute", daemon=True)
         self.ctx, self.results_endpoint, self.models, self.batcher = ctx, results_endpoint, models, batcher
         self.inbox: queue.Queue[WorkItem] = queue.Queue()
-        self.swaps: queue.Queue[tuple[str, dict, int]] = queue.Queue()
+        self.swaps: queue.Queue[tuple[str, object, int]] = queue.Queue()  # (model, built module, version)
         self.stats = BatchStats()
         self.metrics = metrics or WorkerMetrics()
         self.stopping = threading.Event()
@@ -97,17 +99,16 @@ class ComputeThread(threading.Thread):
         changed = False
         while True:
             try:
-                name, state, version = self.swaps.get_nowait()
+                name, module, version = self.swaps.get_nowait()
             except queue.Empty:
                 break
             try:
                 t0 = time.monotonic()
-                self.models[name].swap(state, version)
+                self.models[name].install(module, version)
                 changed = True
                 self.metrics.on_swap(name, time.monotonic() - t0)
                 log.info("weights_swapped", model=name, version=version)
             except Exception as exc:
-                self.metrics.on_refused(name)
                 log.error("weights_swap_failed", model=name, version=version, error=str(exc))
         if changed:
             self.push.send_multipart([CHANGED])

@@ -4,9 +4,15 @@ A spec is ``NAME=package.module:factory[,key=value...]``; keys are ``weights`` (
 safetensors file), ``dtype`` (float32|float16|bfloat16), ``quantize`` (int8) and
 ``arg.NAME`` (a keyword argument for the factory). Weights are only ever read with
 safetensors: never pickle, never torch.load.
+
+Weights are all-or-nothing: a candidate state dict is checked whole against the module's
+layout (`check_state`, a pure function), then a complete new module is built off to the side
+(`build_shadow`, on the weight-sync thread: load, dtype/int8, device), and the compute thread
+only swaps one reference (`install`). The live module is never written to.
 """
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import threading
@@ -23,6 +29,46 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 class BadInput(ValueError):
     """The request's inputs do not fit the model: answered BAD_REQUEST."""
+
+
+class WeightsRefused(ValueError):
+    """A candidate state dict does not fit the module (keys, shapes or dtypes)."""
+
+
+Layout = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+def layout_of(module: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """What a state dict for `module` must hold: name -> (shape, dtype)."""
+    return {k: (tuple(v.shape), v.dtype) for k, v in module.state_dict().items()}
+
+
+def check_state(layout: Layout, state: Mapping[str, Any]) -> None:
+    """Raise WeightsRefused naming every key that is missing, extra, or of the wrong shape or dtype.
+
+    Floating-point weights may arrive in another floating dtype (the worker converts them to
+    its served dtype anyway); integer and bool tensors must match exactly."""
+    problems = []
+    missing, extra = sorted(set(layout) - set(state)), sorted(set(state) - set(layout))
+    if missing:
+        problems.append(f"missing {_few(missing)}")
+    if extra:
+        problems.append(f"unexpected {_few(extra)}")
+    for name in sorted(set(layout) & set(state)):
+        shape, dtype = layout[name]
+        t = state[name]
+        got_shape, got_dtype = tuple(t.shape), t.dtype
+        if got_shape != shape:
+            problems.append(f"{name}: shape {list(got_shape)}, expected {list(shape)}")
+        elif got_dtype != dtype and not (got_dtype.is_floating_point and dtype.is_floating_point):
+            problems.append(f"{name}: dtype {str(got_dtype).removeprefix('torch.')}, "
+                            f"expected {str(dtype).removeprefix('torch.')}")
+    if problems:
+        raise WeightsRefused("; ".join(problems[:8]) + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
+
+
+def _few(names: list[str]) -> str:
+    return str(names[:5])[:-1] + (f", ... {len(names) - 5} more]" if len(names) > 5 else "]")
 
 
 @dataclass
@@ -92,11 +138,15 @@ class ServedModel:
         self.name, self.opts, self.device = opts.name, opts, device
         module = build_module(opts.spec, opts.kwargs)
         self.input_spec: dict | None = getattr(module, "input_spec", None)
+        self.layout = layout_of(module)  # before dtype/int8: what published weights must look like
         self.ready = not wait_for_weights  # not ready until the parameter servers give it weights
         if opts.weights:
-            module.load_state_dict(load_file(opts.weights), strict=True)
+            state = load_file(opts.weights)
+            check_state(self.layout, state)
+            module.load_state_dict(state, strict=True)
         self.version = version if version is not None else (opts.version if opts.weights else None)
         self.module = self._prepare(module)
+        self.refused: dict | None = None  # {"version", "reason"}: the last version this worker could not load
         self.lock = threading.Lock()  # held while running or swapping, so the two never mix
 
     def _prepare(self, module: torch.nn.Module) -> torch.nn.Module:
@@ -114,8 +164,12 @@ class ServedModel:
         return DTYPES[self.opts.dtype]
 
     def describe(self) -> dict:
-        return {"version": self.version, "ready": self.ready, "dtype": self.opts.dtype,
+        info = {"version": self.version, "ready": self.ready, "dtype": self.opts.dtype,
                 "quantize": self.opts.quantize, "device": str(self.device)}
+        refused = self.refused
+        if refused is not None:
+            info["refused"] = dict(refused)
+        return info
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> int:
         """Raise BadInput naming what is wrong; return the number of rows (first dim)."""
@@ -156,18 +210,43 @@ class ServedModel:
             t = t.to(self.float_dtype)
         return t
 
-    def swap(self, state: Mapping[str, torch.Tensor], version: int) -> None:
-        """Replace the weights between batches: the lock keeps any batch on one version."""
-        staged = {k: v.to(self.device) for k, v in state.items()}  # copy to device before taking the lock
-        module = build_module(self.opts.spec, self.opts.kwargs) if self.opts.quantize else None
+    def build_shadow(self, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
+        """A complete new module with `state`, ready to serve (dtype, int8, device): built off to
+        the side, on the caller's thread (weight sync), so the compute thread only swaps a reference.
+        Raises WeightsRefused (and touches nothing live) when `state` does not fit the module."""
+        check_state(self.layout, state)
+        module = self._copy_live() if self.opts.quantize is None else None
+        if module is not None:  # a copy of the live module (in dtype, on device): copy_ converts and moves
+            module.load_state_dict(state, strict=True)
+        else:  # quantized modules (or ones that cannot be copied) are rebuilt from float weights
+            module = build_module(self.opts.spec, self.opts.kwargs)
+            module.load_state_dict(state, strict=True)  # into the fresh module only
+            module = self._prepare(module)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the copy is done before anyone can run it
+        return module
+
+    def _copy_live(self) -> torch.nn.Module | None:
+        """A deep copy of the live module (only read, never written): about half the cost of the
+        factory's random init. None if the module cannot be copied."""
+        try:
+            return copy.deepcopy(self.module)
+        except Exception:  # noqa: BLE001 - fall back to the factory
+            return None
+
+    def install(self, module: torch.nn.Module, version: int) -> None:
+        """Swap in a module built by `build_shadow`, between batches: the lock keeps any batch on one version."""
         with self.lock:
-            if module is not None:  # quantized modules are rebuilt from float weights
-                module.load_state_dict(staged, strict=True)
-                self.module = self._prepare(module)
-            else:
-                self.module.load_state_dict(staged, strict=True)
+            self.module = module
             self.version = version
             self.ready = True
+        refused = self.refused
+        if refused is not None and version > refused["version"]:
+            self.refused = None  # a newer version serves now; an older one (a rollback) keeps the report
+
+    def refuse(self, version: int, reason: str) -> None:
+        """Remember (and report in heartbeats) a version this worker cannot load; it keeps serving the old one."""
+        self.refused = {"version": version, "reason": reason[:500]}
 
 
 def _named_outputs(out: Any) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """The worker's Prometheus metrics: batches, compute and queue time, versions, weight swaps.
 
 The compute thread feeds the per-batch figures (``on_batch``) and the weight swaps
-(``on_swap``, ``on_refused``); the socket thread refreshes the per-model gauges from the same
+(``on_swap``); the socket thread refreshes the per-model gauges from the same
 description it sends in its heartbeat (``refresh``). prometheus-client's metrics are
 thread-safe, so the two threads and the HTTP thread need no lock of ours.
 """
@@ -36,6 +36,7 @@ class WorkerMetrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.refused = Counter("ringserve_weight_refusals", "Weight versions refused (could not be loaded)",
                                ["model"], registry=r)
+        self._refusals_seen: set[tuple[str, int]] = set()  # bounded: one entry per refused version
 
     def on_batch(self, model: str, rows: int, queue_waits_s: list[float], compute_s: float) -> None:
         self.batch_size.labels(model).observe(rows)
@@ -51,11 +52,13 @@ class WorkerMetrics:
         self.swaps.labels(model).inc()
         self.swap_duration.labels(model).observe(seconds)
 
-    def on_refused(self, model: str) -> None:
-        self.refused.labels(model).inc()
-
     def refresh(self, models: dict[str, dict]) -> None:
-        """Per-model gauges from the heartbeat's description ({name: {"version", "ready", ...}})."""
+        """Per-model gauges from the heartbeat's description ({name: {"version", "ready", ...}});
+        a refusal (reported there by the weight-sync thread) is counted once per version."""
         for name, info in models.items():
             self.version.labels(name).set(info.get("version") or 0)
             self.ready.labels(name).set(1 if info.get("ready", True) else 0)
+            refused = info.get("refused")
+            if refused and (name, refused["version"]) not in self._refusals_seen:
+                self._refusals_seen.add((name, refused["version"]))
+                self.refused.labels(name).inc()
