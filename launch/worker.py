@@ -36,6 +36,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-interval", type=float, default=1.0)
     p.add_argument("--heartbeat-liveness", type=int, default=3)
     p.add_argument("--max-backoff", type=float, default=32.0, help="longest reconnect backoff, seconds")
+    p.add_argument("--keep-versions", type=int, default=1, choices=range(1, 17), metavar="N",
+                   help="versions of each model kept loaded side by side (current + N-1 earlier), so requests "
+                        "pinned or routed to an earlier version are served during a canary or A/B split "
+                        "(default 1; per model: keep=N)")
     p.add_argument("--paramservers", default=None,
                    help="NAME=ENDPOINT,... of the parameter-server shards to take weights from")
     add_metrics_flags(p)

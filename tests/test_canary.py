@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 import numpy as np
+import torch
 import pytest
 from safetensors.torch import save_file
 
@@ -83,3 +84,33 @@ def test_routes_survive_a_master_restart(cluster, tmp_path):
                                                        "--state-dir", str(tmp_path / "state")], "master2")
     route = AdminClient(again.info["admin"]).status()["routes"]["mlp"]
     assert route["split"] == [[3, 80], [4, 20]] and route["sticky_key"] == "user"
+
+
+def test_one_worker_keeps_two_versions_from_the_shards_for_a_canary(cluster):
+    """Canary flow: pin all traffic to v1, publish v2, split 1=80,2=20 on workers holding both."""
+    from ringserve.client.params import ParamClient
+    from ringserve.launch.procs import wait_for_workers
+
+    eps = cluster.start_shards(2)
+    cluster.start_master()
+    states = {v: {k: t.clone() for k, t in demo.mlp(seed=v).state_dict().items()} for v in (1, 2)}
+    x = np.random.default_rng(0).standard_normal((1, 256), dtype=np.float32)
+    with ParamClient(eps) as pc:
+        assert pc.publish("mlp", states[1]) == 1
+        cluster.start_workers(1, "--paramservers", ",".join(f"{n}={e}" for n, e in eps.items()),
+                              "--keep-versions", "2", wait=False)
+        wait_for_workers(cluster.admin, 1, 60, model="mlp", version=1)
+        admin = AdminClient(cluster.admin)
+        assert admin.route("mlp", split="1=100")["ok"]
+        assert pc.publish("mlp", states[2]) == 2
+    wait_until(lambda: admin.status()["workers"][0]["models"]["mlp"].get("versions") == [1, 2], 30)
+    assert admin.route("mlp", split="1=80,2=20")["ok"]
+    with Client(cluster.frontend, timeout=30) as c:
+        replies = [f.result(timeout=30) for f in [c.infer_async("mlp", {"x": x}) for _ in range(400)]]
+    seen = Counter(r.version for r in replies)
+    assert seen[1] + seen[2] == 400 and 50 <= seen[2] <= 110, seen
+    for v in (1, 2):  # each answer comes from its own version's weights
+        with torch.inference_mode():
+            want = demo.mlp(seed=v).eval()(torch.from_numpy(x))["logits"].numpy()
+        got = next(r for r in replies if r.version == v).outputs["logits"]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)

@@ -116,14 +116,15 @@ class ComputeThread(threading.Thread):
     def _run_batch(self, batch: list[WorkItem]) -> None:
         model = self.models[batch[0].model]
         pinned = batch[0].version
-        if pinned is not None and pinned != model.version:
+        if not model.holds(pinned):
             for item in batch:
                 self._reply_error(item, ErrorCode.UNKNOWN_VERSION,
-                                  f"worker now serves version {model.version}, not {pinned}")
+                                  f"worker now serves version(s) {model.versions()}, not {pinned}")
             return
+        version = model.version if pinned is None else pinned
         started = time.monotonic()
         try:
-            outputs = model.run(concat_inputs(batch))
+            outputs = model.run(concat_inputs(batch), pinned)
             parts = split_outputs(outputs, batch)
         except Exception as exc:
             log.warning("model_error", model=model.name, error=f"{type(exc).__name__}: {exc}",
@@ -139,7 +140,7 @@ class ComputeThread(threading.Thread):
         for item, out in zip(batch, parts):
             meta, frames = encode_tensors(out)
             header = {"id": item.rid, "attempt": item.attempt, "ok": True, "model": item.model,
-                      "version": model.version, "outputs": meta, "batch_rows": sum(i.rows for i in batch)}
+                      "version": version, "outputs": meta, "batch_rows": sum(i.rows for i in batch)}
             self.push.send_multipart([RESULT, pack(header), *frames], copy=False)
             self.metrics.on_answer(item.model, "ok")
 

@@ -2,7 +2,8 @@
 
 A spec is ``NAME=package.module:factory[,key=value...]``; keys are ``weights`` (a
 safetensors file), ``dtype`` (float32|float16|bfloat16), ``quantize`` (int8) and
-``arg.NAME`` (a keyword argument for the factory). Weights are only ever read with
+``arg.NAME`` (a keyword argument for the factory), ``version`` (the version a weights file is served
+as, default 0) and ``keep`` (versions kept loaded side by side, default 1). Weights are only ever read with
 safetensors: never pickle, never torch.load.
 
 Weights are all-or-nothing: a candidate state dict is checked whole against the module's
@@ -79,6 +80,7 @@ class ModelOptions:
     dtype: str = "float32"
     quantize: str | None = None
     version: int = 0  # the version a file's weights are served as (shards give their own)
+    keep: int = 1  # versions kept loaded side by side (current + keep-1 earlier), for canary and A/B splits
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -99,6 +101,10 @@ def parse_model_arg(text: str, defaults: Mapping[str, Any] | None = None) -> Mod
             if not value.isdigit():
                 raise ValueError(f"version must be a non-negative integer, got {value!r}")
             opts.version = int(value)
+        elif key == "keep":
+            if not value.isdigit() or not 1 <= int(value) <= 16:
+                raise ValueError(f"keep must be an integer in 1..16, got {value!r}")
+            opts.keep = int(value)
         else:
             raise ValueError(f"unknown model option {key!r} in {text!r}")
     if opts.dtype not in DTYPES:
@@ -146,6 +152,7 @@ class ServedModel:
             module.load_state_dict(state, strict=True)
         self.version = version if version is not None else (opts.version if opts.weights else None)
         self.module = self._prepare(module)
+        self.older: dict[int, torch.nn.Module] = {}  # earlier versions kept loaded, oldest first (keep - 1 of them)
         self.refused: dict | None = None  # {"version", "reason"}: the last version this worker could not load
         self.lock = threading.Lock()  # held while running or swapping, so the two never mix
 
@@ -166,6 +173,8 @@ class ServedModel:
     def describe(self) -> dict:
         info = {"version": self.version, "ready": self.ready, "dtype": self.opts.dtype,
                 "quantize": self.opts.quantize, "device": str(self.device)}
+        if self.older:
+            info["versions"] = self.versions()  # every version a request may pin here
         refused = self.refused
         if refused is not None:
             info["refused"] = dict(refused)
@@ -195,11 +204,20 @@ class ServedModel:
             raise BadInput(f"inputs disagree on the number of rows: {sorted(rows)}")
         return rows.pop()
 
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """One forward pass on a (batched) set of inputs; outputs as float32/native numpy."""
+    def holds(self, version: int | None) -> bool:
+        """Whether a batch for `version` (None: the current one) can run here."""
+        return version is None or version == self.version or version in self.older
+
+    def versions(self) -> list[int]:
+        return sorted({*self.older, *([self.version] if self.version is not None else [])})
+
+    def run(self, inputs: Mapping[str, np.ndarray], version: int | None = None) -> dict[str, np.ndarray]:
+        """One forward pass on a (batched) set of inputs, by the current module or, for a pinned
+        earlier `version` still held, by that one; outputs as float32/native numpy."""
         with self.lock, torch.inference_mode():
+            module = self.module if version is None or version == self.version else self.older[version]
             tensors = {k: self._to_device(v) for k, v in inputs.items()}
-            out = self.module(**tensors)
+            out = module(**tensors)
             return {k: _to_numpy(v) for k, v in _named_outputs(out).items()}
 
     def _to_device(self, arr: np.ndarray) -> torch.Tensor:
@@ -237,6 +255,11 @@ class ServedModel:
     def install(self, module: torch.nn.Module, version: int) -> None:
         """Swap in a module built by `build_shadow`, between batches: the lock keeps any batch on one version."""
         with self.lock:
+            if self.opts.keep > 1 and self.ready and self.version is not None and self.version != version:
+                self.older[self.version] = self.module  # kept loaded for requests pinned to it
+            self.older.pop(version, None)
+            while len(self.older) > self.opts.keep - 1:
+                self.older.pop(next(iter(self.older)))  # the one kept longest goes first
             self.module = module
             self.version = version
             self.ready = True

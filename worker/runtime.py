@@ -15,7 +15,7 @@ def build_worker(args) -> WorkerAgent:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
-    defaults = {"dtype": args.dtype, "quantize": args.quantize}
+    defaults = {"dtype": args.dtype, "quantize": args.quantize, "keep": args.keep_versions}
     models = {}
     for text in args.model:
         opts = parse_model_arg(text, defaults)
