@@ -5,7 +5,8 @@ version=3 / version=4), 2 shards with metrics on. Measures, in one run:
   split_error_pts     max |observed - configured| share over --requests requests, 3=90,4=10 (target <= 3)
   sticky_violations   users seen on more than one version under a sticky 50/50 route (target 0)
   metrics_families    distinct metric names scraped across master, workers and shards
-  cold_load_ms        first request for a model not yet loaded (null: on-demand loading is not built)
+  cold_load_ms        first request for a model not yet loaded (a worker with --max-models 1 serving
+                      mlp and cnn from the shards), beside warm_ms, the same request once loaded
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import argparse
 import json
 import sys
 import tempfile
+import time
 import urllib.request
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -25,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ringserve.client import Client  # noqa: E402
 from ringserve.client.admin import AdminClient  # noqa: E402
+from ringserve.client.params import ParamClient  # noqa: E402
 from ringserve.launch.logsetup import configure_logging  # noqa: E402
-from ringserve.launch.procs import RoleProcess, wait_for_workers  # noqa: E402
+from ringserve.launch.procs import RoleProcess, wait_for_workers, wait_until  # noqa: E402
 from ringserve.worker import demo  # noqa: E402
 
 EPH = "tcp://127.0.0.1:*"
@@ -44,6 +47,28 @@ def run(client: Client, n: int, tags_of=lambda i: None) -> list[tuple[int, int]]
         futs = [(i, client.infer_async("mlp", {"x": x}, tags=tags_of(i))) for i in range(start, min(n, start + 256))]
         out += [(i, f.result(timeout=60).version) for i, f in futs]
     return out
+
+
+def cold_load(procs: list, shards: list, master, tmp: Path) -> tuple[float, float]:
+    """Publish cnn, start an on-demand worker for it, time its first request and a warm one."""
+    eps = ",".join(f"{s.info['name']}={s.info['endpoint']}" for s in shards)
+    with ParamClient(eps) as pc:
+        pc.publish("cnn", demo.cnn(seed=1).state_dict())
+    w = RoleProcess("ringserve.launch.worker", ["--master", master.info["backend"], "--name", "lru", "--threads", "1",
+                                                "--paramservers", eps, "--max-models", "1", "--metrics-port", "0",
+                                                "--log-level", "warning", "--model", "cnn=ringserve.worker.demo:cnn"],
+                    tmp / "lru.log")
+    procs.append(w)
+    admin = AdminClient(master.info["admin"])
+    wait_until(lambda: any(x["name"] == "lru" for x in admin.status()["workers"]), 60)
+    image = {"image": np.ones((1, 1, 28, 28), np.float32)}
+    with Client(master.info["frontend"], timeout=60) as c:
+        t0 = time.perf_counter()
+        c.infer("cnn", image)
+        cold = (time.perf_counter() - t0) * 1000
+        t0 = time.perf_counter()
+        c.infer("cnn", image)
+        return cold, (time.perf_counter() - t0) * 1000
 
 
 def main(argv=None) -> None:
@@ -80,11 +105,13 @@ def main(argv=None) -> None:
             by_user = defaultdict(set)
             for i, v in run(c, args.requests, tags_of=lambda i: {"user": f"u{i % args.users}"}):
                 by_user[i % args.users].add(v)
-        names = set().union(*(families(p.info["metrics"]) for p in procs))
+        cold_ms, warm_ms = cold_load(procs, shards, master, tmp)
+        names = set().union(*(families(p.info["metrics"]) for p in procs if p.info.get("metrics")))
         print(json.dumps({"requests": args.requests, "observed_v3_pct": round(seen[3] / args.requests * 100, 2),
                           "split_error_pts": round(split_error, 2),
                           "sticky_violations": sum(1 for vs in by_user.values() if len(vs) > 1),
-                          "sticky_users": len(by_user), "metrics_families": len(names), "cold_load_ms": None}))
+                          "sticky_users": len(by_user), "metrics_families": len(names), "cold_load_ms": round(cold_ms, 1),
+                          "warm_ms": round(warm_ms, 2)}))
     finally:
         for p in reversed(procs):
             p.stop()

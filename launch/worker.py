@@ -40,6 +40,9 @@ def parser() -> argparse.ArgumentParser:
                    help="versions of each model kept loaded side by side (current + N-1 earlier), so requests "
                         "pinned or routed to an earlier version are served during a canary or A/B split "
                         "(default 1; per model: keep=N)")
+    p.add_argument("--max-models", type=int, default=0, metavar="N",
+                   help="load models on their first request (from the parameter servers) and keep at most N "
+                        "loaded, unloading the least recently used (default 0: every --model stays loaded)")
     p.add_argument("--paramservers", default=None,
                    help="NAME=ENDPOINT,... of the parameter-server shards to take weights from")
     add_metrics_flags(p)
@@ -48,7 +51,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if args.max_models < 0 or (args.max_models and not args.paramservers):
+        p.error("--max-models needs --paramservers (models load from the shards) and must be >= 0")
     configure_logging("worker", args.log_level)
     if args.device == "all-gpus":
         sys.exit(_one_per_gpu(argv if argv is not None else sys.argv[1:]))

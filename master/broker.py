@@ -360,6 +360,8 @@ class Broker:
         """
         for _ in range(len(self.workers) + sum(w.credit for w in self.workers.values()) + 1):
             able = [w for w in self.workers.values() if w.has_credit() and w.serves(model)]
+            if not able and not any(w.serves(model) for w in self.workers.values()):
+                able = self._loaders(model)  # nobody holds it: a worker that loads it on demand
             if not able:
                 return  # the common case under load: nobody free, so do not even look at the queue
             best: tuple[PendingRequest, list[WorkerRecord]] | None = None
@@ -375,6 +377,11 @@ class Broker:
             by_ident = {w.ident: w for w in cands}
             key = self.policy([Load(w.ident, len(w.in_flight), w.credit, w.weight) for w in cands])
             self.send_request(by_ident.get(key, cands[0]), req)
+
+    def _loaders(self, model: str) -> list[WorkerRecord]:
+        """Workers with credit that load `model` on demand, those with room first (no eviction)."""
+        loaders = [w for w in self.workers.values() if w.has_credit() and w.can_load(model)]
+        return [w for w in loaders if w.has_room()] or loaders
 
     def send_request(self, w: WorkerRecord, req: PendingRequest) -> bool:
         """One REQUEST for one attempt; refused unless the worker is still registered and has credit."""

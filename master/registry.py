@@ -38,6 +38,16 @@ class WorkerRecord:
             return False
         return version is None or version in held_versions(info)
 
+    def can_load(self, model: str) -> bool:
+        """An on-demand model this worker may load on a request (it is not loaded now)."""
+        info = self.models.get(model)
+        return info is not None and bool(info.get("on_demand")) and not info.get("ready", True)
+
+    def has_room(self) -> bool:
+        """Room for one more on-demand model without an eviction (as of its last heartbeat)."""
+        loaded, cap = self.stats.get("models_loaded"), self.stats.get("max_models")
+        return not (isinstance(loaded, int) and isinstance(cap, int)) or loaded < cap
+
     def versions(self, model: str) -> set[int]:
         """Every version of `model` this worker holds (a request may pin any of them)."""
         return held_versions(self.models.get(model) or {})

@@ -164,6 +164,11 @@ def parse_models(models: Any) -> dict[str, dict]:
                        "ready": ready, "dtype": _opt_str(info.get("dtype"), "dtype"),
                        "quantize": _opt_str(info.get("quantize"), "quantize"),
                        "device": _opt_str(info.get("device"), "device")}
+        on_demand = info.get("on_demand", False)
+        if not isinstance(on_demand, bool):
+            raise ProtocolError(f"models[{name[:64]!r}].on_demand must be true or false")
+        if on_demand:
+            clean[name]["on_demand"] = True
         held = info.get("versions")
         if held is not None:
             if not isinstance(held, list) or len(held) > MAX_HELD_VERSIONS:

@@ -44,6 +44,7 @@ class WorkerConfig:
     credit: int | None = None
     weight: float = 1.0
     hwm: int = 10_000
+    max_models: int = 0  # > 0: models load on their first request; the LRU beyond this are unloaded
 
     @property
     def effective_credit(self) -> int:
@@ -75,6 +76,8 @@ class WorkerAgent:
         self.reconnects = 0
         self.drain_requested: str | None = None
         self.sync = None  # a WeightSync thread when weights come from parameter servers
+        self.compute.max_models = cfg.max_models
+        self.compute.request_load = self._request_load
 
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
@@ -167,9 +170,23 @@ class WorkerAgent:
         self.last_beat = now
         models = self._models_info()
         self.metrics.refresh(models)
-        self._send([HEARTBEAT, pack({"models": models, "in_flight": self.in_flight,
-                                     "stats": self.compute.stats.snapshot(), "draining": self.draining,
-                                     "reconnects": self.reconnects})])
+        stats = self.compute.stats.snapshot()
+        if self.cfg.max_models:  # on-demand models: the master prefers workers with room
+            stats.update(models_loaded=sum(1 for m in self.models.values() if m.ready), max_models=self.cfg.max_models,
+                         model_loads=sum(m.loads for m in self.models.values()),
+                         model_evictions=sum(m.evictions for m in self.models.values()))
+        self._send([HEARTBEAT, pack({"models": models, "in_flight": self.in_flight, "stats": stats,
+                                     "draining": self.draining, "reconnects": self.reconnects})])
+
+    def _request_load(self, name: str) -> None:
+        """An on-demand model is asked for: the weight-sync thread fetches its current version
+        (called from the socket thread on a request, or the compute thread after an eviction)."""
+        model = self.models[name]
+        if model.ready or model.loading or self.sync is None:
+            return
+        model.loading = True
+        log.info("model_load_requested", model=name)
+        self.sync.request(name)
 
     def on_master(self, frames: list[zmq.Frame]) -> None:
         if len(frames) < 2 or frames[0].bytes != WORKER_PROTO:
@@ -212,6 +229,8 @@ class WorkerAgent:
                 raise ProtocolError(f"this worker does not serve model {header.get('model')!r}")
             inputs = decode_tensors(header.get("inputs"), data)
             rows = model.check_inputs(inputs)
+            if model.on_demand and not model.ready:
+                self._request_load(model.name)  # the request waits in the batcher until it is loaded
         except (ProtocolError, BadInput) as exc:
             self._send([REPLY, pack(error_body(rid, ErrorCode.BAD_REQUEST, str(exc), attempt=attempt))])
             return

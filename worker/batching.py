@@ -43,6 +43,10 @@ class Batcher:
     def __len__(self) -> int:
         return sum(len(g) for g in self.groups.values())
 
+    def waiting(self, model: str) -> bool:
+        """Whether any request for `model` is queued here."""
+        return any(k[0] == model for k in self.groups)
+
     def add(self, item: WorkItem) -> None:
         key = item.group_key()
         self.groups.setdefault(key, deque()).append(item)
@@ -58,12 +62,16 @@ class Batcher:
                 self._set(key, keep)
         return gone
 
-    def next_batch(self, now: float) -> tuple[list[WorkItem], float | None]:
-        """Return (batch, None) if a batch is ready, else ([], seconds to wait or None if idle)."""
-        if not self.groups:
+    def next_batch(self, now: float, runnable=None) -> tuple[list[WorkItem], float | None]:
+        """Return (batch, None) if a batch is ready, else ([], seconds to wait or None if idle).
+
+        `runnable(model)` says whether a model can run now: groups of a model still loading wait
+        (their deadlines still apply through take_expired)."""
+        keys = [k for k in self.groups if runnable is None or runnable(k[0])]
+        if not keys:
             return [], None
-        full = [k for k, r in self.rows.items() if r >= self.max_batch_size]
-        oldest = min(self.groups, key=lambda k: self.groups[k][0].arrival)
+        full = [k for k in keys if self.rows[k] >= self.max_batch_size]
+        oldest = min(keys, key=lambda k: self.groups[k][0].arrival)
         if full:
             key = min(full, key=lambda k: self.groups[k][0].arrival)
         else:

@@ -65,6 +65,8 @@ class ComputeThread(threading.Thread):
         self.metrics = metrics or WorkerMetrics()
         self.stopping = threading.Event()
         self.push: zmq.Socket | None = None
+        self.max_models = 0  # > 0: on-demand models, the least recently used beyond this are evicted
+        self.request_load = lambda name: None  # set by the agent: ask the weight sync to load a model
 
     def run(self) -> None:
         self.push = self.ctx.socket(zmq.PUSH)
@@ -78,7 +80,7 @@ class ComputeThread(threading.Thread):
                 for item in self.batcher.take_expired(now):
                     self.stats.skipped_expired += 1
                     self._reply_error(item, ErrorCode.TIMEOUT, "deadline passed before compute started")
-                batch, wait = self.batcher.next_batch(now)
+                batch, wait = self.batcher.next_batch(now, self._runnable)
                 if batch:
                     self._run_batch(batch)
                 else:
@@ -104,14 +106,37 @@ class ComputeThread(threading.Thread):
                 break
             try:
                 t0 = time.monotonic()
+                cold = not self.models[name].ready
                 self.models[name].install(module, version)
+                if cold and self.models[name].on_demand:
+                    self.metrics.on_load(name)
                 changed = True
                 self.metrics.on_swap(name, time.monotonic() - t0)
                 log.info("weights_swapped", model=name, version=version)
+                if self.max_models:
+                    self._evict_beyond_max(keep=name)
             except Exception as exc:
                 log.error("weights_swap_failed", model=name, version=version, error=str(exc))
         if changed:
             self.push.send_multipart([CHANGED])
+
+    def _runnable(self, name: str) -> bool:
+        return self.models[name].ready
+
+    def _evict_beyond_max(self, keep: str) -> None:
+        """Unload the least recently used on-demand models beyond max_models (never `keep`, the one
+        just loaded; models with queued requests go last, and are asked to load again if evicted)."""
+        loaded = [m for m in self.models.values() if m.on_demand and m.ready]
+        excess = len(loaded) - self.max_models
+        if excess <= 0:
+            return
+        victims = sorted((m for m in loaded if m.name != keep), key=lambda m: (self.batcher.waiting(m.name), m.last_used))
+        for m in victims[:excess]:
+            m.unload()
+            self.metrics.on_evict(m.name)
+            log.info("model_evicted", model=m.name, max_models=self.max_models)
+            if self.batcher.waiting(m.name):
+                self.request_load(m.name)
 
     def _run_batch(self, batch: list[WorkItem]) -> None:
         model = self.models[batch[0].model]

@@ -17,6 +17,7 @@ import copy
 import importlib
 import json
 import threading
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -140,7 +141,7 @@ class ServedModel:
     """One model as a worker serves it. Only the compute thread runs or swaps it."""
 
     def __init__(self, opts: ModelOptions, device: torch.device, version: int | None = None,
-                 wait_for_weights: bool = False):
+                 wait_for_weights: bool = False, on_demand: bool = False):
         self.name, self.opts, self.device = opts.name, opts, device
         module = build_module(opts.spec, opts.kwargs)
         self.input_spec: dict | None = getattr(module, "input_spec", None)
@@ -151,7 +152,13 @@ class ServedModel:
             check_state(self.layout, state)
             module.load_state_dict(state, strict=True)
         self.version = version if version is not None else (opts.version if opts.weights else None)
-        self.module = self._prepare(module)
+        # On demand (--max-models): nothing is held until the first request asks for the model.
+        self.on_demand = on_demand
+        self.module = None if on_demand else self._prepare(module)
+        self.ready = self.ready and not on_demand
+        self.loading = False  # the weight-sync thread is fetching it (on demand)
+        self.last_used = 0.0  # monotonic time of the last batch: the LRU order
+        self.loads = self.evictions = 0
         self.older: dict[int, torch.nn.Module] = {}  # earlier versions kept loaded, oldest first (keep - 1 of them)
         self.refused: dict | None = None  # {"version", "reason"}: the last version this worker could not load
         self.lock = threading.Lock()  # held while running or swapping, so the two never mix
@@ -175,6 +182,8 @@ class ServedModel:
                 "quantize": self.opts.quantize, "device": str(self.device)}
         if self.older:
             info["versions"] = self.versions()  # every version a request may pin here
+        if self.on_demand:
+            info["on_demand"] = True  # not loaded (ready false) still means: send it, it loads
         refused = self.refused
         if refused is not None:
             info["refused"] = dict(refused)
@@ -215,6 +224,7 @@ class ServedModel:
         """One forward pass on a (batched) set of inputs, by the current module or, for a pinned
         earlier `version` still held, by that one; outputs as float32/native numpy."""
         with self.lock, torch.inference_mode():
+            self.last_used = time.monotonic()
             module = self.module if version is None or version == self.version else self.older[version]
             tensors = {k: self._to_device(v) for k, v in inputs.items()}
             out = module(**tensors)
@@ -260,16 +270,26 @@ class ServedModel:
             self.older.pop(version, None)
             while len(self.older) > self.opts.keep - 1:
                 self.older.pop(next(iter(self.older)))  # the one kept longest goes first
+            if self.on_demand and not self.ready:
+                self.loads += 1
             self.module = module
             self.version = version
             self.ready = True
+            self.loading = False
         refused = self.refused
         if refused is not None and version > refused["version"]:
             self.refused = None  # a newer version serves now; an older one (a rollback) keeps the report
 
+    def unload(self) -> None:
+        """Drop every held version (LRU eviction of an on-demand model); the next request loads it again."""
+        with self.lock:
+            self.module, self.older, self.version, self.ready = None, {}, None, False
+            self.evictions += 1
+
     def refuse(self, version: int, reason: str) -> None:
         """Remember (and report in heartbeats) a version this worker cannot load; it keeps serving the old one."""
         self.refused = {"version": version, "reason": reason[:500]}
+        self.loading = False
 
 
 def _named_outputs(out: Any) -> dict[str, torch.Tensor]:

@@ -36,7 +36,11 @@ class WorkerMetrics:
                                        buckets=LATENCY_BUCKETS, registry=r)
         self.refused = Counter("ringserve_weight_refusals", "Weight versions refused (could not be loaded)",
                                ["model"], registry=r)
-        self._refusals_seen: set[tuple[str, int]] = set()  # bounded: one entry per refused version
+        self._refusals_seen: set[tuple[str, int]] = set()
+        self.loads = Counter("ringserve_model_loads", "On-demand models loaded (first request, or after an eviction)",
+                             ["model"], registry=r)
+        self.evictions = Counter("ringserve_model_evictions", "On-demand models unloaded, least recently used first",
+                                 ["model"], registry=r)  # bounded: one entry per refused version
 
     def on_batch(self, model: str, rows: int, queue_waits_s: list[float], compute_s: float) -> None:
         self.batch_size.labels(model).observe(rows)
@@ -47,6 +51,12 @@ class WorkerMetrics:
 
     def on_answer(self, model: str, outcome: str) -> None:
         self.requests.labels(model, outcome).inc()
+
+    def on_load(self, model: str) -> None:
+        self.loads.labels(model).inc()
+
+    def on_evict(self, model: str) -> None:
+        self.evictions.labels(model).inc()
 
     def on_swap(self, model: str, seconds: float) -> None:
         self.swaps.labels(model).inc()

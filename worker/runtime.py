@@ -19,11 +19,13 @@ def build_worker(args) -> WorkerAgent:
     models = {}
     for text in args.model:
         opts = parse_model_arg(text, defaults)
-        models[opts.name] = ServedModel(opts, device, wait_for_weights=bool(args.paramservers) and not opts.weights)
+        models[opts.name] = ServedModel(opts, device, wait_for_weights=bool(args.paramservers) and not opts.weights,
+                                        on_demand=bool(args.max_models))
     cfg = WorkerConfig(master=args.master, name=args.name or f"worker-{os.getpid()}",
                        heartbeat_interval=args.heartbeat_interval, heartbeat_liveness=args.heartbeat_liveness,
                        max_backoff=args.max_backoff, max_batch_size=args.max_batch_size,
-                       max_queue_delay_s=args.max_queue_delay_us / 1e6, credit=args.credit, weight=args.weight)
+                       max_queue_delay_s=args.max_queue_delay_us / 1e6, credit=args.credit, weight=args.weight,
+                       max_models=args.max_models)
     agent = WorkerAgent(cfg, models)
     if args.paramservers:
         agent.sync = WeightSync(agent.ctx, parse_shards(args.paramservers), models, agent.compute.swaps)

@@ -36,6 +36,7 @@ log = structlog.get_logger("ringserve.worker.sync")
 BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 30.0
 SILENCE_INTERVALS = 5  # announce intervals without a word before a shard is asked for a snapshot
 SILENCE_MIN_S = 2.0  # ... and never less than this (a busy machine delays heartbeats)
+POLL_MS = 50  # the loop turns at least this often: an on-demand load waits at most this long to start
 
 
 def next_backoff(previous: float | None) -> float:
@@ -67,6 +68,7 @@ class WeightSync(threading.Thread):
         self.held: dict[str, Held] = {}  # model -> the weights last fetched (for delta fetches)
         self.snapshots: dict[str, int] = {n: 0 for n in self.shards}  # hello snapshots taken, per shard
         self.retiring: list = []  # modules being replaced: freed here, not on the compute thread
+        self.requested: set[str] = set()  # on-demand models asked for and not loaded yet
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -94,7 +96,7 @@ class WeightSync(threading.Thread):
                             log.info("shard_pub_moved", shard=n, old=connected[n], new=v.pub)
                         sub.connect(v.pub)
                         connected[n] = v.pub
-                if sub.poll(200):
+                if sub.poll(POLL_MS):
                     for _ in range(100):
                         try:
                             frames = sub.recv_multipart(zmq.NOBLOCK)
@@ -143,6 +145,11 @@ class WeightSync(threading.Thread):
         if not all(v.known for v in self.views.values()):
             return
         for name, model in self.models.items():
+            if getattr(model, "on_demand", False) and not model.ready:
+                self.wanted.pop(name, None)  # unloaded (or never loaded): fetched whole when asked for
+                self.held.pop(name, None)
+                if name not in self.requested:
+                    continue
             agreed = {v.current.get(name) for v in self.views.values()}
             if len(agreed) != 1:
                 continue  # shards disagree: a publish or rollback is half done; keep what we serve
@@ -183,12 +190,17 @@ class WeightSync(threading.Thread):
             self._refuse(model, version, f"{type(exc).__name__}: {exc}")
             return
         self.retry.pop((model, version), None)
+        self.requested.discard(model)
         self.held[model] = new
         self.wanted[model] = version
         self.retiring.append(self.models[model].module)  # the compute thread drops its reference, we free it
         self.swaps.put((model, module, version))
         log.info("weights_fetched", model=model, version=version, pieces_fetched=sum(map(len, need.values())),
                  pieces_total=sum(map(len, manifests.values())), seconds=round(time.monotonic() - t0, 3))
+
+    def request(self, model: str) -> None:
+        """Load an on-demand model (any thread may call this; a set add is atomic)."""
+        self.requested.add(model)
 
     def _free_retired(self) -> None:
         """Drop modules the compute thread has swapped out: freeing ~100 MB takes milliseconds,
