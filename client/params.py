@@ -71,13 +71,13 @@ def tiling_problem(layouts: Mapping[str, Mapping[str, list]]) -> tuple[Layout, s
     pieces tile its elements exactly, with one dtype and shape. Returns (layout, problem)."""
     merged: dict[str, list] = {}
     problems = []
-    for shard, lay in layouts.items():
+    for lay in layouts.values():
         for param, (dtype, shape, ranges) in lay.items():
             entry = merged.setdefault(param, [dtype, tuple(shape), []])
             if (entry[0], entry[1]) != (dtype, tuple(shape)):
                 problems.append(f"{param}: shards disagree on its shape or dtype")
             entry[2].extend(tuple(r) for r in ranges)
-    for param, (dtype, shape, ranges) in merged.items():
+    for param, (_dtype, shape, ranges) in merged.items():
         numel, edge = int(np.prod(shape, dtype=np.int64)) if shape else 1, 0
         for start, stop in sorted(ranges):
             if start != edge:

@@ -18,7 +18,7 @@ import zmq
 from ringserve.client import Client
 from ringserve.client.admin import AdminClient
 from ringserve.launch.master import parser as master_parser
-from ringserve.launch.procs import wait_for_workers, wait_until
+from ringserve.launch.procs import wait_until
 from ringserve.master.broker import Broker, BrokerConfig
 from ringserve.master.registry import AnsweredCache, ModelQueues, PendingRequest
 from ringserve.master.scheduler import Load, make_policy

@@ -69,7 +69,7 @@ def test_every_role_serves_metrics_after_real_traffic(cluster):
         shard = scrape(proc.info["metrics"])
         assert value(shard, "ringserve_shard_commands_total", cmd="commit", outcome="ok") == 1
         assert value(shard, "ringserve_shard_fetch_bytes_total") > 0
-        assert wait_until(lambda: value(scrape(proc.info["metrics"]), "ringserve_shard_current_version",
+        assert wait_until(lambda proc=proc: value(scrape(proc.info["metrics"]), "ringserve_shard_current_version",
                                         model="mlp") == 1, 5)
     stored = sum(value(scrape(p.info["metrics"]), "ringserve_shard_bytes_stored") for p in cluster.shards.values())
     assert stored >= sum(t.numel() * 4 for t in state.values())

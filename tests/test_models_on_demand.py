@@ -63,7 +63,7 @@ def test_first_request_loads_the_lru_is_evicted_and_nothing_is_lost(cluster):
             reply = c.infer_async(model, inputs(model)).result(timeout=30)
             assert reply.version == 1
             np.testing.assert_allclose(reply.outputs["logits"], expected(model, 5), rtol=1e-4, atol=1e-5)
-            assert wait_until(lambda: held()[0] == {model}, 10)  # at most one loaded: the other was evicted
+            assert wait_until(lambda model=model: held()[0] == {model}, 10)  # at most one loaded: the other was evicted
         stats = held()[1]
         assert stats["model_loads"] == 3 and stats["model_evictions"] == 2 and stats["max_models"] == 1
 
