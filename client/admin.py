@@ -42,12 +42,23 @@ def _refused(info: dict) -> str:
     return f",refused v{refused.get('version')}" if isinstance(refused, dict) else ""
 
 
+def table(header: list[str], rows: list[list], right: set[int] = frozenset()) -> list[str]:
+    """Columns as wide as their widest cell (numbers right-aligned), so long names never shift
+    a column; the last column is free-form and left unpadded."""
+    cells = [[str(c) for c in row] for row in [header, *rows]]
+    widths = [max(len(r[k]) for r in cells) for k in range(len(header))]
+    out = []
+    for r in cells:
+        parts = [c.rjust(widths[k]) if k in right else c.ljust(widths[k]) for k, c in enumerate(r[:-1])]
+        out.append("  ".join([*parts, r[-1]]).rstrip())
+    return out
+
+
 def format_status(st: dict) -> str:
-    """A readable table of workers and models."""
+    """A readable table of workers and models (models listed last: they may be long)."""
     lines = [f"master epoch={st.get('epoch')} policy={st.get('policy')} uptime={st.get('uptime_s')}s "
-             f"pending={st.get('pending')}", "",
-             f"{'WORKER':<22} {'STATE':<9} {'DEVICE':<8} {'MODELS (version)':<28} {'CREDIT':>6} {'INFL':>5} "
-             f"{'DONE':>7} {'HB AGE':>7} {'BATCHES':>8} {'MEAN BS':>7}"]
+             f"pending={st.get('pending')}", ""]
+    rows = []
     for w in st.get("workers", []):
         models = ", ".join(f"{m}(v{i.get('version')}{'' if i.get('ready', True) else ',not ready'}"
                            f"{',' + i['dtype'] if i.get('dtype') not in (None, 'float32') else ''}"
@@ -55,18 +66,23 @@ def format_status(st: dict) -> str:
                            f"{_refused(i)})"
                            for m, i in w.get("models", {}).items())
         s = w.get("stats") or {}
-        lines.append(f"{w['name']:<22} {w['state']:<9} {w['device']:<8} {models:<28} {w['credit']:>6} "
-                     f"{w['in_flight']:>5} {w['done']:>7} {w['heartbeat_age_s']:>6.2f}s {s.get('batches', 0):>8} "
-                     f"{s.get('mean_batch_size', 0):>7}")
+        rows.append([w["name"], w["state"], w["device"], w["credit"], w["in_flight"], w["done"],
+                     f"{w['heartbeat_age_s']:.2f}s", s.get("batches", 0), s.get("mean_batch_size", 0), models])
+    lines += table(["WORKER", "STATE", "DEVICE", "CREDIT", "INFL", "DONE", "HB AGE", "BATCHES", "MEAN BS",
+                    "MODELS (version)"], rows, right={3, 4, 5, 6, 7, 8})
     refusals = [f"  {w['name']} {m}: refused v{i['refused'].get('version')}: {i['refused'].get('reason')}"
                 for w in st.get("workers", []) for m, i in w.get("models", {}).items()
                 if isinstance(i.get("refused"), dict)]
     if refusals:
         lines += ["", "REFUSED VERSIONS (still serving the previous one)", *refusals]
-    lines += ["", f"{'MODEL':<16} {'QUEUE':>6} {'INFL':>5} {'REQUESTS':>9} {'OK':>9} {'RETRIES':>8}  "
-                  f"{'VERSIONS':<10} ERRORS"]
-    for name, m in st.get("models", {}).items():
-        errors = ", ".join(f"{k}={v}" for k, v in sorted(m.get("errors", {}).items())) or "-"
-        lines.append(f"{name:<16} {m['queue_depth']:>6} {m['in_flight']:>5} {m['requests']:>9} {m['ok']:>9} "
-                     f"{m['retries']:>8}  {str(m.get('versions')):<10} {errors}")
+    rows = [[name, m["queue_depth"], m["in_flight"], m["requests"], m["ok"], m["retries"],
+             ",".join(map(str, m.get("versions") or [])) or "-",
+             ", ".join(f"{k}={v}" for k, v in sorted(m.get("errors", {}).items())) or "-"]
+            for name, m in st.get("models", {}).items()]
+    lines += [""] + table(["MODEL", "QUEUE", "INFL", "REQUESTS", "OK", "RETRIES", "VERSIONS", "ERRORS"], rows,
+                          right={1, 2, 3, 4, 5})
+    for name, r in (st.get("routes") or {}).items():
+        split = ", ".join(f"v{v}={p}%" for v, p in r.get("split", []))
+        extra = "".join(f" {k}={r[k]}" for k in ("sticky_key", "shadow") if r.get(k) is not None)
+        lines.append(f"route {name}: {split}{extra}")
     return "\n".join(lines)

@@ -7,18 +7,19 @@ import json
 import sys
 
 from ringserve.client.admin import AdminClient, format_status
+from ringserve.launch.cli import HelpFormatter, make_parser, parse_args
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ringserve-admin", description=__doc__)
+    p = make_parser("ringserve-admin", __doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    st = sub.add_parser("status", help="workers, models, queues and counters")
+    st = sub.add_parser("status", formatter_class=HelpFormatter, help="workers, models, queues and counters")
     st.add_argument("--master", default="tcp://127.0.0.1:5557", help="the master's admin endpoint")
     st.add_argument("--json", action="store_true", help="print the raw status as JSON")
-    dr = sub.add_parser("drain", help="stop sending work to a worker; it finishes and leaves")
+    dr = sub.add_parser("drain", formatter_class=HelpFormatter, help="stop sending work to a worker; it finishes and leaves")
     dr.add_argument("worker", help="worker name (as in status)")
     dr.add_argument("--master", default="tcp://127.0.0.1:5557")
-    rt = sub.add_parser("route", help="split a model's traffic between versions (canary, A/B, shadow)",
+    rt = sub.add_parser("route", formatter_class=HelpFormatter, help="split a model's traffic between versions (canary, A/B, shadow)",
                         description="Examples: --split 3=90,4=10 (canary); --split 3=50,4=50 --sticky-key user "
                                     "(A/B: a request's tags['user'] keeps one version); --shadow 4 (mirror a "
                                     "copy, answers discarded); --promote 4; --clear. A pinned version wins.")
@@ -30,7 +31,7 @@ def parser() -> argparse.ArgumentParser:
     rt.add_argument("--sticky-key", help="a request tag that keeps its value on one version")
     rt.add_argument("--shadow", type=int, metavar="VERSION", help="mirror a copy of traffic to VERSION")
     rt.add_argument("--master", default="tcp://127.0.0.1:5557")
-    rb = sub.add_parser("rollback", help="make an earlier committed version current; workers swap back")
+    rb = sub.add_parser("rollback", formatter_class=HelpFormatter, help="make an earlier committed version current; workers swap back")
     rb.add_argument("--shards", required=True, help="NAME=ENDPOINT,... of the parameter servers")
     rb.add_argument("--model", required=True)
     rb.add_argument("--version", type=int, required=True)
@@ -38,7 +39,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse_args(parser(), argv)
     if args.command == "rollback":
         from ringserve.client.params import ParamClient, PublishError
 

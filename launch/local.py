@@ -21,13 +21,14 @@ import torch
 from ringserve.client import Client
 from ringserve.client.admin import AdminClient, format_status
 from ringserve.client.params import ParamClient
+from ringserve.launch.cli import make_parser, parse_args
 from ringserve.launch.logsetup import configure_logging
 from ringserve.launch.procs import RoleProcess, wait_for_workers
 from ringserve.worker import demo
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ringserve-local", description=__doc__)
+    p = make_parser("ringserve-local", __doc__)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--requests", type=int, default=16, help="requests per model")
     p.add_argument("--policy", default="least-outstanding")
@@ -42,7 +43,7 @@ def demo_weights(seed: int) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse_args(parser(), argv)
     configure_logging("local", "warning")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally below: stop every child
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ringserve-local-"))

@@ -4,11 +4,13 @@ from __future__ import annotations
 import argparse
 import math
 
+from ringserve.launch.cli import bind_error_exit, make_parser, parse_args
 from ringserve.launch.logsetup import add_log_flag, configure_logging
 from ringserve.launch.metrics import add_metrics_flags, start_metrics
 from ringserve.launch.procs import announce
 from ringserve.master.broker import BrokerConfig, serve
 from ringserve.master.scheduler import POLICIES
+from ringserve.protocol.sockets import BindError
 
 
 def _number(kind, lo: float, lo_open: bool = False):
@@ -38,7 +40,7 @@ def worker_weight(text: str) -> tuple[str, float]:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ringserve-master", description=__doc__)
+    p = make_parser("ringserve-master", __doc__)
     p.add_argument("--frontend", default="tcp://127.0.0.1:5555", help="client endpoint (MDP 0.1 clients)")
     p.add_argument("--backend", default="tcp://127.0.0.1:5556", help="worker endpoint")
     p.add_argument("--admin", default="tcp://127.0.0.1:5557", help="admin status endpoint")
@@ -65,14 +67,18 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    args = parse_args(parser(), argv)
     configure_logging("master", args.log_level)
     weights = dict(args.weight)
     cfg = BrokerConfig(args.frontend, args.backend, args.admin, args.policy, weights, args.heartbeat_interval,
                        args.heartbeat_liveness, args.max_queue, args.max_attempts, args.default_timeout, args.hwm,
                        args.drain_timeout, args.seed, answer_cache_bytes=args.answer_cache_bytes,
                        max_timeout=args.max_timeout, state_dir=args.state_dir)
-    serve(cfg, announce, expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host))
+    try:
+        serve(cfg, announce, expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host))
+    except BindError as exc:
+        bind_error_exit(exc, {"--frontend": args.frontend, "--backend": args.backend, "--admin": args.admin,
+                              "--metrics-port": f"http://{args.metrics_host}:{args.metrics_port}"})
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ import argparse
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from ringserve.protocol.sockets import BindError
+
 
 def add_metrics_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics-port", type=int, default=None,
@@ -20,5 +22,8 @@ def start_metrics(registry: CollectorRegistry, port: int | None, host: str = "12
     """Start the HTTP exporter in a daemon thread; return its URL, or None when off."""
     if port is None:
         return None
-    server, _ = start_http_server(port, addr=host, registry=registry)
+    try:
+        server, _ = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:
+        raise BindError(f"http://{host}:{port}", exc.strerror or str(exc)) from None
     return f"http://{host}:{server.server_port}/metrics"

@@ -3,14 +3,16 @@ from __future__ import annotations
 
 import argparse
 
+from ringserve.launch.cli import bind_error_exit, make_parser, parse_args
 from ringserve.launch.logsetup import add_log_flag, configure_logging
 from ringserve.launch.metrics import add_metrics_flags, start_metrics
 from ringserve.launch.procs import announce
 from ringserve.paramserver.shard import ShardConfig, serve
+from ringserve.protocol.sockets import BindError
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ringserve-ps", description=__doc__)
+    p = make_parser("ringserve-ps", __doc__)
     p.add_argument("--name", required=True, help="shard name: its node on the hash ring")
     p.add_argument("--data-dir", required=True, help="where committed versions are kept")
     p.add_argument("--bind", default="tcp://127.0.0.1:5600", help="command endpoint (ROUTER)")
@@ -27,11 +29,15 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parser().parse_args(argv)
+    args = parse_args(parser(), argv)
     configure_logging("paramserver", args.log_level)
-    serve(ShardConfig(args.name, args.data_dir, args.bind, args.pub, args.keep, args.announce_interval,
-                      max_staging_bytes=int(args.max_staging_mb * 1024 * 1024), staging_ttl=args.staging_ttl),
-          announce, expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host))
+    try:
+        serve(ShardConfig(args.name, args.data_dir, args.bind, args.pub, args.keep, args.announce_interval,
+                          max_staging_bytes=int(args.max_staging_mb * 1024 * 1024), staging_ttl=args.staging_ttl),
+              announce, expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host))
+    except BindError as exc:
+        bind_error_exit(exc, {"--bind": args.bind, "--pub": args.pub,
+                              "--metrics-port": f"http://{args.metrics_host}:{args.metrics_port}"})
 
 
 if __name__ == "__main__":

@@ -6,11 +6,12 @@ import json
 import sys
 
 from ringserve.client.params import ParamClient, PublishError
+from ringserve.launch.cli import make_parser, parse_args
 from ringserve.launch.logsetup import add_log_flag, configure_logging
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ringserve-publish", description=__doc__)
+    p = make_parser("ringserve-publish", __doc__)
     p.add_argument("--shards", required=True, help="NAME=ENDPOINT,... (the same list every role uses)")
     p.add_argument("--model", required=True)
     p.add_argument("--weights", help="a .safetensors file (for a delta: only the changed tensors)")
@@ -27,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = parse_args(parser(), argv)
     configure_logging("publish", args.log_level)
     with ParamClient(args.shards, args.chunk_bytes, args.timeout) as pc:
         try:

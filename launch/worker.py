@@ -12,12 +12,13 @@ import sys
 
 import structlog
 
+from ringserve.launch.cli import make_parser, parse_args
 from ringserve.launch.logsetup import add_log_flag, configure_logging
 from ringserve.launch.metrics import add_metrics_flags, start_metrics
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ringserve-worker", description=__doc__)
+    p = make_parser("ringserve-worker", __doc__)
     p.add_argument("--master", default="tcp://127.0.0.1:5556", help="the master's worker endpoint")
     p.add_argument("--model", action="append", required=True,
                    metavar="NAME=MODULE:FACTORY[,weights=F][,dtype=D][,quantize=int8][,arg.K=V]",
@@ -52,7 +53,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     p = parser()
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     if args.max_models < 0 or (args.max_models and not args.paramservers):
         p.error("--max-models needs --paramservers (models load from the shards) and must be >= 0")
     configure_logging("worker", args.log_level)

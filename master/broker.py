@@ -34,7 +34,7 @@ from ringserve.protocol.codec import pack, short_repr, unpack_map
 from ringserve.protocol.envelope import (
     MAX_NAME_LEN, parse_heartbeat, parse_ready, parse_request_header, parse_worker_reply,
 )
-from ringserve.protocol.sockets import drain
+from ringserve.protocol.sockets import BindError, bind, drain
 from ringserve.protocol.messages import (
     DISCONNECT, DRAIN, HEARTBEAT, MDP_CLIENT, MMI_FOUND, MMI_NOT_FOUND, MMI_NOT_IMPLEMENTED, MMI_PING,
     MMI_SERVICE, READY, REPLY, REQUEST, WORKER_COMMANDS, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
@@ -75,8 +75,11 @@ def _router(ctx: zmq.Context, endpoint: str, hwm: int) -> tuple[zmq.Socket, str]
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, hwm)
     sock.setsockopt(zmq.RCVHWM, hwm)
-    sock.bind(endpoint)
-    return sock, sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    try:
+        return sock, bind(sock, endpoint)
+    except BindError:
+        sock.close(linger=0)
+        raise
 
 
 class Broker:

@@ -32,6 +32,7 @@ from ringserve.paramserver.store import ShardStore, Slice, sha256
 from ringserve.protocol.codec import SUPPORTED_DTYPES, pack, unpack_map
 from ringserve.protocol.messages import SHARD_COMMANDS, SHARD_PROTO, ErrorCode, ProtocolError, error_body
 from ringserve.protocol.placement import Piece
+from ringserve.protocol.sockets import BindError, bind
 
 log = structlog.get_logger("ringserve.paramserver")
 
@@ -73,12 +74,15 @@ class Shard:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.SNDHWM, cfg.hwm)
         self.router.setsockopt(zmq.SNDTIMEO, 0)
-        self.router.bind(cfg.bind)
         self.pubsock = self.ctx.socket(zmq.PUB)
         self.pubsock.setsockopt(zmq.LINGER, 0)
-        self.pubsock.bind(cfg.pub)
-        self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.pub_endpoint = self.pubsock.getsockopt_string(zmq.LAST_ENDPOINT)
+        try:
+            self.endpoint = bind(self.router, cfg.bind)
+            self.pub_endpoint = bind(self.pubsock, cfg.pub)
+        except BindError:
+            self.router.close(linger=0)
+            self.pubsock.close(linger=0)
+            raise
         self.boot = uuid.uuid4().hex[:12]
         self.seq = 0
         self.staging: dict[tuple[str, int, str], Stage] = {}  # (model, version, token) -> stage

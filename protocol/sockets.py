@@ -1,6 +1,7 @@
 """Socket helpers every role's event loop shares (the loops themselves stay in their roles)."""
 from __future__ import annotations
 
+import errno
 from typing import Callable
 
 import structlog
@@ -23,3 +24,20 @@ def drain(sock: zmq.Socket, handler: Callable[[list], None], limit: int) -> None
             handler(frames)
         except Exception:
             log.exception("handler_failed", handler=getattr(handler, "__name__", "?"))
+
+
+class BindError(RuntimeError):
+    """A socket could not bind its endpoint (a port in use, a bad address): says which."""
+
+    def __init__(self, endpoint: str, reason: str):
+        super().__init__(f"cannot bind {endpoint}: {reason}")
+        self.endpoint, self.reason = endpoint, reason
+
+
+def bind(sock: zmq.Socket, endpoint: str) -> str:
+    """Bind and return the endpoint actually bound (ephemeral ports resolved); BindError if not."""
+    try:
+        sock.bind(endpoint)
+    except zmq.ZMQError as exc:
+        raise BindError(endpoint, "address already in use" if exc.errno == errno.EADDRINUSE else str(exc)) from None
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)

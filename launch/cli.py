@@ -1,0 +1,119 @@
+"""What every role's command line shares: help that shows defaults, `--config FILE.toml`, and one
+clear line (not a traceback) when a port is taken.
+
+A config file holds a role's flags as TOML keys (`heartbeat-interval = 0.5` or
+`heartbeat_interval = 0.5`; lists for repeatable flags such as `model`). Flags given on the
+command line win over the file. The file is turned into flags and parsed by the same parser,
+so every check a flag has applies to the file too; an unknown key is an error that names the
+keys the role takes.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, Sequence
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from ringserve.protocol.sockets import BindError
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every option's help ends with its default (when it has one worth saying)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = "" if action.help == _NO_HELP else action.help or ""
+        if "%(default)" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+_NO_HELP = "\x00"  # stands for an option without help text, so that argparse still prints its default
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    for action in set(_options(parser).values()):
+        if action.help is None:
+            action.help = _NO_HELP
+
+
+def make_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=HelpFormatter)
+    p.add_argument("--config", metavar="FILE.toml",
+                   help="read this role's flags from a TOML file (keys are flag names); flags given here win")
+    return p
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse `argv` after the flags of `--config FILE` (if given); command-line flags win."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _show_defaults(parser)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    known, _ = pre.parse_known_args(argv)
+    if known.config:
+        argv = argv + config_flags(parser, load_config(parser, known.config), argv)
+    return parser.parse_args(argv)
+
+
+def load_config(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as exc:
+        parser.error(f"--config {path}: {exc.strerror or exc}")
+    except tomllib.TOMLDecodeError as exc:
+        parser.error(f"--config {path}: not valid TOML: {exc}")
+    raise AssertionError("unreachable")
+
+
+def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Long option name without dashes -> action, over the parser and its subcommands."""
+    out: dict[str, argparse.Action] = {}
+    for action in parser._actions:  # argparse keeps no public list of its actions
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                out.update({k: v for k, v in _options(sub).items() if k not in out})
+        for opt in action.option_strings:
+            if opt.startswith("--") and opt not in ("--help", "--config"):
+                out[opt[2:]] = action
+    return out
+
+
+def config_flags(parser: argparse.ArgumentParser, config: dict[str, Any], argv: Sequence[str]) -> list[str]:
+    """TOML keys -> flags, leaving out those the command line gives itself (it wins)."""
+    options = _options(parser)
+    given = {a.split("=", 1)[0][2:] for a in argv if a.startswith("--")}
+    flags: list[str] = []
+    for key, value in config.items():
+        name = key.replace("_", "-")
+        action = options.get(name)
+        if action is None:
+            parser.error(f"--config: unknown key {key!r}; {parser.prog} takes: {', '.join(sorted(options))}")
+        if name in given or any(opt[2:] in given for opt in action.option_strings):
+            continue
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            if not isinstance(value, bool):
+                parser.error(f"--config: {key!r} must be true or false")
+            if value == isinstance(action, argparse._StoreTrueAction):
+                flags.append(f"--{name}")
+            continue
+        values = value if isinstance(value, list) else [value]
+        if isinstance(value, list) and not isinstance(action, argparse._AppendAction):
+            parser.error(f"--config: {key!r} takes one value, not a list")
+        for v in values:
+            if isinstance(v, (dict, list)):
+                parser.error(f"--config: {key!r} must be a string or a number")
+            flags.append(f"--{name}={str(v).lower() if isinstance(v, bool) else v}")
+    return flags
+
+
+def bind_error_exit(exc: BindError, flags: dict[str, str]) -> None:
+    """One clear line for a port that cannot be bound: which endpoint, why, which flag changes it."""
+    flag = next((f for f, ep in flags.items() if ep == exc.endpoint), None)
+    hint = f"; choose another with {flag}" if flag else ""
+    print(f"error: cannot bind {exc.endpoint}: {exc.reason}{hint}", file=sys.stderr)
+    sys.exit(2)
