@@ -62,7 +62,13 @@ def main(argv: list[str] | None = None) -> None:
     from ringserve.launch.procs import announce
     from ringserve.worker.runtime import build_worker
 
-    agent = build_worker(args)
+    from ringserve.worker.loader import ModelLoadError
+
+    try:
+        agent = build_worker(args)
+    except (ModelLoadError, ValueError) as exc:  # a bad --model: one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
     agent.install_signal_handlers()
     url = start_metrics(agent.metrics.registry, args.metrics_port, args.metrics_host)
     announce({"role": "worker", "pid": os.getpid(), "name": agent.cfg.name, "metrics": url})

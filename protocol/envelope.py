@@ -174,6 +174,11 @@ def parse_models(models: Any) -> dict[str, dict]:
             if not isinstance(held, list) or len(held) > MAX_HELD_VERSIONS:
                 raise ProtocolError(f"models[{name[:64]!r}].versions must be a list of <= {MAX_HELD_VERSIONS}")
             clean[name]["versions"] = sorted({_int(v, "versions", 0) for v in held})
+        ignored = info.get("ignored_keys")
+        if ignored is not None:
+            if not isinstance(ignored, list) or len(ignored) > MAX_HELD_VERSIONS * 4:
+                raise ProtocolError(f"models[{name[:64]!r}].ignored_keys must be a short list")
+            clean[name]["ignored_keys"] = [_str(k, "ignored_keys", MAX_TEXT) for k in ignored]
         refused = info.get("refused")
         if refused is not None:
             if not isinstance(refused, dict):

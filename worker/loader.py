@@ -3,7 +3,8 @@
 A spec is ``NAME=package.module:factory[,key=value...]``; keys are ``weights`` (a
 safetensors file), ``dtype`` (float32|float16|bfloat16), ``quantize`` (int8) and
 ``arg.NAME`` (a keyword argument for the factory), ``version`` (the version a weights file is served
-as, default 0) and ``keep`` (versions kept loaded side by side, default 1). Weights are only ever read with
+as, default 0), ``keep`` (versions kept loaded side by side, default 1) and ``ignore_keys``
+(GLOB|GLOB: checkpoint keys the module does not hold, dropped and reported; docs/models.md). Weights are only ever read with
 safetensors: never pickle, never torch.load.
 
 Weights are all-or-nothing: a candidate state dict is checked whole against the module's
@@ -14,19 +15,24 @@ only swaps one reference (`install`). The live module is never written to.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import importlib
 import json
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+import structlog
 import torch
 from safetensors.torch import load_file
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+MAX_REPORTED_KEYS = 20  # ignored checkpoint keys listed in the heartbeat (all are logged by count)
+
+log = structlog.get_logger("ringserve.worker.loader")
 
 
 class BadInput(ValueError):
@@ -35,6 +41,21 @@ class BadInput(ValueError):
 
 class WeightsRefused(ValueError):
     """A candidate state dict does not fit the module (keys, shapes or dtypes)."""
+
+
+class ModelLoadError(RuntimeError):
+    """A model cannot be built or loaded at start-up: one line saying which model and why."""
+
+
+def drop_ignored(state: Mapping[str, Any], layout: Mapping[str, Any], patterns: Sequence[str]
+                 ) -> tuple[dict[str, Any], list[str]]:
+    """Drop checkpoint keys the module does not hold that match one of `patterns` (fnmatch globs),
+    e.g. BERT's non-persistent `embeddings.position_ids`; return (kept, sorted ignored keys).
+    Keys the module does hold are never dropped, and unmatched extras still fail `check_state`."""
+    if not patterns:
+        return dict(state), []
+    ignored = sorted(k for k in state if k not in layout and any(fnmatch.fnmatchcase(k, p) for p in patterns))
+    return {k: v for k, v in state.items() if k not in set(ignored)}, ignored
 
 
 Layout = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
@@ -82,6 +103,7 @@ class ModelOptions:
     quantize: str | None = None
     version: int = 0  # the version a file's weights are served as (shards give their own)
     keep: int = 1  # versions kept loaded side by side (current + keep-1 earlier), for canary and A/B splits
+    ignore_keys: tuple[str, ...] = ()  # checkpoint keys (globs) the module does not hold, dropped on load
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -102,6 +124,8 @@ def parse_model_arg(text: str, defaults: Mapping[str, Any] | None = None) -> Mod
             if not value.isdigit():
                 raise ValueError(f"version must be a non-negative integer, got {value!r}")
             opts.version = int(value)
+        elif key == "ignore_keys":
+            opts.ignore_keys = tuple(p for p in value.split("|") if p)
         elif key == "keep":
             if not value.isdigit() or not 1 <= int(value) <= 16:
                 raise ValueError(f"keep must be an integer in 1..16, got {value!r}")
@@ -143,15 +167,26 @@ class ServedModel:
     def __init__(self, opts: ModelOptions, device: torch.device, version: int | None = None,
                  wait_for_weights: bool = False, on_demand: bool = False):
         self.name, self.opts, self.device = opts.name, opts, device
-        module = build_module(opts.spec, opts.kwargs)
+        self.ignored_keys: list[str] = []  # checkpoint keys dropped by ignore_keys (listed in status)
+        try:
+            module = build_module(opts.spec, opts.kwargs)
+        except Exception as exc:  # noqa: BLE001 - any failure of the user's factory is reported in one line
+            raise ModelLoadError(f"model {opts.name!r}: cannot build {opts.spec}: {type(exc).__name__}: {exc}") from exc
         self.input_spec: dict | None = getattr(module, "input_spec", None)
         self.layout = layout_of(module)  # before dtype/int8: what published weights must look like
         self.ready = not wait_for_weights  # not ready until the parameter servers give it weights
         if opts.weights:
-            state = load_file(opts.weights)
-            check_state(self.layout, state)
-            module.load_state_dict(state, strict=True)
-        self.version = version if version is not None else (opts.version if opts.weights else None)
+            try:
+                state = self._fit(load_file(opts.weights))
+                module.load_state_dict(state, strict=True)
+            except Exception as exc:  # noqa: BLE001 - a missing file, a bad file, keys that do not fit
+                hint = " (keys the module does not hold can be dropped with ignore_keys=GLOB; see docs/models.md)" \
+                    if isinstance(exc, WeightsRefused) and "unexpected" in str(exc) else ""
+                raise ModelLoadError(f"model {opts.name!r}: cannot load {opts.weights}: "
+                                     f"{type(exc).__name__}: {exc}{hint}") from exc
+        # A model that serves without the shards (weights from a file or from its factory) is version
+        # opts.version (0 unless version=N); one waiting for the shards has none yet.
+        self.version = version if version is not None else (None if wait_for_weights or on_demand else opts.version)
         # On demand (--max-models): nothing is held until the first request asks for the model.
         self.on_demand = on_demand
         self.module = None if on_demand else self._prepare(module)
@@ -183,7 +218,9 @@ class ServedModel:
         if self.older:
             info["versions"] = self.versions()  # every version a request may pin here
         if self.on_demand:
-            info["on_demand"] = True  # not loaded (ready false) still means: send it, it loads
+            info["on_demand"] = True
+        if self.ignored_keys:
+            info["ignored_keys"] = self.ignored_keys[:MAX_REPORTED_KEYS]  # not loaded (ready false) still means: send it, it loads
         refused = self.refused
         if refused is not None:
             info["refused"] = dict(refused)
@@ -242,7 +279,7 @@ class ServedModel:
         """A complete new module with `state`, ready to serve (dtype, int8, device): built off to
         the side, on the caller's thread (weight sync), so the compute thread only swaps a reference.
         Raises WeightsRefused (and touches nothing live) when `state` does not fit the module."""
-        check_state(self.layout, state)
+        state = self._fit(state)
         module = self._copy_live() if self.opts.quantize is None else None
         if module is not None:  # a copy of the live module (in dtype, on device): copy_ converts and moves
             module.load_state_dict(state, strict=True)
@@ -253,6 +290,15 @@ class ServedModel:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the copy is done before anyone can run it
         return module
+
+    def _fit(self, state: Mapping[str, Any]) -> dict[str, Any]:
+        """Drop the ignored keys (logged and reported), then check the rest whole against the module."""
+        state, ignored = drop_ignored(state, self.layout, self.opts.ignore_keys)
+        if ignored and ignored != self.ignored_keys:
+            log.info("checkpoint_keys_ignored", model=self.name, keys=ignored[:20], count=len(ignored))
+            self.ignored_keys = ignored
+        check_state(self.layout, state)
+        return state
 
     def _copy_live(self) -> torch.nn.Module | None:
         """A deep copy of the live module (only read, never written): about half the cost of the
