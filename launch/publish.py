@@ -1,49 +1,106 @@
-"""ringserve-publish: publish a model version (full or delta) to the parameter servers, or roll back."""
+"""ringserve-publish: publish a model version (full or delta) to the parameter servers, make a
+delta file from two checkpoints, list versions, or roll back.
+
+  ringserve-publish --shards S --model M --weights F.safetensors          a full version
+  ringserve-publish --shards S --model M --weights D.safetensors --base 3 a delta on v3
+  ringserve-publish --diff OLD.safetensors NEW.safetensors --out D.safetensors
+                                                                        only the tensors that changed
+  ringserve-publish --shards S --model M --diff OLD NEW --base 3          publish that delta directly
+  ringserve-publish --shards S --model M [--json]                        the versions, per shard
+  ringserve-publish --shards S --model M --rollback 2                    make v2 current again
+"""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-from ringserve.client.params import ParamClient, PublishError
+from safetensors.numpy import save_file
+from safetensors.torch import load_file
+
+from ringserve.client.admin import table
+from ringserve.client.params import ParamClient, PublishError, changed_tensors
 from ringserve.launch.cli import make_parser, parse_args
 from ringserve.launch.logsetup import add_log_flag, configure_logging
 
 
-def parser() -> argparse.ArgumentParser:
+def parser():
     p = make_parser("ringserve-publish", __doc__)
-    p.add_argument("--shards", required=True, help="NAME=ENDPOINT,... (the same list every role uses)")
-    p.add_argument("--model", required=True)
+    p.add_argument("--shards", help="NAME=ENDPOINT,... (the same list every role uses)")
+    p.add_argument("--model", help="the model's name on the shards")
     p.add_argument("--weights", help="a .safetensors file (for a delta: only the changed tensors)")
+    p.add_argument("--diff", nargs=2, metavar=("OLD", "NEW"),
+                   help="two .safetensors checkpoints: take only the tensors of NEW that differ from OLD")
+    p.add_argument("--out", help="with --diff: write the changed tensors to this file instead of publishing")
     p.add_argument("--version", type=int, default=None, help="default: newest committed + 1")
     p.add_argument("--base", type=int, default=None, help="publish a delta on top of this version")
     p.add_argument("--allow-new-keys", action="store_true", help="a delta may add tensors its base lacks")
     p.add_argument("--allow-layout-change", action="store_true",
                    help="a full version may differ in tensors/shapes from the current one (the model changed)")
     p.add_argument("--rollback", type=int, default=None, metavar="VERSION", help="make VERSION current again")
+    p.add_argument("--json", action="store_true", help="list versions as JSON instead of a table")
     p.add_argument("--chunk-bytes", type=int, default=4 * 1024 * 1024, help="largest piece of one tensor")
-    p.add_argument("--timeout", type=float, default=30.0)
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per shard call")
     add_log_flag(p)
     return p
 
 
+def diff(old_path: str, new_path: str) -> tuple[dict, dict]:
+    """The tensors of NEW that differ from OLD, and a summary; a tensor NEW drops cannot be a delta."""
+    old, new = load_file(old_path), load_file(new_path)
+    dropped = sorted(set(old) - set(new))
+    if dropped:
+        raise PublishError(f"{new_path} lacks {len(dropped)} tensor(s) of {old_path} ({', '.join(dropped[:5])}"
+                           f"{', ...' if len(dropped) > 5 else ''}): a delta can only change or add tensors; "
+                           "publish NEW as a full version")
+    changed = changed_tensors(new, old)
+    summary = {"changed": sorted(changed), "tensors": len(new), "changed_bytes": sum(a.nbytes for a in changed.values()),
+               "total_bytes": sum(t.numel() * t.element_size() for t in new.values()),
+               "new_keys": sorted(set(new) - set(old))}
+    return changed, summary
+
+
+def versions_table(model: str, versions: dict[str, dict]) -> str:
+    rows = [[shard, ",".join(map(str, v.get("versions") or [])) or "-", v.get("current") if v.get("current") is not None
+             else "-", "; ".join(f"{k}: {v[k]}" for k in ("corrupt", "fallback") if v.get(k)) or "-"]
+            for shard, v in sorted(versions.items())]
+    return "\n".join([f"model {model}", *table(["SHARD", "VERSIONS", "CURRENT", "NOTES"], rows)])
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(parser(), argv)
+    p = parser()
+    args = parse_args(p, argv)
     configure_logging("publish", args.log_level)
-    with ParamClient(args.shards, args.chunk_bytes, args.timeout) as pc:
-        try:
+    if args.out and not args.diff:
+        p.error("--out goes with --diff")
+    if not (args.diff and args.out) and not (args.shards and args.model):
+        p.error("--shards and --model are needed (except for --diff OLD NEW --out FILE)")
+    try:
+        delta = None
+        if args.diff:
+            delta, summary = diff(*args.diff)
+            if args.out:
+                save_file({k: v for k, v in delta.items()}, args.out)
+                print(json.dumps({**summary, "out": args.out}))
+                return 0
+            if args.base is None:
+                p.error("publishing a --diff needs --base VERSION (the version OLD is)")
+        with ParamClient(args.shards, args.chunk_bytes, args.timeout) as pc:
             if args.rollback is not None:
                 pc.rollback(args.model, args.rollback)
                 print(json.dumps({"model": args.model, "current": args.rollback}))
+            elif delta is not None:
+                v = pc.publish(args.model, delta, args.version, args.base, allow_new=args.allow_new_keys)
+                print(json.dumps({"model": args.model, "version": v, "base": args.base, **summary}))
             elif args.weights:
                 v = pc.publish_file(args.model, args.weights, args.version, args.base,
                                     allow_new=args.allow_new_keys, allow_layout_change=args.allow_layout_change)
                 print(json.dumps({"model": args.model, "version": v}))
             else:
-                print(json.dumps(pc.versions(args.model)))
-        except PublishError as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
+                versions = pc.versions(args.model)
+                print(json.dumps(versions) if args.json else versions_table(args.model, versions))
+    except (PublishError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -95,3 +95,39 @@ def test_status_table_stays_aligned_with_long_model_lists():
     model_rows = [line for line in lines if line.startswith("model-with")]
     assert len(model_rows) == 6 and all(len(r) == len(model_rows[0]) for r in model_rows)
     assert all(r.index(" 1 ") < model_header.index("VERSIONS") for r in model_rows)
+
+
+def test_publish_diff_writes_or_publishes_only_changed_tensors_and_lists_versions(cluster, tmp_path):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ringserve.client.params import ParamClient
+    from ringserve.worker import demo
+
+    old = {k: v.contiguous() for k, v in demo.mlp(seed=1).state_dict().items()}
+    new = dict(old, **{"net.4.bias": old["net.4.bias"] + 1.0})
+    save_file(old, str(tmp_path / "old.safetensors"))
+    save_file(new, str(tmp_path / "new.safetensors"))
+    out = run("ringserve.launch.publish", "--diff", str(tmp_path / "old.safetensors"), str(tmp_path / "new.safetensors"),
+              "--out", str(tmp_path / "delta.safetensors"))
+    assert out.returncode == 0, out.stderr
+    assert set(load_file(str(tmp_path / "delta.safetensors"))) == {"net.4.bias"}
+    assert '"changed": ["net.4.bias"]' in out.stdout
+
+    eps = cluster.start_shards(2)
+    shards = ",".join(f"{n}={e}" for n, e in eps.items())
+    with ParamClient(eps) as pc:
+        assert pc.publish("mlp", old) == 1
+    out = run("ringserve.launch.publish", "--shards", shards, "--model", "mlp", "--diff",
+              str(tmp_path / "old.safetensors"), str(tmp_path / "new.safetensors"), "--base", "1")
+    assert out.returncode == 0 and '"version": 2' in out.stdout, out.stderr
+    listing = run("ringserve.launch.publish", "--shards", shards, "--model", "mlp")
+    lines = listing.stdout.splitlines()
+    assert listing.returncode == 0 and lines[1].split() == ["SHARD", "VERSIONS", "CURRENT", "NOTES"]
+    assert all(line.split()[1:3] == ["1,2", "2"] for line in lines[2:]) and len(lines) == 4
+
+    save_file({k: v for k, v in new.items() if k != "net.0.weight"}, str(tmp_path / "fewer.safetensors"))
+    out = run("ringserve.launch.publish", "--diff", str(tmp_path / "old.safetensors"),
+              str(tmp_path / "fewer.safetensors"), "--out", str(tmp_path / "x.safetensors"))
+    assert out.returncode == 1 and "lacks 1 tensor" in out.stderr and "Traceback" not in out.stderr
+    assert torch.equal(load_file(str(tmp_path / "new.safetensors"))["net.4.bias"], new["net.4.bias"])
