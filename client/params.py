@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 
 from ringserve.protocol.codec import to_numpy
 from ringserve.protocol.placement import DEFAULT_CHUNK_BYTES, parse_shards, place, plan
+from ringserve.protocol.security import Security
 from ringserve.protocol.shardrpc import ShardCallError, ShardRPC
 
 log = structlog.get_logger("ringserve.publish")
@@ -28,11 +29,11 @@ class PublishError(RuntimeError):
 
 class ParamClient:
     def __init__(self, shards: str | Mapping[str, str], chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 timeout: float = 30.0):
+                 timeout: float = 30.0, security: Security | None = None):
         self.shards = parse_shards(shards) if isinstance(shards, str) else dict(shards)
         self.chunk_bytes = chunk_bytes
         self._ctx = zmq.Context()
-        self.rpc = ShardRPC(self._ctx, self.shards, timeout)
+        self.rpc = ShardRPC(self._ctx, self.shards, timeout, security)  # Security(dir, "publisher") with keys
 
     def close(self) -> None:
         self.rpc.close()

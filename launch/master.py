@@ -5,6 +5,7 @@ import argparse
 
 from ringserve.launch.logsetup import add_log_flag, configure_logging
 from ringserve.launch.procs import announce
+from ringserve.launch.security import add_security_flags, security_from_args
 from ringserve.master.broker import BrokerConfig, serve
 from ringserve.master.scheduler import POLICIES
 
@@ -25,6 +26,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-timeout", type=float, default=10.0, help="seconds to finish work on SIGTERM")
     p.add_argument("--hwm", type=int, default=10_000, help="ZeroMQ high-water mark per socket")
     p.add_argument("--seed", type=int, default=None, help="seed for the random policies")
+    p.add_argument("--rate-limit", type=float, default=0.0,
+                   help="requests per second per client key (per connection without keys); 0: no limit")
+    p.add_argument("--rate-burst", type=float, default=None, help="bucket size (default: max(1, rate))")
+    add_security_flags(p)
     add_log_flag(p)
     return p
 
@@ -36,9 +41,10 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.weight:
         name, _, w = item.partition("=")
         weights[name] = float(w)
+    sec = security_from_args(args, "master", (args.frontend, args.backend, args.admin))
     cfg = BrokerConfig(args.frontend, args.backend, args.admin, args.policy, weights, args.heartbeat_interval,
                        args.heartbeat_liveness, args.max_queue, args.max_attempts, args.default_timeout, args.hwm,
-                       args.drain_timeout, args.seed)
+                       args.drain_timeout, args.seed, sec, args.rate_limit, args.rate_burst)
     serve(cfg, announce)
 
 

@@ -5,6 +5,7 @@ import argparse
 
 from ringserve.launch.logsetup import add_log_flag, configure_logging
 from ringserve.launch.procs import announce
+from ringserve.launch.security import add_security_flags, security_from_args
 from ringserve.paramserver.shard import ShardConfig, serve
 
 
@@ -16,6 +17,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--pub", default="tcp://127.0.0.1:*", help="announcement endpoint (PUB)")
     p.add_argument("--keep", type=int, default=3, help="committed versions kept per model")
     p.add_argument("--announce-interval", type=float, default=1.0, help="seconds between state heartbeats")
+    add_security_flags(p)
     add_log_flag(p)
     return p
 
@@ -23,7 +25,10 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv)
     configure_logging("paramserver", args.log_level)
-    serve(ShardConfig(args.name, args.data_dir, args.bind, args.pub, args.keep, args.announce_interval), announce)
+    # A shard's key is named after the shard: workers find its public key by the ring's names.
+    sec = security_from_args(args, "shard", (args.bind, args.pub), default_name=args.name)
+    serve(ShardConfig(args.name, args.data_dir, args.bind, args.pub, args.keep, args.announce_interval, sec),
+          announce)
 
 
 if __name__ == "__main__":

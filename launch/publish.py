@@ -7,6 +7,7 @@ import sys
 
 from ringserve.client.params import ParamClient, PublishError
 from ringserve.launch.logsetup import add_log_flag, configure_logging
+from ringserve.launch.security import add_security_flags, security_from_args
 
 
 def parser() -> argparse.ArgumentParser:
@@ -19,6 +20,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rollback", type=int, default=None, metavar="VERSION", help="make VERSION current again")
     p.add_argument("--chunk-bytes", type=int, default=4 * 1024 * 1024, help="largest piece of one tensor")
     p.add_argument("--timeout", type=float, default=30.0)
+    add_security_flags(p)
     add_log_flag(p)
     return p
 
@@ -26,7 +28,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     configure_logging("publish", args.log_level)
-    with ParamClient(args.shards, args.chunk_bytes, args.timeout) as pc:
+    with ParamClient(args.shards, args.chunk_bytes, args.timeout, security_from_args(args, "publisher")) as pc:
         try:
             if args.rollback is not None:
                 pc.rollback(args.model, args.rollback)

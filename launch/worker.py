@@ -13,6 +13,7 @@ import sys
 import structlog
 
 from ringserve.launch.logsetup import add_log_flag, configure_logging
+from ringserve.launch.security import add_security_flags, security_from_args
 
 
 def parser() -> argparse.ArgumentParser:
@@ -37,6 +38,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-backoff", type=float, default=32.0, help="longest reconnect backoff, seconds")
     p.add_argument("--paramservers", default=None,
                    help="NAME=ENDPOINT,... of the parameter-server shards to take weights from")
+    add_security_flags(p)
     add_log_flag(p)
     return p
 
@@ -49,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     from ringserve.launch.procs import announce
     from ringserve.worker.runtime import build_worker
 
-    agent = build_worker(args)
+    agent = build_worker(args, security_from_args(args, "worker"))
     agent.install_signal_handlers()
     announce({"role": "worker", "pid": os.getpid(), "name": agent.cfg.name})
     agent.run()

@@ -20,11 +20,13 @@ import structlog
 import zmq
 
 from ringserve.master import liveness
+from ringserve.master.ratelimit import RateLimiter
 from ringserve.master.registry import AnsweredCache, ModelCounters, ModelQueues, PendingRequest, WorkerRecord
 from ringserve.master.scheduler import Load, make_policy
 from ringserve.master.status import build_status
 from ringserve.protocol.codec import pack, unpack_map
 from ringserve.protocol.envelope import parse_request_header
+from ringserve.protocol.security import Security
 from ringserve.protocol.sockets import drain
 from ringserve.protocol.messages import (
     DISCONNECT, DRAIN, HEARTBEAT, MDP_CLIENT, MMI_PING, MMI_SERVICE, READY, REPLY, REQUEST,
@@ -51,10 +53,14 @@ class BrokerConfig:
     hwm: int = 10_000
     drain_timeout: float = 10.0
     seed: int | None = None
+    security: Security = field(default_factory=Security)  # keys, MAXMSGSIZE (protocol/security.py)
+    rate_limit: float = 0.0  # requests per second per client (0: no limit)
+    rate_burst: float | None = None
 
 
-def _router(ctx: zmq.Context, endpoint: str, hwm: int) -> tuple[zmq.Socket, str]:
+def _router(ctx: zmq.Context, endpoint: str, hwm: int, sec: Security, domain: str) -> tuple[zmq.Socket, str]:
     sock = ctx.socket(zmq.ROUTER)
+    sec.server(sock, domain)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown peer raises instead of dropping silently
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, hwm)
@@ -84,9 +90,11 @@ class Broker:
         # until then a request for a model we do not know yet waits instead of failing.
         self.grace_until = time.monotonic() + liveness.expiry(cfg.heartbeat_interval, cfg.heartbeat_liveness)
         self.in_grace = True
-        self.frontend, self.frontend_ep = _router(self.ctx, cfg.frontend, cfg.hwm)
-        self.backend, self.backend_ep = _router(self.ctx, cfg.backend, cfg.hwm)
-        self.admin, self.admin_ep = _router(self.ctx, cfg.admin, 1000)
+        self.limiter = RateLimiter(cfg.rate_limit, cfg.rate_burst) if cfg.rate_limit > 0 else None
+        self.refused = 0  # messages from peers not (or no longer) allowed on that socket
+        self.frontend, self.frontend_ep = _router(self.ctx, cfg.frontend, cfg.hwm, cfg.security, "master.client")
+        self.backend, self.backend_ep = _router(self.ctx, cfg.backend, cfg.hwm, cfg.security, "master.worker")
+        self.admin, self.admin_ep = _router(self.ctx, cfg.admin, 1000, cfg.security, "master.admin")
         self.poller = zmq.Poller()
         for sock in (self.frontend, self.backend, self.admin):
             self.poller.register(sock, zmq.POLLIN)
@@ -165,6 +173,8 @@ class Broker:
     # --------------------------------------------------------------- clients
     def on_client(self, frames: Sequence[zmq.Frame]) -> None:
         ident = frames[0].bytes
+        if not self._allowed(frames, "client") or not self._within_rate(ident, frames):
+            return
         if len(frames) < 4 or frames[1].bytes != b"" or frames[2].bytes != MDP_CLIENT:
             self._reply_client(ident, b"", error_body(None, ErrorCode.BAD_REQUEST,
                                "expected [empty][MDPC01][service][body...] (ZeroMQ RFC 7)"))
@@ -279,6 +289,8 @@ class Broker:
     # --------------------------------------------------------------- workers
     def on_worker(self, frames: Sequence[zmq.Frame]) -> None:
         ident = frames[0].bytes
+        if not self._allowed(frames, "worker"):
+            return
         cmd = frames[2].bytes if len(frames) >= 3 else b""
         if len(frames) < 3 or frames[1].bytes != WORKER_PROTO or cmd not in WORKER_COMMANDS:
             self._send_raw(self.backend, [ident, WORKER_PROTO, DISCONNECT,
@@ -430,6 +442,8 @@ class Broker:
     # --------------------------------------------------------------- admin
     def on_admin(self, frames: Sequence[zmq.Frame]) -> None:
         ident = frames[0].bytes
+        if not self._allowed(frames, "admin"):
+            return
         envelope = [ident, b""] if len(frames) > 2 and frames[1].bytes == b"" else [ident]
         try:
             cmd = unpack_map(frames[-1]) if len(frames) > 1 else {}
@@ -453,6 +467,34 @@ class Broker:
                 return error_body(None, ErrorCode.BAD_REQUEST, f"no worker named {target!r}")
             return {"ok": True, "draining": [w.name for w in matched]}
         return error_body(None, ErrorCode.BAD_REQUEST, f"unknown admin command {name!r}; try status or drain")
+
+    # ------------------------------------------------------------ security
+    def _allowed(self, frames: Sequence[zmq.Frame], role: str) -> bool:
+        """With keys: the sender's key is (still) a `role` key. A refused peer gets nothing."""
+        if self.cfg.security.authorize(frames[-1], {role}) is not None:
+            return True
+        self.refused += 1
+        log.warning("message_refused", socket=role, user=_user_id(frames[-1]))
+        return False
+
+    def _within_rate(self, ident: bytes, frames: Sequence[zmq.Frame]) -> bool:
+        """Token bucket per client key (per connection without keys); over it: OVERLOADED + retry_after_s."""
+        if self.limiter is None or len(frames) < 4 or frames[3].bytes.startswith(b"mmi."):
+            return True
+        key = _user_id(frames[-1]) or ident
+        wait = self.limiter.take(key, time.monotonic())
+        if wait <= 0:
+            return True
+        try:
+            rid = unpack_map(frames[4]).get("id") if len(frames) > 4 else None
+        except ProtocolError:
+            rid = None
+        rid = rid if isinstance(rid, str) else None
+        self._reply_client(ident, frames[3].bytes, error_body(
+            rid, ErrorCode.OVERLOADED, f"rate limit: over {self.cfg.rate_limit:g} requests/s for this client",
+            retry_after_s=round(wait, 3)))
+        log.info("rate_limited", request_id=rid, retry_after_s=round(wait, 3))
+        return False
 
     # --------------------------------------------------------------- sends
     def _reply_client(self, ident: bytes, service: bytes, body: dict) -> None:
@@ -478,6 +520,13 @@ class Broker:
             if exc.errno == errno.EHOSTUNREACH:
                 return False
             raise
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    try:
+        return frame.get("User-Id")
+    except (zmq.ZMQError, AttributeError, UnicodeDecodeError):
+        return None
 
 
 def serve(cfg: BrokerConfig, announce=None) -> None:

@@ -14,7 +14,7 @@ import os
 import signal
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
@@ -24,6 +24,7 @@ from ringserve.paramserver.store import ShardStore, Slice, sha256
 from ringserve.protocol.codec import pack, unpack_map
 from ringserve.protocol.messages import SHARD_COMMANDS, SHARD_PROTO, ErrorCode, ProtocolError, error_body
 from ringserve.protocol.placement import Piece
+from ringserve.protocol.security import SHARD_COMMAND_ROLES, Security
 
 log = structlog.get_logger("ringserve.paramserver")
 
@@ -36,6 +37,7 @@ class ShardConfig:
     pub: str = "tcp://127.0.0.1:*"
     keep: int = 3
     announce_interval: float = 1.0
+    security: Security = field(default_factory=Security)  # keys, MAXMSGSIZE (protocol/security.py)
 
 
 class Shard:
@@ -47,9 +49,11 @@ class Shard:
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.router.setsockopt(zmq.LINGER, 0)
+        cfg.security.server(self.router, "shard.cmd")
         self.router.bind(cfg.bind)
         self.pubsock = self.ctx.socket(zmq.PUB)
         self.pubsock.setsockopt(zmq.LINGER, 0)
+        cfg.security.server(self.pubsock, "shard.pub")
         self.pubsock.bind(cfg.pub)
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.pub_endpoint = self.pubsock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -58,6 +62,7 @@ class Shard:
         self.staging: dict[tuple[str, int], Slice] = {}
         self.stopping = False
         self.last_announce = 0.0
+        self.refused = 0  # commands from a key whose role may not run them (answered with nothing)
 
     def run(self) -> None:
         log.info("shard_started", shard=self.cfg.name, endpoint=self.endpoint, pub=self.pub_endpoint,
@@ -91,6 +96,10 @@ class Shard:
             rid = header.get("rid")
             if header.get("cmd") not in SHARD_COMMANDS:
                 raise ProtocolError(f"unknown command {header.get('cmd')!r}; one of {', '.join(SHARD_COMMANDS)}")
+            if self.cfg.security.authorize(frames[-1], SHARD_COMMAND_ROLES[header["cmd"]]) is None:
+                self.refused += 1  # a refused peer gets nothing and changes nothing
+                log.warning("command_refused", cmd=header["cmd"], rid=rid, user=_user_id(frames[-1]))
+                return
             handler = getattr(self, f"on_{header['cmd']}")
             reply = handler(header, frames[3:])
             if isinstance(reply, tuple):
@@ -186,6 +195,13 @@ class Shard:
         self.pubsock.send_multipart([model.encode(), pack({
             "kind": kind, "shard": self.cfg.name, "boot": self.boot, "seq": self.seq, "model": model,
             "version": version, "current": dict(self.store.current)})])
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    try:
+        return frame.get("User-Id")
+    except (zmq.ZMQError, AttributeError, UnicodeDecodeError):
+        return None
 
 
 def _model(header: dict) -> str:

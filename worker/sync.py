@@ -22,6 +22,7 @@ import zmq
 from ringserve.protocol.codec import unpack_map
 from ringserve.protocol.messages import ProtocolError
 from ringserve.protocol.placement import Piece
+from ringserve.protocol.security import Security
 from ringserve.protocol.shardrpc import ShardCallError, ShardRPC
 
 log = structlog.get_logger("ringserve.worker.sync")
@@ -38,7 +39,7 @@ class ShardView:
 
 class WeightSync(threading.Thread):
     def __init__(self, ctx: zmq.Context, shards: Mapping[str, str], models: Mapping, swaps, on_error=None,
-                 timeout: float = 30.0, resync_s: float = 5.0):
+                 timeout: float = 30.0, resync_s: float = 5.0, security: Security | None = None):
         super().__init__(name="ringserve-weight-sync", daemon=True)
         self.ctx, self.shards, self.models, self.swaps = ctx, dict(shards), models, swaps
         self.timeout, self.resync_s = timeout, resync_s
@@ -47,9 +48,15 @@ class WeightSync(threading.Thread):
         self.refused: dict[tuple[str, int], str] = {}
         self.held: dict[str, Held] = {}  # model -> the weights last fetched (for delta fetches)
         self.stopping = threading.Event()
+        self.security = security or Security()
+
+    def _connect_sub(self, sub: zmq.Socket, shard: str, endpoint: str) -> None:
+        """One SUB, many shards: each connect takes the server key set just before it."""
+        self.security.client(sub, "shard", shard)
+        sub.connect(endpoint)
 
     def run(self) -> None:
-        rpc = ShardRPC(self.ctx, self.shards, self.timeout)
+        rpc = ShardRPC(self.ctx, self.shards, self.timeout, self.security)
         sub = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -64,7 +71,7 @@ class WeightSync(threading.Thread):
                     self._snapshot(rpc, stale or list(self.shards))
                 for n, v in self.views.items():
                     if v.pub and n not in connected:
-                        sub.connect(v.pub)
+                        self._connect_sub(sub, n, v.pub)
                         connected.add(n)
                 if sub.poll(200):
                     for _ in range(100):
