@@ -29,6 +29,7 @@ def security_from_args(args: argparse.Namespace, role: str, binds: Iterable[str]
     """Build the role's Security; refuse (exit 2) a plaintext non-loopback bind without --insecure."""
     log = structlog.get_logger("ringserve.security")
     sec = Security(args.keys, role, args.key_name or default_name, args.max_msg_bytes, args.insecure)
+    binds = list(binds)
     try:
         for endpoint in binds:
             warning = check_bind(endpoint, sec.enabled, args.insecure)
@@ -37,6 +38,9 @@ def security_from_args(args: argparse.Namespace, role: str, binds: Iterable[str]
                 print(f"WARNING: {warning}", file=sys.stderr, flush=True)
         if sec.enabled:
             sec.own_keys()  # fail at start, not at the first connection
+        if not binds:  # a command-line client: nothing to announce
+            return sec
+        if sec.enabled:
             log.info("security", mode="curve", keys=args.keys, role=role)
         else:
             log.warning("security", mode="plaintext",
