@@ -62,6 +62,7 @@ def peer(ctx, kind, address, who, keys_dir, server) -> zmq.Socket:
     """A raw socket as an attacker or a legitimate peer. who: 'plain', 'unknown' or a role name."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDTIMEO, 5000)
     if who != "plain":
         pub, sec = zmq.curve_keypair() if who == "unknown" else keypair(keys_dir, who, first_name(keys_dir, who))
         sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = pub, sec, server
@@ -69,6 +70,14 @@ def peer(ctx, kind, address, who, keys_dir, server) -> zmq.Socket:
         sock.setsockopt(zmq.SUBSCRIBE, b"")
     sock.connect(address)
     return sock
+
+
+def send(sock: zmq.Socket, frames: list) -> None:
+    """Never block: a peer whose handshake failed may have no pipe to queue on (that is refusal too)."""
+    try:
+        sock.send_multipart(frames, zmq.NOBLOCK)
+    except zmq.Again:
+        pass
 
 
 def got_nothing(sock: zmq.Socket, seconds: float = QUIET_S) -> bool:
@@ -107,8 +116,8 @@ def test_master_sockets_refuse_wrong_role_plaintext_and_unknown_keys(cluster, ke
     # client socket: only client keys; a request and an mmi.ping from anyone else get nothing
     for who in attackers({"client"}):
         s = peer(zctx, zmq.DEALER, cluster.frontend, who, keys, master_pub)
-        s.send_multipart(client_frames("mlp", mlp_body(f"evil-{who}")))
-        s.send_multipart(client_frames("mmi.ping", [b""]))
+        send(s, client_frames("mlp", mlp_body(f"evil-{who}")))
+        send(s, client_frames("mmi.ping", [b""]))
         attempts += 2
         assert got_nothing(s), who
         s.close()
@@ -123,7 +132,7 @@ def test_master_sockets_refuse_wrong_role_plaintext_and_unknown_keys(cluster, ke
         s = peer(zctx, zmq.DEALER, cluster.master.info["backend"], who, keys, master_pub)
         for cmd, header in ((READY, {"name": f"evil-{who}", "models": {"mlp": {"version": 0}}, "credit": 8}),
                             (HEARTBEAT, {}), (REPLY, {"id": "x", "attempt": 1, "ok": True}), (DISCONNECT, {})):
-            s.send_multipart([WORKER_PROTO, cmd, pack(header)])
+            send(s, [WORKER_PROTO, cmd, pack(header)])
             attempts += 1
         assert got_nothing(s), who
         s.close()
@@ -132,8 +141,8 @@ def test_master_sockets_refuse_wrong_role_plaintext_and_unknown_keys(cluster, ke
     # admin socket: only admin keys; status and drain from anyone else get nothing and drain nothing
     for who in attackers({"admin"}):
         s = peer(zctx, zmq.DEALER, cluster.admin, who, keys, master_pub)
-        s.send_multipart([b"", pack({"cmd": "status"})])
-        s.send_multipart([b"", pack({"cmd": "drain", "worker": "w0"})])
+        send(s, [b"", pack({"cmd": "status"})])
+        send(s, [b"", pack({"cmd": "drain", "worker": "w0"})])
         attempts += 2
         assert got_nothing(s), who
         s.close()
@@ -156,21 +165,26 @@ def test_shard_commands_are_authorized_per_role(cluster, keys, zctx):
             "stage": {"model": "mlp", "version": 2, "pieces": []}, "commit": {"model": "mlp", "version": 2},
             "abort": {"model": "mlp", "version": 1}, "rollback": {"model": "mlp", "version": 1},
         }
-        for who in ["plain", "unknown", *ROLES]:
+        for who in ["plain", "unknown", *ROLES]:  # everyone not allowed first: they must change nothing
             s = peer(zctx, zmq.DEALER, info["endpoint"], who, keys, shard_pub)
             for cmd, header in commands.items():
-                s.send_multipart([SHARD_PROTO, pack({"cmd": cmd, "rid": cmd, **header})])
-                allowed = who in SHARD_COMMAND_ROLES[cmd]
-                if allowed:
-                    assert s.poll(10_000), (who, cmd)
-                    assert unpack_map(s.recv_multipart()[1])["rid"] == cmd
-                else:
+                if who not in SHARD_COMMAND_ROLES[cmd]:
+                    send(s, [SHARD_PROTO, pack({"cmd": cmd, "rid": cmd, **header})])
                     attempts += 1
                     assert got_nothing(s, 0.3), (who, cmd)
             s.close()
         after = publisher.hello()["ps0"]
         assert (after["seq"], after["current"], after["versions"]) == (before["seq"], before["current"],
                                                                        before["versions"])
+        for who in ("worker", "publisher"):  # then the right roles: every command they may run works
+            s = peer(zctx, zmq.DEALER, info["endpoint"], who, keys, shard_pub)
+            for cmd, header in commands.items():
+                if who in SHARD_COMMAND_ROLES[cmd]:
+                    s.send_multipart([SHARD_PROTO, pack({"cmd": cmd, "rid": cmd, **header})])  # SNDTIMEO bounds it
+                    assert s.poll(10_000), (who, cmd)
+                    assert unpack_map(s.recv_multipart()[1])["rid"] == cmd
+            s.close()
+        assert publisher.hello()["ps0"]["versions"] == {"mlp": [1, 2]}  # the publisher's stage+commit landed
         assert attempts >= 30
 
         # PUB: workers hear announcements; nobody else gets anything
@@ -210,20 +224,20 @@ def test_revoked_key_stops_working_and_new_key_works_without_restart(cluster, ke
     c2.curve_publickey, c2.curve_secretkey = keypair(keys, "client", "c2")
     c2.curve_serverkey = master_pub
     c2.connect(cluster.frontend)
-    c2.send_multipart(client_frames("mmi.ping", [b""]))
+    send(c2, client_frames("mmi.ping", [b""]))
     assert c2.poll(10_000)
     c2.recv_multipart()
     c2_keys = keypair(keys, "client", "c2")
     assert revoke_identity(keys, "client", "c2")
     time.sleep(0.5)  # the key ring is re-checked every 0.1 s
-    c2.send_multipart(client_frames("mmi.ping", [b""]))
+    send(c2, client_frames("mmi.ping", [b""]))
     assert got_nothing(c2), "revoked key still answered on its open connection"
     fresh = zctx.socket(zmq.DEALER)
     fresh.setsockopt(zmq.LINGER, 0)
     fresh.curve_publickey, fresh.curve_secretkey = c2_keys
     fresh.curve_serverkey = master_pub
     fresh.connect(cluster.frontend)
-    fresh.send_multipart(client_frames("mmi.ping", [b""]))
+    send(fresh, client_frames("mmi.ping", [b""]))
     assert got_nothing(fresh), "revoked key accepted on a new connection"
     for sock in (c2, fresh):
         sock.close()
@@ -252,7 +266,7 @@ def test_rate_limit_answers_overloaded_with_retry_after(cluster, zctx):
     cluster.start_master("--rate-limit", "2", "--rate-burst", "2")
     s = peer(zctx, zmq.DEALER, cluster.frontend, "plain", "", b"")
     for i in range(6):
-        s.send_multipart(client_frames("nope", mlp_body(f"r{i}")))
+        send(s, client_frames("nope", mlp_body(f"r{i}")))
     replies = []
     end = time.monotonic() + 10
     while len(replies) < 6 and time.monotonic() < end:
@@ -261,7 +275,7 @@ def test_rate_limit_answers_overloaded_with_retry_after(cluster, zctx):
     limited = [r for r in replies if r.get("error", {}).get("code") == "OVERLOADED"]
     assert len(limited) >= 3, replies
     assert all(r["retry_after_s"] > 0 and r["id"].startswith("r") for r in limited)
-    s.send_multipart(client_frames("mmi.ping", [b""]))  # the ping is never rate limited
+    send(s, client_frames("mmi.ping", [b""]))  # the ping is never rate limited
     assert s.poll(5000)
 
 
@@ -281,7 +295,7 @@ def test_oversized_message_drops_the_peer_and_the_master_keeps_serving(cluster, 
     big.send_multipart(client_frames("mlp", [pack({"id": "big", "inputs": []}), b"\0" * 200_000]))
     assert got_nothing(big)
     s = peer(zctx, zmq.DEALER, cluster.frontend, "plain", "", b"")
-    s.send_multipart(client_frames("mmi.ping", [b""]))
+    send(s, client_frames("mmi.ping", [b""]))
     assert s.poll(5000) and unpack_map(s.recv_multipart()[-1])["ok"]
 
 
