@@ -169,8 +169,13 @@ class KeyRing:
             log.info("keys_loaded", keys=len(by_key), dir=str(self.keys_dir))
 
     def lookup(self, public_z85: bytes) -> tuple[str, str] | None:
+        """Per handshake: an unknown key forces a re-read, so a key made a moment ago is never refused."""
         self.refresh()
-        return self._by_key.get(public_z85)
+        found = self._by_key.get(public_z85)
+        if found is None:
+            self.refresh(force=True)
+            found = self._by_key.get(public_z85)
+        return found
 
     def valid(self, user_id: str) -> bool:
         self.refresh()
@@ -264,6 +269,7 @@ class Security:
 
     def __post_init__(self) -> None:
         self._keyring = KeyRing(self.keys_dir) if self.keys_dir else None
+        self._own: tuple[bytes, bytes] | None = None
 
     @property
     def enabled(self) -> bool:
@@ -274,6 +280,12 @@ class Security:
         return self._keyring
 
     def own_keys(self) -> tuple[bytes, bytes]:
+        """Our key pair, read once: a process keeps its identity even if its files change later."""
+        if self._own is None:
+            self._own = self._read_own_keys()
+        return self._own
+
+    def _read_own_keys(self) -> tuple[bytes, bytes]:
         name = self.name or self._only_name("secret", self.role, ".key_secret")
         path = secret_path(self.keys_dir, self.role, name)
         try:

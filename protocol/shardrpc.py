@@ -41,8 +41,12 @@ class ShardRPC:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        self.security.client(sock, "shard", name)
-        sock.connect(self.shards[name])
+        try:
+            self.security.client(sock, "shard", name)
+            sock.connect(self.shards[name])
+        except Exception:
+            sock.close(linger=0)  # never leave a socket open that close() does not know about
+            raise
         self.socks[name] = sock
 
     def call(self, requests: Mapping[str, tuple[dict, Sequence]], timeout: float | None = None,

@@ -21,6 +21,7 @@ from ringserve.client.params import ParamClient
 from ringserve.launch.procs import wait_until
 from ringserve.master.ratelimit import RateLimiter
 from ringserve.protocol.codec import pack, unpack_map
+from ringserve.protocol.shardrpc import ShardCallError
 from ringserve.protocol.envelope import client_frames, request_body
 from ringserve.protocol.messages import HEARTBEAT, READY, REPLY, DISCONNECT, SHARD_PROTO, WORKER_PROTO
 from ringserve.protocol.security import (
@@ -253,7 +254,7 @@ def test_revoked_key_stops_working_and_new_key_works_without_restart(cluster, ke
         assert p2.hello()["ps0"]["name"] == "ps0"
         revoke_identity(keys, "publisher", "p2")
         time.sleep(0.5)
-        with pytest.raises(Exception):
+        with pytest.raises(ShardCallError):
             p2.rpc.call_all({"cmd": "stage", "model": "mlp", "version": 5, "pieces": []}, timeout=1.0)
     finally:
         p2.close()
@@ -325,3 +326,20 @@ def test_keys_cli_writes_secret_0600_and_revokes(tmp_path):
     assert out.returncode == 0 and not public_path(d, "worker", "a").exists()
     with pytest.raises(SecurityError):
         create_identity(d, "wizard", "x")
+
+
+def test_local_cluster_secure(tmp_path):
+    """ringserve-local --secure: fresh keys, every role over CURVE, the same main job."""
+    proc = subprocess.Popen([sys.executable, "-m", "ringserve.launch.local", "--secure", "--requests", "2",
+                             "--workers", "1", "--shards", "1", "--workdir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=150)
+    finally:
+        if proc.poll() is None:  # SIGTERM makes it stop the processes it started
+            proc.terminate()
+            proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "CURVE keys in" in stdout and "mlp v2" in stdout
+    assert stat.S_IMODE(os.stat(secret_path(tmp_path / "keys", "master", "master")).st_mode) == 0o600
+    assert '"auth_refused"' not in (tmp_path / "master.log").read_text()
