@@ -4,6 +4,8 @@ Methods are named after protocol events (Majordomo style): ``on_client``, ``on_w
 ``on_admin``, ``on_reply``, ``on_ready``, ``on_heartbeat``. Decisions live elsewhere:
 which worker gets a request is ``scheduler``'s, who is dead is ``liveness``'s. This loop only
 moves frames and keeps the books so that every request gets exactly one final answer.
+With --keys each socket admits only its own role, re-checked per message (``_allowed``;
+rules in protocol/security.py), and ``_within_rate`` applies the per-client token bucket.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from ringserve.master.scheduler import Load, make_policy
 from ringserve.master.status import build_status
 from ringserve.protocol.codec import pack, unpack_map
 from ringserve.protocol.envelope import parse_request_header
-from ringserve.protocol.security import Security
+from ringserve.protocol.security import Security, user_id
 from ringserve.protocol.sockets import drain
 from ringserve.protocol.messages import (
     DISCONNECT, DRAIN, HEARTBEAT, MDP_CLIENT, MMI_PING, MMI_SERVICE, READY, REPLY, REQUEST,
@@ -474,14 +476,14 @@ class Broker:
         if self.cfg.security.authorize(frames[-1], {role}) is not None:
             return True
         self.refused += 1
-        log.warning("message_refused", socket=role, user=_user_id(frames[-1]))
+        log.warning("message_refused", socket=role, user=user_id(frames[-1]))
         return False
 
     def _within_rate(self, ident: bytes, frames: Sequence[zmq.Frame]) -> bool:
         """Token bucket per client key (per connection without keys); over it: OVERLOADED + retry_after_s."""
         if self.limiter is None or len(frames) < 4 or frames[3].bytes.startswith(b"mmi."):
             return True
-        key = _user_id(frames[-1]) or ident
+        key = user_id(frames[-1]) or ident
         wait = self.limiter.take(key, time.monotonic())
         if wait <= 0:
             return True
@@ -520,13 +522,6 @@ class Broker:
             if exc.errno == errno.EHOSTUNREACH:
                 return False
             raise
-
-
-def _user_id(frame: zmq.Frame) -> str | None:
-    try:
-        return frame.get("User-Id")
-    except (zmq.ZMQError, AttributeError, UnicodeDecodeError):
-        return None
 
 
 def serve(cfg: BrokerConfig, announce=None) -> None:

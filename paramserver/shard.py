@@ -6,6 +6,8 @@ current), abort, fetch (send a version's pieces), rollback (make an older versio
 Each commit or rollback is announced on the PUB with a sequence number; a heartbeat
 announcement repeats the current state every interval, so a subscriber that joined late or
 saw a gap asks for a snapshot (hello) instead of trusting what it missed.
+With --keys both sockets are CURVE servers and each command is checked against the sender's
+role (protocol/security.py's SHARD_COMMAND_ROLES); a refused command gets no answer.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from ringserve.paramserver.store import ShardStore, Slice, sha256
 from ringserve.protocol.codec import pack, unpack_map
 from ringserve.protocol.messages import SHARD_COMMANDS, SHARD_PROTO, ErrorCode, ProtocolError, error_body
 from ringserve.protocol.placement import Piece
-from ringserve.protocol.security import SHARD_COMMAND_ROLES, Security
+from ringserve.protocol.security import SHARD_COMMAND_ROLES, Security, user_id
 
 log = structlog.get_logger("ringserve.paramserver")
 
@@ -98,7 +100,7 @@ class Shard:
                 raise ProtocolError(f"unknown command {header.get('cmd')!r}; one of {', '.join(SHARD_COMMANDS)}")
             if self.cfg.security.authorize(frames[-1], SHARD_COMMAND_ROLES[header["cmd"]]) is None:
                 self.refused += 1  # a refused peer gets nothing and changes nothing
-                log.warning("command_refused", cmd=header["cmd"], rid=rid, user=_user_id(frames[-1]))
+                log.warning("command_refused", cmd=header["cmd"], rid=rid, user=user_id(frames[-1]))
                 return
             handler = getattr(self, f"on_{header['cmd']}")
             reply = handler(header, frames[3:])
@@ -195,13 +197,6 @@ class Shard:
         self.pubsock.send_multipart([model.encode(), pack({
             "kind": kind, "shard": self.cfg.name, "boot": self.boot, "seq": self.seq, "model": model,
             "version": version, "current": dict(self.store.current)})])
-
-
-def _user_id(frame: zmq.Frame) -> str | None:
-    try:
-        return frame.get("User-Id")
-    except (zmq.ZMQError, AttributeError, UnicodeDecodeError):
-        return None
 
 
 def _model(header: dict) -> str:

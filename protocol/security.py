@@ -342,13 +342,18 @@ class Security:
         """The sender's User-Id if it may act as one of `roles` now; "" without keys; None if refused."""
         if not self.enabled:
             return ""
-        try:
-            user = frame.get("User-Id")
-        except (zmq.ZMQError, AttributeError, UnicodeDecodeError):
-            return None
+        user = user_id(frame)
         if not user or user.split(":", 1)[0] not in roles or not self._keyring.valid(user):
             return None
         return user
+
+
+def user_id(frame: zmq.Frame) -> str | None:
+    """The User-Id ZAP gave the sender's connection ("role:name:fingerprint"), None without one."""
+    try:
+        return frame.get("User-Id")
+    except (zmq.ZMQError, AttributeError, UnicodeDecodeError):
+        return None
 
 
 def bind_host(endpoint: str) -> str | None:
