@@ -4,17 +4,20 @@ from __future__ import annotations
 import zmq
 
 from ringserve.protocol.codec import pack, unpack_map
+from ringserve.protocol.security import Security
 
 
 class AdminClient:
-    def __init__(self, address: str, timeout: float = 5.0):
+    def __init__(self, address: str, timeout: float = 5.0, security: Security | None = None):
         self.address, self.timeout = address, timeout
+        self.security = security or Security()  # Security(keys_dir, "admin") for a CURVE master
 
     def call(self, cmd: str, **args) -> dict:
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
+            self.security.client(sock, "master")
             sock.connect(self.address)
             sock.send_multipart([b"", pack({"cmd": cmd, **args})])
             if not sock.poll(int(self.timeout * 1000)):

@@ -40,6 +40,7 @@ from ringserve.client.errors import RingserveError, Timeout, from_error
 from ringserve.protocol.codec import pack
 from ringserve.protocol.envelope import client_frames, parse_reply, request_body
 from ringserve.protocol.messages import MDP_CLIENT, MMI_PING, ProtocolError
+from ringserve.protocol.security import Security
 
 log = structlog.get_logger("ringserve.client")
 
@@ -78,11 +79,12 @@ class ClientStats:
 class Client:
     def __init__(self, address: str, timeout: float = 30.0, retry_interval: float = 0.5,
                  max_retry_interval: float = 4.0, ping_interval: float = 0.5, grace: float = 1.0,
-                 hwm: int = 100_000):
+                 hwm: int = 100_000, security: Security | None = None):
         self.address, self.timeout = address, timeout
         self.retry_interval, self.max_retry_interval = retry_interval, max_retry_interval
         self.ping_interval, self.grace, self.hwm = ping_interval, grace, hwm
         self.stats = ClientStats()
+        self.security = security or Security()  # Security(keys_dir, "client", name) for a CURVE master
         self._prefix = uuid.uuid4().hex[:12]
         self._ids = itertools.count()
         self._outbox: collections.deque[_Pending] = collections.deque()
@@ -166,6 +168,7 @@ class Client:
         sock.setsockopt(zmq.RCVHWM, self.hwm)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        self.security.client(sock, "master")
         # Watch the connection before connecting, so the first handshake is seen as the first.
         monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
         sock.connect(self.address)

@@ -29,6 +29,7 @@ from safetensors.numpy import load_file
 from ringserve.client.errors import Conflict
 from ringserve.protocol.codec import to_numpy
 from ringserve.protocol.placement import DEFAULT_CHUNK_BYTES, parse_shards, place, plan
+from ringserve.protocol.security import Security
 from ringserve.protocol.shardrpc import ShardCallError, ShardRPC
 
 log = structlog.get_logger("ringserve.publish")
@@ -92,11 +93,11 @@ def tiling_problem(layouts: Mapping[str, Mapping[str, list]]) -> tuple[Layout, s
 
 class ParamClient:
     def __init__(self, shards: str | Mapping[str, str], chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 timeout: float = 30.0):
+                 timeout: float = 30.0, security: Security | None = None):
         self.shards = parse_shards(shards) if isinstance(shards, str) else dict(shards)
         self.chunk_bytes = chunk_bytes
         self._ctx = zmq.Context()
-        self.rpc = ShardRPC(self._ctx, self.shards, timeout)
+        self.rpc = ShardRPC(self._ctx, self.shards, timeout, security)  # Security(dir, "publisher") with keys
 
     def close(self) -> None:
         self.rpc.close()

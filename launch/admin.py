@@ -8,6 +8,7 @@ import sys
 
 from ringserve.client.admin import AdminClient, format_status
 from ringserve.launch.cli import HelpFormatter, make_parser, parse_args
+from ringserve.launch.security import add_security_flags, security_from_args
 
 
 def parser() -> argparse.ArgumentParser:
@@ -35,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
     rb.add_argument("--shards", required=True, help="NAME=ENDPOINT,... of the parameter servers")
     rb.add_argument("--model", required=True)
     rb.add_argument("--version", type=int, required=True)
+    for sp in (st, dr, rb):  # status/drain use an admin key, rollback a publisher key
+        add_security_flags(sp)
     return p
 
 
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "rollback":
         from ringserve.client.params import ParamClient, PublishError
 
-        with ParamClient(args.shards, timeout=10) as pc:
+        with ParamClient(args.shards, timeout=10, security=security_from_args(args, "publisher")) as pc:
             try:
                 pc.rollback(args.model, args.version)
             except PublishError as exc:
@@ -51,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         print(json.dumps({"model": args.model, "current": args.version}))
         return 0
-    admin = AdminClient(args.master)
+    admin = AdminClient(args.master, security=security_from_args(args, "admin"))
     try:
         if args.command == "status":
             st = admin.status()

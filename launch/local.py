@@ -24,6 +24,7 @@ from ringserve.client.params import ParamClient
 from ringserve.launch.cli import make_parser, parse_args
 from ringserve.launch.logsetup import configure_logging
 from ringserve.launch.procs import RoleProcess, wait_for_workers
+from ringserve.protocol.security import Security, create_identity
 from ringserve.worker import demo
 
 
@@ -35,6 +36,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--shards", type=int, default=2, help="parameter-server shards")
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--workdir", default=None, help="where weights and logs go (default: a temp dir)")
+    p.add_argument("--secure", action="store_true",
+                   help="fresh CURVE keys for every role in WORKDIR/keys; every socket authenticated and encrypted")
     return p
 
 
@@ -50,59 +53,78 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     print(f"workdir: {workdir} (logs and shard data)")
     eph = "tcp://127.0.0.1:*"
+    keys = make_local_keys(workdir / "keys", args.shards, args.workers) if args.secure else None
+    flags = ["--keys", keys] if keys else []
+    sec = {role: Security(keys, role) for role in ("client", "admin", "publisher")} if keys else {}
+    print(f"security: {'CURVE keys in ' + keys if keys else 'plaintext on loopback (use --secure for CURVE)'}")
     procs: list[RoleProcess] = []
     try:
         shards = [RoleProcess("ringserve.launch.ps", ["--name", f"ps{i}", "--data-dir", str(workdir / f"ps{i}"),
-                                            "--bind", eph, "--pub", eph, "--metrics-port", "0"], workdir / f"ps{i}.log",
+                                            "--bind", eph, "--pub", eph, "--metrics-port", "0", *flags],
+                              workdir / f"ps{i}.log",
                               wait_ready=False)
                   for i in range(args.shards)]
         procs += shards
         shard_list = ",".join(f"{s.wait_ready()['name']}={s.info['endpoint']}" for s in shards)
         print(f"parameter servers: {shard_list}")
         master = RoleProcess("ringserve.launch.master", ["--frontend", eph, "--backend", eph, "--admin", eph,
-                                               "--policy", args.policy, "--metrics-port", "0"], workdir / "master.log")
+                                               "--policy", args.policy, "--metrics-port", "0", *flags],
+                             workdir / "master.log")
         procs.append(master)
         print(f"master: {master.info['frontend']} (clients), {master.info['admin']} (admin)")
         v1 = demo_weights(seed=7)
-        with ParamClient(shard_list) as pc:
+        with ParamClient(shard_list, security=sec.get("publisher")) as pc:
             for model, state in v1.items():
                 print(f"published {model} v{pc.publish(model, state)}")
             workers = [RoleProcess("ringserve.launch.worker", [
                 "--master", master.info["backend"], "--name", f"worker-{i}", "--threads", "1",
                 "--max-batch-size", str(args.max_batch_size), "--paramservers", shard_list,
                 "--model", "mlp=ringserve.worker.demo:mlp", "--model", "cnn=ringserve.worker.demo:cnn",
-                "--metrics-port", "0"], workdir / f"worker-{i}.log",
+                "--metrics-port", "0", *flags, *(["--key-name", f"worker-{i}"] if keys else [])],
+                workdir / f"worker-{i}.log",
                 wait_ready=False) for i in range(args.workers)]
             procs += workers
             for w in workers:
                 w.wait_ready()
             print("metrics (Prometheus): " + ", ".join(f"{p.info.get('name', 'master')}={p.info['metrics']}"
                                                      for p in (*shards, master, *workers)))
-            wait_for_workers(master.info["admin"], args.workers, timeout=60, model="mlp", version=1)
-            run_requests(master.info["frontend"], args.requests, v1)
+            wait_for_workers(master.info["admin"], args.workers, timeout=60, model="mlp", version=1,
+                             security=sec.get("admin"))
+            run_requests(master.info["frontend"], args.requests, v1, security=sec.get("client"))
             v2 = dict(v1)
             v2["mlp"] = {**v1["mlp"], "net.4.bias": v1["mlp"]["net.4.bias"] + 1.0}
             version = pc.publish("mlp", {"net.4.bias": v2["mlp"]["net.4.bias"]}, base=1)
             print(f"\npublished mlp v{version} (delta: one tensor), live")
-            wait_for_workers(master.info["admin"], args.workers, timeout=60, model="mlp", version=version)
-            run_requests(master.info["frontend"], args.requests, v2, models=("mlp",))
+            wait_for_workers(master.info["admin"], args.workers, timeout=60, model="mlp", version=version,
+                             security=sec.get("admin"))
+            run_requests(master.info["frontend"], args.requests, v2, models=("mlp",), security=sec.get("client"))
         time.sleep(1.1)  # one heartbeat, so the batch figures in the table are current
         print()
-        print(format_status(AdminClient(master.info["admin"]).status()))
+        print(format_status(AdminClient(master.info["admin"], security=sec.get("admin")).status()))
         return 0
     finally:
         for p in reversed(procs):
             p.stop()
 
 
-def run_requests(address: str, count: int, weights: dict, models=("mlp", "cnn")) -> None:
+def make_local_keys(keys_dir: Path, shards: int, workers: int) -> str:
+    """Fresh key pairs for one local cluster: the master, each shard and worker, and this process's roles."""
+    for role, names in (("master", ["master"]), ("shard", [f"ps{i}" for i in range(shards)]),
+                        ("worker", [f"worker-{i}" for i in range(workers)]),
+                        ("client", ["local"]), ("admin", ["local"]), ("publisher", ["local"])):
+        for name in names:
+            create_identity(keys_dir, role, name)
+    return str(keys_dir)
+
+
+def run_requests(address: str, count: int, weights: dict, models=("mlp", "cnn"), security=None) -> None:
     rng = np.random.default_rng(0)
     reference = {"mlp": demo.mlp().eval(), "cnn": demo.cnn().eval()}
     for name, module in reference.items():
         module.load_state_dict(weights[name])
     inputs = {"mlp": ("x", lambda: rng.standard_normal((1, 256), dtype=np.float32)),
               "cnn": ("image", lambda: rng.standard_normal((1, 1, 28, 28), dtype=np.float32))}
-    with Client(address, timeout=10) as client:
+    with Client(address, timeout=10, security=security) as client:
         for model in models:
             name, make = inputs[model]
             batch = [make() for _ in range(count)]

@@ -8,6 +8,7 @@ from ringserve.launch.cli import bind_error_exit, make_parser, parse_args
 from ringserve.launch.logsetup import add_log_flag, configure_logging
 from ringserve.launch.metrics import add_metrics_flags, start_metrics
 from ringserve.launch.procs import announce
+from ringserve.launch.security import add_security_flags, security_from_args
 from ringserve.master.broker import BrokerConfig, serve
 from ringserve.master.scheduler import POLICIES
 from ringserve.protocol.sockets import BindError
@@ -61,7 +62,11 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds; a client's timeout_ms is capped to this")
     p.add_argument("--state-dir", default=None,
                    help="directory where the master keeps traffic routes across restarts (default: memory only)")
+    p.add_argument("--rate-limit", type=_number(float, 0), default=0.0,
+                   help="requests per second per client key (per connection without keys); 0: no limit")
+    p.add_argument("--rate-burst", type=positive_float, default=None, help="bucket size (default: max(1, rate))")
     add_metrics_flags(p)
+    add_security_flags(p)
     add_log_flag(p)
     return p
 
@@ -70,10 +75,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(parser(), argv)
     configure_logging("master", args.log_level)
     weights = dict(args.weight)
+    sec = security_from_args(args, "master", (args.frontend, args.backend, args.admin))
     cfg = BrokerConfig(args.frontend, args.backend, args.admin, args.policy, weights, args.heartbeat_interval,
                        args.heartbeat_liveness, args.max_queue, args.max_attempts, args.default_timeout, args.hwm,
                        args.drain_timeout, args.seed, answer_cache_bytes=args.answer_cache_bytes,
-                       max_timeout=args.max_timeout, state_dir=args.state_dir)
+                       max_timeout=args.max_timeout, state_dir=args.state_dir, security=sec,
+                       rate_limit=args.rate_limit, rate_burst=args.rate_burst)
     try:
         serve(cfg, announce, expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host))
     except BindError as exc:

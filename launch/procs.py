@@ -119,11 +119,11 @@ def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "c
 
 
 def wait_for_workers(admin_address: str, count: int, timeout: float = 60.0, model: str | None = None,
-                     version: int | None = None) -> dict:
+                     version: int | None = None, security=None) -> dict:
     """Wait until the master lists `count` ready workers (serving `model` at `version` if given)."""
     from ringserve.client.admin import AdminClient
 
-    admin = AdminClient(admin_address, timeout=2.0)
+    admin = AdminClient(admin_address, timeout=2.0, security=security)
 
     def enough():
         st = admin.status()

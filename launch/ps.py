@@ -7,6 +7,7 @@ from ringserve.launch.cli import bind_error_exit, make_parser, parse_args
 from ringserve.launch.logsetup import add_log_flag, configure_logging
 from ringserve.launch.metrics import add_metrics_flags, start_metrics
 from ringserve.launch.procs import announce
+from ringserve.launch.security import add_security_flags, security_from_args
 from ringserve.paramserver.shard import ShardConfig, serve
 from ringserve.protocol.sockets import BindError
 
@@ -24,6 +25,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--staging-ttl", type=float, default=600.0,
                    help="seconds a staged version waits for its commit before it is dropped")
     add_metrics_flags(p)
+    add_security_flags(p)
     add_log_flag(p)
     return p
 
@@ -31,9 +33,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(parser(), argv)
     configure_logging("paramserver", args.log_level)
+    # A shard's key is named after the shard: workers find its public key by the ring's names.
+    sec = security_from_args(args, "shard", (args.bind, args.pub), default_name=args.name)
     try:
         serve(ShardConfig(args.name, args.data_dir, args.bind, args.pub, args.keep, args.announce_interval,
-                          max_staging_bytes=int(args.max_staging_mb * 1024 * 1024), staging_ttl=args.staging_ttl),
+                          max_staging_bytes=int(args.max_staging_mb * 1024 * 1024), staging_ttl=args.staging_ttl,
+                          security=sec),
               announce, expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host))
     except BindError as exc:
         bind_error_exit(exc, {"--bind": args.bind, "--pub": args.pub,

@@ -21,6 +21,7 @@ from ringserve.client.admin import table
 from ringserve.client.params import ParamClient, PublishError, changed_tensors
 from ringserve.launch.cli import make_parser, parse_args
 from ringserve.launch.logsetup import add_log_flag, configure_logging
+from ringserve.launch.security import add_security_flags, security_from_args
 
 
 def parser():
@@ -40,6 +41,7 @@ def parser():
     p.add_argument("--json", action="store_true", help="list versions as JSON instead of a table")
     p.add_argument("--chunk-bytes", type=int, default=4 * 1024 * 1024, help="largest piece of one tensor")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per shard call")
+    add_security_flags(p)
     add_log_flag(p)
     return p
 
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             if args.base is None:
                 p.error("publishing a --diff needs --base VERSION (the version OLD is)")
-        with ParamClient(args.shards, args.chunk_bytes, args.timeout) as pc:
+        with ParamClient(args.shards, args.chunk_bytes, args.timeout, security_from_args(args, "publisher")) as pc:
             if args.rollback is not None:
                 pc.rollback(args.model, args.rollback)
                 print(json.dumps({"model": args.model, "current": args.rollback}))

@@ -15,6 +15,7 @@ import structlog
 from ringserve.launch.cli import make_parser, parse_args
 from ringserve.launch.logsetup import add_log_flag, configure_logging
 from ringserve.launch.metrics import add_metrics_flags, start_metrics
+from ringserve.launch.security import add_security_flags, security_from_args
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,6 +48,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--paramservers", default=None,
                    help="NAME=ENDPOINT,... of the parameter-server shards to take weights from")
     add_metrics_flags(p)
+    add_security_flags(p)
     add_log_flag(p)
     return p
 
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     from ringserve.worker.loader import ModelLoadError
 
     try:
-        agent = build_worker(args)
+        agent = build_worker(args, security_from_args(args, "worker"))
     except (ModelLoadError, ValueError) as exc:  # a bad --model: one line, not a traceback
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -8,7 +8,9 @@ moves frames and keeps the books so that every request gets exactly one final an
 Nothing a peer sends is trusted: worker and client headers go through the parsers in
 ``protocol.envelope`` (clean typed values or ProtocolError) before they touch the books, and a
 handler that raises anyway is logged, its peer answered (a client) or disconnected (a worker),
-and the loop goes on.
+and the loop goes on. With --keys each socket admits only its own role, re-checked per message
+(``_allowed``; rules in protocol/security.py), and ``_within_rate`` applies the per-client
+token bucket.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import zmq
 from ringserve.master import liveness
 from ringserve.master import routing
 from ringserve.master.metrics import MasterMetrics
+from ringserve.master.ratelimit import RateLimiter
 from ringserve.master.registry import AnsweredCache, ModelCounters, ModelQueues, PendingRequest, WorkerRecord
 from ringserve.master.scheduler import Load, make_policy
 from ringserve.master.status import build_status
@@ -34,6 +37,7 @@ from ringserve.protocol.codec import pack, short_repr, unpack_map
 from ringserve.protocol.envelope import (
     MAX_NAME_LEN, parse_heartbeat, parse_ready, parse_request_header, parse_worker_reply,
 )
+from ringserve.protocol.security import Security, user_id
 from ringserve.protocol.sockets import BindError, bind, drain
 from ringserve.protocol.messages import (
     DISCONNECT, DRAIN, HEARTBEAT, MDP_CLIENT, MMI_FOUND, MMI_NOT_FOUND, MMI_NOT_IMPLEMENTED, MMI_PING,
@@ -67,10 +71,14 @@ class BrokerConfig:
     answer_cache_bytes: int = 64 << 20  # reply bytes kept to answer retried ids again
     max_timeout: float = 300.0  # a client's timeout_ms is capped to this many seconds
     state_dir: str | None = None  # where routes are kept across restarts (none: routes live in memory)
+    security: Security = field(default_factory=Security)  # keys, MAXMSGSIZE (protocol/security.py)
+    rate_limit: float = 0.0  # requests per second per client (0: no limit)
+    rate_burst: float | None = None
 
 
-def _router(ctx: zmq.Context, endpoint: str, hwm: int) -> tuple[zmq.Socket, str]:
+def _router(ctx: zmq.Context, endpoint: str, hwm: int, sec: Security, domain: str) -> tuple[zmq.Socket, str]:
     sock = ctx.socket(zmq.ROUTER)
+    sec.server(sock, domain)
     sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unknown peer raises instead of dropping silently
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDHWM, hwm)
@@ -110,9 +118,11 @@ class Broker:
         # until then a request for a model we do not know yet waits instead of failing.
         self.grace_until = time.monotonic() + liveness.expiry(cfg.heartbeat_interval, cfg.heartbeat_liveness)
         self.in_grace = True
-        self.frontend, self.frontend_ep = _router(self.ctx, cfg.frontend, cfg.hwm)
-        self.backend, self.backend_ep = _router(self.ctx, cfg.backend, cfg.hwm)
-        self.admin, self.admin_ep = _router(self.ctx, cfg.admin, 1000)
+        self.limiter = RateLimiter(cfg.rate_limit, cfg.rate_burst) if cfg.rate_limit > 0 else None
+        self.refused = 0  # messages from peers not (or no longer) allowed on that socket
+        self.frontend, self.frontend_ep = _router(self.ctx, cfg.frontend, cfg.hwm, cfg.security, "master.client")
+        self.backend, self.backend_ep = _router(self.ctx, cfg.backend, cfg.hwm, cfg.security, "master.worker")
+        self.admin, self.admin_ep = _router(self.ctx, cfg.admin, 1000, cfg.security, "master.admin")
         self.poller = zmq.Poller()
         for sock in (self.frontend, self.backend, self.admin):
             self.poller.register(sock, zmq.POLLIN)
@@ -197,6 +207,8 @@ class Broker:
     # --------------------------------------------------------------- clients
     def on_client(self, frames: Sequence[zmq.Frame]) -> None:
         ident = frames[0].bytes
+        if not self._allowed(frames, "client") or not self._within_rate(ident, frames):
+            return
         try:
             self._on_client(ident, frames)
         except Exception:
@@ -407,6 +419,8 @@ class Broker:
     # --------------------------------------------------------------- workers
     def on_worker(self, frames: Sequence[zmq.Frame]) -> None:
         ident = frames[0].bytes
+        if not self._allowed(frames, "worker"):
+            return
         try:
             self._on_worker(ident, frames)
         except ProtocolError as exc:
@@ -592,6 +606,8 @@ class Broker:
     # --------------------------------------------------------------- admin
     def on_admin(self, frames: Sequence[zmq.Frame]) -> None:
         ident = frames[0].bytes
+        if not self._allowed(frames, "admin"):
+            return
         envelope = [ident, b""] if len(frames) > 2 and frames[1].bytes == b"" else [ident]
         try:
             cmd = unpack_map(frames[-1]) if len(frames) > 1 else {}
@@ -651,6 +667,34 @@ class Broker:
 
     def _routes_path(self) -> str:
         return os.path.join(self.cfg.state_dir, "routes.json")
+
+    # ------------------------------------------------------------ security
+    def _allowed(self, frames: Sequence[zmq.Frame], role: str) -> bool:
+        """With keys: the sender's key is (still) a `role` key. A refused peer gets nothing."""
+        if self.cfg.security.authorize(frames[-1], {role}) is not None:
+            return True
+        self.refused += 1
+        log.warning("message_refused", socket=role, user=user_id(frames[-1]))
+        return False
+
+    def _within_rate(self, ident: bytes, frames: Sequence[zmq.Frame]) -> bool:
+        """Token bucket per client key (per connection without keys); over it: OVERLOADED + retry_after_s."""
+        if self.limiter is None or len(frames) < 4 or frames[3].bytes.startswith(b"mmi."):
+            return True
+        key = user_id(frames[-1]) or ident
+        wait = self.limiter.take(key, time.monotonic())
+        if wait <= 0:
+            return True
+        try:
+            rid = unpack_map(frames[4]).get("id") if len(frames) > 4 else None
+        except ProtocolError:
+            rid = None
+        rid = rid if isinstance(rid, str) else None
+        self._reply_client(ident, frames[3].bytes, error_body(
+            rid, ErrorCode.OVERLOADED, f"rate limit: over {self.cfg.rate_limit:g} requests/s for this client",
+            retry_after_s=round(wait, 3)))
+        log.info("rate_limited", request_id=rid, retry_after_s=round(wait, 3))
+        return False
 
     # --------------------------------------------------------------- sends
     def _reply_client(self, ident: bytes, service: bytes, body: dict) -> None:

@@ -13,6 +13,9 @@ version number that is already committed with other content is answered CONFLICT
 merged by parameter name (the base's pieces of a parameter the delta carries are all
 replaced) and checked against the base. Staging is bounded in bytes and age. Replies are
 sent without blocking: a peer that does not read them loses them, the shard keeps serving.
+
+With --keys both sockets are CURVE servers and each command is checked against the sender's
+role (protocol/security.py's SHARD_COMMAND_ROLES); a refused command gets no answer.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import os
 import signal
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import structlog
@@ -32,6 +35,7 @@ from ringserve.paramserver.store import ShardStore, Slice, sha256
 from ringserve.protocol.codec import SUPPORTED_DTYPES, pack, unpack_map
 from ringserve.protocol.messages import SHARD_COMMANDS, SHARD_PROTO, ErrorCode, ProtocolError, error_body
 from ringserve.protocol.placement import Piece
+from ringserve.protocol.security import Security, shard_command_roles, user_id
 from ringserve.protocol.sockets import BindError, bind
 
 log = structlog.get_logger("ringserve.paramserver")
@@ -48,6 +52,7 @@ class ShardConfig:
     max_staging_bytes: int = 2 * 1024 ** 3  # all stages together; beyond it a stage is refused OVERLOADED
     staging_ttl: float = 600.0  # seconds a stage may wait for its commit before it is dropped
     hwm: int = 1000  # messages queued per peer; beyond it replies to that peer are dropped
+    security: Security = field(default_factory=Security)  # keys, MAXMSGSIZE (protocol/security.py)
 
 
 MAX_NAME = 512  # longest tensor name accepted (safetensors header names)
@@ -74,8 +79,10 @@ class Shard:
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.SNDHWM, cfg.hwm)
         self.router.setsockopt(zmq.SNDTIMEO, 0)
+        cfg.security.server(self.router, "shard.cmd")
         self.pubsock = self.ctx.socket(zmq.PUB)
         self.pubsock.setsockopt(zmq.LINGER, 0)
+        cfg.security.server(self.pubsock, "shard.pub")
         try:
             self.endpoint = bind(self.router, cfg.bind)
             self.pub_endpoint = bind(self.pubsock, cfg.pub)
@@ -90,6 +97,7 @@ class Shard:
         self.stopping = False
         self.last_announce = 0.0
         self.metrics = ShardMetrics(cfg.name)
+        self.refused = 0  # commands from a key whose role may not run them (answered with nothing)
 
     def run(self) -> None:
         log.info("shard_started", shard=self.cfg.name, endpoint=self.endpoint, pub=self.pub_endpoint,
@@ -127,6 +135,10 @@ class Shard:
             if header.get("cmd") not in SHARD_COMMANDS:
                 raise ProtocolError(f"unknown command {header.get('cmd')!r}; one of {', '.join(SHARD_COMMANDS)}")
             cmd = header["cmd"]
+            if self.cfg.security.authorize(frames[-1], shard_command_roles(header)) is None:
+                self.refused += 1  # a refused peer gets nothing and changes nothing
+                log.warning("command_refused", cmd=cmd, rid=rid, user=user_id(frames[-1]))
+                return
             handler = getattr(self, f"on_{cmd}")
             reply = handler(header, frames[3:])
             if isinstance(reply, tuple):

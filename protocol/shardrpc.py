@@ -13,6 +13,7 @@ import zmq
 
 from ringserve.protocol.codec import pack, unpack_map
 from ringserve.protocol.messages import SHARD_PROTO, ProtocolError
+from ringserve.protocol.security import Security
 
 
 class ShardCallError(RuntimeError):
@@ -24,8 +25,10 @@ class ShardCallError(RuntimeError):
 
 
 class ShardRPC:
-    def __init__(self, ctx: zmq.Context, shards: Mapping[str, str], timeout: float = 10.0):
+    def __init__(self, ctx: zmq.Context, shards: Mapping[str, str], timeout: float = 10.0,
+                 security: Security | None = None):
         self.ctx, self.shards, self.timeout = ctx, dict(shards), timeout
+        self.security = security or Security()
         self.socks: dict[str, zmq.Socket] = {}
         self._rids = itertools.count(1)
         for name in self.shards:
@@ -38,7 +41,12 @@ class ShardRPC:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.connect(self.shards[name])
+        try:
+            self.security.client(sock, "shard", name)
+            sock.connect(self.shards[name])
+        except Exception:
+            sock.close(linger=0)  # never leave a socket open that close() does not know about
+            raise
         self.socks[name] = sock
 
     def call(self, requests: Mapping[str, tuple[dict, Sequence]], timeout: float | None = None,

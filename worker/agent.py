@@ -21,6 +21,7 @@ from ringserve.protocol.codec import decode_tensors, pack, unpack_map
 from ringserve.protocol.messages import (
     DISCONNECT, DRAIN, HEARTBEAT, READY, REPLY, REQUEST, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
 )
+from ringserve.protocol.security import Security
 from ringserve.protocol.sockets import drain
 from ringserve.worker.batching import Batcher, WorkItem
 from ringserve.worker.compute import CHANGED, RESULT, ComputeThread
@@ -45,6 +46,7 @@ class WorkerConfig:
     weight: float = 1.0
     hwm: int = 10_000
     max_models: int = 0  # > 0: models load on their first request; the LRU beyond this are unloaded
+    security: Security = field(default_factory=Security)  # keys, MAXMSGSIZE (protocol/security.py)
 
     @property
     def effective_credit(self) -> int:
@@ -122,6 +124,7 @@ class WorkerAgent:
         self.dealer.setsockopt(zmq.RCVHWM, self.cfg.hwm)
         self.dealer.setsockopt(zmq.RECONNECT_IVL, 100)
         self.dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.cfg.security.client(self.dealer, "master")
         self.dealer.connect(self.cfg.master)
         self.poller.register(self.dealer, zmq.POLLIN)
         self.last_heard = time.monotonic()

@@ -8,10 +8,11 @@ import torch
 from ringserve.worker.agent import WorkerAgent, WorkerConfig
 from ringserve.protocol.placement import parse_shards
 from ringserve.worker.sync import WeightSync
+from ringserve.protocol.security import Security
 from ringserve.worker.loader import ServedModel, parse_model_arg, pick_device
 
 
-def build_worker(args) -> WorkerAgent:
+def build_worker(args, security: Security | None = None) -> WorkerAgent:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = pick_device(args.device)
@@ -25,8 +26,9 @@ def build_worker(args) -> WorkerAgent:
                        heartbeat_interval=args.heartbeat_interval, heartbeat_liveness=args.heartbeat_liveness,
                        max_backoff=args.max_backoff, max_batch_size=args.max_batch_size,
                        max_queue_delay_s=args.max_queue_delay_us / 1e6, credit=args.credit, weight=args.weight,
-                       max_models=args.max_models)
+                       max_models=args.max_models, security=security or Security())
     agent = WorkerAgent(cfg, models)
     if args.paramservers:
-        agent.sync = WeightSync(agent.ctx, parse_shards(args.paramservers), models, agent.compute.swaps)
+        agent.sync = WeightSync(agent.ctx, parse_shards(args.paramservers), models, agent.compute.swaps,
+                                security=cfg.security)
     return agent

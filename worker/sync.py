@@ -29,6 +29,7 @@ import zmq
 from ringserve.protocol.codec import unpack_map
 from ringserve.protocol.messages import ProtocolError
 from ringserve.protocol.placement import Piece
+from ringserve.protocol.security import Security
 from ringserve.protocol.shardrpc import ShardCallError, ShardRPC
 
 log = structlog.get_logger("ringserve.worker.sync")
@@ -57,7 +58,7 @@ class ShardView:
 
 class WeightSync(threading.Thread):
     def __init__(self, ctx: zmq.Context, shards: Mapping[str, str], models: Mapping, swaps, on_error=None,
-                 timeout: float = 30.0, resync_s: float = 5.0):
+                 timeout: float = 30.0, resync_s: float = 5.0, security: Security | None = None):
         super().__init__(name="ringserve-weight-sync", daemon=True)
         self.ctx, self.shards, self.models, self.swaps = ctx, dict(shards), models, swaps
         self.timeout, self.resync_s = timeout, resync_s
@@ -70,9 +71,15 @@ class WeightSync(threading.Thread):
         self.retiring: list = []  # modules being replaced: freed here, not on the compute thread
         self.requested: set[str] = set()  # on-demand models asked for and not loaded yet
         self.stopping = threading.Event()
+        self.security = security or Security()
+
+    def _connect_sub(self, sub: zmq.Socket, shard: str, endpoint: str) -> None:
+        """One SUB, many shards: each connect takes the server key set just before it."""
+        self.security.client(sub, "shard", shard)
+        sub.connect(endpoint)
 
     def run(self) -> None:
-        rpc = ShardRPC(self.ctx, self.shards, self.timeout)
+        rpc = ShardRPC(self.ctx, self.shards, self.timeout, self.security)
         sub = self.ctx.socket(zmq.SUB)
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
@@ -94,7 +101,7 @@ class WeightSync(threading.Thread):
                         if n in connected:
                             _disconnect(sub, connected[n])
                             log.info("shard_pub_moved", shard=n, old=connected[n], new=v.pub)
-                        sub.connect(v.pub)
+                        self._connect_sub(sub, n, v.pub)
                         connected[n] = v.pub
                 if sub.poll(POLL_MS):
                     for _ in range(100):
