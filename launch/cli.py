@@ -2,8 +2,10 @@
 clear line (not a traceback) when a port is taken.
 
 A config file holds a role's flags as TOML keys (`heartbeat-interval = 0.5` or
-`heartbeat_interval = 0.5`; lists for repeatable flags such as `model`). Flags given on the
-command line win over the file. The file is turned into flags and parsed by the same parser,
+`heartbeat_interval = 0.5`; lists for repeatable flags such as `model`), at the top level or
+under a table named after the role (`[master]`, `[worker]`, `[ps]`, `[publish]`, `[admin]`,
+`[local]`, `[keys]`), so one file can serve several roles. Flags given on the command line win
+over the file. The file is turned into flags and parsed by the same parser,
 so every check a flag has applies to the file too; an unknown key is an error that names the
 keys the role takes.
 """
@@ -19,6 +21,9 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 from ringserve.protocol.sockets import BindError
+
+
+ROLES = ("master", "worker", "ps", "publish", "admin", "local", "keys")  # tables a config file may hold
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -83,16 +88,33 @@ def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
     return out
 
 
+def _chosen_options(parser: argparse.ArgumentParser, argv: Sequence[str]) -> dict[str, argparse.Action] | None:
+    """For a parser with subcommands: the options of the top level and of the subcommand in `argv`."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            chosen = next((a for a in argv if a in action.choices), None)
+            top = {o[2:]: a for a in parser._actions for o in a.option_strings
+                   if o.startswith("--") and o not in ("--help", "--config")}
+            return {**top, **(_options(action.choices[chosen]) if chosen else {})}
+    return None
+
+
 def config_flags(parser: argparse.ArgumentParser, config: dict[str, Any], argv: Sequence[str]) -> list[str]:
     """TOML keys -> flags, leaving out those the command line gives itself (it wins)."""
-    options = _options(parser)
+    known = _options(parser)  # over every subcommand: a shared file may hold another's keys
+    options = _chosen_options(parser, argv) or known
     given = {a.split("=", 1)[0][2:] for a in argv if a.startswith("--")}
+    role = parser.prog.removeprefix("ringserve-")
+    settings = {k: v for k, v in config.items() if not (isinstance(v, dict) and k in ROLES)}
+    settings.update(config.get(role) or {})  # the role's own table wins over the shared top level
     flags: list[str] = []
-    for key, value in config.items():
+    for key, value in settings.items():
         name = key.replace("_", "-")
         action = options.get(name)
+        if action is None and name in known:
+            continue  # a setting of another subcommand (ringserve-admin status vs rollback)
         if action is None:
-            parser.error(f"--config: unknown key {key!r}; {parser.prog} takes: {', '.join(sorted(options))}")
+            parser.error(f"--config: unknown key {key!r}; {parser.prog} takes: {', '.join(sorted(known))}")
         if name in given or any(opt[2:] in given for opt in action.option_strings):
             continue
         if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):

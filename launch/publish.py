@@ -38,6 +38,7 @@ def parser():
     p.add_argument("--allow-layout-change", action="store_true",
                    help="a full version may differ in tensors/shapes from the current one (the model changed)")
     p.add_argument("--rollback", type=int, default=None, metavar="VERSION", help="make VERSION current again")
+    p.add_argument("--list", action="store_true", help="list the model's versions per shard (the default action)")
     p.add_argument("--json", action="store_true", help="list versions as JSON instead of a table")
     p.add_argument("--chunk-bytes", type=int, default=4 * 1024 * 1024, help="largest piece of one tensor")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per shard call")

@@ -131,3 +131,33 @@ def test_publish_diff_writes_or_publishes_only_changed_tensors_and_lists_version
               str(tmp_path / "fewer.safetensors"), "--out", str(tmp_path / "x.safetensors"))
     assert out.returncode == 1 and "lacks 1 tensor" in out.stderr and "Traceback" not in out.stderr
     assert torch.equal(load_file(str(tmp_path / "new.safetensors"))["net.4.bias"], new["net.4.bias"])
+
+
+def test_the_config_files_in_docs_deployment_parse_for_their_roles():
+    import importlib
+    import re
+    import tomllib
+    from pathlib import Path
+
+    from ringserve.launch.cli import config_flags
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "deployment.md").read_text()
+    blocks = re.findall(r"`[\w.]+:(?:/[\w.~-]+)*/([\w.-]+)\.toml`[^\n]*\n(?:[^\n]*\n)*?\n```toml\n(.*?)```", text, re.S)
+    roles = {"master": ["master"], "ps0": ["ps"], "worker": ["worker"]}
+    parsed = []
+    for name, body in blocks:
+        config = tomllib.loads(body)
+        for role in roles.get(name, []):
+            parser = importlib.import_module(f"ringserve.launch.{role}").parser()
+            args = parser.parse_args(config_flags(parser, config, []))
+            parsed.append((role, args))
+    ops = re.search(r"~/ringserve\.toml`:\n\n```toml\n(.*?)```", text, re.S).group(1)
+    for role, argv in (("publish", ["--model", "mlp"]), ("admin", ["status"]), ("admin", ["rollback", "--model", "m",
+                                                                                         "--version", "1"])):
+        parser = importlib.import_module(f"ringserve.launch.{role}").parser()
+        parsed.append((role, parser.parse_args(argv + config_flags(parser, tomllib.loads(ops), argv))))
+    assert sorted({r for r, _ in parsed}) == ["admin", "master", "ps", "publish", "worker"]
+    master = next(a for r, a in parsed if r == "master")
+    assert master.backend == "tcp://0.0.0.0:5556" and master.max_queue == 2000
+    worker = next(a for r, a in parsed if r == "worker")
+    assert len(worker.model) == 2 and worker.paramservers.startswith("ps0=")
