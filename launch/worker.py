@@ -35,6 +35,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-interval", type=float, default=1.0)
     p.add_argument("--heartbeat-liveness", type=int, default=3)
     p.add_argument("--max-backoff", type=float, default=32.0, help="longest reconnect backoff, seconds")
+    p.add_argument("--compute-stall-s", type=float, default=300.0,
+                   help="leave (DISCONNECT, exit 1) if one batch runs longer than this, so the master "
+                        "requeues its work (default 300)")
     p.add_argument("--paramservers", default=None,
                    help="NAME=ENDPOINT,... of the parameter-server shards to take weights from")
     add_log_flag(p)
@@ -53,6 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     agent.install_signal_handlers()
     announce({"role": "worker", "pid": os.getpid(), "name": agent.cfg.name})
     agent.run()
+    if agent.failed:
+        sys.exit(1)
 
 
 def _one_per_gpu(argv: list[str]) -> int:

@@ -23,7 +23,8 @@ def build_worker(args) -> WorkerAgent:
     cfg = WorkerConfig(master=args.master, name=args.name or f"worker-{os.getpid()}",
                        heartbeat_interval=args.heartbeat_interval, heartbeat_liveness=args.heartbeat_liveness,
                        max_backoff=args.max_backoff, max_batch_size=args.max_batch_size,
-                       max_queue_delay_s=args.max_queue_delay_us / 1e6, credit=args.credit, weight=args.weight)
+                       max_queue_delay_s=args.max_queue_delay_us / 1e6, credit=args.credit, weight=args.weight,
+                       compute_stall_s=args.compute_stall_s)
     agent = WorkerAgent(cfg, models)
     if args.paramservers:
         agent.sync = WeightSync(agent.ctx, parse_shards(args.paramservers), models, agent.compute.swaps)
