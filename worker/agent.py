@@ -248,6 +248,12 @@ class WorkerAgent:
         except (ProtocolError, BadInput) as exc:
             self._send([REPLY, pack(error_body(rid, ErrorCode.BAD_REQUEST, str(exc), attempt=attempt))])
             return
+        except Exception as exc:  # a check that trips on a value it did not expect: still the input's fault
+            log.warning("request_check_failed", request_id=repr(rid)[:100], error=f"{type(exc).__name__}: {exc}")
+            self._send([REPLY, pack(error_body(rid, ErrorCode.BAD_REQUEST,
+                                               f"malformed request ({type(exc).__name__}: {str(exc)[:200]})",
+                                               attempt=attempt))])
+            return
         # 0 means already expired: TIMEOUT without compute
         timeout_s = 3600.0 if remaining_ms is None else min(max(float(remaining_ms), 0.0) / 1000.0, 3600.0)
         self.in_flight += 1
