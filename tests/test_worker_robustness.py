@@ -2,6 +2,8 @@
 blames the input only when the input is the cause, and leaves when its compute is stuck."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import zmq
@@ -100,3 +102,29 @@ def test_child_writing_lots_to_stdout_after_ready_never_blocks(tmp_path):
     finally:
         child.stop()
     assert (tmp_path / "chatty.log").stat().st_size >= 1 << 20
+
+
+def test_dead_compute_thread_makes_the_worker_say_disconnect(zctx):
+    """If the compute thread is gone, heartbeats alone would keep the worker registered: it leaves."""
+    from ringserve.protocol.messages import DISCONNECT, READY, WORKER_PROTO
+    from ringserve.worker.agent import WorkerAgent, WorkerConfig
+
+    master = zctx.socket(zmq.ROUTER)
+    master.setsockopt(zmq.LINGER, 0)
+    master.bind("tcp://127.0.0.1:*")
+    agent = WorkerAgent(WorkerConfig(master=master.getsockopt(zmq.LAST_ENDPOINT).decode(), name="dead"), {},
+                        ctx=zctx)
+    try:
+        agent._connect()
+        assert master.poll(5000) and master.recv_multipart()[1:3] == [WORKER_PROTO, READY]
+        agent.on_tick(time.monotonic())  # the compute thread was never started: it is not alive
+        assert agent.done and agent.failed == "compute thread died"
+        assert master.poll(5000)
+        msg = master.recv_multipart()
+        while msg[2] != DISCONNECT and master.poll(2000):  # a heartbeat may come first
+            msg = master.recv_multipart()
+        assert msg[1:3] == [WORKER_PROTO, DISCONNECT]
+        assert unpack_map(msg[3])["reason"] == "compute thread died"
+    finally:
+        agent.close()
+        master.close(linger=0)
