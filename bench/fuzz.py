@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import random
+import signal
 import sys
 import tempfile
 import time
@@ -233,7 +234,7 @@ def windowed(ctx, address: str, gen: Callable, count: int, seed: int, alive: Cal
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.SNDTIMEO, 5000)
     sock.connect(address)
-    sent = owed = got = 0
+    sent = owed = got = given_up = 0
     end = time.monotonic() + budget_s
 
     def take(timeout_ms: int) -> bool:
@@ -257,8 +258,12 @@ def windowed(ctx, address: str, gen: Callable, count: int, seed: int, alive: Cal
             sent += 1
             owed += deserves
             take(0)
-            while owed - got >= WINDOW and time.monotonic() < end and alive():
-                take(200)
+            stalled_at = time.monotonic()
+            while owed - got - given_up >= WINDOW and time.monotonic() < end and alive():
+                if take(200):
+                    stalled_at = time.monotonic()
+                elif time.monotonic() - stalled_at > 2.0:  # no answer for 2 s: count these lost, go on
+                    given_up = owed - got
             if time.monotonic() >= end or not alive():
                 break
         quiet_until = time.monotonic() + 15
@@ -490,6 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--targets", default=",".join(TARGETS))
     p.add_argument("--budget", type=float, default=900.0, help="seconds per target at most (default 900)")
     args = p.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks stop the roles
     results = []
     with tempfile.TemporaryDirectory(prefix="ringserve-fuzz-") as tmp:
         for t in args.targets.split(","):
