@@ -3,6 +3,8 @@
 A role that binds sockets prints one line ``RINGSERVE_READY {json}`` on stdout once bound
 (ephemeral ports included), so whoever started it learns its endpoints without guessing.
 Each child runs in its own session, so stop() can always take down the whole group.
+After the ready line a daemon thread keeps reading the child's stdout (copying it to the log),
+so a child that prints a lot never blocks on a full pipe.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -33,6 +36,7 @@ class RoleProcess:
                                      stderr=self._log, start_new_session=True,
                                      env={**os.environ, **(env or {})})
         self.info: dict = {}
+        self._pump: threading.Thread | None = None
         if wait_ready:
             self.wait_ready(ready_timeout)
 
@@ -58,11 +62,21 @@ class RoleProcess:
                 if not chunk:
                     break
                 buf += chunk
-                for line in buf.decode(errors="replace").splitlines():
-                    if line.startswith(READY_PREFIX):
-                        return json.loads(line[len(READY_PREFIX):])
+                lines = buf.split(b"\n")
+                for k, line in enumerate(lines):
+                    text = line.decode(errors="replace")
+                    if text.startswith(READY_PREFIX) and k < len(lines) - 1:
+                        self._start_pump(b"\n".join(lines[k + 1:]))
+                        return json.loads(text[len(READY_PREFIX):])
+                buf = buf[-65536:] if len(buf) > 1 << 20 else buf  # bounded while we wait
         self.stop()
         raise RuntimeError(f"{self.module} did not start (see {self.log_path}): {self.tail_log()}")
+
+    def _start_pump(self, pending: bytes) -> None:
+        """Drain the child's stdout for as long as it lives, so its writes never block."""
+        self._pump = threading.Thread(target=_pump_stdout, args=(self.proc.stdout, self._log, pending),
+                                      name=f"stdout-{self.pid}", daemon=True)
+        self._pump.start()
 
     def tail_log(self, n: int = 20) -> str:
         if not self.log_path or not self.log_path.exists():
@@ -92,7 +106,9 @@ class RoleProcess:
                 pass
             if self.wait(timeout) is None:
                 self.kill()
-        if self.proc.stdout:
+        if self._pump is not None:
+            self._pump.join(timeout=2)  # the child is gone: its stdout ends, the pump returns
+        if self.proc.stdout and (self._pump is None or not self._pump.is_alive()):
             self.proc.stdout.close()
         if self._log is not subprocess.DEVNULL:
             self._log.close()
@@ -104,6 +120,20 @@ class RoleProcess:
         except ProcessLookupError:
             pass
         self.wait(5)
+
+
+def _pump_stdout(stream, log, pending: bytes) -> None:
+    """Copy a child's stdout to its log (or discard it) until end of file."""
+    fd = stream.fileno()
+    try:
+        if pending and log is not subprocess.DEVNULL:
+            log.write(pending)
+        while chunk := os.read(fd, 65536):
+            if log is not subprocess.DEVNULL and not log.closed:
+                log.write(chunk)
+                log.flush()
+    except (OSError, ValueError):  # the pipe or log was closed under us: nothing left to copy
+        pass
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):

@@ -41,10 +41,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-versions", type=int, default=1, choices=range(1, 17), metavar="N",
                    help="versions of each model kept loaded side by side (current + N-1 earlier), so requests "
                         "pinned or routed to an earlier version are served during a canary or A/B split "
-                        "(default 1; per model: keep=N)")
+                        "(per model: keep=N)")
     p.add_argument("--max-models", type=int, default=0, metavar="N",
                    help="load models on their first request (from the parameter servers) and keep at most N "
-                        "loaded, unloading the least recently used (default 0: every --model stays loaded)")
+                        "loaded, unloading the least recently used (0: every --model stays loaded)")
+    p.add_argument("--compute-stall-s", type=float, default=300.0,
+                   help="leave (DISCONNECT, exit 1) if one batch runs longer than this, so the master "
+                        "requeues its work")
     p.add_argument("--paramservers", default=None,
                    help="NAME=ENDPOINT,... of the parameter-server shards to take weights from")
     add_metrics_flags(p)
@@ -75,6 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     url = start_metrics(agent.metrics.registry, args.metrics_port, args.metrics_host)
     announce({"role": "worker", "pid": os.getpid(), "name": agent.cfg.name, "metrics": url})
     agent.run()
+    if agent.failed:
+        sys.exit(1)
 
 
 def _one_per_gpu(argv: list[str]) -> int:

@@ -5,9 +5,14 @@ thread, so heartbeats keep flowing while a long batch runs. A master silent for
 liveness x interval is presumed dead: the worker reconnects with a fresh socket and
 exponential backoff and registers again (Paranoid Pirate). A DISCONNECT from the master
 (it restarted, or it evicted us) also makes the worker register again.
+
+If the compute thread dies, or one batch runs longer than ``compute_stall_s``, heartbeats
+alone would keep a useless worker registered and every request sent to it would time out;
+so the worker sends DISCONNECT (the master requeues its in-flight work elsewhere) and exits.
 """
 from __future__ import annotations
 
+import math
 import os
 import signal
 import time
@@ -47,6 +52,7 @@ class WorkerConfig:
     hwm: int = 10_000
     max_models: int = 0  # > 0: models load on their first request; the LRU beyond this are unloaded
     security: Security = field(default_factory=Security)  # keys, MAXMSGSIZE (protocol/security.py)
+    compute_stall_s: float = 300.0  # one batch running longer than this means the worker is stuck
 
     @property
     def effective_credit(self) -> int:
@@ -77,6 +83,7 @@ class WorkerAgent:
         self.register_at: float | None = None
         self.reconnects = 0
         self.drain_requested: str | None = None
+        self.failed: str | None = None  # why the worker left on its own (compute died or stalled)
         self.sync = None  # a WeightSync thread when weights come from parameter servers
         self.compute.max_models = cfg.max_models
         self.compute.request_load = self._request_load
@@ -106,7 +113,8 @@ class WorkerAgent:
             self.sync.stopping.set()
             self.sync.join(timeout=5)
         self.compute.stopping.set()
-        self.compute.join(timeout=5)
+        if self.failed is None:  # a stuck compute thread would never join: it is a daemon, leave it
+            self.compute.join(timeout=5)
         if self.dealer is not None:
             self.dealer.close(linger=0)
         self.results.close(linger=0)
@@ -151,6 +159,9 @@ class WorkerAgent:
 
     # ---------------------------------------------------------------- events
     def on_tick(self, now: float) -> None:
+        self.check_compute(now)
+        if self.done:
+            return
         if self.drain_requested:
             self.start_drain(self.drain_requested)
             self.drain_requested = None
@@ -168,6 +179,22 @@ class WorkerAgent:
             self._send([DISCONNECT, pack({"reason": "drained"})])
             log.info("worker_drained", worker=self.cfg.name)
             self.done = True
+
+    def check_compute(self, now: float) -> None:
+        """Leave (DISCONNECT, then exit) when the compute thread is dead or stuck on one batch."""
+        if self.done or self.failed:
+            return
+        busy = self.compute.busy_since
+        if not self.compute.is_alive():
+            self.leave("compute thread died")
+        elif busy is not None and now - busy > self.cfg.compute_stall_s:
+            self.leave(f"one batch made no progress for {now - busy:.1f}s (limit {self.cfg.compute_stall_s}s)")
+
+    def leave(self, why: str) -> None:
+        log.error("worker_leaving", worker=self.cfg.name, reason=why, in_flight=self.in_flight)
+        self._send([DISCONNECT, pack({"reason": why})])
+        self.failed = why
+        self.done = True
 
     def _heartbeat(self, now: float) -> None:
         self.last_beat = now
@@ -219,6 +246,7 @@ class WorkerAgent:
             self.start_drain("master")
 
     def on_request(self, header_frame: zmq.Frame, data: list[zmq.Frame]) -> None:
+        """Check one request whole (header, tensors, input_spec) before it may join a batch."""
         now = time.monotonic()
         try:
             header = unpack_map(header_frame)
@@ -226,10 +254,19 @@ class WorkerAgent:
         except (ProtocolError, KeyError) as exc:
             log.warning("bad_request_from_master", error=str(exc))
             return
+        if not isinstance(rid, (str, int)) or isinstance(rid, bool) or not _is_int(attempt):
+            log.warning("bad_request_from_master", error="id must be a string, attempt an int")
+            attempt = attempt if _is_int(attempt) else 1
         try:
-            model = self.models.get(header.get("model"))
+            model = self.models.get(header.get("model")) if isinstance(header.get("model"), str) else None
             if model is None:
                 raise ProtocolError(f"this worker does not serve model {header.get('model')!r}")
+            version, remaining_ms = header.get("version"), header.get("timeout_ms")
+            if version is not None and not _is_int(version):
+                raise ProtocolError(f"version must be an int, got {type(version).__name__}")
+            if remaining_ms is not None and not (isinstance(remaining_ms, (int, float))
+                                                 and not isinstance(remaining_ms, bool) and math.isfinite(remaining_ms)):
+                raise ProtocolError("timeout_ms must be a finite number")
             inputs = decode_tensors(header.get("inputs"), data)
             rows = model.check_inputs(inputs)
             if model.on_demand and not model.ready:
@@ -237,10 +274,16 @@ class WorkerAgent:
         except (ProtocolError, BadInput) as exc:
             self._send([REPLY, pack(error_body(rid, ErrorCode.BAD_REQUEST, str(exc), attempt=attempt))])
             return
-        remaining_ms = header.get("timeout_ms")  # 0 means already expired: TIMEOUT without compute
-        timeout_s = 3600.0 if remaining_ms is None else max(float(remaining_ms), 0.0) / 1000.0
+        except Exception as exc:  # a check that trips on a value it did not expect: still the input's fault
+            log.warning("request_check_failed", request_id=repr(rid)[:100], error=f"{type(exc).__name__}: {exc}")
+            self._send([REPLY, pack(error_body(rid, ErrorCode.BAD_REQUEST,
+                                               f"malformed request ({type(exc).__name__}: {str(exc)[:200]})",
+                                               attempt=attempt))])
+            return
+        # 0 means already expired: TIMEOUT without compute
+        timeout_s = 3600.0 if remaining_ms is None else min(max(float(remaining_ms), 0.0) / 1000.0, 3600.0)
         self.in_flight += 1
-        self.compute.inbox.put(WorkItem(rid, attempt, model.name, header.get("version"), inputs, rows,
+        self.compute.inbox.put(WorkItem(rid, attempt, model.name, version, inputs, rows,
                                         arrival=now, deadline=now + timeout_s, keepalive=data))
 
     def on_result(self, frames: list[zmq.Frame]) -> None:
@@ -263,3 +306,7 @@ class WorkerAgent:
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

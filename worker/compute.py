@@ -3,7 +3,14 @@
 It owns one inproc PUSH socket (made in this thread) and never touches the master socket.
 Weight swaps are applied here, between batches, so no batch ever sees two versions; the
 weight-sync thread hands over a complete module (built, converted and on the device), so a
-swap here is one reference assignment and never stalls serving.
+swap here is one reference assignment and never stalls serving. A batch pinned to an earlier
+version the model still holds (keep=N) runs on that version's module.
+
+Every batch gets its answers whatever fails (model, output encoding, splitting): a batch that
+fails as a whole is re-run one request at a time, so only the guilty request fails, and an
+error the input caused (an out-of-range id, a shape the model cannot take) is answered
+BAD_REQUEST with a clear line rather than INTERNAL. ``busy_since`` tells the socket thread how
+long the current batch has run, so a stuck model makes the worker leave (see agent.py).
 """
 from __future__ import annotations
 
@@ -18,7 +25,7 @@ import zmq
 from ringserve.protocol.codec import encode_tensors, pack
 from ringserve.protocol.messages import ErrorCode, error_body
 from ringserve.worker.batching import Batcher, WorkItem, concat_inputs, split_outputs
-from ringserve.worker.loader import ServedModel
+from ringserve.worker.loader import ServedModel, input_error
 from ringserve.worker.metrics import WorkerMetrics
 
 log = structlog.get_logger("ringserve.worker.compute")
@@ -67,13 +74,14 @@ class ComputeThread(threading.Thread):
         self.push: zmq.Socket | None = None
         self.max_models = 0  # > 0: on-demand models, the least recently used beyond this are evicted
         self.request_load = lambda name: None  # set by the agent: ask the weight sync to load a model
+        self.busy_since: float | None = None  # monotonic start of the batch now running, else None
 
     def run(self) -> None:
         self.push = self.ctx.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 0)
         self.push.connect(self.results_endpoint)
         try:
-            while not self.stopping.is_set():
+            while not self.stopping.is_set():  # nothing below raises out of one turn but a bug
                 self._apply_swaps()
                 self._take_inbox(block_s=None)
                 now = time.monotonic()
@@ -146,28 +154,56 @@ class ComputeThread(threading.Thread):
                 self._reply_error(item, ErrorCode.UNKNOWN_VERSION,
                                   f"worker now serves version(s) {model.versions()}, not {pinned}")
             return
-        version = model.version if pinned is None else pinned
-        started = time.monotonic()
+        started = self.busy_since = time.monotonic()
         try:
-            outputs = model.run(concat_inputs(batch), pinned)
-            parts = split_outputs(outputs, batch)
+            replies = self._compute(model, batch, pinned)
         except Exception as exc:
-            log.warning("model_error", model=model.name, error=f"{type(exc).__name__}: {exc}",
-                        request_ids=[i.rid for i in batch])
-            for item in batch:
-                self._reply_error(item, ErrorCode.INTERNAL, f"model raised {type(exc).__name__}: {exc}")
-            return
+            if len(batch) == 1:
+                replies = [self._failure(model, batch[0], exc)]
+            else:  # re-run one by one, so only the request that causes the failure fails
+                log.info("batch_failed_rerunning_singly", model=model.name, error=f"{type(exc).__name__}: {exc}",
+                         request_ids=[i.rid for i in batch])
+                replies = []
+                for item in batch:
+                    try:
+                        replies += self._compute(model, [item], pinned)
+                    except Exception as one:
+                        replies.append(self._failure(model, item, one))
         finally:
             finished = time.monotonic()
+            self.busy_since = None
             self.stats.record(batch, started, finished)
             self.metrics.on_batch(model.name, sum(i.rows for i in batch), [started - i.arrival for i in batch],
                                   finished - started)
-        for item, out in zip(batch, parts):
+        for frames in replies:
+            self.push.send_multipart(frames, copy=False)
+
+    def _compute(self, model: ServedModel, batch: list[WorkItem], pinned: int | None) -> list[list]:
+        """Run and encode a batch; raises if anything about it fails (no partial answers)."""
+        version = model.version if pinned is None else pinned
+        outputs = model.run(concat_inputs(batch), pinned)
+        replies = []
+        for item, out in zip(batch, split_outputs(outputs, batch)):
             meta, frames = encode_tensors(out)
             header = {"id": item.rid, "attempt": item.attempt, "ok": True, "model": item.model,
                       "version": version, "outputs": meta, "batch_rows": sum(i.rows for i in batch)}
-            self.push.send_multipart([RESULT, pack(header), *frames], copy=False)
+            replies.append([RESULT, pack(header), *frames])
+        for item in batch:
             self.metrics.on_answer(item.model, "ok")
+        return replies
+
+    def _failure(self, model: ServedModel, item: WorkItem, exc: Exception) -> list:
+        """The error answer for one request: BAD_REQUEST when its input is the cause, else INTERNAL."""
+        why = input_error(exc)
+        raw = f"{type(exc).__name__}: {exc}"
+        if why is not None:
+            log.info("model_rejected_input", model=model.name, request_id=item.rid, error=raw)
+            code, message = ErrorCode.BAD_REQUEST, why
+        else:
+            log.warning("model_error", model=model.name, request_id=item.rid, error=raw)
+            code, message = ErrorCode.INTERNAL, f"model raised {raw}"
+        self.metrics.on_answer(item.model, code)
+        return [RESULT, pack(error_body(item.rid, code, message[:2000], attempt=item.attempt, model=item.model))]
 
     def _reply_error(self, item: WorkItem, code: str, message: str) -> None:
         body = error_body(item.rid, code, message, attempt=item.attempt, model=item.model)

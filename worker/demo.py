@@ -92,3 +92,43 @@ def stack(layers: int = 100, width: int = 512, seed: int = 0) -> nn.Module:
     """100 x 512x512 fp32 is ~105 MB: the weight-sync benchmark's model (one layer = 1%)."""
     _seeded(seed)
     return Stack(layers, width)
+
+
+class Embed(nn.Module):
+    """A tiny sentence encoder: token + position embeddings, mean-pooled over the attention mask.
+
+    Its failures are the ones real encoders have on bad input: an id >= vocab or a sequence
+    longer than max_len raises IndexError, ids and mask of different lengths a shape RuntimeError.
+    """
+
+    def __init__(self, vocab: int, dim: int, max_len: int):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, dim)
+        self.positions = nn.Embedding(max_len, dim)
+        self.input_spec = {"ids": ((None, None), "int64"), "mask": ((None, None), "int64")}
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        pos = torch.arange(ids.shape[1], device=ids.device)
+        h = self.tokens(ids) + self.positions(pos)
+        m = mask.unsqueeze(-1).to(h.dtype)
+        return {"embedding": (h * m).sum(1) / m.sum(1).clamp(min=1.0)}
+
+
+def embed(vocab: int = 100, dim: int = 16, max_len: int = 32, seed: int = 0) -> nn.Module:
+    _seeded(seed)
+    return Embed(vocab, dim, max_len)
+
+
+class ComplexOut(nn.Module):
+    """Returns a complex tensor, which the wire format refuses: the worker must answer INTERNAL."""
+
+    def __init__(self):
+        super().__init__()
+        self.input_spec = {"x": (None, "float32")}
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"y": torch.complex(x, x)}
+
+
+def complex_out() -> nn.Module:
+    return ComplexOut()

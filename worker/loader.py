@@ -36,7 +36,27 @@ log = structlog.get_logger("ringserve.worker.loader")
 
 
 class BadInput(ValueError):
-    """The request's inputs do not fit the model: answered BAD_REQUEST."""
+    """The request's inputs do not fit the model: answered BAD_REQUEST (a model may raise it too)."""
+
+
+# Substrings of torch's messages for shape errors: raised while running on a request's input, they
+# mean the input does not fit the model (the request was checked against input_spec already).
+_SHAPE_ERRORS = ("size of tensor", "sizes of tensors", "must match the size", "shapes cannot be multiplied",
+                 "shape '", "invalid for input of size", "dimension", "expected input", "expected size",
+                 "but got", "out of range", "out of bounds")
+
+
+def input_error(exc: BaseException) -> str | None:
+    """A clear line if `exc`, raised by a model on one request's input, was caused by that input."""
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    if isinstance(exc, BadInput):
+        return str(exc)
+    if isinstance(exc, IndexError):
+        return ("input out of range for this model (a token id beyond the vocabulary, or a sequence "
+                f"longer than the model takes?): {first}")
+    if isinstance(exc, RuntimeError) and any(k in first.lower() for k in _SHAPE_ERRORS):
+        return f"inputs do not fit the model (lengths or shapes disagree?): {first}"
+    return None
 
 
 class WeightsRefused(ValueError):
@@ -245,7 +265,14 @@ class ServedModel:
                         s is not None and s != a for s, a in zip(shape, arr.shape))):
                     pretty = ["N" if s is None else s for s in shape]
                     raise BadInput(f"input {name!r}: shape {list(arr.shape)}, expected {pretty}")
-        rows = {arr.shape[0] if arr.ndim else 1 for arr in inputs.values()}
+        for name, arr in inputs.items():  # batching concatenates along dim 0: it must exist and hold rows
+            if arr.ndim == 0:
+                raise BadInput(f"input {name!r} is a scalar; inputs need a first (batch) dimension")
+            if arr.shape[0] == 0:
+                raise BadInput(f"input {name!r} has zero rows (shape {list(arr.shape)})")
+            if arr.size == 0:
+                raise BadInput(f"input {name!r} is empty (shape {list(arr.shape)}): an empty sequence?")
+        rows = {arr.shape[0] for arr in inputs.values()}
         if len(rows) != 1:
             raise BadInput(f"inputs disagree on the number of rows: {sorted(rows)}")
         return rows.pop()

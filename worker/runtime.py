@@ -26,7 +26,8 @@ def build_worker(args, security: Security | None = None) -> WorkerAgent:
                        heartbeat_interval=args.heartbeat_interval, heartbeat_liveness=args.heartbeat_liveness,
                        max_backoff=args.max_backoff, max_batch_size=args.max_batch_size,
                        max_queue_delay_s=args.max_queue_delay_us / 1e6, credit=args.credit, weight=args.weight,
-                       max_models=args.max_models, security=security or Security())
+                       max_models=args.max_models, security=security or Security(),
+                       compute_stall_s=args.compute_stall_s)
     agent = WorkerAgent(cfg, models)
     if args.paramservers:
         agent.sync = WeightSync(agent.ctx, parse_shards(args.paramservers), models, agent.compute.swaps,
