@@ -106,6 +106,8 @@ class Broker:
         self.late_replies = 0
         self.bad_worker_messages = 0
         self.metrics = MasterMetrics(cfg.policy)
+        self._dispatching = False  # dispatch() runs a worklist; calls made meanwhile join it
+        self._dispatch_later: set[str] = set()
         if cfg.state_dir:
             os.makedirs(cfg.state_dir, exist_ok=True)
         self.routes: dict[str, routing.Route] = routing.load_routes(self._routes_path()) if cfg.state_dir else {}
@@ -369,10 +371,27 @@ class Broker:
     def dispatch(self, model: str) -> None:
         """Hand queued requests for `model` to workers with credit, as the policy chooses.
 
-        Each send looks at the workers once and at the head of each version pin's FIFO, never
-        the whole queue; the free workers are recomputed before every send, so an eviction in
-        the middle (a failed send) cannot leave a stale view that sends beyond credit.
+        A failed send evicts its worker, and the eviction asks to dispatch again: that request
+        joins a worklist run here, never a nested dispatch, so a run of dead peers cannot
+        recurse without bound.
         """
+        if self._dispatching:
+            self._dispatch_later.add(model)
+            return
+        self._dispatching = True
+        try:
+            todo = {model}
+            while todo:
+                self._dispatch_model(todo.pop())
+                todo |= self._dispatch_later
+                self._dispatch_later.clear()
+        finally:
+            self._dispatching = False
+
+    def _dispatch_model(self, model: str) -> None:
+        """Each send looks at the workers once and at the head of each version pin's FIFO, never
+        the whole queue; the free workers are recomputed before every send, so an eviction in
+        the middle (a failed send) cannot leave a stale view that sends beyond credit."""
         for _ in range(len(self.workers) + sum(w.credit for w in self.workers.values()) + 1):
             able = [w for w in self.workers.values() if w.has_credit() and w.serves(model)]
             if not able and not any(w.serves(model) for w in self.workers.values()):
@@ -412,6 +431,7 @@ class Broker:
         header = {"id": req.rid, "attempt": req.attempts, "model": req.model, "version": req.version,
                   "timeout_ms": max(0.0, (req.deadline - now) * 1000.0), "inputs": req.header["inputs"]}
         if not self._send_worker(w, [REQUEST, pack(header), *req.frames]):
+            req.attempts -= 1  # never delivered: the retry budget counts attempts a worker received
             self.evict(w, "send_failed")
             return False
         return True

@@ -402,6 +402,24 @@ def test_eviction_during_dispatch_never_sends_twice_or_past_credit(broker):
     assert len(broker.workers[b"B"].in_flight) <= 3
 
 
+def test_a_run_of_dead_workers_neither_uses_up_retries_nor_recurses(broker):
+    """Sends that never left (the peer is gone) do not count as attempts, and the evictions they
+    cause dispatch from a worklist, not recursively: 400 dead peers cannot exhaust either."""
+    dead = [register(broker, b"d%04d" % i, credit=1) for i in range(400)]
+    live = register(broker, b"zlive", credit=1)
+    for s in dead:
+        s.close(linger=0)
+    probe_end = time.monotonic() + 10
+    while broker._send_raw(broker.backend, [b"d0399", b"probe"]) and time.monotonic() < probe_end:
+        time.sleep(0.02)
+    req = _pending("r1")
+    broker.pending["r1"] = req
+    broker.queues.push(req)
+    broker.dispatch("mlp")
+    assert next_request(broker, live)["id"] == "r1" and req.attempts == 1
+    assert list(broker.workers) == [b"zlive"]
+
+
 # ------------------------------------------------------- item 7: malformed messages
 @pytest.mark.parametrize("inputs", [
     [["x", ["float32"], [1, 4]]],
