@@ -12,6 +12,7 @@ keys the role takes.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from typing import Any, Sequence
 
@@ -24,6 +25,24 @@ from ringserve.protocol.sockets import BindError
 
 
 ROLES = ("master", "worker", "ps", "publish", "admin", "local", "keys")  # tables a config file may hold
+
+
+def number(kind, lo: float, lo_open: bool = False):
+    """An argparse type: a finite `kind` >= lo (> lo when lo_open); a clear error at parse time."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if not math.isfinite(value) or value < lo or (lo_open and value == lo):
+            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number {'>' if lo_open else '>='} {lo:g}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+positive_float = number(float, 0, lo_open=True)
+positive_int = number(int, 1)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import math
 
-from ringserve.launch.cli import bind_error_exit, make_parser, parse_args
+from ringserve.launch.cli import bind_error_exit, number, make_parser, parse_args, positive_float, positive_int
 from ringserve.launch.logsetup import add_log_flag, configure_logging
 from ringserve.launch.metrics import add_metrics_flags, start_metrics
 from ringserve.launch.procs import announce
@@ -14,22 +13,6 @@ from ringserve.master.scheduler import POLICIES
 from ringserve.protocol.sockets import BindError
 
 
-def _number(kind, lo: float, lo_open: bool = False):
-    """An argparse type: a finite `kind` >= lo (> lo when lo_open); a clear error at parse time."""
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
-        if not math.isfinite(value) or value < lo or (lo_open and value == lo):
-            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number {'>' if lo_open else '>='} {lo:g}")
-        return value
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-
-positive_float = _number(float, 0, lo_open=True)
-positive_int = _number(int, 1)
 
 
 def worker_weight(text: str) -> tuple[str, float]:
@@ -53,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=positive_int, default=1000, help="queued requests per model before OVERLOADED")
     p.add_argument("--max-attempts", type=positive_int, default=3, help="tries per request across workers")
     p.add_argument("--default-timeout", type=positive_float, default=30.0, help="seconds, for requests without one")
-    p.add_argument("--drain-timeout", type=_number(float, 0), default=10.0, help="seconds to finish work on SIGTERM")
+    p.add_argument("--drain-timeout", type=number(float, 0), default=10.0, help="seconds to finish work on SIGTERM")
     p.add_argument("--hwm", type=positive_int, default=10_000, help="ZeroMQ high-water mark per socket")
     p.add_argument("--seed", type=int, default=None, help="seed for the random policies")
     p.add_argument("--answer-cache-bytes", type=positive_int, default=64 << 20,
@@ -62,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
                    help="seconds; a client's timeout_ms is capped to this")
     p.add_argument("--state-dir", default=None,
                    help="directory where the master keeps traffic routes across restarts (default: memory only)")
-    p.add_argument("--rate-limit", type=_number(float, 0), default=0.0,
+    p.add_argument("--rate-limit", type=number(float, 0), default=0.0,
                    help="requests per second per client key (per connection without keys); 0: no limit")
     p.add_argument("--rate-burst", type=positive_float, default=None, help="bucket size (default: max(1, rate))")
     add_metrics_flags(p)

@@ -12,7 +12,7 @@ import sys
 
 import structlog
 
-from ringserve.launch.cli import make_parser, parse_args
+from ringserve.launch.cli import make_parser, number, parse_args, positive_float, positive_int
 from ringserve.launch.logsetup import add_log_flag, configure_logging
 from ringserve.launch.metrics import add_metrics_flags, start_metrics
 from ringserve.launch.security import add_security_flags, security_from_args
@@ -30,22 +30,22 @@ def parser() -> argparse.ArgumentParser:
                    help="default precision for models that do not set dtype=")
     p.add_argument("--quantize", default=None, choices=["int8"], help="default dynamic quantization (CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--max-batch-size", type=int, default=1, help="rows per batch; 1 turns batching off")
+    p.add_argument("--max-batch-size", type=positive_int, default=1, help="rows per batch; 1 turns batching off")
     p.add_argument("--max-queue-delay-us", type=float, default=1000.0,
                    help="longest wait for a batch to fill, from the oldest request's arrival")
     p.add_argument("--credit", type=int, default=None, help="requests in flight (default 2 x batch size, >= 4)")
-    p.add_argument("--weight", type=float, default=1.0, help="weight for the weighted-random policy")
-    p.add_argument("--heartbeat-interval", type=float, default=1.0)
-    p.add_argument("--heartbeat-liveness", type=int, default=3)
+    p.add_argument("--weight", type=positive_float, default=1.0, help="weight for the weighted-random policy")
+    p.add_argument("--heartbeat-interval", type=positive_float, default=1.0)
+    p.add_argument("--heartbeat-liveness", type=positive_int, default=3)
     p.add_argument("--max-backoff", type=float, default=32.0, help="longest reconnect backoff, seconds")
     p.add_argument("--keep-versions", type=int, default=1, choices=range(1, 17), metavar="N",
                    help="versions of each model kept loaded side by side (current + N-1 earlier), so requests "
                         "pinned or routed to an earlier version are served during a canary or A/B split "
                         "(per model: keep=N)")
-    p.add_argument("--max-models", type=int, default=0, metavar="N",
+    p.add_argument("--max-models", type=number(int, 0), default=0, metavar="N",
                    help="load models on their first request (from the parameter servers) and keep at most N "
                         "loaded, unloading the least recently used (0: every --model stays loaded)")
-    p.add_argument("--compute-stall-s", type=float, default=300.0,
+    p.add_argument("--compute-stall-s", type=positive_float, default=300.0,
                    help="leave (DISCONNECT, exit 1) if one batch runs longer than this, so the master "
                         "requeues its work")
     p.add_argument("--paramservers", default=None,
@@ -59,8 +59,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     p = parser()
     args = parse_args(p, argv)
-    if args.max_models < 0 or (args.max_models and not args.paramservers):
-        p.error("--max-models needs --paramservers (models load from the shards) and must be >= 0")
+    if args.max_models and not args.paramservers:
+        p.error("--max-models needs --paramservers (models load from the shards)")
     configure_logging("worker", args.log_level)
     if args.device == "all-gpus":
         sys.exit(_one_per_gpu(argv if argv is not None else sys.argv[1:]))

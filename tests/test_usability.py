@@ -161,3 +161,10 @@ def test_the_config_files_in_docs_deployment_parse_for_their_roles():
     assert master.backend == "tcp://0.0.0.0:5556" and master.max_queue == 2000
     worker = next(a for r, a in parsed if r == "worker")
     assert len(worker.model) == 2 and worker.paramservers.startswith("ps0=")
+
+
+@pytest.mark.parametrize("flag", [["--weight", "nan"], ["--weight", "0"], ["--max-batch-size", "0"],
+                                  ["--heartbeat-interval", "-1"], ["--max-models", "2"]])
+def test_worker_flags_are_checked_at_parse_time(flag):
+    out = run("ringserve.launch.worker", "--model", "m=ringserve.worker.demo:mlp", *flag)
+    assert out.returncode == 2 and "error:" in out.stderr and "Traceback" not in out.stderr, out.stderr
