@@ -102,18 +102,10 @@ def test_every_launch_script_has_help(role):
 
 def test_local_cluster_main_job(tmp_path):
     """The README's main job: shards, master, workers, real requests, a live delta, the status table."""
-    import subprocess
-    import sys
+    from helpers import run_local
 
-    proc = subprocess.Popen([sys.executable, "-m", "ringserve.launch.local", "--requests", "4", "--workdir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=150)
-    finally:
-        if proc.poll() is None:  # SIGTERM makes it stop the processes it started
-            proc.terminate()
-            proc.communicate(timeout=30)
-    assert proc.returncode == 0, stderr[-2000:]
+    rc, stdout, stderr = run_local("--requests", "4", "--workdir", str(tmp_path))
+    assert rc == 0, stderr[-2000:]
     assert "mlp v2" in stdout and "WORKER" in stdout and "ERRORS" in stdout
     worst = [float(line.rsplit("=", 1)[1]) for line in stdout.splitlines() if "max |ringserve" in line]
     assert len(worst) == 3 and max(worst) < 1e-4

@@ -6,33 +6,17 @@ from collections import Counter
 
 import numpy as np
 import pytest
-import torch
 
 from ringserve.client import Client, UnknownVersion
 from ringserve.client.admin import AdminClient
 from ringserve.client.params import ParamClient, PublishError, changed_tensors
 from ringserve.launch.procs import wait_for_workers, wait_until
 from ringserve.protocol.placement import owner, place, plan, ring
-from ringserve.worker import demo
+from helpers import expected, mlp_state, shard_list
 
 pytestmark = pytest.mark.timeout(150)
 
 SMALL_CHUNK = 64 * 1024  # so the MLP's big matrices spread over several shards
-
-
-def mlp_state(seed: int) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in demo.mlp(seed=seed).state_dict().items()}
-
-
-def expected(state, x):
-    m = demo.mlp().eval()
-    m.load_state_dict(state)
-    with torch.inference_mode():
-        return m(torch.from_numpy(x))["logits"].numpy()
-
-
-def shard_list(endpoints: dict) -> str:
-    return ",".join(f"{n}={e}" for n, e in endpoints.items())
 
 
 def start(cluster, shards=4):

@@ -29,6 +29,7 @@ from ringserve.protocol.security import (
     revoke_identity, secret_path,
 )
 from ringserve.worker import demo
+from helpers import run_local
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -335,16 +336,9 @@ def test_keys_cli_writes_secret_0600_and_revokes(tmp_path):
 
 def test_local_cluster_secure(tmp_path):
     """ringserve-local --secure: fresh keys, every role over CURVE, the same main job."""
-    proc = subprocess.Popen([sys.executable, "-m", "ringserve.launch.local", "--secure", "--requests", "2",
-                             "--workers", "1", "--shards", "1", "--workdir", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=150)
-    finally:
-        if proc.poll() is None:  # SIGTERM makes it stop the processes it started
-            proc.terminate()
-            proc.communicate(timeout=30)
-    assert proc.returncode == 0, stderr[-2000:]
+    rc, stdout, stderr = run_local("--secure", "--requests", "2", "--workers", "1", "--shards", "1",
+                                   "--workdir", str(tmp_path))
+    assert rc == 0, stderr[-2000:]
     assert "CURVE keys in" in stdout and "mlp v2" in stdout
     assert stat.S_IMODE(os.stat(secret_path(tmp_path / "keys", "master", "master")).st_mode) == 0o600
     assert '"auth_refused"' not in (tmp_path / "master.log").read_text()

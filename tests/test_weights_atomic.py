@@ -30,26 +30,12 @@ from ringserve.worker.batching import Batcher
 from ringserve.worker.compute import ComputeThread
 from ringserve.worker.loader import ServedModel, WeightsRefused, check_state, layout_of, parse_model_arg
 from ringserve.worker.sync import WeightSync, assemble, next_backoff
+from helpers import expected, mlp_state, shard_list
 
 pytestmark = pytest.mark.timeout(150)
 
 SMALL_CHUNK = 64 * 1024
 MLP = "mlp=ringserve.worker.demo:mlp"
-
-
-def mlp_state(seed: int) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in demo.mlp(seed=seed).state_dict().items()}
-
-
-def expected(state, x):
-    m = demo.mlp().eval()
-    m.load_state_dict(state)
-    with torch.inference_mode():
-        return m(torch.from_numpy(x))["logits"].numpy()
-
-
-def shard_list(eps: dict) -> str:
-    return ",".join(f"{n}={e}" for n, e in eps.items())
 
 
 def served(opts: str = MLP, seed: int = 1) -> ServedModel:

@@ -1,0 +1,38 @@
+"""Small helpers several test files share (imported as `helpers`: pytest puts tests/ on sys.path)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import torch
+
+from ringserve.worker import demo
+
+
+def mlp_state(seed: int) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in demo.mlp(seed=seed).state_dict().items()}
+
+
+def expected(state, x):
+    """The demo MLP's output for `x` with `state`, computed in-process."""
+    m = demo.mlp().eval()
+    m.load_state_dict(state)
+    with torch.inference_mode():
+        return m(torch.from_numpy(x))["logits"].numpy()
+
+
+def shard_list(endpoints: dict) -> str:
+    return ",".join(f"{n}={e}" for n, e in endpoints.items())
+
+
+def run_local(*args: str, timeout: float = 150) -> tuple[int, str, str]:
+    """Run ringserve-local to the end (SIGTERM on a timeout makes it stop what it started)."""
+    proc = subprocess.Popen([sys.executable, "-m", "ringserve.launch.local", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.communicate(timeout=30)
+    return proc.returncode, stdout, stderr
