@@ -464,8 +464,9 @@ def run_target(target: str, count: int, seed: int, tmp: Path, budget_s: float = 
         time.sleep(0.5)
         res["crashes"] = sum(not p.alive() for p in procs)
         res["crashed"] = [p.log_path.name for p in procs if not p.alive()]
-        res["rss_growth_mb"] = round(max(rss_mb(p.pid) - before.get(p.pid, 0.0) for p in procs if p.alive())
-                                     if any(p.alive() for p in procs) else 0.0, 1)
+        growth = {p.log_path.stem: round(rss_mb(p.pid) - before.get(p.pid, 0.0), 1) for p in procs if p.alive()}
+        res["rss_growth_by_process_mb"] = growth
+        res["rss_growth_mb"] = max(growth.values(), default=0.0)
         res["target"] = target
         return res
     finally:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ringserve.launch.cli import bind_error_exit, number, make_parser, parse_args, positive_float, positive_int
+from ringserve.launch.memory import return_large_buffers_to_the_os
 from ringserve.launch.logsetup import add_log_flag, configure_logging
 from ringserve.launch.metrics import add_metrics_flags, start_metrics
 from ringserve.launch.procs import announce
@@ -57,6 +58,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(parser(), argv)
     configure_logging("master", args.log_level)
+    return_large_buffers_to_the_os()
     weights = dict(args.weight)
     sec = security_from_args(args, "master", (args.frontend, args.backend, args.admin))
     cfg = BrokerConfig(args.frontend, args.backend, args.admin, args.policy, weights, args.heartbeat_interval,

@@ -13,6 +13,7 @@ import sys
 import structlog
 
 from ringserve.launch.cli import make_parser, number, parse_args, positive_float, positive_int
+from ringserve.launch.memory import return_large_buffers_to_the_os
 from ringserve.launch.logsetup import add_log_flag, configure_logging
 from ringserve.launch.metrics import add_metrics_flags, start_metrics
 from ringserve.launch.security import add_security_flags, security_from_args
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.max_models and not args.paramservers:
         p.error("--max-models needs --paramservers (models load from the shards)")
     configure_logging("worker", args.log_level)
+    return_large_buffers_to_the_os()
     if args.device == "all-gpus":
         sys.exit(_one_per_gpu(argv if argv is not None else sys.argv[1:]))
     from ringserve.launch.procs import announce
