@@ -89,8 +89,8 @@ def test_reduced_precision_close_to_float32(opts, tolerance):
 
 
 def test_precision_is_per_model_and_shown_in_status(cluster):
-    cluster.start_master()
-    cluster.start_workers(1, "--model", "half=ringserve.worker.demo:mlp,dtype=float16", "--model",
+    cluster.start_master()  # int8 runs on CPU only, so the worker stays on CPU on a GPU machine too
+    cluster.start_workers(1, "--device", "cpu", "--model", "half=ringserve.worker.demo:mlp,dtype=float16", "--model",
                           "q8=ringserve.worker.demo:mlp,quantize=int8", model="full=ringserve.worker.demo:mlp")
     x = np.random.default_rng(5).standard_normal((4, 256), dtype=np.float32)
     with Client(cluster.frontend, timeout=10) as c:

@@ -222,7 +222,8 @@ class ServedModel:
         module.eval()
         if self.opts.quantize == "int8":
             if self.device.type != "cpu":
-                raise ValueError("int8 dynamic quantization runs on CPU only")
+                raise ValueError(f"int8 dynamic quantization runs on CPU only, and this worker's device is {self.device}: "
+                                 "start a worker with --device cpu for this model")
             with warnings.catch_warnings():  # torch marks eager quantization deprecated; it still works
                 warnings.simplefilter("ignore")
                 return torch.ao.quantization.quantize_dynamic(module, {torch.nn.Linear}, dtype=torch.qint8)
