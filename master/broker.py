@@ -35,7 +35,8 @@ from ringserve.master.scheduler import Load, make_policy
 from ringserve.master.status import build_status
 from ringserve.protocol.codec import pack, short_repr, unpack_map
 from ringserve.protocol.envelope import (
-    MAX_NAME_LEN, parse_heartbeat, parse_ready, parse_request_header, parse_worker_reply,
+    MAX_NAME_LEN, dispatch_frames, forwardable, parse_heartbeat, parse_ready, parse_request_header,
+    parse_worker_reply, split_replies,
 )
 from ringserve.protocol.security import Security, user_id
 from ringserve.protocol.sockets import BindError, bind, drain
@@ -106,8 +107,8 @@ class Broker:
         self.late_replies = 0
         self.bad_worker_messages = 0
         self.metrics = MasterMetrics(cfg.policy)
-        self._dispatching = False  # dispatch() runs a worklist; calls made meanwhile join it
-        self._dispatch_later: set[str] = set()
+        self._dirty: set[str] = set()  # models to dispatch at the end of this loop turn
+        self._outgoing: dict[bytes, tuple[WorkerRecord, list[PendingRequest]]] = {}  # assigned, not yet sent
         if cfg.state_dir:
             os.makedirs(cfg.state_dir, exist_ok=True)
         self.routes: dict[str, routing.Route] = routing.load_routes(self._routes_path()) if cfg.state_dir else {}
@@ -138,17 +139,26 @@ class Broker:
         log.info("master_started", epoch=self.epoch, policy=self.cfg.policy, **self.endpoints)
         try:
             while not self._finished():
-                events = dict(self.poller.poll(self._poll_timeout_ms()))
-                for sock, handler in ((self.backend, self.on_worker), (self.frontend, self.on_client),
-                                      (self.admin, self.on_admin)):
-                    if sock in events:
-                        drain(sock, handler, MAX_BATCH_RECV)
-                try:
-                    self.on_tick(time.monotonic())
-                except Exception:  # a bug must not end the loop; the next turn tries again
-                    log.exception("tick_failed")
+                self.turn(self._poll_timeout_ms())
         finally:
             self.close()
+
+    def turn(self, timeout_ms: int) -> None:
+        """One loop turn: read what arrived, run the timers, then dispatch and send what the
+        handlers queued (each worker gets its share of the turn's requests in one message)."""
+        events = dict(self.poller.poll(timeout_ms))
+        for sock, handler in ((self.backend, self.on_worker), (self.frontend, self.on_client),
+                              (self.admin, self.on_admin)):
+            if sock in events:
+                drain(sock, handler, MAX_BATCH_RECV)
+        try:
+            self.on_tick(time.monotonic())
+        except Exception:  # a bug must not end the loop; the next turn tries again
+            log.exception("tick_failed")
+        try:
+            self.flush()
+        except Exception:
+            log.exception("flush_failed")
 
     def request_stop(self, *_: object) -> None:
         """SIGTERM/SIGINT: refuse new work, let in-flight work finish, then leave."""
@@ -246,9 +256,9 @@ class Broker:
         except ProtocolError as exc:
             self._reply_client(ident, service, error_body(rid, ErrorCode.BAD_REQUEST, str(exc)))
             return
-        self.on_request(ident, service, model, header, parsed, list(body[1:]))
+        self.on_request(ident, service, model, body[0], parsed, list(body[1:]))
 
-    def on_request(self, ident: bytes, service: bytes, model: str, header: dict, parsed, frames: list) -> None:
+    def on_request(self, ident: bytes, service: bytes, model: str, header_frame, parsed, frames: list) -> None:
         rid = parsed.rid
         held = self.pending.get(rid)
         if held is not None:  # a client retry of something we already hold: run once, answer whoever asked last
@@ -296,7 +306,7 @@ class Broker:
         timeout = min(timeout, self.cfg.max_timeout)  # the client chooses, within the master's cap
         route = self.routes.get(model) if parsed.version is None else None  # a pinned version wins
         version = self._routed_version(route, parsed.tags) if route else parsed.version
-        req = PendingRequest(rid, ident, service, model, version, header, frames, now + timeout, now)
+        req = PendingRequest(rid, ident, service, model, version, header_frame, frames, now + timeout, now)
         self.pending[rid] = req
         heapq.heappush(self.deadlines, (req.deadline, rid))
         self.queues.push(req)
@@ -369,24 +379,25 @@ class Broker:
 
     # ------------------------------------------------------------ scheduling
     def dispatch(self, model: str) -> None:
-        """Hand queued requests for `model` to workers with credit, as the policy chooses.
+        """Ask for queued requests of `model` to be handed out at the end of this loop turn (flush)."""
+        self._dirty.add(model)
 
-        A failed send evicts its worker, and the eviction asks to dispatch again: that request
-        joins a worklist run here, never a nested dispatch, so a run of dead peers cannot
-        recurse without bound.
+    def flush(self) -> None:
+        """Hand queued requests to workers with credit, as the policy chooses, then send each
+        worker its requests of this turn in one REQUEST message.
+
+        A failed send evicts its worker, and the eviction asks to dispatch again: those requests
+        join the next round here, never a nested dispatch; each extra round follows an
+        eviction, so the rounds are bounded by the number of workers.
         """
-        if self._dispatching:
-            self._dispatch_later.add(model)
-            return
-        self._dispatching = True
-        try:
-            todo = {model}
-            while todo:
-                self._dispatch_model(todo.pop())
-                todo |= self._dispatch_later
-                self._dispatch_later.clear()
-        finally:
-            self._dispatching = False
+        for _ in range(len(self.workers) + 2):
+            if not self._dirty and not self._outgoing:
+                return
+            while self._dirty:
+                self._dispatch_model(self._dirty.pop())
+            outgoing, self._outgoing = self._outgoing, {}
+            for w, reqs in outgoing.values():
+                self._send_requests(w, reqs)
 
     def _dispatch_model(self, model: str) -> None:
         """Each send looks at the workers once and at the head of each version pin's FIFO, never
@@ -410,31 +421,42 @@ class Broker:
             req, cands = best
             by_ident = {w.ident: w for w in cands}
             key = self.policy([Load(w.ident, len(w.in_flight), w.credit, w.weight) for w in cands])
-            self.send_request(by_ident.get(key, cands[0]), req)
+            self.assign(by_ident.get(key, cands[0]), req)
 
     def _loaders(self, model: str) -> list[WorkerRecord]:
         """Workers with credit that load `model` on demand, those with room first (no eviction)."""
         loaders = [w for w in self.workers.values() if w.has_credit() and w.can_load(model)]
         return [w for w in loaders if w.has_room()] or loaders
 
-    def send_request(self, w: WorkerRecord, req: PendingRequest) -> bool:
-        """One REQUEST for one attempt; refused unless the worker is still registered and has credit."""
+    def assign(self, w: WorkerRecord, req: PendingRequest) -> bool:
+        """One attempt of `req` on `w`, sent at the end of the turn; refused unless the worker is
+        still registered and has credit."""
         if self.workers.get(w.ident) is not w or not w.has_credit() or req.worker is not None:
             log.error("dispatch_refused", request_id=req.rid, worker=w.name)
             return False
-        now = time.monotonic()
         req.attempts += 1
         req.worker = w.ident
         w.in_flight[req.rid] = req.attempts
         self.queues.remove(req)
-        self.metrics.on_dispatch(req.model, now - req.received)
-        header = {"id": req.rid, "attempt": req.attempts, "model": req.model, "version": req.version,
-                  "timeout_ms": max(0.0, (req.deadline - now) * 1000.0), "inputs": req.header["inputs"]}
-        if not self._send_worker(w, [REQUEST, pack(header), *req.frames]):
-            req.attempts -= 1  # never delivered: the retry budget counts attempts a worker received
-            self.evict(w, "send_failed")
-            return False
+        self.metrics.on_dispatch(req.model, time.monotonic() - req.received)
+        entry = self._outgoing.get(w.ident)
+        if entry is None:
+            entry = self._outgoing[w.ident] = (w, [])
+        entry[1].append(req)
         return True
+
+    def _send_requests(self, w: WorkerRecord, reqs: list[PendingRequest]) -> None:
+        """One REQUEST message with every request assigned to `w` this turn."""
+        live = [r for r in reqs if r.worker == w.ident and self.pending.get(r.rid) is r]
+        if not live or self.workers.get(w.ident) is not w:
+            return  # answered or requeued meanwhile (the worker was evicted): nothing to send
+        now = time.monotonic()
+        entries = [([r.rid, r.attempts, r.model, r.version, max(0.0, (r.deadline - now) * 1000.0)], r.header, r.frames)
+                   for r in live]
+        if not self._send_worker(w, [REQUEST, *dispatch_frames(entries)]):
+            for r in live:
+                r.attempts -= 1  # never delivered: the retry budget counts attempts a worker received
+            self.evict(w, "send_failed")
 
     # --------------------------------------------------------------- workers
     def on_worker(self, frames: Sequence[zmq.Frame]) -> None:
@@ -470,13 +492,11 @@ class Broker:
             if cmd != DISCONNECT:
                 self._send_raw(self.backend, [ident, WORKER_PROTO, DISCONNECT, pack({"reason": "unknown worker"})])
             if cmd == REPLY and len(frames) > 3:
-                self._note_late_reply(frames[3], "unknown_worker")
+                self._note_late_reply(frames[3], "unknown_worker")  # the first one's id is enough to log
             return
         worker.last_seen = time.monotonic()
         if cmd == REPLY:
-            if len(frames) < 4:
-                raise ProtocolError("REPLY needs a header")
-            self.on_reply(worker, frames[3], frames[4:])
+            self.on_replies(worker, frames[3:])
         elif cmd == HEARTBEAT:
             self.on_heartbeat(worker, unpack_map(frames[3]) if len(frames) > 3 else {})
         elif cmd == DISCONNECT:
@@ -515,8 +535,15 @@ class Broker:
             for model in w.models:
                 self.dispatch(model)
 
-    def on_reply(self, w: WorkerRecord, header_frame: zmq.Frame, frames: Sequence[zmq.Frame]) -> None:
-        reply = parse_worker_reply(unpack_map(header_frame), frames)
+    def on_replies(self, w: WorkerRecord, frames: Sequence[zmq.Frame]) -> None:
+        """A REPLY message: one or more replies (a batch's answers travel together)."""
+        for header_frame, header, data in split_replies(frames):
+            self.on_reply(w, header_frame, header, data)
+        for model in w.models:
+            self.dispatch(model)
+
+    def on_reply(self, w: WorkerRecord, header_frame: zmq.Frame, raw: dict, frames: Sequence[zmq.Frame]) -> None:
+        reply = parse_worker_reply(raw, frames)
         rid, attempt = reply.rid, reply.attempt
         if w.in_flight.get(rid) == attempt:
             del w.in_flight[rid]
@@ -524,12 +551,12 @@ class Broker:
         req = self.pending.get(rid)
         if req is None or req.worker != w.ident or req.attempts != attempt:
             self._note_late_reply(header_frame, "not_current_attempt")
+        elif reply.ok and forwardable(raw, self.epoch, w.name):  # checked: sent on byte for byte
+            self.finish(req, [header_frame, *frames], None, version=reply.header.get("version"))
         else:
             header = {**reply.header, "worker": w.name, "epoch": self.epoch}
             self.finish(req, [pack(header), *frames] if reply.ok else [pack(header)], reply.error_code,
                         version=reply.header.get("version"))
-        for model in list(w.models):
-            self.dispatch(model)
 
     def _note_late_reply(self, header_frame, why: str) -> None:
         try:

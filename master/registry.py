@@ -71,8 +71,8 @@ class PendingRequest:
     service: bytes
     model: str
     version: int | None
-    header: dict
-    frames: list  # tensor frames, forwarded as-is
+    header: Any  # the client's header frame, forwarded to the worker as received (never re-packed)
+    frames: list  # out-of-line tensor frames, forwarded as-is
     deadline: float
     received: float
     attempts: int = 0

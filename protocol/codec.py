@@ -1,9 +1,12 @@
 """msgpack headers and raw tensor frames, decoded zero-copy.
 
-A message body is one msgpack map (the header) followed by one raw frame per tensor.
-The header lists the tensors as ``[name, dtype, shape]`` in frame order. Tensors are
-never pickled: a frame is exactly ``prod(shape) * itemsize`` little-endian bytes and is
-turned back into an array with ``numpy.frombuffer`` (no copy).
+A message body is one msgpack map (the header) followed by one raw frame per large tensor.
+The header lists the tensors as ``[name, dtype, shape]`` (data in the next frame, in order)
+or ``[name, dtype, shape, data]`` (a small tensor's bytes inline, as msgpack bin): a frame
+costs more to send and receive than copying a few kB, and zero-copy pays only for frames
+over ~64 kB, so tensors up to ``INLINE_MAX`` bytes travel inline. Tensors are never
+pickled: the data is exactly ``prod(shape) * itemsize`` little-endian bytes and is turned
+back into an array with ``numpy.frombuffer`` (no copy).
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ MAX_TENSORS = 64
 MAX_NAME = 128  # characters in a tensor name
 MAX_ELEMENTS = 2**40  # product of a shape's dims (zeros counted as 1)
 MAX_DIM = 2**31 - 1  # one dimension; numpy's own limit is far beyond anything a frame can hold
+INLINE_MAX = 16 << 10  # tensors up to this many bytes travel inside the header
+_ITEMSIZE = {name: np.dtype(name).itemsize for name in SUPPORTED_DTYPES}
 
 
 def pack(obj: Any) -> bytes:
@@ -50,14 +55,36 @@ def _bytes(buf):
     return buf.buffer if hasattr(buf, "buffer") else buf
 
 
-def encode_tensors(tensors: Mapping[str, Any]) -> tuple[list, list]:
-    """Named arrays (numpy or torch) -> (header meta list, frames)."""
+def encode_tensors(tensors: Mapping[str, Any], inline_max: int = INLINE_MAX) -> tuple[list, list]:
+    """Named arrays (numpy or torch) -> (header meta list, frames); tensors up to `inline_max`
+    bytes go inline in the meta (no frame), larger ones as zero-copy frames."""
     meta, frames = [], []
     for name, value in tensors.items():
         arr = to_numpy(value)
-        meta.append([name, arr.dtype.name, list(arr.shape)])
-        frames.append(memoryview(arr).cast("B") if arr.size else b"")
+        if arr.nbytes <= inline_max:
+            meta.append([name, arr.dtype.name, list(arr.shape), arr.tobytes()])
+        else:
+            meta.append([name, arr.dtype.name, list(arr.shape)])
+            frames.append(memoryview(arr).cast("B"))
     return meta, frames
+
+
+def frame_count(meta: Any) -> int:
+    """How many data frames a tensor list says follow (entries without inline data); -1 if malformed."""
+    if not isinstance(meta, list):
+        return -1
+    n = 0
+    for entry in meta:
+        if not isinstance(entry, (list, tuple)):
+            return -1
+        n += len(entry) == 3
+    return n
+
+
+def check_tensors(meta: Any, frames: Sequence) -> None:
+    """What decode_tensors checks (names, dtypes, shapes, byte counts), without making arrays:
+    for a process that only forwards the bytes (the master)."""
+    _walk(meta, frames, make=False)
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -76,32 +103,48 @@ def to_numpy(value: Any) -> np.ndarray:
 
 
 def decode_tensors(meta: Any, frames: Sequence) -> dict[str, np.ndarray]:
-    """Validate meta against frames and view each frame as an array, without copying."""
+    """Validate meta against frames and view each tensor's bytes as an array, without copying."""
+    return _walk(meta, frames, make=True)
+
+
+def _walk(meta: Any, frames: Sequence, make: bool) -> dict[str, np.ndarray]:
     if not isinstance(meta, list):
         raise ProtocolError("tensor list must be an array of [name, dtype, shape]")
     if len(meta) > MAX_TENSORS:
         raise ProtocolError(f"too many tensors ({len(meta)} > {MAX_TENSORS})")
-    if len(meta) != len(frames):
-        raise ProtocolError(f"header lists {len(meta)} tensors but {len(frames)} data frames follow")
+    wanted = frame_count(meta)
+    if wanted != len(frames):
+        raise ProtocolError(f"header lists {max(wanted, 0)} tensors out of line but {len(frames)} data frames follow")
     out: dict[str, np.ndarray] = {}
-    for entry, frame in zip(meta, frames):
-        name, dtype, shape = _check_entry(entry)
-        if name in out:
+    seen: set[str] = set()
+    k = 0
+    for entry in meta:
+        name, dtype, shape, inline = _check_entry(entry)
+        if name in seen:
             raise ProtocolError(f"tensor {name!r} appears twice")
-        buf = _bytes(frame)
-        expected = math.prod(shape) * np.dtype(dtype).itemsize
+        seen.add(name)
+        if inline is None:
+            buf = _bytes(frames[k])
+            k += 1
+        else:
+            buf = inline
+        expected = math.prod(shape) * _ITEMSIZE[dtype]
         if len(buf) != expected:
             raise ProtocolError(
-                f"tensor {name!r}: {len(buf)} bytes but dtype {dtype} shape {shape} needs {expected}"
+                f"tensor {name!r}: {len(buf)} bytes but dtype {dtype} shape {list(shape)} needs {expected}"
             )
-        out[name] = np.frombuffer(buf, dtype=dtype).reshape(shape) if expected else np.zeros(shape, dtype)
+        if make:
+            out[name] = np.frombuffer(buf, dtype=dtype).reshape(shape) if expected else np.zeros(shape, dtype)
     return out
 
 
-def _check_entry(entry: Any) -> tuple[str, str, tuple[int, ...]]:
-    if not (isinstance(entry, (list, tuple)) and len(entry) == 3):
-        raise ProtocolError("each tensor must be described as [name, dtype, shape]")
-    name, dtype, shape = entry
+def _check_entry(entry: Any) -> tuple[str, str, tuple[int, ...], bytes | None]:
+    if not (isinstance(entry, (list, tuple)) and len(entry) in (3, 4)):
+        raise ProtocolError("each tensor must be described as [name, dtype, shape] or [name, dtype, shape, data]")
+    name, dtype, shape = entry[:3]
+    inline = entry[3] if len(entry) == 4 else None
+    if inline is not None and not isinstance(inline, bytes):
+        raise ProtocolError("a tensor's inline data must be msgpack bin (bytes)")
     if not isinstance(name, str) or not name or len(name) > MAX_NAME:
         raise ProtocolError(f"tensor name must be a string of 1..{MAX_NAME} characters")
     if not isinstance(dtype, str) or dtype not in SUPPORTED_DTYPES:  # a list or map is not hashable
@@ -115,7 +158,7 @@ def _check_entry(entry: Any) -> tuple[str, str, tuple[int, ...]]:
                             f"up to {MAX_DIM}")
     if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:  # numpy refuses such a shape even when empty
         raise ProtocolError(f"tensor {name[:64]!r}: shape {list(shape)} is too large")
-    return name, dtype, tuple(shape)
+    return name, dtype, tuple(shape), inline
 
 
 def short_repr(value: Any, limit: int = 80) -> str:

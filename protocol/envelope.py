@@ -10,7 +10,9 @@ from typing import Any, Mapping, Sequence
 
 import math
 
-from ringserve.protocol.codec import decode_tensors, encode_tensors, pack, short_repr, unpack_map
+from ringserve.protocol.codec import (
+    check_tensors, decode_tensors, encode_tensors, frame_count, pack, short_repr, unpack, unpack_map,
+)
 from ringserve.protocol.messages import MDP_CLIENT, ErrorCode, ProtocolError
 
 MAX_ID_LEN = 128
@@ -24,6 +26,10 @@ MAX_INT = 2**63 - 1
 MAX_HELD_VERSIONS = 16  # versions of one model a worker may hold side by side
 MAX_TAGS = 16  # request tags: small str -> str map used for routing (e.g. a sticky user id)
 MAX_TAG_LEN = 256
+MAX_PER_MESSAGE = 4096  # requests in one master -> worker REQUEST (or replies in one REPLY)
+# Fields a worker's reply header may hold for the master to forward it to the client unchanged.
+REPLY_FIELDS = frozenset(["id", "attempt", "ok", "model", "version", "batch_rows", "outputs", "error", "worker",
+                          "epoch"])
 
 
 @dataclass
@@ -40,8 +46,14 @@ class ClientRequest:
 
 def request_body(rid: str, inputs: Mapping[str, Any], version: int | None = None,
                  timeout_ms: float | None = None, ack: bool = False, tags: Mapping[str, str] | None = None) -> list:
-    """Body frames of a client request: msgpack header then one raw frame per tensor."""
+    """Body frames of a client request: msgpack header (small tensors inline) then one raw frame
+    per large tensor."""
     meta, frames = encode_tensors(inputs)
+    return [pack(request_header(rid, meta, version, timeout_ms, ack, tags)), *frames]
+
+
+def request_header(rid: str, meta: list, version: int | None = None, timeout_ms: float | None = None,
+                   ack: bool = False, tags: Mapping[str, str] | None = None) -> dict:
     header = {"id": rid, "inputs": meta}
     if version is not None:
         header["version"] = version
@@ -51,7 +63,7 @@ def request_body(rid: str, inputs: Mapping[str, Any], version: int | None = None
         header["ack"] = True
     if tags:
         header["tags"] = dict(tags)
-    return [pack(header), *frames]
+    return header
 
 
 def client_frames(service: str | bytes, body: Sequence) -> list:
@@ -67,7 +79,7 @@ def parse_request_header(header: dict, frames: Sequence) -> ClientRequest:
         raise ProtocolError(f"field 'id' must be a string of 1..{MAX_ID_LEN} characters")
     if "inputs" not in header:
         raise ProtocolError("missing field 'inputs'")
-    decode_tensors(header["inputs"], frames)  # validates byte lengths; views are discarded
+    check_tensors(header["inputs"], frames)  # names, dtypes, shapes, byte counts
     version = header.get("version")
     if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 0):
         raise ProtocolError("field 'version' must be a non-negative integer")
@@ -245,7 +257,7 @@ def parse_worker_reply(header: Any, frames: Sequence) -> WorkerReply:
     if isinstance(header.get("model"), str) and len(header["model"]) <= MAX_NAME_LEN:
         clean["model"] = header["model"]
     if ok:
-        decode_tensors(header.get("outputs"), frames)  # checks byte counts; the views are discarded
+        check_tensors(header.get("outputs"), frames)
         clean["outputs"] = header["outputs"]
         return WorkerReply(rid, attempt, True, None, clean)
     error = header.get("error")
@@ -256,3 +268,104 @@ def parse_worker_reply(header: Any, frames: Sequence) -> WorkerReply:
     message = message[:MAX_TEXT] if isinstance(message, str) else "no message"
     clean["error"] = {"code": code, "message": message}
     return WorkerReply(rid, attempt, False, code, clean)
+
+
+# ------------------------------------------------------- several per message
+# A master -> worker REQUEST carries one dispatch list and, per request, the client's own header
+# frame (forwarded as received, never re-packed) and its out-of-line tensor frames:
+#     [REQUEST][msgpack [[id, attempt, model, version, timeout_ms], ...]][hdr 1][frames 1...][hdr 2]...
+# A worker -> master REPLY carries one or more replies, each a header and its out-of-line frames:
+#     [REPLY][hdr 1][frames 1...][hdr 2][frames 2...]...
+
+@dataclass
+class Dispatch:
+    """One request as a worker gets it: the master's routing fields and the client's header."""
+
+    rid: str
+    attempt: int
+    model: str
+    version: int | None
+    timeout_ms: float
+    header: dict
+    frames: list
+
+
+def dispatch_frames(entries: Sequence[tuple[list, Any, Sequence]]) -> list:
+    """[(routing fields, client header frame, tensor frames)] -> the frames after [REQUEST]."""
+    out = [pack([e[0] for e in entries])]
+    for _, header_frame, frames in entries:
+        out.append(header_frame)
+        out.extend(frames)
+    return out
+
+
+def parse_dispatch(frames: Sequence) -> list[Dispatch]:
+    """A worker reads a REQUEST: every routing field and client header checked, frames counted.
+
+    Raises ProtocolError for a message it cannot split at all; a request whose own header is
+    bad still comes back (with `header` {}) so it can be answered BAD_REQUEST by id."""
+    if not frames:
+        raise ProtocolError("REQUEST needs a dispatch list")
+    routing = unpack(frames[0])
+    if not isinstance(routing, list) or not 1 <= len(routing) <= MAX_PER_MESSAGE:
+        raise ProtocolError(f"REQUEST dispatch must be a list of 1..{MAX_PER_MESSAGE} entries")
+    out, k = [], 1
+    for entry in routing:
+        if not (isinstance(entry, list) and len(entry) == 5):
+            raise ProtocolError("each dispatch entry must be [id, attempt, model, version, timeout_ms]")
+        rid, attempt, model, version, timeout_ms = entry
+        rid = _str(rid, "id", MAX_ID_LEN)
+        attempt = _int(attempt, "attempt", 1)
+        model = _str(model, "model")
+        version = None if version is None else _int(version, "version", 0)
+        if (not isinstance(timeout_ms, (int, float)) or isinstance(timeout_ms, bool)
+                or not math.isfinite(timeout_ms)):
+            raise ProtocolError("field 'timeout_ms' must be a finite number")
+        if k >= len(frames):
+            raise ProtocolError("REQUEST lists more requests than it carries")
+        header = unpack(frames[k])
+        n = frame_count(header.get("inputs")) if isinstance(header, dict) else 0
+        if n < 0 or k + 1 + n > len(frames):
+            n = 0
+        out.append(Dispatch(rid, attempt, model, version, float(timeout_ms),
+                            header if isinstance(header, dict) else {}, list(frames[k + 1:k + 1 + n])))
+        k += 1 + n
+    if k != len(frames):
+        raise ProtocolError(f"REQUEST carries {len(frames) - k} frames no request accounts for")
+    return out
+
+
+def reply_frames(replies: Sequence[tuple[dict, Sequence]]) -> list:
+    """[(reply header, out-of-line frames)] -> the frames after [REPLY]."""
+    out: list = []
+    for header, frames in replies:
+        out.append(pack(header))
+        out.extend(frames)
+    return out
+
+
+def split_replies(frames: Sequence) -> list[tuple[Any, dict, list]]:
+    """The master reads a REPLY: [(header frame, header map, its frames)] per reply.
+
+    Only the frame counts are read here (from the outputs lists); parse_worker_reply checks the rest."""
+    out, k = [], 0
+    while k < len(frames):
+        if len(out) >= MAX_PER_MESSAGE:
+            raise ProtocolError(f"more than {MAX_PER_MESSAGE} replies in one message")
+        header = unpack_map(frames[k])
+        n = frame_count(header.get("outputs")) if header.get("ok") is True else 0
+        if n < 0:
+            raise ProtocolError("field 'outputs' must be a list of tensors")
+        if k + 1 + n > len(frames):
+            raise ProtocolError("a reply lists more tensors out of line than the message carries")
+        out.append((frames[k], header, list(frames[k + 1:k + 1 + n])))
+        k += 1 + n
+    if not out:
+        raise ProtocolError("REPLY needs a header")
+    return out
+
+
+def forwardable(header: dict, epoch: str, worker: str) -> bool:
+    """Whether a checked reply header can go to the client byte for byte: only known fields, and
+    the master's own epoch and the worker's registered name (else the master re-packs it)."""
+    return header.get("epoch") == epoch and header.get("worker") == worker and header.keys() <= REPLY_FIELDS

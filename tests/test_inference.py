@@ -57,11 +57,18 @@ def test_mdp_client_from_the_rfc(cluster, zctx):
     x = np.arange(6, dtype=np.float32).reshape(2, 3)
     header = {"id": "rfc-1", "inputs": [["x", "float32", [2, 3]]]}
     sock.send_multipart([b"", b"MDPC01", b"echo", pack(header), x.tobytes()])
-    empty, proto, service, body, data = sock.recv_multipart()
+    empty, proto, service, body = sock.recv_multipart()
     assert (empty, proto, service) == (b"", b"MDPC01", b"echo")
     reply = unpack_map(body)
     assert reply["ok"] and reply["id"] == "rfc-1"
-    np.testing.assert_array_equal(np.frombuffer(data, np.float32).reshape(2, 3), x)
+    (name, dtype, shape, data), = reply["outputs"]  # small tensors come back inline
+    np.testing.assert_array_equal(np.frombuffer(data, dtype).reshape(shape), x)
+    big = np.ones((64, 1024), np.float32)  # larger ones in a frame of their own, as sent
+    sock.send_multipart([b"", b"MDPC01", b"echo", pack({"id": "rfc-2", "inputs": [["x", "float32", [64, 1024]]]}),
+                         big.tobytes()])
+    *_, body, data = sock.recv_multipart()
+    assert unpack_map(body)["outputs"] == [["y", "float32", [64, 1024]]]
+    np.testing.assert_array_equal(np.frombuffer(data, np.float32).reshape(64, 1024), big)
     # ZeroMQ RFC 8: one plain frame, "200", "404", or "501" for an mmi service that does not exist
     sock.send_multipart([b"", b"MDPC01", b"mmi.service", b"echo"])
     assert sock.recv_multipart() == [b"", b"MDPC01", b"mmi.service", b"200"]

@@ -23,11 +23,10 @@ from ringserve.master.broker import Broker, BrokerConfig
 from ringserve.master.registry import AnsweredCache, ModelQueues, PendingRequest
 from ringserve.master.scheduler import Load, make_policy
 from ringserve.protocol.codec import pack, unpack_map
-from ringserve.protocol.envelope import parse_heartbeat, parse_ready, parse_worker_reply
+from ringserve.protocol.envelope import parse_dispatch, parse_heartbeat, parse_ready, parse_worker_reply
 from ringserve.protocol.messages import (
     DISCONNECT, HEARTBEAT, READY, REPLY, REQUEST, WORKER_PROTO, ProtocolError,
 )
-from ringserve.protocol.sockets import drain
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -53,11 +52,7 @@ def pump(b: Broker, until=None, timeout: float = 5.0):
     """Run the broker's loop by hand until `until()` is truthy (bounded in time); return its value."""
     end = time.monotonic() + timeout
     while True:
-        events = dict(b.poller.poll(20))
-        for sock, handler in ((b.backend, b.on_worker), (b.frontend, b.on_client), (b.admin, b.on_admin)):
-            if sock in events:
-                drain(sock, handler, 256)
-        b.on_tick(time.monotonic())
+        b.turn(20)
         value = until() if until else None
         if value or time.monotonic() >= end:
             if until is not None and not value:
@@ -110,10 +105,20 @@ def request(sock: zmq.Socket, rid: str, model: bytes = b"mlp", **fields) -> None
                          X.tobytes()])
 
 
+_UNREAD: dict[int, list] = {}  # id(worker socket) -> requests of a REQUEST message not yet handed out
+
+
 def next_request(b: Broker, w: zmq.Socket) -> dict:
-    frames = recv(b, w)
-    assert frames[:2] == [WORKER_PROTO, REQUEST], frames[:2]
-    return unpack_map(frames[2])
+    """The next request a fake worker got, as {"id", "attempt", "model", ...} (a REQUEST message
+    may carry several)."""
+    unread = _UNREAD.setdefault(id(w), [])
+    if not unread:
+        frames = recv(b, w)
+        assert frames[:2] == [WORKER_PROTO, REQUEST], frames[:2]
+        unread.extend(parse_dispatch(frames[2:]))
+    d = unread.pop(0)
+    return {**d.header, "id": d.rid, "attempt": d.attempt, "model": d.model, "version": d.version,
+            "timeout_ms": d.timeout_ms}
 
 
 def reply_ok(w: zmq.Socket, hdr: dict) -> None:
@@ -348,7 +353,7 @@ def test_unknown_model_names_are_not_kept(broker):
 
 # ------------------------------------------------------------------ item 6: dispatch
 def _pending(rid: str, version: int | None = None) -> PendingRequest:
-    return PendingRequest(rid, b"c", b"mlp", "mlp", version, {"inputs": [["x", "float32", [1, 4]]]},
+    return PendingRequest(rid, b"c", b"mlp", "mlp", version, pack({"id": rid, "inputs": [["x", "float32", [1, 4]]]}),
                           [X.tobytes()], time.monotonic() + 30, time.monotonic())
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from ringserve.master import liveness
 from ringserve.master.scheduler import Load, make_policy
-from ringserve.protocol.codec import decode_tensors, encode_tensors, pack, unpack_map
+from ringserve.protocol.codec import check_tensors, decode_tensors, encode_tensors, frame_count, pack, unpack_map
 from ringserve.protocol.envelope import parse_request_header
 from ringserve.protocol.messages import ProtocolError
 from ringserve.worker.batching import Batcher, WorkItem, concat_inputs, split_outputs
@@ -18,7 +18,7 @@ from ringserve.worker.batching import Batcher, WorkItem, concat_inputs, split_ou
 def test_codec_roundtrip_is_zero_copy():
     arrs = {"a": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.array([True, False]),
             "c": np.zeros((0, 5), np.int64)}
-    meta, frames = encode_tensors(arrs)
+    meta, frames = encode_tensors(arrs, inline_max=0)
     frames = [bytes(f) for f in frames]
     out = decode_tensors(unpack_map(pack({"m": meta}))["m"], frames)
     for k in arrs:
@@ -27,11 +27,28 @@ def test_codec_roundtrip_is_zero_copy():
     assert np.shares_memory(out["a"], np.frombuffer(frames[0], np.uint8))
 
 
+def test_small_tensors_travel_inline_large_ones_in_frames():
+    arrs = {"small": np.arange(6, dtype=np.int64).reshape(2, 3), "big": np.ones((64, 1024), np.float32),
+            "empty": np.zeros((0, 4), np.float16)}
+    meta, frames = encode_tensors(arrs)
+    assert [len(e) for e in meta] == [4, 3, 4] and len(frames) == 1 and frame_count(meta) == 1
+    wire = unpack_map(pack({"m": meta}))["m"]
+    check_tensors(wire, frames)
+    out = decode_tensors(wire, frames)
+    for k in arrs:
+        np.testing.assert_array_equal(out[k], arrs[k])
+    with pytest.raises(ProtocolError, match="needs 48"):
+        decode_tensors([["x", "int64", [2, 3], b"\0" * 47]], [])
+    with pytest.raises(ProtocolError, match="bin"):
+        check_tensors([["x", "int64", [1], "eightchr"]], [])
+
+
 @pytest.mark.parametrize("meta,frames,msg", [
     ([["x", "float32", [2, 2]]], [b"\0" * 15], "needs 16"),
     ([["x", "complex64", [1]]], [b"\0" * 8], "unsupported dtype"),
     ([["x", "float32", [-1]]], [b""], "non-negative"),
-    ([["x", "float32", [1]]], [], "1 tensors but 0"),
+    ([["x", "float32", [1]]], [], "1 tensors out of line but 0"),
+    ([["x", "float32", [1], b"\0" * 4]], [b"\0" * 4], "0 tensors out of line but 1"),
     ("nope", [], "array"),
     ([["x", "float32", [1]], ["x", "float32", [1]]], [b"\0" * 4] * 2, "twice"),
 ])

@@ -23,6 +23,7 @@ import structlog
 import zmq
 
 from ringserve.protocol.codec import decode_tensors, pack, unpack_map
+from ringserve.protocol.envelope import Dispatch, parse_dispatch, reply_frames
 from ringserve.protocol.messages import (
     DISCONNECT, DRAIN, HEARTBEAT, READY, REPLY, REQUEST, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
 )
@@ -86,6 +87,7 @@ class WorkerAgent:
         self.failed: str | None = None  # why the worker left on its own (compute died or stalled)
         self.sync = None  # a WeightSync thread when weights come from parameter servers
         self.compute.max_models = cfg.max_models
+        self.compute.worker_name = cfg.name
         self.compute.request_load = self._request_load
 
     # ------------------------------------------------------------------ loop
@@ -225,13 +227,14 @@ class WorkerAgent:
         cmd = frames[1].bytes
         self.last_heard = time.monotonic()
         if cmd == REQUEST:
-            self.on_request(frames[2], frames[3:])
+            self.on_requests(frames[2:])
         elif cmd == HEARTBEAT:
             info = unpack_map(frames[2]) if len(frames) > 2 else {}
             epoch = info.get("epoch")
             if self.master_epoch is not None and epoch != self.master_epoch:
                 log.info("master_restarted", old=self.master_epoch, new=epoch)
             self.master_epoch = epoch
+            self.compute.epoch = epoch if isinstance(epoch, str) else None  # replies carry it for the client
             self.backoff = 0.0
         elif cmd == DISCONNECT:
             info = unpack_map(frames[2]) if len(frames) > 2 else {}
@@ -245,52 +248,51 @@ class WorkerAgent:
         elif cmd == DRAIN:
             self.start_drain("master")
 
-    def on_request(self, header_frame: zmq.Frame, data: list[zmq.Frame]) -> None:
-        """Check one request whole (header, tensors, input_spec) before it may join a batch."""
-        now = time.monotonic()
+    def on_requests(self, frames: list[zmq.Frame]) -> None:
+        """A REQUEST message: each request is checked whole (routing fields, tensors, input_spec)
+        before it may join a batch; the good ones go to the compute thread in one hand-over, the
+        bad ones are answered BAD_REQUEST together."""
         try:
-            header = unpack_map(header_frame)
-            rid, attempt = header["id"], header.get("attempt", 1)
-        except (ProtocolError, KeyError) as exc:
+            dispatched = parse_dispatch(frames)
+        except ProtocolError as exc:
             log.warning("bad_request_from_master", error=str(exc))
             return
-        if not isinstance(rid, (str, int)) or isinstance(rid, bool) or not _is_int(attempt):
-            log.warning("bad_request_from_master", error="id must be a string, attempt an int")
-            attempt = attempt if _is_int(attempt) else 1
-        try:
-            model = self.models.get(header.get("model")) if isinstance(header.get("model"), str) else None
-            if model is None:
-                raise ProtocolError(f"this worker does not serve model {header.get('model')!r}")
-            version, remaining_ms = header.get("version"), header.get("timeout_ms")
-            if version is not None and not _is_int(version):
-                raise ProtocolError(f"version must be an int, got {type(version).__name__}")
-            if remaining_ms is not None and not (isinstance(remaining_ms, (int, float))
-                                                 and not isinstance(remaining_ms, bool) and math.isfinite(remaining_ms)):
-                raise ProtocolError("timeout_ms must be a finite number")
-            inputs = decode_tensors(header.get("inputs"), data)
-            rows = model.check_inputs(inputs)
-            if model.on_demand and not model.ready:
-                self._request_load(model.name)  # the request waits in the batcher until it is loaded
-        except (ProtocolError, BadInput) as exc:
-            self._send([REPLY, pack(error_body(rid, ErrorCode.BAD_REQUEST, str(exc), attempt=attempt))])
-            return
-        except Exception as exc:  # a check that trips on a value it did not expect: still the input's fault
-            log.warning("request_check_failed", request_id=repr(rid)[:100], error=f"{type(exc).__name__}: {exc}")
-            self._send([REPLY, pack(error_body(rid, ErrorCode.BAD_REQUEST,
-                                               f"malformed request ({type(exc).__name__}: {str(exc)[:200]})",
-                                               attempt=attempt))])
-            return
+        now = time.monotonic()
+        items, refused = [], []
+        for d in dispatched:
+            try:
+                items.append(self._work_item(d, now))
+            except (ProtocolError, BadInput) as exc:
+                refused.append((error_body(d.rid, ErrorCode.BAD_REQUEST, str(exc), attempt=d.attempt), ()))
+            except Exception as exc:  # a check that trips on a value it did not expect: still the input's fault
+                log.warning("request_check_failed", request_id=d.rid, error=f"{type(exc).__name__}: {exc}")
+                refused.append((error_body(d.rid, ErrorCode.BAD_REQUEST,
+                                           f"malformed request ({type(exc).__name__}: {str(exc)[:200]})",
+                                           attempt=d.attempt), ()))
+        if items:
+            self.in_flight += len(items)
+            self.compute.inbox.put(items)
+        if refused:
+            self._send([REPLY, *reply_frames(refused)])
+
+    def _work_item(self, d: Dispatch, now: float) -> WorkItem:
+        model = self.models.get(d.model)
+        if model is None:
+            raise ProtocolError(f"this worker does not serve model {d.model!r}")
+        inputs = decode_tensors(d.header.get("inputs"), d.frames)
+        rows = model.check_inputs(inputs)
+        if model.on_demand and not model.ready:
+            self._request_load(model.name)  # the request waits in the batcher until it is loaded
         # 0 means already expired: TIMEOUT without compute
-        timeout_s = 3600.0 if remaining_ms is None else min(max(float(remaining_ms), 0.0) / 1000.0, 3600.0)
-        self.in_flight += 1
-        self.compute.inbox.put(WorkItem(rid, attempt, model.name, version, inputs, rows,
-                                        arrival=now, deadline=now + timeout_s, keepalive=data))
+        timeout_s = min(max(d.timeout_ms, 0.0) / 1000.0, 3600.0)
+        return WorkItem(d.rid, d.attempt, model.name, d.version, inputs, rows, arrival=now, deadline=now + timeout_s,
+                        keepalive=d.frames)
 
     def on_result(self, frames: list[zmq.Frame]) -> None:
         kind = frames[0].bytes
-        if kind == RESULT:
-            self.in_flight -= 1
-            self._send([REPLY, *frames[1:]])
+        if kind == RESULT:  # [RESULT][count][REPLY frames of `count` replies]
+            self.in_flight -= int(frames[1].bytes)
+            self._send([REPLY, *frames[2:]])
         elif kind == CHANGED:
             self._heartbeat(time.monotonic())
 
@@ -308,5 +310,3 @@ class WorkerAgent:
         signal.signal(signal.SIGINT, handler)
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)

@@ -22,7 +22,8 @@ from typing import Mapping
 import structlog
 import zmq
 
-from ringserve.protocol.codec import encode_tensors, pack
+from ringserve.protocol.codec import encode_tensors
+from ringserve.protocol.envelope import reply_frames
 from ringserve.protocol.messages import ErrorCode, error_body
 from ringserve.worker.batching import Batcher, WorkItem, concat_inputs, split_outputs
 from ringserve.worker.loader import ServedModel, input_error
@@ -31,7 +32,7 @@ from ringserve.worker.metrics import WorkerMetrics
 log = structlog.get_logger("ringserve.worker.compute")
 
 IDLE_WAIT_S = 0.05
-RESULT = b"R"  # [RESULT, header, *frames]: a reply for the master
+RESULT = b"R"  # [RESULT, count, *REPLY frames]: `count` replies for the master, in one message
 CHANGED = b"S"  # [CHANGED]: model state changed (new version): heartbeat now
 
 
@@ -66,7 +67,7 @@ class ComputeThread(threading.Thread):
                  batcher: Batcher, metrics: WorkerMetrics | None = None):
         super().__init__(name="ringserve-compute", daemon=True)
         self.ctx, self.results_endpoint, self.models, self.batcher = ctx, results_endpoint, models, batcher
-        self.inbox: queue.Queue[WorkItem] = queue.Queue()
+        self.inbox: queue.Queue[list[WorkItem]] = queue.Queue()  # one list per REQUEST message
         self.swaps: queue.Queue[tuple[str, object, int]] = queue.Queue()  # (model, built module, version)
         self.stats = BatchStats()
         self.metrics = metrics or WorkerMetrics()
@@ -75,6 +76,8 @@ class ComputeThread(threading.Thread):
         self.max_models = 0  # > 0: on-demand models, the least recently used beyond this are evicted
         self.request_load = lambda name: None  # set by the agent: ask the weight sync to load a model
         self.busy_since: float | None = None  # monotonic start of the batch now running, else None
+        self.worker_name: str | None = None  # set by the agent: replies name their worker and the master's
+        self.epoch: str | None = None  # epoch, so the master can pass them to the client byte for byte
 
     def run(self) -> None:
         self.push = self.ctx.socket(zmq.PUSH)
@@ -99,9 +102,11 @@ class ComputeThread(threading.Thread):
     def _take_inbox(self, block_s: float | None) -> None:
         try:
             if block_s is not None:
-                self.batcher.add(self.inbox.get(timeout=max(block_s, 0.0)))
+                for item in self.inbox.get(timeout=max(block_s, 0.0)):
+                    self.batcher.add(item)
             while True:
-                self.batcher.add(self.inbox.get_nowait())
+                for item in self.inbox.get_nowait():
+                    self.batcher.add(item)
         except queue.Empty:
             pass
 
@@ -175,24 +180,29 @@ class ComputeThread(threading.Thread):
             self.stats.record(batch, started, finished)
             self.metrics.on_batch(model.name, sum(i.rows for i in batch), [started - i.arrival for i in batch],
                                   finished - started)
-        for frames in replies:
-            self.push.send_multipart(frames, copy=False)
+        self._push(replies)
 
-    def _compute(self, model: ServedModel, batch: list[WorkItem], pinned: int | None) -> list[list]:
+    def _push(self, replies: list[tuple[dict, list]]) -> None:
+        """Hand a batch's replies to the socket thread as one message (it sends them as one REPLY)."""
+        self.push.send_multipart([RESULT, str(len(replies)).encode(), *reply_frames(replies)], copy=False)
+
+    def _compute(self, model: ServedModel, batch: list[WorkItem], pinned: int | None) -> list[tuple[dict, list]]:
         """Run and encode a batch; raises if anything about it fails (no partial answers)."""
         version = model.version if pinned is None else pinned
         outputs = model.run(concat_inputs(batch), pinned)
         replies = []
+        rows = sum(i.rows for i in batch)
         for item, out in zip(batch, split_outputs(outputs, batch)):
             meta, frames = encode_tensors(out)
             header = {"id": item.rid, "attempt": item.attempt, "ok": True, "model": item.model,
-                      "version": version, "outputs": meta, "batch_rows": sum(i.rows for i in batch)}
-            replies.append([RESULT, pack(header), *frames])
-        for item in batch:
-            self.metrics.on_answer(item.model, "ok")
+                      "version": version, "outputs": meta, "batch_rows": rows}
+            if self.epoch is not None and self.worker_name is not None:
+                header["worker"], header["epoch"] = self.worker_name, self.epoch
+            replies.append((header, frames))
+        self.metrics.on_answers(model.name, "ok", len(batch))
         return replies
 
-    def _failure(self, model: ServedModel, item: WorkItem, exc: Exception) -> list:
+    def _failure(self, model: ServedModel, item: WorkItem, exc: Exception) -> tuple[dict, list]:
         """The error answer for one request: BAD_REQUEST when its input is the cause, else INTERNAL."""
         why = input_error(exc)
         raw = f"{type(exc).__name__}: {exc}"
@@ -203,9 +213,9 @@ class ComputeThread(threading.Thread):
             log.warning("model_error", model=model.name, request_id=item.rid, error=raw)
             code, message = ErrorCode.INTERNAL, f"model raised {raw}"
         self.metrics.on_answer(item.model, code)
-        return [RESULT, pack(error_body(item.rid, code, message[:2000], attempt=item.attempt, model=item.model))]
+        return error_body(item.rid, code, message[:2000], attempt=item.attempt, model=item.model), []
 
     def _reply_error(self, item: WorkItem, code: str, message: str) -> None:
         body = error_body(item.rid, code, message, attempt=item.attempt, model=item.model)
         self.metrics.on_answer(item.model, code)
-        self.push.send_multipart([RESULT, pack(body)])
+        self._push([(body, [])])
