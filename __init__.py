@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_CLIENT_NAMES = {"Client", "Reply", "RingserveError", "BadRequest", "UnknownModel", "UnknownVersion",
+_CLIENT_NAMES = {"Client", "AsyncClient", "Reply", "RingserveError", "BadRequest", "UnknownModel", "UnknownVersion",
                  "Overloaded", "Timeout", "WorkerLost", "Internal", "AdminClient"}
 
 __all__ = sorted(_CLIENT_NAMES)

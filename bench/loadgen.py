@@ -1,7 +1,7 @@
 """Load from separate processes, CPU read from each process's own counters.
 
 The load generator must not be what limits a figure, and a CPU figure must hold on a noisy
-machine, so: each load process runs its own Client (or raw DEALER) in a closed loop and
+machine, so: each load process runs its own AsyncClient (or raw DEALER) in a closed loop and
 reports its own CPU time (``time.process_time``), and server processes are read from
 ``/proc/<pid>/stat`` before and after the measured window. CPU per request is then
 ``cpu seconds / requests answered`` for each role, independent of wall-clock noise.
@@ -47,19 +47,53 @@ class LoadResult:
 
 def _client_proc(address: str, model: str, row_shape: tuple, concurrency: int, warmup: float, seconds: float,
                  start_at: float, out) -> None:
-    """One load process: a ringserve Client kept at `concurrency` in flight."""
-    from bench.common import closed_loop
-    from ringserve.client import Client
+    """One load process: a ringserve AsyncClient kept at `concurrency` in flight (no thread hand-over)."""
+    import asyncio
+
+    from ringserve.client import AsyncClient
 
     x = np.random.default_rng(os.getpid()).standard_normal(row_shape, dtype=np.float32)
-    make = lambda: {"x": x}  # noqa: E731
-    with Client(address, timeout=30) as c:
-        closed_loop(c, model, make, concurrency, warmup)
-        time.sleep(max(0.0, start_at - time.time()))
-        lat: list = []
-        cpu0, t0 = time.process_time(), time.perf_counter()
-        _, _, _, errors = closed_loop(c, model, make, concurrency, seconds, timeout=30, latencies=lat)
-        out.send((len(lat), errors, time.perf_counter() - t0, time.process_time() - cpu0, lat))
+
+    async def closed_loop(c, run_s: float, lat: list) -> int:
+        """Each answer sends the next request from its done-callback, until `run_s` has passed."""
+        end = time.perf_counter() + run_s
+        errors = 0
+        finished = asyncio.get_running_loop().create_future()
+        live = 0
+
+        def submit() -> None:
+            nonlocal live
+            live += 1
+            started = time.perf_counter()
+            c.submit(model, {"x": x}, timeout=30).add_done_callback(lambda f: done(f, started))
+
+        def done(f, started: float) -> None:
+            nonlocal errors, live
+            live -= 1
+            now = time.perf_counter()
+            lat.append(now - started)
+            if f.cancelled() or f.exception() is not None:
+                errors += 1
+            if now < end:
+                submit()
+            elif live == 0 and not finished.done():
+                finished.set_result(None)
+
+        for _ in range(concurrency):
+            submit()
+        await asyncio.wait_for(finished, run_s + 60)
+        return errors
+
+    async def main() -> None:
+        async with AsyncClient(address, timeout=30) as c:
+            await closed_loop(c, warmup, [])
+            await asyncio.sleep(max(0.0, start_at - time.time()))
+            lat: list = []
+            cpu0, t0 = time.process_time(), time.perf_counter()
+            errors = await closed_loop(c, seconds, lat)
+            out.send((len(lat), errors, time.perf_counter() - t0, time.process_time() - cpu0, lat))
+
+    asyncio.run(main())
 
 
 def run_load(address: str, model: str, row_shape: tuple, concurrency: int, seconds: float,

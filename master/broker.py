@@ -39,7 +39,7 @@ from ringserve.protocol.envelope import (
     parse_worker_reply, split_replies,
 )
 from ringserve.protocol.security import Security, user_id
-from ringserve.protocol.sockets import BindError, bind, drain
+from ringserve.protocol.sockets import BindError, bind, drain, send_frames
 from ringserve.protocol.messages import (
     DISCONNECT, DRAIN, HEARTBEAT, MDP_CLIENT, MMI_FOUND, MMI_NOT_FOUND, MMI_NOT_IMPLEMENTED, MMI_PING,
     MMI_SERVICE, READY, REPLY, REQUEST, WORKER_COMMANDS, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
@@ -759,7 +759,7 @@ class Broker:
     def _send_raw(sock: zmq.Socket, msg: list) -> bool:
         """Send without blocking; False when the peer is gone or at its high-water mark."""
         try:
-            sock.send_multipart(msg, zmq.NOBLOCK, copy=False)
+            send_frames(sock, msg)
             return True
         except zmq.Again:
             return False

@@ -9,7 +9,8 @@ import torch
 import zmq
 from safetensors.torch import save_file
 
-from ringserve.client import Client
+from ringserve.client import AsyncClient, Client, UnknownModel
+from ringserve.client.errors import Timeout
 from ringserve.protocol.codec import pack, unpack_map
 from tests.conftest import raw_socket
 from ringserve.worker import demo
@@ -36,6 +37,34 @@ def test_outputs_equal_in_process(cluster, tmp_path):
     np.testing.assert_allclose(as_torch, expect[:3], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(via_asyncio, expect[:2], rtol=1e-5, atol=1e-5)
     assert {r.worker for r in rows} == {"w0", "w1"}
+
+
+def test_async_client_many_in_flight_errors_and_deadlines(cluster):
+    """AsyncClient (no thread): 200 requests in flight from one loop, each answered with its own
+    rows; typed errors and local deadlines as with the sync client."""
+    cluster.start_master()
+    cluster.start_workers(1, "--model", "slow=ringserve.worker.demo:slow,arg.delay=2", model="mlp=ringserve.worker.demo:mlp")
+    x = np.random.default_rng(3).standard_normal((200, 256), dtype=np.float32)
+    big = np.random.default_rng(4).standard_normal((64, 256), dtype=np.float32)  # 64 KiB: an out-of-line frame
+
+    async def go():
+        async with AsyncClient(cluster.frontend, timeout=20) as c:
+            replies = await asyncio.gather(*[c.infer_reply("mlp", {"x": x[i:i + 1]}) for i in range(200)])
+            whole = (await c.infer("mlp", {"x": big}))["logits"]
+            with pytest.raises(UnknownModel):
+                await c.infer("nope", {"x": x[:1]})
+            with pytest.raises(Timeout):
+                await c.infer("slow", {"x": np.ones((1, 4), np.float32)}, timeout=0.3)
+            return replies, whole, c.stats
+
+    replies, whole, stats = asyncio.run(asyncio.wait_for(go(), 60))
+    with torch.inference_mode():
+        ref = demo.mlp().eval()
+        expect = ref(torch.from_numpy(x))["logits"].numpy()
+        expect_big = ref(torch.from_numpy(big))["logits"].numpy()
+    np.testing.assert_allclose(np.concatenate([r.outputs["logits"] for r in replies]), expect, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(whole, expect_big, rtol=1e-5, atol=1e-5)
+    assert stats.loop_errors == 0 and stats.duplicates_dropped == 0
 
 
 def test_cnn_outputs_equal_in_process(cluster):

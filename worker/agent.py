@@ -12,7 +12,6 @@ so the worker sends DISCONNECT (the master requeues its in-flight work elsewhere
 """
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
@@ -28,7 +27,7 @@ from ringserve.protocol.messages import (
     DISCONNECT, DRAIN, HEARTBEAT, READY, REPLY, REQUEST, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
 )
 from ringserve.protocol.security import Security
-from ringserve.protocol.sockets import drain
+from ringserve.protocol.sockets import drain, send_frames
 from ringserve.worker.batching import Batcher, WorkItem
 from ringserve.worker.compute import CHANGED, RESULT, ComputeThread
 from ringserve.worker.loader import BadInput, ServedModel
@@ -76,6 +75,7 @@ class WorkerAgent:
         self.poller = zmq.Poller()
         self.poller.register(self.results, zmq.POLLIN)
         self.in_flight = 0
+        self.replies: list = []  # REPLY frames taken from the compute thread, not yet sent
         self.draining = False
         self.done = False
         self.master_epoch: str | None = None
@@ -101,6 +101,7 @@ class WorkerAgent:
                 events = dict(self.poller.poll(self._poll_timeout_ms()))
                 if self.results in events:
                     drain(self.results, self.on_result, MAX_RECV_PER_TURN)
+                    self.flush_replies()
                 if self.dealer in events:
                     drain(self.dealer, self.on_master, MAX_RECV_PER_TURN)
                 self.on_tick(time.monotonic())
@@ -155,7 +156,7 @@ class WorkerAgent:
 
     def _send(self, parts: list) -> None:
         try:
-            self.dealer.send_multipart([WORKER_PROTO, *parts], zmq.NOBLOCK, copy=False)
+            send_frames(self.dealer, [WORKER_PROTO, *parts])
         except zmq.Again:
             log.warning("master_unreachable_message_dropped", command=parts[0].hex())
 
@@ -290,11 +291,17 @@ class WorkerAgent:
 
     def on_result(self, frames: list[zmq.Frame]) -> None:
         kind = frames[0].bytes
-        if kind == RESULT:  # [RESULT][count][REPLY frames of `count` replies]
+        if kind == RESULT:  # [RESULT][count][REPLY frames of `count` replies]: sent at the end of the drain
             self.in_flight -= int(frames[1].bytes)
-            self._send([REPLY, *frames[2:]])
+            self.replies.extend(frames[2:])
         elif kind == CHANGED:
             self._heartbeat(time.monotonic())
+
+    def flush_replies(self) -> None:
+        """Every reply the compute thread handed over in this turn goes to the master in one REPLY."""
+        if self.replies:
+            replies, self.replies = self.replies, []
+            self._send([REPLY, *replies])
 
     def start_drain(self, why: str) -> None:
         if not self.draining:

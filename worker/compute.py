@@ -184,6 +184,7 @@ class ComputeThread(threading.Thread):
 
     def _push(self, replies: list[tuple[dict, list]]) -> None:
         """Hand a batch's replies to the socket thread as one message (it sends them as one REPLY)."""
+        # Blocks only at the inproc pipe's high-water mark, which the socket thread keeps draining.
         self.push.send_multipart([RESULT, str(len(replies)).encode(), *reply_frames(replies)], copy=False)
 
     def _compute(self, model: ServedModel, batch: list[WorkItem], pinned: int | None) -> list[tuple[dict, list]]:

@@ -1,0 +1,183 @@
+"""AsyncClient(address): the client for callers that live in an asyncio loop, with no thread.
+
+The sync ``Client`` hands each request to an I/O thread (a deque, a wake-up pipe, a Future
+resolved across threads); under load that hand-over, and the GIL passing between the two
+threads, cost more CPU than the request itself. Here the loop's own thread owns the DEALER:
+``submit`` encodes and sends at once, and the socket's file descriptor is watched with
+``loop.add_reader``, so a reply resolves its asyncio Future in the same thread. The
+reliability rules (resends asking for an ACK, epochs, pings, reconnects, deadlines) are the
+same ``client.reliable.Reliability`` the sync client uses.
+
+A ZeroMQ socket's descriptor signals edges, not levels: after any send the socket may hold
+messages that raised no new edge, so every send schedules one read of the socket too.
+
+    async with AsyncClient("tcp://master:5555") as c:
+        outputs = await c.infer("mlp", {"x": x})
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+import uuid
+from typing import Any, Mapping
+
+import numpy as np
+import structlog
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from ringserve.client.errors import RingserveError, Timeout
+from ringserve.client.inference import new_pending
+from ringserve.client.reliable import ClientStats, Reliability, Reply, TIMER_STEP_S
+from ringserve.protocol.security import Security
+from ringserve.protocol.sockets import recv_frames
+
+log = structlog.get_logger("ringserve.client")
+
+MAX_READ_PER_CALL = 1024  # messages read per wake-up before the loop gets a turn
+
+
+class AsyncClient:
+    def __init__(self, address: str, timeout: float = 30.0, retry_interval: float = 0.5,
+                 max_retry_interval: float = 4.0, ping_interval: float = 0.5, grace: float = 1.0,
+                 hwm: int = 100_000, security: Security | None = None):
+        self.address, self.timeout, self.grace, self.retry_interval = address, timeout, grace, retry_interval
+        self._rel = Reliability(retry_interval, max_retry_interval, ping_interval)
+        self.stats: ClientStats = self._rel.stats
+        self._prefix = uuid.uuid4().hex[:12]
+        self._ids = itertools.count()
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.DEALER)  # a plain socket: only this loop's thread touches it
+        for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, hwm), (zmq.RCVHWM, hwm), (zmq.RECONNECT_IVL, 100),
+                           (zmq.RECONNECT_IVL_MAX, 1000)):
+            self._sock.setsockopt(opt, value)
+        (security or Security()).client(self._sock, "master")
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._sock.connect(address)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._read_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    @property
+    def epoch(self) -> str | None:
+        return self._rel.epoch
+
+    # ------------------------------------------------------------ public API
+    def submit(self, model: str, inputs: Mapping[str, Any], timeout: float | None = None,
+               version: int | None = None, request_id: str | None = None,
+               tags: Mapping[str, str] | None = None) -> asyncio.Future:
+        """Send now; the Future resolves to a Reply or raises a RingserveError subclass.
+        Must be called from the loop's thread."""
+        if self._closed:
+            raise RuntimeError("client is closed")
+        self._attach()
+        timeout = self.timeout if timeout is None else timeout
+        rid = request_id or f"{self._prefix}-{next(self._ids)}"
+        if rid in self._rel.pending:
+            raise ValueError(f"request id {rid!r} is already in flight on this client; use a new id")
+        fut = self._loop.create_future()
+        self._rel.start(self._sock, new_pending(rid, model, inputs, timeout, self.grace, self.retry_interval,
+                                                version, tags, fut))
+        self._schedule_read()
+        return fut
+
+    async def infer_reply(self, model: str, inputs: Mapping[str, Any], timeout: float | None = None,
+                          version: int | None = None, tags: Mapping[str, str] | None = None) -> Reply:
+        timeout = self.timeout if timeout is None else timeout
+        fut = self.submit(model, inputs, timeout, version, tags=tags)
+        try:  # the timers fail it at its deadline; this bound holds even if they could not run
+            return await asyncio.wait_for(asyncio.shield(fut), timeout + self.grace + 1.0)
+        except asyncio.TimeoutError:
+            fut.cancel()
+            raise Timeout("no answer before the deadline") from None
+
+    async def infer(self, model: str, inputs: Mapping[str, Any], timeout: float | None = None,
+                    version: int | None = None, tags: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+        """Run `model` on named inputs; return numpy outputs (raises a RingserveError subclass)."""
+        return (await self.infer_reply(model, inputs, timeout, version, tags)).outputs
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._loop is not None and not self._loop.is_closed():
+            for fd in (self._sock.getsockopt(zmq.FD), self._monitor.getsockopt(zmq.FD)):
+                self._loop.remove_reader(fd)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._rel.fail_all("client closed before an answer arrived")
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
+        self._sock.close(linger=0)
+        self._ctx.term()
+
+    async def __aenter__(self) -> "AsyncClient":
+        self._attach()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------- the loop
+    def _attach(self) -> None:
+        """Bind to the running loop on first use (readers on both descriptors, the timer)."""
+        if self._loop is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._sock.getsockopt(zmq.FD), self._on_readable)
+        self._loop.add_reader(self._monitor.getsockopt(zmq.FD), self._on_monitor)
+        self._timer = self._loop.call_later(TIMER_STEP_S, self._on_timer)
+        self._schedule_read()
+
+    def _schedule_read(self) -> None:
+        if not self._read_scheduled:
+            self._read_scheduled = True
+            self._loop.call_soon(self._on_readable)
+
+    def _on_readable(self) -> None:
+        self._read_scheduled = False
+        if self._closed:
+            return
+        sends = self.stats.sent
+        for _ in range(MAX_READ_PER_CALL):
+            try:
+                frames = recv_frames(self._sock)
+            except zmq.Again:
+                break
+            try:
+                self._rel.on_message(self._sock, frames)
+            except Exception:  # nothing a peer sends may stop the client
+                self.stats.loop_errors += 1
+                log.exception("client_bad_message")
+        else:
+            self._schedule_read()  # more may be waiting: after the loop's other callbacks
+        if self.stats.sent != sends:
+            self._schedule_read()  # a resend happened: the edge may have been consumed
+
+    def _on_monitor(self) -> None:
+        if self._closed:
+            return
+        for _ in range(64):
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._rel.on_handshake(self._sock)
+                self._schedule_read()
+
+    def _on_timer(self) -> None:
+        if self._closed:
+            return
+        try:
+            self._rel.on_timers(self._sock, time.monotonic())
+        except Exception:
+            self.stats.loop_errors += 1
+            log.exception("client_timer_error")
+        self._schedule_read()  # pings and resends were sent; and a missed edge is caught here at worst
+        self._timer = self._loop.call_later(TIMER_STEP_S, self._on_timer)
+
+
+__all__ = ["AsyncClient", "Reply", "RingserveError"]

@@ -1,0 +1,208 @@
+"""What makes a client reliable, apart from how its socket is driven.
+
+The thread-based ``Client`` and the asyncio ``AsyncClient`` share this: both own one DEALER
+and call these methods from the one thread that owns it. The rules (the ZeroMQ guide's Lazy
+Pirate, with de-duplication by request id on the master):
+  * a request is sent once, without asking for an acknowledgement: on a healthy connection
+    ZeroMQ over TCP does not lose it, and an ACK per request would double the master's sends;
+  * a request with no answer after ``retry_interval`` is sent again under the same id, this
+    time asking for an ACK; once the master acknowledges it (it holds it, or it answers it
+    again from its cache) resends stop, else they go on with exponential backoff;
+  * every master message carries its epoch (one per master process), and while requests are
+    pending the client pings the master (mmi.ping) to learn it: when the epoch changes the
+    master restarted, and every pending request is sent again;
+  * after the socket reconnects (a TCP drop: ZeroMQ gives the DEALER a new routing id, so
+    answers the master sent meanwhile are lost), every pending request is sent again; the
+    master routes its answer to the new socket (or resends the answer it remembers);
+  * a request with no final answer by its deadline (plus a grace) fails with Timeout locally.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import structlog
+import zmq
+
+from ringserve.client.errors import RingserveError, Timeout, from_error
+from ringserve.protocol.codec import pack
+from ringserve.protocol.envelope import client_frames, parse_reply
+from ringserve.protocol.messages import MDP_CLIENT, MMI_PING, ProtocolError
+from ringserve.protocol.sockets import send_frames
+
+log = structlog.get_logger("ringserve.client")
+
+TIMER_STEP_S = 0.01
+_INVALID_STATE = (concurrent.futures.InvalidStateError, asyncio.InvalidStateError)
+
+
+@dataclass
+class Reply:
+    id: str
+    outputs: dict[str, np.ndarray]
+    version: int | None
+    worker: str | None
+    header: dict
+
+
+@dataclass
+class ClientStats:
+    sent: int = 0
+    resent: int = 0
+    duplicates_dropped: int = 0
+    master_restarts: int = 0
+    reconnects: int = 0  # the socket's connection to the master was made again
+    loop_errors: int = 0  # exceptions the I/O loop caught and survived
+
+
+@dataclass
+class Pending:
+    rid: str
+    service: bytes
+    header: dict  # the request header as first sent (no ack asked)
+    tensors: list  # out-of-line tensor frames
+    future: Any  # concurrent.futures.Future or asyncio.Future
+    deadline: float
+    next_retry: float
+    backoff: float
+    acked_epoch: str | None = None
+    sends: int = 0
+
+    def frames(self) -> list:
+        """The message: the first send as built, a resend asking for an acknowledgement."""
+        header = self.header if self.sends <= 1 else {**self.header, "ack": True}
+        return client_frames(self.service, [pack(header), *self.tensors])
+
+
+class Reliability:
+    """The pending requests and the rules above; `resolved(rid)` is called for every final answer."""
+
+    def __init__(self, retry_interval: float, max_retry_interval: float, ping_interval: float,
+                 resolved: Callable[[str], None] = lambda rid: None):
+        self.retry_interval, self.max_retry_interval, self.ping_interval = (
+            retry_interval, max_retry_interval, ping_interval)
+        self.pending: dict[str, Pending] = {}
+        self.stats = ClientStats()
+        self.epoch: str | None = None
+        self.handshakes = 0
+        self.last_ping = 0.0
+        self._next_timers = 0.0
+        self._resolved = resolved
+
+    # ------------------------------------------------------------- sending
+    def start(self, sock: zmq.Socket, p: Pending) -> None:
+        self.pending[p.rid] = p
+        self.send(sock, p)
+
+    def send(self, sock: zmq.Socket, p: Pending) -> None:
+        p.sends += 1
+        self.stats.sent += 1
+        if p.sends > 1:
+            self.stats.resent += 1
+        try:
+            send_frames(sock, p.frames())
+        except zmq.Again:
+            pass  # no answer, so the retry timer sends it again
+
+    def resend_all(self, sock: zmq.Socket) -> None:
+        now = time.monotonic()
+        for p in list(self.pending.values()):
+            p.acked_epoch = None
+            p.backoff = self.retry_interval
+            p.next_retry = now + p.backoff
+            self.send(sock, p)
+
+    # ------------------------------------------------------------- events
+    def on_timers(self, sock: zmq.Socket, now: float) -> None:
+        """Cancellations, deadlines, resends and pings; a walk over the pending requests, so at most
+        every TIMER_STEP_S however busy the loop is."""
+        if now < self._next_timers:
+            return
+        self._next_timers = now + TIMER_STEP_S
+        for p in list(self.pending.values()):
+            if p.future.cancelled():  # the caller gave up: stop sending it
+                del self.pending[p.rid]
+                self.resolve(p)
+            elif now >= p.deadline:
+                del self.pending[p.rid]
+                self.resolve(p, exc=Timeout("no answer from the master before the deadline", p.rid))
+            elif p.acked_epoch is None and now >= p.next_retry:
+                p.backoff = min(p.backoff * 2, self.max_retry_interval)
+                p.next_retry = now + p.backoff
+                self.send(sock, p)
+        if self.pending and now - self.last_ping >= self.ping_interval:
+            self.last_ping = now
+            try:
+                sock.send_multipart(client_frames(MMI_PING, [pack({})]), zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+    def on_handshake(self, sock: zmq.Socket) -> None:
+        """A new connection to the master after the first: what it had not answered is sent again."""
+        self.handshakes += 1
+        if self.handshakes == 1:
+            return
+        self.stats.reconnects += 1
+        log.info("client_reconnected_resending", requests=len(self.pending))
+        self.resend_all(sock)
+
+    def on_message(self, sock: zmq.Socket, frames: list) -> None:
+        if len(frames) < 4 or frames[1].bytes != MDP_CLIENT:
+            log.warning("client_bad_frame", frames=len(frames))
+            return
+        try:
+            header, outputs = parse_reply(frames[3:])
+        except ProtocolError as exc:
+            log.warning("client_bad_reply", error=str(exc))
+            return
+        epoch = header.get("epoch")
+        self.observe_epoch(sock, epoch if isinstance(epoch, str) else None)
+        rid = header.get("id") if isinstance(header.get("id"), str) else None
+        p = self.pending.get(rid) if rid is not None else None
+        if header.get("ack"):
+            if p is not None:
+                p.acked_epoch = self.epoch
+            return
+        if rid is None:
+            return  # a ping answer, or an error for something unparseable
+        if p is None:
+            self.stats.duplicates_dropped += 1
+            return
+        del self.pending[rid]
+        if header.get("ok"):
+            self.resolve(p, Reply(rid, outputs, header.get("version"), header.get("worker"), header))
+        else:
+            self.resolve(p, exc=from_error(header.get("error"), rid))
+
+    def observe_epoch(self, sock: zmq.Socket, epoch: str | None) -> None:
+        if not epoch or epoch == self.epoch:
+            return
+        if self.epoch is not None:  # the master restarted: it holds none of what we sent before
+            self.stats.master_restarts += 1
+            log.info("master_restarted_resending", old=self.epoch, new=epoch, requests=len(self.pending))
+            self.epoch = epoch
+            self.resend_all(sock)
+        self.epoch = epoch
+
+    # ------------------------------------------------------------- answers
+    def resolve(self, p: Pending, result: Reply | None = None, exc: BaseException | None = None) -> None:
+        """Give a request its answer; a future the caller cancelled (or already answered) is left alone."""
+        self._resolved(p.rid)
+        if p.future.done():
+            return
+        try:
+            if exc is not None:
+                p.future.set_exception(exc)
+            else:
+                p.future.set_result(result)
+        except _INVALID_STATE:  # cancelled between the check and the set
+            pass
+
+    def fail_all(self, message: str) -> None:
+        for p in list(self.pending.values()):
+            self.resolve(p, exc=RingserveError(message, p.rid))
+        self.pending.clear()
