@@ -29,7 +29,8 @@ import numpy as np
 import zmq
 
 from ringserve.launch.procs import RoleProcess, wait_for_workers
-from ringserve.protocol.codec import pack, unpack
+from ringserve.protocol.codec import frame_count, pack, unpack
+from ringserve.protocol.envelope import split_replies
 from ringserve.protocol.messages import (
     DISCONNECT, HEARTBEAT, MDP_CLIENT, READY, REPLY, REQUEST, SHARD_PROTO, WORKER_PROTO,
 )
@@ -345,10 +346,11 @@ def fake_master(ctx, worker: RoleProcess, router: zmq.Socket, count: int, seed: 
                 return
             if len(msg) >= 3 and msg[2] == READY:
                 ident = msg[0]
-            elif len(msg) >= 4 and msg[2] == REPLY:
+            elif len(msg) >= 4 and msg[2] == REPLY:  # one or more replies
                 try:
-                    rid = unpack(msg[3]).get("id")
-                    answered.add(rid if isinstance(rid, str) else repr(rid))
+                    for _, reply, _ in split_replies(msg[3:]):
+                        rid = reply.get("id")
+                        answered.add(rid if isinstance(rid, str) else repr(rid))
                 except Exception:
                     pass
 
@@ -359,16 +361,20 @@ def fake_master(ctx, worker: RoleProcess, router: zmq.Socket, count: int, seed: 
             break
         rid = f"a{n}"
         header, data, kind = mutate_request(rng, rid)
+        entry = [rid, 1, "echo", None, 30000.0]  # the routing fields: mutated where the header's are
         if isinstance(header, dict):
-            header.setdefault("model", "echo")
-            header.setdefault("attempt", 1)
-        try:
-            deserves = isinstance(header, dict) or isinstance(unpack(header), dict) and unpack(header).get("id") == rid
+            for i, key in ((1, "attempt"), (2, "model"), (3, "version"), (4, "timeout_ms")):
+                if key in header:
+                    entry[i] = header.pop(key)
+        try:  # owed an answer unless the message cannot be split (its frames do not add up)
+            parsed = header if isinstance(header, dict) else unpack(header)
+            wanted = frame_count(parsed.get("inputs")) if isinstance(parsed, dict) else 0
         except Exception:
-            deserves = False
+            wanted = 0
+        deserves = (wanted if 0 <= wanted <= len(data) else 0) == len(data)
         try:
-            router.send_multipart([ident, WORKER_PROTO, REQUEST, _raw(header), *data])
-        except zmq.ZMQError:
+            router.send_multipart([ident, WORKER_PROTO, REQUEST, pack([entry]), _raw(header), *data])
+        except (zmq.ZMQError, TypeError, ValueError):  # a value msgpack cannot pack: not sent
             pump(200)
             continue
         sent += 1
@@ -388,7 +394,8 @@ def fake_master(ctx, worker: RoleProcess, router: zmq.Socket, count: int, seed: 
     good = False
     if ident is not None and worker.alive():
         header, data = tensor_request(rng, "good", 2)
-        router.send_multipart([ident, WORKER_PROTO, REQUEST, pack({**header, "model": "echo", "attempt": 1}), *data])
+        router.send_multipart([ident, WORKER_PROTO, REQUEST, pack([["good", 1, "echo", None, 30000.0]]), pack(header),
+                               *data])
         good_end = time.monotonic() + 15
         while "good" not in answered and time.monotonic() < good_end and worker.alive():
             pump(200)

@@ -107,6 +107,7 @@ class Broker:
         self.late_replies = 0
         self.bad_worker_messages = 0
         self.metrics = MasterMetrics(cfg.policy)
+        self._served_cache: set[str] | None = None  # models some worker announces (see _served_models)
         self._dirty: set[str] = set()  # models to dispatch at the end of this loop turn
         self._outgoing: dict[bytes, tuple[WorkerRecord, list[PendingRequest]]] = {}  # assigned, not yet sent
         if cfg.state_dir:
@@ -317,7 +318,14 @@ class Broker:
         self.dispatch(model)
 
     def _served(self, model: str) -> bool:
-        return any(model in w.models for w in self.workers.values())
+        return model in self._served_models()
+
+    def _served_models(self) -> set[str]:
+        """Every model some registered worker announces (cached: the books change far less often
+        than requests arrive; on_ready, on_heartbeat and evict clear it)."""
+        if self._served_cache is None:
+            self._served_cache = {m for w in self.workers.values() for m in w.models}
+        return self._served_cache
 
     def _counters(self, model: str) -> ModelCounters | None:
         """Counters of a model some worker serves (or served); None for any other name a client asks."""
@@ -328,7 +336,7 @@ class Broker:
 
     def _unknown_waiting(self) -> int:
         """Model names with queued requests that no worker serves (only during the start-up grace)."""
-        served = {m for w in self.workers.values() for m in w.models}
+        served = self._served_models()
         return sum(1 for m in self.queues.models() if m not in served)
 
     def _routed_version(self, route: routing.Route, tags) -> int | None:
@@ -516,6 +524,7 @@ class Broker:
         w = WorkerRecord(ident, name, hello.models, hello.credit, hello.device, hello.pid,
                          weight=self.cfg.weights.get(name, hello.weight))
         self.workers[ident] = w
+        self._served_cache = None
         log.info("worker_registered", worker=name, models=sorted(hello.models), credit=hello.credit, device=w.device)
         self._send_worker(w, [HEARTBEAT, pack({"epoch": self.epoch})])
         for model in hello.models:
@@ -526,6 +535,7 @@ class Broker:
         changed = beat.models is not None and beat.models != w.models
         if changed:
             w.models = beat.models
+            self._served_cache = None
         if beat.stats is not None:
             w.stats = beat.stats
         if beat.draining and w.state != "draining":
@@ -570,6 +580,7 @@ class Broker:
     def evict(self, w: WorkerRecord, reason: str, tell: bool = False) -> None:
         """Forget a worker; send its in-flight requests elsewhere within their retry budget."""
         self.workers.pop(w.ident, None)
+        self._served_cache = None
         log.warning("worker_evicted", worker=w.name, reason=reason, in_flight=len(w.in_flight))
         self.metrics.on_evict(reason)
         if tell:
@@ -598,7 +609,7 @@ class Broker:
         """Queued requests for a model no registered worker serves get their final answer now."""
         if self.in_grace:
             return
-        served = {m for w in self.workers.values() for m in w.models}
+        served = self._served_models()
         for req in list(self.pending.values()):
             if req.worker is None and req.model not in served:
                 code = ErrorCode.WORKER_LOST if req.attempts else ErrorCode.UNKNOWN_MODEL
@@ -630,10 +641,6 @@ class Broker:
     def fail(self, req: PendingRequest, code: str, message: str) -> None:
         log.info("request_failed", request_id=req.rid, model=req.model, code=code, message=message)
         self.finish(req, [pack(error_body(req.rid, code, message, epoch=self.epoch))], code)
-
-    def _model_label(self, model: str) -> str:
-        """A metrics label: the model's name when a worker serves it, so client input cannot grow the books."""
-        return model if any(model in w.models for w in self.workers.values()) else UNSERVED_LABEL
 
     def _refresh_metrics(self) -> None:
         depths = {m: self.queues.depth(m) for m in self.queues.models() if self._served(m)}

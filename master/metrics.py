@@ -37,17 +37,25 @@ class MasterMetrics:
                             registry=r)
         policy_info.labels(policy).set(1)
         self._labels: dict[str, set] = {"queue": set(), "worker": set()}
+        self._children: dict[tuple, object] = {}  # labels() takes a lock and builds a key: once per label set
+
+    def _child(self, metric, *labels: str):
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
 
     # ------------------------------------------------------------ events
     def on_answer(self, model: str, version, outcome: str, seconds: float) -> None:
-        self.requests.labels(model, "" if version is None else str(version), outcome).inc()
-        self.request_duration.labels(model).observe(seconds)
+        self._child(self.requests, model, "" if version is None else str(version), outcome).inc()
+        self._child(self.request_duration, model).observe(seconds)
 
     def on_shadow(self, model: str, version, outcome: str) -> None:
         self.shadow.labels(model, str(version), outcome).inc()
 
     def on_dispatch(self, model: str, waited_s: float) -> None:
-        self.queue_duration.labels(model).observe(waited_s)
+        self._child(self.queue_duration, model).observe(waited_s)
 
     def on_evict(self, reason: str) -> None:
         self.evictions.labels(reason).inc()

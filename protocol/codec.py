@@ -10,7 +10,6 @@ back into an array with ``numpy.frombuffer`` (no copy).
 """
 from __future__ import annotations
 
-import math
 import reprlib
 from typing import Any, Mapping, Sequence
 
@@ -29,6 +28,13 @@ MAX_ELEMENTS = 2**40  # product of a shape's dims (zeros counted as 1)
 MAX_DIM = 2**31 - 1  # one dimension; numpy's own limit is far beyond anything a frame can hold
 INLINE_MAX = 16 << 10  # tensors up to this many bytes travel inside the header
 _ITEMSIZE = {name: np.dtype(name).itemsize for name in SUPPORTED_DTYPES}
+_DTYPE = {name: np.dtype(name) for name in SUPPORTED_DTYPES}  # numpy builds dtype.name anew on each read:
+_NAME = {dt: name for name, dt in _DTYPE.items()}  # these lookups cost a tenth of it
+
+
+def dtype_name(dtype: np.dtype) -> str | None:
+    """'float32' for a supported (native or little-endian) dtype, None for any other."""
+    return _NAME.get(dtype)
 
 
 def pack(obj: Any) -> bytes:
@@ -38,7 +44,7 @@ def pack(obj: Any) -> bytes:
 def unpack(buf) -> Any:
     """Unpack a msgpack frame; any failure becomes ProtocolError."""
     try:
-        return msgpack.unpackb(_bytes(buf), raw=False, strict_map_key=True)
+        return msgpack.unpackb(buf, raw=False, strict_map_key=True)  # zmq.Frame, memoryview or bytes: no copy
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"body is not valid msgpack: {type(exc).__name__}") from None
 
@@ -50,11 +56,6 @@ def unpack_map(buf) -> dict:
     return obj
 
 
-def _bytes(buf):
-    """zmq.Frame, memoryview or bytes -> something msgpack/numpy can read without copying."""
-    return buf.buffer if hasattr(buf, "buffer") else buf
-
-
 def encode_tensors(tensors: Mapping[str, Any], inline_max: int = INLINE_MAX) -> tuple[list, list]:
     """Named arrays (numpy or torch) -> (header meta list, frames); tensors up to `inline_max`
     bytes go inline in the meta (no frame), larger ones as zero-copy frames."""
@@ -62,9 +63,9 @@ def encode_tensors(tensors: Mapping[str, Any], inline_max: int = INLINE_MAX) -> 
     for name, value in tensors.items():
         arr = to_numpy(value)
         if arr.nbytes <= inline_max:
-            meta.append([name, arr.dtype.name, list(arr.shape), arr.tobytes()])
+            meta.append([name, _NAME[arr.dtype], list(arr.shape), arr.tobytes()])
         else:
-            meta.append([name, arr.dtype.name, list(arr.shape)])
+            meta.append([name, _NAME[arr.dtype], list(arr.shape)])
             frames.append(memoryview(arr).cast("B"))
     return meta, frames
 
@@ -94,11 +95,11 @@ def to_numpy(value: Any) -> np.ndarray:
         if str(value.dtype) == "torch.bfloat16":
             value = value.float()
         value = value.cpu().numpy()
-    arr = np.ascontiguousarray(value)
-    if arr.dtype.name not in SUPPORTED_DTYPES:
+    arr = value if type(value) is np.ndarray and value.flags.c_contiguous else np.ascontiguousarray(value)
+    if arr.dtype not in _NAME:
+        if arr.dtype.byteorder == ">" and arr.dtype.newbyteorder("<") in _NAME:
+            return arr.astype(arr.dtype.newbyteorder("<"))
         raise ProtocolError(f"unsupported dtype {arr.dtype.name}")
-    if arr.dtype.byteorder == ">":
-        arr = arr.astype(arr.dtype.newbyteorder("<"))
     return arr
 
 
@@ -108,57 +109,68 @@ def decode_tensors(meta: Any, frames: Sequence) -> dict[str, np.ndarray]:
 
 
 def _walk(meta: Any, frames: Sequence, make: bool) -> dict[str, np.ndarray]:
-    if not isinstance(meta, list):
+    if type(meta) is not list:
         raise ProtocolError("tensor list must be an array of [name, dtype, shape]")
     if len(meta) > MAX_TENSORS:
         raise ProtocolError(f"too many tensors ({len(meta)} > {MAX_TENSORS})")
-    wanted = frame_count(meta)
-    if wanted != len(frames):
-        raise ProtocolError(f"header lists {max(wanted, 0)} tensors out of line but {len(frames)} data frames follow")
     out: dict[str, np.ndarray] = {}
     seen: set[str] = set()
     k = 0
     for entry in meta:
-        name, dtype, shape, inline = _check_entry(entry)
+        name, dtype, shape, count, inline = _check_entry(entry)
         if name in seen:
             raise ProtocolError(f"tensor {name!r} appears twice")
         seen.add(name)
         if inline is None:
-            buf = _bytes(frames[k])
+            if k >= len(frames):
+                raise ProtocolError(f"header lists {frame_count(meta)} tensors out of line but {len(frames)} "
+                                    "data frames follow")
+            buf = frames[k]  # a zmq.Frame has len() and the buffer protocol: viewed in place
             k += 1
         else:
             buf = inline
-        expected = math.prod(shape) * _ITEMSIZE[dtype]
+        expected = count * _ITEMSIZE[dtype]
         if len(buf) != expected:
             raise ProtocolError(
                 f"tensor {name!r}: {len(buf)} bytes but dtype {dtype} shape {list(shape)} needs {expected}"
             )
         if make:
-            out[name] = np.frombuffer(buf, dtype=dtype).reshape(shape) if expected else np.zeros(shape, dtype)
+            out[name] = np.frombuffer(buf, dtype=_DTYPE[dtype]).reshape(shape) if expected else np.zeros(shape, dtype)
+    if k != len(frames):
+        raise ProtocolError(f"header lists {k} tensors out of line but {len(frames)} data frames follow")
     return out
 
 
-def _check_entry(entry: Any) -> tuple[str, str, tuple[int, ...], bytes | None]:
-    if not (isinstance(entry, (list, tuple)) and len(entry) in (3, 4)):
-        raise ProtocolError("each tensor must be described as [name, dtype, shape] or [name, dtype, shape, data]")
-    name, dtype, shape = entry[:3]
+def _check_entry(entry: Any) -> tuple[str, str, list, int, bytes | None]:
+    """(name, dtype, shape, element count, inline bytes or None); plain loops, no generators: this
+    runs for every tensor of every message in every role."""
+    if type(entry) is not list or not 3 <= len(entry) <= 4:
+        if not (isinstance(entry, (list, tuple)) and len(entry) in (3, 4)):
+            raise ProtocolError("each tensor must be described as [name, dtype, shape] or [name, dtype, shape, data]")
+        entry = list(entry)
+    name, dtype, shape = entry[0], entry[1], entry[2]
     inline = entry[3] if len(entry) == 4 else None
-    if inline is not None and not isinstance(inline, bytes):
+    if inline is not None and type(inline) is not bytes:
         raise ProtocolError("a tensor's inline data must be msgpack bin (bytes)")
-    if not isinstance(name, str) or not name or len(name) > MAX_NAME:
+    if type(name) is not str or not name or len(name) > MAX_NAME:
         raise ProtocolError(f"tensor name must be a string of 1..{MAX_NAME} characters")
-    if not isinstance(dtype, str) or dtype not in SUPPORTED_DTYPES:  # a list or map is not hashable
+    if type(dtype) is not str or dtype not in _ITEMSIZE:  # a list or map is not hashable
         raise ProtocolError(f"tensor {name[:64]!r}: unsupported dtype {short_repr(dtype)}")
-    if (
-        not isinstance(shape, (list, tuple))
-        or len(shape) > MAX_DIMS
-        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM for d in shape)
-    ):
+    bad = not isinstance(shape, (list, tuple)) or len(shape) > MAX_DIMS
+    count = nonzero = 1
+    if not bad:
+        for d in shape:
+            if type(d) is not int or d < 0 or d > MAX_DIM:
+                bad = True
+                break
+            count *= d
+            nonzero *= d or 1
+    if bad:
         raise ProtocolError(f"tensor {name[:64]!r}: shape must be a list of at most {MAX_DIMS} non-negative ints "
                             f"up to {MAX_DIM}")
-    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:  # numpy refuses such a shape even when empty
+    if nonzero > MAX_ELEMENTS:  # numpy refuses such a shape even when empty
         raise ProtocolError(f"tensor {name[:64]!r}: shape {list(shape)} is too large")
-    return name, dtype, tuple(shape), inline
+    return name, dtype, shape, count, inline
 
 
 def short_repr(value: Any, limit: int = 80) -> str:

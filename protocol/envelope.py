@@ -279,7 +279,8 @@ def parse_worker_reply(header: Any, frames: Sequence) -> WorkerReply:
 
 @dataclass
 class Dispatch:
-    """One request as a worker gets it: the master's routing fields and the client's header."""
+    """One request as a worker gets it: the master's routing fields and the client's header.
+    `error` says what is wrong with this one request (it is answered BAD_REQUEST by its id)."""
 
     rid: str
     attempt: int
@@ -288,6 +289,7 @@ class Dispatch:
     timeout_ms: float
     header: dict
     frames: list
+    error: str | None = None
 
 
 def dispatch_frames(entries: Sequence[tuple[list, Any, Sequence]]) -> list:
@@ -302,8 +304,9 @@ def dispatch_frames(entries: Sequence[tuple[list, Any, Sequence]]) -> list:
 def parse_dispatch(frames: Sequence) -> list[Dispatch]:
     """A worker reads a REQUEST: every routing field and client header checked, frames counted.
 
-    Raises ProtocolError for a message it cannot split at all; a request whose own header is
-    bad still comes back (with `header` {}) so it can be answered BAD_REQUEST by id."""
+    Raises ProtocolError for a message it cannot split (no list, frames that do not add up); a
+    request with a usable id but a bad field or header comes back with `error` set, so it is
+    answered BAD_REQUEST; one without a usable id is left out (there is nobody to answer)."""
     if not frames:
         raise ProtocolError("REQUEST needs a dispatch list")
     routing = unpack(frames[0])
@@ -311,28 +314,43 @@ def parse_dispatch(frames: Sequence) -> list[Dispatch]:
         raise ProtocolError(f"REQUEST dispatch must be a list of 1..{MAX_PER_MESSAGE} entries")
     out, k = [], 1
     for entry in routing:
-        if not (isinstance(entry, list) and len(entry) == 5):
-            raise ProtocolError("each dispatch entry must be [id, attempt, model, version, timeout_ms]")
-        rid, attempt, model, version, timeout_ms = entry
-        rid = _str(rid, "id", MAX_ID_LEN)
-        attempt = _int(attempt, "attempt", 1)
-        model = _str(model, "model")
-        version = None if version is None else _int(version, "version", 0)
-        if (not isinstance(timeout_ms, (int, float)) or isinstance(timeout_ms, bool)
-                or not math.isfinite(timeout_ms)):
-            raise ProtocolError("field 'timeout_ms' must be a finite number")
         if k >= len(frames):
             raise ProtocolError("REQUEST lists more requests than it carries")
-        header = unpack(frames[k])
+        try:
+            header = unpack(frames[k])
+        except ProtocolError:
+            header = None
         n = frame_count(header.get("inputs")) if isinstance(header, dict) else 0
         if n < 0 or k + 1 + n > len(frames):
             n = 0
-        out.append(Dispatch(rid, attempt, model, version, float(timeout_ms),
-                            header if isinstance(header, dict) else {}, list(frames[k + 1:k + 1 + n])))
+        data = list(frames[k + 1:k + 1 + n])
         k += 1 + n
+        try:
+            out.append(_dispatch_entry(entry, header, data))
+        except ProtocolError as exc:
+            rid = entry[0] if isinstance(entry, list) and entry else None
+            if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_LEN:
+                attempt = entry[1] if len(entry) > 1 and type(entry[1]) is int and entry[1] >= 1 else 1
+                out.append(Dispatch(rid, attempt, "", None, 0.0, {}, [], error=str(exc)))
     if k != len(frames):
         raise ProtocolError(f"REQUEST carries {len(frames) - k} frames no request accounts for")
     return out
+
+
+def _dispatch_entry(entry: Any, header: Any, data: list) -> Dispatch:
+    if not (isinstance(entry, list) and len(entry) == 5):
+        raise ProtocolError("each dispatch entry must be [id, attempt, model, version, timeout_ms]")
+    rid, attempt, model, version, timeout_ms = entry
+    rid = _str(rid, "id", MAX_ID_LEN)
+    attempt = _int(attempt, "attempt", 1)
+    model = _str(model, "model")
+    version = None if version is None else _int(version, "version", 0)
+    if (not isinstance(timeout_ms, (int, float)) or isinstance(timeout_ms, bool)
+            or not math.isfinite(timeout_ms)):
+        raise ProtocolError("field 'timeout_ms' must be a finite number")
+    if not isinstance(header, dict):
+        raise ProtocolError("the request header must be a msgpack map")
+    return Dispatch(rid, attempt, model, version, float(timeout_ms), header, data)
 
 
 def reply_frames(replies: Sequence[tuple[dict, Sequence]]) -> list:

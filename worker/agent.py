@@ -262,6 +262,8 @@ class WorkerAgent:
         items, refused = [], []
         for d in dispatched:
             try:
+                if d.error is not None:
+                    raise ProtocolError(d.error)
                 items.append(self._work_item(d, now))
             except (ProtocolError, BadInput) as exc:
                 refused.append((error_body(d.rid, ErrorCode.BAD_REQUEST, str(exc), attempt=d.attempt), ()))

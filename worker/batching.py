@@ -27,7 +27,7 @@ class WorkItem:
     keepalive: list = field(default_factory=list)  # the zmq frames the input views point into
 
     def group_key(self) -> Hashable:
-        sig = tuple(sorted((n, a.dtype.name, a.shape[1:]) for n, a in self.inputs.items()))
+        sig = tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in self.inputs.items()))
         return (self.model, self.version, sig)
 
 
