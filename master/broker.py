@@ -270,6 +270,11 @@ class Broker:
                 self._reply_client(ident, service, {"id": rid, "ack": True})
             return
         if rid in self.answered:
+            if parsed.ack and self.answered.delivered_to(rid) == ident:
+                # A resend on the socket the answer already went to: ZeroMQ delivers in order, so the
+                # answer is there ahead of this ACK; sending it again would only make a duplicate.
+                self._reply_client(ident, service, {"id": rid, "ack": True})
+                return
             cached = self.answered.reply(rid)
             log.info("duplicate_request", request_id=rid, resent=cached is not None)
             if cached is not None:
@@ -380,9 +385,9 @@ class Broker:
             counters.count_error(code)
         self.metrics.on_answer(self._model_label(model), None, code, 0.0)
         body = [pack(error_body(rid, code, message, epoch=self.epoch))]
+        sent = self._send_client(ident, [ident, b"", MDP_CLIENT, service, *body])
         if code not in ErrorCode.RETRYABLE:  # a retry under the same id may succeed later
-            self.answered.add(rid, [service, *body])
-        self._send_client(ident, [ident, b"", MDP_CLIENT, service, *body])
+            self.answered.add(rid, [service, *body], ident if sent else None)
         log.info("request_rejected", request_id=rid, model=model[:MAX_NAME_LEN], code=code)
 
     # ------------------------------------------------------------ scheduling
@@ -631,9 +636,9 @@ class Broker:
                 counters.count_error(error_code)
         self.metrics.on_answer(self._model_label(req.model), version if version is not None else req.version,
                                error_code or "ok", time.monotonic() - req.received)
+        sent = self._send_client(req.client, [req.client, b"", MDP_CLIENT, req.service, *body])
         if error_code not in ErrorCode.RETRYABLE:  # only final answers are remembered for retried ids
-            self.answered.add(req.rid, [req.service, *body])
-        self._send_client(req.client, [req.client, b"", MDP_CLIENT, req.service, *body])
+            self.answered.add(req.rid, [req.service, *body], req.client if sent else None)
         if len(self.deadlines) > 2 * len(self.pending) + 1024:  # answered entries dominate: drop them
             self.deadlines = [(r.deadline, r.rid) for r in self.pending.values()]
             heapq.heapify(self.deadlines)
@@ -755,9 +760,11 @@ class Broker:
         body.setdefault("epoch", self.epoch)
         self._send_client(ident, [ident, b"", MDP_CLIENT, service, pack(body)])
 
-    def _send_client(self, ident: bytes, msg: list) -> None:
-        if not self._send_raw(self.frontend, msg):
-            log.warning("reply_undeliverable", client=ident.hex()[:64])
+    def _send_client(self, ident: bytes, msg: list) -> bool:
+        if self._send_raw(self.frontend, msg):
+            return True
+        log.warning("reply_undeliverable", client=ident.hex()[:64])
+        return False
 
     def _send_worker(self, w: WorkerRecord, parts: list) -> bool:
         return self._send_raw(self.backend, [w.ident, WORKER_PROTO, *parts])

@@ -170,13 +170,13 @@ class AnsweredCache:
     """
 
     def __init__(self, max_ids: int = 100_000, max_bytes: int = 64 << 20):
-        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._ids: OrderedDict[str, bytes | None] = OrderedDict()  # rid -> the routing id the answer went to
         self._replies: OrderedDict[str, tuple[list, int]] = OrderedDict()
         self.max_ids, self.max_bytes = max_ids, max_bytes
         self.bytes = 0
 
-    def add(self, rid: str, body: list) -> None:
-        self._ids[rid] = None
+    def add(self, rid: str, body: list, delivered_to: bytes | None = None) -> None:
+        self._ids[rid] = delivered_to
         self._ids.move_to_end(rid)
         self._drop_reply(rid)
         size = reply_size(body) + len(rid) + 64
@@ -199,6 +199,10 @@ class AnsweredCache:
 
     def __len__(self) -> int:
         return len(self._ids)
+
+    def delivered_to(self, rid: str) -> bytes | None:
+        """The routing id the answer was handed to ZeroMQ for (None: not sent, or unknown)."""
+        return self._ids.get(rid)
 
     def reply(self, rid: str) -> list | None:
         held = self._replies.get(rid)
