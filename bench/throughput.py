@@ -2,9 +2,13 @@
 a minimal Python ZeroMQ broker; prints one JSON line.
 
 1 master, 1 worker; the load comes from separate processes (bench/loadgen.py), closed loop with
-64 single-row requests in flight: no-op model, MLP 256->1024->1024->10 fp32 unbatched, and the
-MLP with max_batch_size=32, beside the MLP called in-process at batch 1 and batch 32 and the
-minimal broker (`zmq_limit_req_per_s`), all in the same run. CPU per request is read from each
+64 single-row requests in flight: no-op model and MLP 256->1024->1024->10 fp32 with batching off
+(--max-batch-size 1, explicit, so these figures compare with earlier runs), and the MLP with the
+worker's default batching (--max-batch-size 32 --max-queue-delay-us 0: the `mlp_batched_*`
+figures), beside the MLP called in-process at batch 1 and batch 32 and the minimal broker
+(`zmq_limit_req_per_s`), all in the same run. The batched MLP is also measured with
+--max-queue-delay-us 2000 (`mlp_delay2ms_*`), and both at low load, 2 requests in flight
+(`lowload_*`), where a queue delay is pure added latency. CPU per request is read from each
 process's own counters, so it holds on a noisy machine:
   master_cpu_us_per_req / client_cpu_us_per_req   from the no-op run
   worker_cpu_us_per_req                           no-op run: the worker's cost beyond the model
@@ -72,10 +76,13 @@ def main(argv=None) -> None:
          "torch_threads": torch.get_num_threads()}
 
     limit = zmq_limit(args.seconds, args.concurrency, args.load_processes)
-    noop = serve_and_measure(tmp, "noop=ringserve.worker.demo:noop", "noop", args, [])
+    noop = serve_and_measure(tmp, "noop=ringserve.worker.demo:noop", "noop", args, ["--max-batch-size", "1"])
     mlp = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", args, ["--max-batch-size", "1"])
-    batched = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", args,
-                                ["--max-batch-size", "32", "--max-queue-delay-us", "2000"])
+    batched = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", args, [])  # the worker's defaults
+    delay2 = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", args, ["--max-queue-delay-us", "2000"])
+    low = argparse.Namespace(**{**vars(args), "concurrency": 2, "load_processes": 2})
+    low_default = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", low, [])
+    low_delay2 = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", low, ["--max-queue-delay-us", "2000"])
 
     dev = torch.device(args.device)
     model = demo.mlp().eval().to(dev)
@@ -99,11 +106,17 @@ def main(argv=None) -> None:
              mlp_batched_req_per_s=batched["req_per_s"], mlp_batched_p50_ms=batched["p50_ms"],
              mlp_batched_p99_ms=batched["p99_ms"], mlp_batched_master_cpu_us_per_req=batched["master_cpu_us"],
              mlp_batched_worker_cpu_us_per_req=batched["worker_cpu_us"],
+             mlp_delay2ms_req_per_s=delay2["req_per_s"], mlp_delay2ms_p50_ms=delay2["p50_ms"],
+             mlp_delay2ms_p99_ms=delay2["p99_ms"],
+             lowload_default_req_per_s=low_default["req_per_s"], lowload_default_p50_ms=low_default["p50_ms"],
+             lowload_default_p99_ms=low_default["p99_ms"],
+             lowload_delay2ms_req_per_s=low_delay2["req_per_s"], lowload_delay2ms_p50_ms=low_delay2["p50_ms"],
+             lowload_delay2ms_p99_ms=low_delay2["p99_ms"],
              inprocess_bs1_req_per_s=round(bs1, 1), inprocess_bs32_samples_per_s=round(bs32, 1),
              mlp_vs_inprocess_bs1=round(mlp["req_per_s"] / bs1, 3),
              mlp_batched_vs_inprocess_bs1=round(batched["req_per_s"] / bs1, 3),
              mlp_batched_vs_inprocess_bs32=round(batched["req_per_s"] / bs32, 3),
-             errors=noop["errors"] + mlp["errors"] + batched["errors"])
+             errors=sum(x["errors"] for x in (noop, mlp, batched, delay2, low_default, low_delay2)))
     print(json.dumps(r))
 
 
