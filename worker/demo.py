@@ -1,7 +1,9 @@
 """Demo models shipped with ringserve, so the local cluster and the tests need no download.
 
 Every factory is deterministic for a given seed. A model may declare ``input_spec``:
-name -> (shape with None for free dims, dtype); the worker checks requests against it.
+name -> (shape with None for free dims, dtype[, options]); the worker checks requests against it,
+and options declare a variable-length input (``seq_encoder``; docs/models.md). ``batch_mean``
+shows a model that must not be batched (``max_batch_size = 1``).
 """
 from __future__ import annotations
 
