@@ -73,7 +73,7 @@ def test_the_documented_factory_batches_sentences_of_mixed_lengths_as_if_alone(c
     import my_models  # noqa: PLC0415
 
     cluster.start_master()
-    cluster.start_workers(1, "--max-queue-delay-us", "20000", model=f"enc=my_models:encoder,arg.path={encoder_dir}")
+    cluster.start_workers(1, "--max-queue-delay-us", "50000", model=f"enc=my_models:encoder,arg.path={encoder_dir}")
     ref = my_models.encoder(str(encoder_dir)).eval()
     rng = np.random.default_rng(5)
     sent = [rng.integers(1, 99, (1 + k % 2, int(rng.integers(1, 65)))).astype(np.int64) for k in range(32)]

@@ -147,7 +147,7 @@ def reference(model: torch.nn.Module, ids: np.ndarray, mask: np.ndarray) -> dict
 
 def test_mixed_lengths_share_batches_and_equal_the_model_alone(cluster):
     cluster.start_master()
-    cluster.start_workers(1, "--max-queue-delay-us", "20000", model="seq=ringserve.worker.demo:seq_encoder")
+    cluster.start_workers(1, "--max-queue-delay-us", "50000", model="seq=ringserve.worker.demo:seq_encoder")
     model = demo.seq_encoder().eval()
     rng = np.random.default_rng(11)
     requests = []
@@ -177,7 +177,8 @@ def test_mixed_lengths_share_batches_and_equal_the_model_alone(cluster):
     rows = [r.header["batch_rows"] for r in replies]
     lengths = {ids.shape[1] for ids, _, _ in requests}
     assert max(rows) > 3 and len(lengths) > 20  # requests of different lengths did share batches
-    stats = AdminClient(cluster.admin).status()["workers"][0]["stats"]
+    admin = AdminClient(cluster.admin)  # figures travel on heartbeats: wait for all 49 computed requests
+    stats = wait_until(lambda: (s := admin.status()["workers"][0]["stats"])["requests"] == 49 and s, 10)
     assert stats["mean_batch_size"] > 2, stats
 
 
