@@ -2,12 +2,17 @@
 a minimal Python ZeroMQ broker; prints one JSON line.
 
 1 master, 1 worker; the load comes from separate processes (bench/loadgen.py), closed loop with
-64 single-row requests in flight: no-op model, MLP 256->1024->1024->10 fp32 unbatched, and the
-MLP with max_batch_size=32, beside the MLP called in-process at batch 1 and batch 32 and the
-minimal broker (`zmq_limit_req_per_s`), all in the same run. CPU per request is read from each
+64 single-row requests in flight: the no-op model on the worker's defaults (batching on:
+--max-batch-size 32 --max-queue-delay-us 0) and with batching off (`noop_bs1_*`), the MLP
+256->1024->1024->10 fp32 with batching off (--max-batch-size 1, explicit, so these figures
+compare with earlier runs), and the MLP with the default batching (the `mlp_batched_*` figures), beside the MLP called in-process at batch 1 and batch 32 and the minimal broker
+(`zmq_limit_req_per_s`), all in the same run. The batched MLP is also measured with
+--max-queue-delay-us 2000 (`mlp_delay2ms_*`), and both at low load, 2 requests in flight
+(`lowload_*`), where a queue delay is pure added latency. CPU per request is read from each
 process's own counters, so it holds on a noisy machine:
-  master_cpu_us_per_req / client_cpu_us_per_req   from the no-op run
+  master_cpu_us_per_req / client_cpu_us_per_req   from the no-op run (defaults)
   worker_cpu_us_per_req                           no-op run: the worker's cost beyond the model
+  noop_bs1_*_cpu_us_per_req                       the same with batching off
   mlp_*_cpu_us_per_req                            the same, for the MLP runs
 """
 from __future__ import annotations
@@ -72,10 +77,14 @@ def main(argv=None) -> None:
          "torch_threads": torch.get_num_threads()}
 
     limit = zmq_limit(args.seconds, args.concurrency, args.load_processes)
-    noop = serve_and_measure(tmp, "noop=ringserve.worker.demo:noop", "noop", args, [])
+    noop = serve_and_measure(tmp, "noop=ringserve.worker.demo:noop", "noop", args, [])  # the worker's defaults
+    noop1 = serve_and_measure(tmp, "noop=ringserve.worker.demo:noop", "noop", args, ["--max-batch-size", "1"])
     mlp = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", args, ["--max-batch-size", "1"])
-    batched = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", args,
-                                ["--max-batch-size", "32", "--max-queue-delay-us", "2000"])
+    batched = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", args, [])  # the worker's defaults
+    delay2 = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", args, ["--max-queue-delay-us", "2000"])
+    low = argparse.Namespace(**{**vars(args), "concurrency": 2, "load_processes": 2})
+    low_default = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", low, [])
+    low_delay2 = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", low, ["--max-queue-delay-us", "2000"])
 
     dev = torch.device(args.device)
     model = demo.mlp().eval().to(dev)
@@ -93,17 +102,27 @@ def main(argv=None) -> None:
              noop_vs_zmq_limit=round(noop["req_per_s"] / limit, 3),
              master_cpu_us_per_req=noop["master_cpu_us"], worker_cpu_us_per_req=noop["worker_cpu_us"],
              client_cpu_us_per_req=noop["client_cpu_us"],
+             noop_bs1_req_per_s=noop1["req_per_s"], noop_bs1_p99_ms=noop1["p99_ms"],
+             noop_bs1_master_cpu_us_per_req=noop1["master_cpu_us"],
+             noop_bs1_worker_cpu_us_per_req=noop1["worker_cpu_us"],
+             noop_bs1_client_cpu_us_per_req=noop1["client_cpu_us"],
              mlp_req_per_s=mlp["req_per_s"], mlp_p50_ms=mlp["p50_ms"], mlp_p99_ms=mlp["p99_ms"],
              mlp_master_cpu_us_per_req=mlp["master_cpu_us"], mlp_worker_cpu_us_per_req=mlp["worker_cpu_us"],
              mlp_worker_overhead_us_per_req=round(mlp["worker_cpu_us"] - 1e6 / bs1, 1),
              mlp_batched_req_per_s=batched["req_per_s"], mlp_batched_p50_ms=batched["p50_ms"],
              mlp_batched_p99_ms=batched["p99_ms"], mlp_batched_master_cpu_us_per_req=batched["master_cpu_us"],
              mlp_batched_worker_cpu_us_per_req=batched["worker_cpu_us"],
+             mlp_delay2ms_req_per_s=delay2["req_per_s"], mlp_delay2ms_p50_ms=delay2["p50_ms"],
+             mlp_delay2ms_p99_ms=delay2["p99_ms"],
+             lowload_default_req_per_s=low_default["req_per_s"], lowload_default_p50_ms=low_default["p50_ms"],
+             lowload_default_p99_ms=low_default["p99_ms"],
+             lowload_delay2ms_req_per_s=low_delay2["req_per_s"], lowload_delay2ms_p50_ms=low_delay2["p50_ms"],
+             lowload_delay2ms_p99_ms=low_delay2["p99_ms"],
              inprocess_bs1_req_per_s=round(bs1, 1), inprocess_bs32_samples_per_s=round(bs32, 1),
              mlp_vs_inprocess_bs1=round(mlp["req_per_s"] / bs1, 3),
              mlp_batched_vs_inprocess_bs1=round(batched["req_per_s"] / bs1, 3),
              mlp_batched_vs_inprocess_bs32=round(batched["req_per_s"] / bs32, 3),
-             errors=noop["errors"] + mlp["errors"] + batched["errors"])
+             errors=sum(x["errors"] for x in (noop, noop1, mlp, batched, delay2, low_default, low_delay2)))
     print(json.dumps(r))
 
 

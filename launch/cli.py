@@ -50,7 +50,8 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = "" if action.help == _NO_HELP else action.help or ""
-        if "%(default)" in text or action.default in (None, False, [], argparse.SUPPRESS) or not action.option_strings:
+        if ("%(default)" in text or action.default is None or action.default is False
+                or action.default in ([], argparse.SUPPRESS) or not action.option_strings):
             return text
         return f"{text} (default: %(default)s)".strip()
 

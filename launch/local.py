@@ -21,7 +21,7 @@ import torch
 from ringserve.client import Client
 from ringserve.client.admin import AdminClient, format_status
 from ringserve.client.params import ParamClient
-from ringserve.launch.cli import make_parser, parse_args
+from ringserve.launch.cli import make_parser, parse_args, positive_int
 from ringserve.launch.logsetup import configure_logging
 from ringserve.launch.procs import RoleProcess, wait_for_workers
 from ringserve.protocol.security import Security, create_identity
@@ -34,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=16, help="requests per model")
     p.add_argument("--policy", default="least-outstanding")
     p.add_argument("--shards", type=int, default=2, help="parameter-server shards")
-    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-batch-size", type=positive_int, default=32, help="each worker's rows per batch")
     p.add_argument("--workdir", default=None, help="where weights and logs go (default: a temp dir)")
     p.add_argument("--secure", action="store_true",
                    help="fresh CURVE keys for every role in WORKDIR/keys; every socket authenticated and encrypted")

@@ -23,18 +23,22 @@ def parser() -> argparse.ArgumentParser:
     p = make_parser("ringserve-worker", __doc__)
     p.add_argument("--master", default="tcp://127.0.0.1:5556", help="the master's worker endpoint")
     p.add_argument("--model", action="append", required=True,
-                   metavar="NAME=MODULE:FACTORY[,weights=F][,dtype=D][,quantize=int8][,arg.K=V]",
-                   help="a model to serve (repeatable)")
+                   metavar="NAME=MODULE:FACTORY[,weights=F][,dtype=D][,quantize=int8][,max_batch=N][,arg.K=V]",
+                   help="a model to serve (repeatable); max_batch=N sets its rows per batch (1: never batched)")
     p.add_argument("--name", default=None, help="worker name shown in status (default worker-PID)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | all-gpus")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="default precision for models that do not set dtype=")
     p.add_argument("--quantize", default=None, choices=["int8"], help="default dynamic quantization (CPU)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--max-batch-size", type=positive_int, default=1, help="rows per batch; 1 turns batching off")
-    p.add_argument("--max-queue-delay-us", type=float, default=1000.0,
-                   help="longest wait for a batch to fill, from the oldest request's arrival")
-    p.add_argument("--credit", type=int, default=None, help="requests in flight (default 2 x batch size, >= 4)")
+    p.add_argument("--max-batch-size", type=positive_int, default=32,
+                   help="rows per batch (dynamic batching; per model: max_batch=N); 1 turns batching off. A batch "
+                        "holds what queued while the previous one ran, so batching adds no wait at low load")
+    p.add_argument("--max-queue-delay-us", type=number(float, 0), default=0.0,
+                   help="longest wait for a batch to fill, from the oldest request's arrival (0: never wait, "
+                        "batch only what has arrived)")
+    p.add_argument("--credit", type=int, default=None,
+                   help="requests in flight (default 2 x batch size, >= 4: 64 with the default batch size)")
     p.add_argument("--weight", type=positive_float, default=1.0, help="weight for the weighted-random policy")
     p.add_argument("--heartbeat-interval", type=positive_float, default=1.0)
     p.add_argument("--heartbeat-liveness", type=positive_int, default=3)

@@ -116,7 +116,8 @@ def test_overload_answers_quickly_and_recovers(cluster):
 
 def test_short_timeout_on_slow_model(cluster):
     cluster.start_master()
-    cluster.start_workers(1, "--credit", "4", model="slow=ringserve.worker.demo:slow,arg.delay=1.0")
+    # one request per batch, so the second waits behind the first (batched, both would run together)
+    cluster.start_workers(1, "--credit", "4", "--max-batch-size", "1", model="slow=ringserve.worker.demo:slow,arg.delay=1.0")
     with Client(cluster.frontend, timeout=10) as c:
         t0 = time.monotonic()
         first = c.infer_async("slow", x_of(1), timeout=0.05)

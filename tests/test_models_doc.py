@@ -67,6 +67,30 @@ def test_the_documented_hf_factory_serves_and_matches_in_process(cluster, encode
             c.infer("enc", {"input_ids": x["input_ids"].astype(np.float32), "attention_mask": x["attention_mask"]})
 
 
+def test_the_documented_factory_batches_sentences_of_mixed_lengths_as_if_alone(cluster, encoder_dir):
+    """Ragged batching on a real BERT: unpadded requests of many lengths, most without a mask, share
+    batches (padded by the worker to a bucket) and each answer equals the model run on it alone."""
+    import my_models  # noqa: PLC0415
+
+    cluster.start_master()
+    cluster.start_workers(1, "--max-queue-delay-us", "50000", model=f"enc=my_models:encoder,arg.path={encoder_dir}")
+    ref = my_models.encoder(str(encoder_dir)).eval()
+    rng = np.random.default_rng(5)
+    sent = [rng.integers(1, 99, (1 + k % 2, int(rng.integers(1, 65)))).astype(np.int64) for k in range(32)]
+    with Client(cluster.frontend, timeout=60) as c:
+        futures = [c.infer_async("enc", {"input_ids": ids} if k % 3 else
+                                 {"input_ids": ids, "attention_mask": np.ones_like(ids)}) for k, ids in enumerate(sent)]
+        replies = [f.result(timeout=60) for f in futures]
+        from ringserve.client import BadRequest
+        with pytest.raises(BadRequest, match="beyond this model's maximum 64"):
+            c.infer("enc", {"input_ids": np.ones((1, 65), np.int64)})
+    for ids, reply in zip(sent, replies):
+        with torch.inference_mode():
+            want = ref(input_ids=torch.from_numpy(ids), attention_mask=torch.ones_like(torch.from_numpy(ids)))
+        np.testing.assert_allclose(reply.outputs["embedding"], want["embedding"].numpy(), rtol=1e-5, atol=1e-5)
+    assert max(r.header["batch_rows"] for r in replies) > 2  # different lengths did share batches
+
+
 def test_checkpoint_keys_the_module_lacks_fail_in_one_line_or_are_ignored_when_asked(cluster, encoder_dir, tmp_path):
     import my_models  # noqa: PLC0415
     from safetensors.torch import save_file

@@ -21,7 +21,8 @@ def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("role,shown", [
     ("ringserve.launch.master", ["tcp://127.0.0.1:5555", "tcp://127.0.0.1:5556", "tcp://127.0.0.1:5557",
                                  "(default: least-outstanding)", "(default: 1000)"]),
-    ("ringserve.launch.worker", ["tcp://127.0.0.1:5556", "--max-batch-size", "(default: 1000.0)", "(default: auto)"]),
+    ("ringserve.launch.worker", ["tcp://127.0.0.1:5556", "--max-batch-size", "(default: 32)", "(default: 0.0)",
+                                 "(default: auto)"]),
     ("ringserve.launch.ps", ["tcp://127.0.0.1:5600", "--keep KEEP", "(default: 3)"]),
     ("ringserve.launch.publish", ["(default: 4194304)", "(default: 30.0)"]),
 ])

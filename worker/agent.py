@@ -45,8 +45,8 @@ class WorkerConfig:
     heartbeat_interval: float = 1.0
     heartbeat_liveness: int = 3
     max_backoff: float = 32.0
-    max_batch_size: int = 1
-    max_queue_delay_s: float = 0.001
+    max_batch_size: int = 32  # the command line's defaults (launch/worker.py)
+    max_queue_delay_s: float = 0.0
     credit: int | None = None
     weight: float = 1.0
     hwm: int = 10_000

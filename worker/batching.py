@@ -2,16 +2,132 @@
 
 Requests are grouped by (model, version, input names, dtypes and trailing shapes): only
 requests that agree on everything but the first dimension may share a batch. A group is
-ready when it holds max_batch_size rows or its oldest request has waited max_queue_delay
-since it *arrived at the worker*. No clocks or threads here: callers pass ``now``.
+ready when it holds the model's batch limit in rows or its oldest request has waited
+max_queue_delay since it *arrived at the worker* (0, the worker's default: batch whatever is
+queued when the compute thread turns to it). No clocks or threads here: callers pass ``now``.
+
+Per model (``ModelBatching``, from ``Batcher.configure``): a batch limit of its own (1: never
+batched) and, for a model whose ``input_spec`` declares variable-length inputs (``Ragged``),
+ragged batching: requests of different lengths along dim 1 (the sequence axis) share a batch
+when their lengths fall in the same bucket. ``concat_inputs`` pads each request to the bucket
+length (with each input's pad value; a declared attention mask, built as ones when the
+client sends none, pads with 0) and ``split_outputs`` cuts outputs that have the sequence axis
+back to each request's own length. docs/models.md shows the declaration.
 """
 from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Hashable
+from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
+
+RAGGED_KEYS = ("pad", "mask", "buckets", "max_len", "seq_outputs")
+
+
+@dataclass(frozen=True)
+class Ragged:
+    """How a model's variable-length inputs pad, from its ``input_spec`` (see ``ragged_from_spec``)."""
+
+    pads: Mapping[str, Any]  # input -> pad value, for every ragged input (the mask's is 0)
+    mask: str | None = None  # the attention-mask input the worker builds when a request has none
+    mask_dtype: str = "int64"
+    buckets: tuple[int, ...] = ()  # padded lengths; () pads to the longest request of the batch
+    max_len: int | None = None  # longest accepted length (default: the last bucket; None: any)
+    seq_outputs: tuple[str, ...] | None = None  # outputs with the sequence axis; None: dim 1 == padded length
+
+    def bucket(self, length: int) -> int:
+        """The length a request of `length` is padded to (0: no buckets, all lengths share a group)."""
+        if not self.buckets:
+            return 0
+        return next((b for b in self.buckets if length <= b), length)
+
+    def padded_length(self, lengths: Sequence[int]) -> int:
+        return max(max(lengths), self.bucket(max(lengths)))
+
+
+def ragged_from_spec(spec: Mapping[str, Any] | None) -> Ragged | None:
+    """The ragged declaration of an ``input_spec`` (None if it has none); ValueError if malformed.
+
+    An entry is ``(shape, dtype)`` or ``(shape, dtype, options)``; options make the input
+    variable along dim 1: ``pad`` (required: the value padding takes), ``mask`` (the name of
+    the attention-mask input), ``buckets``, ``max_len``, ``seq_outputs`` (model-wide: they may
+    appear on any ragged input, and must agree where they appear twice)."""
+    if not spec:
+        return None
+    if not isinstance(spec, Mapping):
+        raise ValueError(f"input_spec must be a dict of name -> (shape, dtype[, options]), got {type(spec).__name__}")
+    pads: dict[str, Any] = {}
+    wide: dict[str, Any] = {}
+    for name, entry in spec.items():
+        if not isinstance(entry, (tuple, list)) or len(entry) not in (2, 3):
+            raise ValueError(f"input_spec[{name!r}] must be (shape, dtype) or (shape, dtype, options), got {entry!r}")
+        if len(entry) == 2:
+            continue
+        shape, opts = entry[0], entry[2]
+        if not isinstance(opts, Mapping):
+            raise ValueError(f"input_spec[{name!r}]: options must be a dict, got {opts!r}")
+        unknown = sorted(set(opts) - set(RAGGED_KEYS))
+        if unknown:
+            raise ValueError(f"input_spec[{name!r}]: unknown options {unknown} (known: {list(RAGGED_KEYS)})")
+        if "pad" not in opts or isinstance(opts["pad"], (str, bytes)) or not np.isscalar(opts["pad"]):
+            raise ValueError(f"input_spec[{name!r}]: a variable-length input needs 'pad', a number (the padding value)")
+        _check_seq_shape(name, shape)
+        pads[name] = opts["pad"]
+        for key in ("mask", "buckets", "max_len", "seq_outputs"):
+            if key in opts:
+                if key in wide and wide[key] != opts[key]:
+                    raise ValueError(f"input_spec: {key!r} differs between variable-length inputs "
+                                     f"({wide[key]!r} vs {opts[key]!r})")
+                wide[key] = opts[key]
+    if not pads:
+        return None
+    mask, mask_dtype = wide.get("mask"), "int64"
+    if mask is not None:
+        if not isinstance(mask, str) or mask not in spec:
+            raise ValueError(f"input_spec: mask {mask!r} must name one of the inputs {sorted(spec)}")
+        if mask in pads and pads[mask] != 0:
+            raise ValueError(f"input_spec[{mask!r}]: the attention mask pads with 0, not {pads[mask]!r}")
+        _check_seq_shape(mask, spec[mask][0])
+        mask_dtype = spec[mask][1] or "int64"
+        pads[mask] = 0
+        if set(pads) == {mask}:
+            raise ValueError(f"input_spec: the mask {mask!r} needs a variable-length input beside it (with 'pad')")
+    buckets = wide.get("buckets", ())
+    if not isinstance(buckets, (tuple, list)) or not all(_is_pos_int(b) for b in buckets) \
+            or list(buckets) != sorted(set(buckets)):
+        raise ValueError(f"input_spec: buckets must be increasing positive integers, got {buckets!r}")
+    max_len = wide.get("max_len", buckets[-1] if buckets else None)
+    if max_len is not None and not _is_pos_int(max_len):
+        raise ValueError(f"input_spec: max_len must be a positive integer, got {max_len!r}")
+    if buckets and max_len > buckets[-1]:
+        raise ValueError(f"input_spec: max_len {max_len} is beyond the last bucket {buckets[-1]}")
+    seq_outputs = wide.get("seq_outputs")
+    if seq_outputs is not None:
+        if isinstance(seq_outputs, str) or not all(isinstance(o, str) for o in seq_outputs):
+            raise ValueError(f"input_spec: seq_outputs must be a list of output names, got {seq_outputs!r}")
+        seq_outputs = tuple(seq_outputs)
+    return Ragged(pads, mask, mask_dtype, tuple(buckets), max_len, seq_outputs)
+
+
+def _check_seq_shape(name: str, shape: Any) -> None:
+    if shape is not None and (len(shape) < 2 or shape[1] is not None):
+        raise ValueError(f"input_spec[{name!r}]: a variable-length input's shape needs a free dim 1 "
+                         f"(the sequence axis), e.g. (None, None), got {shape!r}")
+
+
+def _is_pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+@dataclass(frozen=True)
+class ModelBatching:
+    """One model's batching: `max_batch` overrides the worker's limit (model option max_batch=N),
+    `cap` bounds it (the factory's ``max_batch_size`` attribute; 1: the model never batches)."""
+
+    max_batch: int | None = None
+    cap: int | None = None
+    ragged: Ragged | None = None
 
 
 @dataclass
@@ -25,20 +141,49 @@ class WorkItem:
     arrival: float
     deadline: float
     keepalive: list = field(default_factory=list)  # the zmq frames the input views point into
+    ragged: Ragged | None = None  # set by Batcher.add for a model with variable-length inputs
+    length: int = 0  # the request's own length along the sequence axis (ragged models)
 
     def group_key(self) -> Hashable:
-        sig = tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in self.inputs.items()))
-        return (self.model, self.version, sig)
+        r = self.ragged
+        if r is None:
+            sig = tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in self.inputs.items()))
+            return (self.model, self.version, sig)
+        sig = tuple(sorted((n, a.dtype.str, a.shape[2:] if n in r.pads else a.shape[1:])
+                           for n, a in self.inputs.items()))
+        return (self.model, self.version, sig, r.bucket(self.length))
+
+
+def prepare_ragged(item: WorkItem, ragged: Ragged) -> None:
+    """Note the request's length and build its attention mask (ones) when the client sent none."""
+    item.ragged = ragged
+    item.length = next(a.shape[1] for n, a in item.inputs.items() if n in ragged.pads)
+    if ragged.mask is not None and ragged.mask not in item.inputs:
+        item.inputs[ragged.mask] = np.ones((item.rows, item.length), dtype=ragged.mask_dtype)
 
 
 class Batcher:
-    def __init__(self, max_batch_size: int = 1, max_queue_delay_s: float = 0.0):
+    def __init__(self, max_batch_size: int = 1, max_queue_delay_s: float = 0.0,
+                 models: Mapping[str, ModelBatching] | None = None):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
+        self.models: dict[str, ModelBatching] = dict(models or {})
         self.groups: dict[Hashable, deque[WorkItem]] = {}
         self.rows: dict[Hashable, int] = {}
+
+    def configure(self, models: Mapping[str, ModelBatching]) -> None:
+        """Per-model limits and ragged declarations (models not named batch by the worker's limit)."""
+        self.models.update(models)
+
+    def limit(self, model: str) -> int:
+        """Rows per batch for `model`."""
+        m = self.models.get(model)
+        if m is None:
+            return self.max_batch_size
+        base = m.max_batch or self.max_batch_size
+        return min(base, m.cap) if m.cap else base
 
     def __len__(self) -> int:
         return sum(len(g) for g in self.groups.values())
@@ -48,6 +193,9 @@ class Batcher:
         return any(k[0] == model for k in self.groups)
 
     def add(self, item: WorkItem) -> None:
+        m = self.models.get(item.model)
+        if m is not None and m.ragged is not None:
+            prepare_ragged(item, m.ragged)
         key = item.group_key()
         self.groups.setdefault(key, deque()).append(item)
         self.rows[key] = self.rows.get(key, 0) + item.rows
@@ -70,7 +218,7 @@ class Batcher:
         keys = [k for k in self.groups if runnable is None or runnable(k[0])]
         if not keys:
             return [], None
-        full = [k for k in keys if self.rows[k] >= self.max_batch_size]
+        full = [k for k in keys if self.rows[k] >= self.limit(k[0])]
         oldest = min(keys, key=lambda k: self.groups[k][0].arrival)
         if full:
             key = min(full, key=lambda k: self.groups[k][0].arrival)
@@ -82,10 +230,10 @@ class Batcher:
         return self._pop(key), None
 
     def _pop(self, key: Hashable) -> list[WorkItem]:
-        group = self.groups[key]
-        batch, rows = [group.popleft()], 0
+        group, limit = self.groups[key], self.limit(key[0])
+        batch = [group.popleft()]
         rows = batch[0].rows
-        while group and rows + group[0].rows <= self.max_batch_size:
+        while group and rows + group[0].rows <= limit:
             item = group.popleft()
             batch.append(item)
             rows += item.rows
@@ -102,20 +250,55 @@ class Batcher:
 
 
 def concat_inputs(items: list[WorkItem]) -> dict[str, np.ndarray]:
-    """Concatenate along the first dimension (one copy; the result is writable)."""
+    """Concatenate along the first dimension (one copy; the result is writable). Variable-length
+    inputs of a ragged model are padded to the batch's padded length (its bucket) first."""
     names = items[0].inputs.keys()
-    return {n: np.concatenate([i.inputs[n] for i in items], axis=0) for n in names}
+    ragged = items[0].ragged
+    if ragged is None:
+        return {n: np.concatenate([i.inputs[n] for i in items], axis=0) for n in names}
+    padded = ragged.padded_length([i.length for i in items])
+    out = {}
+    for n in names:
+        if n not in ragged.pads:
+            out[n] = np.concatenate([i.inputs[n] for i in items], axis=0)
+            continue
+        first = items[0].inputs[n]
+        arr = np.full((sum(i.rows for i in items), padded, *first.shape[2:]), ragged.pads[n], dtype=first.dtype)
+        row = 0
+        for i in items:
+            a = i.inputs[n]
+            arr[row:row + i.rows, :a.shape[1]] = a
+            row += i.rows
+        out[n] = arr
+    return out
 
 
 def split_outputs(outputs: dict[str, Any], items: list[WorkItem]) -> list[dict[str, np.ndarray]]:
-    """Split batched outputs back to their requests by row counts."""
-    if len(items) == 1:
+    """Split batched outputs back to their requests by row counts; for a ragged model, outputs
+    with the sequence axis (dim 1) are cut back to each request's own length."""
+    ragged = items[0].ragged
+    if len(items) == 1 and ragged is None:
         return [outputs]
     total = sum(i.rows for i in items)
-    for name, arr in outputs.items():
-        if arr.ndim == 0 or arr.shape[0] != total:
-            raise ValueError(f"output {name!r} has shape {list(arr.shape)}; a batched model must return "
-                             f"{total} rows along dim 0")
+    if len(items) > 1:
+        for name, arr in outputs.items():
+            if arr.ndim == 0 or arr.shape[0] != total:
+                raise ValueError(f"output {name!r} has shape {list(arr.shape)}; a batched model must return "
+                                 f"{total} rows along dim 0")
     bounds = np.cumsum([i.rows for i in items])[:-1]
-    parts = {n: np.split(a, bounds) for n, a in outputs.items()}
+    parts = {n: np.split(a, bounds) if len(items) > 1 else [a] for n, a in outputs.items()}
+    if ragged is not None:
+        padded = ragged.padded_length([i.length for i in items])
+        for name, arr in outputs.items():
+            if ragged.seq_outputs is None:
+                cut = arr.ndim >= 2 and arr.shape[1] == padded
+            elif name in ragged.seq_outputs:
+                if arr.ndim < 2 or arr.shape[1] != padded:
+                    raise ValueError(f"output {name!r} (declared in seq_outputs) has shape {list(arr.shape)}; "
+                                     f"expected the padded length {padded} on dim 1")
+                cut = True
+            else:
+                cut = False
+            if cut:
+                parts[name] = [p[:, :i.length] for p, i in zip(parts[name], items)]
     return [{n: parts[n][k] for n in outputs} for k in range(len(items))]

@@ -67,6 +67,7 @@ class ComputeThread(threading.Thread):
                  batcher: Batcher, metrics: WorkerMetrics | None = None):
         super().__init__(name="ringserve-compute", daemon=True)
         self.ctx, self.results_endpoint, self.models, self.batcher = ctx, results_endpoint, models, batcher
+        batcher.configure({name: m.batching for name, m in models.items()})  # per-model limits, ragged inputs
         self.inbox: queue.Queue[list[WorkItem]] = queue.Queue()  # one list per REQUEST message
         self.swaps: queue.Queue[tuple[str, object, int]] = queue.Queue()  # (model, built module, version)
         self.stats = BatchStats()

@@ -1,7 +1,9 @@
 """Demo models shipped with ringserve, so the local cluster and the tests need no download.
 
 Every factory is deterministic for a given seed. A model may declare ``input_spec``:
-name -> (shape with None for free dims, dtype); the worker checks requests against it.
+name -> (shape with None for free dims, dtype[, options]); the worker checks requests against it,
+and options declare a variable-length input (``seq_encoder``; docs/models.md). ``batch_mean``
+shows a model that must not be batched (``max_batch_size = 1``).
 """
 from __future__ import annotations
 
@@ -132,3 +134,57 @@ class ComplexOut(nn.Module):
 
 def complex_out() -> nn.Module:
     return ComplexOut()
+
+
+class SeqEncoder(nn.Module):
+    """A small transformer encoder over token ids and an attention mask (1: a token, 0: padding,
+    as in Hugging Face): per-token states and their masked mean, one vector per row.
+
+    With ``ragged`` it declares its inputs variable-length (docs/models.md): requests of different
+    lengths share batches, padded to the next of ``buckets``; without, only requests of equal
+    length batch together."""
+
+    def __init__(self, vocab: int, dim: int, heads: int, layers: int, buckets: tuple[int, ...], ragged: bool):
+        super().__init__()
+        max_len = buckets[-1]
+        self.tokens = nn.Embedding(vocab, dim)
+        self.positions = nn.Embedding(max_len, dim)
+        layer = nn.TransformerEncoderLayer(dim, heads, dim_feedforward=2 * dim, dropout=0.0, batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        ids: tuple = ((None, None), "int64")
+        if ragged:
+            ids += ({"pad": 0, "mask": "attention_mask", "buckets": list(buckets),
+                     "seq_outputs": ["last_hidden_state"]},)
+        self.input_spec = {"input_ids": ids, "attention_mask": ((None, None), "int64")}
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        h = self.encoder(self.tokens(input_ids) + self.positions(pos), src_key_padding_mask=attention_mask == 0)
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return {"last_hidden_state": h, "pooled": (h * m).sum(1) / m.sum(1).clamp(min=1.0)}
+
+
+def seq_encoder(vocab: int = 1000, dim: int = 64, heads: int = 4, layers: int = 2,
+                buckets: tuple[int, ...] = (16, 32, 64, 128), ragged: bool = True, seed: int = 0) -> nn.Module:
+    """Variable-length requests (up to the last bucket) for the ragged-batching tests and bench/ragged.py."""
+    _seeded(seed)
+    return SeqEncoder(vocab, dim, heads, layers, tuple(buckets), ragged)
+
+
+class BatchMean(nn.Module):
+    """The mean over a request's rows, [1, d]: an output that is not one row per input row, so a
+    batch of several requests cannot be split. ``max_batch_size = 1`` (``batchable=False``)
+    declares it, and the worker never batches it; otherwise batches fail and are re-run singly."""
+
+    def __init__(self, batchable: bool):
+        super().__init__()
+        self.input_spec = {"x": ((None, None), "float32")}
+        if not batchable:
+            self.max_batch_size = 1
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"mean": x.mean(0, keepdim=True)}
+
+
+def batch_mean(batchable: bool = False) -> nn.Module:
+    return BatchMean(batchable)

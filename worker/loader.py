@@ -3,9 +3,14 @@
 A spec is ``NAME=package.module:factory[,key=value...]``; keys are ``weights`` (a
 safetensors file), ``dtype`` (float32|float16|bfloat16), ``quantize`` (int8) and
 ``arg.NAME`` (a keyword argument for the factory), ``version`` (the version a weights file is served
-as, default 0), ``keep`` (versions kept loaded side by side, default 1) and ``ignore_keys``
+as, default 0), ``keep`` (versions kept loaded side by side, default 1), ``max_batch`` (rows per
+batch for this model, overriding the worker's --max-batch-size; 1: never batched) and ``ignore_keys``
 (GLOB|GLOB: checkpoint keys the module does not hold, dropped and reported; docs/models.md). Weights are only ever read with
 safetensors: never pickle, never torch.load.
+
+The module may declare ``input_spec`` (checked on every request; its variable-length inputs,
+if any, make the model's batching ragged: worker/batching.py) and ``max_batch_size`` (a cap on
+its rows per batch; 1 when it must never be batched).
 
 Weights are all-or-nothing: a candidate state dict is checked whole against the module's
 layout (`check_state`, a pure function), then a complete new module is built off to the side
@@ -28,6 +33,8 @@ import numpy as np
 import structlog
 import torch
 from safetensors.torch import load_file
+
+from ringserve.worker.batching import ModelBatching, ragged_from_spec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MAX_REPORTED_KEYS = 20  # ignored checkpoint keys listed in the heartbeat (all are logged by count)
@@ -124,6 +131,7 @@ class ModelOptions:
     version: int = 0  # the version a file's weights are served as (shards give their own)
     keep: int = 1  # versions kept loaded side by side (current + keep-1 earlier), for canary and A/B splits
     ignore_keys: tuple[str, ...] = ()  # checkpoint keys (globs) the module does not hold, dropped on load
+    max_batch: int | None = None  # rows per batch for this model (None: the worker's --max-batch-size)
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -150,6 +158,10 @@ def parse_model_arg(text: str, defaults: Mapping[str, Any] | None = None) -> Mod
             if not value.isdigit() or not 1 <= int(value) <= 16:
                 raise ValueError(f"keep must be an integer in 1..16, got {value!r}")
             opts.keep = int(value)
+        elif key == "max_batch":
+            if not value.isdigit() or not 1 <= int(value) <= 65536:
+                raise ValueError(f"max_batch must be an integer in 1..65536, got {value!r}")
+            opts.max_batch = int(value)
         else:
             raise ValueError(f"unknown model option {key!r} in {text!r}")
     if opts.dtype not in DTYPES:
@@ -193,6 +205,14 @@ class ServedModel:
         except Exception as exc:  # noqa: BLE001 - any failure of the user's factory is reported in one line
             raise ModelLoadError(f"model {opts.name!r}: cannot build {opts.spec}: {type(exc).__name__}: {exc}") from exc
         self.input_spec: dict | None = getattr(module, "input_spec", None)
+        cap = getattr(module, "max_batch_size", None)
+        try:
+            self.ragged = ragged_from_spec(self.input_spec)  # variable-length inputs: how they pad
+            if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 1):
+                raise ValueError(f"max_batch_size must be a positive integer, got {cap!r}")
+        except ValueError as exc:
+            raise ModelLoadError(f"model {opts.name!r}: {opts.spec}: {exc}") from exc
+        self.batching = ModelBatching(max_batch=opts.max_batch, cap=cap, ragged=self.ragged)
         self.layout = layout_of(module)  # before dtype/int8: what published weights must look like
         self.ready = not wait_for_weights  # not ready until the parameter servers give it weights
         if opts.weights:
@@ -254,11 +274,14 @@ class ServedModel:
                 raise BadInput("no inputs given")
         else:
             want, got = set(self.input_spec), set(inputs)
-            if want != got:
+            optional = {self.ragged.mask} if self.ragged is not None and self.ragged.mask else set()
+            if not want - optional <= got <= want:
                 raise BadInput(f"model {self.name!r} takes inputs {sorted(want)}, got {sorted(got)}"
                                + (f" (missing {sorted(want - got)})" if want - got else "")
                                + (f" (unexpected {sorted(got - want)})" if got - want else ""))
-            for name, (shape, dtype) in self.input_spec.items():
+            for name, (shape, dtype, *_) in self.input_spec.items():
+                if name not in inputs:
+                    continue  # an optional attention mask: the worker builds it
                 arr = inputs[name]
                 if dtype and arr.dtype.name != dtype:
                     raise BadInput(f"input {name!r}: dtype {arr.dtype.name}, expected {dtype}")
@@ -276,7 +299,24 @@ class ServedModel:
         rows = {arr.shape[0] for arr in inputs.values()}
         if len(rows) != 1:
             raise BadInput(f"inputs disagree on the number of rows: {sorted(rows)}")
+        if self.ragged is not None:
+            self._check_lengths(inputs)
         return rows.pop()
+
+    def _check_lengths(self, inputs: Mapping[str, np.ndarray]) -> None:
+        """Variable-length inputs: a sequence axis (dim 1), one length per request, at most max_len."""
+        lengths = {}
+        for name in self.ragged.pads:
+            if name in inputs:
+                if inputs[name].ndim < 2:
+                    raise BadInput(f"input {name!r}: shape {list(inputs[name].shape)}, expected [rows, length, ...]")
+                lengths[name] = inputs[name].shape[1]
+        if len(set(lengths.values())) > 1:
+            raise BadInput(f"inputs disagree on the sequence length (dim 1): {lengths}")
+        length = next(iter(lengths.values()))
+        if self.ragged.max_len is not None and length > self.ragged.max_len:
+            raise BadInput(f"sequence length {length} (dim 1 of {sorted(lengths)}) is beyond this model's "
+                           f"maximum {self.ragged.max_len}")
 
     def holds(self, version: int | None) -> bool:
         """Whether a batch for `version` (None: the current one) can run here."""
