@@ -31,7 +31,7 @@ import structlog
 import zmq
 
 from ringserve.paramserver.metrics import ShardMetrics
-from ringserve.paramserver.store import ShardStore, Slice, sha256
+from ringserve.paramserver.store import ShardStore, Slice, is_checksum, sha256
 from ringserve.protocol.codec import SUPPORTED_DTYPES, pack, unpack_map
 from ringserve.protocol.messages import SHARD_COMMANDS, SHARD_PROTO, ErrorCode, ProtocolError, error_body
 from ringserve.protocol.placement import Piece
@@ -170,7 +170,9 @@ class Shard:
                 "fallback": dict(self.store.fallback), "announce_interval": self.cfg.announce_interval,
                 "staging": {"stages": len(self.staging), "bytes": self.staging_bytes(),
                             "max_bytes": self.cfg.max_staging_bytes, "ttl_s": self.cfg.staging_ttl},
-                "replies_dropped": self.replies_dropped}
+                "replies_dropped": self.replies_dropped,
+                "store": {"written": dict(self.store.written), "last_commit": dict(self.store.last_commit),
+                          "pieces": {m: len(c) for m, c in self.store.stored.items()}}}
 
     # --------------------------------------------------------------- staging
     def staging_bytes(self) -> int:
@@ -252,9 +254,10 @@ class Shard:
                                                                f"by this publisher (expired or aborted?)")
         if stage.slice.digest != digest:
             raise ProtocolError("commit 'digest' differs from the staged one")
-        self.store.commit(model, stage.slice)
+        wrote = self.store.commit(model, stage.slice)
         self._announce("commit", model, version)
-        log.info("version_committed", model=model, version=version, pieces=len(stage.slice.pieces), token=token)
+        log.info("version_committed", model=model, version=version, pieces=len(stage.slice.pieces), token=token,
+                 pieces_written=wrote["pieces"], bytes_written=wrote["bytes"])
         return {"ok": True}
 
     def on_abort(self, header: dict, frames) -> dict:
@@ -309,6 +312,7 @@ class Shard:
         if version not in self.store.slices.get(model, {}):
             return error_body(None, ErrorCode.UNKNOWN_VERSION, f"shard {self.cfg.name} has no {model!r} v{version}")
         self.store.set_current(model, version)
+        self.store.collect(model)
         self._announce("rollback", model, version)
         log.info("version_rolled_back", model=model, version=version)
         return {"ok": True}
@@ -373,8 +377,8 @@ def _piece(item: object) -> tuple[Piece, str]:
     ints = all(isinstance(x, int) and not isinstance(x, bool) for x in (start, stop))
     if not ints or not 0 <= start <= stop <= numel:
         raise ProtocolError(f"piece {key}: range [{start}, {stop}) outside the {numel} elements")
-    if not isinstance(checksum, str):
-        raise ProtocolError(f"piece {key}: sha256 must be a hex string")
+    if not is_checksum(checksum):
+        raise ProtocolError(f"piece {key}: sha256 must be 64 lowercase hex digits")
     return Piece(key, param, dtype, tuple(shape), start, stop), checksum
 
 
