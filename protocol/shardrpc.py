@@ -34,6 +34,13 @@ class ShardRPC:
         for name in self.shards:
             self._open(name)
 
+    def next_rid(self) -> int:
+        return next(self._rids)
+
+    def reopen(self, name: str) -> None:
+        """A fresh socket for `name`: replies still owed on the old one are never delivered."""
+        self._open(name)
+
     def _open(self, name: str) -> None:
         old = self.socks.get(name)
         if old is not None:

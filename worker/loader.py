@@ -59,6 +59,12 @@ def input_error(exc: BaseException) -> str | None:
     return None
 
 
+def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`t` on `ref`'s device (and in its dtype, for floating tensors): `t` itself when it already is."""
+    dtype = ref.dtype if t.is_floating_point() and ref.is_floating_point() else t.dtype
+    return t.to(device=ref.device, dtype=dtype)
+
+
 class WeightsRefused(ValueError):
     """A candidate state dict does not fit the module (keys, shapes or dtypes)."""
 
@@ -306,15 +312,25 @@ class ServedModel:
     def build_shadow(self, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
         """A complete new module with `state`, ready to serve (dtype, int8, device): built off to
         the side, on the caller's thread (weight sync), so the compute thread only swaps a reference.
-        Raises WeightsRefused (and touches nothing live) when `state` does not fit the module."""
+        Raises WeightsRefused (and touches nothing live) when `state` does not fit the module.
+
+        Without int8, the new module is a copy of the live one's structure whose tensors are
+        `state`'s own (converted to the served dtype and device only where they differ): no
+        copy of the weights at all on CPU in the served dtype. The caller must never write to
+        `state`'s tensors afterwards (weight sync never does: a new version gets new arrays)."""
         state = self._fit(state)
-        module = self._copy_live() if self.opts.quantize is None else None
-        if module is not None:  # a copy of the live module (in dtype, on device): copy_ converts and moves
-            module.load_state_dict(state, strict=True)
-        else:  # quantized modules (or ones that cannot be copied) are rebuilt from float weights
-            module = build_module(self.opts.spec, self.opts.kwargs)
-            module.load_state_dict(state, strict=True)  # into the fresh module only
-            module = self._prepare(module)
+        module = self._structure_of_live() if self.opts.quantize is None else None
+        if module is not None:  # the live module's structure, its tensors replaced by `state`'s
+            own = module.state_dict(keep_vars=True)
+            module.load_state_dict({k: _like(v, own[k]) for k, v in state.items()}, strict=True, assign=True)
+        else:
+            module = self._copy_live() if self.opts.quantize is None else None
+            if module is not None:  # a copy of the live module (in dtype, on device): copy_ converts and moves
+                module.load_state_dict(state, strict=True)
+            else:  # quantized modules (or ones that cannot be copied) are rebuilt from float weights
+                module = build_module(self.opts.spec, self.opts.kwargs)
+                module.load_state_dict(state, strict=True)  # into the fresh module only
+                module = self._prepare(module)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the copy is done before anyone can run it
         return module
@@ -327,6 +343,23 @@ class ServedModel:
             self.ignored_keys = ignored
         check_state(self.layout, state)
         return state
+
+    def _structure_of_live(self) -> torch.nn.Module | None:
+        """A deep copy of the live module whose state tensors are uninitialized placeholders
+        (allocated, never touched: no weights copied), to be replaced with load_state_dict(assign=True).
+        None when there is no live module, or one tensor serves under two names (tied weights:
+        assigning would untie them), or the module cannot be copied."""
+        if self.module is None:
+            return None
+        try:
+            live = self.module.state_dict(keep_vars=True)
+            if len({id(t) for t in live.values()}) != len(live):
+                return None
+            memo = {id(t): (torch.nn.Parameter(torch.empty_like(t), requires_grad=t.requires_grad)
+                            if isinstance(t, torch.nn.Parameter) else torch.empty_like(t)) for t in live.values()}
+            return copy.deepcopy(self.module, memo)
+        except Exception:  # noqa: BLE001 - fall back to a full copy
+            return None
 
     def _copy_live(self) -> torch.nn.Module | None:
         """A deep copy of the live module (only read, never written): about half the cost of the
