@@ -66,6 +66,7 @@ class Stage:
     token: str
     created: float
     nbytes: int  # bytes received for this stage (pieces shared with the base are not counted)
+    written: dict = field(default_factory=dict)  # pieces and bytes written to disk on arrival
 
 
 class Shard:
@@ -182,6 +183,7 @@ class Shard:
         for key, st in list(self.staging.items()):
             if now - st.created > self.cfg.staging_ttl:
                 del self.staging[key]
+                self.store.collect(key[0])
                 log.warning("stage_expired", model=key[0], version=key[1], token=key[2], bytes=st.nbytes,
                             age_s=round(now - st.created, 1))
 
@@ -237,7 +239,8 @@ class Shard:
             problem = delta_problem(base_slice, replace)
             if problem:
                 return error_body(None, ErrorCode.BAD_REQUEST, f"delta on v{base} of {model!r}: {problem}")
-        self.staging[(model, version, token)] = Stage(sl, token, time.monotonic(), nbytes)
+        written = self.store.write_pieces(model, sl)  # durable now, visible only once a manifest names them
+        self.staging[(model, version, token)] = Stage(sl, token, time.monotonic(), nbytes, written)
         return {"ok": True, "staged": len(items), "layout": layout(sl)}
 
     def on_commit(self, header: dict, frames) -> dict:
@@ -254,14 +257,16 @@ class Shard:
                                                                f"by this publisher (expired or aborted?)")
         if stage.slice.digest != digest:
             raise ProtocolError("commit 'digest' differs from the staged one")
-        wrote = self.store.commit(model, stage.slice)
+        wrote = self.store.commit(model, stage.slice, stage.written)
         self._announce("commit", model, version)
         log.info("version_committed", model=model, version=version, pieces=len(stage.slice.pieces), token=token,
                  pieces_written=wrote["pieces"], bytes_written=wrote["bytes"])
         return {"ok": True}
 
     def on_abort(self, header: dict, frames) -> dict:
-        self.staging.pop((_model(header), _version(header), _token(header)), None)
+        model = _model(header)
+        if self.staging.pop((model, _version(header), _token(header)), None) is not None:
+            self.store.collect(model)  # its pieces, written on arrival, are not kept
         return {"ok": True}
 
     def on_revert(self, header: dict, frames) -> dict:

@@ -7,10 +7,12 @@ sha256]), the version's content digest (what a second publisher of the same vers
 is compared with) and `meta_sha256`, a checksum of the manifest itself; ``current.json`` keeps
 the history of current versions.
 
-Write path (commit): only pieces not stored yet are written (a delta commit writes its
-changed pieces plus a small manifest), each to a temporary name, fsynced, renamed; then the
-pieces directory is fsynced, then the manifest is written the same way (last: it marks the
-version done), so a SIGKILL at any moment leaves either the old state or the new one. After a
+Write path: only pieces not stored yet are written (a delta writes its changed pieces plus a
+small manifest), each to a temporary name, fsynced, renamed, then the pieces directory is
+fsynced. The shard does this when a stage arrives (so the disk works while the other shards
+receive theirs, and a commit is quick); a commit writes whatever is still missing, then the
+manifest the same way (last: it marks the version done), so a SIGKILL at any moment leaves
+either the old state or the new one; pieces no manifest names are invisible. After a
 commit, rollback or revert, versions beyond `keep` are dropped and piece files no kept version
 references are deleted (so are temporary files a crash left behind).
 
@@ -122,11 +124,11 @@ class ShardStore:
         self.last_commit = {"pieces": 0, "bytes": 0, "shared": 0}  # the last commit's writes
 
     # --------------------------------------------------------------- writing
-    def commit(self, model: str, sl: Slice) -> dict:
-        """Make `sl` durable and current: write the pieces not stored yet, then its manifest.
-        Returns {"pieces", "bytes", "shared"}: what was written and how many pieces were already there."""
-        d = self.root / model
-        pdir = d / PIECES
+    def write_pieces(self, model: str, sl: Slice) -> dict:
+        """Make the pieces of `sl` not stored yet durable (temporary name, fsync, rename, fsync of
+        the directory); no manifest names them yet, so until a commit they are invisible (and a
+        collect removes them). Returns {"pieces", "bytes"} written."""
+        pdir = self.root / model / PIECES
         pdir.mkdir(parents=True, exist_ok=True)
         stored = self.stored.setdefault(model, set())
         todo = {}  # checksum -> array, each new content written once
@@ -150,6 +152,18 @@ class ShardStore:
         if tmps:
             _fsync_dir(pdir)
         stored.update(todo)
+        nbytes = sum(a.nbytes for a in todo.values())
+        self.written["pieces"] += len(todo)
+        self.written["bytes"] += nbytes
+        return {"pieces": len(todo), "bytes": nbytes}
+
+    def commit(self, model: str, sl: Slice, early: dict | None = None) -> dict:
+        """Make `sl` durable and current: write the pieces not stored yet, then its manifest.
+        `early`: what write_pieces wrote for it at stage time. Returns {"pieces", "bytes",
+        "shared"}: what was written for this version, how many of its pieces were stored before."""
+        d = self.root / model
+        now = self.write_pieces(model, sl)  # nothing left to write when the stage wrote them already
+        wrote = {k: now[k] + (early or {}).get(k, 0) for k in ("pieces", "bytes")}
         manifest = {"model": model, "version": sl.version, "format": FORMAT, "digest": sl.digest,
                     "pieces": [[*p.as_list(), sl.checksums[k]] for k, p in sl.pieces.items()]}
         manifest["meta_sha256"] = meta_checksum(manifest)
@@ -158,10 +172,7 @@ class ShardStore:
         self.corrupt.get(model, {}).pop(sl.version, None)
         self.set_current(model, sl.version)
         self._prune(model)
-        nbytes = sum(a.nbytes for a in todo.values())
-        self.written["pieces"] += len(todo)
-        self.written["bytes"] += nbytes
-        self.last_commit = {"pieces": len(todo), "bytes": nbytes, "shared": len(sl.checksums) - len(todo)}
+        self.last_commit = {**wrote, "shared": len(set(sl.checksums.values())) - wrote["pieces"]}
         return dict(self.last_commit)
 
     def set_current(self, model: str, version: int | None, remember: bool = True) -> None:

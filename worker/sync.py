@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+import warnings
 from typing import Mapping
 
 import numpy as np
@@ -258,7 +259,9 @@ class Held:
         self.sums: dict[str, str] = {}
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {n: torch.from_numpy(a).reshape(self.shapes[n]) for n, a in self.flat.items()}
+        with warnings.catch_warnings():  # a received frame may be read-only: nobody writes to these
+            warnings.simplefilter("ignore", UserWarning)
+            return {n: torch.from_numpy(a).reshape(self.shapes[n]) for n, a in self.flat.items()}
 
 
 MAX_EXTRA_BYTES = 256 << 20  # tensors a version carries that the module does not hold (ignored keys)
@@ -333,6 +336,9 @@ def plan_version(manifests: Mapping[str, list], held: Held | None, shapes: Mappi
         changed = [(p, c) for p, c in plist if not (reuse and held.sums.get(p.key) == c)]
         if not changed:
             arr = old  # shared with the held version, never written
+        elif len(plist) == 1:
+            arr = None  # one piece, the whole tensor: its received frame becomes the array (no copy)
+            need[source[plist[0][0].key]].append(plist[0])
         else:
             arr = np.empty(numel, dtype=dtype)
             for p, c in plist:
@@ -355,6 +361,12 @@ def _batches(items: list[tuple[Piece, str]], batch_bytes: int) -> list[list[tupl
         cur.append((p, c))
         size += n
     return out + ([cur] if cur else [])
+
+
+def _own(buf, dtype: str) -> np.ndarray:
+    """A received buffer as a flat array: the buffer itself, or a copy if it is not aligned for `dtype`."""
+    arr = np.frombuffer(buf, dtype=dtype)
+    return arr if arr.flags.aligned else arr.copy()
 
 
 def _drain(sock: zmq.Socket) -> None:
@@ -402,14 +414,22 @@ def _recv_batch(sock: zmq.Socket, shard: str, expected: dict[int, dict[str, tupl
         if not sock.getsockopt(zmq.RCVMORE):
             raise ValueError(f"shard {shard}: piece {key} has no frame")
         piece, checksum = want
-        dst = memoryview(new.flat[piece.param][piece.start:piece.stop]).cast("B")
-        n = sock.recv_into(dst)
-        if n != dst.nbytes:
+        whole = new.flat[piece.param] is None
+        if whole:  # the frame's own buffer becomes the tensor's memory: no copy
+            frame = sock.recv(copy=False)
+            dst, n = frame.buffer, len(frame.buffer)
+            expect = (piece.stop - piece.start) * np.dtype(piece.dtype).itemsize
+        else:  # a piece of a larger tensor: straight into its place
+            dst = memoryview(new.flat[piece.param][piece.start:piece.stop]).cast("B")
+            n, expect = sock.recv_into(dst), dst.nbytes
+        if n != expect:
             _drain(sock)
-            raise ValueError(f"shard {shard}: piece {key} is {n} bytes, expected {dst.nbytes}")
+            raise ValueError(f"shard {shard}: piece {key} is {n} bytes, expected {expect}")
         if hashlib.sha256(dst).hexdigest() != checksum:
             _drain(sock)
             raise ValueError(f"shard {shard}: piece {key} failed its checksum")
+        if whole:
+            new.flat[piece.param] = _own(dst, piece.dtype)
         got_bytes += n
     if sock.getsockopt(zmq.RCVMORE):
         _drain(sock)
@@ -462,6 +482,9 @@ def fetch_into(rpc: ShardRPC, model: str, version: int, need: Mapping[str, list[
         for n, f in inflight.items():
             if f:
                 rpc.reopen(n)  # nothing still owed is read later by someone else
+    missing = sorted(k for k, a in new.flat.items() if a is None)
+    if missing:
+        raise ValueError(f"tensor {missing[0]} neither held nor received")
     return received
 
 
@@ -483,7 +506,10 @@ def assemble(manifests: Mapping[str, list], replies: Mapping[str, tuple[dict, li
             if hashlib.sha256(buf).hexdigest() != item[6] or want[1] != item[6]:
                 raise ValueError(f"shard {shard}: piece {item[0]} failed its checksum")
             p = want[0]
-            new.flat[p.param][p.start:p.stop] = np.frombuffer(buf, dtype=p.dtype)
+            if new.flat[p.param] is None:
+                new.flat[p.param] = _own(buf, p.dtype)
+            else:
+                new.flat[p.param][p.start:p.stop] = np.frombuffer(buf, dtype=p.dtype)
             del wanted[item[0]]
     if wanted:
         raise ValueError(f"piece {sorted(wanted)[0]} neither held nor received")
