@@ -99,6 +99,7 @@ class Shard:
         self.last_announce = 0.0
         self.metrics = ShardMetrics(cfg.name)
         self.refused = 0  # commands from a key whose role may not run them (answered with nothing)
+        self.fetch_bytes = 0  # weight bytes sent in fetch replies since start
 
     def run(self) -> None:
         log.info("shard_started", shard=self.cfg.name, endpoint=self.endpoint, pub=self.pub_endpoint,
@@ -154,7 +155,9 @@ class Shard:
         self.metrics.on_command(cmd or "invalid", "ok" if reply.get("ok") else reply.get("error", {}).get("code", "?"),
                                 time.monotonic() - started)
         if out:
-            self.metrics.on_fetch(sum(memoryview(f).nbytes for f in out))
+            sent = sum(memoryview(f).nbytes for f in out)
+            self.metrics.on_fetch(sent)
+            self.fetch_bytes += sent
         try:  # never block: a peer that does not read its replies loses them, nobody else waits
             self.router.send_multipart([ident, SHARD_PROTO, pack(reply), *out], zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:
@@ -171,7 +174,7 @@ class Shard:
                 "fallback": dict(self.store.fallback), "announce_interval": self.cfg.announce_interval,
                 "staging": {"stages": len(self.staging), "bytes": self.staging_bytes(),
                             "max_bytes": self.cfg.max_staging_bytes, "ttl_s": self.cfg.staging_ttl},
-                "replies_dropped": self.replies_dropped,
+                "replies_dropped": self.replies_dropped, "fetch_bytes": self.fetch_bytes,
                 "store": {"written": dict(self.store.written), "last_commit": dict(self.store.last_commit),
                           "pieces": {m: len(c) for m, c in self.store.stored.items()}}}
 
@@ -303,9 +306,9 @@ class Shard:
         sl = self.store.slices.get(model, {}).get(version)
         if sl is None:
             return error_body(None, ErrorCode.UNKNOWN_VERSION, f"shard {self.cfg.name} has no {model!r} v{version}")
-        manifest = [[*sl.pieces[k].as_list(), sl.checksums[k]] for k in sl.pieces]
         if header.get("manifest_only"):  # what the version is made of, so a worker fetches only what changed
-            return {"ok": True, "model": model, "version": version, "manifest": manifest}
+            return {"ok": True, "model": model, "version": version,
+                    "manifest": [[*sl.pieces[k].as_list(), sl.checksums[k]] for k in sl.pieces]}
         wanted_set = None if wanted is None else set(wanted)
         keys = [k for k in sl.pieces if wanted_set is None or k in wanted_set]
         return ({"ok": True, "model": model, "version": version,
@@ -324,8 +327,9 @@ class Shard:
 
     def _refresh_metrics(self) -> None:
         slices = self.store.slices
-        self.metrics.refresh({m: len(v) for m, v in slices.items()}, dict(self.store.current),
-                             sum(a.nbytes for by_v in slices.values() for sl in by_v.values() for a in sl.data.values()))
+        unique = {(m, sl.checksums[k]): a.nbytes for m, by_v in slices.items() for sl in by_v.values()
+                  for k, a in sl.data.items()}  # a piece several versions share is stored once
+        self.metrics.refresh({m: len(v) for m, v in slices.items()}, dict(self.store.current), sum(unique.values()))
 
     def _announce(self, kind: str, model: str, version: int | None) -> None:
         if kind != "hugz":
