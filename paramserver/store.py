@@ -141,7 +141,7 @@ class ShardStore:
                 f = open(pdir / f"{c}.tmp", "wb")
                 tmps.append((c, f))
                 f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
-            for c, f in tmps:
+            for _c, f in tmps:
                 f.flush()
                 os.fsync(f.fileno())
         finally:
