@@ -242,3 +242,41 @@ def test_assemble_and_fetch_agree_on_whole_and_split_tensors(cluster):
     for k, a in v1.items():
         np.testing.assert_array_equal(whole.flat[k], a.reshape(-1))
         np.testing.assert_array_equal(piecewise.flat[k], a.reshape(-1))
+
+
+# ---------------------------------------------------------------------------------- the build
+class Tied(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.b = torch.nn.Linear(4, 4)
+        self.b.weight = self.a.weight  # one tensor under two names
+
+    def forward(self, x):
+        return {"y": self.b(self.a(x))}
+
+
+def test_the_new_module_takes_the_fetched_tensors_and_never_touches_the_live_one():
+    model = ServedModel(parse_model_arg("mlp=ringserve.worker.demo:mlp"), torch.device("cpu"))
+    live = {k: v.clone() for k, v in model.module.state_dict().items()}
+    state = {k: v.numpy() for k, v in mlp_state(7).items()}
+    tensors = {k: torch.from_numpy(a) for k, a in state.items()}
+    module = model.build_shadow(tensors)
+    for k, t in module.state_dict().items():
+        assert t.data_ptr() == tensors[k].data_ptr()  # no copy: the fetched memory is the module's
+        assert torch.equal(model.module.state_dict()[k], live[k])  # the live module is untouched
+    assert all(isinstance(p, torch.nn.Parameter) for _, p in module.named_parameters())
+    half = ServedModel(parse_model_arg("mlp=ringserve.worker.demo:mlp,dtype=float16"), torch.device("cpu"))
+    converted = half.build_shadow(tensors)  # another served dtype: converted, once
+    assert all(t.dtype == torch.float16 for t in converted.state_dict().values() if t.is_floating_point())
+
+
+def test_tied_weights_stay_tied(monkeypatch):
+    import ringserve.worker.demo as demo_mod
+
+    monkeypatch.setattr(demo_mod, "tied", Tied, raising=False)
+    model = ServedModel(parse_model_arg("t=ringserve.worker.demo:tied"), torch.device("cpu"))
+    state = {k: torch.randn_like(v) for k, v in model.module.state_dict().items()}
+    state["b.weight"] = state["a.weight"]
+    module = model.build_shadow(state)
+    assert module.a.weight is module.b.weight and torch.equal(module.a.weight, state["a.weight"])

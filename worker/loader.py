@@ -319,11 +319,8 @@ class ServedModel:
         copy of the weights at all on CPU in the served dtype. The caller must never write to
         `state`'s tensors afterwards (weight sync never does: a new version gets new arrays)."""
         state = self._fit(state)
-        module = self._structure_of_live() if self.opts.quantize is None else None
-        if module is not None:  # the live module's structure, its tensors replaced by `state`'s
-            own = module.state_dict(keep_vars=True)
-            module.load_state_dict({k: _like(v, own[k]) for k, v in state.items()}, strict=True, assign=True)
-        else:
+        module = self._with_tensors(state) if self.opts.quantize is None else None
+        if module is None:
             module = self._copy_live() if self.opts.quantize is None else None
             if module is not None:  # a copy of the live module (in dtype, on device): copy_ converts and moves
                 module.load_state_dict(state, strict=True)
@@ -344,21 +341,30 @@ class ServedModel:
         check_state(self.layout, state)
         return state
 
-    def _structure_of_live(self) -> torch.nn.Module | None:
-        """A deep copy of the live module whose state tensors are uninitialized placeholders
-        (allocated, never touched: no weights copied), to be replaced with load_state_dict(assign=True).
-        None when there is no live module, or one tensor serves under two names (tied weights:
-        assigning would untie them), or the module cannot be copied."""
+    def _with_tensors(self, state: Mapping[str, torch.Tensor]) -> torch.nn.Module | None:
+        """A deep copy of the live module's structure whose state tensors are `state`'s own
+        (converted only where the served dtype or device differs): the live tensors are mapped to
+        placeholders on the meta device (no memory, nothing copied), then replaced with
+        load_state_dict(assign=True). None when there is no live module, one tensor serves under
+        two names (tied weights: assigning would untie them), or anything here fails (the caller
+        then copies into a full copy, as before)."""
         if self.module is None:
             return None
         try:
             live = self.module.state_dict(keep_vars=True)
-            if len({id(t) for t in live.values()}) != len(live):
+            if len({id(t) for t in live.values()}) != len(live) or not all(isinstance(t, torch.Tensor)
+                                                                             for t in live.values()):
                 return None
-            memo = {id(t): (torch.nn.Parameter(torch.empty_like(t), requires_grad=t.requires_grad)
-                            if isinstance(t, torch.nn.Parameter) else torch.empty_like(t)) for t in live.values()}
-            return copy.deepcopy(self.module, memo)
-        except Exception:  # noqa: BLE001 - fall back to a full copy
+            memo = {id(t): (torch.nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+                            if isinstance(t, torch.nn.Parameter) else torch.empty_like(t, device="meta"))
+                    for t in live.values()}
+            module = copy.deepcopy(self.module, memo)
+            module.load_state_dict({k: _like(v, live[k]) for k, v in state.items()}, strict=True, assign=True)
+            if any(t.is_meta for t in module.state_dict().values()):
+                return None
+            return module
+        except Exception as exc:  # noqa: BLE001 - fall back to copying into a full copy
+            log.warning("assign_build_failed_copying", model=self.name, error=f"{type(exc).__name__}: {exc}")
             return None
 
     def _copy_live(self) -> torch.nn.Module | None:
