@@ -31,6 +31,7 @@ from ringserve.worker.metrics import WorkerMetrics
 log = structlog.get_logger("ringserve.worker.compute")
 
 IDLE_WAIT_S = 0.05
+WAKE = object()  # put in the inbox to end an idle wait early (a swap is queued)
 RESULT = b"R"  # [RESULT, header, *frames]: a reply for the master
 CHANGED = b"S"  # [CHANGED]: model state changed (new version): heartbeat now
 
@@ -66,7 +67,7 @@ class ComputeThread(threading.Thread):
                  batcher: Batcher, metrics: WorkerMetrics | None = None):
         super().__init__(name="ringserve-compute", daemon=True)
         self.ctx, self.results_endpoint, self.models, self.batcher = ctx, results_endpoint, models, batcher
-        self.inbox: queue.Queue[WorkItem] = queue.Queue()
+        self.inbox: queue.Queue = queue.Queue()  # WorkItems, and WAKE
         self.swaps: queue.Queue[tuple[str, object, int]] = queue.Queue()  # (model, built module, version)
         self.stats = BatchStats()
         self.metrics = metrics or WorkerMetrics()
@@ -96,12 +97,20 @@ class ComputeThread(threading.Thread):
         finally:
             self.push.close(linger=0)
 
+    def wake(self) -> None:
+        """Stop waiting for requests now (a swap is queued): any thread may call this."""
+        self.inbox.put(WAKE)
+
     def _take_inbox(self, block_s: float | None) -> None:
         try:
             if block_s is not None:
-                self.batcher.add(self.inbox.get(timeout=max(block_s, 0.0)))
+                item = self.inbox.get(timeout=max(block_s, 0.0))
+                if item is not WAKE:
+                    self.batcher.add(item)
             while True:
-                self.batcher.add(self.inbox.get_nowait())
+                item = self.inbox.get_nowait()
+                if item is not WAKE:
+                    self.batcher.add(item)
         except queue.Empty:
             pass
 

@@ -59,7 +59,7 @@ class ShardView:
 
 class WeightSync(threading.Thread):
     def __init__(self, ctx: zmq.Context, shards: Mapping[str, str], models: Mapping, swaps, on_error=None,
-                 timeout: float = 30.0, resync_s: float = 5.0, security: Security | None = None):
+                 timeout: float = 30.0, resync_s: float = 5.0, security: Security | None = None, wake=None):
         super().__init__(name="ringserve-weight-sync", daemon=True)
         self.ctx, self.shards, self.models, self.swaps = ctx, dict(shards), models, swaps
         self.timeout, self.resync_s = timeout, resync_s
@@ -73,6 +73,7 @@ class WeightSync(threading.Thread):
         self.requested: set[str] = set()  # on-demand models asked for and not loaded yet
         self.stopping = threading.Event()
         self.security = security or Security()
+        self.wake = wake or (lambda: None)  # tells the compute thread a swap is queued (no idle wait)
 
     def _connect_sub(self, sub: zmq.Socket, shard: str, endpoint: str) -> None:
         """One SUB, many shards: each connect takes the server key set just before it."""
@@ -206,6 +207,7 @@ class WeightSync(threading.Thread):
         self.wanted[model] = version
         self.retiring.append(served.module)  # the compute thread drops its reference, we free it
         self.swaps.put((model, module, version))
+        self.wake()
         t3 = time.monotonic()
         log.info("weights_fetched", model=model, version=version, pieces_fetched=sum(map(len, need.values())),
                  pieces_total=sum(map(len, manifests.values())), bytes_fetched=fetched,
