@@ -4,14 +4,14 @@
 reported, every figure of a round measured in the same run):
 
 full_sync_s: from the start of a publish of entirely new weights (every piece changes) until
-every worker serves it; the first one (`full_sync_first_s`) runs without load, the others under
-a light request load. raw_zmq_s: the bytes that full sync moved (the publish, plus what the
-shards sent the workers, counted by the shards) pushed over one plain ZeroMQ PUSH/PULL pair on
-loopback, one receive per frame, nothing hashed or stored. full_ratio = full_sync_s / raw_zmq_s
-(issue 11's target <= 2). delta_sync_s: a delta changing one layer (1%); delta_vs_full =
-delta_sync_s / full_sync_s (target <= 0.1). failed_requests: requests that failed under the
-light load during the syncs (target 0). cpu_s: CPU seconds each role spent during the first
-full sync (from /proc; where the time goes on a machine with few cores).
+every worker serves it. raw_zmq_s: the bytes that full sync moved (the publish, plus what the
+shards sent the workers, counted by the shards: 5 x the model) pushed over one plain ZeroMQ
+PUSH/PULL pair on loopback, one receive per frame, nothing hashed or stored. full_ratio =
+full_sync_s / raw_zmq_s (issue 11's target <= 2). delta_sync_s: a delta changing one layer
+(1%); delta_vs_full = delta_sync_s / full_sync_s (target <= 0.1). Each round syncs a full
+version and a delta idle (the ratios), then again under a light request load (one request
+every 20 ms: `*_under_load_s`); failed_requests: requests that failed meanwhile (target 0).
+cpu_s_first_full: CPU seconds each role spent during the first full sync (from /proc).
 """
 from __future__ import annotations
 
@@ -115,10 +115,12 @@ def main(argv=None) -> None:
         state = {k: v.numpy().copy() for k, v in demo.stack(args.layers, args.width, seed=1).state_dict().items()}
         nbytes = sum(a.nbytes for a in state.values())
         x = {"x": np.ones((1, args.width), np.float32)}
-        failures, stop = [0], threading.Event()
+        failures, stop, loaded = [0], threading.Event(), threading.Event()
 
         def light_load(client):
             while not stop.is_set():
+                if not loaded.wait(0.05):
+                    continue
                 try:
                     client.infer("big", x, timeout=30)
                 except Exception:
@@ -128,8 +130,9 @@ def main(argv=None) -> None:
         def all_on(version):
             return all(w["models"]["big"].get("version") == version for w in admin.status()["workers"])
 
-        full, delta, raw, moved = [], [], [], []
-        cpu: dict[str, float] = {}
+        runs: dict[str, list[float]] = {"full": [], "delta": [], "full_loaded": [], "delta_loaded": []}
+        moved, cpu, publish_s, publishes = [], {}, 0.0, []
+        pids = {"publisher": [os.getpid()], "shards": [s.pid for s in shards], "workers": [w.pid for w in workers]}
         with ParamClient(eps) as pc, Client(master.info["frontend"], timeout=60) as c:
             def sent_by_shards():
                 return sum(h.get("fetch_bytes", 0) for h in pc.hello().values())
@@ -143,37 +146,42 @@ def main(argv=None) -> None:
                 return time.perf_counter() - t0, publish_s
 
             load = threading.Thread(target=light_load, args=(c,))
-            publish_s = 0.0
+            load.start()
+            k = 0
             for r in range(args.rounds):
-                time.sleep(0.5)
-                fresh = {k: a + r for k, a in state.items()}  # every piece changes: a real full sync
-                before, pids = sent_by_shards(), {"publisher": os.getpid(), "shards": [s.pid for s in shards],
-                                                  "workers": [w.pid for w in workers]}
-                cpu0 = {role: sum(map(cpu_seconds, ps if isinstance(ps, list) else [ps])) for role, ps in pids.items()}
-                took, pub = timed_publish(fresh)
-                if r == 0:
-                    cpu = {role: round(sum(map(cpu_seconds, ps if isinstance(ps, list) else [ps])) - cpu0[role], 2)
-                           for role, ps in pids.items()}
-                    publish_s = pub
-                    load.start()  # later rounds sync under a light load
-                full.append(took)
-                moved.append(nbytes + sent_by_shards() - before)
-                time.sleep(0.5)
-                changed = {"layers.0.weight": fresh["layers.0.weight"] + 0.01}
-                delta.append(timed_publish(changed, base=pc.versions("big")["ps0"]["current"])[0])
+                for under_load in (False, True):
+                    (loaded.set if under_load else loaded.clear)()
+                    time.sleep(0.5)
+                    k += 1
+                    fresh = {name: a + k for name, a in state.items()}  # every piece changes: a real full sync
+                    before = sent_by_shards()
+                    cpu0 = {role: sum(map(cpu_seconds, ps)) for role, ps in pids.items()}
+                    took, pub = timed_publish(fresh)
+                    if r == 0 and not under_load:
+                        cpu = {role: round(sum(map(cpu_seconds, ps)) - cpu0[role], 2) for role, ps in pids.items()}
+                        publish_s = pub
+                    moved.append(nbytes + sent_by_shards() - before)
+                    runs["full_loaded" if under_load else "full"].append(took)
+                    publishes.append(pub)
+                    time.sleep(0.5)
+                    changed = {"layers.0.weight": fresh["layers.0.weight"] + 0.01}
+                    took, _ = timed_publish(changed, base=pc.versions("big")["ps0"]["current"])
+                    runs["delta_loaded" if under_load else "delta"].append(took)
             stop.set()
             load.join(timeout=60)
-        for total in moved:
-            raw.append(raw_zmq_seconds(total))
-        full_s, raw_s, delta_s = statistics.median(full), statistics.median(raw), statistics.median(delta)
+        raw = [raw_zmq_seconds(total) for total in moved]
+        med = {name: statistics.median(values) for name, values in runs.items()}
+        raw_s = statistics.median(raw)
         print(json.dumps({
             "model_mb": round(nbytes / 1e6, 1), "shards": args.shards, "workers": args.workers, "rounds": args.rounds,
-            "full_sync_s": round(full_s, 3), "full_sync_first_s": round(full[0], 3),
-            "full_publish_first_s": round(publish_s, 3), "raw_zmq_s": round(raw_s, 3),
-            "bytes_moved_mb": round(statistics.median(moved) / 1e6, 1), "full_ratio": round(full_s / raw_s, 2),
-            "delta_fraction": round(state["layers.0.weight"].nbytes / nbytes, 4), "delta_sync_s": round(delta_s, 3),
-            "delta_vs_full": round(delta_s / full_s, 3), "failed_requests": failures[0], "cpu_s": cpu,
-            "full_rounds_s": [round(t, 3) for t in full], "delta_rounds_s": [round(t, 3) for t in delta],
+            "full_sync_s": round(med["full"], 3), "full_publish_first_s": round(publish_s, 3),
+            "raw_zmq_s": round(raw_s, 3), "bytes_moved_mb": round(statistics.median(moved) / 1e6, 1),
+            "full_ratio": round(med["full"] / raw_s, 2),
+            "delta_fraction": round(state["layers.0.weight"].nbytes / nbytes, 4), "delta_sync_s": round(med["delta"], 3),
+            "delta_vs_full": round(med["delta"] / med["full"], 3),
+            "full_sync_under_load_s": round(med["full_loaded"], 3),
+            "delta_sync_under_load_s": round(med["delta_loaded"], 3), "failed_requests": failures[0],
+            "cpu_s_first_full": cpu, "full_publish_rounds_s": [round(t, 3) for t in publishes], **{f"{name}_rounds_s": [round(t, 3) for t in values] for name, values in runs.items()},
         }))
     finally:
         for proc in reversed(procs):
