@@ -1,9 +1,12 @@
 """One parameter-server shard: a ROUTER for commands, a PUB for announcements (Clone pattern).
 
 Commands ([RSP01][msgpack header][tensor frames...]): hello (state snapshot), stage (receive
-this shard's pieces of a new version, checksums verified), commit (make it durable and
-current), abort, revert (undo a commit of a publish that failed elsewhere), fetch (send a
-version's pieces), rollback (make an older version current).
+this shard's pieces of a new version, checksums verified, pieces not stored yet written to
+disk, invisible), commit (write its manifest: durable and current), abort, revert (undo a
+commit of a publish that failed elsewhere), fetch (send a version's manifest, or its pieces
+or some of them: workers keep several fetches in flight), rollback (make an older version
+current). Storage is content-addressed (paramserver/store.py): a delta writes only its
+changed pieces.
 Each commit or rollback is announced on the PUB with a sequence number; a heartbeat
 announcement repeats the current state every interval, so a subscriber that joined late or
 saw a gap asks for a snapshot (hello) instead of trusting what it missed.

@@ -9,8 +9,9 @@ safetensors: never pickle, never torch.load.
 
 Weights are all-or-nothing: a candidate state dict is checked whole against the module's
 layout (`check_state`, a pure function), then a complete new module is built off to the side
-(`build_shadow`, on the weight-sync thread: load, dtype/int8, device), and the compute thread
-only swaps one reference (`install`). The live module is never written to.
+(`build_shadow`, on the weight-sync thread: the live module's structure taking the new
+tensors as its own, converted to the served dtype/device where they differ; int8 rebuilt), and
+the compute thread only swaps one reference (`install`). The live module is never written to.
 """
 from __future__ import annotations
 

@@ -4,9 +4,13 @@ Clone pattern: a SUB socket hears every shard's announcements (commit, rollback,
 periodic heartbeat with the current state). A sequence gap, a shard restart (new boot id) or
 a shard not heard from yet makes the worker ask that shard for a snapshot (hello). A model
 switches to version V only when *every* shard says V is current (a half-done publish stays
-invisible). Then the pieces are fetched from all shards in parallel, checksummed, assembled
-beside the live weights, checked whole against the module and built into a complete new
-module here (dtype, int8, device), which the compute thread swaps in between batches.
+invisible). Then the manifests are checked (tiling, shapes the module's) before anything is
+allocated, and only the pieces whose checksum changed are fetched: from all shards at once,
+several requests in flight per shard, each piece received straight into the new version's
+arrays beside the live ones (or kept as its frame when it is a whole tensor), hashed once.
+Unchanged tensors are shared with the held version. The result is checked whole against the
+module and built into a complete new module here (its tensors are the fetched ones; dtype,
+int8, device), which the compute thread swaps in between batches (woken for it).
 
 A version that cannot be assembled or loaded is *refused*: remembered with its reason,
 reported in the heartbeat, never fetched again (a newer version is). A fetch that fails for
