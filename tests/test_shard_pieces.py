@@ -21,7 +21,7 @@ from ringserve.paramserver.store import PIECES, ShardStore, Slice
 from ringserve.protocol.codec import pack, unpack_map
 from ringserve.protocol.messages import SHARD_PROTO
 from ringserve.protocol.placement import Piece, split
-from ringserve.protocol.shardrpc import ShardRPC
+from ringserve.protocol.shardrpc import ShardCallError, ShardRPC
 from ringserve.worker.loader import ServedModel, parse_model_arg
 from ringserve.worker.sync import assemble, fetch_into, plan_version
 from helpers import flip_a_byte, mlp_state
@@ -134,14 +134,14 @@ def test_a_commit_rewrites_a_staged_piece_collected_before_it(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- the fetch
-def fetch(eps: dict, model: str, version: int, held=None, shapes=None, **kw):
+def fetch(eps: dict, model: str, version: int, held=None, shapes=None, timeout=10.0, **kw):
     ctx = zmq.Context()
     rpc = ShardRPC(ctx, eps, timeout=10.0)
     try:
         manifests = {n: h["manifest"] for n, (h, _) in rpc.call_all(
             {"cmd": "fetch", "model": model, "version": version, "manifest_only": True}).items()}
         new, need = plan_version(manifests, held, shapes)
-        fetch_into(rpc, model, version, need, new, 10.0, **kw)
+        fetch_into(rpc, model, version, need, new, timeout, **kw)
         return new, need
     finally:
         rpc.close()
@@ -184,6 +184,7 @@ class FakeShard(threading.Thread):
         self.sock.setsockopt(zmq.LINGER, 0)
         self.endpoint = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1')}"
         self.slice, self.tamper, self.stop = make_slice(1, arrays), tamper, threading.Event()
+        self.rid_offset = 0
 
     def run(self) -> None:
         sl = self.slice
@@ -202,8 +203,11 @@ class FakeShard(threading.Thread):
                 else:
                     reply, frames = {"ok": True, "pieces": items}, [sl.data[k].tobytes() for k in keys]
                     reply, frames = self.tamper(reply, frames)
-                reply["rid"] = h["rid"]
+                reply["rid"] = h["rid"] if h.get("manifest_only") else h["rid"] + self.rid_offset
                 self.sock.send_multipart([ident, SHARD_PROTO, pack(reply), *frames])
+                if self.rid_offset and not h.get("manifest_only"):  # a stream of stale replies
+                    for _ in range(20):
+                        self.sock.send_multipart([ident, SHARD_PROTO, pack(reply), *frames])
         finally:
             self.sock.close(linger=0)
 
@@ -280,3 +284,17 @@ def test_tied_weights_stay_tied(monkeypatch):
     state["b.weight"] = state["a.weight"]
     module = model.build_shadow(state)
     assert module.a.weight is module.b.weight and torch.equal(module.a.weight, state["a.weight"])
+
+
+def test_stale_replies_are_dropped_and_do_not_keep_a_fetch_waiting():
+    ctx = zmq.Context()
+    shard = FakeShard(ctx, {"w": np.arange(64, dtype=np.float32)}, lambda r, f: (r, f))
+    shard.rid_offset = 1000  # every piece reply answers a request never made
+    shard.start()
+    try:
+        with pytest.raises(ShardCallError, match="answer"):
+            fetch({"fake": shard.endpoint}, "m", 1, timeout=1.0)
+    finally:
+        shard.stop.set()
+        shard.join(10)
+        ctx.destroy(linger=0)

@@ -384,23 +384,23 @@ def _drain(sock: zmq.Socket) -> None:
 
 
 def _recv_batch(sock: zmq.Socket, shard: str, expected: dict[int, dict[str, tuple[Piece, str]]],
-                new: Held) -> int:
+                new: Held) -> int | None:
     """Read one fetch reply: each piece straight into its place in the new version's arrays
     (recv_into, no intermediate buffer), then checked against its checksum. A stale or garbled
-    reply is dropped; an error reply raises ShardCallError; a reply whose pieces are not
+    reply is dropped (None); an error reply raises ShardCallError; a reply whose pieces are not
     exactly those asked for, or fail their checksum, raises ValueError. Returns bytes received."""
     if sock.recv(copy=False).bytes != SHARD_PROTO or not sock.getsockopt(zmq.RCVMORE):
         _drain(sock)
-        return 0
+        return None
     try:
         header = unpack_map(sock.recv(copy=False))
     except ProtocolError:
         _drain(sock)
-        return 0
+        return None
     batch = expected.pop(header.get("rid"), None) if isinstance(header.get("rid"), int) else None
     if batch is None:  # a stale reply to a request given up on
         _drain(sock)
-        return 0
+        return None
     if not header.get("ok"):
         _drain(sock)
         err = header.get("error") if isinstance(header.get("error"), dict) else {}
@@ -447,7 +447,7 @@ def fetch_into(rpc: ShardRPC, model: str, version: int, need: Mapping[str, list[
                timeout: float, window: int = FETCH_WINDOW, batch_bytes: int = FETCH_BATCH_BYTES) -> int:
     """Fetch `need` from every shard at once, `window` requests of about `batch_bytes` in flight
     per shard, each reply read straight into `new`. Raises ShardCallError when a shard fails or
-    stays silent for `timeout` seconds (its socket is replaced: late replies are never read),
+    answers none of what is owed for `timeout` seconds (its socket is replaced: late replies are never read),
     ValueError when a shard sends something other than what was asked or a piece fails its
     checksum. Returns the bytes received."""
     todo = {n: _batches(list(items), batch_bytes) for n, items in need.items() if items}
@@ -481,7 +481,10 @@ def fetch_into(rpc: ShardRPC, model: str, version: int, need: Mapping[str, list[
                 raise ShardCallError({n: f"no answer in {timeout}s" for n, f in inflight.items() if f})
             for sock, _ in poller.poll(max(1, int(left * 1000))):
                 n = names[sock]
-                received += _recv_batch(sock, n, inflight[n], new)
+                got = _recv_batch(sock, n, inflight[n], new)
+                if got is None:
+                    continue  # stale or garbled: no progress, the deadline stands
+                received += got
                 deadline = time.monotonic() + timeout  # progress: the timeout is for silence
                 send(n)
     finally:
