@@ -131,7 +131,7 @@ def main(argv=None) -> None:
             return all(w["models"]["big"].get("version") == version for w in admin.status()["workers"])
 
         runs: dict[str, list[float]] = {"full": [], "delta": [], "full_loaded": [], "delta_loaded": []}
-        moved, cpu, publish_s, publishes = [], {}, 0.0, []
+        moved, cpu, publish_s, publishes, delta_publishes = [], {}, 0.0, [], []
         pids = {"publisher": [os.getpid()], "shards": [s.pid for s in shards], "workers": [w.pid for w in workers]}
         with ParamClient(eps) as pc, Client(master.info["frontend"], timeout=60) as c:
             def sent_by_shards():  # shards that do not count them (before issue 11): every worker fetched it all
@@ -167,8 +167,9 @@ def main(argv=None) -> None:
                     publishes.append(pub)
                     time.sleep(0.5)
                     changed = {"layers.0.weight": fresh["layers.0.weight"] + 0.01}
-                    took, _ = timed_publish(changed, base=pc.versions("big")["ps0"]["current"])
+                    took, pub = timed_publish(changed, base=pc.versions("big")["ps0"]["current"])
                     runs["delta_loaded" if under_load else "delta"].append(took)
+                    delta_publishes.append(pub)
             stop.set()
             load.join(timeout=60)
         raw = [raw_zmq_seconds(total) for total in moved]
@@ -183,7 +184,8 @@ def main(argv=None) -> None:
             "delta_vs_full": round(med["delta"] / med["full"], 3),
             "full_sync_under_load_s": round(med["full_loaded"], 3),
             "delta_sync_under_load_s": round(med["delta_loaded"], 3), "failed_requests": failures[0],
-            "cpu_s_first_full": cpu, "full_publish_rounds_s": [round(t, 3) for t in publishes], **{f"{name}_rounds_s": [round(t, 3) for t in values] for name, values in runs.items()},
+            "cpu_s_first_full": cpu, "full_publish_rounds_s": [round(t, 3) for t in publishes],
+            "delta_publish_rounds_s": [round(t, 3) for t in delta_publishes], **{f"{name}_rounds_s": [round(t, 3) for t in values] for name, values in runs.items()},
         }))
     finally:
         for proc in reversed(procs):
