@@ -97,6 +97,7 @@ class Shard:
         self.boot = uuid.uuid4().hex[:12]
         self.seq = 0
         self.staging: dict[tuple[str, int, str], Stage] = {}  # (model, version, token) -> stage
+        self.store.pinned = self._staged_checksums  # pieces a stage wrote survive a collect until it ends
         self.replies_dropped = 0
         self.stopping = False
         self.last_announce = 0.0
@@ -182,6 +183,9 @@ class Shard:
                           "pieces": {m: len(c) for m, c in self.store.stored.items()}}}
 
     # --------------------------------------------------------------- staging
+    def _staged_checksums(self, model: str) -> set[str]:
+        return {c for (m, _, _), st in self.staging.items() if m == model for c in st.slice.checksums.values()}
+
     def staging_bytes(self) -> int:
         return sum(st.nbytes for st in self.staging.values())
 
@@ -245,8 +249,11 @@ class Shard:
             problem = delta_problem(base_slice, replace)
             if problem:
                 return error_body(None, ErrorCode.BAD_REQUEST, f"delta on v{base} of {model!r}: {problem}")
+        replaced = self.staging.pop((model, version, token), None)
         written = self.store.write_pieces(model, sl)  # durable now, visible only once a manifest names them
         self.staging[(model, version, token)] = Stage(sl, token, time.monotonic(), nbytes, written)
+        if replaced is not None:
+            self.store.collect(model)  # what only the replaced stage wrote
         return {"ok": True, "staged": len(items), "layout": layout(sl)}
 
     def on_commit(self, header: dict, frames) -> dict:

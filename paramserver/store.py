@@ -13,8 +13,9 @@ fsynced. The shard does this when a stage arrives (so the disk works while the o
 receive theirs, and a commit is quick); a commit writes whatever is still missing, then the
 manifest the same way (last: it marks the version done), so a SIGKILL at any moment leaves
 either the old state or the new one; pieces no manifest names are invisible. After a
-commit, rollback or revert, versions beyond `keep` are dropped and piece files no kept version
-references are deleted (so are temporary files a crash left behind).
+commit, rollback, revert, abort or expired stage, versions beyond `keep` are dropped and piece
+files that neither a kept version nor a live stage references are deleted (temporary files a
+crash left behind go at start).
 
 Read path (start): every piece a manifest names is read once and checked against its name;
 a version with a manifest that fails its own checksum, a piece missing or failing its
@@ -120,8 +121,9 @@ class ShardStore:
         self.corrupt: dict[str, dict[int, str]] = {}
         self.fallback: dict[str, dict] = {}  # model -> {"from", "to", "why"} when a corrupt current was replaced
         self.stored: dict[str, set[str]] = {}  # model -> checksums of the piece files on disk
-        self.written = {"pieces": 0, "bytes": 0}  # piece files written by commits since start
+        self.written = {"pieces": 0, "bytes": 0}  # piece files written since start (stages and commits)
         self.last_commit = {"pieces": 0, "bytes": 0, "shared": 0}  # the last commit's writes
+        self.pinned = lambda model: set()  # checksums a collect must keep besides kept versions' (live stages)
 
     # --------------------------------------------------------------- writing
     def write_pieces(self, model: str, sl: Slice) -> dict:
@@ -172,7 +174,7 @@ class ShardStore:
         self.corrupt.get(model, {}).pop(sl.version, None)
         self.set_current(model, sl.version)
         self._prune(model)
-        self.last_commit = {**wrote, "shared": len(set(sl.checksums.values())) - wrote["pieces"]}
+        self.last_commit = {**wrote, "shared": max(0, len(set(sl.checksums.values())) - wrote["pieces"])}
         return dict(self.last_commit)
 
     def set_current(self, model: str, version: int | None, remember: bool = True) -> None:
@@ -217,10 +219,11 @@ class ShardStore:
         self.collect(model)
 
     def collect(self, model: str) -> int:
-        """Delete the piece files no kept version references; returns how many were deleted."""
+        """Delete the piece files no kept version references (nor a live stage: `pinned`);
+        returns how many were deleted."""
         pdir = self.root / model / PIECES
         stored = self.stored.setdefault(model, set())
-        gone = unreferenced(stored, self.slices.get(model, {}))
+        gone = unreferenced(stored, self.slices.get(model, {})) - self.pinned(model)
         for c in gone:
             (pdir / c).unlink(missing_ok=True)
         stored -= gone

@@ -131,6 +131,11 @@ def test_a_commit_rewrites_a_staged_piece_collected_before_it(tmp_path):
     again = ShardStore(tmp_path, keep=1)
     again.load_all()
     assert again.versions() == {"m": [2]} and not again.corrupt
+    pending = make_slice(4, {"c": np.full(32, 3, np.float32)})  # the shard pins what its live stages wrote
+    again.pinned = lambda model: set(pending.checksums.values())
+    again.write_pieces("m", pending)
+    again.commit("m", make_slice(3, {"a": np.zeros(8, np.float32)}))
+    assert pending.checksums["c"] in piece_files(tmp_path) and again.commit("m", pending)["pieces"] == 0
 
 
 # ---------------------------------------------------------------------------------- the fetch
