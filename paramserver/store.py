@@ -146,6 +146,11 @@ class ShardStore:
             for _c, f in tmps:
                 f.flush()
                 os.fsync(f.fileno())
+        except BaseException:
+            for c, f in tmps:  # a full disk, say: leave nothing half written behind
+                f.close()
+                (pdir / f"{c}.tmp").unlink(missing_ok=True)
+            raise
         finally:
             for _, f in tmps:
                 f.close()
