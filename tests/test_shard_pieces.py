@@ -303,3 +303,30 @@ def test_stale_replies_are_dropped_and_do_not_keep_a_fetch_waiting():
         shard.stop.set()
         shard.join(10)
         ctx.destroy(linger=0)
+
+
+def test_a_data_dir_of_the_earlier_single_file_format_is_read_and_built_on(tmp_path):
+    from safetensors.numpy import save as st_save
+
+    from ringserve.paramserver.store import meta_checksum, sha256
+
+    v1 = {"w": np.arange(100, dtype=np.float32), "b": np.ones(10, np.float32)}
+    sl = make_slice(1, v1)
+    payload = st_save(dict(sl.data))
+    manifest = {"model": "m", "version": 1, "file_sha256": sha256(payload), "digest": "d1",
+                "pieces": [[*p.as_list(), sl.checksums[k]] for k, p in sl.pieces.items()]}
+    manifest["meta_sha256"] = meta_checksum(manifest)
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "v1.safetensors").write_bytes(payload)
+    (tmp_path / "m" / "v1.manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "m" / "current.json").write_text(json.dumps({"version": 1, "history": []}))
+    store = ShardStore(tmp_path, keep=3)
+    store.load_all()
+    assert store.current == {"m": 1} and not store.corrupt
+    v2 = make_slice(2, {"w": v1["w"] + 1})  # a delta on the old version: its "b" comes from v1's file
+    v2.pieces["b"], v2.data["b"], v2.checksums["b"] = sl.pieces["b"], store.slices["m"][1].data["b"], sl.checksums["b"]
+    assert store.commit("m", v2)["pieces"] == 2  # v1's piece is written as a piece file now
+    again = ShardStore(tmp_path, keep=3)
+    again.load_all()
+    assert again.versions() == {"m": [1, 2]} and again.current == {"m": 2} and not again.corrupt
+    np.testing.assert_array_equal(again.slices["m"][2].data["b"], v1["b"])
