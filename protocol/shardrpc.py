@@ -1,7 +1,9 @@
 """Calling parameter-server shards in parallel: one DEALER per shard, replies matched by rid.
 
-Used by the publisher (client/) and by the worker's weight sync (worker/). A shard that does
-not answer in time gets a fresh socket, so nothing queued for it is delivered late.
+Used by the publisher (client/) and by the worker's weight sync (worker/), whose pipelined
+piece fetch (worker/sync.py `fetch_into`) sends on these sockets itself, several requests in
+flight, with rids from `next_rid`. A shard that does not answer in time gets a fresh socket
+(`reopen`), so nothing queued for it is delivered late.
 """
 from __future__ import annotations
 
