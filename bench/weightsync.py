@@ -1,15 +1,24 @@
 """Weight sync through the parameter servers vs plain ZeroMQ; prints one JSON line.
 
-~100 MB fp32 model (100 x 512x512 layers) on 4 shards and 4 workers. full_sync_s: from the
-start of a publish until every worker serves the new version. raw_zmq_s: the same bytes
-moved over plain ZeroMQ PUSH/PULL on loopback in this run (publisher->shards once, then
-shards->each worker: 5 x the model). delta_sync_s: a delta changing one layer (1%).
-failed_requests: requests that failed under a light load during both syncs.
+~105 MB fp32 model (100 x 512x512 layers) on 4 shards and 4 workers, `--rounds` rounds (median
+reported, every figure of a round measured in the same run):
+
+full_sync_s: from the start of a publish of entirely new weights (every piece changes) until
+every worker serves it. raw_zmq_s: the bytes that full sync moved (the publish, plus what the
+shards sent the workers, counted by the shards: 5 x the model) pushed over one plain ZeroMQ
+PUSH/PULL pair on loopback, one receive per frame, nothing hashed or stored. full_ratio =
+full_sync_s / raw_zmq_s (issue 11's target <= 2). delta_sync_s: a delta changing one layer
+(1%); delta_vs_full = delta_sync_s / full_sync_s (target <= 0.1). Each round syncs a full
+version and a delta idle (the ratios), then again under a light request load (one request
+every 20 ms: `*_under_load_s`); failed_requests: requests that failed meanwhile (target 0).
+cpu_s_first_full: CPU seconds each role spent during the first full sync (from /proc).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -31,7 +40,8 @@ from ringserve.worker import demo  # noqa: E402
 EPH = "tcp://127.0.0.1:*"
 
 
-def raw_zmq_seconds(nbytes: int, copies: int, chunk: int = 4 << 20) -> float:
+def raw_zmq_seconds(total: int, chunk: int = 4 << 20) -> float:
+    """Seconds to push `total` bytes in frames of `chunk` bytes over one PUSH/PULL pair on loopback."""
     ctx = zmq.Context()
     pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
     for s in (pull, push):
@@ -39,7 +49,6 @@ def raw_zmq_seconds(nbytes: int, copies: int, chunk: int = 4 << 20) -> float:
     pull.bind("tcp://127.0.0.1:*")
     push.connect(pull.getsockopt_string(zmq.LAST_ENDPOINT))
     payload = memoryview(np.ones(chunk // 4, np.float32)).cast("B")
-    total = nbytes * copies
     got = [0]
 
     def recv():
@@ -62,12 +71,22 @@ def raw_zmq_seconds(nbytes: int, copies: int, chunk: int = 4 << 20) -> float:
     return took
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc; 0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--layers", type=int, default=100)
     p.add_argument("--width", type=int, default=512)
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
     configure_logging("bench", "warning")  # logs to stderr: stdout is the one JSON line
     tmp = Path(tempfile.mkdtemp(prefix="rs-wsync-"))
@@ -96,10 +115,12 @@ def main(argv=None) -> None:
         state = {k: v.numpy().copy() for k, v in demo.stack(args.layers, args.width, seed=1).state_dict().items()}
         nbytes = sum(a.nbytes for a in state.values())
         x = {"x": np.ones((1, args.width), np.float32)}
-        failures, stop = [0], threading.Event()
+        failures, stop, loaded = [0], threading.Event(), threading.Event()
 
         def light_load(client):
             while not stop.is_set():
+                if not loaded.wait(0.05):
+                    continue
                 try:
                     client.infer("big", x, timeout=30)
                 except Exception:
@@ -109,35 +130,62 @@ def main(argv=None) -> None:
         def all_on(version):
             return all(w["models"]["big"].get("version") == version for w in admin.status()["workers"])
 
+        runs: dict[str, list[float]] = {"full": [], "delta": [], "full_loaded": [], "delta_loaded": []}
+        moved, cpu, publish_s, publishes, delta_publishes = [], {}, 0.0, [], []
+        pids = {"publisher": [os.getpid()], "shards": [s.pid for s in shards], "workers": [w.pid for w in workers]}
         with ParamClient(eps) as pc, Client(master.info["frontend"], timeout=60) as c:
-            t0 = time.perf_counter()
-            pc.publish("big", state)
-            publish_s = time.perf_counter() - t0
-            wait_until(lambda: all_on(1), 300, 0.01, "v1 everywhere")
-            full_s = time.perf_counter() - t0
+            def sent_by_shards():  # shards that do not count them (before issue 11): every worker fetched it all
+                hellos = list(pc.hello().values())
+                return sum(h["fetch_bytes"] for h in hellos) if all("fetch_bytes" in h for h in hellos) else None
+
+            def timed_publish(tensors, base=None):
+                version = 1 + max(v for s in pc.versions("big").values() for v in s["versions"] or [0])
+                t0 = time.perf_counter()
+                pc.publish("big", tensors, base=base)
+                publish_s = time.perf_counter() - t0
+                wait_until(lambda: all_on(version), 300, 0.01, f"v{version} everywhere")
+                return time.perf_counter() - t0, publish_s
+
             load = threading.Thread(target=light_load, args=(c,))
             load.start()
-            v2 = dict(state)
-            v2["layers.0.weight"] = state["layers.0.weight"] + 0.01
-            time.sleep(0.5)
-            t0 = time.perf_counter()
-            pc.publish("big", {k: v2[k] for k in ["layers.0.weight"]}, base=1)
-            wait_until(lambda: all_on(2), 300, 0.01, "v2 everywhere")
-            delta_s = time.perf_counter() - t0
-            time.sleep(0.5)
-            t0 = time.perf_counter()
-            pc.publish("big", state)  # a full sync under the light load too
-            wait_until(lambda: all_on(3), 300, 0.01, "v3 everywhere")
-            full_loaded_s = time.perf_counter() - t0
+            k = 0
+            for r in range(args.rounds):
+                for under_load in (False, True):
+                    (loaded.set if under_load else loaded.clear)()
+                    time.sleep(0.5)
+                    k += 1
+                    fresh = {name: a + k for name, a in state.items()}  # every piece changes: a real full sync
+                    before = sent_by_shards()
+                    cpu0 = {role: sum(map(cpu_seconds, ps)) for role, ps in pids.items()}
+                    took, pub = timed_publish(fresh)
+                    if r == 0 and not under_load:
+                        cpu = {role: round(sum(map(cpu_seconds, ps)) - cpu0[role], 2) for role, ps in pids.items()}
+                        publish_s = pub
+                    after = sent_by_shards()
+                    moved.append(nbytes + (after - before if after is not None else nbytes * args.workers))
+                    runs["full_loaded" if under_load else "full"].append(took)
+                    publishes.append(pub)
+                    time.sleep(0.5)
+                    changed = {"layers.0.weight": fresh["layers.0.weight"] + 0.01}
+                    took, pub = timed_publish(changed, base=pc.versions("big")["ps0"]["current"])
+                    runs["delta_loaded" if under_load else "delta"].append(took)
+                    delta_publishes.append(pub)
             stop.set()
             load.join(timeout=60)
-        raw = raw_zmq_seconds(nbytes, 1 + args.workers)
+        raw = [raw_zmq_seconds(total) for total in moved]
+        med = {name: statistics.median(values) for name, values in runs.items()}
+        raw_s = statistics.median(raw)
         print(json.dumps({
-            "model_mb": round(nbytes / 1e6, 1), "shards": args.shards, "workers": args.workers,
-            "full_sync_s": round(full_s, 3), "full_publish_s": round(publish_s, 3),
-            "full_sync_under_load_s": round(full_loaded_s, 3), "raw_zmq_s": round(raw, 3),
-            "full_ratio": round(full_s / raw, 2), "delta_fraction": round(v2["layers.0.weight"].nbytes / nbytes, 4),
-            "delta_sync_s": round(delta_s, 3), "failed_requests": failures[0],
+            "model_mb": round(nbytes / 1e6, 1), "shards": args.shards, "workers": args.workers, "rounds": args.rounds,
+            "full_sync_s": round(med["full"], 3), "full_publish_first_s": round(publish_s, 3),
+            "raw_zmq_s": round(raw_s, 3), "bytes_moved_mb": round(statistics.median(moved) / 1e6, 1),
+            "full_ratio": round(med["full"] / raw_s, 2),
+            "delta_fraction": round(state["layers.0.weight"].nbytes / nbytes, 4), "delta_sync_s": round(med["delta"], 3),
+            "delta_vs_full": round(med["delta"] / med["full"], 3),
+            "full_sync_under_load_s": round(med["full_loaded"], 3),
+            "delta_sync_under_load_s": round(med["delta_loaded"], 3), "failed_requests": failures[0],
+            "cpu_s_first_full": cpu, "full_publish_rounds_s": [round(t, 3) for t in publishes],
+            "delta_publish_rounds_s": [round(t, 3) for t in delta_publishes], **{f"{name}_rounds_s": [round(t, 3) for t in values] for name, values in runs.items()},
         }))
     finally:
         for proc in reversed(procs):

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Mapping
 
 import numpy as np
@@ -33,6 +35,8 @@ from ringserve.protocol.security import Security
 from ringserve.protocol.shardrpc import ShardCallError, ShardRPC
 
 log = structlog.get_logger("ringserve.publish")
+
+HASH_THREADS = min(4, os.cpu_count() or 1)  # threads hashing the pieces of a publish
 
 
 class PublishError(RuntimeError):
@@ -162,9 +166,13 @@ class ParamClient:
         flat = {n: a.reshape(-1) for n, a in arrays.items()}
         requests, sums = {}, []
         replace = {n: [d, list(shp)] for n, (d, shp) in new_layout.items()} if base is not None else None
-        for shard, mine in place(pieces, self.shards).items():
-            frames = [memoryview(np.ascontiguousarray(flat[p.param][p.start:p.stop])).cast("B") for p in mine]
-            items = [[*p.as_list(), hashlib.sha256(f).hexdigest()] for p, f in zip(mine, frames)]
+        placed = place(pieces, self.shards)
+        frames_of = {shard: [memoryview(np.ascontiguousarray(flat[p.param][p.start:p.stop])).cast("B") for p in mine]
+                     for shard, mine in placed.items()}
+        checksums = iter(hash_all([f for frames in frames_of.values() for f in frames]))
+        for shard, mine in placed.items():
+            frames = frames_of[shard]
+            items = [[*p.as_list(), next(checksums)] for p in mine]
             sums += items
             requests[shard] = ({"cmd": "stage", "model": model, "version": version, "base": base, "token": token,
                                 "replace": replace, "pieces": items}, frames)
@@ -231,6 +239,14 @@ class ParamClient:
             self.rpc.call_all({"cmd": "rollback", "model": model, "version": version})
         except ShardCallError as exc:
             raise PublishError(f"rollback of {model!r} to v{version} failed: {exc}") from None
+
+
+def hash_all(buffers: list) -> list[str]:
+    """sha256 of each buffer, on up to HASH_THREADS threads (hashlib releases the GIL on large buffers)."""
+    if len(buffers) < 2 or HASH_THREADS < 2:
+        return [hashlib.sha256(b).hexdigest() for b in buffers]
+    with ThreadPoolExecutor(min(HASH_THREADS, len(buffers))) as pool:
+        return list(pool.map(lambda b: hashlib.sha256(b).hexdigest(), buffers))
 
 
 def _why(reply: tuple[dict, list] | None) -> tuple[str | None, str]:

@@ -2,7 +2,8 @@
 
 A role that binds sockets prints one line ``RINGSERVE_READY {json}`` on stdout once bound
 (ephemeral ports included), so whoever started it learns its endpoints without guessing.
-Each child runs in its own session, so stop() can always take down the whole group.
+Each child runs in its own session, so stop() can always take down the whole group, with
+huge pages for glibc's large buffers (launch/memory.py's `large_buffer_env`).
 After the ready line a daemon thread keeps reading the child's stdout (copying it to the log),
 so a child that prints a lot never blocks on a full pipe.
 """
@@ -19,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ringserve.launch.memory import large_buffer_env
+
 READY_PREFIX = "RINGSERVE_READY "
 
 
@@ -34,7 +37,7 @@ class RoleProcess:
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen([sys.executable, "-m", module, *self.args], stdout=subprocess.PIPE,
                                      stderr=self._log, start_new_session=True,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **large_buffer_env(), **(env or {})})
         self.info: dict = {}
         self._pump: threading.Thread | None = None
         if wait_ready:

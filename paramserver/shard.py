@@ -1,9 +1,12 @@
 """One parameter-server shard: a ROUTER for commands, a PUB for announcements (Clone pattern).
 
 Commands ([RSP01][msgpack header][tensor frames...]): hello (state snapshot), stage (receive
-this shard's pieces of a new version, checksums verified), commit (make it durable and
-current), abort, revert (undo a commit of a publish that failed elsewhere), fetch (send a
-version's pieces), rollback (make an older version current).
+this shard's pieces of a new version, checksums verified, pieces not stored yet written to
+disk, invisible), commit (write its manifest: durable and current), abort, revert (undo a
+commit of a publish that failed elsewhere), fetch (send a version's manifest, or its pieces
+or some of them: workers keep several fetches in flight), rollback (make an older version
+current). Storage is content-addressed (paramserver/store.py): a delta writes only its
+changed pieces.
 Each commit or rollback is announced on the PUB with a sequence number; a heartbeat
 announcement repeats the current state every interval, so a subscriber that joined late or
 saw a gap asks for a snapshot (hello) instead of trusting what it missed.
@@ -31,7 +34,7 @@ import structlog
 import zmq
 
 from ringserve.paramserver.metrics import ShardMetrics
-from ringserve.paramserver.store import ShardStore, Slice, sha256
+from ringserve.paramserver.store import ShardStore, Slice, is_checksum, sha256
 from ringserve.protocol.codec import SUPPORTED_DTYPES, pack, unpack_map
 from ringserve.protocol.messages import SHARD_COMMANDS, SHARD_PROTO, ErrorCode, ProtocolError, error_body
 from ringserve.protocol.placement import Piece
@@ -66,6 +69,7 @@ class Stage:
     token: str
     created: float
     nbytes: int  # bytes received for this stage (pieces shared with the base are not counted)
+    written: dict = field(default_factory=dict)  # pieces and bytes written to disk on arrival
 
 
 class Shard:
@@ -93,11 +97,13 @@ class Shard:
         self.boot = uuid.uuid4().hex[:12]
         self.seq = 0
         self.staging: dict[tuple[str, int, str], Stage] = {}  # (model, version, token) -> stage
+        self.store.pinned = self._staged_checksums  # pieces a stage wrote survive a collect until it ends
         self.replies_dropped = 0
         self.stopping = False
         self.last_announce = 0.0
         self.metrics = ShardMetrics(cfg.name)
         self.refused = 0  # commands from a key whose role may not run them (answered with nothing)
+        self.fetch_bytes = 0  # weight bytes sent in fetch replies since start
 
     def run(self) -> None:
         log.info("shard_started", shard=self.cfg.name, endpoint=self.endpoint, pub=self.pub_endpoint,
@@ -153,7 +159,9 @@ class Shard:
         self.metrics.on_command(cmd or "invalid", "ok" if reply.get("ok") else reply.get("error", {}).get("code", "?"),
                                 time.monotonic() - started)
         if out:
-            self.metrics.on_fetch(sum(memoryview(f).nbytes for f in out))
+            sent = sum(memoryview(f).nbytes for f in out)
+            self.metrics.on_fetch(sent)
+            self.fetch_bytes += sent
         try:  # never block: a peer that does not read its replies loses them, nobody else waits
             self.router.send_multipart([ident, SHARD_PROTO, pack(reply), *out], zmq.NOBLOCK, copy=False)
         except zmq.ZMQError as exc:
@@ -170,9 +178,14 @@ class Shard:
                 "fallback": dict(self.store.fallback), "announce_interval": self.cfg.announce_interval,
                 "staging": {"stages": len(self.staging), "bytes": self.staging_bytes(),
                             "max_bytes": self.cfg.max_staging_bytes, "ttl_s": self.cfg.staging_ttl},
-                "replies_dropped": self.replies_dropped}
+                "replies_dropped": self.replies_dropped, "fetch_bytes": self.fetch_bytes,
+                "store": {"written": dict(self.store.written), "last_commit": dict(self.store.last_commit),
+                          "pieces": {m: len(c) for m, c in self.store.stored.items()}}}
 
     # --------------------------------------------------------------- staging
+    def _staged_checksums(self, model: str) -> set[str]:
+        return {c for (m, _, _), st in self.staging.items() if m == model for c in st.slice.checksums.values()}
+
     def staging_bytes(self) -> int:
         return sum(st.nbytes for st in self.staging.values())
 
@@ -180,6 +193,7 @@ class Shard:
         for key, st in list(self.staging.items()):
             if now - st.created > self.cfg.staging_ttl:
                 del self.staging[key]
+                self.store.collect(key[0])
                 log.warning("stage_expired", model=key[0], version=key[1], token=key[2], bytes=st.nbytes,
                             age_s=round(now - st.created, 1))
 
@@ -235,7 +249,11 @@ class Shard:
             problem = delta_problem(base_slice, replace)
             if problem:
                 return error_body(None, ErrorCode.BAD_REQUEST, f"delta on v{base} of {model!r}: {problem}")
-        self.staging[(model, version, token)] = Stage(sl, token, time.monotonic(), nbytes)
+        replaced = self.staging.pop((model, version, token), None)
+        written = self.store.write_pieces(model, sl)  # durable now, visible only once a manifest names them
+        self.staging[(model, version, token)] = Stage(sl, token, time.monotonic(), nbytes, written)
+        if replaced is not None:
+            self.store.collect(model)  # what only the replaced stage wrote
         return {"ok": True, "staged": len(items), "layout": layout(sl)}
 
     def on_commit(self, header: dict, frames) -> dict:
@@ -252,13 +270,16 @@ class Shard:
                                                                f"by this publisher (expired or aborted?)")
         if stage.slice.digest != digest:
             raise ProtocolError("commit 'digest' differs from the staged one")
-        self.store.commit(model, stage.slice)
+        wrote = self.store.commit(model, stage.slice, stage.written)
         self._announce("commit", model, version)
-        log.info("version_committed", model=model, version=version, pieces=len(stage.slice.pieces), token=token)
+        log.info("version_committed", model=model, version=version, pieces=len(stage.slice.pieces), token=token,
+                 pieces_written=wrote["pieces"], bytes_written=wrote["bytes"])
         return {"ok": True}
 
     def on_abort(self, header: dict, frames) -> dict:
-        self.staging.pop((_model(header), _version(header), _token(header)), None)
+        model = _model(header)
+        if self.staging.pop((model, _version(header), _token(header)), None) is not None:
+            self.store.collect(model)  # its pieces, written on arrival, are not kept
         return {"ok": True}
 
     def on_revert(self, header: dict, frames) -> dict:
@@ -295,9 +316,9 @@ class Shard:
         sl = self.store.slices.get(model, {}).get(version)
         if sl is None:
             return error_body(None, ErrorCode.UNKNOWN_VERSION, f"shard {self.cfg.name} has no {model!r} v{version}")
-        manifest = [[*sl.pieces[k].as_list(), sl.checksums[k]] for k in sl.pieces]
         if header.get("manifest_only"):  # what the version is made of, so a worker fetches only what changed
-            return {"ok": True, "model": model, "version": version, "manifest": manifest}
+            return {"ok": True, "model": model, "version": version,
+                    "manifest": [[*sl.pieces[k].as_list(), sl.checksums[k]] for k in sl.pieces]}
         wanted_set = None if wanted is None else set(wanted)
         keys = [k for k in sl.pieces if wanted_set is None or k in wanted_set]
         return ({"ok": True, "model": model, "version": version,
@@ -309,14 +330,16 @@ class Shard:
         if version not in self.store.slices.get(model, {}):
             return error_body(None, ErrorCode.UNKNOWN_VERSION, f"shard {self.cfg.name} has no {model!r} v{version}")
         self.store.set_current(model, version)
+        self.store.collect(model)
         self._announce("rollback", model, version)
         log.info("version_rolled_back", model=model, version=version)
         return {"ok": True}
 
     def _refresh_metrics(self) -> None:
         slices = self.store.slices
-        self.metrics.refresh({m: len(v) for m, v in slices.items()}, dict(self.store.current),
-                             sum(a.nbytes for by_v in slices.values() for sl in by_v.values() for a in sl.data.values()))
+        unique = {(m, sl.checksums[k]): a.nbytes for m, by_v in slices.items() for sl in by_v.values()
+                  for k, a in sl.data.items()}  # a piece several versions share is stored once
+        self.metrics.refresh({m: len(v) for m, v in slices.items()}, dict(self.store.current), sum(unique.values()))
 
     def _announce(self, kind: str, model: str, version: int | None) -> None:
         if kind != "hugz":
@@ -373,8 +396,8 @@ def _piece(item: object) -> tuple[Piece, str]:
     ints = all(isinstance(x, int) and not isinstance(x, bool) for x in (start, stop))
     if not ints or not 0 <= start <= stop <= numel:
         raise ProtocolError(f"piece {key}: range [{start}, {stop}) outside the {numel} elements")
-    if not isinstance(checksum, str):
-        raise ProtocolError(f"piece {key}: sha256 must be a hex string")
+    if not is_checksum(checksum):
+        raise ProtocolError(f"piece {key}: sha256 must be 64 lowercase hex digits")
     return Piece(key, param, dtype, tuple(shape), start, stop), checksum
 
 

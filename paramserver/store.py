@@ -1,13 +1,29 @@
-"""Durable storage of one shard's slices: one safetensors file + one manifest per version.
+"""Durable storage of one shard's slices: content-addressed pieces + one manifest per version.
 
-Write path: serialize, write to a temporary name, fsync, rename, fsync the directory, so a
-SIGKILL at any moment leaves either the old state or the new one. The manifest holds the
-sha256 of the file and of every piece, the version's content digest (what a second publisher
-of the same version number is compared with), and `meta_sha256`, a checksum of the manifest
-itself; anything that does not match, or cannot be read at all, is marked corrupt and never
-served, and the shard still starts. `current.json` keeps the history of current versions, so
-a corrupt current version falls back to the one that was current before it (recorded in
-`fallback`), never to a newer one that may have been rolled back on purpose.
+Layout of ``<data-dir>/<model>/``: ``pieces/<sha256>`` holds the raw bytes of one piece, named
+by its checksum, so a piece that two versions share is stored (and read, and checked) once;
+``v<N>.manifest.json`` lists a version's pieces ([key, param, dtype, shape, start, stop,
+sha256]), the version's content digest (what a second publisher of the same version number
+is compared with) and `meta_sha256`, a checksum of the manifest itself; ``current.json`` keeps
+the history of current versions.
+
+Write path: only pieces not stored yet are written (a delta writes its changed pieces plus a
+small manifest), each to a temporary name, fsynced, renamed, then the pieces directory is
+fsynced. The shard does this when a stage arrives (so the disk works while the other shards
+receive theirs, and a commit is quick); a commit writes whatever is still missing, then the
+manifest the same way (last: it marks the version done), so a SIGKILL at any moment leaves
+either the old state or the new one; pieces no manifest names are invisible. After a
+commit, rollback, revert, abort or expired stage, versions beyond `keep` are dropped and piece
+files that neither a kept version nor a live stage references are deleted (temporary files a
+crash left behind go at start).
+
+Read path (start): every piece a manifest names is read once and checked against its name;
+a version with a manifest that fails its own checksum, a piece missing or failing its
+checksum, or anything unreadable is marked corrupt and never served, and the shard still
+starts. A corrupt current version falls back to the one that was current before it (recorded
+in `fallback`), never to a newer one that may have been rolled back on purpose. Data dirs
+written by the earlier format (one ``v<N>.safetensors`` per version, `file_sha256` in its
+manifest) are still read; new commits use pieces.
 """
 from __future__ import annotations
 
@@ -20,13 +36,14 @@ from pathlib import Path
 import numpy as np
 import structlog
 from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 
 from ringserve.protocol.placement import Piece
 
 log = structlog.get_logger("ringserve.paramserver.store")
 
 HISTORY = 16  # earlier current versions remembered per model (for falling back)
+PIECES = "pieces"  # sub-directory of a model's directory holding the content-addressed pieces
+FORMAT = 2  # manifest format: 2 = content-addressed pieces (1, no "format" field: one safetensors file)
 
 
 def meta_checksum(manifest: dict) -> str:
@@ -37,6 +54,11 @@ def meta_checksum(manifest: dict) -> str:
 
 def sha256(buf) -> str:
     return hashlib.sha256(buf).hexdigest()
+
+
+def is_checksum(text: object) -> bool:
+    """A lowercase sha256 hex digest (also the only file name a piece may have)."""
+    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 @dataclass
@@ -57,6 +79,14 @@ class CorruptVersion(Exception):
     pass
 
 
+def _fsync_dir(path: Path) -> None:
+    dfd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
 def _atomic_write(path: Path, payload: bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -64,11 +94,7 @@ def _atomic_write(path: Path, payload: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    _fsync_dir(path.parent)
 
 
 def fallback_version(corrupt: int, history: list[int], good: set[int]) -> int | None:
@@ -76,6 +102,12 @@ def fallback_version(corrupt: int, history: list[int], good: set[int]) -> int | 
     current version that is older than it and readable. Never a newer one: a newer version in
     the history was current before a rollback, i.e. rolled back on purpose."""
     return next((v for v in reversed(history) if v < corrupt and v in good), None)
+
+
+def unreferenced(stored: set[str], slices: dict) -> set[str]:
+    """Piece files (checksums) that no kept version of a model references: safe to delete."""
+    used = {c for sl in slices.values() for c in sl.checksums.values()}
+    return stored - used
 
 
 class ShardStore:
@@ -88,21 +120,67 @@ class ShardStore:
         self.history: dict[str, list[int]] = {}  # model -> earlier current versions, oldest first
         self.corrupt: dict[str, dict[int, str]] = {}
         self.fallback: dict[str, dict] = {}  # model -> {"from", "to", "why"} when a corrupt current was replaced
+        self.stored: dict[str, set[str]] = {}  # model -> checksums of the piece files on disk
+        self.written = {"pieces": 0, "bytes": 0}  # piece files written since start (stages and commits)
+        self.last_commit = {"pieces": 0, "bytes": 0, "shared": 0}  # the last commit's writes
+        self.pinned = lambda model: set()  # checksums a collect must keep besides kept versions' (live stages)
 
     # --------------------------------------------------------------- writing
-    def commit(self, model: str, sl: Slice) -> None:
+    def write_pieces(self, model: str, sl: Slice) -> dict:
+        """Make the pieces of `sl` not stored yet durable (temporary name, fsync, rename, fsync of
+        the directory); no manifest names them yet, so until a commit they are invisible (and a
+        collect removes them). Returns {"pieces", "bytes"} written."""
+        pdir = self.root / model / PIECES
+        pdir.mkdir(parents=True, exist_ok=True)
+        stored = self.stored.setdefault(model, set())
+        todo = {}  # checksum -> array, each new content written once
+        for k, c in sl.checksums.items():
+            if c not in stored and c not in todo:
+                todo[c] = sl.data[k]
+        tmps = []
+        try:
+            for c, arr in todo.items():  # write everything, then fsync: the disk works on all of it at once
+                f = open(pdir / f"{c}.tmp", "wb")
+                tmps.append((c, f))
+                f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+            for _c, f in tmps:
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            for c, f in tmps:  # a full disk, say: leave nothing half written behind
+                f.close()
+                (pdir / f"{c}.tmp").unlink(missing_ok=True)
+            raise
+        finally:
+            for _, f in tmps:
+                f.close()
+        for c, _ in tmps:
+            os.replace(pdir / f"{c}.tmp", pdir / c)
+        if tmps:
+            _fsync_dir(pdir)
+        stored.update(todo)
+        nbytes = sum(a.nbytes for a in todo.values())
+        self.written["pieces"] += len(todo)
+        self.written["bytes"] += nbytes
+        return {"pieces": len(todo), "bytes": nbytes}
+
+    def commit(self, model: str, sl: Slice, early: dict | None = None) -> dict:
+        """Make `sl` durable and current: write the pieces not stored yet, then its manifest.
+        `early`: what write_pieces wrote for it at stage time. Returns {"pieces", "bytes",
+        "shared"}: what was written for this version, how many of its pieces were stored before."""
         d = self.root / model
-        d.mkdir(parents=True, exist_ok=True)
-        payload = st_save({k: np.ascontiguousarray(v) for k, v in sl.data.items()}) if sl.data else b""
-        manifest = {"model": model, "version": sl.version, "file_sha256": sha256(payload), "digest": sl.digest,
+        now = self.write_pieces(model, sl)  # nothing left to write when the stage wrote them already
+        wrote = {k: now[k] + (early or {}).get(k, 0) for k in ("pieces", "bytes")}
+        manifest = {"model": model, "version": sl.version, "format": FORMAT, "digest": sl.digest,
                     "pieces": [[*p.as_list(), sl.checksums[k]] for k, p in sl.pieces.items()]}
         manifest["meta_sha256"] = meta_checksum(manifest)
-        _atomic_write(d / f"v{sl.version}.safetensors", payload)
         _atomic_write(d / f"v{sl.version}.manifest.json", json.dumps(manifest).encode())  # last: marks it done
         self.slices.setdefault(model, {})[sl.version] = sl
         self.corrupt.get(model, {}).pop(sl.version, None)
         self.set_current(model, sl.version)
         self._prune(model)
+        self.last_commit = {**wrote, "shared": max(0, len(set(sl.checksums.values())) - wrote["pieces"])}
+        return dict(self.last_commit)
 
     def set_current(self, model: str, version: int | None, remember: bool = True) -> None:
         """Make `version` current (None: no current version); the old one goes to the history."""
@@ -116,6 +194,7 @@ class ShardStore:
         else:
             self.current[model] = version
         self.fallback.pop(model, None)
+        (self.root / model).mkdir(parents=True, exist_ok=True)
         _atomic_write(self.root / model / "current.json", json.dumps({"version": version, "history": hist}).encode())
 
     def revert(self, model: str, version: int, previous: int | None) -> None:
@@ -127,6 +206,11 @@ class ShardStore:
                 hist.pop()
             self.set_current(model, previous, remember=False)
         self.slices.get(model, {}).pop(version, None)
+        self._forget(model, version)
+        self.collect(model)
+
+    def _forget(self, model: str, version: int) -> None:
+        """Delete a version's files; the manifest first, so a crash never leaves a manifest without data."""
         for suffix in (".manifest.json", ".safetensors"):
             (self.root / model / f"v{version}{suffix}").unlink(missing_ok=True)
 
@@ -136,8 +220,19 @@ class ShardStore:
             if v == self.current.get(model):
                 continue
             del self.slices[model][v]
-            for suffix in (".manifest.json", ".safetensors"):
-                (self.root / model / f"v{v}{suffix}").unlink(missing_ok=True)
+            self._forget(model, v)
+        self.collect(model)
+
+    def collect(self, model: str) -> int:
+        """Delete the piece files no kept version references (nor a live stage: `pinned`);
+        returns how many were deleted."""
+        pdir = self.root / model / PIECES
+        stored = self.stored.setdefault(model, set())
+        gone = unreferenced(stored, self.slices.get(model, {})) - self.pinned(model)
+        for c in gone:
+            (pdir / c).unlink(missing_ok=True)
+        stored -= gone
+        return len(gone)
 
     # --------------------------------------------------------------- reading
     def load_all(self) -> None:
@@ -149,8 +244,22 @@ class ShardStore:
             except Exception as exc:  # noqa: BLE001 - whatever is on disk, the shard starts
                 log.error("model_unreadable", model=d.name, error=f"{type(exc).__name__}: {exc}")
 
+    def _scan_pieces(self, model: str, d: Path) -> None:
+        """Note the piece files on disk; drop temporary files a crash left behind."""
+        stored = self.stored.setdefault(model, set())
+        pdir = d / PIECES
+        if not pdir.is_dir():
+            return
+        for f in pdir.iterdir():
+            if f.name.endswith(".tmp"):
+                f.unlink(missing_ok=True)
+            elif is_checksum(f.name):
+                stored.add(f.name)
+
     def _load_model(self, d: Path) -> None:
         model = d.name
+        self._scan_pieces(model, d)
+        cache: dict[str, np.ndarray | str] = {}  # checksum -> bytes read and checked (or why not), read once
         for mf in sorted(d.glob("v*.manifest.json")):
             try:
                 version = int(mf.name[1:].split(".")[0])
@@ -158,7 +267,7 @@ class ShardStore:
                 log.warning("stray_file_ignored", model=model, file=mf.name)
                 continue
             try:
-                self.slices.setdefault(model, {})[version] = self._read(d, version, mf)
+                self.slices.setdefault(model, {})[version] = self._read(d, version, mf, cache)
             except Exception as exc:  # noqa: BLE001 - a version we cannot read is corrupt, not fatal
                 why = (str(exc) if isinstance(exc, CorruptVersion)
                        else f"v{version}: unreadable ({type(exc).__name__}: {exc})")
@@ -184,16 +293,52 @@ class ShardStore:
                 self.current[model] = back
                 del hist[max(i for i, v in enumerate(hist) if v == back):]
             log.error("current_version_corrupt_fell_back", model=model, version=wanted, now=back, why=why)
-        log.info("model_loaded_from_disk", model=model, versions=sorted(good), current=self.current.get(model))
+        log.info("model_loaded_from_disk", model=model, versions=sorted(good), current=self.current.get(model),
+                 pieces=len(self.stored.get(model, ())))
 
-    def _read(self, d: Path, version: int, mf: Path) -> Slice:
+    def _read(self, d: Path, version: int, mf: Path, cache: dict) -> Slice:
         try:
             manifest = json.loads(mf.read_text())
-            payload = (d / f"v{version}.safetensors").read_bytes()
         except (OSError, ValueError) as exc:
             raise CorruptVersion(f"v{version}: unreadable ({exc})") from None
         if not isinstance(manifest, dict) or manifest.get("meta_sha256") != meta_checksum(manifest):
             raise CorruptVersion(f"v{version}: manifest fails its own checksum (torn or edited)")
+        if manifest.get("format") != FORMAT:
+            return self._read_single_file(d, version, manifest)
+        sl = Slice(version, digest=str(manifest.get("digest", "")))
+        for item in manifest["pieces"]:
+            piece, checksum = Piece.from_list(item[:6]), item[6]
+            if not is_checksum(checksum):
+                raise CorruptVersion(f"v{version}: piece {piece.key} has no valid checksum")
+            if checksum not in cache:
+                cache[checksum] = self._read_piece(d / PIECES / checksum, checksum)
+            raw = cache[checksum]
+            if isinstance(raw, str):
+                raise CorruptVersion(f"v{version}: piece {piece.key}: {raw}")
+            itemsize = np.dtype(piece.dtype).itemsize
+            if raw.nbytes != (piece.stop - piece.start) * itemsize:
+                raise CorruptVersion(f"v{version}: piece {piece.key}: {raw.nbytes} bytes, expected "
+                                     f"{(piece.stop - piece.start) * itemsize}")
+            sl.pieces[piece.key], sl.data[piece.key], sl.checksums[piece.key] = piece, raw.view(piece.dtype), checksum
+        return sl
+
+    @staticmethod
+    def _read_piece(path: Path, checksum: str) -> np.ndarray | str:
+        """The bytes of one piece file, checked against its checksum; a string saying why not."""
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            return f"piece file missing or unreadable ({type(exc).__name__})"
+        if sha256(raw) != checksum:
+            return f"checksum mismatch for piece file {checksum[:16]}... (torn or corrupt file)"
+        return np.frombuffer(raw, dtype=np.uint8)
+
+    def _read_single_file(self, d: Path, version: int, manifest: dict) -> Slice:
+        """A version written by the earlier format: one safetensors file, its sha256 in the manifest."""
+        try:
+            payload = (d / f"v{version}.safetensors").read_bytes()
+        except OSError as exc:
+            raise CorruptVersion(f"v{version}: unreadable ({exc})") from None
         if sha256(payload) != manifest.get("file_sha256"):
             raise CorruptVersion(f"v{version}: checksum mismatch for v{version}.safetensors (torn or corrupt file)")
         arrays = st_load(payload) if payload else {}

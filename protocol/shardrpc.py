@@ -1,7 +1,9 @@
 """Calling parameter-server shards in parallel: one DEALER per shard, replies matched by rid.
 
-Used by the publisher (client/) and by the worker's weight sync (worker/). A shard that does
-not answer in time gets a fresh socket, so nothing queued for it is delivered late.
+Used by the publisher (client/) and by the worker's weight sync (worker/), whose pipelined
+piece fetch (worker/sync.py `fetch_into`) sends on these sockets itself, several requests in
+flight, with rids from `next_rid`. A shard that does not answer in time gets a fresh socket
+(`reopen`), so nothing queued for it is delivered late.
 """
 from __future__ import annotations
 
@@ -33,6 +35,13 @@ class ShardRPC:
         self._rids = itertools.count(1)
         for name in self.shards:
             self._open(name)
+
+    def next_rid(self) -> int:
+        return next(self._rids)
+
+    def reopen(self, name: str) -> None:
+        """A fresh socket for `name`: replies still owed on the old one are never delivered."""
+        self._open(name)
 
     def _open(self, name: str) -> None:
         old = self.socks.get(name)

@@ -36,3 +36,25 @@ def run_local(*args: str, timeout: float = 150) -> tuple[int, str, str]:
             proc.terminate()
             proc.communicate(timeout=30)
     return proc.returncode, stdout, stderr
+
+
+def version_piece_file(model_dir, version: int):
+    """The largest piece file (paramserver/store.py's pieces/<sha256>) that version `version`
+    of the model in `model_dir` references and no other version on disk does."""
+    import json
+    from pathlib import Path
+
+    d = Path(model_dir)
+    mine = {item[6] for item in json.loads((d / f"v{version}.manifest.json").read_text())["pieces"]}
+    others = {item[6] for mf in d.glob("v*.manifest.json") if mf.name != f"v{version}.manifest.json"
+              for item in json.loads(mf.read_text()).get("pieces", [])}
+    return max((d / "pieces" / c for c in mine - others), key=lambda p: p.stat().st_size)
+
+
+def flip_a_byte(path) -> None:
+    """Corrupt a file in place (one byte in the middle), as a torn write or bit rot would."""
+    from pathlib import Path
+
+    raw = bytearray(Path(path).read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    Path(path).write_bytes(bytes(raw))

@@ -12,7 +12,7 @@ from ringserve.client.admin import AdminClient
 from ringserve.client.params import ParamClient, PublishError, changed_tensors
 from ringserve.launch.procs import wait_for_workers, wait_until
 from ringserve.protocol.placement import owner, place, plan, ring
-from helpers import expected, mlp_state, shard_list
+from helpers import expected, flip_a_byte, mlp_state, shard_list, version_piece_file
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -162,10 +162,7 @@ def test_shard_restart_keeps_versions_and_refuses_corruption(cluster):
                                        rtol=1e-4, atol=1e-5)
         restarted.signal(signal.SIGKILL)
         restarted.wait(5)
-        path = cluster.tmp / "ps0" / "mlp" / "v2.safetensors"
-        raw = bytearray(path.read_bytes())
-        raw[len(raw) // 2] ^= 0xFF
-        path.write_bytes(bytes(raw))
+        flip_a_byte(version_piece_file(cluster.tmp / "ps0" / "mlp", 2))
         cluster._start("ringserve.launch.ps", ["--name", "ps0", "--data-dir", str(cluster.tmp / "ps0"), "--bind",
                                      info["endpoint"], "--pub", info["pub"], "--announce-interval", "0.2"],
                        "ps0-corrupt")

@@ -30,7 +30,7 @@ from ringserve.worker.batching import Batcher
 from ringserve.worker.compute import ComputeThread
 from ringserve.worker.loader import ServedModel, WeightsRefused, check_state, layout_of, parse_model_arg
 from ringserve.worker.sync import WeightSync, assemble, next_backoff
-from helpers import expected, mlp_state, shard_list
+from helpers import expected, flip_a_byte, mlp_state, shard_list, version_piece_file
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -446,9 +446,7 @@ def test_manifest_is_checksummed_and_corrupt_current_falls_back_to_its_predecess
     m1 = json.loads((d / "v1.manifest.json").read_text())
     m1["pieces"][0][3] = [7]  # an edited shape: the piece checksums still match
     (d / "v1.manifest.json").write_text(json.dumps(m1))
-    raw = bytearray((d / "v2.safetensors").read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    (d / "v2.safetensors").write_bytes(bytes(raw))
+    flip_a_byte(version_piece_file(d, 2))
     cluster.start_shards(1, endpoints=where)
     with ParamClient(eps, timeout=3.0) as pc:
         hello = pc.hello()["ps0"]
@@ -466,9 +464,7 @@ def test_corrupt_current_falls_back_to_the_version_current_before_it(cluster):
     where = {"ps0": dict(cluster.shards["ps0"].info)}
     cluster.shards["ps0"].stop()
     d = cluster.tmp / "ps0" / "mlp"
-    raw = bytearray((d / "v2.safetensors").read_bytes())
-    raw[len(raw) // 2] ^= 0xFF
-    (d / "v2.safetensors").write_bytes(bytes(raw))
+    flip_a_byte(version_piece_file(d, 2))
     cluster.start_shards(1, endpoints=where)
     with ParamClient(eps, timeout=3.0) as pc:
         hello = pc.hello()["ps0"]

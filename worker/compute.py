@@ -68,7 +68,8 @@ class ComputeThread(threading.Thread):
         super().__init__(name="ringserve-compute", daemon=True)
         self.ctx, self.results_endpoint, self.models, self.batcher = ctx, results_endpoint, models, batcher
         batcher.configure({name: m.batching for name, m in models.items()})  # per-model limits, ragged inputs
-        self.inbox: queue.Queue[list[WorkItem]] = queue.Queue()  # one list per REQUEST message
+        # One list of WorkItems per REQUEST message; an empty list only ends an idle wait (wake).
+        self.inbox: queue.Queue[list[WorkItem]] = queue.Queue()
         self.swaps: queue.Queue[tuple[str, object, int]] = queue.Queue()  # (model, built module, version)
         self.stats = BatchStats()
         self.metrics = metrics or WorkerMetrics()
@@ -99,6 +100,10 @@ class ComputeThread(threading.Thread):
                     self._take_inbox(block_s=IDLE_WAIT_S if wait is None else min(wait, IDLE_WAIT_S))
         finally:
             self.push.close(linger=0)
+
+    def wake(self) -> None:
+        """Stop waiting for requests now (a swap is queued): any thread may call this."""
+        self.inbox.put([])
 
     def _take_inbox(self, block_s: float | None) -> None:
         try:

@@ -14,8 +14,9 @@ its rows per batch; 1 when it must never be batched).
 
 Weights are all-or-nothing: a candidate state dict is checked whole against the module's
 layout (`check_state`, a pure function), then a complete new module is built off to the side
-(`build_shadow`, on the weight-sync thread: load, dtype/int8, device), and the compute thread
-only swaps one reference (`install`). The live module is never written to.
+(`build_shadow`, on the weight-sync thread: the live module's structure taking the new
+tensors as its own, converted to the served dtype/device where they differ; int8 rebuilt), and
+the compute thread only swaps one reference (`install`). The live module is never written to.
 """
 from __future__ import annotations
 
@@ -64,6 +65,12 @@ def input_error(exc: BaseException) -> str | None:
     if isinstance(exc, RuntimeError) and any(k in first.lower() for k in _SHAPE_ERRORS):
         return f"inputs do not fit the model (lengths or shapes disagree?): {first}"
     return None
+
+
+def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """`t` on `ref`'s device (and in its dtype, for floating tensors): `t` itself when it already is."""
+    dtype = ref.dtype if t.is_floating_point() and ref.is_floating_point() else t.dtype
+    return t.to(device=ref.device, dtype=dtype)
 
 
 class WeightsRefused(ValueError):
@@ -346,15 +353,22 @@ class ServedModel:
     def build_shadow(self, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
         """A complete new module with `state`, ready to serve (dtype, int8, device): built off to
         the side, on the caller's thread (weight sync), so the compute thread only swaps a reference.
-        Raises WeightsRefused (and touches nothing live) when `state` does not fit the module."""
+        Raises WeightsRefused (and touches nothing live) when `state` does not fit the module.
+
+        Without int8, the new module is a copy of the live one's structure whose tensors are
+        `state`'s own (converted to the served dtype and device only where they differ): no
+        copy of the weights at all on CPU in the served dtype. The caller must never write to
+        `state`'s tensors afterwards (weight sync never does: a new version gets new arrays)."""
         state = self._fit(state)
-        module = self._copy_live() if self.opts.quantize is None else None
-        if module is not None:  # a copy of the live module (in dtype, on device): copy_ converts and moves
-            module.load_state_dict(state, strict=True)
-        else:  # quantized modules (or ones that cannot be copied) are rebuilt from float weights
-            module = build_module(self.opts.spec, self.opts.kwargs)
-            module.load_state_dict(state, strict=True)  # into the fresh module only
-            module = self._prepare(module)
+        module = self._with_tensors(state) if self.opts.quantize is None else None
+        if module is None:
+            module = self._copy_live() if self.opts.quantize is None else None
+            if module is not None:  # a copy of the live module (in dtype, on device): copy_ converts and moves
+                module.load_state_dict(state, strict=True)
+            else:  # quantized modules (or ones that cannot be copied) are rebuilt from float weights
+                module = build_module(self.opts.spec, self.opts.kwargs)
+                module.load_state_dict(state, strict=True)  # into the fresh module only
+                module = self._prepare(module)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the copy is done before anyone can run it
         return module
@@ -367,6 +381,32 @@ class ServedModel:
             self.ignored_keys = ignored
         check_state(self.layout, state)
         return state
+
+    def _with_tensors(self, state: Mapping[str, torch.Tensor]) -> torch.nn.Module | None:
+        """A deep copy of the live module's structure whose state tensors are `state`'s own
+        (converted only where the served dtype or device differs): the live tensors are mapped to
+        placeholders on the meta device (no memory, nothing copied), then replaced with
+        load_state_dict(assign=True). None when there is no live module, one tensor serves under
+        two names (tied weights: assigning would untie them), or anything here fails (the caller
+        then copies into a full copy, as before)."""
+        if self.module is None:
+            return None
+        try:
+            live = self.module.state_dict(keep_vars=True)
+            if len({id(t) for t in live.values()}) != len(live) or not all(isinstance(t, torch.Tensor)
+                                                                             for t in live.values()):
+                return None
+            memo = {id(t): (torch.nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+                            if isinstance(t, torch.nn.Parameter) else torch.empty_like(t, device="meta"))
+                    for t in live.values()}
+            module = copy.deepcopy(self.module, memo)
+            module.load_state_dict({k: _like(v, live[k]) for k, v in state.items()}, strict=True, assign=True)
+            if any(t.is_meta for t in module.state_dict().values()):
+                return None
+            return module
+        except Exception as exc:  # noqa: BLE001 - fall back to copying into a full copy
+            log.warning("assign_build_failed_copying", model=self.name, error=f"{type(exc).__name__}: {exc}")
+            return None
 
     def _copy_live(self) -> torch.nn.Module | None:
         """A deep copy of the live module (only read, never written): about half the cost of the

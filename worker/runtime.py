@@ -31,5 +31,5 @@ def build_worker(args, security: Security | None = None) -> WorkerAgent:
     agent = WorkerAgent(cfg, models)
     if args.paramservers:
         agent.sync = WeightSync(agent.ctx, parse_shards(args.paramservers), models, agent.compute.swaps,
-                                security=cfg.security)
+                                security=cfg.security, wake=agent.compute.wake)
     return agent

@@ -4,9 +4,13 @@ Clone pattern: a SUB socket hears every shard's announcements (commit, rollback,
 periodic heartbeat with the current state). A sequence gap, a shard restart (new boot id) or
 a shard not heard from yet makes the worker ask that shard for a snapshot (hello). A model
 switches to version V only when *every* shard says V is current (a half-done publish stays
-invisible). Then the pieces are fetched from all shards in parallel, checksummed, assembled
-beside the live weights, checked whole against the module and built into a complete new
-module here (dtype, int8, device), which the compute thread swaps in between batches.
+invisible). Then the manifests are checked (tiling, shapes the module's) before anything is
+allocated, and only the pieces whose checksum changed are fetched: from all shards at once,
+several requests in flight per shard, each piece received straight into the new version's
+arrays beside the live ones (or kept as its frame when it is a whole tensor), hashed once.
+Unchanged tensors are shared with the held version. The result is checked whole against the
+module and built into a complete new module here (its tensors are the fetched ones; dtype,
+int8, device), which the compute thread swaps in between batches (woken for it).
 
 A version that cannot be assembled or loaded is *refused*: remembered with its reason,
 reported in the heartbeat, never fetched again (a newer version is). A fetch that fails for
@@ -19,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+import warnings
 from typing import Mapping
 
 import numpy as np
@@ -26,8 +31,8 @@ import structlog
 import torch
 import zmq
 
-from ringserve.protocol.codec import unpack_map
-from ringserve.protocol.messages import ProtocolError
+from ringserve.protocol.codec import SUPPORTED_DTYPES, pack, unpack_map
+from ringserve.protocol.messages import SHARD_PROTO, ProtocolError
 from ringserve.protocol.placement import Piece
 from ringserve.protocol.security import Security
 from ringserve.protocol.shardrpc import ShardCallError, ShardRPC
@@ -58,7 +63,7 @@ class ShardView:
 
 class WeightSync(threading.Thread):
     def __init__(self, ctx: zmq.Context, shards: Mapping[str, str], models: Mapping, swaps, on_error=None,
-                 timeout: float = 30.0, resync_s: float = 5.0, security: Security | None = None):
+                 timeout: float = 30.0, resync_s: float = 5.0, security: Security | None = None, wake=None):
         super().__init__(name="ringserve-weight-sync", daemon=True)
         self.ctx, self.shards, self.models, self.swaps = ctx, dict(shards), models, swaps
         self.timeout, self.resync_s = timeout, resync_s
@@ -72,6 +77,7 @@ class WeightSync(threading.Thread):
         self.requested: set[str] = set()  # on-demand models asked for and not loaded yet
         self.stopping = threading.Event()
         self.security = security or Security()
+        self.wake = wake or (lambda: None)  # tells the compute thread a swap is queued (no idle wait)
 
     def _connect_sub(self, sub: zmq.Socket, shard: str, endpoint: str) -> None:
         """One SUB, many shards: each connect takes the server key set just before it."""
@@ -170,29 +176,32 @@ class WeightSync(threading.Thread):
             self._fetch(rpc, name, version)
 
     def _fetch(self, rpc: ShardRPC, model: str, version: int) -> None:
-        """Ask every shard what `version` is made of; fetch only pieces whose checksum we lack;
-        build the new module whole; queue it for the compute thread, or refuse the version."""
+        """Ask every shard what `version` is made of; fetch only pieces whose checksum we lack,
+        from all shards at once (several requests in flight per shard), straight into the new
+        version's arrays beside the live ones; build the new module whole; queue it for the
+        compute thread, or refuse the version."""
         t0 = time.monotonic()
         held = self.held.get(model)
+        served = self.models[model]
         try:
             manifests = {n: h["manifest"] for n, (h, _) in rpc.call_all(
                 {"cmd": "fetch", "model": model, "version": version, "manifest_only": True}).items()}
-            need = {n: [item[0] for item in items if held is None or held.sums.get(item[0]) != item[6]]
-                    for n, items in manifests.items()}
-            replies = rpc.call({n: ({"cmd": "fetch", "model": model, "version": version, "keys": keys}, [])
-                                for n, keys in need.items() if keys})
         except (ShardCallError, KeyError, TypeError) as exc:
-            if "CORRUPT" in str(exc):
-                self._refuse(model, version, str(exc))
-                return
-            _, backoff = self.retry.get((model, version), (0.0, None))
-            delay = next_backoff(backoff)
-            self.retry[(model, version)] = (time.monotonic() + delay, delay)
-            log.warning("weights_fetch_failed", model=model, version=version, error=str(exc), retry_in_s=delay)
+            self._fetch_failed(model, version, exc)
             return
         try:
-            new = assemble(manifests, replies, held)
-            module = self.models[model].build_shadow(new.tensors())  # off the compute thread
+            new, need = plan_version(manifests, held, _shapes(served))
+            t1 = time.monotonic()
+            fetched = fetch_into(rpc, model, version, need, new, self.timeout)
+            t2 = time.monotonic()
+        except ShardCallError as exc:
+            self._fetch_failed(model, version, exc)
+            return
+        except Exception as exc:  # the version itself is broken: refuse it, keep serving the old one
+            self._refuse(model, version, f"{type(exc).__name__}: {exc}")
+            return
+        try:
+            module = served.build_shadow(new.tensors())  # off the compute thread
         except Exception as exc:  # the version itself is broken: refuse it, keep serving the old one
             self._refuse(model, version, f"{type(exc).__name__}: {exc}")
             return
@@ -200,10 +209,24 @@ class WeightSync(threading.Thread):
         self.requested.discard(model)
         self.held[model] = new
         self.wanted[model] = version
-        self.retiring.append(self.models[model].module)  # the compute thread drops its reference, we free it
+        self.retiring.append(served.module)  # the compute thread drops its reference, we free it
         self.swaps.put((model, module, version))
+        self.wake()
+        t3 = time.monotonic()
         log.info("weights_fetched", model=model, version=version, pieces_fetched=sum(map(len, need.values())),
-                 pieces_total=sum(map(len, manifests.values())), seconds=round(time.monotonic() - t0, 3))
+                 pieces_total=sum(map(len, manifests.values())), bytes_fetched=fetched,
+                 seconds=round(t3 - t0, 3), manifest_s=round(t1 - t0, 3), transfer_s=round(t2 - t1, 3),
+                 build_s=round(t3 - t2, 3))
+
+    def _fetch_failed(self, model: str, version: int, exc: Exception) -> None:
+        """A shard slow, gone or failing: try again later (exponential backoff)."""
+        if "CORRUPT" in str(exc):
+            self._refuse(model, version, str(exc))
+            return
+        _, backoff = self.retry.get((model, version), (0.0, None))
+        delay = next_backoff(backoff)
+        self.retry[(model, version)] = (time.monotonic() + delay, delay)
+        log.warning("weights_fetch_failed", model=model, version=version, error=str(exc), retry_in_s=delay)
 
     def request(self, model: str) -> None:
         """Load an on-demand model (any thread may call this; a set add is atomic)."""
@@ -232,7 +255,9 @@ def _disconnect(sub: zmq.Socket, endpoint: str) -> None:
 
 
 class Held:
-    """The weights a worker holds, flat per parameter, with the checksum of every piece."""
+    """The weights a worker holds, flat per parameter, with the checksum of every piece. The
+    arrays are never written once a version is built: the next version shares the ones it does
+    not change (and a module built with them may use them as its own tensors)."""
 
     def __init__(self) -> None:
         self.flat: dict[str, np.ndarray] = {}
@@ -240,33 +265,69 @@ class Held:
         self.sums: dict[str, str] = {}
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        return {n: torch.from_numpy(a.reshape(self.shapes[n])) for n, a in self.flat.items()}
+        with warnings.catch_warnings():  # a received frame may be read-only: nobody writes to these
+            warnings.simplefilter("ignore", UserWarning)
+            return {n: torch.from_numpy(a).reshape(self.shapes[n]) for n, a in self.flat.items()}
 
 
-def assemble(manifests: Mapping[str, list], replies: Mapping[str, tuple[dict, list]], held: Held | None) -> Held:
-    """Build the new weights beside the live ones: unchanged pieces from `held`, the rest from
-    the shards' replies, every received piece checked against its checksum. Parameters with no
-    changed piece keep sharing the held array (they are never written to)."""
-    pieces = {item[0]: (Piece.from_list(item[:6]), item[6]) for items in manifests.values() for item in items}
-    received: dict[str, memoryview] = {}
-    for shard, (header, frames) in replies.items():
-        items = header.get("pieces", [])
-        if len(items) != len(frames):
-            raise ValueError(f"shard {shard}: {len(items)} pieces but {len(frames)} frames")
-        for item, frame in zip(items, frames):
-            buf = frame.buffer
-            if hashlib.sha256(buf).hexdigest() != item[6] or pieces.get(item[0], (None, None))[1] != item[6]:
-                raise ValueError(f"shard {shard}: piece {item[0]} failed its checksum")
-            received[item[0]] = buf
-    new = Held()
+MAX_EXTRA_BYTES = 256 << 20  # tensors a version carries that the module does not hold (ignored keys)
+FETCH_WINDOW = 3  # fetch requests in flight per shard
+FETCH_BATCH_BYTES = 8 << 20  # bytes asked for per fetch request (at least one piece)
+
+
+def _shapes(served) -> dict[str, tuple] | None:
+    layout = getattr(served, "layout", None)
+    return {k: tuple(shape) for k, (shape, _dtype) in layout.items()} if layout else None
+
+
+def _item(item: object) -> tuple[Piece, str]:
+    """One manifest entry [key, param, dtype, shape, start, stop, sha256] from a shard, validated."""
+    if not isinstance(item, list) or len(item) != 7 or not isinstance(item[6], str):
+        raise ValueError(f"bad manifest entry {str(item)[:120]}")
+    try:
+        piece = Piece.from_list(item[:6])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bad manifest entry {str(item)[:120]}: {exc}") from None
+    if piece.dtype not in SUPPORTED_DTYPES or len(piece.shape) > 8 or any(d < 0 for d in piece.shape):
+        raise ValueError(f"piece {piece.key}: dtype {piece.dtype} or shape {list(piece.shape)} not supported")
+    return piece, item[6]
+
+
+def plan_version(manifests: Mapping[str, list], held: Held | None, shapes: Mapping[str, tuple] | None = None
+                 ) -> tuple[Held, dict[str, list[tuple[Piece, str]]]]:
+    """Check what the shards say a version is made of (every tensor tiled exactly by its pieces,
+    one dtype and shape; shapes the module's, when `shapes` is given) and lay out the new version
+    beside the held one: parameters with no changed piece share the held array; the others get
+    a fresh array, with the unchanged pieces copied from the held one. Returns (the new version,
+    per shard the pieces to fetch into it)."""
+    pieces: dict[str, tuple[Piece, str]] = {}
+    source: dict[str, str] = {}
+    for shard, items in manifests.items():
+        if not isinstance(items, list):
+            raise ValueError(f"shard {shard}: manifest is not a list")
+        for item in items:
+            piece, checksum = _item(item)
+            if piece.key in pieces:
+                raise ValueError(f"piece {piece.key} listed by two shards ({source[piece.key]}, {shard})")
+            pieces[piece.key], source[piece.key] = (piece, checksum), shard
     by_param: dict[str, list[tuple[Piece, str]]] = {}
     for piece, checksum in pieces.values():
         by_param.setdefault(piece.param, []).append((piece, checksum))
-    for param, plist in by_param.items():
+    new = Held()
+    need: dict[str, list[tuple[Piece, str]]] = {n: [] for n in manifests}
+    extra = 0
+    for param, plist in sorted(by_param.items()):
         shape, dtype = plist[0][0].shape, plist[0][0].dtype
-        numel = int(np.prod(shape))
+        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
         if any(p.shape != shape or p.dtype != dtype for p, _ in plist):
             raise ValueError(f"tensor {param}: the shards disagree on its shape or dtype")
+        if shapes is not None:
+            if param in shapes and tuple(shapes[param]) != tuple(shape):
+                raise ValueError(f"tensor {param}: shape {list(shape)}, the module has {list(shapes[param])}")
+            if param not in shapes:
+                extra += numel * np.dtype(dtype).itemsize
+                if extra > MAX_EXTRA_BYTES:
+                    raise ValueError(f"more than {MAX_EXTRA_BYTES >> 20} MiB of tensors the module does not hold")
         plist.sort(key=lambda pc: pc[0].start)
         edge = 0
         for p, _ in plist:  # pieces must tile [0, numel) exactly: no gap, no overlap
@@ -278,15 +339,187 @@ def assemble(manifests: Mapping[str, list], replies: Mapping[str, tuple[dict, li
             raise ValueError(f"tensor {param}: the shards' pieces do not cover its {numel} elements")
         old = held.flat.get(param) if held else None
         reuse = old is not None and old.size == numel and old.dtype.name == dtype
-        if reuse and not any(p.key in received for p, _ in plist):
-            arr = old
+        changed = [(p, c) for p, c in plist if not (reuse and held.sums.get(p.key) == c)]
+        if not changed:
+            arr = old  # shared with the held version, never written
+        elif len(plist) == 1:
+            arr = None  # one piece, the whole tensor: its received frame becomes the array (no copy)
+            need[source[plist[0][0].key]].append(plist[0])
         else:
-            arr = old.copy() if reuse else np.empty(numel, dtype=dtype)
-            for p, checksum in plist:
-                if p.key in received:
-                    arr[p.start:p.stop] = np.frombuffer(received[p.key], dtype=dtype)
-                elif not (reuse and held.sums.get(p.key) == checksum):
-                    raise ValueError(f"piece {p.key} neither held nor received")
+            arr = np.empty(numel, dtype=dtype)
+            for p, c in plist:
+                if (p, c) not in changed:
+                    arr[p.start:p.stop] = old[p.start:p.stop]
+            for p, c in changed:
+                need[source[p.key]].append((p, c))
         new.flat[param], new.shapes[param] = arr, shape
         new.sums.update({p.key: c for p, c in plist})
+    return new, {n: items for n, items in need.items() if items}
+
+
+def _batches(items: list[tuple[Piece, str]], batch_bytes: int) -> list[list[tuple[Piece, str]]]:
+    out, cur, size = [], [], 0
+    for p, c in items:
+        n = (p.stop - p.start) * np.dtype(p.dtype).itemsize
+        if cur and size + n > batch_bytes:
+            out.append(cur)
+            cur, size = [], 0
+        cur.append((p, c))
+        size += n
+    return out + ([cur] if cur else [])
+
+
+def _own(buf, dtype: str) -> np.ndarray:
+    """A received buffer as a flat array: the buffer itself, or a copy if it is not aligned for `dtype`."""
+    arr = np.frombuffer(buf, dtype=dtype)
+    return arr if arr.flags.aligned else arr.copy()
+
+
+def _drain(sock: zmq.Socket) -> None:
+    """Discard the rest of a multipart message."""
+    for _ in range(1 << 20):  # bounded: a message has at most this many parts we would read
+        if not sock.getsockopt(zmq.RCVMORE):
+            return
+        sock.recv(copy=False)
+
+
+def _recv_batch(sock: zmq.Socket, shard: str, expected: dict[int, dict[str, tuple[Piece, str]]],
+                new: Held) -> int | None:
+    """Read one fetch reply: each piece straight into its place in the new version's arrays
+    (recv_into, no intermediate buffer), then checked against its checksum. A stale or garbled
+    reply is dropped (None); an error reply raises ShardCallError; a reply whose pieces are not
+    exactly those asked for, or fail their checksum, raises ValueError. Returns bytes received."""
+    if sock.recv(copy=False).bytes != SHARD_PROTO or not sock.getsockopt(zmq.RCVMORE):
+        _drain(sock)
+        return None
+    try:
+        header = unpack_map(sock.recv(copy=False))
+    except ProtocolError:
+        _drain(sock)
+        return None
+    batch = expected.pop(header.get("rid"), None) if isinstance(header.get("rid"), int) else None
+    if batch is None:  # a stale reply to a request given up on
+        _drain(sock)
+        return None
+    if not header.get("ok"):
+        _drain(sock)
+        err = header.get("error") if isinstance(header.get("error"), dict) else {}
+        raise ShardCallError({shard: str(err.get("message", "fetch failed"))[:500]})
+    items = header.get("pieces")
+    if not isinstance(items, list) or len(items) != len(batch):
+        _drain(sock)
+        raise ValueError(f"shard {shard}: sent {len(items) if isinstance(items, list) else 'no'} pieces, "
+                         f"asked for {len(batch)}")
+    got_bytes = 0
+    for item in items:
+        key = item[0] if isinstance(item, list) and item else None
+        want = batch.pop(key, None) if isinstance(key, str) else None
+        if want is None or item != [*want[0].as_list(), want[1]]:
+            _drain(sock)
+            raise ValueError(f"shard {shard}: sent piece {str(key)[:80]!r}, not one asked for")
+        if not sock.getsockopt(zmq.RCVMORE):
+            raise ValueError(f"shard {shard}: piece {key} has no frame")
+        piece, checksum = want
+        whole = new.flat[piece.param] is None
+        if whole:  # the frame's own buffer becomes the tensor's memory: no copy
+            frame = sock.recv(copy=False)
+            dst, n = frame.buffer, len(frame.buffer)
+            expect = (piece.stop - piece.start) * np.dtype(piece.dtype).itemsize
+        else:  # a piece of a larger tensor: straight into its place
+            dst = memoryview(new.flat[piece.param][piece.start:piece.stop]).cast("B")
+            n, expect = sock.recv_into(dst), dst.nbytes
+        if n != expect:
+            _drain(sock)
+            raise ValueError(f"shard {shard}: piece {key} is {n} bytes, expected {expect}")
+        if hashlib.sha256(dst).hexdigest() != checksum:
+            _drain(sock)
+            raise ValueError(f"shard {shard}: piece {key} failed its checksum")
+        if whole:
+            new.flat[piece.param] = _own(dst, piece.dtype)
+        got_bytes += n
+    if sock.getsockopt(zmq.RCVMORE):
+        _drain(sock)
+        raise ValueError(f"shard {shard}: more frames than pieces")
+    return got_bytes
+
+
+def fetch_into(rpc: ShardRPC, model: str, version: int, need: Mapping[str, list[tuple[Piece, str]]], new: Held,
+               timeout: float, window: int = FETCH_WINDOW, batch_bytes: int = FETCH_BATCH_BYTES) -> int:
+    """Fetch `need` from every shard at once, `window` requests of about `batch_bytes` in flight
+    per shard, each reply read straight into `new`. Raises ShardCallError when a shard fails or
+    answers none of what is owed for `timeout` seconds (its socket is replaced: late replies are never read),
+    ValueError when a shard sends something other than what was asked or a piece fails its
+    checksum. Returns the bytes received."""
+    todo = {n: _batches(list(items), batch_bytes) for n, items in need.items() if items}
+    inflight: dict[str, dict[int, dict[str, tuple[Piece, str]]]] = {n: {} for n in todo}
+    received = 0
+
+    def send(n: str) -> None:
+        while todo[n] and len(inflight[n]) < window:
+            batch, rid = todo[n][0], rpc.next_rid()
+            header = {"cmd": "fetch", "model": model, "version": version, "keys": [p.key for p, _ in batch],
+                      "rid": rid}
+            try:  # never block: a shard whose queue is full counts as failing
+                rpc.socks[n].send_multipart([SHARD_PROTO, pack(header)], zmq.NOBLOCK)
+            except zmq.Again:
+                raise ShardCallError({n: "send queue full (shard not reading)"}) from None
+            todo[n].pop(0)
+            inflight[n][rid] = {p.key: (p, c) for p, c in batch}
+
+    try:
+        for n in todo:
+            send(n)
+        poller = zmq.Poller()
+        names = {}
+        for n in todo:
+            poller.register(rpc.socks[n], zmq.POLLIN)
+            names[rpc.socks[n]] = n
+        deadline = time.monotonic() + timeout
+        while any(inflight.values()):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ShardCallError({n: f"no answer in {timeout}s" for n, f in inflight.items() if f})
+            for sock, _ in poller.poll(max(1, int(left * 1000))):
+                n = names[sock]
+                got = _recv_batch(sock, n, inflight[n], new)
+                if got is None:
+                    continue  # stale or garbled: no progress, the deadline stands
+                received += got
+                deadline = time.monotonic() + timeout  # progress: the timeout is for silence
+                send(n)
+    finally:
+        for n, f in inflight.items():
+            if f:
+                rpc.reopen(n)  # nothing still owed is read later by someone else
+    missing = sorted(k for k, a in new.flat.items() if a is None)
+    if missing:
+        raise ValueError(f"tensor {missing[0]} neither held nor received")
+    return received
+
+
+def assemble(manifests: Mapping[str, list], replies: Mapping[str, tuple[dict, list]], held: Held | None) -> Held:
+    """Build a version from the shards' manifests and whole fetch replies (one per shard), as
+    `plan_version` + `fetch_into` do piece by piece: unchanged pieces from `held`, the rest from
+    the replies, every received piece checked against its checksum."""
+    new, need = plan_version(manifests, held)
+    wanted = {p.key: (p, c) for items in need.values() for p, c in items}
+    for shard, (header, frames) in replies.items():
+        items = header.get("pieces", [])
+        if len(items) != len(frames):
+            raise ValueError(f"shard {shard}: {len(items)} pieces but {len(frames)} frames")
+        for item, frame in zip(items, frames):
+            buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
+            want = wanted.get(item[0]) if isinstance(item, list) and item else None
+            if want is None:
+                continue  # a piece we hold already
+            if hashlib.sha256(buf).hexdigest() != item[6] or want[1] != item[6]:
+                raise ValueError(f"shard {shard}: piece {item[0]} failed its checksum")
+            p = want[0]
+            if new.flat[p.param] is None:
+                new.flat[p.param] = _own(buf, p.dtype)
+            else:
+                new.flat[p.param][p.start:p.stop] = np.frombuffer(buf, dtype=p.dtype)
+            del wanted[item[0]]
+    if wanted:
+        raise ValueError(f"piece {sorted(wanted)[0]} neither held nor received")
     return new
