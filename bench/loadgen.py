@@ -188,7 +188,7 @@ def _limit_client(endpoint: str, concurrency: int, seconds: float, start_at: flo
     s.connect(endpoint)
     body = b"x" * 1100  # about the size of a single-row MLP request
     time.sleep(max(0.0, start_at - time.time()))
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     end, n = t0 + seconds, 0
     for _ in range(concurrency):
         s.send(body)
@@ -197,12 +197,13 @@ def _limit_client(endpoint: str, concurrency: int, seconds: float, start_at: flo
             s.recv()
             n += 1
             s.send(body)
-    out.send((n, time.perf_counter() - t0))
+    out.send((n, time.perf_counter() - t0, time.process_time() - cpu0))
     ctx.destroy(linger=0)
 
 
-def zmq_limit(seconds: float, concurrency: int = 64, processes: int = 2) -> float:
-    """Round trips per second through a minimal Python ROUTER broker to one echo worker."""
+def zmq_limit(seconds: float, concurrency: int = 64, processes: int = 2) -> dict:
+    """Round trips per second through a minimal Python ROUTER broker to one echo worker, and the
+    CPU per round trip of its broker, its worker and its clients (the floor for each role)."""
     ctx = mp.get_context("spawn")
     stop_at = time.time() + seconds + 15.0
     r, w = ctx.Pipe(duplex=False)
@@ -221,11 +222,16 @@ def zmq_limit(seconds: float, concurrency: int = 64, processes: int = 2) -> floa
         pipes.append(cr)
         clients.append(p)
     try:
-        total, took = 0, 0.0
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu0 = {"broker": proc_cpu_s(broker.pid), "worker": proc_cpu_s(worker.pid)}
+        total, took, client_cpu = 0, 0.0, 0.0
         for cr in pipes:
-            n, t = cr.recv()
-            total, took = total + n, max(took, t)
-        return total / took
+            n, t, c = cr.recv()
+            total, took, client_cpu = total + n, max(took, t), client_cpu + c
+        n = max(total, 1)
+        return {"req_per_s": total / took, "client_cpu_us": client_cpu / n * 1e6,
+                **{f"{k}_cpu_us": (proc_cpu_s(pid) - cpu0[k]) / n * 1e6
+                   for k, pid in (("broker", broker.pid), ("worker", worker.pid))}}
     finally:
         for p in (*clients, worker, broker):
             p.kill()

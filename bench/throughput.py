@@ -6,7 +6,8 @@ a minimal Python ZeroMQ broker; prints one JSON line.
 --max-batch-size 32 --max-queue-delay-us 0) and with batching off (`noop_bs1_*`), the MLP
 256->1024->1024->10 fp32 with batching off (--max-batch-size 1, explicit, so these figures
 compare with earlier runs), and the MLP with the default batching (the `mlp_batched_*` figures), beside the MLP called in-process at batch 1 and batch 32 and the minimal broker
-(`zmq_limit_req_per_s`), all in the same run. The batched MLP is also measured with
+(`zmq_limit_req_per_s`, with the CPU per round trip of its broker, echo worker and raw DEALER
+clients: the floor each role's figure compares with), all in the same run. The batched MLP is also measured with
 --max-queue-delay-us 2000 (`mlp_delay2ms_*`), and both at low load, 2 requests in flight
 (`lowload_*`), where a queue delay is pure added latency. CPU per request is read from each
 process's own counters, so it holds on a noisy machine:
@@ -97,9 +98,12 @@ def main(argv=None) -> None:
 
     bs1 = in_process_rate(lambda: call(torch.from_numpy(x1)), args.seconds / 2)
     bs32 = in_process_rate(lambda: call(x32), args.seconds / 2) * 32
-    r.update(zmq_limit_req_per_s=round(limit, 1),
+    r.update(zmq_limit_req_per_s=round(limit["req_per_s"], 1),
+             zmq_limit_broker_cpu_us_per_req=round(limit["broker_cpu_us"], 1),
+             zmq_limit_worker_cpu_us_per_req=round(limit["worker_cpu_us"], 1),
+             zmq_limit_client_cpu_us_per_req=round(limit["client_cpu_us"], 1),
              noop_req_per_s=noop["req_per_s"], noop_p50_ms=noop["p50_ms"], noop_p99_ms=noop["p99_ms"],
-             noop_vs_zmq_limit=round(noop["req_per_s"] / limit, 3),
+             noop_vs_zmq_limit=round(noop["req_per_s"] / limit["req_per_s"], 3),
              master_cpu_us_per_req=noop["master_cpu_us"], worker_cpu_us_per_req=noop["worker_cpu_us"],
              client_cpu_us_per_req=noop["client_cpu_us"],
              noop_bs1_req_per_s=noop1["req_per_s"], noop_bs1_p99_ms=noop1["p99_ms"],

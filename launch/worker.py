@@ -37,6 +37,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue-delay-us", type=number(float, 0), default=0.0,
                    help="longest wait for a batch to fill, from the oldest request's arrival (0: never wait, "
                         "batch only what has arrived)")
+    p.add_argument("--batch-idle-us", type=number(float, 0), default=None,
+                   help="run a batch that has received nothing new for this long, even before --max-queue-delay-us "
+                        "(unset: wait the whole delay)")
     p.add_argument("--credit", type=int, default=None,
                    help="requests in flight (default 2 x batch size, >= 4: 64 with the default batch size)")
     p.add_argument("--weight", type=positive_float, default=1.0, help="weight for the weighted-random policy")

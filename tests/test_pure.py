@@ -129,6 +129,23 @@ def test_batcher_waits_then_batches_up_to_max():
     assert [i.rid for i in batch] == ["r5", "r6"]
 
 
+def test_batcher_runs_a_group_that_stopped_growing_before_the_delay():
+    """With an idle gap, a group that received nothing new for that long runs at once; one that
+    keeps growing waits up to the whole delay (or until it is full)."""
+    b = Batcher(max_batch_size=8, max_queue_delay_s=0.01, idle_gap_s=0.002)
+    b.add(item("a1", 1, 0.0))
+    assert b.next_batch(0.001) == ([], pytest.approx(0.001))
+    b.add(item("b2", 1, 0.0015))
+    assert b.next_batch(0.003) == ([], pytest.approx(0.0005))  # the newest arrived 1.5 ms ago
+    batch, _ = b.next_batch(0.0036)
+    assert [i.rid for i in batch] == ["a1", "b2"]
+    for k in range(6):  # a steady stream: never quiet for 2 ms, so the 10 ms delay decides
+        b.add(item(f"s{k}", 1, 0.02 + 0.0015 * k))
+    assert b.next_batch(0.0290)[0] == []
+    assert len(b.next_batch(0.0301)[0]) == 6
+    assert Batcher(8, 0.0, idle_gap_s=0.5).idle_gap_s == 0.0  # never beyond the delay
+
+
 def test_batcher_never_mixes_trailing_shapes_and_drops_expired():
     b = Batcher(max_batch_size=8, max_queue_delay_s=0.0)
     b.add(item("a1", 2, 0.0, trailing=(4,)))

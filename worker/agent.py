@@ -47,6 +47,7 @@ class WorkerConfig:
     max_backoff: float = 32.0
     max_batch_size: int = 32  # the command line's defaults (launch/worker.py)
     max_queue_delay_s: float = 0.0
+    batch_idle_gap_s: float | None = None  # run a batch that has not grown for this long (None: the delay)
     credit: int | None = None
     weight: float = 1.0
     hwm: int = 10_000
@@ -70,7 +71,7 @@ class WorkerAgent:
         self.results.bind(self.results_ep)
         self.metrics = WorkerMetrics()
         self.compute = ComputeThread(self.ctx, self.results_ep, models,
-                                     Batcher(cfg.max_batch_size, cfg.max_queue_delay_s), self.metrics)
+                                     Batcher(cfg.max_batch_size, cfg.max_queue_delay_s, idle_gap_s=cfg.batch_idle_gap_s), self.metrics)
         self.dealer: zmq.Socket | None = None
         self.poller = zmq.Poller()
         self.poller.register(self.results, zmq.POLLIN)

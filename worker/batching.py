@@ -164,11 +164,14 @@ def prepare_ragged(item: WorkItem, ragged: Ragged) -> None:
 
 class Batcher:
     def __init__(self, max_batch_size: int = 1, max_queue_delay_s: float = 0.0,
-                 models: Mapping[str, ModelBatching] | None = None):
+                 models: Mapping[str, ModelBatching] | None = None, idle_gap_s: float | None = None):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
         self.max_batch_size = max_batch_size
         self.max_queue_delay_s = max_queue_delay_s
+        # A group that has not grown for idle_gap_s runs at once, whatever max_queue_delay_s allows:
+        # under load requests keep coming and batches fill; at low load the wait is only the gap.
+        self.idle_gap_s = max_queue_delay_s if idle_gap_s is None else min(idle_gap_s, max_queue_delay_s)
         self.models: dict[str, ModelBatching] = dict(models or {})
         self.groups: dict[Hashable, deque[WorkItem]] = {}
         self.rows: dict[Hashable, int] = {}
@@ -223,7 +226,8 @@ class Batcher:
         if full:
             key = min(full, key=lambda k: self.groups[k][0].arrival)
         else:
-            wait = self.groups[oldest][0].arrival + self.max_queue_delay_s - now
+            group = self.groups[oldest]
+            wait = min(group[0].arrival + self.max_queue_delay_s, group[-1].arrival + self.idle_gap_s) - now
             if wait > 0:
                 return [], wait
             key = oldest

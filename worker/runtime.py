@@ -25,7 +25,8 @@ def build_worker(args, security: Security | None = None) -> WorkerAgent:
     cfg = WorkerConfig(master=args.master, name=args.name or f"worker-{os.getpid()}",
                        heartbeat_interval=args.heartbeat_interval, heartbeat_liveness=args.heartbeat_liveness,
                        max_backoff=args.max_backoff, max_batch_size=args.max_batch_size,
-                       max_queue_delay_s=args.max_queue_delay_us / 1e6, credit=args.credit, weight=args.weight,
+                       max_queue_delay_s=args.max_queue_delay_us / 1e6,
+                       batch_idle_gap_s=None if args.batch_idle_us is None else args.batch_idle_us / 1e6, credit=args.credit, weight=args.weight,
                        max_models=args.max_models, security=security or Security(),
                        compute_stall_s=args.compute_stall_s)
     agent = WorkerAgent(cfg, models)
