@@ -27,9 +27,9 @@ MAX_HELD_VERSIONS = 16  # versions of one model a worker may hold side by side
 MAX_TAGS = 16  # request tags: small str -> str map used for routing (e.g. a sticky user id)
 MAX_TAG_LEN = 256
 MAX_PER_MESSAGE = 4096  # requests in one master -> worker REQUEST (or replies in one REPLY)
-# Fields a worker's reply header may hold for the master to forward it to the client unchanged.
-REPLY_FIELDS = frozenset(["id", "attempt", "ok", "model", "version", "batch_rows", "outputs", "error", "worker",
-                          "epoch"])
+# Fields a worker's result header may hold for the master to forward it to the client unchanged
+# (an error reply is always re-packed from its checked fields).
+REPLY_FIELDS = frozenset(["id", "attempt", "ok", "model", "version", "batch_rows", "outputs", "worker", "epoch"])
 
 
 @dataclass

@@ -272,6 +272,44 @@ def test_answer_goes_to_whoever_asked_last(broker):
     assert silent(broker, w, 0.1)  # and it was not run twice
 
 
+def test_a_resend_on_the_socket_that_got_the_answer_gets_only_an_ack(broker):
+    """ZeroMQ delivers in order on one connection: the answer is already ahead of the ACK, so a
+    resend asking for one must not produce a second answer there; another socket gets the answer."""
+    w = register(broker, b"w")
+    client, other = dealer(broker, "frontend"), dealer(broker, "frontend")
+    request(client, "r1")
+    reply_ok(w, next_request(broker, w))
+    assert answer(recv(broker, client))["ok"] is True
+    request(client, "r1", ack=True)
+    assert answer(recv(broker, client)) == {"id": "r1", "ack": True, "epoch": broker.epoch}
+    assert silent(broker, client, 0.1)
+    request(other, "r1", ack=True)  # a reconnected client: a new routing id gets the answer itself
+    assert answer(recv(broker, other))["ok"] is True
+    assert silent(broker, w, 0.1)  # never run twice
+
+
+def test_checked_reply_headers_pass_byte_for_byte_and_odd_ones_are_repacked(broker):
+    w = register(broker, b"w")
+    client = dealer(broker, "frontend")
+    out = [["y", "float32", [1, 4], X.tobytes()]]
+    request(client, "r1")
+    hdr = next_request(broker, w)
+    stamped = pack({"id": "r1", "attempt": hdr["attempt"], "ok": True, "outputs": out, "worker": "w",
+                    "epoch": broker.epoch, "version": 3, "model": "mlp", "batch_rows": 1})
+    w.send_multipart([WORKER_PROTO, REPLY, stamped])
+    assert recv(broker, client)[3] == stamped  # the worker's own bytes
+    for i, odd in enumerate(({"ack": True}, {"epoch": "old"}, {"worker": "someone-else"}, {"error": "x"})):
+        rid = f"odd{i}"
+        request(client, rid)
+        hdr = next_request(broker, w)
+        header = {"id": rid, "attempt": hdr["attempt"], "ok": True, "outputs": out, "worker": "w",
+                  "epoch": broker.epoch, **odd}
+        w.send_multipart([WORKER_PROTO, REPLY, pack(header)])
+        got = answer(recv(broker, client))
+        assert got["ok"] is True and got["id"] == rid and "ack" not in got and "error" not in got
+        assert got["epoch"] == broker.epoch and got["worker"] == "w"
+
+
 def test_retryable_answers_are_not_remembered(broker):
     broker.cfg.max_queue = broker.queues.max_queue = 1
     w = register(broker, b"w", credit=1)

@@ -57,6 +57,26 @@ def test_codec_rejects_bad_tensors(meta, frames, msg):
         decode_tensors(meta, frames)
 
 
+def test_a_request_message_splits_per_request_and_answers_bad_entries_by_id():
+    from ringserve.protocol.envelope import dispatch_frames, parse_dispatch
+
+    big = np.ones((64, 1024), np.float32)
+    good = pack({"id": "c1", "inputs": [["x", "float32", [64, 1024]]]})
+    small = pack({"id": "c2", "inputs": [["x", "int64", [1], b"\0" * 8]]})
+    frames = dispatch_frames([(["a", 1, "m", None, 100.0], good, [memoryview(big).cast("B")]),
+                              (["b", "x", "m", None, 100.0], small, []),  # a bad attempt: answered by id
+                              ([7, 1, "m", None, 100.0], small, []),  # no usable id: nobody to answer
+                              (["d", 2, "m", 3, 5.0], b"\xc1", [])])  # a header that is not msgpack
+    got = parse_dispatch([bytes(f) for f in frames])
+    assert [(d.rid, d.error is None) for d in got] == [("a", True), ("b", False), ("d", False)]
+    assert got[0].header["id"] == "c1" and len(got[0].frames) == 1
+    assert "attempt" in got[1].error and "map" in got[2].error
+    with pytest.raises(ProtocolError, match="no request accounts for"):
+        parse_dispatch([*frames, b"extra"])
+    with pytest.raises(ProtocolError, match="more requests than it carries"):
+        parse_dispatch(frames[:2])
+
+
 def test_bad_msgpack_and_missing_fields():
     with pytest.raises(ProtocolError, match="msgpack"):
         unpack_map(b"\xc1\xc1")
