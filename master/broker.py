@@ -35,7 +35,7 @@ from ringserve.master.scheduler import Load, make_policy
 from ringserve.master.status import build_status
 from ringserve.protocol.codec import pack, short_repr, unpack_map
 from ringserve.protocol.envelope import (
-    MAX_NAME_LEN, dispatch_frames, forwardable, parse_heartbeat, parse_ready, parse_request_header,
+    MAX_NAME_LEN, dispatch_frames, forwardable, forwardable_result, parse_heartbeat, parse_ready, parse_request_header,
     parse_worker_reply, split_replies,
 )
 from ringserve.protocol.security import Security, user_id
@@ -51,6 +51,7 @@ MAX_BATCH_RECV = 256  # messages read from one socket per loop turn, so no socke
 MAX_UNKNOWN_WAITING = 64  # during the start-up grace: model names nobody serves yet that may queue
 SHADOW_SUFFIX = "#shadow"  # request id of a shadow copy; its answer goes to metrics only
 UNSERVED_LABEL = "_unserved"  # metrics label for names no worker serves
+_ROLE_SETS = {role: frozenset([role]) for role in ("client", "worker", "admin")}
 METRICS_REFRESH_S = 0.25  # gauges (queue depth, in flight) are set from the books this often
 
 
@@ -558,6 +559,19 @@ class Broker:
             self.dispatch(model)
 
     def on_reply(self, w: WorkerRecord, header_frame: zmq.Frame, raw: dict, frames: Sequence[zmq.Frame]) -> None:
+        if raw.get("ok") is True and forwardable(raw, self.epoch, w.name):
+            rid = forwardable_result(raw, frames)  # checked as parse_worker_reply would, without a copy
+            req = self.pending.get(rid)
+            attempt = raw["attempt"]
+            if w.in_flight.get(rid) == attempt:
+                del w.in_flight[rid]
+                w.done += 1
+            if req is None or req.worker != w.ident or req.attempts != attempt:
+                self._note_late_reply(header_frame, "not_current_attempt")
+            else:
+                version = raw.get("version")
+                self.finish(req, [header_frame, *frames], None, version=version if type(version) is int else None)
+            return
         reply = parse_worker_reply(raw, frames)
         rid, attempt = reply.rid, reply.attempt
         if w.in_flight.get(rid) == attempt:
@@ -566,8 +580,6 @@ class Broker:
         req = self.pending.get(rid)
         if req is None or req.worker != w.ident or req.attempts != attempt:
             self._note_late_reply(header_frame, "not_current_attempt")
-        elif reply.ok and forwardable(raw, self.epoch, w.name):  # checked: sent on byte for byte
-            self.finish(req, [header_frame, *frames], None, version=reply.header.get("version"))
         else:
             header = {**reply.header, "worker": w.name, "epoch": self.epoch}
             self.finish(req, [pack(header), *frames] if reply.ok else [pack(header)], reply.error_code,
@@ -730,7 +742,7 @@ class Broker:
     # ------------------------------------------------------------ security
     def _allowed(self, frames: Sequence[zmq.Frame], role: str) -> bool:
         """With keys: the sender's key is (still) a `role` key. A refused peer gets nothing."""
-        if self.cfg.security.authorize(frames[-1], {role}) is not None:
+        if self.cfg.security.authorize(frames[-1], _ROLE_SETS[role]) is not None:
             return True
         self.refused += 1
         log.warning("message_refused", socket=role, user=user_id(frames[-1]))

@@ -63,7 +63,7 @@ class WorkerRecord:
         return "busy" if len(self.in_flight) >= self.credit else "ready"
 
 
-@dataclass
+@dataclass(slots=True)  # one per request: slots make it smaller and quicker to build and read
 class PendingRequest:
     rid: str
     client: bytes | None  # the routing id that asked last: answers go there (a retry may come from a new
@@ -156,8 +156,8 @@ class ModelQueues:
 def reply_size(frames: list) -> int:
     """Bytes held by a reply's frames (bytes, memoryviews or zmq.Frames)."""
     total = 0
-    for f in frames:
-        total += len(f.buffer) if hasattr(f, "buffer") else len(f)
+    for f in frames:  # len() of a zmq.Frame is its size; a memoryview's nbytes (its len counts items)
+        total += f.nbytes if type(f) is memoryview else len(f)
     return total
 
 

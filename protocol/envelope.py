@@ -383,7 +383,21 @@ def split_replies(frames: Sequence) -> list[tuple[Any, dict, list]]:
     return out
 
 
+def forwardable_result(header: dict, frames: Sequence) -> str:
+    """The id of a result header that `forwardable` accepted, after the checks parse_worker_reply
+    makes of a result (id, attempt, outputs against frames); raises ProtocolError like it."""
+    rid = _str(header.get("id"), "id", MAX_ID_LEN)
+    _int(header.get("attempt"), "attempt", 1)
+    check_tensors(header.get("outputs"), frames)
+    return rid
+
+
 def forwardable(header: dict, epoch: str, worker: str) -> bool:
-    """Whether a checked reply header can go to the client byte for byte: only known fields, and
-    the master's own epoch and the worker's registered name (else the master re-packs it)."""
-    return header.get("epoch") == epoch and header.get("worker") == worker and header.keys() <= REPLY_FIELDS
+    """Whether a result header can go to the client byte for byte: only known fields, well-typed
+    optional ones, the master's own epoch and the worker's registered name (else the master
+    re-packs it from the fields parse_worker_reply keeps)."""
+    if not (header.get("epoch") == epoch and header.get("worker") == worker and header.keys() <= REPLY_FIELDS):
+        return False
+    version, rows, model = header.get("version"), header.get("batch_rows"), header.get("model")
+    return ((version is None or type(version) is int) and (rows is None or type(rows) is int)
+            and (model is None or (type(model) is str and len(model) <= MAX_NAME_LEN)))

@@ -298,7 +298,8 @@ def test_checked_reply_headers_pass_byte_for_byte_and_odd_ones_are_repacked(brok
                     "epoch": broker.epoch, "version": 3, "model": "mlp", "batch_rows": 1})
     w.send_multipart([WORKER_PROTO, REPLY, stamped])
     assert recv(broker, client)[3] == stamped  # the worker's own bytes
-    for i, odd in enumerate(({"ack": True}, {"epoch": "old"}, {"worker": "someone-else"}, {"error": "x"})):
+    for i, odd in enumerate(({"ack": True}, {"epoch": "old"}, {"worker": "someone-else"}, {"error": "x"},
+                             {"version": "x"}, {"model": ["m"]})):
         rid = f"odd{i}"
         request(client, rid)
         hdr = next_request(broker, w)
@@ -308,6 +309,8 @@ def test_checked_reply_headers_pass_byte_for_byte_and_odd_ones_are_repacked(brok
         got = answer(recv(broker, client))
         assert got["ok"] is True and got["id"] == rid and "ack" not in got and "error" not in got
         assert got["epoch"] == broker.epoch and got["worker"] == "w"
+        assert "version" not in got or type(got["version"]) is int
+    assert b"w" in broker.workers  # odd but answerable: re-packed, the worker stays
 
 
 def test_retryable_answers_are_not_remembered(broker):
