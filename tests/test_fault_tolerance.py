@@ -1,13 +1,14 @@
 """Reliability on real processes: dead and hung workers, master restarts, overload, deadlines, drain."""
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 
 import numpy as np
 import pytest
 
-from ringserve.client import Client, Overloaded, Timeout, UnknownModel
+from ringserve.client import AsyncClient, Client, Overloaded, Timeout, UnknownModel
 from ringserve.client.admin import AdminClient
 from ringserve.launch.procs import wait_for_workers, wait_until
 
@@ -89,6 +90,31 @@ def test_master_restart_is_invisible_to_workers_and_clients(cluster):
         check_all_results(inflight)
         check_all_results(during)
         assert c.stats.master_restarts >= 1
+
+
+def test_master_restart_is_invisible_to_the_async_client(cluster):
+    """The same with AsyncClient: its loop keeps pinging while the master is down (the blocking
+    steps run in threads), sees the new epoch and sends every unanswered request again."""
+    master = cluster.start_master()
+    endpoints = dict(master.info)
+    cluster.start_workers(2, model="echo=ringserve.worker.demo:slow,arg.delay=0.05")
+
+    async def go():
+        async with AsyncClient(cluster.frontend, timeout=30, retry_interval=0.2) as c:
+            assert (await c.infer("echo", x_of(0)))["y"][0, 0] == 0
+            inflight = [c.submit("echo", x_of(i)) for i in range(20)]
+            master.signal(signal.SIGKILL)
+            await asyncio.to_thread(master.wait, 5)
+            during = [c.submit("echo", x_of(i)) for i in range(20)]  # sent while no master runs
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(cluster.start_master, endpoints=endpoints)
+            await asyncio.to_thread(wait_for_workers, cluster.admin, 2, 20)
+            return await asyncio.gather(*inflight, *during), c.stats
+
+    replies, stats = asyncio.run(asyncio.wait_for(go(), 90))
+    for i, reply in enumerate(replies):
+        np.testing.assert_array_equal(reply.outputs["y"], x_of(i % 20)["x"])
+    assert stats.master_restarts >= 1 and stats.duplicates_dropped == 0
 
 
 def test_overload_answers_quickly_and_recovers(cluster):
