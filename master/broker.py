@@ -559,21 +559,14 @@ class Broker:
             self.dispatch(model)
 
     def on_reply(self, w: WorkerRecord, header_frame: zmq.Frame, raw: dict, frames: Sequence[zmq.Frame]) -> None:
+        repacked: dict | None = None  # None: the worker's header frame goes to the client as it came
         if raw.get("ok") is True and forwardable(raw, self.epoch, w.name):
-            rid = forwardable_result(raw, frames)  # checked as parse_worker_reply would, without a copy
-            req = self.pending.get(rid)
-            attempt = raw["attempt"]
-            if w.in_flight.get(rid) == attempt:
-                del w.in_flight[rid]
-                w.done += 1
-            if req is None or req.worker != w.ident or req.attempts != attempt:
-                self._note_late_reply(header_frame, "not_current_attempt")
-            else:
-                version = raw.get("version")
-                self.finish(req, [header_frame, *frames], None, version=version if type(version) is int else None)
-            return
-        reply = parse_worker_reply(raw, frames)
-        rid, attempt = reply.rid, reply.attempt
+            rid, attempt, code, version = forwardable_result(raw, frames), raw["attempt"], None, raw.get("version")
+        else:  # re-packed from the checked fields, with this master's epoch and the worker's name
+            reply = parse_worker_reply(raw, frames)
+            rid, attempt, code, version = reply.rid, reply.attempt, reply.error_code, reply.header.get("version")
+            repacked = {**reply.header, "worker": w.name, "epoch": self.epoch}
+            frames = frames if reply.ok else ()
         if w.in_flight.get(rid) == attempt:
             del w.in_flight[rid]
             w.done += 1
@@ -581,9 +574,7 @@ class Broker:
         if req is None or req.worker != w.ident or req.attempts != attempt:
             self._note_late_reply(header_frame, "not_current_attempt")
         else:
-            header = {**reply.header, "worker": w.name, "epoch": self.epoch}
-            self.finish(req, [pack(header), *frames] if reply.ok else [pack(header)], reply.error_code,
-                        version=reply.header.get("version"))
+            self.finish(req, [header_frame if repacked is None else pack(repacked), *frames], code, version=version)
 
     def _note_late_reply(self, header_frame, why: str) -> None:
         try:
