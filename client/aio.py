@@ -25,13 +25,10 @@ from typing import Any, Mapping
 import numpy as np
 import structlog
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from ringserve.client.errors import RingserveError, Timeout
-from ringserve.client.inference import new_pending
-from ringserve.client.reliable import ClientStats, Reliability, Reply, TIMER_STEP_S
+from ringserve.client.reliable import ClientStats, Reliability, Reply, TIMER_STEP_S, new_pending, open_dealer
 from ringserve.protocol.security import Security
-from ringserve.protocol.sockets import recv_frames
 
 log = structlog.get_logger("ringserve.client")
 
@@ -48,13 +45,8 @@ class AsyncClient:
         self._prefix = uuid.uuid4().hex[:12]
         self._ids = itertools.count()
         self._ctx = zmq.Context()
-        self._sock = self._ctx.socket(zmq.DEALER)  # a plain socket: only this loop's thread touches it
-        for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, hwm), (zmq.RCVHWM, hwm), (zmq.RECONNECT_IVL, 100),
-                           (zmq.RECONNECT_IVL_MAX, 1000)):
-            self._sock.setsockopt(opt, value)
-        (security or Security()).client(self._sock, "master")
-        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        self._sock.connect(address)
+        # Plain sockets: only this loop's thread touches them.
+        self._sock, self._monitor = open_dealer(self._ctx, address, hwm, security or Security())
         self._loop: asyncio.AbstractEventLoop | None = None
         self._read_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
@@ -141,17 +133,7 @@ class AsyncClient:
         if self._closed:
             return
         sends = self.stats.sent
-        for _ in range(MAX_READ_PER_CALL):
-            try:
-                frames = recv_frames(self._sock)
-            except zmq.Again:
-                break
-            try:
-                self._rel.on_message(self._sock, frames)
-            except Exception:  # nothing a peer sends may stop the client
-                self.stats.loop_errors += 1
-                log.exception("client_bad_message")
-        else:
+        if self._rel.read_messages(self._sock, MAX_READ_PER_CALL):
             self._schedule_read()  # more may be waiting: after the loop's other callbacks
         if self.stats.sent != sends:
             self._schedule_read()  # a resend happened: the edge may have been consumed
@@ -159,14 +141,8 @@ class AsyncClient:
     def _on_monitor(self) -> None:
         if self._closed:
             return
-        for _ in range(64):
-            try:
-                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self._rel.on_handshake(self._sock)
-                self._schedule_read()
+        if self._rel.read_monitor(self._sock, self._monitor):
+            self._schedule_read()  # everything unanswered was sent again: the edge may have been consumed
 
     def _on_timer(self) -> None:
         if self._closed:

@@ -3,9 +3,9 @@
 A background I/O thread owns the socket (a socket is not thread-safe); callers hand it
 requests through a deque, and write the wake-up pipe only when the deque was empty, so a
 burst of requests costs one wake-up. Reliability (sending once without an ACK, resending
-unanswered requests asking for one, epochs, pings, reconnects, deadlines) is the shared
-``client.reliable.Reliability``; ``client.aio.AsyncClient`` drives the same rules from an
-asyncio loop with no thread at all, for callers that live in one.
+unanswered requests asking for one, epochs, pings, reconnects, deadlines), the socket's
+set-up and its reads are the shared ``client.reliable``; ``client.aio.AsyncClient`` drives
+the same rules from an asyncio loop with no thread at all, for callers that live in one.
 
 The I/O thread survives anything a caller does (a cancelled future, a bad reply) and `infer()`
 never waits longer than its timeout plus the grace. A request id is in flight at most once per
@@ -27,27 +27,16 @@ from typing import Any, Mapping
 import numpy as np
 import structlog
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from ringserve.client.errors import RingserveError, Timeout
-from ringserve.client.reliable import ClientStats, Pending, Reliability, Reply
-from ringserve.protocol.codec import encode_tensors
-from ringserve.protocol.envelope import request_header
+from ringserve.client.reliable import ClientStats, Pending, Reliability, Reply, new_pending, open_dealer
 from ringserve.protocol.security import Security
-from ringserve.protocol.sockets import recv_frames
 
 log = structlog.get_logger("ringserve.client")
 
 __all__ = ["Client", "Reply", "ClientStats"]
 
-
-def new_pending(rid: str, model: str, inputs: Mapping[str, Any], timeout: float, grace: float, retry: float,
-                version: int | None, tags: Mapping[str, str] | None, future) -> Pending:
-    """A request ready to send (encoded in the caller's thread, so the I/O loop only sends)."""
-    meta, tensors = encode_tensors(inputs)
-    now = time.monotonic()
-    header = request_header(rid, meta, version=version, timeout_ms=timeout * 1000.0, tags=tags)
-    return Pending(rid, model.encode(), header, tensors, future, now + timeout + grace, now + retry, retry)
+MAX_READ_PER_TURN = 1024  # messages read per loop turn before the outbox and timers get a turn
 
 
 class Client:
@@ -142,16 +131,7 @@ class Client:
 
     # ------------------------------------------------------------- I/O loop
     def _loop(self) -> None:
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, self.hwm)
-        sock.setsockopt(zmq.RCVHWM, self.hwm)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        self.security.client(sock, "master")
-        # Watch the connection before connecting, so the first handshake is seen as the first.
-        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-        sock.connect(self.address)
+        sock, monitor = open_dealer(self._ctx, self.address, self.hwm, self.security)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
@@ -188,24 +168,9 @@ class Client:
         for p in batch:
             self._rel.start(sock, p)
         if monitor in events:
-            for _ in range(64):
-                try:
-                    event = recv_monitor_message(monitor, zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                    self._rel.on_handshake(sock)
+            self._rel.read_monitor(sock, monitor)
         if sock in events:
-            for _ in range(1024):
-                try:
-                    frames = recv_frames(sock)
-                except zmq.Again:
-                    break
-                try:
-                    self._rel.on_message(sock, frames)
-                except Exception:
-                    self.stats.loop_errors += 1
-                    log.exception("client_bad_message")
+            self._rel.read_messages(sock, MAX_READ_PER_TURN)
         self._rel.on_timers(sock, time.monotonic())
 
     def _forget_id(self, rid: str) -> None:

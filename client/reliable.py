@@ -22,21 +22,39 @@ import asyncio
 import concurrent.futures
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import structlog
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from ringserve.client.errors import RingserveError, Timeout, from_error
-from ringserve.protocol.codec import pack
-from ringserve.protocol.envelope import client_frames, parse_reply
+from ringserve.protocol.codec import encode_tensors, pack
+from ringserve.protocol.envelope import client_frames, parse_reply, request_header
 from ringserve.protocol.messages import MDP_CLIENT, MMI_PING, ProtocolError
-from ringserve.protocol.sockets import send_frames
+from ringserve.protocol.security import Security
+from ringserve.protocol.sockets import recv_frames, send_frames
 
 log = structlog.get_logger("ringserve.client")
 
 TIMER_STEP_S = 0.01
+MAX_MONITOR_EVENTS = 64  # monitor events read per call
+
+
+def open_dealer(ctx: zmq.Context, address: str, hwm: int, security: Security) -> tuple[zmq.Socket, zmq.Socket]:
+    """The client's DEALER to the master and its monitor (watched from before the connect, so the
+    first handshake is seen as the first); only the thread that drives the client may use them."""
+    sock = ctx.socket(zmq.DEALER)
+    for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, hwm), (zmq.RCVHWM, hwm), (zmq.RECONNECT_IVL, 100),
+                       (zmq.RECONNECT_IVL_MAX, 1000)):
+        sock.setsockopt(opt, value)
+    security.client(sock, "master")
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+    sock.connect(address)
+    return sock, monitor
+
+
 _INVALID_STATE = (concurrent.futures.InvalidStateError, asyncio.InvalidStateError)
 
 
@@ -76,6 +94,15 @@ class Pending:
         """The message: the first send as built, a resend asking for an acknowledgement."""
         header = self.header if self.sends <= 1 else {**self.header, "ack": True}
         return client_frames(self.service, [pack(header), *self.tensors])
+
+
+def new_pending(rid: str, model: str, inputs: Mapping[str, Any], timeout: float, grace: float, retry: float,
+                version: int | None, tags: Mapping[str, str] | None, future) -> Pending:
+    """A request ready to send (encoded in the caller's thread, so the I/O loop only sends)."""
+    meta, tensors = encode_tensors(inputs)
+    now = time.monotonic()
+    header = request_header(rid, meta, version=version, timeout_ms=timeout * 1000.0, tags=tags)
+    return Pending(rid, model.encode(), header, tensors, future, now + timeout + grace, now + retry, retry)
 
 
 class Reliability:
@@ -140,6 +167,34 @@ class Reliability:
                 sock.send_multipart(client_frames(MMI_PING, [pack({})]), zmq.NOBLOCK)
             except zmq.Again:
                 pass
+
+    def read_messages(self, sock: zmq.Socket, limit: int) -> bool:
+        """Handle up to `limit` waiting messages; True when the limit was reached (more may wait).
+        Nothing a peer sends stops the client: a message that trips a bug is logged and counted."""
+        for _ in range(limit):
+            try:
+                frames = recv_frames(sock)
+            except zmq.Again:
+                return False
+            try:
+                self.on_message(sock, frames)
+            except Exception:
+                self.stats.loop_errors += 1
+                log.exception("client_bad_message")
+        return True
+
+    def read_monitor(self, sock: zmq.Socket, monitor: zmq.Socket) -> bool:
+        """Handle the monitor's waiting events; True when a new connection was made."""
+        handshake = False
+        for _ in range(MAX_MONITOR_EVENTS):
+            try:
+                event = recv_monitor_message(monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.on_handshake(sock)
+                handshake = True
+        return handshake
 
     def on_handshake(self, sock: zmq.Socket) -> None:
         """A new connection to the master after the first: what it had not answered is sent again."""
