@@ -32,11 +32,6 @@ _DTYPE = {name: np.dtype(name) for name in SUPPORTED_DTYPES}  # numpy builds dty
 _NAME = {dt: name for name, dt in _DTYPE.items()}  # these lookups cost a tenth of it
 
 
-def dtype_name(dtype: np.dtype) -> str | None:
-    """'float32' for a supported (native or little-endian) dtype, None for any other."""
-    return _NAME.get(dtype)
-
-
 def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 

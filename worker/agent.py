@@ -318,5 +318,3 @@ class WorkerAgent:
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
-
-
