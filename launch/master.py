@@ -49,6 +49,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rate-limit", type=number(float, 0), default=0.0,
                    help="requests per second per client key (per connection without keys); 0: no limit")
     p.add_argument("--rate-burst", type=positive_float, default=None, help="bucket size (default: max(1, rate))")
+    p.add_argument("--unavailable-grace", type=positive_float, default=10.0,
+                   help="seconds a model whose last worker left stays 'unavailable' (requests queue, then get the "
+                        "retryable WORKER_LOST) before it is unknown (UNKNOWN_MODEL)")
     add_metrics_flags(p)
     add_security_flags(p)
     add_log_flag(p)
@@ -65,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
                        args.heartbeat_liveness, args.max_queue, args.max_attempts, args.default_timeout, args.hwm,
                        args.drain_timeout, args.seed, answer_cache_bytes=args.answer_cache_bytes,
                        max_timeout=args.max_timeout, state_dir=args.state_dir, security=sec,
-                       rate_limit=args.rate_limit, rate_burst=args.rate_burst)
+                       rate_limit=args.rate_limit, rate_burst=args.rate_burst,
+                       unavailable_grace=args.unavailable_grace)
     try:
         serve(cfg, announce, expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host))
     except BindError as exc:

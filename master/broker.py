@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import heapq
+import itertools
 import os
 import signal
 import time
@@ -35,8 +36,8 @@ from ringserve.master.scheduler import Load, make_policy
 from ringserve.master.status import build_status
 from ringserve.protocol.codec import pack, short_repr, unpack_map
 from ringserve.protocol.envelope import (
-    MAX_NAME_LEN, dispatch_frames, forwardable, forwardable_result, parse_heartbeat, parse_ready, parse_request_header,
-    parse_worker_reply, split_replies,
+    MAX_NAME_LEN, REPLY_FIELDS, dispatch_frames, forwardable, forwardable_result, parse_heartbeat, parse_ready,
+    parse_request_header, parse_worker_reply, split_replies,
 )
 from ringserve.protocol.security import Security, user_id
 from ringserve.protocol.sockets import BindError, bind, drain, send_frames
@@ -49,7 +50,6 @@ log = structlog.get_logger("ringserve.master")
 
 MAX_BATCH_RECV = 256  # messages read from one socket per loop turn, so no socket starves the others
 MAX_UNKNOWN_WAITING = 64  # during the start-up grace: model names nobody serves yet that may queue
-SHADOW_SUFFIX = "#shadow"  # request id of a shadow copy; its answer goes to metrics only
 UNSERVED_LABEL = "_unserved"  # metrics label for names no worker serves
 _ROLE_SETS = {role: frozenset([role]) for role in ("client", "worker", "admin")}
 METRICS_REFRESH_S = 0.25  # gauges (queue depth, in flight) are set from the books this often
@@ -76,6 +76,7 @@ class BrokerConfig:
     security: Security = field(default_factory=Security)  # keys, MAXMSGSIZE (protocol/security.py)
     rate_limit: float = 0.0  # requests per second per client (0: no limit)
     rate_burst: float | None = None
+    unavailable_grace: float = 10.0  # a model served this recently queues while no worker serves it
 
 
 def _router(ctx: zmq.Context, endpoint: str, hwm: int, sec: Security, domain: str) -> tuple[zmq.Socket, str]:
@@ -99,7 +100,10 @@ class Broker:
         self.epoch = uuid.uuid4().hex[:12]
         self.policy = make_policy(cfg.policy, cfg.seed)
         self.workers: dict[bytes, WorkerRecord] = {}
-        self.pending: dict[str, PendingRequest] = {}
+        self.pending: dict[str, PendingRequest] = {}  # the master's key -> request
+        self.held: dict[tuple[str, str], str] = {}  # (client scope, client id) -> key of the pending request
+        self._keys = itertools.count(1)
+        self.recently_served: dict[str, float] = {}  # model nobody serves now -> when its last worker left
         self.queues = ModelQueues(cfg.max_queue)
         self.answered = AnsweredCache(max_bytes=cfg.answer_cache_bytes)
         self.counters: dict[str, ModelCounters] = {}  # only for models some worker serves or served
@@ -201,6 +205,8 @@ class Broker:
 
     def on_tick(self, now: float) -> None:
         self._expire_deadlines(now)
+        self._expire_unavailable(now)
+        self._cut_revoked()
         if now - self.metrics_refreshed >= METRICS_REFRESH_S:
             self.metrics_refreshed = now
             self._refresh_metrics()
@@ -221,7 +227,7 @@ class Broker:
     # --------------------------------------------------------------- clients
     def on_client(self, frames: Sequence[zmq.Frame]) -> None:
         ident = frames[0].bytes
-        if not self._allowed(frames, "client") or not self._within_rate(ident, frames):
+        if not self._allowed(frames, "client"):
             return
         try:
             self._on_client(ident, frames)
@@ -253,37 +259,34 @@ class Broker:
             header = unpack_map(body[0])
             rid = header.get("id") if isinstance(header.get("id"), str) else None
             parsed = parse_request_header(header, body[1:])
-            if parsed.rid.endswith(SHADOW_SUFFIX):
-                raise ProtocolError(f"request ids ending in {SHADOW_SUFFIX!r} are reserved")
         except ProtocolError as exc:
             self._reply_client(ident, service, error_body(rid, ErrorCode.BAD_REQUEST, str(exc)))
             return
-        self.on_request(ident, service, model, body[0], parsed, list(body[1:]))
+        self.on_request(ident, client_scope(frames[-1]), service, model, body[0], parsed, list(body[1:]))
 
-    def on_request(self, ident: bytes, service: bytes, model: str, header_frame, parsed, frames: list) -> None:
+    def on_request(self, ident: bytes, scope: str, service: bytes, model: str, header_frame, parsed,
+                   frames: list) -> None:
+        """A checked request. Its id is the client's within `scope`: a resend of an id the master
+        holds or has answered is never run twice, never rate-limited, and answered only for the
+        model it first asked; the same id from another scope is another request."""
         rid = parsed.rid
-        held = self.pending.get(rid)
-        if held is not None:  # a client retry of something we already hold: run once, answer whoever asked last
+        cid = (scope, rid)
+        key = self.held.get(cid)
+        if key is not None:  # a client retry of something we already hold: run once, answer whoever asked last
+            held = self.pending[key]
+            if held.model != model:
+                self._reply_client(ident, service, _id_in_use(rid, held.model))
+                return
             if held.client != ident:
                 log.info("request_new_route", request_id=rid)
                 held.client = ident
             if parsed.ack:
                 self._reply_client(ident, service, {"id": rid, "ack": True})
             return
-        if rid in self.answered:
-            if parsed.ack and self.answered.delivered_to(rid) == ident:
-                # A resend on the socket the answer already went to: ZeroMQ delivers in order, so the
-                # answer is there ahead of this ACK; sending it again would only make a duplicate.
-                self._reply_client(ident, service, {"id": rid, "ack": True})
-                return
-            cached = self.answered.reply(rid)
-            log.info("duplicate_request", request_id=rid, resent=cached is not None)
-            if cached is not None:
-                self._send_client(ident, [ident, b"", MDP_CLIENT, *cached])
-            else:  # remembered as answered, but the reply itself is no longer held: say so, never run twice
-                self._reply_client(ident, service, error_body(
-                    rid, ErrorCode.BAD_REQUEST, "this id was already answered and the answer is no longer "
-                    "held; send the request again under a new id"))
+        if cid in self.answered:
+            self._answer_again(ident, cid, service, model, parsed.ack)
+            return
+        if not self._within_rate(ident, scope, service, rid):
             return
         counters = self._counters(model)
         if counters is not None:
@@ -291,20 +294,19 @@ class Broker:
         else:
             self.unknown_model_requests += 1
         if self.stopping:
-            self._reject(ident, service, rid, model, ErrorCode.OVERLOADED, "master is shutting down")
+            self._reject(ident, cid, service, model, ErrorCode.OVERLOADED, "master is shutting down")
             return
         known = counters is not None and self._served(model)
-        if not known and (not self.in_grace or (self.queues.depth(model) == 0
-                                                 and self._unknown_waiting() >= MAX_UNKNOWN_WAITING)):
-            self._reject(ident, service, rid, model, ErrorCode.UNKNOWN_MODEL,
+        if not known and not self._may_wait(model):
+            self._reject(ident, cid, service, model, ErrorCode.UNKNOWN_MODEL,
                          f"no worker serves model {short_repr(model)}")
             return
         if known and parsed.version is not None and parsed.version not in self._served_versions(model):
-            self._reject(ident, service, rid, model, ErrorCode.UNKNOWN_VERSION,
+            self._reject(ident, cid, service, model, ErrorCode.UNKNOWN_VERSION,
                          f"no worker serves model {model!r} at version {parsed.version}")
             return
         if self.queues.full(model, parsed.version):
-            self._reject(ident, service, rid, model, ErrorCode.OVERLOADED,
+            self._reject(ident, cid, service, model, ErrorCode.OVERLOADED,
                          f"queue for {model!r} is full ({self.cfg.max_queue} requests, "
                          f"{self.queues.max_pins} version pins)")
             return
@@ -313,15 +315,54 @@ class Broker:
         timeout = min(timeout, self.cfg.max_timeout)  # the client chooses, within the master's cap
         route = self.routes.get(model) if parsed.version is None else None  # a pinned version wins
         version = self._routed_version(route, parsed.tags) if route else parsed.version
-        req = PendingRequest(rid, ident, service, model, version, header_frame, frames, now + timeout, now)
-        self.pending[rid] = req
-        heapq.heappush(self.deadlines, (req.deadline, rid))
-        self.queues.push(req)
+        req = PendingRequest(self._new_key(), rid, ident, service, model, version, header_frame, frames,
+                             now + timeout, now, scope=scope, pinned=parsed.version is not None,
+                             tags=parsed.tags, counted=counters is not None)
+        self._hold(req)
+        self.held[cid] = req.key
         if parsed.ack:
             self._reply_client(ident, service, {"id": rid, "ack": True})
         if route is not None and route.shadow is not None and route.shadow != version:
             self._mirror(req, route.shadow)
         self.dispatch(model)
+
+    def _answer_again(self, ident: bytes, cid: tuple[str, str], service: bytes, model: str, ack: bool) -> None:
+        """An id this scope already had answered: its answer again (only for the same model), or an ACK
+        alone on the socket the answer last went to (ZeroMQ delivers in order: it is there already)."""
+        rid = cid[1]
+        if self.answered.model(cid) != model:
+            self._reply_client(ident, service, _id_in_use(rid, self.answered.model(cid)))
+            return
+        if ack and self.answered.delivered_to(cid) == ident:
+            self._reply_client(ident, service, {"id": rid, "ack": True})
+            return
+        cached = self.answered.reply(cid)
+        log.info("duplicate_request", request_id=rid, resent=cached is not None)
+        if cached is not None:
+            if self._send_client(ident, [ident, b"", MDP_CLIENT, *cached]):
+                self.answered.resent_to(cid, ident)
+        else:  # remembered as answered, but the reply itself is no longer held: say so, never run twice
+            self._reply_client(ident, service, error_body(
+                rid, ErrorCode.BAD_REQUEST, "this id was already answered and the answer is no longer "
+                "held; send the request again under a new id"))
+
+    def _new_key(self) -> str:
+        """The master's own name for a request: unique for the life of this process, never reused,
+        so a late reply can never be taken for another request's answer."""
+        return format(next(self._keys), "x")
+
+    def _hold(self, req: PendingRequest) -> None:
+        self.pending[req.key] = req
+        heapq.heappush(self.deadlines, (req.deadline, req.key))
+        self.queues.push(req)
+
+    def _may_wait(self, model: str) -> bool:
+        """A request for a model no worker serves right now may queue: during the start-up grace
+        (its workers are re-registering; at most MAX_UNKNOWN_WAITING names), or while the model is
+        unavailable, not unknown (its last worker left within --unavailable-grace)."""
+        if model in self.recently_served:
+            return True
+        return self.in_grace and (self.queues.depth(model) > 0 or self._unknown_waiting() < MAX_UNKNOWN_WAITING)
 
     def _served(self, model: str) -> bool:
         return model in self._served_models()
@@ -354,15 +395,13 @@ class Broker:
         return set().union(*(w.versions(model) for w in self.workers.values()))
 
     def _mirror(self, req: PendingRequest, version: int) -> None:
-        """A shadow copy: same inputs, pinned to `version`, answered to nobody (counted in metrics)."""
+        """A shadow copy: same inputs, pinned to `version`, answered to nobody (counted in metrics).
+        It has a key of its own and no client id, so it is never confused with the request it copies."""
         if self.queues.full(req.model, version) or version not in self._served_versions(req.model):
             self.metrics.on_shadow(req.model, version, "dropped")
             return
-        shadow = PendingRequest(req.rid + SHADOW_SUFFIX, None, req.service, req.model, version, req.header,
-                                req.frames, req.deadline, req.received)
-        self.pending[shadow.rid] = shadow
-        heapq.heappush(self.deadlines, (shadow.deadline, shadow.rid))
-        self.queues.push(shadow)
+        self._hold(PendingRequest(self._new_key(), req.rid, None, req.service, req.model, version, req.header,
+                                  req.frames, req.deadline, req.received, scope=req.scope, pinned=True))
 
     def _model_label(self, model: str) -> str:
         """A metrics label: the model's name when a worker serves it, so client input cannot grow the books."""
@@ -380,16 +419,17 @@ class Broker:
             code = MMI_NOT_IMPLEMENTED
         self._send_client(ident, [ident, b"", MDP_CLIENT, service, code])
 
-    def _reject(self, ident: bytes, service: bytes, rid: str, model: str, code: str, message: str) -> None:
+    def _reject(self, ident: bytes, cid: tuple[str, str], service: bytes, model: str, code: str,
+                message: str) -> None:
         counters = self._counters(model)
         if counters is not None:
             counters.count_error(code)
         self.metrics.on_answer(self._model_label(model), None, code, 0.0)
-        body = [pack(error_body(rid, code, message, epoch=self.epoch))]
+        body = [pack(error_body(cid[1], code, message, epoch=self.epoch))]
         sent = self._send_client(ident, [ident, b"", MDP_CLIENT, service, *body])
         if code not in ErrorCode.RETRYABLE:  # a retry under the same id may succeed later
-            self.answered.add(rid, [service, *body], ident if sent else None)
-        log.info("request_rejected", request_id=rid, model=model[:MAX_NAME_LEN], code=code)
+            self.answered.add(cid, model, [service, *body], ident if sent else None)
+        log.info("request_rejected", request_id=cid[1], model=model[:MAX_NAME_LEN], code=code)
 
     # ------------------------------------------------------------ scheduling
     def dispatch(self, model: str) -> None:
@@ -450,7 +490,7 @@ class Broker:
             return False
         req.attempts += 1
         req.worker = w.ident
-        w.in_flight[req.rid] = req.attempts
+        w.in_flight[req.key] = req.attempts
         self.queues.remove(req)
         self.metrics.on_dispatch(req.model, time.monotonic() - req.received)
         entry = self._outgoing.get(w.ident)
@@ -461,11 +501,11 @@ class Broker:
 
     def _send_requests(self, w: WorkerRecord, reqs: list[PendingRequest]) -> None:
         """One REQUEST message with every request assigned to `w` this turn."""
-        live = [r for r in reqs if r.worker == w.ident and self.pending.get(r.rid) is r]
+        live = [r for r in reqs if r.worker == w.ident and self.pending.get(r.key) is r]
         if not live or self.workers.get(w.ident) is not w:
             return  # answered or requeued meanwhile (the worker was evicted): nothing to send
         now = time.monotonic()
-        entries = [([r.rid, r.attempts, r.model, r.version, max(0.0, (r.deadline - now) * 1000.0)], r.header, r.frames)
+        entries = [([r.key, r.attempts, r.model, r.version, max(0.0, (r.deadline - now) * 1000.0)], r.header, r.frames)
                    for r in live]
         if not self._send_worker(w, [REQUEST, *dispatch_frames(entries)]):
             for r in live:
@@ -500,7 +540,7 @@ class Broker:
             raise ProtocolError("expected [RSW01][command][header...]")
         worker = self.workers.get(ident)
         if cmd == READY:
-            self.on_ready(ident, frames[3:])
+            self.on_ready(ident, frames[3:], user_id(frames[-1]) if self.cfg.security.enabled else None)
             return
         if worker is None:  # not registered (we restarted, or it was evicted): ask it to register again
             if cmd != DISCONNECT:
@@ -518,7 +558,7 @@ class Broker:
         else:
             raise ProtocolError("REQUEST and DRAIN go from the master to a worker, not back")
 
-    def on_ready(self, ident: bytes, rest: Sequence[zmq.Frame]) -> None:
+    def on_ready(self, ident: bytes, rest: Sequence[zmq.Frame], user: str | None = None) -> None:
         try:
             hello = parse_ready(unpack_map(rest[0]) if rest else None)
         except ProtocolError as exc:
@@ -527,8 +567,13 @@ class Broker:
         if old is not None:
             self.evict(old, "re_registered")
         name = hello.name or ident.hex()
+        if user:  # with keys a worker is the name of its key, whatever it announces
+            key_name = user.split(":")[1]
+            if name != key_name:
+                log.warning("worker_name_from_key", announced=name[:MAX_NAME_LEN], key=key_name)
+            name = key_name
         w = WorkerRecord(ident, name, hello.models, hello.credit, hello.device, hello.pid,
-                         weight=self.cfg.weights.get(name, hello.weight))
+                         weight=self.cfg.weights.get(name, hello.weight), user=user or None)
         self.workers[ident] = w
         self._served_cache = None
         log.info("worker_registered", worker=name, models=sorted(hello.models), credit=hello.credit, device=w.device)
@@ -548,8 +593,10 @@ class Broker:
             w.state = "draining"
             log.info("worker_draining", worker=w.name, in_flight=len(w.in_flight))
         if changed:
+            self._reroute_queued()
             for model in w.models:
                 self.dispatch(model)
+            self._fail_orphans()
 
     def on_replies(self, w: WorkerRecord, frames: Sequence[zmq.Frame]) -> None:
         """A REPLY message: one or more replies (a batch's answers travel together)."""
@@ -559,22 +606,46 @@ class Broker:
             self.dispatch(model)
 
     def on_reply(self, w: WorkerRecord, header_frame: zmq.Frame, raw: dict, frames: Sequence[zmq.Frame]) -> None:
-        repacked: dict | None = None  # None: the worker's header frame goes to the client as it came
-        if raw.get("ok") is True and forwardable(raw, self.epoch, w.name):
-            rid, attempt, code, version = forwardable_result(raw, frames), raw["attempt"], None, raw.get("version")
-        else:  # re-packed from the checked fields, with this master's epoch and the worker's name
+        """One reply, found by the master's key (never by the client's id). A result goes to the
+        client byte for byte only if its header is exactly what the master would write; its
+        version must be one the worker announced and the request allowed."""
+        ok = raw.get("ok") is True
+        if ok and raw.keys() <= REPLY_FIELDS and type(raw.get("version")) is int:
+            key, attempt, code, version = forwardable_result(raw, frames), raw["attempt"], None, raw["version"]
+            clean = None
+        else:
             reply = parse_worker_reply(raw, frames)
-            rid, attempt, code, version = reply.rid, reply.attempt, reply.error_code, reply.header.get("version")
-            repacked = {**reply.header, "worker": w.name, "epoch": self.epoch}
-            frames = frames if reply.ok else ()
-        if w.in_flight.get(rid) == attempt:
-            del w.in_flight[rid]
+            key, attempt, code, version = reply.key, reply.attempt, reply.error_code, reply.header.get("version")
+            clean = reply.header
+        if w.in_flight.get(key) == attempt:
+            del w.in_flight[key]
             w.done += 1
-        req = self.pending.get(rid)
+        req = self.pending.get(key)
         if req is None or req.worker != w.ident or req.attempts != attempt:
             self._note_late_reply(header_frame, "not_current_attempt")
-        else:
-            self.finish(req, [header_frame if repacked is None else pack(repacked), *frames], code, version=version)
+            return
+        if code is None and not self._version_allowed(w, req, version):
+            self.bad_worker_messages += 1
+            log.warning("reply_version_refused", request_id=req.rid, worker=w.name, version=short_repr(version),
+                        announced=sorted(w.versions(req.model)), pinned=req.version)
+            self._retry(req, w, "the worker answered with a version it did not announce or the request did not "
+                        "allow")
+            return
+        if clean is None and forwardable(raw, self.epoch, w.name, req.rid):
+            body = [header_frame, *frames]
+        else:  # re-packed from the checked fields, with the client's id, this master's epoch and the worker's name
+            if clean is None:
+                clean = parse_worker_reply(raw, frames).header
+            header = {**clean, "id": req.rid, "worker": w.name, "epoch": self.epoch}
+            body = [pack(header), *(frames if code is None else ())]
+        self.finish(req, body, code, version=version if code is None else None)
+
+    @staticmethod
+    def _version_allowed(w: WorkerRecord, req: PendingRequest, version) -> bool:
+        """A result's version: an int the worker announced for the model, and the pin if there is one."""
+        if type(version) is not int or version not in w.versions(req.model):
+            return False
+        return req.version is None or version == req.version
 
     def _note_late_reply(self, header_frame, why: str) -> None:
         try:
@@ -583,7 +654,7 @@ class Broker:
             rid = None
         self.late_replies += 1
         self.metrics.on_late_reply()
-        log.info("late_reply_dropped", request_id=rid, why=why)
+        log.info("late_reply_dropped", request_id=rid if isinstance(rid, str) else None, why=why)
 
     def evict(self, w: WorkerRecord, reason: str, tell: bool = False) -> None:
         """Forget a worker; send its in-flight requests elsewhere within their retry budget."""
@@ -591,48 +662,114 @@ class Broker:
         self._served_cache = None
         log.warning("worker_evicted", worker=w.name, reason=reason, in_flight=len(w.in_flight))
         self.metrics.on_evict(reason)
+        now = time.monotonic()
+        served = self._served_models()
+        self.recently_served.update((m, now) for m in w.models if m not in served)
         if tell:
             self._send_raw(self.backend, [w.ident, WORKER_PROTO, DISCONNECT, pack({"reason": reason})])
-        now = time.monotonic()
-        for rid in w.in_flight:
-            req = self.pending.get(rid)
-            if req is None or req.worker != w.ident:
-                continue
-            req.worker = None
-            if req.attempts < self.cfg.max_attempts and now < req.deadline:
-                counters = self._counters(req.model)
-                if counters is not None:
-                    counters.retries += 1
-                self.metrics.on_retry(req.model)
-                self.queues.push(req, front=True)
-            else:
-                self.fail(req, ErrorCode.WORKER_LOST,
-                          f"worker {w.name} lost ({reason}) after {req.attempts} attempt(s)")
+        for key in w.in_flight:
+            req = self.pending.get(key)
+            if req is not None and req.worker == w.ident:
+                self._retry(req, w, f"worker {w.name} lost ({reason})", now=now, release=False)
         w.in_flight.clear()
+        self._reroute_queued()
         for model in sorted({m for other in self.workers.values() for m in other.models} & set(w.models)):
             self.dispatch(model)
         self._fail_orphans()
 
+    def _retry(self, req: PendingRequest, w: WorkerRecord, why: str, now: float | None = None,
+               release: bool = True) -> None:
+        """The attempt on `w` is over without an answer: queue the request again (at the front, its
+        route's choice made anew) within --max-attempts and its deadline, else WORKER_LOST."""
+        now = time.monotonic() if now is None else now
+        if release and w.in_flight.get(req.key) == req.attempts:
+            del w.in_flight[req.key]
+        req.worker = None
+        if req.attempts < self.cfg.max_attempts and now < req.deadline:
+            counters = self._counters(req.model)
+            if counters is not None:
+                counters.retries += 1
+            self.metrics.on_retry(req.model)
+            self._reroute(req)
+            self.queues.push(req, front=True)
+            self.dispatch(req.model)
+        else:
+            self.fail(req, ErrorCode.WORKER_LOST, f"{why} after {req.attempts} attempt(s)")
+
+    def _reroute(self, req: PendingRequest) -> None:
+        """Only a client's pin binds: a version a route chose is chosen again (the worker that held it
+        may be gone), and one no worker serves any more becomes any version."""
+        if req.pinned or req.client is None:
+            return
+        route = self.routes.get(req.model)
+        req.version = self._routed_version(route, req.tags) if route else None
+
+    def _reroute_queued(self) -> None:
+        """Queued requests a route sent to a version nobody serves now are routed again (rare: at an
+        eviction or when a worker's versions change), so they do not wait out their deadline."""
+        for model in self.queues.models():
+            served = self._served_versions(model)
+            for pin, _ in self.queues.heads(model):
+                if pin is None or pin in served:
+                    continue
+                for req in [r for r in self.queues.waiting(model) if r.version == pin and not r.pinned
+                            and r.client is not None]:
+                    self.queues.remove(req)
+                    self._reroute(req)
+                    self.queues.push(req, front=req.seq < 0)
+                self.dispatch(model)
+
     def _fail_orphans(self) -> None:
-        """Queued requests for a model no registered worker serves get their final answer now."""
+        """Queued requests for a model no registered worker serves get their final answer now: not
+        during the start-up grace, and not while the model is only unavailable (--unavailable-grace)."""
         if self.in_grace:
             return
         served = self._served_models()
         for req in list(self.pending.values()):
-            if req.worker is None and req.model not in served:
+            if req.worker is None and req.model not in served and req.model not in self.recently_served:
                 code = ErrorCode.WORKER_LOST if req.attempts else ErrorCode.UNKNOWN_MODEL
                 self.fail(req, code, f"no worker serves model {req.model!r}")
 
+    def _expire_unavailable(self, now: float) -> None:
+        """A model whose last worker left more than --unavailable-grace ago is unknown again; its
+        queued requests get a retryable answer (WORKER_LOST), not UNKNOWN_MODEL."""
+        if not self.recently_served:
+            return
+        served = self._served_models()
+        for m, left in list(self.recently_served.items()):
+            if m in served:
+                del self.recently_served[m]
+            elif now - left >= self.cfg.unavailable_grace:
+                del self.recently_served[m]
+                for req in [r for r in self.pending.values() if r.worker is None and r.model == m]:
+                    self.fail(req, ErrorCode.WORKER_LOST,
+                              f"model {m!r} is unavailable: no worker has served it for "
+                              f"{self.cfg.unavailable_grace:g}s; retry later")
+
     # ------------------------------------------------------------ answering
     def finish(self, req: PendingRequest, body: list, error_code: str | None, version: int | None = None) -> None:
-        """The one place a request gets its final answer."""
-        self.pending.pop(req.rid, None)
+        """The one place a request gets its final answer. Every path ends here, so this is where
+        the books are settled: the request leaves `pending`, its queue and its scope's id map,
+        and a worker credit slot it still holds (its deadline passed in flight) is given back."""
+        if self.pending.pop(req.key, None) is None:
+            return
         self.queues.remove(req)
+        if req.worker is not None:
+            w = self.workers.get(req.worker)
+            if w is not None and w.in_flight.get(req.key) == req.attempts:
+                del w.in_flight[req.key]
+                self.dispatch(req.model)
         if req.client is None:  # a shadow copy: nobody waits for it, only metrics count it
             self.metrics.on_shadow(req.model, req.version, error_code or "ok")
             return
+        cid = (req.scope, req.rid)
+        if self.held.get(cid) == req.key:
+            del self.held[cid]
         counters = self._counters(req.model)
         if counters is not None:
+            if not req.counted:  # it arrived while no worker served the name: counted as unknown then
+                self.unknown_model_requests -= 1
+                counters.requests += 1
             if error_code is None:
                 counters.ok += 1
             else:
@@ -641,14 +778,25 @@ class Broker:
                                error_code or "ok", time.monotonic() - req.received)
         sent = self._send_client(req.client, [req.client, b"", MDP_CLIENT, req.service, *body])
         if error_code not in ErrorCode.RETRYABLE:  # only final answers are remembered for retried ids
-            self.answered.add(req.rid, [req.service, *body], req.client if sent else None)
+            self.answered.add(cid, req.model, [req.service, *body], req.client if sent else None)
         if len(self.deadlines) > 2 * len(self.pending) + 1024:  # answered entries dominate: drop them
-            self.deadlines = [(r.deadline, r.rid) for r in self.pending.values()]
+            self.deadlines = [(r.deadline, r.key) for r in self.pending.values()]
             heapq.heapify(self.deadlines)
 
     def fail(self, req: PendingRequest, code: str, message: str) -> None:
         log.info("request_failed", request_id=req.rid, model=req.model, code=code, message=message)
         self.finish(req, [pack(error_body(req.rid, code, message, epoch=self.epoch))], code)
+
+    def books(self) -> dict:
+        """The credit invariant, for status and for the fault and fuzz tests: every slot a worker's
+        record holds belongs to a pending request assigned to that worker for that attempt, so the
+        slots add up to the assigned requests and none is lost (`leaked` 0)."""
+        held = sum(len(w.in_flight) for w in self.workers.values())
+        leaked = sum(1 for w in self.workers.values() for key, attempt in w.in_flight.items()
+                     if (r := self.pending.get(key)) is None or r.worker != w.ident or r.attempts != attempt)
+        assigned = sum(1 for r in self.pending.values() if r.worker is not None)
+        return {"in_flight": held, "assigned": assigned, "leaked": leaked, "pending": len(self.pending),
+                "held_ids": len(self.held), "ok": leaked == 0 and held == assigned}
 
     def _refresh_metrics(self) -> None:
         depths = {m: self.queues.depth(m) for m in self.queues.models() if self._served(m)}
@@ -659,8 +807,8 @@ class Broker:
 
     def _expire_deadlines(self, now: float) -> None:
         while self.deadlines and self.deadlines[0][0] <= now:
-            _, rid = heapq.heappop(self.deadlines)
-            req = self.pending.get(rid)
+            _, key = heapq.heappop(self.deadlines)
+            req = self.pending.get(key)
             if req is not None and req.deadline <= now:
                 where = "queued" if req.worker is None else "in flight"
                 self.fail(req, ErrorCode.TIMEOUT, f"deadline passed while {where}")
@@ -739,20 +887,26 @@ class Broker:
         log.warning("message_refused", socket=role, user=user_id(frames[-1]))
         return False
 
-    def _within_rate(self, ident: bytes, frames: Sequence[zmq.Frame]) -> bool:
-        """Token bucket per client key (per connection without keys); over it: OVERLOADED + retry_after_s."""
-        if self.limiter is None or len(frames) < 4 or frames[3].bytes.startswith(b"mmi."):
+    def _cut_revoked(self) -> None:
+        """A worker whose key was revoked is evicted at once (its work re-queued elsewhere), not when its
+        heartbeats expire: it must not be sent one more client request. The key ring re-reads its
+        directory at most every 0.1 s, so this costs a set lookup per worker per turn."""
+        if not self.cfg.security.enabled:
+            return
+        for w in [w for w in self.workers.values() if w.user and not self.cfg.security.still_valid(w.user)]:
+            log.warning("worker_key_revoked", worker=w.name)
+            self.evict(w, "key_revoked", tell=True)
+
+    def _within_rate(self, ident: bytes, scope: str, service: bytes, rid: str) -> bool:
+        """Token bucket per client key (per connection without keys); over it: OVERLOADED + retry_after_s.
+        Asked only for a request the master does not hold and has not answered: a resend is never
+        limited (it would be told OVERLOADED while its first copy runs)."""
+        if self.limiter is None:
             return True
-        key = user_id(frames[-1]) or ident
-        wait = self.limiter.take(key, time.monotonic())
+        wait = self.limiter.take(scope if self.cfg.security.enabled else ident, time.monotonic())
         if wait <= 0:
             return True
-        try:
-            rid = unpack_map(frames[4]).get("id") if len(frames) > 4 else None
-        except ProtocolError:
-            rid = None
-        rid = rid if isinstance(rid, str) else None
-        self._reply_client(ident, frames[3].bytes, error_body(
+        self._reply_client(ident, service, error_body(
             rid, ErrorCode.OVERLOADED, f"rate limit: over {self.cfg.rate_limit:g} requests/s for this client",
             retry_after_s=round(wait, 3)))
         log.info("rate_limited", request_id=rid, retry_after_s=round(wait, 3))
@@ -784,6 +938,25 @@ class Broker:
             if exc.errno == errno.EHOSTUNREACH:
                 return False
             raise
+
+
+def client_scope(frame: zmq.Frame) -> str:
+    """Whose request ids these are. With keys: the client's CURVE identity ("client:NAME:FP"),
+    so no tenant can reach another's answers. Without keys there are no tenants to tell apart
+    (anyone who reaches the port may act as anyone), so the scope is the peer's address: clients
+    on one host share it, and a reconnect (a new routing id) keeps it, so resends still dedupe."""
+    user = user_id(frame)
+    if user:
+        return user
+    try:
+        return "addr:" + (frame.get("Peer-Address") or "")
+    except (zmq.ZMQError, AttributeError, UnicodeDecodeError):
+        return "addr:"
+
+
+def _id_in_use(rid: str, model: str | None) -> dict:
+    return error_body(rid, ErrorCode.BAD_REQUEST, f"id in use: this client already sent id {short_repr(rid)} for "
+                      f"model {short_repr(model)}; send a new request under a new id")
 
 
 def serve(cfg: BrokerConfig, announce=None, expose=None) -> None:

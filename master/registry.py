@@ -31,6 +31,7 @@ class WorkerRecord:
     last_seen: float = field(default_factory=time.monotonic)
     registered_at: float = field(default_factory=time.time)
     stats: dict[str, Any] = field(default_factory=dict)
+    user: str | None = None  # with keys: the CURVE identity it registered with (revoking it evicts the worker)
 
     def serves(self, model: str, version: int | None = None) -> bool:
         info = self.models.get(model)
@@ -52,7 +53,6 @@ class WorkerRecord:
         """Every version of `model` this worker holds (a request may pin any of them)."""
         return held_versions(self.models.get(model) or {})
 
-
     def has_credit(self) -> bool:
         return self.state == "ready" and len(self.in_flight) < self.credit
 
@@ -65,7 +65,8 @@ class WorkerRecord:
 
 @dataclass(slots=True)  # one per request: slots make it smaller and quicker to build and read
 class PendingRequest:
-    rid: str
+    key: str  # the master's own name for it (unique per master process): books and workers use this
+    rid: str  # the client's id, unique only within its scope; answers carry it
     client: bytes | None  # the routing id that asked last: answers go there (a retry may come from a new
     #                       socket); None for a shadow copy, answered to nobody
     service: bytes
@@ -78,6 +79,10 @@ class PendingRequest:
     attempts: int = 0
     worker: bytes | None = None
     seq: int = 0  # queue order, set by ModelQueues.push (negative: re-queued at the front)
+    scope: str = ""  # whose id `rid` is: the client's CURVE key, else its address (see client_scope)
+    pinned: bool = False  # the client pinned `version`; otherwise a route chose it, and re-chooses on re-queue
+    tags: dict | None = None  # the client's routing tags (a sticky route re-chooses with them)
+    counted: bool = True  # counted in its model's counters (False: counted as an unknown name on arrival)
 
 
 @dataclass
@@ -101,7 +106,7 @@ class ModelQueues:
 
     def __init__(self, max_queue: int, max_pins: int = 64):
         self.max_queue, self.max_pins = max_queue, max_pins
-        self._queues: dict[str, dict[int | None, OrderedDict[str, PendingRequest]]] = {}
+        self._queues: dict[str, dict[int | None, OrderedDict[str, PendingRequest]]] = {}  # model -> pin -> key ->
         self._depth: dict[str, int] = {}
         self._seq = itertools.count()
         self._front_seq = itertools.count(-1, -1)
@@ -117,17 +122,17 @@ class ModelQueues:
     def push(self, req: PendingRequest, front: bool = False) -> None:
         pins = self._queues.setdefault(req.model, {})
         q = pins.setdefault(req.version, OrderedDict())
-        if req.rid not in q:
+        if req.key not in q:
             self._depth[req.model] = self._depth.get(req.model, 0) + 1
         req.seq = next(self._front_seq) if front else next(self._seq)
-        q[req.rid] = req
+        q[req.key] = req
         if front:
-            q.move_to_end(req.rid, last=False)
+            q.move_to_end(req.key, last=False)
 
     def remove(self, req: PendingRequest) -> None:
         pins = self._queues.get(req.model)
         q = pins.get(req.version) if pins else None
-        if q is None or q.pop(req.rid, None) is None:
+        if q is None or q.pop(req.key, None) is None:
             return
         self._depth[req.model] -= 1
         if not q:  # empty FIFOs and models are dropped, so the books do not grow with names asked
@@ -164,24 +169,27 @@ def reply_size(frames: list) -> int:
 class AnsweredCache:
     """Request ids already answered (and their last replies), so a retried id is answered once.
 
+    Keyed by (scope, id): a client's id means something only within its own scope (its key), so
+    one tenant can never be handed another's answer. Each entry remembers the model it answered,
+    the routing id the answer last went to and, while the byte budget allows, the reply itself.
     Ids are kept up to `max_ids`; reply frames (the body after the service frame, so they can be
     sent to whichever socket asks) only while their total stays within `max_bytes`, newest first.
     A reply bigger than the whole budget is not kept at all.
     """
 
     def __init__(self, max_ids: int = 100_000, max_bytes: int = 64 << 20):
-        self._ids: OrderedDict[str, bytes | None] = OrderedDict()  # rid -> the routing id the answer went to
-        self._replies: OrderedDict[str, tuple[list, int]] = OrderedDict()
+        self._ids: OrderedDict[tuple[str, str], list] = OrderedDict()  # (scope, id) -> [model, delivered to]
+        self._replies: OrderedDict[tuple[str, str], tuple[list, int]] = OrderedDict()
         self.max_ids, self.max_bytes = max_ids, max_bytes
         self.bytes = 0
 
-    def add(self, rid: str, body: list, delivered_to: bytes | None = None) -> None:
-        self._ids[rid] = delivered_to
-        self._ids.move_to_end(rid)
-        self._drop_reply(rid)
-        size = reply_size(body) + len(rid) + 64
+    def add(self, cid: tuple[str, str], model: str, body: list, delivered_to: bytes | None = None) -> None:
+        self._ids[cid] = [model, delivered_to]
+        self._ids.move_to_end(cid)
+        self._drop_reply(cid)
+        size = reply_size(body) + len(cid[0]) + len(cid[1]) + 64
         if size <= self.max_bytes:
-            self._replies[rid] = (body, size)
+            self._replies[cid] = (body, size)
             self.bytes += size
         while self.bytes > self.max_bytes and self._replies:
             self._drop_reply(next(iter(self._replies)))
@@ -189,23 +197,34 @@ class AnsweredCache:
             old, _ = self._ids.popitem(last=False)
             self._drop_reply(old)
 
-    def _drop_reply(self, rid: str) -> None:
-        held = self._replies.pop(rid, None)
+    def _drop_reply(self, cid: tuple[str, str]) -> None:
+        held = self._replies.pop(cid, None)
         if held is not None:
             self.bytes -= held[1]
 
-    def __contains__(self, rid: str) -> bool:
-        return rid in self._ids
+    def __contains__(self, cid: tuple[str, str]) -> bool:
+        return cid in self._ids
 
     def __len__(self) -> int:
         return len(self._ids)
 
-    def delivered_to(self, rid: str) -> bytes | None:
-        """The routing id the answer was handed to ZeroMQ for (None: not sent, or unknown)."""
-        return self._ids.get(rid)
+    def model(self, cid: tuple[str, str]) -> str | None:
+        entry = self._ids.get(cid)
+        return entry[0] if entry is not None else None
 
-    def reply(self, rid: str) -> list | None:
-        held = self._replies.get(rid)
+    def delivered_to(self, cid: tuple[str, str]) -> bytes | None:
+        """The routing id the answer was last handed to ZeroMQ for (None: not sent, or unknown)."""
+        entry = self._ids.get(cid)
+        return entry[1] if entry is not None else None
+
+    def resent_to(self, cid: tuple[str, str], ident: bytes) -> None:
+        """The answer went again, to `ident`: a further resend on that socket gets only an ACK."""
+        entry = self._ids.get(cid)
+        if entry is not None:
+            entry[1] = ident
+
+    def reply(self, cid: tuple[str, str]) -> list | None:
+        held = self._replies.get(cid)
         return held[0] if held is not None else None
 
     @property

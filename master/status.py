@@ -53,6 +53,7 @@ def build_status(broker, now: float) -> dict:
         "unknown_model_requests": broker.unknown_model_requests,
         "answer_cache": {"ids": len(broker.answered), "replies": broker.answered.replies_held,
                          "bytes": broker.answered.bytes},
+        "books": broker.books(),
         "workers": workers,
         "models": models,
         "routes": {m: r.to_json() for m, r in broker.routes.items()},

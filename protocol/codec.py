@@ -65,15 +65,23 @@ def encode_tensors(tensors: Mapping[str, Any], inline_max: int = INLINE_MAX) -> 
     return meta, frames
 
 
+def out_of_line(entry: Any) -> bool:
+    """Whether a tensor entry's data travels in a frame of its own: exactly when it is
+    ``[name, dtype, shape]`` (three items). A fourth item is inline data and must be bytes
+    (``_check_entry`` refuses anything else, ``nil`` included). Every role counts frames with
+    this one rule, so a master and a worker can never disagree on where a request ends."""
+    return len(entry) == 3
+
+
 def frame_count(meta: Any) -> int:
     """How many data frames a tensor list says follow (entries without inline data); -1 if malformed."""
-    if not isinstance(meta, list):
+    if type(meta) is not list:
         return -1
     n = 0
     for entry in meta:
         if not isinstance(entry, (list, tuple)):
             return -1
-        n += len(entry) == 3
+        n += out_of_line(entry)
     return n
 
 
@@ -144,9 +152,11 @@ def _check_entry(entry: Any) -> tuple[str, str, list, int, bytes | None]:
             raise ProtocolError("each tensor must be described as [name, dtype, shape] or [name, dtype, shape, data]")
         entry = list(entry)
     name, dtype, shape = entry[0], entry[1], entry[2]
-    inline = entry[3] if len(entry) == 4 else None
-    if inline is not None and type(inline) is not bytes:
-        raise ProtocolError("a tensor's inline data must be msgpack bin (bytes)")
+    inline = None if out_of_line(entry) else entry[3]
+    if not out_of_line(entry) and type(inline) is not bytes:
+        # nil as the fourth item too: one rule (out_of_line) says where a tensor's bytes are
+        raise ProtocolError("a tensor's inline data (its fourth item) must be msgpack bin (bytes); "
+                            "leave it out to send the data in a frame of its own")
     if type(name) is not str or not name or len(name) > MAX_NAME:
         raise ProtocolError(f"tensor name must be a string of 1..{MAX_NAME} characters")
     if type(dtype) is not str or dtype not in _ITEMSIZE:  # a list or map is not hashable

@@ -29,7 +29,23 @@ MAX_TAG_LEN = 256
 MAX_PER_MESSAGE = 4096  # requests in one master -> worker REQUEST (or replies in one REPLY)
 # Fields a worker's result header may hold for the master to forward it to the client unchanged
 # (an error reply is always re-packed from its checked fields).
-REPLY_FIELDS = frozenset(["id", "attempt", "ok", "model", "version", "batch_rows", "outputs", "worker", "epoch"])
+REPLY_FIELDS = frozenset(["id", "key", "attempt", "ok", "model", "version", "batch_rows", "outputs", "worker",
+                          "epoch"])
+
+
+def check_id(value: Any, what: str = "id") -> str:
+    """The one rule for an id on the wire (a client's request id, the master's dispatch key):
+    a string of 1..MAX_ID_LEN characters. Every role checks ids with this function."""
+    if type(value) is not str or not value or len(value) > MAX_ID_LEN:
+        raise ProtocolError(f"field {what!r} must be a string of 1..{MAX_ID_LEN} characters, got {short_repr(value)}")
+    return value
+
+
+def request_frames(header: Any) -> int:
+    """How many out-of-line tensor frames follow a client request header; -1 when the header
+    cannot say (not a map, or a malformed tensor list). The master (checking a client's message)
+    and the worker (splitting a REQUEST) both count with this one function."""
+    return frame_count(header.get("inputs")) if type(header) is dict else -1
 
 
 @dataclass
@@ -74,9 +90,7 @@ def client_frames(service: str | bytes, body: Sequence) -> list:
 
 def parse_request_header(header: dict, frames: Sequence) -> ClientRequest:
     """Check every field of a client request; raise ProtocolError naming the bad one."""
-    rid = header.get("id")
-    if not isinstance(rid, str) or not rid or len(rid) > MAX_ID_LEN:
-        raise ProtocolError(f"field 'id' must be a string of 1..{MAX_ID_LEN} characters")
+    rid = check_id(header.get("id"))
     if "inputs" not in header:
         raise ProtocolError("missing field 'inputs'")
     check_tensors(header["inputs"], frames)  # names, dtypes, shapes, byte counts
@@ -131,9 +145,10 @@ class WorkerBeat:
 
 @dataclass
 class WorkerReply:
-    """A validated REPLY: `header` is rebuilt from checked fields only, ready for the client."""
+    """A validated REPLY: `header` is rebuilt from checked fields only (the master sets the
+    client's id, its epoch and the worker's name before it goes to the client)."""
 
-    rid: str
+    key: str  # the master's dispatch key the reply answers
     attempt: int
     ok: bool
     error_code: str | None
@@ -238,28 +253,34 @@ def parse_heartbeat(info: Any) -> WorkerBeat:
     return WorkerBeat(models, stats, draining)
 
 
+def reply_key(header: dict) -> Any:
+    """The dispatch key a worker's reply answers ("key"; a worker that wrote none answers by "id")."""
+    key = header.get("key")
+    return header.get("id") if key is None else key
+
+
 def parse_worker_reply(header: Any, frames: Sequence) -> WorkerReply:
-    """Check a REPLY: id, attempt, and either outputs that match the frames or a typed error.
+    """Check a REPLY: key, attempt, and either outputs that match the frames or a typed error.
 
     An error's frames (there should be none) are not passed on; an unknown code becomes INTERNAL.
     """
     if not isinstance(header, dict):
         raise ProtocolError("REPLY header must be a map")
-    rid = _str(header.get("id"), "id", MAX_ID_LEN)
+    key = check_id(reply_key(header), "key")
     attempt = _int(header.get("attempt"), "attempt", 1)
     ok = header.get("ok")
     if not isinstance(ok, bool):
         raise ProtocolError("field 'ok' must be true or false")
-    clean: dict[str, Any] = {"id": rid, "ok": ok, "attempt": attempt}
-    for key in ("version", "batch_rows"):
-        if isinstance(header.get(key), int) and not isinstance(header.get(key), bool):
-            clean[key] = header[key]
+    clean: dict[str, Any] = {"ok": ok, "attempt": attempt}
+    for field in ("version", "batch_rows"):
+        if isinstance(header.get(field), int) and not isinstance(header.get(field), bool):
+            clean[field] = header[field]
     if isinstance(header.get("model"), str) and len(header["model"]) <= MAX_NAME_LEN:
         clean["model"] = header["model"]
     if ok:
         check_tensors(header.get("outputs"), frames)
         clean["outputs"] = header["outputs"]
-        return WorkerReply(rid, attempt, True, None, clean)
+        return WorkerReply(key, attempt, True, None, clean)
     error = header.get("error")
     if not isinstance(error, dict):
         raise ProtocolError("an error REPLY needs an 'error' map")
@@ -267,22 +288,25 @@ def parse_worker_reply(header: Any, frames: Sequence) -> WorkerReply:
     message = error.get("message")
     message = message[:MAX_TEXT] if isinstance(message, str) else "no message"
     clean["error"] = {"code": code, "message": message}
-    return WorkerReply(rid, attempt, False, code, clean)
+    return WorkerReply(key, attempt, False, code, clean)
 
 
 # ------------------------------------------------------- several per message
 # A master -> worker REQUEST carries one dispatch list and, per request, the client's own header
 # frame (forwarded as received, never re-packed) and its out-of-line tensor frames:
-#     [REQUEST][msgpack [[id, attempt, model, version, timeout_ms], ...]][hdr 1][frames 1...][hdr 2]...
+#     [REQUEST][msgpack [[key, attempt, model, version, timeout_ms], ...]][hdr 1][frames 1...][hdr 2]...
+# `key` is the master's own name for the request (unique per master process; never the
+# client's id, which two tenants may share). The worker answers by key and writes the client's
+# id beside it, so a result header can go on to the client as it is.
 # A worker -> master REPLY carries one or more replies, each a header and its out-of-line frames:
 #     [REPLY][hdr 1][frames 1...][hdr 2][frames 2...]...
 
 @dataclass
 class Dispatch:
     """One request as a worker gets it: the master's routing fields and the client's header.
-    `error` says what is wrong with this one request (it is answered BAD_REQUEST by its id)."""
+    `error` says what is wrong with this one request (it is answered BAD_REQUEST by its key)."""
 
-    rid: str
+    key: str
     attempt: int
     model: str
     version: int | None
@@ -290,6 +314,7 @@ class Dispatch:
     header: dict
     frames: list
     error: str | None = None
+    cid: str | None = None  # the client's request id (from its header)
 
 
 def dispatch_frames(entries: Sequence[tuple[list, Any, Sequence]]) -> list:
@@ -302,46 +327,61 @@ def dispatch_frames(entries: Sequence[tuple[list, Any, Sequence]]) -> list:
 
 
 def parse_dispatch(frames: Sequence) -> list[Dispatch]:
-    """A worker reads a REQUEST: every routing field and client header checked, frames counted.
+    """A worker reads a REQUEST: every routing field and client header checked with the same
+    functions the master used (`request_frames`, `parse_request_header`), frames counted.
 
-    Raises ProtocolError for a message it cannot split (no list, frames that do not add up); a
-    request with a usable id but a bad field or header comes back with `error` set, so it is
-    answered BAD_REQUEST; one without a usable id is left out (there is nobody to answer)."""
+    Raises ProtocolError only when the dispatch list itself is unreadable (there is no key to
+    answer). Otherwise every entry with a usable key comes back, those that cannot be used with
+    `error` set (answered BAD_REQUEST): a bad field or header fails its own entry; a header
+    whose frames cannot be counted, or frames that do not add up, fail that entry and every
+    later one (their frames can no longer be told apart), never the entries before it."""
     if not frames:
         raise ProtocolError("REQUEST needs a dispatch list")
     routing = unpack(frames[0])
     if not isinstance(routing, list) or not 1 <= len(routing) <= MAX_PER_MESSAGE:
         raise ProtocolError(f"REQUEST dispatch must be a list of 1..{MAX_PER_MESSAGE} entries")
-    out, k = [], 1
+    spans: list[tuple[Any, Any, list, str | None]] = []  # (entry, header, data, why it cannot be split)
+    k, broken = 1, None
     for entry in routing:
-        if k >= len(frames):
-            raise ProtocolError("REQUEST lists more requests than it carries")
+        header, data = None, []
+        if broken is None:
+            if k >= len(frames):
+                broken = "the REQUEST lists more requests than it carries"
+            else:
+                try:
+                    header = unpack(frames[k])
+                except ProtocolError:
+                    header = None
+                n = request_frames(header)
+                if n < 0 or k + 1 + n > len(frames):
+                    broken = "the request header's tensor list does not say how many frames follow"
+                else:
+                    data = list(frames[k + 1:k + 1 + n])
+                k += 1 + max(n, 0)
+        spans.append((entry, header, data, broken))
+    if broken is None and k != len(frames):
+        broken = f"the REQUEST carries {len(frames) - k} frames no request accounts for"
+        spans = [(e, h, d, broken) for e, h, d, _ in spans]
+    out = []
+    for entry, header, data, why in spans:
         try:
-            header = unpack(frames[k])
-        except ProtocolError:
-            header = None
-        n = frame_count(header.get("inputs")) if isinstance(header, dict) else 0
-        if n < 0 or k + 1 + n > len(frames):
-            n = 0
-        data = list(frames[k + 1:k + 1 + n])
-        k += 1 + n
-        try:
+            if why is not None:
+                raise ProtocolError(f"could not split the REQUEST: {why}")
             out.append(_dispatch_entry(entry, header, data))
         except ProtocolError as exc:
-            rid = entry[0] if isinstance(entry, list) and entry else None
-            if isinstance(rid, str) and 0 < len(rid) <= MAX_ID_LEN:
+            key = entry[0] if isinstance(entry, list) and entry else None
+            if type(key) is str and 0 < len(key) <= MAX_ID_LEN:
                 attempt = entry[1] if len(entry) > 1 and type(entry[1]) is int and entry[1] >= 1 else 1
-                out.append(Dispatch(rid, attempt, "", None, 0.0, {}, [], error=str(exc)))
-    if k != len(frames):
-        raise ProtocolError(f"REQUEST carries {len(frames) - k} frames no request accounts for")
+                cid = header.get("id") if type(header) is dict and type(header.get("id")) is str else None
+                out.append(Dispatch(key, attempt, "", None, 0.0, {}, [], error=str(exc), cid=cid))
     return out
 
 
 def _dispatch_entry(entry: Any, header: Any, data: list) -> Dispatch:
     if not (isinstance(entry, list) and len(entry) == 5):
-        raise ProtocolError("each dispatch entry must be [id, attempt, model, version, timeout_ms]")
-    rid, attempt, model, version, timeout_ms = entry
-    rid = _str(rid, "id", MAX_ID_LEN)
+        raise ProtocolError("each dispatch entry must be [key, attempt, model, version, timeout_ms]")
+    key, attempt, model, version, timeout_ms = entry
+    key = check_id(key, "key")
     attempt = _int(attempt, "attempt", 1)
     model = _str(model, "model")
     version = None if version is None else _int(version, "version", 0)
@@ -350,7 +390,8 @@ def _dispatch_entry(entry: Any, header: Any, data: list) -> Dispatch:
         raise ProtocolError("field 'timeout_ms' must be a finite number")
     if not isinstance(header, dict):
         raise ProtocolError("the request header must be a msgpack map")
-    return Dispatch(rid, attempt, model, version, float(timeout_ms), header, data)
+    parsed = parse_request_header(header, data)  # the master's own check, so both give one verdict
+    return Dispatch(key, attempt, model, version, float(timeout_ms), header, data, cid=parsed.rid)
 
 
 def reply_frames(replies: Sequence[tuple[dict, Sequence]]) -> list:
@@ -384,19 +425,20 @@ def split_replies(frames: Sequence) -> list[tuple[Any, dict, list]]:
 
 
 def forwardable_result(header: dict, frames: Sequence) -> str:
-    """The id of a result header that `forwardable` accepted, after the checks parse_worker_reply
-    makes of a result (id, attempt, outputs against frames); raises ProtocolError like it."""
-    rid = _str(header.get("id"), "id", MAX_ID_LEN)
+    """The key of a result header that `forwardable` accepted, after the checks parse_worker_reply
+    makes of a result (key, attempt, outputs against frames); raises ProtocolError like it."""
+    key = check_id(reply_key(header), "key")
     _int(header.get("attempt"), "attempt", 1)
     check_tensors(header.get("outputs"), frames)
-    return rid
+    return key
 
 
-def forwardable(header: dict, epoch: str, worker: str) -> bool:
+def forwardable(header: dict, epoch: str, worker: str, rid: str) -> bool:
     """Whether a result header can go to the client byte for byte: only known fields, well-typed
-    optional ones, the master's own epoch and the worker's registered name (else the master
-    re-packs it from the fields parse_worker_reply keeps)."""
-    if not (header.get("epoch") == epoch and header.get("worker") == worker and header.keys() <= REPLY_FIELDS):
+    optional ones, the client's own id `rid`, the master's own epoch and the worker's registered
+    name (else the master re-packs it from the fields parse_worker_reply keeps)."""
+    if not (header.get("id") == rid and header.get("epoch") == epoch and header.get("worker") == worker
+            and header.keys() <= REPLY_FIELDS):
         return False
     version, rows, model = header.get("version"), header.get("batch_rows"), header.get("model")
     return ((version is None or type(version) is int) and (rows is None or type(rows) is int)

@@ -295,8 +295,12 @@ class Security:
             self._own = self._read_own_keys()
         return self._own
 
+    def own_name(self) -> str:
+        """The name of our key: with keys, the name other roles know us by (a worker's name is its key's)."""
+        return self.name or self._only_name("secret", self.role, ".key_secret")
+
     def _read_own_keys(self) -> tuple[bytes, bytes]:
-        name = self.name or self._only_name("secret", self.role, ".key_secret")
+        name = self.own_name()
         path = secret_path(self.keys_dir, self.role, name)
         try:
             public, secret = zmq.auth.load_certificate(path)
@@ -356,6 +360,11 @@ class Security:
         if not user or user.split(":", 1)[0] not in roles or not self._keyring.valid(user):
             return None
         return user
+
+
+    def still_valid(self, user: str) -> bool:
+        """Whether an identity admitted earlier is still in the key ring (it was not revoked)."""
+        return not self.enabled or self._keyring.valid(user)
 
 
 def user_id(frame: zmq.Frame) -> str | None:

@@ -117,12 +117,13 @@ def next_request(b: Broker, w: zmq.Socket) -> dict:
         assert frames[:2] == [WORKER_PROTO, REQUEST], frames[:2]
         unread.extend(parse_dispatch(frames[2:]))
     d = unread.pop(0)
-    return {**d.header, "id": d.rid, "attempt": d.attempt, "model": d.model, "version": d.version,
+    return {**d.header, "id": d.cid, "key": d.key, "attempt": d.attempt, "model": d.model, "version": d.version,
             "timeout_ms": d.timeout_ms}
 
 
 def reply_ok(w: zmq.Socket, hdr: dict) -> None:
-    w.send_multipart([WORKER_PROTO, REPLY, pack({"id": hdr["id"], "attempt": hdr["attempt"], "ok": True,
+    w.send_multipart([WORKER_PROTO, REPLY, pack({"id": hdr["id"], "key": hdr["key"], "attempt": hdr["attempt"],
+                                                 "ok": True, "version": hdr["version"] or 1,
                                                  "outputs": [["y", "float32", [1, 4]]]}), X.tobytes()])
 
 
@@ -170,12 +171,12 @@ def test_ready_and_heartbeat_validation_return_clean_values():
 
 
 @pytest.mark.parametrize("header,frames,msg", [
-    ({"ok": True}, [], "'id'"),
+    ({"ok": True}, [], "'key'"),
     ({"id": "r", "ok": True}, [], "attempt"),
     ({"id": "r", "attempt": 1}, [], "'ok'"),
     ({"id": "r", "attempt": 1, "ok": True, "outputs": [["y", "float32", [4]]]}, [b"\0" * 3], "bytes"),
     ({"id": "r", "attempt": 1, "ok": False, "error": "boom"}, [], "'error' map"),
-    ({"id": ["r"], "attempt": 1, "ok": True}, [], "'id'"),
+    ({"id": ["r"], "attempt": 1, "ok": True}, [], "'key'"),
 ])
 def test_worker_reply_validation(header, frames, msg):
     with pytest.raises(ProtocolError, match=msg):
@@ -214,10 +215,14 @@ def test_bad_ready_is_refused_and_eviction_of_a_real_worker_does_not_crash(broke
     frames = recv(broker, bad)
     assert frames[:2] == [WORKER_PROTO, DISCONNECT] and unpack_map(frames[2])["error"]["code"] == "BAD_REQUEST"
     assert set(broker.workers) == {b"good"}
+    broker.cfg.unavailable_grace = 0.5
     good.send_multipart([WORKER_PROTO, DISCONNECT, pack({"reason": "bye"})])
     pump(broker, lambda: not broker.workers)
     client = dealer(broker, "frontend")
     request(client, "after")
+    # Served a moment ago: unavailable (queued, then the retryable WORKER_LOST), not unknown.
+    assert answer(recv(broker, client))["error"]["code"] == "WORKER_LOST"
+    request(client, "later")
     assert answer(recv(broker, client))["error"]["code"] == "UNKNOWN_MODEL"
 
 
@@ -294,17 +299,17 @@ def test_checked_reply_headers_pass_byte_for_byte_and_odd_ones_are_repacked(brok
     out = [["y", "float32", [1, 4], X.tobytes()]]
     request(client, "r1")
     hdr = next_request(broker, w)
-    stamped = pack({"id": "r1", "attempt": hdr["attempt"], "ok": True, "outputs": out, "worker": "w",
-                    "epoch": broker.epoch, "version": 3, "model": "mlp", "batch_rows": 1})
+    stamped = pack({"id": "r1", "key": hdr["key"], "attempt": hdr["attempt"], "ok": True, "outputs": out,
+                    "worker": "w", "epoch": broker.epoch, "version": 1, "model": "mlp", "batch_rows": 1})
     w.send_multipart([WORKER_PROTO, REPLY, stamped])
     assert recv(broker, client)[3] == stamped  # the worker's own bytes
     for i, odd in enumerate(({"ack": True}, {"epoch": "old"}, {"worker": "someone-else"}, {"error": "x"},
-                             {"version": "x"}, {"model": ["m"]})):
+                             {"model": ["m"]}, {"id": "not-the-clients"})):
         rid = f"odd{i}"
         request(client, rid)
         hdr = next_request(broker, w)
-        header = {"id": rid, "attempt": hdr["attempt"], "ok": True, "outputs": out, "worker": "w",
-                  "epoch": broker.epoch, **odd}
+        header = {"id": rid, "key": hdr["key"], "attempt": hdr["attempt"], "ok": True, "outputs": out, "worker": "w",
+                  "epoch": broker.epoch, "version": 1, **odd}
         w.send_multipart([WORKER_PROTO, REPLY, pack(header)])
         got = answer(recv(broker, client))
         assert got["ok"] is True and got["id"] == rid and "ack" not in got and "error" not in got
@@ -338,12 +343,13 @@ def test_retryable_answers_are_not_remembered(broker):
 def test_answer_cache_is_bounded_in_bytes():
     cache = AnsweredCache(max_ids=1000, max_bytes=1 << 20)
     for i in range(50):
-        cache.add(f"r{i}", [b"svc", b"\0" * (200 << 10)])
+        cache.add(("s", f"r{i}"), "m", [b"svc", b"\0" * (200 << 10)])
     assert cache.bytes <= 1 << 20 and cache.replies_held <= 5
-    assert all(f"r{i}" in cache for i in range(50))  # ids stay: a retried id is never run twice
-    assert cache.reply("r49") is not None and cache.reply("r0") is None
-    cache.add("huge", [b"\0" * (2 << 20)])
-    assert "huge" in cache and cache.reply("huge") is None and cache.bytes <= 1 << 20
+    assert all(("s", f"r{i}") in cache for i in range(50))  # ids stay: a retried id is never run twice
+    assert cache.reply(("s", "r49")) is not None and cache.reply(("s", "r0")) is None
+    assert ("other", "r49") not in cache and cache.model(("s", "r3")) == "m"
+    cache.add(("s", "huge"), "m", [b"\0" * (2 << 20)])
+    assert ("s", "huge") in cache and cache.reply(("s", "huge")) is None and cache.bytes <= 1 << 20
 
 
 def test_big_replies_stay_within_the_cache_budget_and_timeouts_are_capped(broker):
@@ -354,7 +360,8 @@ def test_big_replies_stay_within_the_cache_budget_and_timeouts_are_capped(broker
         request(client, f"r{i}", timeout_ms=1e15)
         hdr = next_request(broker, w)
         assert hdr["timeout_ms"] <= 60_000  # capped by max_timeout
-        w.send_multipart([WORKER_PROTO, REPLY, pack({"id": hdr["id"], "attempt": hdr["attempt"], "ok": True,
+        w.send_multipart([WORKER_PROTO, REPLY, pack({"id": hdr["id"], "key": hdr["key"], "attempt": hdr["attempt"],
+                                                     "ok": True, "version": 1,
                                                      "outputs": [["y", "float32", [1, 65536]]]}), big.tobytes()])
         assert answer(recv(broker, client))["ok"]
     assert broker.answered.bytes <= 1 << 20
@@ -394,7 +401,7 @@ def test_unknown_model_names_are_not_kept(broker):
 
 # ------------------------------------------------------------------ item 6: dispatch
 def _pending(rid: str, version: int | None = None) -> PendingRequest:
-    return PendingRequest(rid, b"c", b"mlp", "mlp", version, pack({"id": rid, "inputs": [["x", "float32", [1, 4]]]}),
+    return PendingRequest(rid, rid, b"c", b"mlp", "mlp", version, pack({"id": rid, "inputs": [["x", "float32", [1, 4]]]}),
                           [X.tobytes()], time.monotonic() + 30, time.monotonic())
 
 
@@ -528,7 +535,7 @@ def test_start_up_grace_keeps_only_a_bounded_number_of_unknown_names_waiting(bro
     assert {r["error"]["code"] for r in refused} == {"UNKNOWN_MODEL"}
     assert len(broker.queues.models()) == 64 and len(broker.pending) == 64
     request(client, "g-again", model=b"later-0")  # a name already waiting may queue more
-    pump(broker, lambda: "g-again" in broker.pending)
+    pump(broker, lambda: any(r.rid == "g-again" for r in broker.pending.values()))
 
 
 def test_models_map_keeps_versions_held_side_by_side_and_refusals():

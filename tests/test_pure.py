@@ -68,13 +68,19 @@ def test_a_request_message_splits_per_request_and_answers_bad_entries_by_id():
                               ([7, 1, "m", None, 100.0], small, []),  # no usable id: nobody to answer
                               (["d", 2, "m", 3, 5.0], b"\xc1", [])])  # a header that is not msgpack
     got = parse_dispatch([bytes(f) for f in frames])
-    assert [(d.rid, d.error is None) for d in got] == [("a", True), ("b", False), ("d", False)]
-    assert got[0].header["id"] == "c1" and len(got[0].frames) == 1
-    assert "attempt" in got[1].error and "map" in got[2].error
-    with pytest.raises(ProtocolError, match="no request accounts for"):
-        parse_dispatch([*frames, b"extra"])
-    with pytest.raises(ProtocolError, match="more requests than it carries"):
-        parse_dispatch(frames[:2])
+    assert [(d.key, d.error is None) for d in got] == [("a", True), ("b", False), ("d", False)]
+    assert got[0].header["id"] == "c1" and got[0].cid == "c1" and len(got[0].frames) == 1
+    assert "attempt" in got[1].error and "could not split" in got[2].error
+    # Frames that do not add up: every entry is answered by its key (none is trusted), nothing raises.
+    clean = dispatch_frames([(["a", 1, "m", None, 100.0], good, [memoryview(big).cast("B")]),
+                             (["b", 1, "m", None, 100.0], small, [])])
+    extra = parse_dispatch([*clean, b"extra"])
+    assert [d.key for d in extra] == ["a", "b"] and all("no request accounts for" in d.error for d in extra)
+    short = parse_dispatch(frames[:3])  # a's header and frame, then nothing
+    assert [(d.key, d.error is None) for d in short] == [("a", True), ("b", False), ("d", False)]
+    assert "more requests than it carries" in short[1].error
+    with pytest.raises(ProtocolError, match="dispatch"):
+        parse_dispatch([pack({"not": "a list"}), good])
 
 
 def test_bad_msgpack_and_missing_fields():

@@ -86,6 +86,7 @@ class WorkerAgent:
         self.reconnects = 0
         self.drain_requested: str | None = None
         self.failed: str | None = None  # why the worker left on its own (compute died or stalled)
+        self.unsplittable = 0  # REQUEST messages with no readable dispatch list (reported in heartbeats)
         self.sync = None  # a WeightSync thread when weights come from parameter servers
         self.compute.max_models = cfg.max_models
         self.compute.worker_name = cfg.name
@@ -209,6 +210,8 @@ class WorkerAgent:
             stats.update(models_loaded=sum(1 for m in self.models.values() if m.ready), max_models=self.cfg.max_models,
                          model_loads=sum(m.loads for m in self.models.values()),
                          model_evictions=sum(m.evictions for m in self.models.values()))
+        if self.unsplittable:
+            stats["unsplittable_requests"] = self.unsplittable
         self._send([HEARTBEAT, pack({"models": models, "in_flight": self.in_flight, "stats": stats,
                                      "draining": self.draining, "reconnects": self.reconnects})])
 
@@ -253,11 +256,15 @@ class WorkerAgent:
     def on_requests(self, frames: list[zmq.Frame]) -> None:
         """A REQUEST message: each request is checked whole (routing fields, tensors, input_spec)
         before it may join a batch; the good ones go to the compute thread in one hand-over, the
-        bad ones are answered BAD_REQUEST together."""
+        bad ones are answered BAD_REQUEST together, by key. A REQUEST with no readable dispatch
+        list has no key to answer: the master is told at once (a heartbeat counting it) and
+        reclaims those credit slots when their deadlines pass."""
         try:
             dispatched = parse_dispatch(frames)
         except ProtocolError as exc:
-            log.warning("bad_request_from_master", error=str(exc))
+            self.unsplittable += 1
+            log.warning("bad_request_from_master", error=str(exc), unsplittable=self.unsplittable)
+            self._heartbeat(time.monotonic())
             return
         now = time.monotonic()
         items, refused = [], []
@@ -267,17 +274,19 @@ class WorkerAgent:
                     raise ProtocolError(d.error)
                 items.append(self._work_item(d, now))
             except (ProtocolError, BadInput) as exc:
-                refused.append((error_body(d.rid, ErrorCode.BAD_REQUEST, str(exc), attempt=d.attempt), ()))
+                refused.append((self._refusal(d, str(exc)), ()))
             except Exception as exc:  # a check that trips on a value it did not expect: still the input's fault
-                log.warning("request_check_failed", request_id=d.rid, error=f"{type(exc).__name__}: {exc}")
-                refused.append((error_body(d.rid, ErrorCode.BAD_REQUEST,
-                                           f"malformed request ({type(exc).__name__}: {str(exc)[:200]})",
-                                           attempt=d.attempt), ()))
+                log.warning("request_check_failed", request_id=d.cid, error=f"{type(exc).__name__}: {exc}")
+                refused.append((self._refusal(d, f"malformed request ({type(exc).__name__}: {str(exc)[:200]})"), ()))
         if items:
             self.in_flight += len(items)
             self.compute.inbox.put(items)
         if refused:
             self._send([REPLY, *reply_frames(refused)])
+
+    @staticmethod
+    def _refusal(d: Dispatch, message: str) -> dict:
+        return error_body(d.cid, ErrorCode.BAD_REQUEST, message, key=d.key, attempt=d.attempt)
 
     def _work_item(self, d: Dispatch, now: float) -> WorkItem:
         model = self.models.get(d.model)
@@ -289,8 +298,8 @@ class WorkerAgent:
             self._request_load(model.name)  # the request waits in the batcher until it is loaded
         # 0 means already expired: TIMEOUT without compute
         timeout_s = min(max(d.timeout_ms, 0.0) / 1000.0, 3600.0)
-        return WorkItem(d.rid, d.attempt, model.name, d.version, inputs, rows, arrival=now, deadline=now + timeout_s,
-                        keepalive=d.frames)
+        return WorkItem(d.key, d.attempt, model.name, d.version, inputs, rows, arrival=now, deadline=now + timeout_s,
+                        keepalive=d.frames, cid=d.cid)
 
     def on_result(self, frames: list[zmq.Frame]) -> None:
         kind = frames[0].bytes

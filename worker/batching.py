@@ -132,7 +132,7 @@ class ModelBatching:
 
 @dataclass
 class WorkItem:
-    rid: str
+    rid: str  # the master's dispatch key: what the worker answers by
     attempt: int
     model: str
     version: int | None
@@ -143,6 +143,11 @@ class WorkItem:
     keepalive: list = field(default_factory=list)  # the zmq frames the input views point into
     ragged: Ragged | None = None  # set by Batcher.add for a model with variable-length inputs
     length: int = 0  # the request's own length along the sequence axis (ragged models)
+    cid: str | None = None  # the client's own request id, written beside the key in the reply
+
+    @property
+    def client_id(self) -> str:
+        return self.rid if self.cid is None else self.cid
 
     def group_key(self) -> Hashable:
         r = self.ragged
@@ -202,6 +207,14 @@ class Batcher:
         key = item.group_key()
         self.groups.setdefault(key, deque()).append(item)
         self.rows[key] = self.rows.get(key, 0) + item.rows
+
+    def take_model(self, model: str) -> list[WorkItem]:
+        """Remove and return every request queued for `model` (it cannot be loaded: each is answered)."""
+        gone = []
+        for key in [k for k in self.groups if k[0] == model]:
+            gone.extend(self.groups.pop(key))
+            self.rows.pop(key, None)
+        return gone
 
     def take_expired(self, now: float) -> list[WorkItem]:
         """Remove and return requests whose deadline has passed (they get TIMEOUT, no compute)."""

@@ -98,6 +98,7 @@ class ComputeThread(threading.Thread):
                 for item in self.batcher.take_expired(now):
                     self.stats.skipped_expired += 1
                     self._reply_error(item, ErrorCode.TIMEOUT, "deadline passed before compute started")
+                self._fail_unloadable()
                 batch, wait = self.batcher.next_batch(now, self._runnable)
                 if batch:
                     self._run_batch(batch)
@@ -144,6 +145,18 @@ class ComputeThread(threading.Thread):
         if changed:
             self.push.send_multipart([CHANGED])
 
+    def _fail_unloadable(self) -> None:
+        """Requests waiting for an on-demand model whose load was refused get their answer now, not
+        at their deadline: the weight-sync thread will not fetch a refused version again."""
+        for m in self.models.values():
+            refused = m.refused
+            if not m.on_demand or m.ready or m.loading or refused is None or not self.batcher.waiting(m.name):
+                continue
+            message = (f"model {m.name!r} could not be loaded on this worker: version {refused['version']} "
+                       f"was refused ({refused['reason'][:300]})")
+            for item in self.batcher.take_model(m.name):
+                self._reply_error(item, ErrorCode.INTERNAL, message)
+
     def _runnable(self, name: str) -> bool:
         return self.models[name].ready
 
@@ -178,7 +191,7 @@ class ComputeThread(threading.Thread):
                 replies = [self._failure(model, batch[0], exc)]
             else:  # re-run one by one, so only the request that causes the failure fails
                 log.info("batch_failed_rerunning_singly", model=model.name, error=f"{type(exc).__name__}: {exc}",
-                         request_ids=[i.rid for i in batch])
+                         request_ids=[i.client_id for i in batch])
                 replies = []
                 for item in batch:
                     try:
@@ -206,7 +219,7 @@ class ComputeThread(threading.Thread):
         rows = sum(i.rows for i in batch)
         for item, out in zip(batch, split_outputs(outputs, batch)):
             meta, frames = encode_tensors(out)
-            header = {"id": item.rid, "attempt": item.attempt, "ok": True, "model": item.model,
+            header = {"id": item.client_id, "key": item.rid, "attempt": item.attempt, "ok": True, "model": item.model,
                       "version": version, "outputs": meta, "batch_rows": rows}
             if self.epoch is not None and self.worker_name is not None:
                 header["worker"], header["epoch"] = self.worker_name, self.epoch
@@ -219,15 +232,16 @@ class ComputeThread(threading.Thread):
         why = input_error(exc)
         raw = f"{type(exc).__name__}: {exc}"
         if why is not None:
-            log.info("model_rejected_input", model=model.name, request_id=item.rid, error=raw)
+            log.info("model_rejected_input", model=model.name, request_id=item.client_id, error=raw)
             code, message = ErrorCode.BAD_REQUEST, why
         else:
-            log.warning("model_error", model=model.name, request_id=item.rid, error=raw)
+            log.warning("model_error", model=model.name, request_id=item.client_id, error=raw)
             code, message = ErrorCode.INTERNAL, f"model raised {raw}"
         self.metrics.on_answer(item.model, code)
-        return error_body(item.rid, code, message[:2000], attempt=item.attempt, model=item.model), []
+        return error_body(item.client_id, code, message[:2000], key=item.rid, attempt=item.attempt,
+                          model=item.model), []
 
     def _reply_error(self, item: WorkItem, code: str, message: str) -> None:
-        body = error_body(item.rid, code, message, attempt=item.attempt, model=item.model)
+        body = error_body(item.client_id, code, message, key=item.rid, attempt=item.attempt, model=item.model)
         self.metrics.on_answer(item.model, code)
         self._push([(body, [])])

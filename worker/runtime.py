@@ -22,12 +22,15 @@ def build_worker(args, security: Security | None = None) -> WorkerAgent:
         opts = parse_model_arg(text, defaults)
         models[opts.name] = ServedModel(opts, device, wait_for_weights=bool(args.paramservers) and not opts.weights,
                                         on_demand=bool(args.max_models))
-    cfg = WorkerConfig(master=args.master, name=args.name or f"worker-{os.getpid()}",
+    security = security or Security()
+    # With keys the master registers a worker under its key's name, so that is its default name too.
+    name = args.name or (security.own_name() if security.enabled else f"worker-{os.getpid()}")
+    cfg = WorkerConfig(master=args.master, name=name,
                        heartbeat_interval=args.heartbeat_interval, heartbeat_liveness=args.heartbeat_liveness,
                        max_backoff=args.max_backoff, max_batch_size=args.max_batch_size,
                        max_queue_delay_s=args.max_queue_delay_us / 1e6,
                        batch_idle_gap_s=None if args.batch_idle_us is None else args.batch_idle_us / 1e6, credit=args.credit, weight=args.weight,
-                       max_models=args.max_models, security=security or Security(),
+                       max_models=args.max_models, security=security,
                        compute_stall_s=args.compute_stall_s)
     agent = WorkerAgent(cfg, models)
     if args.paramservers:

@@ -167,6 +167,11 @@ class WeightSync(threading.Thread):
             if len(agreed) != 1:
                 continue  # shards disagree: a publish or rollback is half done; keep what we serve
             version = agreed.pop()
+            if (name, version) in self.refused and name in self.requested:
+                # asked to load a version refused before: say so again (it ends the wait for it)
+                self.requested.discard(name)
+                model.refuse(version, self.refused[(name, version)])
+                self.wake()
             if not isinstance(version, int) or version == self.wanted.get(name, model.version) \
                     or (name, version) in self.refused:
                 continue
@@ -243,6 +248,7 @@ class WeightSync(threading.Thread):
         self.refused[(model, version)] = reason
         self.retry.pop((model, version), None)
         self.models[model].refuse(version, reason)
+        self.wake()  # requests waiting for an on-demand load of it are answered at once
         log.error("weights_refused", model=model, version=version, reason=reason,
                   serving=self.models[model].version)
 
