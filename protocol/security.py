@@ -208,8 +208,11 @@ class ZapHandler(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stopping.is_set():
-                if not self.sock.poll(100):
-                    continue
+                try:
+                    if not self.sock.poll(100):
+                        continue
+                except zmq.ZMQError:  # the context was terminated or destroyed under us: nothing left to guard
+                    return
                 try:
                     msg = self.sock.recv_multipart()
                     self.sock.send_multipart(self.decide(msg))

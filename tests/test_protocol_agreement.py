@@ -1,0 +1,136 @@
+"""One fact, one check: the master (reading a client's message) and the worker (splitting the
+master's coalesced REQUEST) must agree on every request's frames, id and verdict. Hypothesis feeds
+both the same random requests (valid, mutated, coalesced) and compares what each concluded."""
+from __future__ import annotations
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ringserve.protocol.codec import pack, unpack_map
+from ringserve.protocol.envelope import (
+    MAX_ID_LEN, dispatch_frames, parse_dispatch, parse_request_header, request_frames,
+)
+from ringserve.protocol.messages import ProtocolError
+
+pytestmark = pytest.mark.timeout(120)
+
+DTYPES = ["float32", "int64", "uint8", "bool", "float16"]
+ITEM = {"float32": 4, "int64": 8, "uint8": 1, "bool": 1, "float16": 2}
+
+
+@st.composite
+def tensor(draw):
+    """(meta entry, its out-of-line frame or None): mostly valid, sometimes mutated."""
+    name = draw(st.sampled_from(["x", "y", "ids", "mask"]) | st.text(max_size=3))
+    dtype = draw(st.sampled_from(DTYPES) | st.sampled_from(["complex64", "", 3, None, ["float32"]]))
+    shape = draw(st.lists(st.integers(0, 4), min_size=1, max_size=3) | st.sampled_from([[-1], "2", [2**40], None]))
+    size = 1
+    for d in shape if isinstance(shape, list) else []:
+        size *= d if isinstance(d, int) and d >= 0 else 1
+    good = size * ITEM.get(dtype, 1) if isinstance(dtype, str) else 1
+    nbytes = draw(st.sampled_from([good, good, good, max(0, good - 1), good + 1]))
+    data = b"\0" * min(nbytes, 1 << 12)
+    how = draw(st.sampled_from(["frame", "frame", "inline", "inline", "nil", "int", "str", "five"]))
+    if how == "frame":
+        return [name, dtype, shape], data
+    if how == "inline":
+        return [name, dtype, shape, data], None
+    odd = {"nil": None, "int": 7, "str": "abc"}.get(how)
+    return ([name, dtype, shape, odd], None) if how != "five" else ([name, dtype, shape, data, 1], None)
+
+
+@st.composite
+def client_request(draw):
+    """(header frame bytes, tensor frames) as a client might send them, good or bad."""
+    tensors = draw(st.lists(tensor(), max_size=4))
+    meta = [t[0] for t in tensors]
+    frames = [t[1] for t in tensors if t[1] is not None]
+    rid = draw(st.text(min_size=1, max_size=8) | st.sampled_from(["", "r" * MAX_ID_LEN, "r" * (MAX_ID_LEN + 1), 5]))
+    header = {"id": rid, "inputs": meta}
+    mutation = draw(st.sampled_from(["none"] * 6 + ["no_inputs", "inputs_map", "extra_frame", "drop_frame",
+                                                     "version", "not_map", "garbage"]))
+    if mutation == "no_inputs":
+        del header["inputs"]
+    elif mutation == "inputs_map":
+        header["inputs"] = {"x": 1}
+    elif mutation == "extra_frame":
+        frames.append(b"\0" * 4)
+    elif mutation == "drop_frame" and frames:
+        frames.pop()
+    elif mutation == "version":
+        header["version"] = draw(st.sampled_from([-1, "1", True, 2]))
+    raw = pack(header)
+    if mutation == "not_map":
+        raw = pack([header])
+    elif mutation == "garbage":
+        raw = b"\xc1" + raw
+    return raw, frames
+
+
+def master_verdict(raw: bytes, frames: list) -> tuple:
+    """What the master concludes (broker._on_client's checks): ("ok", id, frame count) or ("bad",)."""
+    try:
+        parsed = parse_request_header(unpack_map(raw), frames)
+    except ProtocolError:
+        return ("bad",)
+    return ("ok", parsed.rid, len(frames))
+
+
+def worker_view(requests: list[tuple[bytes, list]]) -> list:
+    """What the worker concludes from one REQUEST carrying `requests`, by key."""
+    entries = [([f"k{i}", 1, "m", None, 1000.0], raw, frames) for i, (raw, frames) in enumerate(requests)]
+    got = {d.key: d for d in parse_dispatch(dispatch_frames(entries))}
+    assert set(got) == {f"k{i}" for i in range(len(requests))}  # every entry is answered by its key
+    return [got[f"k{i}"] for i in range(len(requests))]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(client_request())
+def test_one_request_gets_one_verdict_from_both(req):
+    raw, frames = req
+    verdict = master_verdict(raw, frames)
+    (d,) = worker_view([req])
+    if verdict[0] == "ok":
+        assert d.error is None, d.error
+        assert (d.cid, len(d.frames)) == verdict[1:]
+        assert request_frames(unpack_map(raw)) == len(frames)
+    else:
+        assert d.error is not None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(client_request(), min_size=1, max_size=6))
+def test_coalesced_requests_split_exactly_as_the_master_counted_them(reqs):
+    accepted = [r for r in reqs if master_verdict(*r)[0] == "ok"]
+    if accepted:  # what a master really sends: only requests it accepted, side by side
+        for (raw, frames), d in zip(accepted, worker_view(accepted)):
+            assert d.error is None, d.error
+            assert d.cid == unpack_map(raw)["id"] and [bytes(f) for f in d.frames] == [bytes(f) for f in frames]
+    # A mix (a buggy or hostile master): never raises, every entry answered; those before the first
+    # rejected one are split exactly as the master counted them.
+    view = worker_view(reqs)
+    for r, d in zip(reqs, view):
+        verdict = master_verdict(*r)
+        if verdict[0] != "ok":
+            assert d.error is not None
+            break
+        assert d.error is None and d.cid == verdict[1]
+
+
+def test_nil_data_is_refused_by_both():
+    raw = pack({"id": "r", "inputs": [["x", "float32", [1], None]]})
+    assert master_verdict(raw, [b"\0" * 4]) == ("bad",)
+    assert master_verdict(raw, []) == ("bad",)
+    (d,) = worker_view([(raw, [b"\0" * 4])])
+    assert d.error is not None
+    good = pack({"id": "g", "inputs": [["x", "float32", [1], b"\0" * 4]]})
+    first, second = worker_view([(good, []), (raw, [])])
+    assert first.error is None and second.error is not None  # its neighbour is untouched
+
+
+def test_request_frames_is_the_rule_both_use():
+    assert request_frames({"inputs": [["a", "float32", [1]], ["b", "float32", [1], b"1234"]]}) == 1
+    assert request_frames({"inputs": {"a": 1}}) == -1 and request_frames([1]) == -1
+    assert request_frames(msgpack.unpackb(pack({"inputs": []}))) == 0
