@@ -1,15 +1,18 @@
 """Fuzz every socket a peer can reach and check the promises in docs/ still hold.
 
 Targets: ``client`` (the master's frontend), ``worker`` (the master's worker port, as a fake
-worker), ``admin`` (the master's admin port), ``shard`` (a parameter server) and ``agent``
-(a real worker, fed by a fake master). Messages are seeded mutations of valid ones: corrupted
+worker), ``admin`` (the master's admin port), ``shard`` (a parameter server), ``agent``
+(a real worker, fed by a fake master) and ``replies`` (the master's worker port as a registered
+worker would use it: real client requests answered with mutated REPLY batches — wrong keys and
+attempts, versions never announced, duplicates, silence, garbage — after which every request has
+exactly one answer and the master's credit books balance: ``credit_leaked`` 0). Messages are seeded mutations of valid ones: corrupted
 msgpack after a valid prefix, absurd shapes, wrong dtypes, lying byte counts, 10 MB frames,
 non-UTF-8 names, missing and extra frames. Afterwards every process must be alive, a good
 request must still succeed and every message that deserves an answer must have had one.
 
-    python bench/fuzz.py [--count 20000] [--seed 1] [--targets client,worker,admin,shard,agent]
+    python bench/fuzz.py [--count 20000] [--seed 1] [--targets client,worker,admin,shard,agent,replies]
 
-prints one JSON line: sent, crashes, unanswered, max_rss_growth_mb (and per-target figures).
+prints one JSON line: sent, crashes, unanswered, credit_leaked, max_rss_growth_mb (and per-target figures).
 The test suite (tests/test_fuzz.py) runs the same code with ~2,000 messages per socket.
 """
 from __future__ import annotations
@@ -29,13 +32,13 @@ import numpy as np
 import zmq
 
 from ringserve.launch.procs import RoleProcess, wait_for_workers
-from ringserve.protocol.codec import frame_count, pack, unpack
-from ringserve.protocol.envelope import split_replies
+from ringserve.protocol.codec import pack, unpack
+from ringserve.protocol.envelope import parse_dispatch, reply_key, request_body, split_replies
 from ringserve.protocol.messages import (
     DISCONNECT, HEARTBEAT, MDP_CLIENT, READY, REPLY, REQUEST, SHARD_PROTO, WORKER_PROTO,
 )
 
-TARGETS = ("client", "worker", "admin", "shard", "agent")
+TARGETS = ("client", "worker", "admin", "shard", "agent", "replies")
 EPHEMERAL = "tcp://127.0.0.1:*"
 BIG = 10 * 1024 * 1024
 WINDOW = 64  # messages in flight on the windowed targets
@@ -349,7 +352,7 @@ def fake_master(ctx, worker: RoleProcess, router: zmq.Socket, count: int, seed: 
             elif len(msg) >= 4 and msg[2] == REPLY:  # one or more replies
                 try:
                     for _, reply, _ in split_replies(msg[3:]):
-                        rid = reply.get("id")
+                        rid = reply_key(reply)  # the worker answers by the master's key
                         answered.add(rid if isinstance(rid, str) else repr(rid))
                 except Exception:
                     pass
@@ -366,12 +369,9 @@ def fake_master(ctx, worker: RoleProcess, router: zmq.Socket, count: int, seed: 
             for i, key in ((1, "attempt"), (2, "model"), (3, "version"), (4, "timeout_ms")):
                 if key in header:
                     entry[i] = header.pop(key)
-        try:  # owed an answer unless the message cannot be split (its frames do not add up)
-            parsed = header if isinstance(header, dict) else unpack(header)
-            wanted = frame_count(parsed.get("inputs")) if isinstance(parsed, dict) else 0
-        except Exception:
-            wanted = 0
-        deserves = (wanted if 0 <= wanted <= len(data) else 0) == len(data)
+        # Owed an answer whatever its header and frames: the dispatch list (with its key) is readable,
+        # and a worker answers every entry it cannot split by key (protocol.envelope.parse_dispatch).
+        deserves = isinstance(entry[0], str) and 0 < len(entry[0]) <= 128
         try:
             router.send_multipart([ident, WORKER_PROTO, REQUEST, pack([entry]), _raw(header), *data])
         except (zmq.ZMQError, TypeError, ValueError):  # a value msgpack cannot pack: not sent
@@ -403,6 +403,136 @@ def fake_master(ctx, worker: RoleProcess, router: zmq.Socket, count: int, seed: 
     return {"sent": sent, "owed": len(owed), "answered": len(owed & answered),
             "unanswered": len(owed - answered), "good_ok": good,
             "unanswered_kinds": sorted({kinds[r] for r in owed - answered})}
+
+
+REPLY_MUTATIONS = ("good", "good", "good", "good", "wrong_key", "wrong_attempt", "bad_version", "no_version",
+                   "odd_error", "short_outputs", "extra_frames", "duplicate", "silence", "garbage", "not_a_map",
+                   "another_id", "huge_attempt")
+
+
+def mutated_replies(rng: random.Random, d, out: bytes) -> tuple[list, str]:
+    """Frames of what a hostile or broken worker answers to one dispatched request."""
+    kind = rng.choice(REPLY_MUTATIONS)
+    good = {"id": d.cid, "key": d.key, "attempt": d.attempt, "ok": True, "version": 1,
+            "outputs": [["y", "float32", [1, 3], out]]}
+    if kind in ("good", "duplicate"):
+        frames = [pack(good)] * (2 if kind == "duplicate" else 1)
+    elif kind == "wrong_key":
+        frames = [pack({**good, "key": rng.choice(["nope", d.key + "x", "", 7, "k" * 200])})]
+    elif kind == "wrong_attempt":
+        frames = [pack({**good, "attempt": rng.choice([d.attempt + 1, 0, -1, "1", None])})]
+    elif kind == "huge_attempt":
+        frames = [pack({**good, "attempt": 2 ** 63 - 1})]
+    elif kind == "bad_version":
+        frames = [pack({**good, "version": rng.choice([2, 10 ** 12, -1, "1", [1], 1.0])})]
+    elif kind == "no_version":
+        frames = [pack({k: v for k, v in good.items() if k != "version"})]
+    elif kind == "odd_error":
+        frames = [pack({"id": d.cid, "key": d.key, "attempt": d.attempt, "ok": False,
+                        "error": rng.choice([{"code": "NOPE", "message": 5}, {"code": "TIMEOUT", "message": "x"},
+                                             "boom", None])})]
+    elif kind == "short_outputs":
+        frames = [pack({**good, "outputs": [["y", "float32", [1, 3]]]})]  # says a frame follows; none does
+    elif kind == "extra_frames":
+        frames = [pack(good), b"\0" * 12]
+    elif kind == "another_id":
+        frames = [pack({**good, "id": "someone-else"})]
+    elif kind == "garbage":
+        frames = [b"\xc1" + pack(good)[1:]]
+    elif kind == "not_a_map":
+        frames = [pack([good])]
+    else:  # silence: the request's deadline must give the slot back
+        frames = []
+    return frames, kind
+
+
+def fake_worker_replies(ctx, backend: str, frontend: str, count: int, seed: int, alive: Callable[[], bool],
+                        budget_s: float, credit: int = 8) -> dict:
+    """A registered fake worker answers real requests with mutated REPLY batches; a raw client (no
+    resends) counts answers per id: each request is owed exactly one."""
+    rng = random.Random(seed)
+    worker = ctx.socket(zmq.DEALER)
+    client = ctx.socket(zmq.DEALER)
+    for sock in (worker, client):
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDTIMEO, 5000)
+    worker.connect(backend)
+    client.connect(frontend)
+    ready = [WORKER_PROTO, READY, pack({"name": "fz-replies", "credit": credit,
+                                        "models": {"echo": {"version": 1, "ready": True}}})]
+    worker.send_multipart(ready)
+    out = ROW.tobytes()
+    answers: dict[str, int] = {}
+    kinds: dict[str, int] = {}
+    sent = registrations = 0
+    end = time.monotonic() + budget_s
+    last_beat = time.monotonic()
+
+    def pump(timeout_ms: int) -> None:
+        nonlocal registrations, last_beat
+        poller = zmq.Poller()
+        poller.register(worker, zmq.POLLIN)
+        poller.register(client, zmq.POLLIN)
+        events = dict(poller.poll(timeout_ms))
+        if time.monotonic() - last_beat > 0.2:
+            worker.send_multipart([WORKER_PROTO, HEARTBEAT, pack({})])
+            last_beat = time.monotonic()
+        while client in events:
+            try:
+                msg = client.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            header = unpack(msg[3]) if len(msg) > 3 else {}
+            if isinstance(header, dict) and not header.get("ack") and isinstance(header.get("id"), str):
+                answers[header["id"]] = answers.get(header["id"], 0) + 1
+        while worker in events:
+            try:
+                msg = worker.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            if msg[:2] == [WORKER_PROTO, DISCONNECT]:  # evicted for a bad message: register again
+                registrations += 1
+                worker.send_multipart(ready)
+            elif msg[:2] == [WORKER_PROTO, REQUEST]:
+                batch: list = []
+                for d in parse_dispatch(msg[2:]):
+                    frames, kind = mutated_replies(rng, d, out)
+                    kinds[kind] = kinds.get(kind, 0) + 1
+                    batch.extend(frames)
+                    if rng.random() < 0.5 and batch:  # sometimes one REPLY per request, sometimes coalesced
+                        worker.send_multipart([WORKER_PROTO, REPLY, *batch])
+                        batch = []
+                if batch:
+                    worker.send_multipart([WORKER_PROTO, REPLY, *batch])
+
+    try:
+        for n in range(count):
+            if time.monotonic() >= end or not alive():
+                break
+            body = request_body(f"q{n}", {"x": ROW.reshape(1, 3)}, timeout_ms=rng.choice([300.0, 1000.0, 3000.0]))
+            client.send_multipart([b"", MDP_CLIENT, b"echo", *body])
+            sent += 1
+            pump(0)
+            while sent - len(answers) >= WINDOW and time.monotonic() < end and alive():
+                pump(100)
+        quiet_until = time.monotonic() + 10
+        while len(answers) < sent and time.monotonic() < quiet_until and alive():
+            pump(100)
+        settle_until = time.monotonic() + 5  # replies still on the wire are late replies: let them land
+        while time.monotonic() < settle_until and alive():
+            pump(100)
+    finally:
+        worker.close(linger=0)
+        client.close(linger=0)
+    return {"sent": sent, "owed": sent, "answered": len(answers), "unanswered": sent - len(answers),
+            "duplicated": sum(c - 1 for c in answers.values()), "re_registrations": registrations,
+            "reply_kinds": kinds}
+
+
+def admin_books(admin: str) -> dict:
+    from ringserve.client.admin import AdminClient
+
+    return AdminClient(admin).status()["books"]
 
 
 def good_inference(frontend: str) -> bool:
@@ -463,11 +593,18 @@ def run_target(target: str, count: int, seed: int, tmp: Path, budget_s: float = 
             before = {p.pid: rss_mb(p.pid) for p in procs}
             if target == "client":
                 res = windowed(ctx, master.info["frontend"], client_message, count, seed, master.alive, budget_s)
+            elif target == "replies":
+                res = fake_worker_replies(ctx, master.info["backend"], master.info["frontend"], count, seed,
+                                          master.alive, budget_s)
             elif target == "admin":
                 res = windowed(ctx, master.info["admin"], admin_message, count, seed, master.alive, budget_s)
             else:
                 res = fresh_peers(ctx, master.info["backend"], worker_message, count, seed, master.alive, budget_s)
             res["good_ok"] = master.alive() and good_inference(master.info["frontend"])
+            if master.alive():  # the credit invariant once nothing is left in flight
+                books = admin_books(master.info["admin"])
+                res["books"] = books
+                res["credit_leaked"] = books["leaked"] + max(0, books["in_flight"] - books["assigned"])
         time.sleep(0.5)
         res["crashes"] = sum(not p.alive() for p in procs)
         res["crashed"] = [p.log_path.name for p in procs if not p.alive()]
@@ -512,6 +649,8 @@ def main(argv: list[str] | None = None) -> None:
             results.append(r)
     print(json.dumps({"sent": sum(r["sent"] for r in results), "crashes": sum(r["crashes"] for r in results),
                       "unanswered": sum(r["unanswered"] for r in results),
+                      "credit_leaked": sum(r.get("credit_leaked", 0) for r in results),
+                      "duplicated": sum(r.get("duplicated", 0) for r in results),
                       "max_rss_growth_mb": max(r["rss_growth_mb"] for r in results),
                       "good_ok": all(r["good_ok"] for r in results), "count_per_socket": args.count,
                       "seed": args.seed, "targets": {r["target"]: {k: v for k, v in r.items() if k != "target"}

@@ -16,6 +16,7 @@ CASES = [
     "admin",
     "shard",
     "agent",  # a real worker fed by a fake master
+    "replies",  # the master's worker port as a registered worker: mutated REPLY batches to real requests
 ]
 
 
@@ -27,3 +28,6 @@ def test_fuzz_socket(target, tmp_path):
     assert res["sent"] == COUNT, res
     assert res["unanswered"] == 0, res
     assert res["good_ok"], res
+    assert res.get("credit_leaked", 0) == 0 and res.get("duplicated", 0) == 0, res
+    if "books" in res:  # the invariant every fault and fuzz test ends with
+        assert res["books"]["ok"] and res["books"]["pending"] == 0, res
