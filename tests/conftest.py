@@ -75,6 +75,18 @@ class Cluster:
     def admin(self) -> str:
         return self.master.info["admin"]
 
+    def check_books(self, timeout: float = 10.0) -> dict:
+        """The invariant fault and fuzz tests end with: once every request is answered, no worker
+        credit slot is held by anything (the master's books balance: Broker.books)."""
+        from ringserve.client.admin import AdminClient
+        from ringserve.launch.procs import wait_until
+
+        admin = AdminClient(self.admin)
+        wait_until(lambda: admin.status()["books"]["pending"] == 0, timeout, 0.05, "every request answered")
+        books = admin.status()["books"]
+        assert books["ok"] and books["leaked"] == 0 and books["in_flight"] == 0, books
+        return books
+
     def stop_all(self) -> None:
         for p in reversed(self.procs):
             p.stop(timeout=3)

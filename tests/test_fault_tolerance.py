@@ -18,6 +18,14 @@ HB, LIVENESS = 0.2, 3  # the cluster fixture starts every role with a 0.2 s hear
 EVICT_LIMIT = HB * LIVENESS + 0.5  # liveness x interval plus a margin
 
 
+@pytest.fixture(autouse=True)
+def books_balance_at_the_end(cluster):
+    """Every fault test ends with the credit invariant: nothing pending, no slot held."""
+    yield
+    if cluster.master is not None and cluster.master.alive():
+        cluster.check_books()
+
+
 def names(admin: str) -> set[str]:
     return {w["name"] for w in AdminClient(admin).status()["workers"]}
 
