@@ -167,6 +167,8 @@ class WeightSync(threading.Thread):
             if len(agreed) != 1:
                 continue  # shards disagree: a publish or rollback is half done; keep what we serve
             version = agreed.pop()
+            if isinstance(version, int):
+                model.note_current(version)  # status: a refusal of a version no longer current is over
             if not isinstance(version, int) or version == self.wanted.get(name, model.version) \
                     or (name, version) in self.refused:
                 continue
