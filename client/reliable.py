@@ -88,7 +88,8 @@ def open_dealer(ctx: zmq.Context, address: str, hwm: int, security: Security) ->
 def handshake_failure(event: int, value: int, curve: bool) -> str:
     """What a failed handshake the monitor reported means, in words (curve: this client uses keys)."""
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-        return f"the master refused this client's key (ZAP status {value}: a key it does not know, or not a client key)"
+        return (f"the master refused this client's key (ZAP status {value}: a key it does not know, "
+                "or not a client key)")
     if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
         return ("security mismatch: this client uses CURVE keys and the master does not" if curve else
                 "security mismatch: the master requires CURVE keys and this client has none "

@@ -85,7 +85,8 @@ def test_no_key_and_unknown_key_against_curve_master_say_so(keys, cluster, tmp_p
     other = tmp_path / "other"  # a client key the master has never seen, with the master's public key
     create_identity(other, "client", "stranger")
     (other / "public" / "master").mkdir(parents=True)
-    (other / "public" / "master" / "m.key").write_bytes((tmp_path / "keys" / "public" / "master" / "m.key").read_bytes())
+    master_key = tmp_path / "keys" / "public" / "master" / "m.key"
+    (other / "public" / "master" / "m.key").write_bytes(master_key.read_bytes())
     with Client(address, timeout=1.0, grace=0.2, security=Security(str(other), "client")) as c:
         with pytest.raises(Timeout) as exc:
             c.infer("mlp", X)

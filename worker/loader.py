@@ -432,7 +432,7 @@ class ServedModel:
             self.loading = False
         refused = self.refused
         if refused is not None and version >= refused["version"]:
-            self.refused = None  # that version or a newer one serves now; an older one (a rollback) keeps the report
+            self.refused = None  # that version or a newer one serves now (a rollback: see note_current)
 
     def unload(self) -> None:
         """Drop every held version (LRU eviction of an on-demand model); the next request loads it again."""
