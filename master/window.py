@@ -46,9 +46,9 @@ class ModelWindow:
     def summary(self, now: float) -> dict:
         """{"rate_per_s", "p50_ms", "p99_ms"} over the last SPAN_S seconds (None when nothing to say)."""
         sec = int(now)
-        answers = sum(c for c, s in zip(self.counts, self.seconds) if sec - SPAN_S < s <= sec)
+        answers = sum(c for c, s in zip(self.counts, self.seconds, strict=True) if sec - SPAN_S < s <= sec)
         span = min(float(SPAN_S), max(1.0, now - self.first)) if self.first is not None else float(SPAN_S)
-        recent = sorted(x for x, t in zip(self.lat, self.at) if now - t <= SPAN_S)
+        recent = sorted(x for x, t in zip(self.lat, self.at, strict=True) if now - t <= SPAN_S)
         return {"rate_per_s": round(answers / span, 3),
                 "p50_ms": _ms(percentile(recent, 0.50)), "p99_ms": _ms(percentile(recent, 0.99))}
 
