@@ -40,9 +40,19 @@ class AdminClient:
         return self.call("route", model=model, clear=clear, **args)
 
 
-def _refused(info: dict) -> str:
-    refused = info.get("refused")
-    return f",refused v{refused.get('version')}" if isinstance(refused, dict) else ""
+def _model_text(info: dict) -> str:
+    """A worker's model in the table: its state in words (made by the master), then dtype and int8.
+    A master older than the `state` field: the version and readiness it sent."""
+    state = info.get("state")
+    if not isinstance(state, str):
+        state = f"v{info.get('version')}" + ("" if info.get("ready", True) else ", not ready")
+    extra = (f", {info['dtype']}" if info.get("dtype") not in (None, "float32") else "") + \
+        (", int8" if info.get("quantize") else "")
+    return f"{state}{extra}"
+
+
+def _num(value, fmt: str = "{:.1f}") -> str:
+    return "-" if not isinstance(value, (int, float)) else fmt.format(value)
 
 
 def table(header: list[str], rows: list[list], right: set[int] = frozenset()) -> list[str]:
@@ -58,32 +68,32 @@ def table(header: list[str], rows: list[list], right: set[int] = frozenset()) ->
 
 
 def format_status(st: dict) -> str:
-    """A readable table of workers and models (models listed last: they may be long)."""
+    """A readable table of workers and models (models listed last: they may be long). REQ/S, P50 MS and
+    P99 MS are the master's figures over the last minute (P50/P99 of answered results only)."""
     lines = [f"master epoch={st.get('epoch')} policy={st.get('policy')} uptime={st.get('uptime_s')}s "
              f"pending={st.get('pending')}", ""]
     rows = []
     for w in st.get("workers", []):
-        models = ", ".join(f"{m}(v{i.get('version')}{'' if i.get('ready', True) else ',not ready'}"
-                           f"{',' + i['dtype'] if i.get('dtype') not in (None, 'float32') else ''}"
-                           f"{',int8' if i.get('quantize') else ''}"
-                           f"{_refused(i)})"
-                           for m, i in w.get("models", {}).items())
+        models = "; ".join(f"{m}: {_model_text(i)}" for m, i in w.get("models", {}).items())
         s = w.get("stats") or {}
         rows.append([w["name"], w["state"], w["device"], w["credit"], w["in_flight"], w["done"],
                      f"{w['heartbeat_age_s']:.2f}s", s.get("batches", 0), s.get("mean_batch_size", 0), models])
     lines += table(["WORKER", "STATE", "DEVICE", "CREDIT", "INFL", "DONE", "HB AGE", "BATCHES", "MEAN BS",
-                    "MODELS (version)"], rows, right={3, 4, 5, 6, 7, 8})
-    refusals = [f"  {w['name']} {m}: refused v{i['refused'].get('version')}: {i['refused'].get('reason')}"
+                    "MODELS"], rows, right={3, 4, 5, 6, 7, 8})
+    refusals = [f"  {w['name']} {m}: {_model_text(i)}: {i['refused'].get('reason')}"
                 for w in st.get("workers", []) for m, i in w.get("models", {}).items()
                 if isinstance(i.get("refused"), dict)]
     if refusals:
-        lines += ["", "REFUSED VERSIONS (still serving the previous one)", *refusals]
-    rows = [[name, m["queue_depth"], m["in_flight"], m["requests"], m["ok"], m["retries"],
-             ",".join(map(str, m.get("versions") or [])) or "-",
-             ", ".join(f"{k}={v}" for k, v in sorted(m.get("errors", {}).items())) or "-"]
-            for name, m in st.get("models", {}).items()]
-    lines += [""] + table(["MODEL", "QUEUE", "INFL", "REQUESTS", "OK", "RETRIES", "VERSIONS", "ERRORS"], rows,
-                          right={1, 2, 3, 4, 5})
+        lines += ["", "REFUSED VERSIONS (the worker keeps what it served before)", *refusals]
+    rows = []
+    for name, m in st.get("models", {}).items():
+        ready = f"{m['workers_ready']}/{m['workers']}" if isinstance(m.get("workers"), int) else "-"
+        rows.append([name, m.get("state", "-"), ready, m["queue_depth"], m["in_flight"], m["requests"], m["ok"],
+                     m["retries"], _num(m.get("rate_per_s")), _num(m.get("p50_ms")), _num(m.get("p99_ms")),
+                     ",".join(map(str, m.get("versions") or [])) or "-",
+                     ", ".join(f"{k}={v}" for k, v in sorted(m.get("errors", {}).items())) or "-"])
+    lines += [""] + table(["MODEL", "STATE", "READY", "QUEUE", "INFL", "REQUESTS", "OK", "RETRIES", "REQ/S",
+                           "P50 MS", "P99 MS", "VERSIONS", "ERRORS"], rows, right={2, 3, 4, 5, 6, 7, 8, 9, 10})
     for name, r in (st.get("routes") or {}).items():
         split = ", ".join(f"v{v}={p}%" for v, p in r.get("split", []))
         extra = "".join(f" {k}={r[k]}" for k in ("sticky_key", "shadow") if r.get(k) is not None)

@@ -40,13 +40,19 @@ class AsyncClient:
                  max_retry_interval: float = 4.0, ping_interval: float = 0.5, grace: float = 1.0,
                  hwm: int = 100_000, security: Security | None = None):
         self.address, self.timeout, self.grace, self.retry_interval = address, timeout, grace, retry_interval
-        self._rel = Reliability(retry_interval, max_retry_interval, ping_interval)
+        security = security or Security()
+        self._rel = Reliability(retry_interval, max_retry_interval, ping_interval, address=address,
+                                curve=security.enabled)
         self.stats: ClientStats = self._rel.stats
         self._prefix = uuid.uuid4().hex[:12]
         self._ids = itertools.count()
         self._ctx = zmq.Context()
-        # Plain sockets: only this loop's thread touches them.
-        self._sock, self._monitor = open_dealer(self._ctx, address, hwm, security or Security())
+        # Plain sockets: only this loop's thread touches them. Unusable keys or address: ConfigError, here.
+        try:
+            self._sock, self._monitor = open_dealer(self._ctx, address, hwm, security)
+        except BaseException:
+            self._ctx.term()
+            raise
         self._loop: asyncio.AbstractEventLoop | None = None
         self._read_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
@@ -83,7 +89,7 @@ class AsyncClient:
             return await asyncio.wait_for(asyncio.shield(fut), timeout + self.grace + 1.0)
         except asyncio.TimeoutError:
             fut.cancel()
-            raise Timeout("no answer before the deadline") from None
+            raise Timeout(self._rel.timeout_message()) from None
 
     async def infer(self, model: str, inputs: Mapping[str, Any], timeout: float | None = None,
                     version: int | None = None, tags: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
@@ -148,6 +154,7 @@ class AsyncClient:
         if self._closed:
             return
         try:
+            self._on_monitor()  # its descriptor's edge may have come (and gone) before a reader was added
             self._rel.on_timers(self._sock, time.monotonic())
         except Exception:
             self.stats.loop_errors += 1

@@ -53,6 +53,13 @@ class Conflict(RingserveError):
     code = ErrorCode.CONFLICT
 
 
+class ConfigError(RingserveError):
+    """The client cannot be set up as given (its keys, the master's key, the address): raised by
+    the constructor in the caller's thread, never a wire code."""
+
+    code = "CONFIG"
+
+
 BY_CODE = {cls.code: cls for cls in (BadRequest, UnknownModel, UnknownVersion, Overloaded, Timeout, WorkerLost,
                                      Internal, Conflict)}
 

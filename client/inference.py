@@ -7,6 +7,11 @@ unanswered requests asking for one, epochs, pings, reconnects, deadlines), the s
 set-up and its reads are the shared ``client.reliable``; ``client.aio.AsyncClient`` drives
 the same rules from an asyncio loop with no thread at all, for callers that live in one.
 
+The socket is set up in the constructor, in the caller's thread, so keys it cannot use (two client
+keys and no name, no master key) or an address ZeroMQ refuses raise ``ConfigError`` there; a
+``Timeout`` when the master never answered says what the socket's monitor saw (nothing listening,
+a refused handshake, silence).
+
 The I/O thread survives anything a caller does (a cancelled future, a bad reply) and `infer()`
 never waits longer than its timeout plus the grace. A request id is in flight at most once per
 client: reusing one that has no answer yet raises ValueError.
@@ -51,7 +56,8 @@ class Client:
         self._ids = itertools.count()
         self._outbox: collections.deque[Pending] = collections.deque()
         self._outbox_lock = threading.Lock()
-        self._rel = Reliability(retry_interval, max_retry_interval, ping_interval, self._forget_id)
+        self._rel = Reliability(retry_interval, max_retry_interval, ping_interval, self._forget_id,
+                                address=address, curve=self.security.enabled)
         self._pending = self._rel.pending
         self.stats: ClientStats = self._rel.stats
         self._ids_lock = threading.Lock()
@@ -60,6 +66,14 @@ class Client:
         os.set_blocking(self._wake_r, False)
         self._closing = False
         self._ctx = zmq.Context()
+        try:  # here, so that unusable keys or a bad address raise ConfigError to the caller
+            self._sock, self._monitor = open_dealer(self._ctx, address, hwm, self.security)
+        except BaseException:
+            self._ctx.term()
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            raise
+        # The I/O thread owns the sockets from here on (Thread.start is the memory barrier a hand-over needs).
         self._thread = threading.Thread(target=self._loop, name="ringserve-client-io", daemon=True)
         self._thread.start()
 
@@ -77,7 +91,7 @@ class Client:
             return fut.result(timeout=timeout + self.grace).outputs
         except FutureTimeout:
             fut.cancel()
-            raise Timeout("no answer before the deadline", getattr(fut, "request_id", None)) from None
+            raise Timeout(self._rel.timeout_message(), getattr(fut, "request_id", None)) from None
 
     def infer_async(self, model: str, inputs: Mapping[str, Any], timeout: float | None = None,
                     version: int | None = None, request_id: str | None = None,
@@ -131,7 +145,7 @@ class Client:
 
     # ------------------------------------------------------------- I/O loop
     def _loop(self) -> None:
-        sock, monitor = open_dealer(self._ctx, self.address, self.hwm, self.security)
+        sock, monitor = self._sock, self._monitor
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)

@@ -14,12 +14,17 @@ Pirate, with de-duplication by request id on the master):
   * after the socket reconnects (a TCP drop: ZeroMQ gives the DEALER a new routing id, so
     answers the master sent meanwhile are lost), every pending request is sent again; the
     master routes its answer to the new socket (or resends the answer it remembers);
-  * a request with no final answer by its deadline (plus a grace) fails with Timeout locally.
+  * a request with no final answer by its deadline (plus a grace) fails with Timeout locally;
+    when the master never answered at all, its message says so and what the socket's monitor saw
+    (no connection, a handshake ZeroMQ reported refused, or silence after a handshake);
+  * the socket is made in the constructor's thread (``open_dealer``): keys or an address that
+    cannot be used raise ``ConfigError`` to the caller instead of failing in a loop.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -29,11 +34,11 @@ import structlog
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from ringserve.client.errors import RingserveError, Timeout, from_error
+from ringserve.client.errors import ConfigError, RingserveError, Timeout, from_error
 from ringserve.protocol.codec import encode_tensors, pack
 from ringserve.protocol.envelope import client_frames, parse_reply, request_header
 from ringserve.protocol.messages import MDP_CLIENT, MMI_PING, ProtocolError
-from ringserve.protocol.security import Security
+from ringserve.protocol.security import Security, SecurityError
 from ringserve.protocol.sockets import recv_frames, send_frames
 
 log = structlog.get_logger("ringserve.client")
@@ -42,17 +47,62 @@ TIMER_STEP_S = 0.01
 MAX_MONITOR_EVENTS = 64  # monitor events read per call
 
 
+MONITOR_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+                    zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
 def open_dealer(ctx: zmq.Context, address: str, hwm: int, security: Security) -> tuple[zmq.Socket, zmq.Socket]:
     """The client's DEALER to the master and its monitor (watched from before the connect, so the
-    first handshake is seen as the first); only the thread that drives the client may use them."""
+    first handshake is seen as the first). Called in the caller's thread by both clients' constructors,
+    so keys that cannot be used or an address ZeroMQ cannot take raise ConfigError there, not in a loop
+    nobody watches; afterwards only the thread that drives the client may use the sockets."""
+    if not isinstance(address, str) or not address:
+        raise ConfigError(f"the master's address must be a string such as tcp://host:5555, got {address!r}")
     sock = ctx.socket(zmq.DEALER)
-    for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, hwm), (zmq.RCVHWM, hwm), (zmq.RECONNECT_IVL, 100),
-                       (zmq.RECONNECT_IVL_MAX, 1000)):
-        sock.setsockopt(opt, value)
-    security.client(sock, "master")
-    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
-    sock.connect(address)
+    monitor = None
+    try:
+        for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, hwm), (zmq.RCVHWM, hwm), (zmq.RECONNECT_IVL, 100),
+                           (zmq.RECONNECT_IVL_MAX, 1000)):
+            sock.setsockopt(opt, value)
+        try:
+            security.client(sock, "master")
+        except SecurityError as exc:
+            raise ConfigError(f"client keys: {exc}") from exc
+        monitor = sock.get_monitor_socket(MONITOR_EVENTS)
+        try:
+            sock.connect(address)
+        except zmq.ZMQError as exc:
+            raise ConfigError(f"cannot connect to {address!r}: {exc} (an address looks like tcp://host:5555)") from exc
+    except BaseException:
+        if monitor is not None:
+            sock.disable_monitor()
+            monitor.close(linger=0)
+        sock.close(linger=0)
+        raise
     return sock, monitor
+
+
+def handshake_failure(event: int, value: int, curve: bool) -> str:
+    """What a failed handshake the monitor reported means, in words (curve: this client uses keys)."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return (f"the master refused this client's key (ZAP status {value}: a key it does not know, "
+                "or not a client key)")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+        return ("security mismatch: this client uses CURVE keys and the master does not" if curve else
+                "security mismatch: the master requires CURVE keys and this client has none "
+                "(give it security=Security(KEYS_DIR, 'client'))")
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        return f"ZMTP protocol error {value:#x}: is that a ringserve master's client endpoint?"
+    if curve:
+        return "the CURVE handshake failed: is the master's public key in the keys directory the right one?"
+    why = os.strerror(value) if isinstance(value, int) and value > 0 else value
+    # A plaintext client meeting a CURVE server sees either the mismatch above or, when the server
+    # closed first, only this: the likely cause is the same.
+    return (f"the master closed the connection during the handshake ({why}): it probably requires CURVE keys "
+            "and this client has none (give it security=Security(KEYS_DIR, 'client'))")
 
 
 _INVALID_STATE = (concurrent.futures.InvalidStateError, asyncio.InvalidStateError)
@@ -74,6 +124,7 @@ class ClientStats:
     duplicates_dropped: int = 0
     master_restarts: int = 0
     reconnects: int = 0  # the socket's connection to the master was made again
+    handshake_failures: int = 0  # connections the security handshake refused (see Reliability.link)
     loop_errors: int = 0  # exceptions the I/O loop caught and survived
 
 
@@ -109,9 +160,16 @@ class Reliability:
     """The pending requests and the rules above; `resolved(rid)` is called for every final answer."""
 
     def __init__(self, retry_interval: float, max_retry_interval: float, ping_interval: float,
-                 resolved: Callable[[str], None] = lambda rid: None):
+                 resolved: Callable[[str], None] = lambda rid: None, address: str = "the master",
+                 curve: bool = False):
         self.retry_interval, self.max_retry_interval, self.ping_interval = (
             retry_interval, max_retry_interval, ping_interval)
+        self.address, self.curve = address, curve
+        # What the monitor and the socket told us, so that a Timeout can say what is known.
+        self.connected = False  # a TCP connection was made at least once
+        self.link_up = False  # a handshake succeeded and no disconnect came since
+        self.heard = False  # the master sent something at least once
+        self.handshake_failure: str | None = None  # the last refused handshake, in words
         self.pending: dict[str, Pending] = {}
         self.stats = ClientStats()
         self.epoch: str | None = None
@@ -156,7 +214,7 @@ class Reliability:
                 self.resolve(p)
             elif now >= p.deadline:
                 del self.pending[p.rid]
-                self.resolve(p, exc=Timeout("no answer from the master before the deadline", p.rid))
+                self.resolve(p, exc=Timeout(self.timeout_message(), p.rid))
             elif p.acked_epoch is None and now >= p.next_retry:
                 p.backoff = min(p.backoff * 2, self.max_retry_interval)
                 p.next_retry = now + p.backoff
@@ -191,10 +249,40 @@ class Reliability:
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
                 break
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            kind = event["event"]
+            if kind == zmq.EVENT_CONNECTED:
+                self.connected = True
+            elif kind == zmq.EVENT_DISCONNECTED:
+                self.link_up = False
+            elif kind in HANDSHAKE_FAILED:
+                self.on_handshake_failed(handshake_failure(kind, event["value"], self.curve))
+            elif kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.link_up = True
                 self.on_handshake(sock)
                 handshake = True
         return handshake
+
+    def on_handshake_failed(self, why: str) -> None:
+        """ZeroMQ says the security handshake failed: logged once per reason, told in every Timeout."""
+        self.stats.handshake_failures += 1
+        if why != self.handshake_failure:
+            log.warning("client_handshake_failed", master=self.address, reason=why)
+        self.handshake_failure = why
+
+    def timeout_message(self) -> str:
+        """Why a request got no answer, as far as the client can tell."""
+        if self.heard and self.link_up:
+            return "no answer from the master before the deadline"
+        hint = f"no answer from {self.address}: is the master up, are the keys right?"
+        if self.heard:
+            return f"{hint} (the connection to it is down)"
+        if self.link_up or self.handshakes:
+            return f"{hint} (connected, but the master never sent anything back)"
+        if self.handshake_failure:
+            return f"{hint} ({self.handshake_failure})"
+        if self.connected:
+            return f"{hint} (a connection was made but its handshake never completed)"
+        return f"{hint} (no connection could be made)"
 
     def on_handshake(self, sock: zmq.Socket) -> None:
         """A new connection to the master after the first: what it had not answered is sent again."""
@@ -214,6 +302,7 @@ class Reliability:
         except ProtocolError as exc:
             log.warning("client_bad_reply", error=str(exc))
             return
+        self.heard = True
         epoch = header.get("epoch")
         self.observe_epoch(sock, epoch if isinstance(epoch, str) else None)
         rid = header.get("id") if isinstance(header.get("id"), str) else None

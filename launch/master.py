@@ -6,7 +6,7 @@ import argparse
 from ringserve.launch.cli import bind_error_exit, number, make_parser, parse_args, positive_float, positive_int
 from ringserve.launch.memory import return_large_buffers_to_the_os
 from ringserve.launch.logsetup import add_log_flag, configure_logging
-from ringserve.launch.metrics import add_metrics_flags, start_metrics
+from ringserve.launch.metrics import add_metrics_flags, metrics_access, start_metrics
 from ringserve.launch.procs import announce
 from ringserve.launch.security import add_security_flags, security_from_args
 from ringserve.master.broker import BrokerConfig, serve
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
                        rate_limit=args.rate_limit, rate_burst=args.rate_burst,
                        unavailable_grace=args.unavailable_grace)
     try:
-        serve(cfg, announce, expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host))
+        serve(cfg, announce, expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host,
+                                                                 metrics_access(args)))
     except BindError as exc:
         bind_error_exit(exc, {"--frontend": args.frontend, "--backend": args.backend, "--admin": args.admin,
                               "--metrics-port": f"http://{args.metrics_host}:{args.metrics_port}"})

@@ -6,7 +6,7 @@ import argparse
 from ringserve.launch.cli import bind_error_exit, make_parser, parse_args
 from ringserve.launch.memory import return_large_buffers_to_the_os
 from ringserve.launch.logsetup import add_log_flag, configure_logging
-from ringserve.launch.metrics import add_metrics_flags, start_metrics
+from ringserve.launch.metrics import add_metrics_flags, metrics_access, start_metrics
 from ringserve.launch.procs import announce
 from ringserve.launch.security import add_security_flags, security_from_args
 from ringserve.paramserver.shard import ShardConfig, serve
@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
         serve(ShardConfig(args.name, args.data_dir, args.bind, args.pub, args.keep, args.announce_interval,
                           max_staging_bytes=int(args.max_staging_mb * 1024 * 1024), staging_ttl=args.staging_ttl,
                           security=sec),
-              announce, expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host))
+              announce, expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host,
+                                                              metrics_access(args)))
     except BindError as exc:
         bind_error_exit(exc, {"--bind": args.bind, "--pub": args.pub,
                               "--metrics-port": f"http://{args.metrics_host}:{args.metrics_port}"})

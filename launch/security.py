@@ -7,6 +7,7 @@ from typing import Iterable
 
 import structlog
 
+from ringserve.launch.metrics import MetricsConfigError, check_metrics_flags
 from ringserve.protocol.security import DEFAULT_MAX_MSG_BYTES, Security, SecurityError, check_bind
 
 
@@ -18,7 +19,8 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--key-name", default=None, metavar="NAME",
                    help="which of this role's keys to use (default: the only one in DIR/secret/ROLE)")
     g.add_argument("--insecure", action="store_true",
-                   help="allow binding a non-loopback address without --keys (logs a loud warning)")
+                   help="allow binding a non-loopback address without --keys, or metrics without TLS and a "
+                        "token (logs a loud warning)")
     g.add_argument("--max-msg-bytes", type=int, default=DEFAULT_MAX_MSG_BYTES,
                    help=f"ZMQ_MAXMSGSIZE on every socket: a larger message drops its peer "
                         f"(default {DEFAULT_MAX_MSG_BYTES})")
@@ -26,11 +28,19 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
 
 def security_from_args(args: argparse.Namespace, role: str, binds: Iterable[str] = (),
                        default_name: str | None = None) -> Security:
-    """Build the role's Security; refuse (exit 2) a plaintext non-loopback bind without --insecure."""
+    """Build the role's Security; refuse (exit 2) a plaintext non-loopback bind, or metrics exposed beyond
+    loopback without TLS and a token (launch/metrics.py), without --insecure."""
     log = structlog.get_logger("ringserve.security")
     sec = Security(args.keys, role, args.key_name or default_name, args.max_msg_bytes, args.insecure)
     binds = list(binds)
     try:
+        try:  # the metrics endpoint (HTTP, not covered by CURVE) is checked with the sockets, before any bind
+            metrics_warning = check_metrics_flags(args)
+        except MetricsConfigError as exc:
+            raise SecurityError(str(exc)) from None
+        if metrics_warning:
+            log.warning("insecure_metrics", message=metrics_warning)
+            print(f"WARNING: {metrics_warning}", file=sys.stderr, flush=True)
         for endpoint in binds:
             warning = check_bind(endpoint, sec.enabled, args.insecure)
             if warning:

@@ -15,7 +15,7 @@ import structlog
 from ringserve.launch.cli import make_parser, number, parse_args, positive_float, positive_int
 from ringserve.launch.memory import return_large_buffers_to_the_os
 from ringserve.launch.logsetup import add_log_flag, configure_logging
-from ringserve.launch.metrics import add_metrics_flags, start_metrics
+from ringserve.launch.metrics import add_metrics_flags, metrics_access, start_metrics
 from ringserve.launch.security import add_security_flags, security_from_args
 
 
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)
     agent.install_signal_handlers()
-    url = start_metrics(agent.metrics.registry, args.metrics_port, args.metrics_host)
+    url = start_metrics(agent.metrics.registry, args.metrics_port, args.metrics_host,
+                        metrics_access(args))
     announce({"role": "worker", "pid": os.getpid(), "name": agent.cfg.name, "metrics": url})
     agent.run()
     if agent.failed:

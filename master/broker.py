@@ -34,6 +34,7 @@ from ringserve.master.ratelimit import RateLimiter
 from ringserve.master.registry import AnsweredCache, ModelCounters, ModelQueues, PendingRequest, WorkerRecord
 from ringserve.master.scheduler import Load, make_policy
 from ringserve.master.status import build_status
+from ringserve.master.window import Windows
 from ringserve.protocol.codec import pack, short_repr, unpack_map
 from ringserve.protocol.envelope import (
     MAX_NAME_LEN, REPLY_FIELDS, dispatch_frames, forwardable, forwardable_result, parse_heartbeat, parse_ready,
@@ -107,6 +108,7 @@ class Broker:
         self.queues = ModelQueues(cfg.max_queue)
         self.answered = AnsweredCache(max_bytes=cfg.answer_cache_bytes)
         self.counters: dict[str, ModelCounters] = {}  # only for models some worker serves or served
+        self.windows = Windows()  # recent rate and latency per counted model (status)
         self.unknown_model_requests = 0  # requests for names nobody serves: one number, not one entry each
         self.deadlines: list[tuple[float, str]] = []  # lazy: answered entries are skipped, compacted in finish
         self.late_replies = 0
@@ -774,6 +776,7 @@ class Broker:
                 counters.ok += 1
             else:
                 counters.count_error(error_code)
+            self.windows.record(req.model, req.received, error_code is None)
         self.metrics.on_answer(self._model_label(req.model), version if version is not None else req.version,
                                error_code or "ok", time.monotonic() - req.received)
         sent = self._send_client(req.client, [req.client, b"", MDP_CLIENT, req.service, *body])

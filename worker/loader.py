@@ -431,14 +431,21 @@ class ServedModel:
             self.ready = True
             self.loading = False
         refused = self.refused
-        if refused is not None and version > refused["version"]:
-            self.refused = None  # a newer version serves now; an older one (a rollback) keeps the report
+        if refused is not None and version >= refused["version"]:
+            self.refused = None  # that version or a newer one serves now (a rollback: see note_current)
 
     def unload(self) -> None:
         """Drop every held version (LRU eviction of an on-demand model); the next request loads it again."""
         with self.lock:
             self.module, self.older, self.version, self.ready = None, {}, None, False
             self.evictions += 1
+
+    def note_current(self, version: int) -> None:
+        """The shards agree `version` is current: a refusal of another version is over (a rollback
+        or a newer publish replaced it), so status stops reporting it."""
+        refused = self.refused
+        if refused is not None and refused["version"] != version:
+            self.refused = None
 
     def refuse(self, version: int, reason: str) -> None:
         """Remember (and report in heartbeats) a version this worker cannot load; it keeps serving the old one."""

@@ -167,6 +167,8 @@ class WeightSync(threading.Thread):
             if len(agreed) != 1:
                 continue  # shards disagree: a publish or rollback is half done; keep what we serve
             version = agreed.pop()
+            if isinstance(version, int):
+                model.note_current(version)  # status: a refusal of a version no longer current is over
             if (name, version) in self.refused and name in self.requested:
                 # asked to load a version refused before: say so again (it ends the wait for it)
                 self.requested.discard(name)
