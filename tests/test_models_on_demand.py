@@ -73,3 +73,24 @@ def test_first_request_loads_the_lru_is_evicted_and_nothing_is_lost(cluster):
         assert not not_done
         ok = sum(1 for f in done if f.exception() is None)
         assert ok + sum(1 for f in done if isinstance(f.exception(), RingserveError)) == 40 and ok >= 30
+
+
+def test_an_on_demand_model_whose_weights_are_refused_is_answered_at_once(cluster):
+    """Issue 16 item 6: the worker's refusal reaches the master, so a request gets a clear error
+    now instead of waiting its whole deadline (and the master keeps no slot for it)."""
+    eps = cluster.start_shards(2)
+    cluster.start_master()
+    with ParamClient(eps) as pc:  # the CNN's weights published under the MLP's name: no MLP can load them
+        assert pc.publish("mlp", demo.cnn(seed=1).state_dict()) == 1
+    cluster.start_workers(1, "--paramservers", ",".join(f"{n}={e}" for n, e in eps.items()), "--max-models", "1",
+                          wait=False)
+    admin = AdminClient(cluster.admin)
+    wait_until(lambda: len(admin.status()["workers"]) == 1, 60)
+    with Client(cluster.frontend, timeout=20) as c:
+        for attempt in range(3):  # the first asks for the load; later ones find it refused already
+            t0 = __import__("time").monotonic()
+            with pytest.raises(RingserveError) as err:
+                c.infer("mlp", inputs("mlp"), timeout=20)
+            assert "could not be loaded" in str(err.value) and "refused" in str(err.value), err.value
+            assert __import__("time").monotonic() - t0 < 10  # far inside the 20 s deadline
+    cluster.check_books()
