@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import itertools
 import math
 
 from ringserve.protocol.codec import (
@@ -30,7 +31,33 @@ MAX_PER_MESSAGE = 4096  # requests in one master -> worker REQUEST (or replies i
 # Fields a worker's result header may hold for the master to forward it to the client unchanged
 # (an error reply is always re-packed from its checked fields).
 REPLY_FIELDS = frozenset(["id", "key", "attempt", "ok", "model", "version", "batch_rows", "outputs", "worker",
-                          "epoch"])
+                          "epoch", "timing"])
+# A result's optional "timing" map: where the worker spent the request's time, in milliseconds
+# (preprocess_ms, queue_ms, compute_ms, postprocess_ms): short names, finite numbers, few of them.
+MAX_TIMING = 8
+MAX_TIMING_KEY = 32
+MAX_TIMING_MS = 1e9
+
+
+def _timing_entry(k: Any, v: Any) -> bool:
+    return (type(k) is str and 0 < len(k) <= MAX_TIMING_KEY and type(v) in (int, float)
+            and math.isfinite(v) and 0 <= v <= MAX_TIMING_MS)
+
+
+def timing_ok(value: Any) -> bool:
+    """Whether a reply's "timing" field may go to a client as it is: absent, or a map of at most
+    MAX_TIMING short names to finite non-negative numbers."""
+    return value is None or (type(value) is dict and len(value) <= MAX_TIMING
+                             and all(_timing_entry(k, v) for k, v in value.items()))
+
+
+def clean_timing(value: Any) -> dict | None:
+    """The entries of a peer's "timing" field that are well formed (None if none): a bad entry is
+    dropped, never a reason to fail the reply it came with."""
+    if type(value) is not dict:
+        return None
+    out = {k: v for k, v in itertools.islice(value.items(), MAX_TIMING) if _timing_entry(k, v)}
+    return out or None
 
 
 def check_id(value: Any, what: str = "id") -> str:
@@ -277,6 +304,9 @@ def parse_worker_reply(header: Any, frames: Sequence) -> WorkerReply:
             clean[field] = header[field]
     if isinstance(header.get("model"), str) and len(header["model"]) <= MAX_NAME_LEN:
         clean["model"] = header["model"]
+    timing = clean_timing(header.get("timing"))
+    if timing is not None:
+        clean["timing"] = timing
     if ok:
         check_tensors(header.get("outputs"), frames)
         clean["outputs"] = header["outputs"]
@@ -442,4 +472,5 @@ def forwardable(header: dict, epoch: str, worker: str, rid: str) -> bool:
         return False
     version, rows, model = header.get("version"), header.get("batch_rows"), header.get("model")
     return ((version is None or type(version) is int) and (rows is None or type(rows) is int)
-            and (model is None or (type(model) is str and len(model) <= MAX_NAME_LEN)))
+            and (model is None or (type(model) is str and len(model) <= MAX_NAME_LEN))
+            and timing_ok(header.get("timing")))

@@ -214,13 +214,16 @@ class ComputeThread(threading.Thread):
     def _compute(self, model: ServedModel, batch: list[WorkItem], pinned: int | None) -> list[tuple[dict, list]]:
         """Run and encode a batch; raises if anything about it fails (no partial answers)."""
         version = model.version if pinned is None else pinned
+        started = time.monotonic()
         outputs = model.run(concat_inputs(batch), pinned)
         replies = []
         rows = sum(i.rows for i in batch)
+        compute_ms = round(1000 * (time.monotonic() - started), 3)
         for item, out in zip(batch, split_outputs(outputs, batch)):
             meta, frames = encode_tensors(out)
+            timing = {**item.timing, "queue_ms": round(1000 * (started - item.arrival), 3), "compute_ms": compute_ms}
             header = {"id": item.client_id, "key": item.rid, "attempt": item.attempt, "ok": True, "model": item.model,
-                      "version": version, "outputs": meta, "batch_rows": rows}
+                      "version": version, "outputs": meta, "batch_rows": rows, "timing": timing}
             if self.epoch is not None and self.worker_name is not None:
                 header["worker"], header["epoch"] = self.worker_name, self.epoch
             replies.append((header, frames))

@@ -35,6 +35,7 @@ import structlog
 import torch
 from safetensors.torch import load_file
 
+from ringserve.protocol.codec import wire_dtype
 from ringserve.worker.batching import ModelBatching, ragged_from_spec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -290,8 +291,8 @@ class ServedModel:
                 if name not in inputs:
                     continue  # an optional attention mask: the worker builds it
                 arr = inputs[name]
-                if dtype and arr.dtype.name != dtype:
-                    raise BadInput(f"input {name!r}: dtype {arr.dtype.name}, expected {dtype}")
+                if dtype and wire_dtype(arr) != dtype:
+                    raise BadInput(f"input {name!r}: dtype {wire_dtype(arr)}, expected {dtype}")
                 if shape is not None and (len(arr.shape) != len(shape) or any(
                         s is not None and s != a for s, a in zip(shape, arr.shape))):
                     pretty = ["N" if s is None else s for s in shape]
@@ -342,7 +343,9 @@ class ServedModel:
             out = module(**tensors)
             return {k: _to_numpy(v) for k, v in _named_outputs(out).items()}
 
-    def _to_device(self, arr: np.ndarray) -> torch.Tensor:
+    def _to_device(self, arr: np.ndarray) -> torch.Tensor | np.ndarray:
+        if arr.dtype.kind == "O":  # a bytes tensor: the module takes the numpy object array as it is
+            return arr
         t = torch.from_numpy(arr)
         if self.device.type == "cuda":
             t = t.pin_memory().to(self.device, non_blocking=True)
@@ -463,7 +466,9 @@ def _named_outputs(out: Any) -> dict[str, torch.Tensor]:
     raise TypeError(f"model returned {type(out).__name__}; expected a tensor, a dict or a tuple")
 
 
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
+def _to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(t, np.ndarray):  # e.g. a bytes output (an object array of bytes or str)
+        return t
     t = t.detach()
     if t.is_floating_point() and t.dtype != torch.float64:
         t = t.float()  # float16/bfloat16 outputs travel as float32 (numpy has no bfloat16)
