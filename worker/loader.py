@@ -8,6 +8,10 @@ batch for this model, overriding the worker's --max-batch-size; 1: never batched
 (GLOB|GLOB: checkpoint keys the module does not hold, dropped and reported; docs/models.md). Weights are only ever read with
 safetensors: never pickle, never torch.load.
 
+``preprocess=module:function`` and ``postprocess=module:function`` name stage factories, loaded
+like the model's factory and called once when the model is built, with the ``arg.NAME`` options
+their signature takes; each returns the stage (worker/stages.py runs them per request).
+
 The module may declare ``input_spec`` (checked on every request; its variable-length inputs,
 if any, make the model's batching ragged: worker/batching.py) and ``max_batch_size`` (a cap on
 its rows per batch; 1 when it must never be batched).
@@ -23,12 +27,13 @@ from __future__ import annotations
 import copy
 import fnmatch
 import importlib
+import inspect
 import json
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import structlog
@@ -45,7 +50,12 @@ log = structlog.get_logger("ringserve.worker.loader")
 
 
 class BadInput(ValueError):
-    """The request's inputs do not fit the model: answered BAD_REQUEST (a model may raise it too)."""
+    """The request's inputs do not fit the model: answered BAD_REQUEST (a model or a stage may raise
+    it too: ``from ringserve.worker.loader import BadInput``)."""
+
+
+class TooLong(BadInput):
+    """A variable-length input beyond the model's max_len (the input's fault even after a preprocess stage)."""
 
 
 # Substrings of torch's messages for shape errors: raised while running on a request's input, they
@@ -140,6 +150,8 @@ class ModelOptions:
     keep: int = 1  # versions kept loaded side by side (current + keep-1 earlier), for canary and A/B splits
     ignore_keys: tuple[str, ...] = ()  # checkpoint keys (globs) the module does not hold, dropped on load
     max_batch: int | None = None  # rows per batch for this model (None: the worker's --max-batch-size)
+    preprocess: str | None = None  # module:function, a stage factory (worker/stages.py)
+    postprocess: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -156,6 +168,10 @@ def parse_model_arg(text: str, defaults: Mapping[str, Any] | None = None) -> Mod
             opts.kwargs[key[4:]] = _literal(value)
         elif key in ("weights", "dtype", "quantize"):
             setattr(opts, key, value or None)
+        elif key in ("preprocess", "postprocess"):
+            if not _is_target(value):
+                raise ValueError(f"{key} must look like module:function, got {value!r}")
+            setattr(opts, key, value)
         elif key == "version":
             if not value.isdigit():
                 raise ValueError(f"version must be a non-negative integer, got {value!r}")
@@ -186,9 +202,37 @@ def _literal(value: str) -> Any:
         return value
 
 
-def build_module(spec: str, kwargs: Mapping[str, Any] | None = None) -> torch.nn.Module:
+def _is_target(value: str) -> bool:
+    module_name, sep, name = value.partition(":")
+    return bool(sep and module_name and name)
+
+
+def load_target(spec: str) -> Any:
+    """`module:name` -> the object (the one loading rule for factories and stage factories)."""
     module_name, _, factory_name = spec.partition(":")
-    factory = getattr(importlib.import_module(module_name), factory_name)
+    return getattr(importlib.import_module(module_name), factory_name)
+
+
+def build_stage(spec: str, kwargs: Mapping[str, Any] | None = None) -> Callable:
+    """Call a stage factory once with the model options its signature takes (all with **kwargs);
+    it must return the stage, a callable (a tokenizer's state lives in it)."""
+    factory = load_target(spec)
+    kwargs = dict(kwargs or {})
+    try:
+        params = inspect.signature(factory).parameters.values()
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+            kwargs = {k: v for k, v in kwargs.items() if k in names}
+    except (TypeError, ValueError):  # no signature to read (a builtin): pass everything
+        pass
+    stage = factory(**kwargs)
+    if not callable(stage):
+        raise TypeError(f"{spec} returned {type(stage).__name__}, not a callable (the stage)")
+    return stage
+
+
+def build_module(spec: str, kwargs: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    factory = load_target(spec)
     model = factory(**dict(kwargs or {}))
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
@@ -221,6 +265,17 @@ class ServedModel:
         except ValueError as exc:
             raise ModelLoadError(f"model {opts.name!r}: {opts.spec}: {exc}") from exc
         self.batching = ModelBatching(max_batch=opts.max_batch, cap=cap, ragged=self.ragged)
+        self.preprocess: Callable | None = None  # stages: built once here, run per request (worker/stages.py)
+        self.postprocess: Callable | None = None
+        for what in ("preprocess", "postprocess"):
+            target = getattr(opts, what)
+            if target is None:
+                continue
+            try:
+                setattr(self, what, build_stage(target, opts.kwargs))
+            except Exception as exc:  # noqa: BLE001 - any failure of the user's stage factory, in one line
+                raise ModelLoadError(f"model {opts.name!r}: cannot build {what} {target}: "
+                                     f"{type(exc).__name__}: {exc}") from exc
         self.layout = layout_of(module)  # before dtype/int8: what published weights must look like
         self.ready = not wait_for_weights  # not ready until the parameter servers give it weights
         if opts.weights:
@@ -276,18 +331,29 @@ class ServedModel:
         return info
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> int:
-        """Raise BadInput naming what is wrong; return the number of rows (first dim)."""
-        if self.input_spec is None:
+        """Raise BadInput naming what is wrong; return the number of rows (first dim). With a
+        preprocess stage these are the request's own inputs (checked against the stage's
+        ``input_spec`` attribute, if it has one); ``check_model_inputs`` checks what it returns."""
+        if self.preprocess is not None:
+            return self._check(inputs, getattr(self.preprocess, "input_spec", None), None)
+        return self._check(inputs, self.input_spec, self.ragged)
+
+    def check_model_inputs(self, inputs: Mapping[str, np.ndarray]) -> int:
+        """What the module takes (its input_spec, ragged lengths): a preprocess stage's result."""
+        return self._check(inputs, self.input_spec, self.ragged)
+
+    def _check(self, inputs: Mapping[str, np.ndarray], spec: Mapping | None, ragged) -> int:
+        if spec is None:
             if not inputs:
                 raise BadInput("no inputs given")
         else:
-            want, got = set(self.input_spec), set(inputs)
-            optional = {self.ragged.mask} if self.ragged is not None and self.ragged.mask else set()
+            want, got = set(spec), set(inputs)
+            optional = {ragged.mask} if ragged is not None and ragged.mask else set()
             if not want - optional <= got <= want:
                 raise BadInput(f"model {self.name!r} takes inputs {sorted(want)}, got {sorted(got)}"
                                + (f" (missing {sorted(want - got)})" if want - got else "")
                                + (f" (unexpected {sorted(got - want)})" if got - want else ""))
-            for name, (shape, dtype, *_) in self.input_spec.items():
+            for name, (shape, dtype, *_) in spec.items():
                 if name not in inputs:
                     continue  # an optional attention mask: the worker builds it
                 arr = inputs[name]
@@ -307,7 +373,7 @@ class ServedModel:
         rows = {arr.shape[0] for arr in inputs.values()}
         if len(rows) != 1:
             raise BadInput(f"inputs disagree on the number of rows: {sorted(rows)}")
-        if self.ragged is not None:
+        if ragged is not None:
             self._check_lengths(inputs)
         return rows.pop()
 
@@ -323,8 +389,8 @@ class ServedModel:
             raise BadInput(f"inputs disagree on the sequence length (dim 1): {lengths}")
         length = next(iter(lengths.values()))
         if self.ragged.max_len is not None and length > self.ragged.max_len:
-            raise BadInput(f"sequence length {length} (dim 1 of {sorted(lengths)}) is beyond this model's "
-                           f"maximum {self.ragged.max_len}")
+            raise TooLong(f"sequence length {length} (dim 1 of {sorted(lengths)}) is beyond this model's "
+                          f"maximum {self.ragged.max_len}")
 
     def holds(self, version: int | None) -> bool:
         """Whether a batch for `version` (None: the current one) can run here."""
