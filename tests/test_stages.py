@@ -147,7 +147,7 @@ def test_text_in_answers_equal_in_process_batched_and_alone(cluster, textmodels)
     np.testing.assert_allclose(alone.outputs["vector"], want["vector"], rtol=1e-5, atol=1e-5)
     assert alone.outputs["label"].tolist() == [b"short"]
     assert set(alone.header["timing"]) == {"preprocess_ms", "queue_ms", "compute_ms", "postprocess_ms"}
-    for t, r in zip(texts, replies):
+    for t, r in zip(texts, replies, strict=True):
         want = in_process(textmodels, t)
         np.testing.assert_allclose(r.outputs["vector"], want["vector"], rtol=1e-5, atol=1e-5)
         assert r.outputs["label"].tolist() == want["label"].tolist()
