@@ -106,7 +106,8 @@ def served(d: Path, pkg: Path, texts: list[str], args, tmp: Path) -> dict:
         worker = RoleProcess("ringserve.launch.worker", ["--master", master.info["backend"], "--model", spec,
                                                          "--device", "cpu", "--threads", str(args.threads),
                                                          "--stage-threads", str(args.stage_threads),
-                                                         "--log-level", "warning"], tmp / "worker.log", env=env)
+                                                         "--log-level", "warning", *args.worker_arg],
+                             tmp / "worker.log", env=env)
         wait_for_workers(master.info["admin"], 1, 120)
         with Client(master.info["frontend"], timeout=60) as c:
             loop(c, texts, args.concurrency, 1.0)  # warm-up
@@ -156,6 +157,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads: the worker's --threads and in-process")
     p.add_argument("--stage-threads", type=int, default=2)
     p.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    p.add_argument("--worker-arg", action="append", default=[], metavar="ARG",
+                   help="one more worker flag (repeatable), e.g. --worker-arg=--max-queue-delay-us=2000")
     args = p.parse_args(argv)
     configure_logging("bench", "warning")
     tmp = Path(tempfile.mkdtemp(prefix="rs-text-"))
@@ -166,7 +169,7 @@ def main(argv=None) -> None:
     (tmp / "pkg").mkdir()
     (tmp / "pkg" / "my_text.py").write_text(code)
     r = {"size": args.size, "concurrency": args.concurrency, "threads": args.threads,
-         "stage_threads": args.stage_threads, **served(d, tmp / "pkg", texts, args, tmp)}
+         "stage_threads": args.stage_threads, "worker_args": args.worker_arg, **served(d, tmp / "pkg", texts, args, tmp)}
     rate, how = in_process(d, texts, args.threads, args.seconds)
     r["inprocess_sentences_per_s"], r["inprocess"] = round(rate, 1), how
     r["ratio"] = round(r["sentences_per_s"] / rate, 3)
