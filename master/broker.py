@@ -591,6 +591,10 @@ class Broker:
             self._served_cache = None
         if beat.stats is not None:
             w.stats = beat.stats
+        if beat.credit is not None and beat.credit != w.credit:  # its share moved (another master came or went)
+            log.info("worker_credit_changed", worker=w.name, credit=beat.credit, was=w.credit)
+            w.credit = beat.credit
+            changed = changed or bool(w.has_credit())
         if beat.draining and w.state != "draining":
             w.state = "draining"
             log.info("worker_draining", worker=w.name, in_flight=len(w.in_flight))

@@ -136,11 +136,12 @@ class WorkerHello:
 
 @dataclass
 class WorkerBeat:
-    """A validated HEARTBEAT (models None when the worker did not say)."""
+    """A validated HEARTBEAT (models None when the worker did not say; credit None: unchanged)."""
 
     models: dict[str, dict] | None
     stats: dict | None
     draining: bool
+    credit: int | None = None  # this master's share of the worker's credit now (several masters)
 
 
 @dataclass
@@ -250,7 +251,8 @@ def parse_heartbeat(info: Any) -> WorkerBeat:
     draining = info.get("draining", False)
     if not isinstance(draining, bool):
         raise ProtocolError("field 'draining' must be true or false")
-    return WorkerBeat(models, stats, draining)
+    credit = info.get("credit")
+    return WorkerBeat(models, stats, draining, None if credit is None else _int(credit, "credit", 1, MAX_CREDIT))
 
 
 def reply_key(header: dict) -> Any:
