@@ -52,6 +52,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--unavailable-grace", type=positive_float, default=10.0,
                    help="seconds a model whose last worker left stays 'unavailable' (requests queue, then get the "
                         "retryable WORKER_LOST) before it is unknown (UNKNOWN_MODEL)")
+    p.add_argument("--peers", default="",
+                   help="the other active masters' admin endpoints, comma-separated: routes set on any master are "
+                        "in force on all (see docs/operations.md, 'Several masters')")
+    p.add_argument("--peer-interval", type=positive_float, default=0.25,
+                   help="seconds between route syncs with the peers")
     add_metrics_flags(p)
     add_security_flags(p)
     add_log_flag(p)
@@ -69,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
                        args.drain_timeout, args.seed, answer_cache_bytes=args.answer_cache_bytes,
                        max_timeout=args.max_timeout, state_dir=args.state_dir, security=sec,
                        rate_limit=args.rate_limit, rate_burst=args.rate_burst,
-                       unavailable_grace=args.unavailable_grace)
+                       unavailable_grace=args.unavailable_grace,
+                       peers=[e.strip() for e in args.peers.split(",") if e.strip()], peer_interval=args.peer_interval)
     try:
         serve(cfg, announce, expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host,
                                                                  metrics_access(args)))

@@ -28,6 +28,7 @@ import structlog
 import zmq
 
 from ringserve.master import liveness
+from ringserve.master import peers as peering
 from ringserve.master import routing
 from ringserve.master.metrics import MasterMetrics
 from ringserve.master.ratelimit import RateLimiter
@@ -53,6 +54,7 @@ MAX_BATCH_RECV = 256  # messages read from one socket per loop turn, so no socke
 MAX_UNKNOWN_WAITING = 64  # during the start-up grace: model names nobody serves yet that may queue
 UNSERVED_LABEL = "_unserved"  # metrics label for names no worker serves
 _ROLE_SETS = {role: frozenset([role]) for role in ("client", "worker", "admin")}
+_ADMIN_ROLES = frozenset(["admin", "master"])  # peer masters sync over the admin socket
 METRICS_REFRESH_S = 0.25  # gauges (queue depth, in flight) are set from the books this often
 
 
@@ -78,6 +80,8 @@ class BrokerConfig:
     rate_limit: float = 0.0  # requests per second per client (0: no limit)
     rate_burst: float | None = None
     unavailable_grace: float = 10.0  # a model served this recently queues while no worker serves it
+    peers: list[str] = field(default_factory=list)  # the other active masters' admin endpoints
+    peer_interval: float = 0.25  # how often masters exchange what they share (routes) and see each other
 
 
 def _router(ctx: zmq.Context, endpoint: str, hwm: int, sec: Security, domain: str) -> tuple[zmq.Socket, str]:
@@ -120,6 +124,7 @@ class Broker:
         if cfg.state_dir:
             os.makedirs(cfg.state_dir, exist_ok=True)
         self.routes: dict[str, routing.Route] = routing.load_routes(self._routes_path()) if cfg.state_dir else {}
+        self.routes_clock: peering.Clock = (0, self.epoch)  # see master/peers.py: the newest table wins
         self.metrics_refreshed = 0.0
         self.stopping = False
         self.stop_deadline = 0.0
@@ -137,6 +142,18 @@ class Broker:
         self.poller = zmq.Poller()
         for sock in (self.frontend, self.backend, self.admin):
             self.poller.register(sock, zmq.POLLIN)
+        self.peers = {ep: peering.PeerState(ep) for ep in cfg.peers}
+        self.peer_socks: dict[zmq.Socket, peering.PeerState] = {}
+        for ep in cfg.peers:
+            sock = self.ctx.socket(zmq.DEALER)
+            cfg.security.client(sock, "master")  # an active-active set shares the master key
+            for opt, value in ((zmq.LINGER, 0), (zmq.SNDHWM, 4), (zmq.RCVHWM, 64), (zmq.IMMEDIATE, 1),
+                               (zmq.RECONNECT_IVL, 100), (zmq.RECONNECT_IVL_MAX, 1000)):
+                sock.setsockopt(opt, value)
+            sock.connect(ep)
+            self.poller.register(sock, zmq.POLLIN)
+            self.peer_socks[sock] = self.peers[ep]
+        self.last_peer_sync = 0.0
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -159,6 +176,9 @@ class Broker:
                               (self.admin, self.on_admin)):
             if sock in events:
                 drain(sock, handler, MAX_BATCH_RECV)
+        for sock, peer in self.peer_socks.items():
+            if sock in events:
+                drain(sock, lambda frames, peer=peer: self.on_peer_reply(peer, frames), MAX_BATCH_RECV)
         try:
             self.on_tick(time.monotonic())
         except Exception:  # a bug must not end the loop; the next turn tries again
@@ -180,7 +200,7 @@ class Broker:
         signal.signal(signal.SIGINT, self.request_stop)
 
     def close(self) -> None:
-        for sock in (self.frontend, self.backend, self.admin):
+        for sock in (self.frontend, self.backend, self.admin, *self.peer_socks):
             sock.close(linger=0)
         log.info("master_closed", pending=len(self.pending))
 
@@ -203,12 +223,17 @@ class Broker:
             nxt = min(nxt, min(w.last_seen for w in self.workers.values()) + expiry)
         if self.deadlines:
             nxt = min(nxt, self.deadlines[0][0])
+        if self.peers:
+            nxt = min(nxt, self.last_peer_sync + self.cfg.peer_interval)
         return max(0, min(int((nxt - now) * 1000) + 1, 1000))
 
     def on_tick(self, now: float) -> None:
         self._expire_deadlines(now)
         self._expire_unavailable(now)
         self._cut_revoked()
+        if self.peers and now - self.last_peer_sync >= self.cfg.peer_interval:
+            self.last_peer_sync = now
+            self._sync_peers(now)
         if now - self.metrics_refreshed >= METRICS_REFRESH_S:
             self.metrics_refreshed = now
             self._refresh_metrics()
@@ -823,11 +848,16 @@ class Broker:
     # --------------------------------------------------------------- admin
     def on_admin(self, frames: Sequence[zmq.Frame]) -> None:
         ident = frames[0].bytes
-        if not self._allowed(frames, "admin"):
+        user = self.cfg.security.authorize(frames[-1], _ADMIN_ROLES)
+        if user is None:
+            self.refused += 1
+            log.warning("message_refused", socket="admin", user=user_id(frames[-1]))
             return
         envelope = [ident, b""] if len(frames) > 2 and frames[1].bytes == b"" else [ident]
         try:
             cmd = unpack_map(frames[-1]) if len(frames) > 1 else {}
+            if user.startswith("master:") and cmd.get("cmd") != "peer":  # a peer master may only sync
+                raise ProtocolError("a master key may only send 'peer' on the admin socket")
             reply = pack(self.on_admin_command(cmd))
         except ProtocolError as exc:
             reply = pack(error_body(None, ErrorCode.BAD_REQUEST, str(exc)))
@@ -842,6 +872,9 @@ class Broker:
             return {"ok": True, **build_status(self, time.monotonic())}
         if name == "route":
             return self.on_route(cmd)
+        if name == "peer":
+            self._merge_peer(cmd.get("state"), None)
+            return {"ok": True, "state": self._peer_state()}
         if name == "drain":
             target = cmd.get("worker")
             if not isinstance(target, str):
@@ -879,8 +912,63 @@ class Broker:
             except OSError as exc:  # not kept means not changed: the operator must know
                 self.routes = before
                 return error_body(None, ErrorCode.INTERNAL, f"route not saved to {self._routes_path()}: {exc}")
-        log.info("route_changed", model=model, route=self.routes[model].to_json() if model in self.routes else None)
+        self.routes_clock = peering.next_clock(self.routes_clock, self.epoch)
+        log.info("route_changed", model=model, route=self.routes[model].to_json() if model in self.routes else None,
+                 clock=list(self.routes_clock))
         return {"ok": True, "routes": {m: r.to_json() for m, r in self.routes.items()}}
+
+    # ------------------------------------------------------------ peers
+    def _peer_state(self) -> dict:
+        """What this master tells its peers: who it is and its route table with its clock."""
+        return {"epoch": self.epoch, "routes_clock": list(self.routes_clock), "workers": len(self.workers),
+                "routes": {m: r.to_json() for m, r in self.routes.items()}}
+
+    def _sync_peers(self, now: float) -> None:
+        msg = [b"", pack({"cmd": "peer", "state": self._peer_state()})]
+        for sock, peer in self.peer_socks.items():
+            try:
+                sock.send_multipart(msg, zmq.NOBLOCK)
+                peer.sent_at = now
+            except zmq.Again:  # not connected (IMMEDIATE) or backed up: it hears from us next time
+                pass
+
+    def on_peer_reply(self, peer: peering.PeerState, frames: Sequence[zmq.Frame]) -> None:
+        try:
+            reply = unpack_map(frames[-1])
+            if reply.get("ok") is True:
+                self._merge_peer(reply.get("state"), peer)
+        except Exception as exc:  # a peer's odd answer is logged, never the end of the loop
+            log.warning("bad_peer_reply", peer=peer.endpoint, error=str(exc)[:300])
+
+    def _merge_peer(self, state, peer: peering.PeerState | None) -> None:
+        """A peer's state: note it (status), and take its route table if its clock is newer."""
+        if not isinstance(state, dict):
+            raise ProtocolError("peer state must be a map")
+        epoch = state.get("epoch")
+        if peer is not None:
+            peer.epoch = epoch if isinstance(epoch, str) else None
+            peer.last_heard = time.monotonic()
+            workers = state.get("workers")
+            peer.workers = workers if type(workers) is int else None
+        clock = state.get("routes_clock")
+        if peer is not None and peering.newer(clock, (-1, "")):
+            peer.routes_clock = peering.clock_of(clock)
+        if not peering.newer(clock, self.routes_clock):
+            return
+        try:
+            routes = {m: routing.make_route(m, d.get("split") or "", d.get("sticky_key"), d.get("shadow"))
+                      for m, d in peering.peer_routes(state.get("routes")).items()}
+        except (ValueError, TypeError, AttributeError) as exc:
+            log.warning("peer_routes_refused", peer=peer.endpoint if peer else None, error=str(exc)[:300])
+            return
+        self.routes, self.routes_clock = routes, peering.clock_of(clock)
+        if self.cfg.state_dir:
+            try:
+                routing.save_routes(self._routes_path(), self.routes)
+            except OSError as exc:
+                log.warning("routes_not_saved", error=str(exc))
+        log.info("routes_adopted_from_peer", peer=peer.endpoint if peer else None, clock=list(clock),
+                 models=sorted(routes))
 
     def _routes_path(self) -> str:
         return os.path.join(self.cfg.state_dir, "routes.json")
