@@ -24,15 +24,17 @@ from ringserve.client.params import ParamClient
 from ringserve.launch.cli import make_parser, parse_args, positive_int
 from ringserve.launch.logsetup import configure_logging
 from ringserve.launch.procs import RoleProcess, wait_for_workers
+from ringserve.master.scheduler import POLICIES
 from ringserve.protocol.security import Security, create_identity
 from ringserve.worker import demo
 
 
 def parser() -> argparse.ArgumentParser:
     p = make_parser("ringserve-local", __doc__)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--workers", type=positive_int, default=2, help="worker processes (each serves both models)")
     p.add_argument("--requests", type=int, default=16, help="requests per model")
-    p.add_argument("--policy", default="least-outstanding")
+    p.add_argument("--policy", default="least-outstanding", choices=sorted(POLICIES),
+                   help="the master's scheduling policy")
     p.add_argument("--shards", type=int, default=2, help="parameter-server shards")
     p.add_argument("--max-batch-size", type=positive_int, default=32, help="each worker's rows per batch")
     p.add_argument("--workdir", default=None, help="where weights and logs go (default: a temp dir)")

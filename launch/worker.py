@@ -30,7 +30,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="default precision for models that do not set dtype=")
     p.add_argument("--quantize", default=None, choices=["int8"], help="default dynamic quantization (CPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice, one per core; several workers on one "
+                        "host should split the cores between them)")
     p.add_argument("--max-batch-size", type=positive_int, default=32,
                    help="rows per batch (dynamic batching; per model: max_batch=N); 1 turns batching off. A batch "
                         "holds what queued while the previous one ran, so batching adds no wait at low load")
@@ -43,8 +44,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--credit", type=int, default=None,
                    help="requests in flight (default 2 x batch size, >= 4: 64 with the default batch size)")
     p.add_argument("--weight", type=positive_float, default=1.0, help="weight for the weighted-random policy")
-    p.add_argument("--heartbeat-interval", type=positive_float, default=1.0)
-    p.add_argument("--heartbeat-liveness", type=positive_int, default=3)
+    p.add_argument("--heartbeat-interval", type=positive_float, default=1.0,
+                   help="seconds between heartbeats to the master (use the master's value)")
+    p.add_argument("--heartbeat-liveness", type=positive_int, default=3,
+                   help="missed master heartbeats before the worker reconnects")
     p.add_argument("--max-backoff", type=float, default=32.0, help="longest reconnect backoff, seconds")
     p.add_argument("--keep-versions", type=int, default=1, choices=range(1, 17), metavar="N",
                    help="versions of each model kept loaded side by side (current + N-1 earlier), so requests "
