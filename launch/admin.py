@@ -62,12 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             st = admin.status()
             print(json.dumps(st, indent=2, default=str) if args.json else format_status(st))
-        elif args.command == "drain":
-            print(json.dumps(admin.drain(args.worker)))
-        elif args.command == "route":
-            reply = admin.route(args.model, args.split, args.sticky_key, args.shadow, args.promote, args.clear)
+        else:
+            reply = admin.drain(args.worker) if args.command == "drain" else admin.route(
+                args.model, args.split, args.sticky_key, args.shadow, args.promote, args.clear)
             print(json.dumps(reply))
-            if not reply.get("ok"):
+            if not reply.get("ok"):  # a refused drain or route (no such worker, a bad split) is a failure
                 return 1
     except TimeoutError as exc:
         print(f"error: {exc}", file=sys.stderr)
