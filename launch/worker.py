@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging("worker", args.log_level)
     return_large_buffers_to_the_os()
     if args.device == "all-gpus":
-        sys.exit(_one_per_gpu(argv if argv is not None else sys.argv[1:]))
+        sys.exit(_one_per_gpu(argv if argv is not None else sys.argv[1:], args.metrics_port))
     from ringserve.launch.procs import announce
     from ringserve.worker.runtime import build_worker
 
@@ -94,13 +94,19 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
-def _one_per_gpu(argv: list[str]) -> int:
+def _one_per_gpu(argv: list[str], metrics_port: int | None) -> int:
+    """One worker per GPU; the k-th serves its metrics on --metrics-port + k (the same port twice cannot bind)."""
     import torch
 
     count = torch.cuda.device_count()
     devices = [f"cuda:{i}" for i in range(count)] or ["cpu"]
     base = [a for a in argv if a != "all-gpus" and a != "--device"]
-    children = [subprocess.Popen([sys.executable, "-m", "ringserve.launch.worker", *base, "--device", d]) for d in devices]
+
+    def port(k: int) -> list[str]:  # flags given last win over earlier ones and over --config
+        return ["--metrics-port", str(metrics_port + k)] if metrics_port else []
+
+    children = [subprocess.Popen([sys.executable, "-m", "ringserve.launch.worker", *base, "--device", d, *port(k)])
+                for k, d in enumerate(devices)]
     structlog.get_logger("ringserve.worker").info("started_per_gpu_workers", devices=devices)
 
     def forward(signum, _frame):
