@@ -28,7 +28,6 @@ from ringserve.launch.cli import make_parser, parse_args, positive_int
 from ringserve.launch.logsetup import configure_logging
 from ringserve.launch.procs import RoleProcess, wait_for_workers
 from ringserve.master.scheduler import POLICIES
-from ringserve.master.scheduler import POLICIES
 from ringserve.protocol.security import Security, create_identity
 from ringserve.worker import demo
 

@@ -37,21 +37,11 @@ class RoleProcess:
                  wait_ready: bool = True, ready_timeout: float = 60.0, env: dict | None = None):
         self.module, self.args = module, list(args)
         self.log_path = Path(log_path) if log_path else None
+        self._lifeline: int | None = None
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        lifeline, self._lifeline = os.pipe()  # the child sees end of file when this process is gone
-        tie = {lifeline_mod.PARENT_ENV: str(os.getpid()),
-               # PDEATHSIG fires when the creating *thread* exits: ask for it only from the main thread
-               lifeline_mod.PDEATHSIG_ENV: "1" if threading.current_thread() is threading.main_thread() else "0"}
-        try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "ringserve.launch.lifeline", str(lifeline), module,
-                                          *self.args], stdout=subprocess.PIPE, stderr=self._log,
-                                         start_new_session=True, pass_fds=(lifeline,),
-                                         env={**os.environ, **large_buffer_env(), **(env or {}), **tie})
-        except BaseException:
-            os.close(self._lifeline)
-            raise
-        finally:
-            os.close(lifeline)
+        self.proc, self._lifeline = popen_tied(module, self.args, stdout=subprocess.PIPE, stderr=self._log,
+                                               start_new_session=True,
+                                               env={**os.environ, **large_buffer_env(), **(env or {})})
         self.info: dict = {}
         self._pump: threading.Thread | None = None
         if wait_ready:
@@ -143,6 +133,26 @@ class RoleProcess:
         except ProcessLookupError:
             pass
         self.wait(5)
+
+
+def popen_tied(module: str, args: Sequence[str], **popen_kwargs) -> tuple[subprocess.Popen, int]:
+    """Start ``python -m module args`` tied to this process (launch/lifeline.py): it stops when this
+    process is gone, even SIGKILLed. Returns the child and the lifeline's write end, which this
+    process keeps open while the child should live (close it once the child has exited)."""
+    lifeline, write_end = os.pipe()  # the child sees end of file when every holder of write_end is gone
+    env = dict(popen_kwargs.pop("env", None) or os.environ)
+    env[lifeline_mod.PARENT_ENV] = str(os.getpid())
+    # PDEATHSIG fires when the creating *thread* exits: ask for it only from the main thread
+    env[lifeline_mod.PDEATHSIG_ENV] = "1" if threading.current_thread() is threading.main_thread() else "0"
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "ringserve.launch.lifeline", str(lifeline), module, *args],
+                                pass_fds=(lifeline,), env=env, **popen_kwargs)
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(lifeline)
+    return proc, write_end
 
 
 def _pump_stdout(stream, log, pending: bytes) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 
 import structlog
@@ -105,7 +104,10 @@ def _one_per_gpu(argv: list[str], metrics_port: int | None) -> int:
     def port(k: int) -> list[str]:  # flags given last win over earlier ones and over --config
         return ["--metrics-port", str(metrics_port + k)] if metrics_port else []
 
-    children = [subprocess.Popen([sys.executable, "-m", "ringserve.launch.worker", *base, "--device", d, *port(k)])
+    from ringserve.launch.procs import popen_tied
+
+    # tied: SIGKILL of this launcher takes its workers down too (launch/lifeline.py)
+    children = [popen_tied("ringserve.launch.worker", [*base, "--device", d, *port(k)])[0]
                 for k, d in enumerate(devices)]
     structlog.get_logger("ringserve.worker").info("started_per_gpu_workers", devices=devices)
 

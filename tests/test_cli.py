@@ -183,6 +183,25 @@ def test_admin_rollback_and_back(live):
     assert "v99" in one_error_line(missing)
 
 
+def test_admin_route_and_status_with_keys_against_a_curve_master(tmp_path):
+    """route takes the security flags like status (it crashed with AttributeError before)."""
+    keys = tmp_path / "keys"
+    for role, name in (("master", "master"), ("admin", "ops")):
+        assert run("ringserve-keys", str(keys), "new", role, name).returncode == 0
+    c = Cluster(tmp_path)
+    try:
+        c.start_master("--keys", str(keys))
+        out = run("ringserve-admin", "route", "--master", c.admin, "--keys", str(keys), "--model", "mlp", "--clear")
+        # the master answered over CURVE (there is no route to clear: a refusal, exit 1, one JSON line)
+        assert out.returncode == 1 and "no route for 'mlp'" in json.loads(out.stdout)["error"]["message"], out.stderr
+        out = run("ringserve-admin", "status", "--master", c.admin, "--keys", str(keys), "--key-name", "ops", "--json")
+        assert out.returncode == 0 and json.loads(out.stdout)["workers"] == [], out.stderr
+        plain = run("ringserve-admin", "route", "--master", c.admin, "--model", "mlp", "--clear", timeout=30)
+        assert "no answer" in one_error_line(plain)  # a plaintext admin gets nothing from a CURVE master
+    finally:
+        c.stop_all()
+
+
 def test_admin_with_no_master_is_one_line():
     assert "no answer" in one_error_line(run("ringserve-admin", "route", "--master", "tcp://127.0.0.1:9",
                                              "--model", "m", "--clear", timeout=30))
@@ -244,11 +263,12 @@ def _children(pid: int) -> list[int]:
 
 def _reap(pids) -> None:
     for pid in pids:  # a failed test must not leave them behind either
-        if not _gone(pid):
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        for kill in (os.killpg, os.kill):  # its group where it leads one, else the process
+            if not _gone(pid):
+                try:
+                    kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
 
 PARENT = textwrap.dedent("""
@@ -321,4 +341,23 @@ def test_local_serve_keeps_serving_and_leaves_no_orphans_when_sigkilled(tmp_path
         if local.poll() is None:
             local.kill()
             local.wait(10)
+        _reap(children)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_all_gpus_workers_die_with_their_sigkilled_launcher():
+    launcher = subprocess.Popen([script("ringserve-worker"), "--device", "all-gpus", "--master", "tcp://127.0.0.1:9",
+                                 "--model", "mlp=ringserve.worker.demo:mlp", "--threads", "1"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
+    children: list[int] = []
+    try:
+        children = wait_until(lambda: _children(launcher.pid), 60, 0.1, "the per-device worker")
+        launcher.kill()
+        launcher.wait(10)
+        wait_until(lambda: all(_gone(c) for c in children), 30, 0.1, "the per-device workers to leave")
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(10)
         _reap(children)
