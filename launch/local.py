@@ -168,7 +168,7 @@ def run_requests(address: str, count: int, weights: dict, models=("mlp", "cnn"),
             took = time.perf_counter() - t0
             with torch.inference_mode():
                 expect = [reference[model](**{name: torch.from_numpy(x)})["logits"].numpy() for x in batch]
-            worst = max(float(np.abs(r.outputs["logits"] - e).max()) for r, e in zip(replies, expect))
+            worst = max(float(np.abs(r.outputs["logits"] - e).max()) for r, e in zip(replies, expect, strict=True))
             for r in replies[:4]:
                 print(f"{model} v{r.version} {r.id}: class={int(r.outputs['logits'].argmax())} worker={r.worker} "
                       f"batch_rows={r.header.get('batch_rows')}")
