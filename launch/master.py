@@ -29,7 +29,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--frontend", default="tcp://127.0.0.1:5555", help="client endpoint (MDP 0.1 clients)")
     p.add_argument("--backend", default="tcp://127.0.0.1:5556", help="worker endpoint")
     p.add_argument("--admin", default="tcp://127.0.0.1:5557", help="admin status endpoint")
-    p.add_argument("--policy", default="least-outstanding", choices=sorted(POLICIES))
+    p.add_argument("--policy", default="least-outstanding", choices=sorted(POLICIES),
+                   help="how a request's worker is chosen among the free ones")
     p.add_argument("--weight", action="append", default=[], metavar="WORKER=W", type=worker_weight,
                    help="weight of a worker for weighted-random (repeatable)")
     p.add_argument("--heartbeat-interval", type=positive_float, default=1.0, help="seconds between heartbeats")

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 
 import structlog
@@ -30,7 +29,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="default precision for models that do not set dtype=")
     p.add_argument("--quantize", default=None, choices=["int8"], help="default dynamic quantization (CPU)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own choice, one per core; several workers on one "
+                        "host should split the cores between them)")
     p.add_argument("--max-batch-size", type=positive_int, default=32,
                    help="rows per batch (dynamic batching; per model: max_batch=N); 1 turns batching off. A batch "
                         "holds what queued while the previous one ran, so batching adds no wait at low load")
@@ -43,8 +43,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--credit", type=int, default=None,
                    help="requests in flight (default 2 x batch size, >= 4: 64 with the default batch size)")
     p.add_argument("--weight", type=positive_float, default=1.0, help="weight for the weighted-random policy")
-    p.add_argument("--heartbeat-interval", type=positive_float, default=1.0)
-    p.add_argument("--heartbeat-liveness", type=positive_int, default=3)
+    p.add_argument("--heartbeat-interval", type=positive_float, default=1.0,
+                   help="seconds between heartbeats to the master (use the master's value)")
+    p.add_argument("--heartbeat-liveness", type=positive_int, default=3,
+                   help="missed master heartbeats before the worker reconnects")
     p.add_argument("--max-backoff", type=float, default=32.0, help="longest reconnect backoff, seconds")
     p.add_argument("--keep-versions", type=int, default=1, choices=range(1, 17), metavar="N",
                    help="versions of each model kept loaded side by side (current + N-1 earlier), so requests "
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging("worker", args.log_level)
     return_large_buffers_to_the_os()
     if args.device == "all-gpus":
-        sys.exit(_one_per_gpu(argv if argv is not None else sys.argv[1:]))
+        sys.exit(_one_per_gpu(argv if argv is not None else sys.argv[1:], args.metrics_port))
     from ringserve.launch.procs import announce
     from ringserve.worker.runtime import build_worker
 
@@ -92,13 +94,22 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(1)
 
 
-def _one_per_gpu(argv: list[str]) -> int:
+def _one_per_gpu(argv: list[str], metrics_port: int | None) -> int:
+    """One worker per GPU; the k-th serves its metrics on --metrics-port + k (the same port twice cannot bind)."""
     import torch
 
     count = torch.cuda.device_count()
     devices = [f"cuda:{i}" for i in range(count)] or ["cpu"]
     base = [a for a in argv if a != "all-gpus" and a != "--device"]
-    children = [subprocess.Popen([sys.executable, "-m", "ringserve.launch.worker", *base, "--device", d]) for d in devices]
+
+    def port(k: int) -> list[str]:  # flags given last win over earlier ones and over --config
+        return ["--metrics-port", str(metrics_port + k)] if metrics_port else []
+
+    from ringserve.launch.procs import popen_tied
+
+    # tied: SIGKILL of this launcher takes its workers down too (launch/lifeline.py)
+    children = [popen_tied("ringserve.launch.worker", [*base, "--device", d, *port(k)])[0]
+                for k, d in enumerate(devices)]
     structlog.get_logger("ringserve.worker").info("started_per_gpu_workers", devices=devices)
 
     def forward(signum, _frame):
