@@ -95,6 +95,7 @@ class WorkerAgent:
     def run(self) -> None:
         self.compute.start()
         if self.sync is not None:
+            self.sync.name = self.cfg.name  # the name the shards' follower books file us under
             self.sync.start()
         self._connect()
         try:
