@@ -118,6 +118,7 @@ class WorkerAgent:
             self.sync.stopping.set()
             self.sync.join(timeout=5)
         self.compute.stopping.set()
+        self.compute.wake()  # ends its idle wait now: it sees `stopping` at once
         if self.failed is None:  # a stuck compute thread would never join: it is a daemon, leave it
             self.compute.join(timeout=5)
         if self.dealer is not None:

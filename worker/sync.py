@@ -13,7 +13,12 @@ module and built into a complete new module here (its tensors are the fetched on
 int8, device), which the compute thread swaps in between batches (woken for it).
 
 A version that cannot be assembled or loaded is *refused*: remembered with its reason,
-reported in the heartbeat, never fetched again (a newer version is). A fetch that fails for
+reported in the heartbeat, never fetched again while a shard holds it (a newer version is).
+A worker that serves nothing yet when the current version is one it refuses serves the newest
+committed one it can load instead (`_fallback`: the one current before it, what its peers
+serve). Every hello to the shards carries a follower report (what is served, built, refused
+here; sent at once after a build or a refusal), from which a publisher learns whether a live
+worker took its version. Each step of a load is logged, and every wait ends when stopping. A fetch that fails for
 another reason (a shard slow or gone) is retried with exponential backoff. A shard silent for
 longer than a few of its announce intervals is asked for a snapshot, and the SUB follows the
 PUB endpoint each snapshot names (a shard restarted on a new port is heard again).
