@@ -162,6 +162,11 @@ class ParamClient:
             seen = [v for h in states.values() for v in h["versions"].get(model, [])]
             seen += [v for h in states.values() for v in _follower_versions(h, model)]
             version = 1 + max(seen, default=0)
+        elif (all(version not in h["versions"].get(model, []) for h in states.values())
+              and any(version in _follower_versions(h, model, refused_only=True) for h in states.values())):
+            raise PublishError(f"cannot publish {model!r} v{version}: a live worker remembers refusing a version of "
+                               f"that number (since reverted) and would not load it; publish under another number "
+                               f"(leave --version out to get one)")
         arrays = {name: to_numpy(t) for name, t in tensors.items()}
         new_layout = {n: (a.dtype.name, tuple(a.shape)) for n, a in arrays.items()}
         currents = set(previous.values()) - {None}
@@ -207,6 +212,7 @@ class ParamClient:
             why = problem or "; ".join(f"{n}: {msg}" for n, (_, msg) in sorted(failed.items()))
             raise PublishError(f"publish of {model!r} v{version} failed while staging, nothing changed: {why}")
         arbiter, *rest = sorted(self.shards)  # one shard decides between racing publishers
+        committing = time.monotonic()  # a worker's report from before this cannot speak of this content
         first = self.rpc.call({arbiter: ({"cmd": "commit", **ids}, [])}, raise_on_error=False)
         arbiter_ok = bool(first.get(arbiter, ({}, []))[0].get("ok"))
         code, msg = (None, "") if arbiter_ok else _why(first.get(arbiter))
@@ -225,15 +231,16 @@ class ParamClient:
                                f"{_after_revert(now, previous)}")
         log.info("published", model=model, version=version, base=base, tensors=len(arrays), pieces=len(pieces))
         if check_workers:
-            self._check_workers(model, version, ids, previous, worker_check_s)
+            self._check_workers(model, version, ids, previous, committing, worker_check_s)
         return version
 
     def _check_workers(self, model: str, version: int, ids: dict, previous: Mapping[str, int | None],
-                       limit_s: float) -> None:
+                       start: float, limit_s: float) -> None:
         """Wait until a live worker that follows `model` has built `version` (what the shards'
         `hello.followers` say: paramserver/followers.py). Every one refusing it: revert and raise
         PublishRefused; none deciding within `limit_s`: PublishError, the version stays current.
-        No worker following the model: nothing to check."""
+        No worker following the model: nothing to check. Only reports made after `start` (the
+        commit) count: one from before may speak of a reverted version of the same number."""
         end = time.monotonic() + limit_s
         verdicts: dict[str, str] = {}
         while True:
@@ -241,7 +248,9 @@ class ParamClient:
             if not followers:
                 log.info("publish_not_checked", model=model, version=version, why="no live worker follows the model")
                 return
-            verdicts = {n: _verdict(state, version) for n, state in followers.items()}
+            since = time.monotonic() - start  # only a report made after the commit speaks of this version
+            verdicts = {n: _verdict(state, version) if age <= since else "waiting"
+                        for n, (age, state) in followers.items()}
             if "loaded" in verdicts.values():
                 log.info("publish_accepted", model=model, version=version,
                          workers=sorted(n for n, v in verdicts.items() if v == "loaded"))
@@ -260,8 +269,9 @@ class ParamClient:
                                    f"`ringserve-admin status`, roll back if it is wrong")
             time.sleep(0.1)
 
-    def _followers(self, model: str) -> dict[str, dict]:
-        """The freshest report of every live worker following `model`, over all shards."""
+    def _followers(self, model: str) -> dict[str, tuple[float, dict]]:
+        """(age in seconds, state) of the freshest report of every live worker following `model`,
+        over all shards."""
         best: dict[str, tuple[float, dict]] = {}
         replies = self.rpc.call_all({"cmd": "hello"}, timeout=min(self.rpc.timeout, 2.0), raise_on_error=False)
         for header, _ in replies.values():
@@ -271,7 +281,7 @@ class ParamClient:
                 age = rep.get("age_s") if isinstance(rep, dict) else None
                 if isinstance(state, dict) and isinstance(age, (int, float)) and (name not in best or age < best[name][0]):
                     best[name] = (age, state)
-        return {n: state for n, (_, state) in best.items()}
+        return best
 
     def _revert(self, model: str, ids: dict, previous: Mapping[str, int | None]) -> dict[str, int | None]:
         """Tell every shard, answering or not, to undo this publish, and keep asking (bounded:
@@ -318,16 +328,17 @@ def hash_all(buffers: list) -> list[str]:
         return list(pool.map(lambda b: hashlib.sha256(b).hexdigest(), buffers))
 
 
-def _follower_versions(hello: Mapping, model: str) -> list[int]:
-    """Every version number of `model` the workers following a shard mention (served, built, refused)."""
+def _follower_versions(hello: Mapping, model: str, refused_only: bool = False) -> list[int]:
+    """Every version number of `model` the workers following a shard mention (served, built,
+    refused; or only refused)."""
     out = []
     reports = hello.get("followers") if isinstance(hello.get("followers"), dict) else {}
     for rep in reports.values():
         state = rep.get("models", {}).get(model) if isinstance(rep, dict) and isinstance(rep.get("models"), dict) \
             else None
         if isinstance(state, dict):
-            out += [v for v in [state.get("version"), *(state.get("loaded") or []), *(state.get("refused") or [])]
-                    if isinstance(v, int) and not isinstance(v, bool)]
+            named = [] if refused_only else [state.get("version"), *(state.get("loaded") or [])]
+            out += [v for v in [*named, *(state.get("refused") or [])] if isinstance(v, int) and not isinstance(v, bool)]
     return out
 
 

@@ -103,7 +103,8 @@ def test_a_version_no_live_worker_loads_is_refused_even_when_forced(cluster, tmp
         out = publish_cli(eps, "--weights", bad, "--allow-layout-change", "--no-worker-check")
         assert out.returncode == 0, out.stderr
         forced = json.loads(out.stdout)["version"]
-        assert forced == 5  # above the reverted v4 the worker still remembers refusing
+        # v4 again once the worker forgot its refusal (no shard holds v4), else v5: never one it would not load
+        assert forced in (4, 5)
         assert all(c == forced and 1 in vs for vs, c in states(pc).values())  # v1, current before, is kept
         info = wait_until(lambda: AdminClient(cluster.admin).status()["workers"][0]["models"]["mlp"].get("refused"),
                           30, what="the forced version refused")
@@ -114,9 +115,9 @@ def test_a_version_no_live_worker_loads_is_refused_even_when_forced(cluster, tmp
         assert {c for _, c in states(pc).values()} == {1}
         with pytest.raises(PublishRefused):  # the Python API refuses the same way
             pc.publish("mlp", {"net.0.weight": mlp_state(9)["net.0.weight"]}, allow_layout_change=True)
-        assert pc.publish("mlp", mlp_state(6)) == 7  # a good one is accepted (and waited for)
+        good = pc.publish("mlp", mlp_state(6))  # a good one is accepted (and waited for)
         st = AdminClient(cluster.admin).status()["workers"][0]["models"]["mlp"]
-        assert st["version"] == 7 or 7 in st.get("versions", [])
+        assert good > forced and (st["version"] == good or good in st.get("versions", []))
 
 
 def test_a_worker_started_on_a_refused_current_serves_the_newest_version_it_can_load(cluster, tmp_path):
