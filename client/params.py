@@ -353,8 +353,10 @@ def _after_revert(now: Mapping[str, int | None], previous: Mapping[str, int | No
     """What a revert left current, as the shards said: the truth, not what was hoped."""
     if all(now.get(n) == v for n, v in previous.items()):
         cur = set(previous.values())
-        return (f"the previous version v{cur.pop()} stays current" if cur != {None} and len(cur) == 1
-                else "the previous state stays current")
+        if cur == {None}:
+            return "no version is current, as before"
+        return (f"the previous version v{cur.pop()} stays current" if len(cur) == 1
+                else "each shard's previous version stays current")
     return "but the shards now have current " + ", ".join(
         f"{n}: {'none' if now.get(n) is None else 'v' + str(now.get(n))}" for n in sorted(now)) + \
         " (the previous version was lost); repair with a rollback"

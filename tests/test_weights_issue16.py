@@ -252,3 +252,15 @@ def test_follower_reports_are_checked_and_bounded():
         books.note(f"w{i}", {}, t)
     assert sorted(books.snapshot(3.0)) == ["w1", "w2"]  # bounded: the least recently heard went
     assert sorted(books.snapshot(11.5)) == ["w2"]  # and those not heard within the TTL
+
+
+def test_the_publisher_says_what_a_revert_left_current_and_reads_verdicts():
+    from ringserve.client.params import _after_revert, _verdict
+
+    assert _after_revert({"a": 1, "b": 1}, {"a": 1, "b": 1}) == "the previous version v1 stays current"
+    assert _after_revert({"a": None}, {"a": None}) == "no version is current, as before"
+    lost = _after_revert({"a": None, "b": 1}, {"a": 1, "b": 1})
+    assert "a: none" in lost and "lost" in lost and "stays current" not in lost
+    assert _verdict({"version": 1, "loaded": [1, 4], "refused": []}, 4) == "loaded"
+    assert _verdict({"version": 1, "loaded": [1], "refused": [4]}, 4) == "refused"
+    assert _verdict({"version": 1, "loaded": [1], "refused": []}, 4) == "waiting"
