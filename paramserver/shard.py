@@ -149,7 +149,10 @@ class Shard:
                 log.warning("command_refused", cmd=cmd, rid=rid, user=user_id(frames[-1]))
                 return
             if cmd == "hello" and header.get("follower") is not None:
-                self._note_follower(header["follower"], frames[-1])
+                try:
+                    self._note_follower(header["follower"], frames[-1])
+                except ProtocolError as exc:  # a bad report is dropped; the snapshot is still answered
+                    log.warning("follower_report_refused", rid=rid, error=str(exc)[:300])
             handler = getattr(self, f"on_{cmd}")
             reply = handler(header, frames[3:])
             if isinstance(reply, tuple):

@@ -264,3 +264,15 @@ def test_the_publisher_says_what_a_revert_left_current_and_reads_verdicts():
     assert _verdict({"version": 1, "loaded": [1, 4], "refused": []}, 4) == "loaded"
     assert _verdict({"version": 1, "loaded": [1], "refused": [4]}, 4) == "refused"
     assert _verdict({"version": 1, "loaded": [1], "refused": []}, 4) == "waiting"
+
+
+def test_a_shard_files_good_follower_reports_and_drops_bad_ones(cluster):
+    eps = cluster.start_shards(1)
+    with ParamClient(eps, timeout=5) as pc:
+        for junk in ({"name": "w", "models": {"a/b": {}}}, "w0", {"name": "x" * 500, "models": {}}):
+            reply = pc.rpc.call_all({"cmd": "hello", "follower": junk})["ps0"][0]
+            assert reply["ok"] and reply["followers"] == {}, reply  # the snapshot is answered all the same
+        good = {"name": "w7", "models": {"mlp": {"version": 2, "loaded": [2], "refused": [3]}}}
+        followers = pc.rpc.call_all({"cmd": "hello", "follower": good})["ps0"][0]["followers"]
+        assert followers["w7"]["models"] == good["models"] and followers["w7"]["age_s"] < 15
+    assert "follower_report_refused" in cluster.shards["ps0"].log_path.read_text()

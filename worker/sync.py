@@ -39,7 +39,7 @@ import zmq
 
 from ringserve.protocol.codec import SUPPORTED_DTYPES, pack, unpack_map
 from ringserve.protocol.messages import SHARD_PROTO, ProtocolError
-from ringserve.protocol.placement import Piece
+from ringserve.protocol.placement import Piece, model_name_problem
 from ringserve.protocol.security import Security
 from ringserve.protocol.shardrpc import ShardCallError, ShardRPC
 
@@ -163,6 +163,8 @@ class WeightSync(threading.Thread):
         for name, m in self.models.items():
             if getattr(m, "on_demand", False) and not m.ready and name not in self.requested:
                 continue  # an unloaded on-demand model fetches nothing: it has no say on a new version
+            if model_name_problem(name) or len(models) >= 256:
+                continue  # a name no shard can hold is no model of theirs (the shard's report bounds)
             refused = sorted(v for (mn, v) in self.refused if mn == name)[-16:]
             models[name] = {"version": m.version, "loaded": self.loaded.get(name, [])[-16:], "refused": refused}
         return {"name": self.name, "models": models}
