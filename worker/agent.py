@@ -134,6 +134,7 @@ class WorkerAgent:
     def run(self) -> None:
         self.compute.start()
         if self.sync is not None:
+            self.sync.name = self.cfg.name  # the name the shards' follower books file us under
             self.sync.start()
         for link in self.links:
             self._connect(link)
@@ -158,6 +159,7 @@ class WorkerAgent:
             self.sync.stopping.set()
             self.sync.join(timeout=5)
         self.compute.stopping.set()
+        self.compute.wake()  # ends its idle wait now: it sees `stopping` at once
         if self.failed is None:  # a stuck compute thread would never join: it is a daemon, leave it
             self.compute.join(timeout=5)
         for link in self.links:

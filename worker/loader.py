@@ -231,6 +231,8 @@ class ServedModel:
                  wait_for_weights: bool = False, on_demand: bool = False):
         self.name, self.opts, self.device = opts.name, opts, device
         self.ignored_keys: list[str] = []  # checkpoint keys dropped by ignore_keys (listed in status)
+        t0 = time.monotonic()
+        log.info("model_building", model=opts.name, spec=opts.spec, device=str(device))
         try:
             module = build_module(opts.spec, opts.kwargs)
         except Exception as exc:  # noqa: BLE001 - any failure of the user's factory is reported in one line
@@ -269,6 +271,9 @@ class ServedModel:
         self.older: dict[int, torch.nn.Module] = {}  # earlier versions kept loaded, oldest first (keep - 1 of them)
         self.refused: dict | None = None  # {"version", "reason"}: the last version this worker could not load
         self.lock = threading.Lock()  # held while running or swapping, so the two never mix
+        log.info("model_built", model=opts.name, seconds=round(time.monotonic() - t0, 3), weights=opts.weights,
+                 ready=self.ready, waiting_for="first request" if on_demand else
+                 "parameter servers" if wait_for_weights else None)
 
     def _prepare(self, module: torch.nn.Module) -> torch.nn.Module:
         module.eval()
