@@ -11,7 +11,7 @@ from ringserve.launch.cli import HelpFormatter, make_parser, parse_args
 from ringserve.launch.security import add_security_flags, security_from_args
 
 
-MASTER_HELP = "the master's admin endpoint"
+MASTER_HELP = "the master's admin endpoint (several active masters: comma-separated)"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,21 +57,52 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         print(json.dumps({"model": args.model, "current": args.version}))
         return 0
-    admin = AdminClient(args.master, security=security_from_args(args, "admin"))
+    security = security_from_args(args, "admin")
+    masters = [m.strip() for m in args.master.split(",") if m.strip()]  # several: an active-active set
     try:
         if args.command == "status":
-            st = admin.status()
-            print(json.dumps(st, indent=2, default=str) if args.json else format_status(st))
-        else:
-            reply = admin.drain(args.worker) if args.command == "drain" else admin.route(
-                args.model, args.split, args.sticky_key, args.shadow, args.promote, args.clear)
+            if len(masters) == 1:
+                st = AdminClient(masters[0], security=security).status()
+                print(json.dumps(st, indent=2, default=str) if args.json else format_status(st))
+                return 0
+            failed = 0
+            every = {}
+            for m in masters:  # each master's own view: its workers, its clients' queues, its peers
+                try:
+                    every[m] = AdminClient(m, security=security).status()
+                except TimeoutError as exc:
+                    every[m], failed = {"ok": False, "error": str(exc)}, failed + 1
+            if args.json:
+                print(json.dumps({"masters": every}, indent=2, default=str))
+            else:
+                for m, st in every.items():
+                    print(f"== master {m}")
+                    print(format_status(st) if st.get("ok") else f"error: {st['error']}")
+            return 1 if failed == len(masters) else 0
+        if args.command == "drain":  # a worker is registered with every master: drain it on each
+            replies = {}
+            for m in masters:
+                try:
+                    replies[m] = AdminClient(m, security=security).drain(args.worker)
+                except TimeoutError as exc:
+                    replies[m] = {"ok": False, "error": str(exc)}
+            print(json.dumps(replies[masters[0]] if len(masters) == 1 else replies))
+            return 0 if any(r.get("ok") for r in replies.values()) else 1
+        # A route is set on the first master that answers; its peers take it within --peer-interval.
+        last: Exception | None = None
+        for m in masters:
+            try:
+                reply = AdminClient(m, security=security).route(args.model, args.split, args.sticky_key, args.shadow,
+                                                                args.promote, args.clear)
+            except TimeoutError as exc:
+                last = exc
+                continue
             print(json.dumps(reply))
-            if not reply.get("ok"):  # a refused drain or route (no such worker, a bad split) is a failure
-                return 1
+            return 0 if reply.get("ok") else 1  # a refused route (a bad split) is a failure
+        raise last or TimeoutError("no master answered")
     except TimeoutError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    return 0
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from ringserve.client.admin import AdminClient, format_status
 from ringserve.client.params import ParamClient
 from ringserve.launch.cli import make_parser, parse_args, positive_int
 from ringserve.launch.logsetup import configure_logging
-from ringserve.launch.procs import RoleProcess, wait_for_workers
+from ringserve.launch.procs import RoleProcess, free_tcp_ports, wait_for_workers
 from ringserve.master.scheduler import POLICIES
 from ringserve.protocol.security import Security, create_identity
 from ringserve.worker import demo
@@ -39,6 +39,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="least-outstanding", choices=sorted(POLICIES),
                    help="the master's scheduling policy")
     p.add_argument("--shards", type=int, default=2, help="parameter-server shards")
+    p.add_argument("--masters", type=positive_int, default=1,
+                   help="active masters (2+: each is the others' peer, every worker registers with all, "
+                        "clients fail over between them; see docs/operations.md)")
     p.add_argument("--max-batch-size", type=positive_int, default=32, help="each worker's rows per batch")
     p.add_argument("--workdir", default=None, help="where weights and logs go (default: a temp dir)")
     p.add_argument("--secure", action="store_true",
@@ -75,17 +78,17 @@ def main(argv: list[str] | None = None) -> int:
         procs += shards
         shard_list = ",".join(f"{s.wait_ready()['name']}={s.info['endpoint']}" for s in shards)
         print(f"parameter servers: {shard_list}")
-        master = RoleProcess("ringserve.launch.master", ["--frontend", eph, "--backend", eph, "--admin", eph,
-                                               "--policy", args.policy, "--metrics-port", "0", *flags],
-                             workdir / "master.log")
-        procs.append(master)
-        print(f"master: {master.info['frontend']} (clients), {master.info['admin']} (admin)")
+        masters = start_masters(args.masters, workdir, ["--policy", args.policy, "--metrics-port", "0", *flags])
+        procs += masters
+        master = {k: ",".join(m.info[k] for m in masters) for k in ("frontend", "backend", "admin")}
+        for m in masters:
+            print(f"master: {m.info['frontend']} (clients), {m.info['admin']} (admin)")
         v1 = demo_weights(seed=7)
         with ParamClient(shard_list, security=sec.get("publisher")) as pc:
             for model, state in v1.items():
                 print(f"published {model} v{pc.publish(model, state)}")
             workers = [RoleProcess("ringserve.launch.worker", [
-                "--master", master.info["backend"], "--name", f"worker-{i}", "--threads", "1",
+                "--master", master["backend"], "--name", f"worker-{i}", "--threads", "1",
                 "--max-batch-size", str(args.max_batch_size), "--paramservers", shard_list,
                 "--model", "mlp=ringserve.worker.demo:mlp", "--model", "cnn=ringserve.worker.demo:cnn",
                 "--keep-versions", "2",  # so a split between v1 and v2 (--serve's example) is served
@@ -96,22 +99,25 @@ def main(argv: list[str] | None = None) -> int:
             for w in workers:
                 w.wait_ready()
             print("metrics (Prometheus): " + ", ".join(f"{p.info.get('name', 'master')}={p.info['metrics']}"
-                                                     for p in (*shards, master, *workers)))
-            wait_for_workers(master.info["admin"], args.workers, timeout=60, model="mlp", version=1,
-                             security=sec.get("admin"))
-            run_requests(master.info["frontend"], args.requests, v1, security=sec.get("client"))
+                                                     for p in (*shards, *masters, *workers)))
+            for m in masters:
+                wait_for_workers(m.info["admin"], args.workers, timeout=60, model="mlp", version=1,
+                                 security=sec.get("admin"))
+            run_requests(master["frontend"], args.requests, v1, security=sec.get("client"))
             v2 = dict(v1)
             v2["mlp"] = {**v1["mlp"], "net.4.bias": v1["mlp"]["net.4.bias"] + 1.0}
             version = pc.publish("mlp", {"net.4.bias": v2["mlp"]["net.4.bias"]}, base=1)
             print(f"\npublished mlp v{version} (delta: one tensor), live")
-            wait_for_workers(master.info["admin"], args.workers, timeout=60, model="mlp", version=version,
-                             security=sec.get("admin"))
-            run_requests(master.info["frontend"], args.requests, v2, models=("mlp",), security=sec.get("client"))
+            for m in masters:
+                wait_for_workers(m.info["admin"], args.workers, timeout=60, model="mlp", version=version,
+                                 security=sec.get("admin"))
+            run_requests(master["frontend"], args.requests, v2, models=("mlp",), security=sec.get("client"))
         time.sleep(1.1)  # one heartbeat, so the batch figures in the table are current
-        print()
-        print(format_status(AdminClient(master.info["admin"], security=sec.get("admin")).status()))
+        for m in masters:
+            print(f"\n== master {m.info['admin']}" if len(masters) > 1 else "")
+            print(format_status(AdminClient(m.info["admin"], security=sec.get("admin")).status()))
         if args.serve:
-            return serve_until_stopped(procs, master.info, shard_list, keys)
+            return serve_until_stopped(procs, master, shard_list, keys)
         return 0
     finally:
         for p in reversed(procs):
@@ -139,6 +145,23 @@ serving until Ctrl-C (or SIGTERM); this process's pid is {os.getpid()}
     dead = [p.info.get("name", p.module) for p in procs if not p.alive()]
     print(f"error: {', '.join(map(str, dead))} stopped; stopping the rest", file=sys.stderr, flush=True)
     return 1
+
+
+def start_masters(count: int, workdir: Path, flags: list[str]) -> list[RoleProcess]:
+    """One master on ephemeral ports, or `count` active masters on free ports, each the others' peer."""
+    if count == 1:
+        eph = "tcp://127.0.0.1:*"
+        return [RoleProcess("ringserve.launch.master", ["--frontend", eph, "--backend", eph, "--admin", eph, *flags],
+                            workdir / "master.log")]
+    ports = free_tcp_ports(3 * count)
+    eps = [[f"tcp://127.0.0.1:{ports[3 * i + j]}" for j in range(3)] for i in range(count)]
+    masters = [RoleProcess("ringserve.launch.master", [
+        "--frontend", eps[i][0], "--backend", eps[i][1], "--admin", eps[i][2],
+        "--peers", ",".join(e[2] for k, e in enumerate(eps) if k != i), *flags],
+        workdir / f"master-{i}.log", wait_ready=False) for i in range(count)]
+    for m in masters:
+        m.wait_ready()
+    return masters
 
 
 def make_local_keys(keys_dir: Path, shards: int, workers: int) -> str:

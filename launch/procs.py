@@ -196,3 +196,18 @@ def wait_for_workers(admin_address: str, count: int, timeout: float = 60.0, mode
         return st if len(ok) >= count else None
 
     return wait_until(enough, timeout, 0.1, f"{count} workers at {admin_address}")
+
+
+def free_tcp_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports free on `host` right now, for roles that must know each other's endpoints before they
+    start (active masters name their peers): bound together, then released."""
+    import socket
+
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

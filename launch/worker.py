@@ -20,7 +20,9 @@ from ringserve.launch.security import add_security_flags, security_from_args
 
 def parser() -> argparse.ArgumentParser:
     p = make_parser("ringserve-worker", __doc__)
-    p.add_argument("--master", default="tcp://127.0.0.1:5556", help="the master's worker endpoint")
+    p.add_argument("--master", default="tcp://127.0.0.1:5556",
+                   help="the master's worker endpoint; several (active masters), comma-separated: the worker "
+                        "registers with each and splits its credit between them")
     p.add_argument("--model", action="append", required=True,
                    metavar="NAME=MODULE:FACTORY[,weights=F][,dtype=D][,quantize=int8][,max_batch=N][,arg.K=V]",
                    help="a model to serve (repeatable); max_batch=N sets its rows per batch (1: never batched)")

@@ -190,3 +190,33 @@ def test_a_master_that_comes_back_catches_up_on_routes(pair, tmp_path):
     b = AdminClient(pair.eps[1]["admin"])
     wait_until(lambda: "echo" in b.status()["routes"], 10, 0.05, "the restarted master to adopt the route")
     wait_for_workers(pair.eps[1]["admin"], 1, timeout=30)  # and the worker registered with it again
+
+
+def test_admin_commands_take_every_master(pair):
+    import json
+    import subprocess
+    import sys
+
+    pair.start_workers(1)
+    both = ",".join(e["admin"] for e in pair.eps)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "ringserve.launch.admin", *a],  # noqa: E731
+                                    capture_output=True, text=True, timeout=60)
+    out = run("status", "--master", both, "--json")
+    assert out.returncode == 0, out.stderr
+    views = json.loads(out.stdout)["masters"]
+    assert set(views) == set(both.split(",")) and all(len(v["workers"]) == 1 for v in views.values())
+    text = run("status", "--master", both).stdout
+    assert text.count("== master") == 2 and "role=active peers" in text
+    assert run("route", "--master", both, "--model", "echo", "--split", "0=100").returncode == 0
+    wait_until(lambda: all("echo" in AdminClient(e["admin"]).status()["routes"] for e in pair.eps), 5, 0.05)
+    drained = run("drain", "w0", "--master", both)  # one DRAIN is enough: the worker leaves every master
+    assert drained.returncode == 0 and ["w0"] in [r.get("draining") for r in json.loads(drained.stdout).values()]
+    wait_until(lambda: all(not AdminClient(e["admin"]).status()["workers"] for e in pair.eps), 10, 0.05)
+
+
+def test_ringserve_local_runs_two_masters():
+    from helpers import run_local
+
+    rc, out, err = run_local("--masters", "2", "--requests", "2", "--workers", "1", "--shards", "1")
+    assert rc == 0, err[-2000:]
+    assert out.count("== master") == 2 and "role=active peers" in out and "max |ringserve - in-process|" in out
