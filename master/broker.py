@@ -28,6 +28,7 @@ import structlog
 import zmq
 
 from ringserve.master import liveness
+from ringserve.master.cache import ResponseCache, input_digest
 from ringserve.master import peers as peering
 from ringserve.master import routing
 from ringserve.master.metrics import MasterMetrics
@@ -80,6 +81,7 @@ class BrokerConfig:
     rate_limit: float = 0.0  # requests per second per client (0: no limit)
     rate_burst: float | None = None
     unavailable_grace: float = 10.0  # a model served this recently queues while no worker serves it
+    response_cache_bytes: int = 64 << 20  # answers of models marked cache=true (master/cache.py)
     peers: list[str] = field(default_factory=list)  # the other active masters' admin endpoints
     peer_interval: float = 0.25  # how often masters exchange what they share (routes) and see each other
 
@@ -111,6 +113,7 @@ class Broker:
         self.recently_served: dict[str, float] = {}  # model nobody serves now -> when its last worker left
         self.queues = ModelQueues(cfg.max_queue)
         self.answered = AnsweredCache(max_bytes=cfg.answer_cache_bytes)
+        self.responses = ResponseCache(cfg.response_cache_bytes)
         self.counters: dict[str, ModelCounters] = {}  # only for models some worker serves or served
         self.windows = Windows()  # recent rate and latency per counted model (status)
         self.unknown_model_requests = 0  # requests for names nobody serves: one number, not one entry each
@@ -119,6 +122,7 @@ class Broker:
         self.bad_worker_messages = 0
         self.metrics = MasterMetrics(cfg.policy)
         self._served_cache: set[str] | None = None  # models some worker announces (see _served_models)
+        self._cacheable: dict[str, int | None] | None = None  # see _cache_versions
         self._dirty: set[str] = set()  # models to dispatch at the end of this loop turn
         self._outgoing: dict[bytes, tuple[WorkerRecord, list[PendingRequest]]] = {}  # assigned, not yet sent
         if cfg.state_dir:
@@ -342,6 +346,9 @@ class Broker:
         timeout = min(timeout, self.cfg.max_timeout)  # the client chooses, within the master's cap
         route = self.routes.get(model) if parsed.version is None else None  # a pinned version wins
         version = self._routed_version(route, parsed.tags) if route else parsed.version
+        cache_key = self._cache_key(model, version, parsed, frames)
+        if cache_key is not None and self._answer_from_cache(ident, cid, service, model, cache_key, counters, now):
+            return
         req = PendingRequest(self._new_key(), rid, ident, service, model, version, header_frame, frames,
                              now + timeout, now, scope=scope, pinned=parsed.version is not None,
                              tags=parsed.tags, counted=counters is not None)
@@ -352,6 +359,48 @@ class Broker:
         if route is not None and route.shadow is not None and route.shadow != version:
             self._mirror(req, route.shadow)
         self.dispatch(model)
+
+    # ------------------------------------------------------------ response cache
+    def _cache_key(self, model: str, version: int | None, parsed, frames: list):
+        """(model, the version that would serve it, digest of the inputs), or None: the model is not
+        marked cache=true by every worker serving it, or (unpinned, no route) its workers do not
+        agree on one current version (a rollout), so which version would answer is not known."""
+        if self.cfg.response_cache_bytes <= 0:
+            return None
+        views = self._cache_versions()
+        if model not in views:
+            return None
+        version = views[model] if version is None else version
+        if version is None:
+            return None
+        return (model, version, input_digest(parsed.inputs, frames))
+
+    def _answer_from_cache(self, ident: bytes, cid: tuple[str, str], service: bytes, model: str, key, counters,
+                           now: float) -> bool:
+        hit = self.responses.get(key)
+        self.metrics.on_cache(model, hit is not None)
+        if hit is None:
+            return False
+        header, frames = hit
+        body = [pack({**header, "id": cid[1], "epoch": self.epoch, "cached": True}), *frames]
+        counters.ok += 1
+        self.metrics.on_answer(model, key[1], "ok", time.monotonic() - now)
+        sent = self._send_client(ident, [ident, b"", MDP_CLIENT, service, *body])
+        self.answered.add(cid, model, [service, *body], ident if sent else None)
+        return True
+
+    def _cache_result(self, req: PendingRequest, body: list, version: int | None) -> None:
+        """Keep a result of a cacheable model under the version that produced it (not a shadow's)."""
+        if req.client is None or version is None or req.model not in self._cache_versions():
+            return
+        try:
+            header = unpack_map(body[0])
+            meta = unpack_map(req.header).get("inputs")
+            key = (req.model, version, input_digest(meta, req.frames))
+        except (ProtocolError, TypeError, IndexError, KeyError):
+            return
+        header = {k: v for k, v in header.items() if k not in ("id", "key", "epoch", "attempt")}
+        self.responses.put(key, header, list(body[1:]))
 
     def _answer_again(self, ident: bytes, cid: tuple[str, str], service: bytes, model: str, ack: bool) -> None:
         """An id this scope already had answered: its answer again (only for the same model), or an ACK
@@ -390,6 +439,27 @@ class Broker:
         if model in self.recently_served:
             return True
         return self.in_grace and (self.queues.depth(model) > 0 or self._unknown_waiting() < MAX_UNKNOWN_WAITING)
+
+    def _models_changed(self) -> None:
+        """What workers announce changed (registration, heartbeat, eviction): drop the derived views."""
+        self._served_cache = None
+        self._cacheable = None
+
+    def _cache_versions(self) -> dict[str, int | None]:
+        """Models every serving worker marks cache=true -> the one current version they all serve
+        (None while they disagree: a rollout). Rebuilt only when the announcements change."""
+        if self._cacheable is None:
+            view: dict[str, set] = {}
+            spoilt: set[str] = set()
+            for w in self.workers.values():
+                for m, info in w.models.items():
+                    if not info.get("ready", True):
+                        continue
+                    if not info.get("cache"):
+                        spoilt.add(m)
+                    view.setdefault(m, set()).add(info.get("version"))
+            self._cacheable = {m: (next(iter(v)) if len(v) == 1 else None) for m, v in view.items() if m not in spoilt}
+        return self._cacheable
 
     def _served(self, model: str) -> bool:
         return model in self._served_models()
@@ -602,7 +672,7 @@ class Broker:
         w = WorkerRecord(ident, name, hello.models, hello.credit, hello.device, hello.pid,
                          weight=self.cfg.weights.get(name, hello.weight), user=user or None)
         self.workers[ident] = w
-        self._served_cache = None
+        self._models_changed()
         log.info("worker_registered", worker=name, models=sorted(hello.models), credit=hello.credit, device=w.device)
         self._send_worker(w, [HEARTBEAT, pack({"epoch": self.epoch})])
         for model in hello.models:
@@ -613,7 +683,7 @@ class Broker:
         changed = beat.models is not None and beat.models != w.models
         if changed:
             w.models = beat.models
-            self._served_cache = None
+            self._models_changed()
         if beat.stats is not None:
             w.stats = beat.stats
         if beat.credit is not None and beat.credit != w.credit:  # its share moved (another master came or went)
@@ -690,7 +760,7 @@ class Broker:
     def evict(self, w: WorkerRecord, reason: str, tell: bool = False) -> None:
         """Forget a worker; send its in-flight requests elsewhere within their retry budget."""
         self.workers.pop(w.ident, None)
-        self._served_cache = None
+        self._models_changed()
         log.warning("worker_evicted", worker=w.name, reason=reason, in_flight=len(w.in_flight))
         self.metrics.on_evict(reason)
         now = time.monotonic()
@@ -809,6 +879,8 @@ class Broker:
         self.metrics.on_answer(self._model_label(req.model), version if version is not None else req.version,
                                error_code or "ok", time.monotonic() - req.received)
         sent = self._send_client(req.client, [req.client, b"", MDP_CLIENT, req.service, *body])
+        if error_code is None and self.cfg.response_cache_bytes > 0:
+            self._cache_result(req, body, version)
         if error_code not in ErrorCode.RETRYABLE:  # only final answers are remembered for retried ids
             self.answered.add(cid, req.model, [req.service, *body], req.client if sent else None)
         if len(self.deadlines) > 2 * len(self.pending) + 1024:  # answered entries dominate: drop them
@@ -836,6 +908,8 @@ class Broker:
         for w in self.workers.values():
             states[w.state] = states.get(w.state, 0) + 1
         self.metrics.refresh(depths, {w.name: len(w.in_flight) for w in self.workers.values()}, states)
+        self.metrics.cache_bytes.set(self.responses.bytes)
+        self.metrics.cache_evictions.set(self.responses.evictions)
 
     def _expire_deadlines(self, now: float) -> None:
         while self.deadlines and self.deadlines[0][0] <= now:

@@ -38,6 +38,11 @@ class MasterMetrics:
         self.shadow = Counter("ringserve_shadow_requests", "Shadow copies by model, version and outcome "
                               "(answers discarded; 'dropped' when they could not be queued)",
                               ["model", "version", "outcome"], registry=r)
+        self.cache = Counter("ringserve_response_cache_lookups", "Response cache lookups by model and result "
+                             "(hit: answered by the master, no worker)", ["model", "result"], registry=r)
+        self.cache_bytes = Gauge("ringserve_response_cache_bytes", "Bytes held by the response cache", registry=r)
+        self.cache_evictions = Gauge("ringserve_response_cache_evictions", "Entries the response cache dropped "
+                                     "to stay within its bound (since start)", registry=r)
         policy_info = Gauge("ringserve_dispatch_policy_info", "The master's scheduling policy", ["policy"],
                             registry=r)
         policy_info.labels(policy).set(1)
@@ -58,6 +63,9 @@ class MasterMetrics:
     def on_answer(self, model: str, version, outcome: str, seconds: float) -> None:
         self._child(self.requests, model, "" if version is None else str(version), outcome).inc()
         self._child(self.request_duration, model).observe(seconds)
+
+    def on_cache(self, model: str, hit: bool) -> None:
+        self._child(self.cache, model, "hit" if hit else "miss").inc()
 
     def on_shadow(self, model: str, version, outcome: str) -> None:
         self.shadow.labels(model, str(version), outcome).inc()

@@ -114,6 +114,7 @@ def build_status(broker, now: float) -> dict:
         "answer_cache": {"ids": len(broker.answered), "replies": broker.answered.replies_held,
                          "bytes": broker.answered.bytes},
         "books": broker.books(),
+        "response_cache": broker.responses.stats(),
         "master": master_view(broker, now),
         "workers": workers,
         "models": models,

@@ -197,6 +197,11 @@ def parse_models(models: Any) -> dict[str, dict]:
             raise ProtocolError(f"models[{name[:64]!r}].on_demand must be true or false")
         if on_demand:
             clean[name]["on_demand"] = True
+        cache = info.get("cache", False)
+        if not isinstance(cache, bool):
+            raise ProtocolError(f"models[{name[:64]!r}].cache must be true or false")
+        if cache:
+            clean[name]["cache"] = True
         held = info.get("versions")
         if held is not None:
             if not isinstance(held, list) or len(held) > MAX_HELD_VERSIONS:

@@ -7,7 +7,8 @@ as, default 0), ``keep`` (versions kept loaded side by side, default 1), ``max_b
 batch for this model, overriding the worker's --max-batch-size; 1: never batched) and ``ignore_keys``
 (GLOB|GLOB: checkpoint keys the module does not hold, dropped and reported; docs/models.md), ``strip_prefix``
 and ``add_prefix`` (rename checkpoint keys the module does not hold: a sentence-transformers export's
-``0.auto_model.``, a task model's ``bert.``, a wrapper's ``encoder.``). Weights are only ever read with
+``0.auto_model.``, a task model's ``bert.``, a wrapper's ``encoder.``) and ``cache`` (true: the model
+is deterministic, so the master may answer repeated inputs from its response cache). Weights are only ever read with
 safetensors: never pickle, never torch.load.
 
 The module may declare ``input_spec`` (checked on every request; its variable-length inputs,
@@ -159,6 +160,7 @@ class ModelOptions:
     strip_prefix: str = ""  # removed from checkpoint keys the module does not hold (before add_prefix)
     add_prefix: str = ""  # then put in front of them (the wrapper's attribute, e.g. "encoder.")
     max_batch: int | None = None  # rows per batch for this model (None: the worker's --max-batch-size)
+    cache: bool = False  # deterministic: the master may answer repeated inputs from its response cache
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -189,6 +191,10 @@ def parse_model_arg(text: str, defaults: Mapping[str, Any] | None = None) -> Mod
             if not value.isdigit() or not 1 <= int(value) <= 16:
                 raise ValueError(f"keep must be an integer in 1..16, got {value!r}")
             opts.keep = int(value)
+        elif key == "cache":
+            if value not in ("true", "false"):
+                raise ValueError(f"cache must be true or false, got {value!r}")
+            opts.cache = value == "true"
         elif key == "max_batch":
             if not value.isdigit() or not 1 <= int(value) <= 65536:
                 raise ValueError(f"max_batch must be an integer in 1..65536, got {value!r}")
@@ -297,6 +303,8 @@ class ServedModel:
             info["versions"] = self.versions()  # every version a request may pin here
         if self.on_demand:
             info["on_demand"] = True
+        if self.opts.cache:
+            info["cache"] = True  # deterministic: the master may answer repeated inputs from its cache
         if self.ignored_keys:
             info["ignored_keys"] = self.ignored_keys[:MAX_REPORTED_KEYS]  # not loaded (ready false) still means: send it, it loads
         refused = self.refused
