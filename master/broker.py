@@ -21,6 +21,7 @@ import os
 import signal
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -39,19 +40,21 @@ from ringserve.master.status import build_status
 from ringserve.master.window import Windows
 from ringserve.protocol.codec import pack, short_repr, unpack_map
 from ringserve.protocol.envelope import (
-    MAX_NAME_LEN, REPLY_FIELDS, dispatch_frames, forwardable, forwardable_result, parse_heartbeat, parse_ready,
+    MAX_NAME_LEN, REPLY_FIELDS, dispatch_frames, split_batch, forwardable, forwardable_result, parse_heartbeat, parse_ready,
     parse_request_header, parse_worker_reply, split_replies,
 )
 from ringserve.protocol.security import Security, user_id
 from ringserve.protocol.sockets import BindError, bind, drain, send_frames
 from ringserve.protocol.messages import (
-    DISCONNECT, DRAIN, HEARTBEAT, MDP_CLIENT, MMI_FOUND, MMI_NOT_FOUND, MMI_NOT_IMPLEMENTED, MMI_PING,
+    DISCONNECT, DRAIN, HEARTBEAT, MDP_CLIENT, MMI_BATCH, MMI_FOUND, MMI_NOT_FOUND, MMI_NOT_IMPLEMENTED, MMI_PING,
     MMI_SERVICE, READY, REPLY, REQUEST, WORKER_COMMANDS, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
 )
 
 log = structlog.get_logger("ringserve.master")
 
 MAX_BATCH_RECV = 256  # messages read from one socket per loop turn, so no socket starves the others
+MAX_BATCH_CLIENTS = 65536  # routing ids remembered as batching clients (oldest forgotten: they get singles)
+MMI_BATCH_BYTES = MMI_BATCH.encode()
 MAX_UNKNOWN_WAITING = 64  # during the start-up grace: model names nobody serves yet that may queue
 UNSERVED_LABEL = "_unserved"  # metrics label for names no worker serves
 _ROLE_SETS = {role: frozenset([role]) for role in ("client", "worker", "admin")}
@@ -80,6 +83,8 @@ class BrokerConfig:
     security: Security = field(default_factory=Security)  # keys, MAXMSGSIZE (protocol/security.py)
     rate_limit: float = 0.0  # requests per second per client (0: no limit)
     rate_burst: float | None = None
+    client_batch_max: int = 256  # answers in one message to a client that batches
+    client_batch_bytes: int = 4 << 20  # bytes of answers in one such message (a larger answer goes alone)
     unavailable_grace: float = 10.0  # a model served this recently queues while no worker serves it
     response_cache_bytes: int = 64 << 20  # answers of models marked cache=true (master/cache.py)
     peers: list[str] = field(default_factory=list)  # the other active masters' admin endpoints
@@ -125,6 +130,8 @@ class Broker:
         self._cacheable: dict[str, int | None] | None = None  # see _cache_versions
         self._dirty: set[str] = set()  # models to dispatch at the end of this loop turn
         self._outgoing: dict[bytes, tuple[WorkerRecord, list[PendingRequest]]] = {}  # assigned, not yet sent
+        self._batch_clients: OrderedDict[bytes, None] = OrderedDict()  # routing ids that sent a batch (LRU)
+        self._client_out: dict[bytes, list] = {}  # their answers of this turn [(header, frames)], see _flush_clients
         if cfg.state_dir:
             os.makedirs(cfg.state_dir, exist_ok=True)
         self.routes: dict[str, routing.Route] = routing.load_routes(self._routes_path()) if cfg.state_dir else {}
@@ -191,6 +198,10 @@ class Broker:
             self.flush()
         except Exception:
             log.exception("flush_failed")
+        try:
+            self._flush_clients()
+        except Exception:
+            log.exception("client_flush_failed")
 
     def request_stop(self, *_: object) -> None:
         """SIGTERM/SIGINT: refuse new work, let in-flight work finish, then leave."""
@@ -216,6 +227,7 @@ class Broker:
         if time.monotonic() >= self.stop_deadline:
             for req in list(self.pending.values()):
                 self.fail(req, ErrorCode.OVERLOADED, "master shut down before the request finished")
+            self._flush_clients()
             return True
         return False
 
@@ -273,6 +285,27 @@ class Broker:
                                "expected [empty][MDPC01][service][body...] (ZeroMQ RFC 7)"))
             return
         service, body = frames[3].bytes, frames[4:]
+        if service == MMI_BATCH_BYTES:
+            self.on_batch(ident, frames)
+            return
+        self._one_request(ident, client_scope(frames[-1]), service, body)
+
+    def on_batch(self, ident: bytes, frames: Sequence[zmq.Frame]) -> None:
+        """Several requests in one message (a ringserve client's coalesced sends): each is handled as
+        if it came alone (its own checks, dedupe, rate limit, answer), and this client's answers of the
+        turn go back together (_flush_clients). A break in the framing fails what follows it only."""
+        self._batch_clients[ident] = None
+        self._batch_clients.move_to_end(ident)
+        while len(self._batch_clients) > MAX_BATCH_CLIENTS:
+            self._batch_clients.popitem(last=False)
+        scope = client_scope(frames[-1])
+        requests, broken = split_batch(frames[4:])
+        for svc, header_frame, tensors in requests:
+            self._one_request(ident, scope, svc.encode(), [header_frame, *tensors])
+        if broken is not None:
+            self._reply_client(ident, MMI_BATCH_BYTES, error_body(None, ErrorCode.BAD_REQUEST, f"batch: {broken}"))
+
+    def _one_request(self, ident: bytes, scope: str, service: bytes, body: Sequence) -> None:
         try:
             model = service.decode("utf-8")
         except UnicodeDecodeError:
@@ -293,7 +326,7 @@ class Broker:
         except ProtocolError as exc:
             self._reply_client(ident, service, error_body(rid, ErrorCode.BAD_REQUEST, str(exc)))
             return
-        self.on_request(ident, client_scope(frames[-1]), service, model, body[0], parsed, list(body[1:]))
+        self.on_request(ident, scope, service, model, body[0], parsed, list(body[1:]))
 
     def on_request(self, ident: bytes, scope: str, service: bytes, model: str, header_frame, parsed,
                    frames: list) -> None:
@@ -514,7 +547,7 @@ class Broker:
             code = MMI_FOUND if self._served(wanted) else MMI_NOT_FOUND
         else:
             code = MMI_NOT_IMPLEMENTED
-        self._send_client(ident, [ident, b"", MDP_CLIENT, service, code])
+        self._send_raw(self.frontend, [ident, b"", MDP_CLIENT, service, code])  # a plain frame: never in a batch
 
     def _reject(self, ident: bytes, cid: tuple[str, str], service: bytes, model: str, code: str,
                 message: str) -> None:
@@ -930,8 +963,10 @@ class Broker:
         envelope = [ident, b""] if len(frames) > 2 and frames[1].bytes == b"" else [ident]
         try:
             cmd = unpack_map(frames[-1]) if len(frames) > 1 else {}
-            if user.startswith("master:") and cmd.get("cmd") != "peer":  # a peer master may only sync
-                raise ProtocolError("a master key may only send 'peer' on the admin socket")
+            if user.startswith("master:") and cmd.get("cmd") != "peer":  # a peer master may only sync:
+                self.refused += 1  # anything else from its key is refused like a stranger's, unanswered
+                log.warning("message_refused", socket="admin", user=user, command=short_repr(cmd.get("cmd")))
+                return
             reply = pack(self.on_admin_command(cmd))
         except ProtocolError as exc:
             reply = pack(error_body(None, ErrorCode.BAD_REQUEST, str(exc)))
@@ -1087,10 +1122,42 @@ class Broker:
         self._send_client(ident, [ident, b"", MDP_CLIENT, service, pack(body)])
 
     def _send_client(self, ident: bytes, msg: list) -> bool:
+        if ident in self._batch_clients:  # a client that batches: its answers of this turn go together
+            out = self._client_out.get(ident)
+            if out is None:
+                out = self._client_out[ident] = []
+            out.append((msg[4], msg[5:]))  # one answer: its header and tensor frames
+            return True
         if self._send_raw(self.frontend, msg):
             return True
         log.warning("reply_undeliverable", client=ident.hex()[:64])
         return False
+
+    def _flush_clients(self) -> None:
+        """Every answer of this turn for a client that batches, in as few messages as the bounds allow
+        (--client-batch-max answers, --client-batch-bytes); large tensors stay frames of their own."""
+        if not self._client_out:
+            return
+        out, self._client_out = self._client_out, {}
+        limit_n, limit_b = self.cfg.client_batch_max, self.cfg.client_batch_bytes
+        for ident, frames in out.items():
+            chunk: list = []
+            n = size = 0
+            for header_frame, data in frames:
+                extra = len(header_frame) + sum(len(f) for f in data)
+                if chunk and (n >= limit_n or size + extra > limit_b):
+                    self._send_batch(ident, chunk)
+                    chunk, n, size = [], 0, 0
+                chunk.append(header_frame)
+                chunk.extend(data)
+                n += 1
+                size += extra
+            if chunk:
+                self._send_batch(ident, chunk)
+
+    def _send_batch(self, ident: bytes, frames: list) -> None:
+        if not self._send_raw(self.frontend, [ident, b"", MDP_CLIENT, MMI_BATCH_BYTES, *frames]):
+            log.warning("reply_undeliverable", client=ident.hex()[:64], answers=len(frames))
 
     def _send_worker(self, w: WorkerRecord, parts: list) -> bool:
         return self._send_raw(self.backend, [w.ident, WORKER_PROTO, *parts])

@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 
 LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Why the broker evicts a worker (master/broker.py's evict calls): each series exists from the start.
-EVICTION_REASONS = ("heartbeat_expired", "send_failed", "bad_message", "worker_disconnected", "re_registered")
+EVICTION_REASONS = ("heartbeat_expired", "send_failed", "bad_message", "worker_disconnected", "re_registered",
+                    "key_revoked")
 
 
 class MasterMetrics:
