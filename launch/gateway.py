@@ -9,6 +9,7 @@ Without --tls-cert/--tls-key it speaks plaintext HTTP and binds only to loopback
 from __future__ import annotations
 
 import argparse
+import ssl
 import sys
 
 from ringserve.gateway.app import AppConfig
@@ -77,6 +78,12 @@ def main(argv: list[str] | None = None) -> None:
     if bool(args.tls_cert) != bool(args.tls_key):
         p.error("--tls-cert and --tls-key go together")
     host, port = args.listen
+    if args.tls_cert:
+        try:  # a bad certificate or key is one line at start, not a traceback from the server
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(args.tls_cert, args.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            print(f"error: --tls-cert/--tls-key: {exc}", file=sys.stderr, flush=True)
+            sys.exit(2)
     try:
         warning = check_bind(f"tcp://{host}:{port}", bool(args.tls_cert), args.insecure)
         if warning:

@@ -69,6 +69,7 @@ def test_config_file_and_bad_flags(tmp_path):
     finally:
         gw.stop()
     for args, text in ((["--listen", "nohost"], "HOST:PORT"), (["--tls-cert", "c.pem"], "go together"),
+                       (["--tls-cert", str(cfg), "--tls-key", str(cfg)], "--tls-cert/--tls-key"),
                        (["--tokens", str(tmp_path / "missing")], "--tokens")):
         out = subprocess.run([sys.executable, "-m", "ringserve.launch.gateway", *args], capture_output=True,
                              text=True, timeout=60)
