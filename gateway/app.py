@@ -23,6 +23,7 @@ import structlog
 
 from ringserve.client.aio import AsyncClient
 from ringserve.client.errors import RingserveError
+from ringserve.client.reliable import Reply
 from ringserve.gateway.auth import Tokens
 from ringserve.gateway.errors import HttpError, bad_request, from_ringserve
 from ringserve.gateway.metrics import GatewayMetrics
@@ -206,27 +207,13 @@ class GatewayApp:
 
     async def _run(self, model: str, version: int | None, call: InferCall, ctx: dict):
         client = self._client(ctx.get("tenant"))
-        timeout = min(call.timeout_s or self.cfg.default_timeout_s, self.cfg.max_timeout_s)
-        try:
-            fut = client.submit(model, call.inputs, timeout, version, request_id=ctx["rid"], tags=call.tags or None)
-        except (ValueError, TypeError) as exc:
-            raise bad_request(str(exc)) from None
-        try:
-            async with _deadline(timeout + client.grace + 1.0):
-                reply = await asyncio.shield(fut)
-        except RingserveError as exc:
-            raise from_ringserve(exc) from None
-        except asyncio.TimeoutError:
-            fut.cancel()
-            raise HttpError(504, f"{ErrorCode.TIMEOUT}: no answer before the deadline", ErrorCode.TIMEOUT) from None
+        reply = await run_call(client, model, version, call, ctx["rid"], self.cfg)
         head, raw, hlen = build_response(model, reply.version, call, reply.outputs)
         self.book.learn(model, call.inputs, reply.outputs)
         headers = [(b"content-type", JSON if hlen is None else b"application/octet-stream")]
         if hlen is not None:
             headers.append((b"inference-header-content-length", str(hlen).encode()))
-        first = next(iter(call.inputs.values()))
-        rows = first.shape[0] if first.ndim else 1
-        return 200, (headers, [head, *raw]), reply.version, rows
+        return 200, (headers, [head, *raw]), reply.version, rows_of(call)
 
     def _client(self, tenant: str | None) -> AsyncClient:
         client = self.clients.get(tenant)
@@ -275,6 +262,29 @@ class GatewayApp:
         for client in self.clients.values():
             client.close()
         self.clients.clear()
+
+
+async def run_call(client: AsyncClient, model: str, version: int | None, call: InferCall, rid: str,
+                   cfg: AppConfig) -> Reply:
+    """Send one checked call to the master and wait for its one answer (HttpError for a typed error)."""
+    timeout = min(call.timeout_s or cfg.default_timeout_s, cfg.max_timeout_s)
+    try:
+        fut = client.submit(model, call.inputs, timeout, version, request_id=rid, tags=call.tags or None)
+    except (ValueError, TypeError) as exc:
+        raise bad_request(str(exc)) from None
+    try:
+        async with _deadline(timeout + client.grace + 1.0):  # the client's timers fail it first; this holds anyway
+            return await asyncio.shield(fut)
+    except RingserveError as exc:
+        raise from_ringserve(exc) from None
+    except asyncio.TimeoutError:
+        fut.cancel()
+        raise HttpError(504, f"{ErrorCode.TIMEOUT}: no answer before the deadline", ErrorCode.TIMEOUT) from None
+
+
+def rows_of(call: InferCall) -> int:
+    first = next(iter(call.inputs.values()))
+    return first.shape[0] if first.ndim else 1
 
 
 class _deadline:

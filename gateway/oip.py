@@ -85,7 +85,7 @@ def parse_infer(body: memoryview, header_length: int | None, extra_tags: dict[st
         if not isinstance(rid, str) or len(rid) > MAX_ID:
             raise bad_request(f"'id' must be a string of at most {MAX_ID} characters")
         call.request_id = rid
-    _request_parameters(call, _params(req.get("parameters"), "request"), extra_tags or {})
+    apply_parameters(call, _params(req.get("parameters"), "request"), extra_tags or {})
     inputs = req.get("inputs")
     if not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_TENSORS:
         raise bad_request(f"'inputs' must be a list of 1..{MAX_TENSORS} tensors")
@@ -122,7 +122,8 @@ def parse_infer(body: memoryview, header_length: int | None, extra_tags: dict[st
     return call
 
 
-def _request_parameters(call: InferCall, params: dict, extra_tags: dict[str, str]) -> None:
+def apply_parameters(call: InferCall, params: dict, extra_tags: dict[str, str]) -> None:
+    """binary_data_output, timeout (microseconds, as Triton), and the rest as tags for the master's routes."""
     binary = params.get("binary_data_output", False)
     if not isinstance(binary, bool):
         raise bad_request("parameter 'binary_data_output' must be true or false")

@@ -35,6 +35,8 @@ class GatewayConfig:
     admin: str = "tcp://127.0.0.1:5557"
     host: str = "127.0.0.1"
     port: int = 8000
+    grpc_host: str | None = None  # None: no gRPC server
+    grpc_port: int = 8001
     app: AppConfig = field(default_factory=AppConfig)
     tokens: str | None = None
     tls_cert: str | None = None
@@ -78,6 +80,9 @@ async def serve_async(cfg: GatewayConfig, sock: socket.socket, announce: Callabl
                             ssl_certfile=cfg.tls_cert, ssl_keyfile=cfg.tls_key, backlog=2048)
     server = uvicorn.Server(config)
     await book.refresh()  # a first look at the cluster before the first request
+    grpc_thread = start_grpc(cfg, book, metrics) if cfg.grpc_host else None
+    if grpc_thread is not None:
+        info = {**info, "grpc": f"{cfg.grpc_host}:{grpc_thread.port}"}
     book.start()
     task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
     for _ in range(1000):  # bounded: uvicorn starts in milliseconds
@@ -95,7 +100,31 @@ async def serve_async(cfg: GatewayConfig, sock: socket.socket, announce: Callabl
     finally:
         book.stop()
         await app.close()
+        if grpc_thread is not None:
+            grpc_thread.stop()
         log.info("gateway_stopped")
+
+
+def start_grpc(cfg: GatewayConfig, book: ModelBook, metrics: GatewayMetrics):
+    """The gRPC service in its own thread (imported here: the HTTP gateway runs without it)."""
+    import grpc
+
+    from ringserve.gateway.grpc_service import GrpcThread, InferenceService
+
+    credentials = None
+    if cfg.tls_cert:
+        with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
+            credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
+    service = InferenceService(cfg.master, book, cfg.app, Tokens(cfg.tokens) if cfg.tokens else None, metrics,
+                               lambda address: AsyncClient(address, security=cfg.client_security))
+    host = f"[{cfg.grpc_host.strip('[]')}]" if ":" in cfg.grpc_host else cfg.grpc_host
+    thread = GrpcThread(service, f"{host}:{cfg.grpc_port}", cfg.app.max_body_bytes, credentials)
+    try:
+        thread.start()
+    except (OSError, RuntimeError) as exc:
+        raise BindError(f"grpc://{host}:{cfg.grpc_port}", str(exc)) from None
+    log.info("grpc_started", address=f"{host}:{thread.port}")
+    return thread
 
 
 def serve(cfg: GatewayConfig, announce: Callable[[dict], None], metrics: GatewayMetrics | None = None,

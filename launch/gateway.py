@@ -39,6 +39,8 @@ def parser() -> argparse.ArgumentParser:
                    help="the master's admin endpoint (health and model metadata come from its status)")
     p.add_argument("--listen", type=host_port, default="127.0.0.1:8000", metavar="HOST:PORT",
                    help="HTTP address (port 0: any free port)")
+    p.add_argument("--grpc-listen", type=host_port, default=None, metavar="HOST:PORT",
+                   help="also serve the OIP gRPC service here (port 0: any free port; default: off)")
     p.add_argument("--max-body-bytes", type=positive_int, default=64 << 20,
                    help="largest request body (after decompression); larger is 413")
     p.add_argument("--body-timeout", type=positive_float, default=30.0,
@@ -85,9 +87,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"error: --tls-cert/--tls-key: {exc}", file=sys.stderr, flush=True)
             sys.exit(2)
     try:
-        warning = check_bind(f"tcp://{host}:{port}", bool(args.tls_cert), args.insecure)
-        if warning:
-            print(f"WARNING: {warning.replace('tcp://', 'http://')}", file=sys.stderr, flush=True)
+        for h, pt in [(host, port)] + ([args.grpc_listen] if args.grpc_listen else []):
+            warning = check_bind(f"tcp://{h}:{pt}", bool(args.tls_cert), args.insecure)
+            if warning:
+                print(f"WARNING: {warning.replace('tcp://', 'http://')}", file=sys.stderr, flush=True)
         client_sec = Security(args.keys, "client", args.key_name, args.max_msg_bytes)
         admin_sec = Security(args.keys, "admin", args.admin_key_name, args.max_msg_bytes)
         if args.keys:
@@ -98,7 +101,9 @@ def main(argv: list[str] | None = None) -> None:
             "give --keys DIR", "give --tls-cert and --tls-key")
         print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(2)
-    cfg = GatewayConfig(master=args.master, admin=args.admin, host=host, port=port,
+    grpc_host, grpc_port = args.grpc_listen or (None, 0)
+    cfg = GatewayConfig(master=args.master, admin=args.admin, host=host, port=port, grpc_host=grpc_host,
+                        grpc_port=grpc_port,
                         app=AppConfig(args.max_body_bytes, args.body_timeout, args.default_timeout, args.max_timeout,
                                       access_log=not args.no_access_log),
                         tokens=args.tokens, tls_cert=args.tls_cert, tls_key=args.tls_key,
@@ -109,7 +114,8 @@ def main(argv: list[str] | None = None) -> None:
         metrics_url = start_metrics(metrics.registry, args.metrics_port, args.metrics_host)
         serve(cfg, announce, metrics, {"metrics": metrics_url} if metrics_url else {})
     except BindError as exc:
-        bind_error_exit(exc, {"--listen": f"http://{host}:{port}",
+        bind_error_exit(exc, {"--listen": f"http://{host}:{port}", "--grpc-listen": exc.endpoint
+                              if exc.endpoint.startswith("grpc://") else None,
                               "--metrics-port": f"http://{args.metrics_host}:{args.metrics_port}"})
     except TokenError as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
