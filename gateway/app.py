@@ -41,6 +41,7 @@ MAX_TENANT_CLIENTS = 256  # one master connection per tenant, at most this many
 JOIN_BELOW = 64 << 10  # output bytes up to this are sent in one write with the JSON header
 VERSION = re.compile(r"^[0-9]{1,9}$")
 JSON = b"application/json"
+_TIMED_OUT = -1.0
 
 Send = Callable[[dict], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict]]
@@ -68,6 +69,8 @@ class GatewayApp:
         self.clients: dict[str | None, AsyncClient] = {}
         self._prefix = uuid.uuid4().hex[:10]
         self._ids = itertools.count()
+        self._reading: dict[asyncio.Task, float] = {}  # requests whose body is arriving -> deadline
+        self._sweeper: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ ASGI
     async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
@@ -87,7 +90,7 @@ class GatewayApp:
             status, headers, parts = self._error(HttpError(500, "INTERNAL: the gateway failed on this request",
                                                            ErrorCode.INTERNAL))
         await self._send(send, status, headers, parts, rid)
-        self.metrics.requests.labels(ctx.get("endpoint", "other"), str(status)).inc()
+        self.metrics.request(ctx.get("endpoint", "other"), status)
         if self.cfg.access_log:
             log.info("http_request", method=scope["method"], path=scope["path"][:200], status=status,
                      ms=round((time.perf_counter() - t0) * 1000, 3), request_id=rid, id=ctx["id"],
@@ -236,29 +239,54 @@ class GatewayApp:
                 raise HttpError(413, f"body of {declared} bytes is over the limit of {limit} bytes "
                                      "(--max-body-bytes)")
         chunks, size = [], 0
+        task = asyncio.current_task()
+        self._reading[task] = time.monotonic() + self.cfg.body_timeout_s  # the sweeper cancels it past this
+        self._start_sweeper()
         try:
-            async with _deadline(self.cfg.body_timeout_s):
-                while True:
-                    msg = await receive()
-                    if msg["type"] == "http.disconnect":
-                        raise Disconnected()
-                    chunk = msg.get("body", b"")
-                    size += len(chunk)
-                    if size > limit:
-                        raise HttpError(413, f"body is over the limit of {limit} bytes (--max-body-bytes)")
-                    if chunk:
-                        chunks.append(chunk)
-                    if not msg.get("more_body", False):
-                        break
-        except asyncio.TimeoutError:
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    raise Disconnected()
+                chunk = msg.get("body", b"")
+                size += len(chunk)
+                if size > limit:
+                    raise HttpError(413, f"body is over the limit of {limit} bytes (--max-body-bytes)")
+                if chunk:
+                    chunks.append(chunk)
+                if not msg.get("more_body", False):
+                    break
+        except asyncio.CancelledError:
+            if self._reading.get(task) != _TIMED_OUT:
+                raise  # cancelled by someone else: not ours to swallow
+            if hasattr(task, "uncancel"):  # Python 3.11+
+                task.uncancel()
             raise HttpError(408, f"the body did not arrive within {self.cfg.body_timeout_s:g} s") from None
+        finally:
+            self._reading.pop(task, None)
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         encoding = headers.get(b"content-encoding")
         if encoding is not None and encoding != b"identity":
             body = _decompress(body, encoding, limit)
         return memoryview(body)
 
+    def _start_sweeper(self) -> None:
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        """Cancel body reads past their deadline: one timer for all requests, not one each."""
+        step = min(0.25, self.cfg.body_timeout_s / 4)
+        while True:
+            await asyncio.sleep(step)
+            now = time.monotonic()
+            for task, deadline in list(self._reading.items()):
+                if deadline != _TIMED_OUT and now >= deadline:
+                    self._reading[task] = _TIMED_OUT
+                    task.cancel()
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         for client in self.clients.values():
             client.close()
         self.clients.clear()
@@ -272,36 +300,15 @@ async def run_call(client: AsyncClient, model: str, version: int | None, call: I
         fut = client.submit(model, call.inputs, timeout, version, request_id=rid, tags=call.tags or None)
     except (ValueError, TypeError) as exc:
         raise bad_request(str(exc)) from None
-    try:
-        async with _deadline(timeout + client.grace + 1.0):  # the client's timers fail it first; this holds anyway
-            return await asyncio.shield(fut)
+    try:  # the client's timers fail it at its deadline (plus a grace): it always resolves
+        return await fut
     except RingserveError as exc:
         raise from_ringserve(exc) from None
-    except asyncio.TimeoutError:
-        fut.cancel()
-        raise HttpError(504, f"{ErrorCode.TIMEOUT}: no answer before the deadline", ErrorCode.TIMEOUT) from None
 
 
 def rows_of(call: InferCall) -> int:
     first = next(iter(call.inputs.values()))
     return first.shape[0] if first.ndim else 1
-
-
-class _deadline:
-    """`asyncio.timeout` where Python has it (3.11+); a no-op bound on 3.10 (the client's timers still hold)."""
-
-    def __init__(self, seconds: float):
-        self._cm = asyncio.timeout(seconds) if hasattr(asyncio, "timeout") else None
-
-    async def __aenter__(self):
-        if self._cm is not None:
-            await self._cm.__aenter__()
-        return self
-
-    async def __aexit__(self, *exc):
-        if self._cm is not None:
-            return await self._cm.__aexit__(*exc)
-        return False
 
 
 def _method(method: str, allowed: str) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+MAX_CHILDREN = 4096
 BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 
 
@@ -30,11 +31,28 @@ class GatewayMetrics:
         self.latency = Histogram("ringserve_gateway_request_seconds", "Inference request time at the gateway",
                                  ["model"], buckets=BUCKETS, registry=r)
 
+        self._children: dict[tuple, tuple] = {}  # label lookups cost more than the increments: kept
+        self._endpoint: dict[tuple, Counter] = {}
+
     def infer_done(self, model: str, version: str, seconds: float, rows: int, reason: str | None) -> None:
+        key = (model, version)
+        c = self._children.get(key)
+        if c is None:
+            if len(self._children) > MAX_CHILDREN:
+                self._children.clear()
+            c = self._children[key] = (self.success.labels(model, version), self.count.labels(model, version),
+                                       self.duration_us.labels(model, version), self.latency.labels(model))
         if reason is None:
-            self.success.labels(model, version).inc()
-            self.count.labels(model, version).inc(rows)
+            c[0].inc()
+            c[1].inc(rows)
         else:
             self.failure.labels(model, version, reason).inc()
-        self.duration_us.labels(model, version).inc(seconds * 1e6)
-        self.latency.labels(model).observe(seconds)
+        c[2].inc(seconds * 1e6)
+        c[3].observe(seconds)
+
+    def request(self, endpoint: str, status: int) -> None:
+        key = (endpoint, status)
+        c = self._endpoint.get(key)
+        if c is None:
+            c = self._endpoint[key] = self.requests.labels(endpoint, str(status))
+        c.inc()

@@ -9,7 +9,9 @@ flight, and then the master connections are closed. The HTTP stack was chosen by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import socket
 from dataclasses import dataclass, field
 from typing import Callable
@@ -48,6 +50,15 @@ class GatewayConfig:
     admin_security: Security | None = None
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, but the gateway handles SIGTERM/SIGINT itself: uvicorn would re-raise the
+    signal once it has shut down, killing the process before the master connections are closed."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -75,16 +86,19 @@ async def serve_async(cfg: GatewayConfig, sock: socket.socket, announce: Callabl
     app = GatewayApp(cfg.master, book, cfg.app, tokens, metrics,
                      client_factory=lambda address: AsyncClient(address, security=cfg.client_security))
     config = uvicorn.Config(app, http="httptools", lifespan="off", access_log=False, log_config=None,
-                            log_level="warning", server_header=False, date_header=False,
+                            log_level="warning", server_header=False, date_header=False, proxy_headers=False,
                             limit_concurrency=cfg.max_connections, timeout_keep_alive=int(cfg.keep_alive_s),
                             ssl_certfile=cfg.tls_cert, ssl_keyfile=cfg.tls_key, backlog=2048)
-    server = uvicorn.Server(config)
+    server = _Server(config)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # stop accepting, finish what is in flight, then close
+        loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
     await book.refresh()  # a first look at the cluster before the first request
     grpc_thread = start_grpc(cfg, book, metrics) if cfg.grpc_host else None
     if grpc_thread is not None:
         info = {**info, "grpc": f"{cfg.grpc_host}:{grpc_thread.port}"}
     book.start()
-    task = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    task = loop.create_task(server.serve(sockets=[sock]))
     for _ in range(1000):  # bounded: uvicorn starts in milliseconds
         if server.started or task.done():
             break

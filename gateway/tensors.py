@@ -8,6 +8,7 @@ Raw bytes (the binary tensor data extension) are viewed in place with ``numpy.fr
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -57,7 +58,7 @@ def check_shape(shape: Any, what: str) -> tuple[int, ...]:
 
 def from_json(data: Any, shape: tuple[int, ...], dt: np.dtype, what: str) -> np.ndarray:
     """JSON `data` (flat or nested) -> an array of `shape` and `dt`; 400 on any mismatch."""
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)
     if not isinstance(data, list):
         if shape == () and isinstance(data, (int, float, bool)):
             data = [data]
@@ -83,7 +84,7 @@ def from_json(data: Any, shape: tuple[int, ...], dt: np.dtype, what: str) -> np.
 
 def from_bytes(buf: memoryview, shape: tuple[int, ...], dt: np.dtype, what: str) -> np.ndarray:
     """Raw little-endian bytes -> an array viewing them (no copy); 400 when the size is wrong."""
-    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    count = math.prod(shape)
     need = count * dt.itemsize
     if len(buf) != need:
         raise bad_request(f"{what}: binary_data_size is {len(buf)} but datatype {TO_OIP[dt]} shape "

@@ -12,6 +12,9 @@ import argparse
 import ssl
 import sys
 
+import orjson
+import structlog
+
 from ringserve.gateway.app import AppConfig
 from ringserve.gateway.auth import TokenError
 from ringserve.gateway.metrics import GatewayMetrics
@@ -73,10 +76,21 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def fast_json_logs() -> None:
+    """The same one-JSON-object-per-line logs as every role, rendered by orjson: an access log
+    line per request costs the gateway several times less CPU than with the json module."""
+    processors = list(structlog.get_config()["processors"])
+    if processors and isinstance(processors[-1], structlog.processors.JSONRenderer):
+        processors[-1] = structlog.processors.JSONRenderer(
+            serializer=lambda obj, **kw: orjson.dumps(obj, default=str).decode())
+        structlog.configure(processors=processors)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = parser()
     args = parse_args(p, argv)
     configure_logging("gateway", args.log_level)
+    fast_json_logs()
     if bool(args.tls_cert) != bool(args.tls_key):
         p.error("--tls-cert and --tls-key go together")
     host, port = args.listen
