@@ -25,6 +25,7 @@ from ringserve.gateway.app import AppConfig, GatewayApp
 from ringserve.gateway.auth import Tokens
 from ringserve.gateway.metrics import GatewayMetrics
 from ringserve.gateway.models import ModelBook
+from ringserve.gateway.transport import CoalescingHttpToolsProtocol
 from ringserve.protocol.security import Security
 from ringserve.protocol.sockets import BindError
 
@@ -85,7 +86,7 @@ async def serve_async(cfg: GatewayConfig, sock: socket.socket, announce: Callabl
     book = ModelBook(AdminClient(cfg.admin, timeout=2.0, security=cfg.admin_security), cfg.status_interval)
     app = GatewayApp(cfg.master, book, cfg.app, tokens, metrics,
                      client_factory=lambda address: AsyncClient(address, security=cfg.client_security))
-    config = uvicorn.Config(app, http="httptools", lifespan="off", access_log=False, log_config=None,
+    config = uvicorn.Config(app, http=CoalescingHttpToolsProtocol, lifespan="off", access_log=False, log_config=None,
                             log_level="warning", server_header=False, date_header=False, proxy_headers=False,
                             limit_concurrency=cfg.max_connections, timeout_keep_alive=int(cfg.keep_alive_s),
                             ssl_certfile=cfg.tls_cert, ssl_keyfile=cfg.tls_key, backlog=2048)
