@@ -4,7 +4,7 @@ The socket is bound here, before uvicorn starts, so an ephemeral port (``--liste
 127.0.0.1:0``) is known and announced on the ``RINGSERVE_READY`` line, and a port that is taken
 is one clear line. uvicorn handles SIGTERM/SIGINT: it stops accepting, finishes the requests in
 flight, and then the master connections are closed. The HTTP stack was chosen by measurement
-(docs/benchmarks.md, "Gateway").
+(docs/gateway.md, "Choice of libraries").
 """
 from __future__ import annotations
 

@@ -341,3 +341,78 @@ def test_large_binary_tensors_round_trip(env):
     x = np.random.default_rng(3).standard_normal((256, 1024)).astype(np.float32)  # 1 MiB each way
     result = client.infer("echo", [_triton_input("x", x)])
     np.testing.assert_array_equal(result.as_numpy("x_out"), x)
+
+
+def _mutations(rng: np.random.Generator):
+    """Requests near valid ones: paths, methods, headers and bodies broken one random way at a time."""
+    x = np.ones((1, 256), np.float32)
+    valid = json.loads(infer_json("mlp", [{"name": "x", "shape": [1, 256], "datatype": "FP32",
+                                           "data": x.ravel().tolist()}], id="f"))
+    head = json.dumps({"inputs": [{"name": "x", "shape": [1, 256], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": 1024}}],
+                       "parameters": {"binary_data_output": True}}).encode()
+    junk = [None, True, -1, 2**70, 1.5, "", "x" * 300, [], {}, [[]], {"a": 1}, [1, "a"], "FP32"]
+    paths = ["/v2/models/mlp/infer", "/v2/models/mlp/versions/0/infer", "/v2/models/echo/infer",
+             "/v2/models/nope/infer", "/v2/models/mlp/versions/x/infer", "/v2/models//infer", "/v2/models/mlp",
+             "/v2/models/mlp/ready", "/v2", "/v2/health/ready", "/v2/models", "/v2/models/mlp/versions",
+             "/v2/models/%00/infer", "/v2/models/mlp/infer/extra", "/v3/models/mlp/infer"]
+    for _ in range(300):
+        path = paths[rng.integers(len(paths))]
+        method = "POST" if rng.random() < 0.8 else ["GET", "PUT", "DELETE"][rng.integers(3)]
+        headers: dict = {}
+        kind = rng.integers(6)
+        if kind == 0:  # one field replaced by junk
+            body = json.loads(json.dumps(valid))
+            target = body["inputs"][0] if rng.random() < 0.7 else body
+            key = ["name", "shape", "datatype", "data", "parameters", "inputs", "outputs", "id"][rng.integers(8)]
+            target[key] = junk[rng.integers(len(junk))]
+            data = json.dumps(body).encode()
+        elif kind == 1:  # truncated or flipped bytes of a valid body
+            data = bytearray(json.dumps(valid).encode())
+            for _ in range(rng.integers(1, 4)):
+                data[rng.integers(len(data))] = rng.integers(256)
+            data = bytes(data[: rng.integers(1, len(data) + 1)])
+        elif kind == 2:  # binary body with a wrong header length or tail
+            tail = x.tobytes()[: rng.integers(0, 1100)]
+            data = head + tail
+            headers["Inference-Header-Content-Length"] = str(int(rng.integers(-5, len(data) + 50)))
+        elif kind == 3:  # random bytes
+            data = rng.bytes(int(rng.integers(0, 2000)))
+            if rng.random() < 0.3:
+                headers["Content-Encoding"] = ["gzip", "deflate", "zstd"][rng.integers(3)]
+        elif kind == 4:  # a valid binary request
+            data = head + x.tobytes()
+            headers["Inference-Header-Content-Length"] = str(len(head))
+        else:  # shape/data disagreements
+            body = json.loads(json.dumps(valid))
+            body["inputs"][0]["shape"] = [int(d) for d in rng.integers(0, 300, rng.integers(0, 10))]
+            data = json.dumps(body).encode()
+        yield method, path, headers, data
+
+
+def test_fuzz_rest_surface_never_5xx(env):
+    """Seeded and bounded: 300 requests near valid ones over one keep-alive connection; every one gets
+    a 2xx or 4xx with a JSON body (an 'error' for 4xx), and the gateway goes on serving."""
+    import http.client
+
+    _, gw, _ = env
+    host, port = gw.info["url"].removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    seen = set()
+    try:
+        for method, path, headers, data in _mutations(np.random.default_rng(17)):
+            conn.request(method, path, body=data if method != "GET" else None, headers=headers)
+            r = conn.getresponse()
+            body = r.read()
+            seen.add(r.status)
+            assert r.status < 500, (method, path, headers, data[:200], body[:300])
+            length = r.getheader("inference-header-content-length")
+            answer = json.loads(body[: int(length)] if length else body)
+            assert r.status < 300 or isinstance(answer.get("error"), str)
+            if r.getheader("connection", "").lower() == "close":
+                conn.close()
+                conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    finally:
+        conn.close()
+    assert 200 in seen and 400 in seen and 404 in seen
+    assert get(gw.info["url"] + "/v2/health/live")[0] == 200
