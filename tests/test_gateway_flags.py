@@ -118,3 +118,25 @@ def test_tokens_tenants_rate_limits_and_tls(cluster, tmp_path):
             urllib.request.urlopen("http://127.0.0.1:" + url.rsplit(":", 1)[1] + "/v2/health/live", timeout=5)
     finally:
         gw.stop()
+
+
+def test_curve_keys_to_the_master(cluster, tmp_path):
+    """--keys: requests go over CURVE with a client key and the status with an admin key."""
+    from ringserve.protocol.security import Security, create_identity
+
+    keys = tmp_path / "keys"
+    for role, name in (("master", "m"), ("worker", "w0"), ("client", "gw"), ("admin", "gw")):
+        create_identity(keys, role, name)
+    cluster.start_master("--keys", str(keys))
+    cluster.start_workers(1, "--keys", str(keys), "--key-name", "w0", names=["w0"], wait=False)
+    from ringserve.launch.procs import wait_for_workers
+
+    wait_for_workers(cluster.admin, 1, 60, security=Security(str(keys), "admin"))
+    gw = gateway(tmp_path, "--master", cluster.frontend, "--admin", cluster.admin, "--keys", str(keys),
+                 "--key-name", "gw", "--admin-key-name", "gw", label="curve")
+    try:
+        wait_until(lambda: call(gw.info["url"] + "/v2/health/ready")[0] == 200, 20, what="ready over CURVE")
+        status, _, body = call(gw.info["url"] + "/v2/models/mlp/infer", BODY)
+        assert status == 200 and json.loads(body)["outputs"][0]["shape"] == [1, 10]
+    finally:
+        gw.stop()
