@@ -62,9 +62,11 @@ class Disconnected(Exception):
 
 class GatewayApp:
     def __init__(self, master: str, book: ModelBook, cfg: AppConfig | None = None, tokens: Tokens | None = None,
-                 metrics: GatewayMetrics | None = None, client_factory: Callable[[str], AsyncClient] | None = None):
+                 metrics: GatewayMetrics | None = None, client_factory: Callable[[str], AsyncClient] | None = None,
+                 access=None):
         self.master, self.book, self.cfg, self.tokens = master, book, cfg or AppConfig(), tokens
         self.metrics = metrics or GatewayMetrics()
+        self.access = access or log  # gateway/accesslog.py's batched logger when served
         self._new_client = client_factory or (lambda address: AsyncClient(address))
         self.clients: dict[str | None, AsyncClient] = {}
         self._prefix = uuid.uuid4().hex[:10]
@@ -92,7 +94,7 @@ class GatewayApp:
         await self._send(send, status, headers, parts, rid)
         self.metrics.request(ctx.get("endpoint", "other"), status)
         if self.cfg.access_log:
-            log.info("http_request", method=scope["method"], path=scope["path"][:200], status=status,
+            self.access.info("http_request", method=scope["method"], path=scope["path"][:200], status=status,
                      ms=round((time.perf_counter() - t0) * 1000, 3), request_id=rid, id=ctx["id"],
                      tenant=ctx["tenant"], model=ctx["model"])
 

@@ -93,8 +93,9 @@ def build_reply(model: str, version: int | None, call: InferCall, outputs: dict[
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, master: str, book: ModelBook, cfg: AppConfig, tokens: Tokens | None,
-                 metrics: GatewayMetrics, new_client: Callable[[str], AsyncClient]):
+                 metrics: GatewayMetrics, new_client: Callable[[str], AsyncClient], access=None):
         self.master, self.book, self.cfg, self.tokens, self.metrics = master, book, cfg, tokens, metrics
+        self.access = access or log
         self._new_client = new_client
         self.clients: dict[str | None, AsyncClient] = {}
         self._prefix = uuid.uuid4().hex[:10]
@@ -172,14 +173,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         except HttpError as exc:
             self.metrics.infer_done(label, version_label, time.perf_counter() - t0, 0, exc.code)
             if self.cfg.access_log:
-                log.info("grpc_request", method="ModelInfer", model=model[:128], status=exc.status, request_id=rid,
+                self.access.info("grpc_request", method="ModelInfer", model=model[:128], status=exc.status, request_id=rid,
                          id=request.id[:256], ms=round((time.perf_counter() - t0) * 1000, 3))
             return await self._fail(context, exc)
         self.book.learn(model, call.inputs, reply.outputs)
         self.metrics.infer_done(label, "" if reply.version is None else str(reply.version),
                                 time.perf_counter() - t0, rows_of(call), None)
         if self.cfg.access_log:
-            log.info("grpc_request", method="ModelInfer", model=model[:128], status=200, request_id=rid,
+            self.access.info("grpc_request", method="ModelInfer", model=model[:128], status=200, request_id=rid,
                      id=request.id[:256], ms=round((time.perf_counter() - t0) * 1000, 3))
         return resp
 

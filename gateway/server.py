@@ -21,6 +21,7 @@ import uvicorn
 
 from ringserve.client.admin import AdminClient
 from ringserve.client.aio import AsyncClient
+from ringserve.gateway.accesslog import BufferedLines, access_logger
 from ringserve.gateway.app import AppConfig, GatewayApp
 from ringserve.gateway.auth import Tokens
 from ringserve.gateway.metrics import GatewayMetrics
@@ -84,8 +85,10 @@ async def serve_async(cfg: GatewayConfig, sock: socket.socket, announce: Callabl
                       metrics: GatewayMetrics, info: dict) -> None:
     tokens = Tokens(cfg.tokens) if cfg.tokens else None
     book = ModelBook(AdminClient(cfg.admin, timeout=2.0, security=cfg.admin_security), cfg.status_interval)
+    sink = BufferedLines()
+    access = access_logger(sink)
     app = GatewayApp(cfg.master, book, cfg.app, tokens, metrics,
-                     client_factory=lambda address: AsyncClient(address, security=cfg.client_security))
+                     client_factory=lambda address: AsyncClient(address, security=cfg.client_security), access=access)
     config = uvicorn.Config(app, http=CoalescingHttpToolsProtocol, lifespan="off", access_log=False, log_config=None,
                             log_level="warning", server_header=False, date_header=False, proxy_headers=False,
                             limit_concurrency=cfg.max_connections, timeout_keep_alive=int(cfg.keep_alive_s),
@@ -95,10 +98,11 @@ async def serve_async(cfg: GatewayConfig, sock: socket.socket, announce: Callabl
     for sig in (signal.SIGTERM, signal.SIGINT):  # stop accepting, finish what is in flight, then close
         loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
     await book.refresh()  # a first look at the cluster before the first request
-    grpc_thread = start_grpc(cfg, book, metrics) if cfg.grpc_host else None
+    grpc_thread = start_grpc(cfg, book, metrics, access) if cfg.grpc_host else None
     if grpc_thread is not None:
         info = {**info, "grpc": f"{cfg.grpc_host}:{grpc_thread.port}"}
     book.start()
+    flusher = loop.create_task(_flush_every(sink))
     task = loop.create_task(server.serve(sockets=[sock]))
     for _ in range(1000):  # bounded: uvicorn starts in milliseconds
         if server.started or task.done():
@@ -114,13 +118,21 @@ async def serve_async(cfg: GatewayConfig, sock: socket.socket, announce: Callabl
         await task
     finally:
         book.stop()
+        flusher.cancel()
         await app.close()
         if grpc_thread is not None:
             grpc_thread.stop()
+        sink.flush()
         log.info("gateway_stopped")
 
 
-def start_grpc(cfg: GatewayConfig, book: ModelBook, metrics: GatewayMetrics):
+async def _flush_every(sink: BufferedLines) -> None:
+    while True:
+        await asyncio.sleep(sink.max_age_s)
+        sink.flush()
+
+
+def start_grpc(cfg: GatewayConfig, book: ModelBook, metrics: GatewayMetrics, access):
     """The gRPC service in its own thread (imported here: the HTTP gateway runs without it)."""
     import grpc
 
@@ -131,7 +143,7 @@ def start_grpc(cfg: GatewayConfig, book: ModelBook, metrics: GatewayMetrics):
         with open(cfg.tls_key, "rb") as k, open(cfg.tls_cert, "rb") as c:
             credentials = grpc.ssl_server_credentials([(k.read(), c.read())])
     service = InferenceService(cfg.master, book, cfg.app, Tokens(cfg.tokens) if cfg.tokens else None, metrics,
-                               lambda address: AsyncClient(address, security=cfg.client_security))
+                               lambda address: AsyncClient(address, security=cfg.client_security), access)
     host = f"[{cfg.grpc_host.strip('[]')}]" if ":" in cfg.grpc_host else cfg.grpc_host
     thread = GrpcThread(service, f"{host}:{cfg.grpc_port}", cfg.app.max_body_bytes, credentials)
     try:
