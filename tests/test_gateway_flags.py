@@ -140,3 +140,19 @@ def test_curve_keys_to_the_master(cluster, tmp_path):
         assert status == 200 and json.loads(body)["outputs"][0]["shape"] == [1, 10]
     finally:
         gw.stop()
+
+
+def test_a_port_in_use_is_one_clear_line_naming_the_flag():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        for flag in ("--listen", "--grpc-listen"):
+            args = ["--listen", f"127.0.0.1:{port}"] if flag == "--listen" else [
+                "--listen", "127.0.0.1:0", "--grpc-listen", f"127.0.0.1:{port}"]
+            out = subprocess.run([sys.executable, "-m", "ringserve.launch.gateway", "--admin", "tcp://127.0.0.1:1",
+                                  "--status-interval", "0.2", *args], capture_output=True, text=True, timeout=60)
+            assert out.returncode == 2 and f"choose another with {flag}" in out.stderr, out.stderr[-2000:]
+            assert "Traceback" not in out.stderr
