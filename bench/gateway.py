@@ -196,7 +196,8 @@ def main(argv=None) -> None:
     r = {"device": args.device, "concurrency": args.concurrency, "load_processes": args.load_processes,
          "http_req_per_s": b["req_per_s"], "http_p99_ms": b["p99_ms"], "gateway_cpu_us_per_req": b["gateway_cpu_us"],
          "http_vs_zmq_client": round(b["req_per_s"] / zmq["req_per_s"], 3) if zmq["req_per_s"] else None,
-         "grpc_req_per_s": g["req_per_s"], "grpc_p99_ms": g["p99_ms"], "grpc_gateway_cpu_us_per_req": g["gateway_cpu_us"],
+         "grpc_req_per_s": g["req_per_s"], "grpc_p99_ms": g["p99_ms"],
+         "grpc_gateway_cpu_us_per_req": g["gateway_cpu_us"],
          "grpc_vs_zmq_client": round(g["req_per_s"] / zmq["req_per_s"], 3) if zmq["req_per_s"] else None,
          "zmq_client_req_per_s": zmq["req_per_s"], "zmq_client_p99_ms": zmq["p99_ms"]}
     for name, f in (("http_json", j), ("http_binary", b), ("grpc", g)):

@@ -203,7 +203,7 @@ class GatewayApp:
             ctx["id"] = call.request_id
             status, out, reply_version, rows = await self._run(model, version, call, ctx)
         except HttpError as exc:
-            self.metrics.infer_done(label, "" if version is None else str(version), time.perf_counter() - t0, 0,
+            self.metrics.infer_done(label, self.book.version_label(model, version), time.perf_counter() - t0, 0,
                                     exc.code)
             raise
         self.metrics.infer_done(label, "" if reply_version is None else str(reply_version),

@@ -78,7 +78,8 @@ def parse_request(req: pb.ModelInferRequest, extra_tags: dict[str, str]) -> Infe
     return call
 
 
-def build_reply(model: str, version: int | None, call: InferCall, outputs: dict[str, np.ndarray]) -> pb.ModelInferResponse:
+def build_reply(model: str, version: int | None, call: InferCall,
+                outputs: dict[str, np.ndarray]) -> pb.ModelInferResponse:
     names = list(outputs) if call.outputs is None else [n for n, _ in call.outputs]
     resp = pb.ModelInferResponse(model_name=model, model_version="" if version is None else str(version),
                                  id=call.request_id or "")
@@ -155,7 +156,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         t0 = time.perf_counter()
         model = request.model_name
         label = model if model in self.book.models else "_unknown"
-        version_label = request.model_version
+        version_label = self.book.version_label(model, request.model_version[:16])
         rid = f"gg{self._prefix}-{next(self._ids)}"
         try:
             tenant = self._tenant(context)
@@ -173,8 +174,8 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         except HttpError as exc:
             self.metrics.infer_done(label, version_label, time.perf_counter() - t0, 0, exc.code)
             if self.cfg.access_log:
-                self.access.info("grpc_request", method="ModelInfer", model=model[:128], status=exc.status, request_id=rid,
-                         id=request.id[:256], ms=round((time.perf_counter() - t0) * 1000, 3))
+                self.access.info("grpc_request", method="ModelInfer", model=model[:128], status=exc.status,
+                                 request_id=rid, id=request.id[:256], ms=round((time.perf_counter() - t0) * 1000, 3))
             return await self._fail(context, exc)
         self.book.learn(model, call.inputs, reply.outputs)
         self.metrics.infer_done(label, "" if reply.version is None else str(reply.version),
@@ -223,10 +224,11 @@ class GrpcThread:
     def _main(self) -> None:
         try:
             asyncio.run(self._serve())
-        except BaseException as exc:  # reported to start(); after start, logged
+        except BaseException as exc:  # before start() returned: it reports it; after: logged
+            if self._ready.is_set():
+                log.exception("grpc_server_failed")
             self.error = exc
             self._ready.set()
-            log.exception("grpc_server_failed")
 
     async def _serve(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -235,10 +237,13 @@ class GrpcThread:
                 ("grpc.max_send_message_length", max(self.max_message_bytes, 64 << 20))]
         server = grpc.aio.server(options=opts)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.service, server)
-        port = (server.add_secure_port(self.address, self.credentials) if self.credentials
-                else server.add_insecure_port(self.address))
+        try:
+            port = (server.add_secure_port(self.address, self.credentials) if self.credentials
+                    else server.add_insecure_port(self.address))
+        except RuntimeError:
+            port = 0
         if not port:
-            raise OSError(f"cannot bind {self.address}")
+            raise OSError("address in use or not available")
         await server.start()
         self.port = port
         self._ready.set()

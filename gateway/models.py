@@ -47,7 +47,7 @@ def _learn(book: dict[str, tuple[str, list[int]]], tensors: dict[str, np.ndarray
                 book[name] = (datatype, shape)
         elif seen[1] != shape or seen[0] != datatype:
             old = seen[1]
-            merged = [a if a == b else -1 for a, b in zip(old, shape)] if len(old) == len(shape) else shape
+            merged = [a if a == b else -1 for a, b in zip(old, shape, strict=True)] if len(old) == len(shape) else shape
             book[name] = (datatype, merged)
 
 
@@ -103,6 +103,14 @@ class ModelBook:
             view.versions, view.ready_versions = versions, ready
         self.last_ok = time.monotonic()
         self.last_error = None
+
+    def version_label(self, model: str, version: str | int | None) -> str:
+        """A metrics label for a requested version: bounded to versions the master lists."""
+        if version is None or version == "":
+            return ""
+        view = self.models.get(model)
+        known = view is not None and str(version).isdigit() and int(version) in view.versions
+        return str(int(version)) if known else "_unknown"
 
     def learn(self, model: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         view = self.models.get(model)

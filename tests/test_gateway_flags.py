@@ -100,7 +100,8 @@ def test_tokens_tenants_rate_limits_and_tls(cluster, tmp_path):
     try:
         assert call(url + "/v2/health/live", context=tls)[0] == 200  # probes need no token
         status, headers, body = call(url + "/v2/models/mlp/infer", BODY, context=tls)
-        assert status == 401 and "Bearer" in headers.get("www-authenticate", "") and "token" in json.loads(body)["error"]
+        assert status == 401 and "Bearer" in headers.get("www-authenticate", "")
+        assert "token" in json.loads(body)["error"]
         assert call(url + "/v2/models/mlp/infer", BODY, {"Authorization": "Bearer wrong-token-000000000"},
                     context=tls)[0] == 401
         alpha = {"Authorization": "Bearer alpha-token-0123456789"}
