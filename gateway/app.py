@@ -50,6 +50,7 @@ Receive = Callable[[], Awaitable[dict]]
 @dataclass
 class AppConfig:
     max_body_bytes: int = 64 << 20
+    max_json_bytes: int = 8 << 20  # the JSON part: parsed into Python objects, many times its size
     body_timeout_s: float = 30.0  # the whole body must arrive within this
     default_timeout_s: float = 30.0  # requests without a "timeout" parameter
     max_timeout_s: float = 300.0
@@ -199,7 +200,11 @@ class GatewayApp:
         label = model if model in self.book.models else "_unknown"
         try:
             body = await self._read_body(headers, receive)
-            call = parse_infer(body, _header_length(headers), _tag_headers(headers, ctx.get("tenant")))
+            header_length = _header_length(headers)
+            if min(len(body), header_length or len(body)) > self.cfg.max_json_bytes:  # a length past the body: 400
+                raise HttpError(413, f"the JSON part of the body is over {self.cfg.max_json_bytes} bytes "
+                                     "(--max-json-bytes): send large tensors as binary data")
+            call = parse_infer(body, header_length, _tag_headers(headers, ctx.get("tenant")))
             ctx["id"] = call.request_id
             status, out, reply_version, rows = await self._run(model, version, call, ctx)
         except HttpError as exc:

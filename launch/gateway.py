@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
                    help="also serve the OIP gRPC service here (port 0: any free port; default: off)")
     p.add_argument("--max-body-bytes", type=positive_int, default=64 << 20,
                    help="largest request body (after decompression); larger is 413")
+    p.add_argument("--max-json-bytes", type=positive_int, default=8 << 20,
+                   help="largest JSON part of a request (JSON tensors become Python objects many times their "
+                        "size); larger is 413: send big tensors as binary data")
     p.add_argument("--body-timeout", type=positive_float, default=30.0,
                    help="seconds for a request body to arrive; slower is 408")
     p.add_argument("--default-timeout", type=positive_float, default=30.0,
@@ -118,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     grpc_host, grpc_port = args.grpc_listen or (None, 0)
     cfg = GatewayConfig(master=args.master, admin=args.admin, host=host, port=port, grpc_host=grpc_host,
                         grpc_port=grpc_port,
-                        app=AppConfig(args.max_body_bytes, args.body_timeout, args.default_timeout, args.max_timeout,
-                                      access_log=not args.no_access_log),
+                        app=AppConfig(args.max_body_bytes, args.max_json_bytes, args.body_timeout, args.default_timeout,
+                                      args.max_timeout, access_log=not args.no_access_log),
                         tokens=args.tokens, tls_cert=args.tls_cert, tls_key=args.tls_key,
                         status_interval=args.status_interval, max_connections=args.max_connections,
                         keep_alive_s=args.keep_alive, client_security=client_sec, admin_security=admin_sec)

@@ -281,6 +281,8 @@ BAD_BODIES = [
     (b"{}", {"Content-Encoding": "br"}, 415, "Content-Encoding"),
     (gzip.compress(b" " * (3 << 20)), {"Content-Encoding": "gzip"}, 413, "limit"),
     (b"{" * 5000 + b"}" * 5000, {}, 400, None),
+    (infer_json("mlp", [{"name": "x", "shape": [1, 20000], "datatype": "FP32", "data": [1.0] * 20000}]), {}, 413,
+     "--max-json-bytes"),
 ]
 
 
@@ -302,8 +304,8 @@ def _small_gateway(c: Cluster) -> RoleProcess:
     """A gateway with a 1 MiB body limit, shared by the malformed-body tests."""
     gw = _SMALL.get(id(c))
     if gw is None or not gw.alive():
-        gw = _SMALL[id(c)] = start_gateway(c, "--max-body-bytes", str(1 << 20), "--body-timeout", "1",
-                                           label="small")
+        gw = _SMALL[id(c)] = start_gateway(c, "--max-body-bytes", str(1 << 20), "--max-json-bytes", str(64 << 10),
+                                           "--body-timeout", "1", label="small")
     return gw
 
 
@@ -323,6 +325,10 @@ def test_oversized_claims_and_slow_bodies_never_hang(env):
     assert get(gw.info["url"] + "/v2/health/live")[0] == 200
     status, _, _ = get(gw.info["url"] + "/v2/models/mlp/infer")
     assert status == 405
+    chunks = iter([b'{"inputs": [{"name": "x", "shape": [1, 256], ', b'"datatype": "FP32", "data": [',
+                   b",".join([b"0.5"] * 256), b"]}]}"])  # chunked transfer: no Content-Length
+    status, _, body = post(gw.info["url"] + "/v2/models/mlp/infer", chunks, {"Transfer-Encoding": "chunked"})
+    assert status == 200 and json.loads(body)["outputs"][0]["shape"] == [1, 10]
     assert get(gw.info["url"] + "/nothing")[0] == 404
 
 

@@ -56,6 +56,7 @@ def test_plaintext_binds_only_to_loopback_unless_insecure(tmp_path):
         assert "INSECURE" in gw.log_path.read_text()
     finally:
         gw.stop()
+    assert gw.proc.returncode == 0 and "gateway_stopped" in gw.log_path.read_text()  # SIGTERM: a clean exit
 
 
 def test_config_file_and_bad_flags(tmp_path):
