@@ -96,8 +96,8 @@ class GatewayApp:
         self.metrics.request(ctx.get("endpoint", "other"), status)
         if self.cfg.access_log:
             self.access.info("http_request", method=scope["method"], path=scope["path"][:200], status=status,
-                     ms=round((time.perf_counter() - t0) * 1000, 3), request_id=rid, id=ctx["id"],
-                     tenant=ctx["tenant"], model=ctx["model"])
+                             ms=round((time.perf_counter() - t0) * 1000, 3), request_id=rid, id=ctx["id"],
+                             tenant=ctx["tenant"], model=ctx["model"])
 
     async def _send(self, send: Send, status: int, headers: list, parts: list, rid: str) -> None:
         length = sum(len(p) for p in parts)
@@ -143,7 +143,7 @@ class GatewayApp:
         headers = dict(scope["headers"])
         self._authorize(headers, ctx)
         model = rest[1]
-        ctx["model"] = model
+        ctx["model"] = model[:128]
         rest = rest[2:]
         version = None
         if len(rest) >= 2 and rest[0] == "versions":

@@ -82,7 +82,7 @@ def _self_signed(tmp_path):
         pytest.skip("openssl not installed")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True, timeout=60)
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True, timeout=60)
     return cert, key
 
 
@@ -93,7 +93,8 @@ def test_tokens_tenants_rate_limits_and_tls(cluster, tmp_path):
     tokens = tmp_path / "tokens"
     tokens.write_text("# token tenant\nalpha-token-0123456789 alpha\nbravo-token-0123456789 bravo\n")
     gw = gateway(tmp_path, "--master", cluster.frontend, "--admin", cluster.admin, "--tokens", str(tokens),
-                 "--tls-cert", str(cert), "--tls-key", str(key), "--listen", "0.0.0.0:0")  # TLS: may leave loopback
+                 "--tls-cert", str(cert), "--tls-key", str(key), "--listen", "0.0.0.0:0",  # TLS: may leave loopback
+                 "--grpc-listen", "127.0.0.1:0")
     url = "https://127.0.0.1:" + gw.info["url"].rsplit(":", 1)[1]
     assert gw.info["url"].startswith("https://")
     tls = ssl.create_default_context(cafile=str(cert))
@@ -116,6 +117,7 @@ def test_tokens_tenants_rate_limits_and_tls(cluster, tmp_path):
         wait_until(lambda: call(url + "/v2/models/mlp", None, charlie, context=tls)[0] == 200, 10,
                    what="new token accepted")
         assert call(url + "/v2/models/mlp", None, alpha, context=tls)[0] == 401
+        _grpc_tokens_over_tls(gw.info["grpc"], cert)
         with pytest.raises(OSError):  # plaintext to a TLS port gets nothing useful
             urllib.request.urlopen("http://127.0.0.1:" + url.rsplit(":", 1)[1] + "/v2/health/live", timeout=5)
     finally:
@@ -158,3 +160,21 @@ def test_a_port_in_use_is_one_clear_line_naming_the_flag():
                                   "--status-interval", "0.2", *args], capture_output=True, text=True, timeout=60)
             assert out.returncode == 2 and f"choose another with {flag}" in out.stderr, out.stderr[-2000:]
             assert "Traceback" not in out.stderr
+
+
+def _grpc_tokens_over_tls(address: str, cert) -> None:
+    tritongrpc = pytest.importorskip("tritonclient.grpc")
+    import numpy as np
+    from tritonclient.utils import InferenceServerException
+
+    client = tritongrpc.InferenceServerClient(address, ssl=True, root_certificates=str(cert))
+    try:
+        x = tritongrpc.InferInput("x", [1, 256], "FP32")
+        x.set_data_from_numpy(np.ones((1, 256), np.float32))
+        with pytest.raises(InferenceServerException) as err:
+            client.infer("mlp", [x])
+        assert err.value.status() == "StatusCode.UNAUTHENTICATED"
+        result = client.infer("mlp", [x], headers={"authorization": "Bearer bravo-token-0123456789"})
+        assert result.as_numpy("logits").shape == (1, 10)
+    finally:
+        client.close()
