@@ -328,11 +328,11 @@ def run_driver(args: argparse.Namespace) -> int:
     return 0
 
 
-def redispatch_s(records: list[dict], cut_at: float, cut_worker: str) -> float:
-    """How long the requests in flight when a worker host was cut off waited for their answer (max,
-    seconds after the cut); those are the ones the master had to re-dispatch."""
-    waits = [r["done"] - cut_at for r in records if r["sent"] < cut_at < r.get("done", 0)
-             and r.get("worker") != cut_worker]
+def redispatch_s(records: list[dict], cut_at: float, gone_at: float) -> float:
+    """How long a cut-off worker's requests waited for their answer: the longest wait of a request
+    in flight across the cut (sent before the master saw the worker gone at `gone_at`, answered
+    after `cut_at`). Those the worker held had to wait out the liveness and be re-dispatched."""
+    waits = [r["done"] - r["sent"] for r in records if r["sent"] < gone_at and r.get("done", 0) > cut_at]
     return round(max(waits), 3) if waits else 0.0
 
 
@@ -349,7 +349,9 @@ def bench(requests: int, rate: float) -> dict:
         time.sleep(requests / rate / 4)
         cut_at = time.time()
         dep.lab.cut("gpu2")
-        time.sleep(HB * LIVENESS * 4)
+        dep.wait_gone("gpu2")
+        gone_at = time.time()
+        time.sleep(max(0.0, cut_at + HB * LIVENESS * 4 - time.time()))
         dep.lab.restore("gpu2")
         cut = run.result()
         dep.wait_serving(["gpu2"])
@@ -359,7 +361,7 @@ def bench(requests: int, rate: float) -> dict:
             "lost": sum(s["lost"] + s["errors"] + s["wrong"] for s in runs),
             "duplicated": sum(s["duplicated"] for s in runs),
             "p99_ms_delayed": delayed["summary"]["p99_ms"],
-            "redispatch_s": redispatch_s(cut["records"], cut_at, "gpu2"),
+            "redispatch_s": redispatch_s(cut["records"], cut_at, gone_at),
             "p99_ms_cut": cut["summary"]["p99_ms"],
             "by_worker_delayed": delayed["summary"]["by_worker"],
         }
