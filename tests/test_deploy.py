@@ -1,0 +1,260 @@
+"""deploy/ (Kubernetes) checked offline: every overlay renders with `kubectl kustomize`, every
+rendered object passes the Kubernetes schemas (kubernetes-validate --strict), and the names that
+must agree do (shard StatefulSet and headless Service, the ring in the workers' and tools'
+configs, ports, probes, drain timeouts, the metric the HPA reads). The worker readiness probe is
+run for real against a worker. Skips with the reason when kubectl or the schemas are missing."""
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+OVERLAYS = ("cpu", "gpu", "secure")
+KUBECTL = shutil.which("kubectl")
+needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed: `kubectl kustomize` "
+                                                           "renders the overlays")
+pytestmark = pytest.mark.timeout(120)
+
+_rendered: dict[str, list[dict]] = {}
+
+
+def render(overlay: str) -> list[dict]:
+    if overlay not in _rendered:
+        out = subprocess.run([KUBECTL, "kustomize", str(DEPLOY / "overlays" / overlay)], capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        _rendered[overlay] = [d for d in yaml.safe_load_all(out.stdout) if d]
+    return _rendered[overlay]
+
+
+def obj(docs: list[dict], kind: str, name: str) -> dict:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
+    return found[0]
+
+
+def configs(docs: list[dict]) -> dict[str, dict]:
+    """The TOML files of the ringserve-config ConfigMap, parsed."""
+    cm = next(d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].startswith("ringserve-config"))
+    return {k: tomllib.loads(v) for k, v in cm["data"].items()}
+
+
+def ring(text: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in text.split(","))
+
+
+def container(workload: dict) -> dict:
+    return workload["spec"]["template"]["spec"]["containers"][0]
+
+
+def env_of(c: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in c.get("env", [])}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlay_renders(overlay):
+    kinds = sorted({d["kind"] for d in render(overlay)})
+    assert {"Deployment", "StatefulSet", "Service", "ConfigMap", "HorizontalPodAutoscaler"} <= set(kinds), kinds
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rendered_objects_pass_the_kubernetes_schemas(overlay):
+    kv = pytest.importorskip("kubernetes_validate", reason="kubernetes-validate (the test extra) is not installed")
+    version = kv.latest_version() if hasattr(kv, "latest_version") else "1.30.0"
+    for d in render(overlay):
+        try:
+            kv.validate(d, version, strict=True)
+        except kv.SchemaNotFoundError as exc:
+            pytest.skip(f"no offline Kubernetes schema for {d['kind']} {version}: {exc}")
+        except kv.ValidationError as exc:
+            pytest.fail(f"{overlay}: {d['kind']}/{d['metadata']['name']}: {exc.message} at {list(exc.path)}")
+    # the validator is not vacuous: a misspelt field is refused
+    bad = json.loads(json.dumps(obj(render(overlay), "Deployment", "ringserve-worker")))
+    container(bad)["readinesProbe"] = container(bad).pop("readinessProbe")
+    with pytest.raises(kv.ValidationError):
+        kv.validate(bad, version, strict=True)
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_shard_names_ring_and_configs_agree(overlay):
+    docs = render(overlay)
+    sts = obj(docs, "StatefulSet", "ps")
+    svc = obj(docs, "Service", sts["spec"]["serviceName"])
+    assert svc["spec"]["clusterIP"] == "None", "the shards' Service must be headless (a stable name per pod)"
+    assert svc["spec"]["selector"].items() <= sts["spec"]["template"]["metadata"]["labels"].items()
+    port = next(p["containerPort"] for p in container(sts)["ports"] if p["name"] == "commands")
+    pods = [f"{sts['metadata']['name']}-{i}" for i in range(sts["spec"]["replicas"])]
+    expected = {p: f"tcp://{p}.{svc['metadata']['name']}:{port}" for p in pods}
+    cfg = configs(docs)
+    assert ring(cfg["worker.toml"]["paramservers"]) == expected
+    assert ring(cfg["tools.toml"]["publish"]["shards"]) == expected
+    assert ring(cfg["tools.toml"]["admin"]["shards"]) == expected
+    args = container(sts)["args"]
+    assert args[args.index("--name") + 1] == "$(POD_NAME)", "a shard's ring name must be its pod name"
+    assert cfg["ps.toml"]["bind"].endswith(f":{port}")
+    pub = args[args.index("--pub") + 1]
+    assert "0.0.0.0" not in pub and "$(POD_IP)" in pub  # workers connect to the address the shard tells them
+    # the workers and the tools reach the master through its Service, on its ports
+    master_svc = obj(docs, "Service", "ringserve-master")
+    ports = {p["name"]: p["port"] for p in master_svc["spec"]["ports"]}
+    assert cfg["worker.toml"]["master"] == f"tcp://ringserve-master:{ports['backend']}"
+    assert cfg["tools.toml"]["admin"]["master"] == f"tcp://ringserve-master:{ports['admin']}"
+    assert cfg["master.toml"]["backend"].endswith(f":{ports['backend']}")
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_probes_drain_and_grace_periods(overlay):
+    docs = render(overlay)
+    cfg = configs(docs)
+    worker = obj(docs, "Deployment", "ringserve-worker")
+    c = container(worker)
+    assert c["readinessProbe"]["exec"]["command"][-1] == "/etc/ringserve/probe/ready.py"
+    assert c["lifecycle"]["preStop"]["exec"]["command"][-1] == "/etc/ringserve/probe/drain.sh"
+    assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > int(env_of(c)["DRAIN_TIMEOUT"])
+    assert worker["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    master = obj(docs, "Deployment", "ringserve-master")
+    mc = container(master)
+    grace = master["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > int(env_of(mc)["DRAIN_TIMEOUT"]) > cfg["master.toml"]["drain-timeout"]
+    assert master["spec"]["strategy"]["type"] == "Recreate" and master["spec"]["replicas"] == 1
+    sts = obj(docs, "StatefulSet", "ps")
+    assert [t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]] == ["data"]
+    assert any(m["name"] == "data" and m["mountPath"] == cfg["ps.toml"]["data-dir"] for m in container(sts)["volumeMounts"])
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_scrape_annotations_match_metrics_ports(overlay):
+    docs = render(overlay)
+    cfg = configs(docs)
+    for kind, name, file in (("Deployment", "ringserve-master", "master.toml"), ("StatefulSet", "ps", "ps.toml"),
+                             ("Deployment", "ringserve-worker", "worker.toml")):
+        w = obj(docs, kind, name)
+        ann = w["spec"]["template"]["metadata"]["annotations"]
+        assert ann["prometheus.io/scrape"] == "true"
+        assert int(ann["prometheus.io/port"]) == cfg[file]["metrics-port"]
+        assert cfg[file]["metrics-port"] in {p["containerPort"] for p in container(w)["ports"]}
+        assert ann.get("prometheus.io/scheme", "http") == ("https" if "metrics-tls-cert" in cfg[file] else "http")
+
+
+@needs_kubectl
+def test_gpu_overlay_asks_for_a_gpu_per_worker():
+    c = container(obj(render("gpu"), "Deployment", "ringserve-worker"))
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert c["image"].endswith("-cuda") and "--device=cuda" in c["args"]
+    assert container(obj(render("gpu"), "Deployment", "ringserve-master"))["image"].endswith("-cpu")
+
+
+@needs_kubectl
+def test_secure_overlay_keys_come_from_secrets():
+    docs = render("secure")
+    cfg = configs(docs)
+    for file in ("master.toml", "ps.toml", "worker.toml", "tools.toml"):
+        assert cfg[file]["keys"] == "/etc/ringserve/keys" and not cfg[file].get("insecure"), file
+    for file in ("master.toml", "ps.toml", "worker.toml"):
+        assert {"metrics-tls-cert", "metrics-tls-key", "metrics-token-file"} <= cfg[file].keys(), file
+    for kind, name, own in (("Deployment", "ringserve-master", "master"), ("StatefulSet", "ps", "shard"),
+                            ("Deployment", "ringserve-worker", "worker")):
+        spec = obj(docs, kind, name)["spec"]["template"]["spec"]
+        secrets = {v["name"]: v["secret"] for v in spec["volumes"] if "secret" in v}
+        mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+        assert secrets[mounts[f"/etc/ringserve/keys/secret/{own}"]]["defaultMode"] == 0o400
+        assert f"/etc/ringserve/keys/public/{'master' if own != 'shard' else 'worker'}" in mounts
+    assert not [d for d in docs if d["kind"] == "Secret"], "keys never live in the repository"
+
+
+@needs_kubectl
+def test_grafana_dashboard_configmap_is_the_docs_dashboard():
+    cm = next(d for d in render("cpu") if d["kind"] == "ConfigMap"
+              and d["metadata"]["name"].startswith("ringserve-grafana-dashboard"))
+    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(cm["data"]["grafana-dashboard.json"]) == json.loads((ROOT / "docs/grafana-dashboard.json").read_text())
+
+
+@needs_kubectl
+def test_hpa_follows_the_masters_desired_workers():
+    docs = render("cpu")
+    hpa = obj(docs, "HorizontalPodAutoscaler", "ringserve-worker")
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "ringserve-worker"}
+    metric = hpa["spec"]["metrics"][0]["external"]
+    assert metric["target"] == {"type": "AverageValue", "averageValue": "1"}
+    from ringserve.master.metrics import MasterMetrics
+    names = {m.name for m in MasterMetrics("least-outstanding").registry.collect()}
+    assert metric["metric"]["name"] in names
+    served = {spec.split("=", 1)[0] for spec in configs(docs)["worker.toml"]["model"]}
+    assert metric["metric"]["selector"]["matchLabels"]["model"] in served
+
+
+def test_every_config_file_is_accepted_by_its_role():
+    """Each TOML in deploy/ goes through the role's own parser (unknown keys and bad values refused)."""
+    from ringserve.launch import admin, master, ps, publish, worker
+    from ringserve.launch.cli import parse_args
+
+    for cfg_dir in (DEPLOY / "base" / "config", DEPLOY / "overlays" / "secure" / "config"):
+        parse_args(master.parser(), ["--config", str(cfg_dir / "master.toml")])
+        parse_args(ps.parser(), ["--config", str(cfg_dir / "ps.toml"), "--name", "ps-0"])
+        parse_args(worker.parser(), ["--config", str(cfg_dir / "worker.toml"), "--name", "w"])
+        parse_args(publish.parser(), ["--config", str(cfg_dir / "tools.toml"), "--list", "--model", "mlp"])
+        parse_args(admin.parser(), ["--config", str(cfg_dir / "tools.toml"), "status"])
+
+
+def test_commands_are_console_scripts_and_images_pin_torch():
+    scripts = configparser.ConfigParser()
+    scripts.read(ROOT / "setup.cfg")
+    console = {line.split("=")[0].strip() for line in scripts["options.entry_points"]["console_scripts"].splitlines()
+               if line.strip()}
+    used = set(re.findall(r'command: \["(ringserve-[a-z]+)"', "".join(p.read_text() for p in DEPLOY.rglob("*.yaml"))))
+    assert used == {"ringserve-master", "ringserve-ps", "ringserve-worker"} and used <= console
+    cpu, cuda = (ROOT / "Dockerfile").read_text(), (ROOT / "Dockerfile.cuda").read_text()
+    assert "FROM python:3.11-slim" in cpu and "whl/cpu torch==2.13.0" in cpu
+    assert "torch==2.13.0" in cuda and "whl/${CUDA_WHEELS}" in cuda
+    for text in (cpu, cuda):
+        assert "useradd --uid 10001" in text  # the manifests' runAsUser
+
+
+# ---------------------------------------------------------------- the readiness probe, for real
+PROBE = DEPLOY / "base" / "probe" / "ready.py"
+
+
+def run_probe(env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(PROBE)], capture_output=True, text=True, timeout=30,
+                          env={**os.environ, **env})
+
+
+def metrics_url(proc) -> str:
+    url = proc.info["metrics"]
+    return url if url.endswith("/metrics") else url.rstrip("/") + "/metrics"
+
+
+def test_readiness_probe_is_true_only_when_registered_with_weights(cluster):
+    """ready.py against real roles: a registered worker with its weights is ready; one still
+    waiting for the shards' weights is not; a name the master does not know is not."""
+    cluster.start_master()
+    shard = cluster.start_shards(1)
+    ready = cluster.start_workers(1, "--metrics-port", "0", names=["ready"])[0]
+    waiting = cluster.start_workers(1, "--metrics-port", "0", "--paramservers",
+                                    ",".join(f"{n}={e}" for n, e in shard.items()), names=["waiting"], wait=False)[0]
+    admin = {"RINGSERVE_ADMIN": cluster.admin}
+    ok = run_probe({**admin, "RINGSERVE_METRICS_URL": metrics_url(ready), "RINGSERVE_WORKER_NAME": "ready"})
+    assert ok.returncode == 0, ok.stderr
+    no = run_probe({**admin, "RINGSERVE_METRICS_URL": metrics_url(waiting), "RINGSERVE_WORKER_NAME": "waiting"})
+    assert no.returncode == 1 and "weights not loaded" in no.stderr, no.stderr
+    stranger = run_probe({**admin, "RINGSERVE_METRICS_URL": metrics_url(ready), "RINGSERVE_WORKER_NAME": "other"})
+    assert stranger.returncode == 1 and "not registered" in stranger.stderr, stranger.stderr
+    down = run_probe({"RINGSERVE_METRICS_URL": "http://127.0.0.1:9/metrics", "RINGSERVE_ADMIN": ""})
+    assert down.returncode == 1 and "unreachable" in down.stderr, down.stderr
