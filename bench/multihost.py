@@ -2,9 +2,11 @@
 
     sudo python -m bench.multihost [--requests 600] [--rate 100]
 
-prints one JSON line: ``requests``, ``lost``, ``duplicated``, ``p99_ms_delayed`` (p99 latency with
-a 50 ms-per-direction delaying proxy on one worker host's path) and ``redispatch_s`` (how long the
-requests of a worker host that was cut off waited for their answer), plus the details.
+prints one JSON line: ``requests``, ``lost`` (requests without their right answer: none, a typed
+error or a wrong output), ``duplicated`` (second answers the client dropped), ``p99_ms_delayed`` (p99
+latency with a 50 ms-per-direction delaying proxy on one worker host's path) and ``redispatch_s``
+(the longest wait of a request in flight when a worker host was cut off, which the master had to
+re-dispatch after the liveness), plus the details. Needs root (network namespaces).
 
 Hosts (bench/netns.py: namespaces on one bridge, 10.77.0.0/24, nothing in the root namespace):
 ``master`` (master, 0.0.0.0:5555-5557), ``shards`` (ps0, ps1), ``gpu1`` and ``gpu2`` (a worker
@@ -188,21 +190,39 @@ class Deployment:
         return self.configs["ops"]
 
     def publish_mlp(self) -> None:
-        import torch
         from safetensors.torch import save_file
 
         from ringserve.worker import demo
 
         weights = self.tmp / "mlp-v1.safetensors"
         save_file({k: v.contiguous() for k, v in demo.mlp(seed=MLP_SEED).state_dict().items()}, str(weights))
-        del torch
         out = self.lab.run("client", [sys.executable, "-m", "ringserve.launch.publish", "--config",
                                       str(self.ops_config()), "--model", "mlp", "--weights", str(weights)], timeout=120)
         if out.returncode != 0:
             raise RuntimeError(f"publish failed: {out.stderr.strip()[-2000:]}")
 
     # ----------------------------------------------------------------- admin
-    def status(self, timeout: float = 20.0) -> dict:
+    def status(self, timeout: float = 10.0) -> dict:
+        """The master's status as the operator's AdminClient on the client host sees it, through a
+        long-lived agent there (a Unix socket in tmp: reachable from this namespace, and no
+        interpreter start per call); `status_cli` is the same through ringserve-admin."""
+        import socket
+
+        if "agent" not in self.roles:
+            sock_path = self.tmp / "admin-agent.sock"
+            self.roles["agent"] = self.lab.start("client", "bench.multihost", [
+                "admin-agent", "--admin", f"tcp://{self.addr('master')}:{PORTS['admin']}",
+                "--keys", str(self.keys["client"]), "--socket", str(sock_path)], "admin-agent")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.tmp / "admin-agent.sock"))
+            s.sendall(b"status\n")
+            answer = json.loads(s.makefile().readline())
+        if "error" in answer:
+            raise RuntimeError(f"admin status failed: {answer['error']}")
+        return answer
+
+    def status_cli(self, timeout: float = 20.0) -> dict:
         """`ringserve-admin --config ~/ringserve.toml status --json`, from the client host."""
         out = self.lab.run("client", [sys.executable, "-m", "ringserve.launch.admin", "--config",
                                       str(self.ops_config()), "status", "--json"], timeout=timeout)
@@ -214,7 +234,7 @@ class Deployment:
         """Names of the registered workers on which every one of `models` is ready."""
         try:
             st = self.status()
-        except (RuntimeError, subprocess.TimeoutExpired, json.JSONDecodeError):
+        except (RuntimeError, OSError, json.JSONDecodeError):
             return set()
         return {w["name"] for w in st["workers"] if w.get("state") == "ready"
                 and all(str(w["models"].get(m, {}).get("state", "")).startswith("ready") for m in models)}
@@ -328,6 +348,35 @@ def run_driver(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_admin_agent(args: argparse.Namespace) -> int:
+    """(inside the client's namespace) answer `status` on a Unix socket with the master's status."""
+    import socketserver
+
+    from ringserve.client.admin import AdminClient
+    from ringserve.launch.procs import announce
+    from ringserve.protocol.security import Security
+
+    admin = AdminClient(args.admin, timeout=2.0, security=Security(args.keys, "admin"))
+
+    class Handler(socketserver.StreamRequestHandler):
+        timeout = 10
+
+        def handle(self) -> None:
+            if self.rfile.readline().strip() != b"status":
+                return
+            try:
+                answer = admin.status()
+            except Exception as exc:  # noqa: BLE001 - the caller gets the reason, the agent goes on
+                answer = {"error": f"{type(exc).__name__}: {exc}"}
+            self.wfile.write(json.dumps(answer).encode() + b"\n")
+
+    Path(args.socket).unlink(missing_ok=True)
+    with socketserver.UnixStreamServer(args.socket, Handler) as server:
+        announce({"agent": args.socket})
+        server.serve_forever()
+    return 0
+
+
 def redispatch_s(records: list[dict], cut_at: float, gone_at: float) -> float:
     """How long a cut-off worker's requests waited for their answer: the longest wait of a request
     in flight across the cut (sent before the master saw the worker gone at `gone_at`, answered
@@ -381,11 +430,17 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--rate", type=float, default=100.0)
     d.add_argument("--timeout", type=float, default=30.0)
     d.add_argument("--out", required=True)
+    a = sub.add_parser("admin-agent", help="(inside the client's namespace) serve the master's status on a Unix socket")
+    a.add_argument("--admin", required=True)
+    a.add_argument("--keys", required=True)
+    a.add_argument("--socket", required=True)
     p.add_argument("--requests", type=int, default=600, help="requests per phase (delayed; cut off)")
     p.add_argument("--rate", type=float, default=100.0, help="requests per second")
     args = p.parse_args(argv)
     if args.command == "drive":
         return run_driver(args)
+    if args.command == "admin-agent":
+        return run_admin_agent(args)
     from bench.netns import probe
     reason = probe()
     if reason:

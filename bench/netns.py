@@ -19,6 +19,7 @@ import ipaddress
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,17 +79,22 @@ class Lab:
             raise NetnsUnavailable(reason)
         self.hub = f"{self.tag}-hub"
         self._addrs = ipaddress.ip_network(self.subnet).hosts()
-        self._add_ns(self.hub)
-        _ip("link", "add", "br0", "type", "bridge", ns=self.hub)
-        _ip("link", "set", "br0", "up", ns=self.hub)
-        _ip("link", "set", "lo", "up", ns=self.hub)
+        try:
+            self._add_ns(self.hub)
+            _ip("link", "add", "br0", "type", "bridge", ns=self.hub)
+            _ip("link", "set", "br0", "up", ns=self.hub)
+            _ip("link", "set", "lo", "up", ns=self.hub)
+        except BaseException:
+            self.close()  # a half-made lab leaves nothing behind either
+            raise
 
     def _add_ns(self, ns: str) -> None:
         _ip("netns", "add", ns)
         self._made.append(ns)
 
     def add_host(self, name: str) -> Host:
-        """A namespace with lo and eth0 (the next address of the subnet), plugged into the bridge."""
+        """A namespace with lo and eth0 (the next address of the subnet), plugged into the bridge.
+        (If this fails half-way, close() still removes the namespace and, with it, the veth.)"""
         ns = f"{self.tag}-{name}"
         self._add_ns(ns)
         port = f"p-{name}"[:15]
@@ -138,6 +144,11 @@ class Lab:
 
     # ---------------------------------------------------------------- cleanup
     def close(self) -> None:
+        for p in self.procs:  # every role told at once, so their drains overlap
+            try:
+                p.signal(signal.SIGTERM)
+            except OSError:
+                pass
         for p in reversed(self.procs):
             try:
                 p.stop(timeout=3)

@@ -51,8 +51,8 @@ def healthy(dep):
     for host in dep.lab.hosts:
         dep.lab.restore(host)
     dep.wait_serving(WORKERS, timeout=30)
-    wait_until(lambda: dep.status()["books"]["pending"] == 0, 20, 0.2, "every request answered")
-    books = dep.status()["books"]
+    books = wait_until(lambda: (lambda b: b if b["pending"] == 0 else None)(dep.status()["books"]), 20, 0.2,
+                       "every request answered")
     assert books["ok"] and books["leaked"] == 0 and books["in_flight"] == 0, books
 
 
@@ -69,12 +69,14 @@ def test_published_weights_are_served_across_hosts(healthy):
     from there and answer with its outputs (checked against the model built locally)."""
     s = all_right(healthy.drive("mlp", 40, RATE, model="mlp").result())
     assert set(s["by_worker"]) == set(WORKERS), s
+    st = healthy.status_cli()  # the operator's ringserve-admin --config ~/ringserve.toml status, over CURVE
+    assert st["models"]["mlp"]["state"] == "ready" and st["models"]["mlp"]["versions"] == [1], st["models"]
 
 
 def test_delay_on_one_worker_path(healthy):
     """50 ms each way on gpu1's path to the master: everything still answered, right, once."""
     healthy.set_proxy("delay 50")
-    report = healthy.drive("delay", 300, RATE).result()
+    report = healthy.drive("delay", 200, RATE).result()
     s = all_right(report)
     assert set(s["by_worker"]) == set(WORKERS), s
     slow = [r["done"] - r["sent"] for r in report["records"] if r.get("worker") == PROXIED]
@@ -84,7 +86,7 @@ def test_delay_on_one_worker_path(healthy):
 def test_stall_then_resets_on_one_worker_path(healthy):
     """gpu1's path stalls for longer than the liveness (the master evicts it, its requests go to gpu2),
     then every connection on it is reset for a while; gpu1 comes back and serves."""
-    run = healthy.drive("stall", 500, RATE)
+    run = healthy.drive("stall", 400, RATE)
     time.sleep(1.0)
     healthy.set_proxy("stall")
     time.sleep(HB * LIVENESS * 3)
@@ -95,7 +97,7 @@ def test_stall_then_resets_on_one_worker_path(healthy):
     healthy.set_proxy("pass")
     all_right(run.result())
     healthy.wait_serving([PROXIED])
-    s = all_right(healthy.drive("after-stall", 100, RATE).result())
+    s = all_right(healthy.drive("after-stall", 60, RATE).result())
     assert PROXIED in s["by_worker"], s
 
 
@@ -103,7 +105,7 @@ def test_worker_host_cut_off_longer_than_liveness(healthy):
     """gpu2 unplugged mid-load: the master evicts it after liveness x interval and re-dispatches what
     it held, none lost; plugged back in, it registers again and serves."""
     retries_before = healthy.status()["models"]["echo"]["retries"]
-    run = healthy.drive("cut", 500, RATE)
+    run = healthy.drive("cut", 400, RATE)
     time.sleep(1.0)
     cut_at = time.time()
     healthy.lab.cut("gpu2")
@@ -117,7 +119,7 @@ def test_worker_host_cut_off_longer_than_liveness(healthy):
     assert redispatch_s(report["records"], cut_at, gone_at) >= HB * LIVENESS * 0.9
     assert healthy.status()["models"]["echo"]["retries"] > retries_before
     healthy.wait_serving(["gpu2"])
-    s = all_right(healthy.drive("after-cut", 100, RATE).result())
+    s = all_right(healthy.drive("after-cut", 60, RATE).result())
     assert "gpu2" in s["by_worker"], s
 
 
@@ -137,11 +139,10 @@ def test_client_host_link_flapping(healthy):
 @pytest.mark.xfail(strict=True, reason="bug (paramserver/shard.py): a shard bound to tcp://0.0.0.0 tells workers "
                    "its PUB is at tcp://0.0.0.0:PORT (hello's 'pub' is the bound address), so a worker on another "
                    "host subscribes to itself, hears no announcement and falls back to re-syncing every 2 s")
-def test_workers_hear_the_shards_announcements(healthy):
+def test_workers_hear_the_shards_announcements(dep):
     """docs/deployment.md binds the shards to 0.0.0.0; workers on other hosts should still hear their PUB."""
-    time.sleep(1.0)
     for w in WORKERS:
-        assert "shard_silent_resync" not in (healthy.tmp / f"{w}.log").read_text(), f"{w} hears no announcements"
+        assert "shard_silent_resync" not in (dep.tmp / f"{w}.log").read_text(), f"{w} hears no announcements"
 
 
 def test_shard_host_cut_off_during_sync():
