@@ -258,3 +258,53 @@ def test_readiness_probe_is_true_only_when_registered_with_weights(cluster):
     assert stranger.returncode == 1 and "not registered" in stranger.stderr, stranger.stderr
     down = run_probe({"RINGSERVE_METRICS_URL": "http://127.0.0.1:9/metrics", "RINGSERVE_ADMIN": ""})
     assert down.returncode == 1 and "unreachable" in down.stderr, down.stderr
+
+
+# ---------------------------------------------------------------- the preStop drain, for real
+DRAIN = DEPLOY / "base" / "probe" / "drain.sh"
+can_pid_ns = os.geteuid() == 0 and shutil.which("unshare") and shutil.which("nsenter")
+
+
+@pytest.mark.skipif(not can_pid_ns, reason="needs root with unshare and nsenter (a PID namespace: the worker as PID 1)")
+def test_prestop_drains_a_worker_running_as_pid_1(cluster):
+    """drain.sh as the kubelet runs it (inside the container, where the worker is PID 1): the worker
+    drains and leaves under load, every request is answered, and the script returns when it is gone."""
+    import numpy as np
+
+    from ringserve.client import Client
+    from ringserve.client.admin import AdminClient
+    from ringserve.launch.procs import wait_until
+
+    cluster.start_master()
+    cluster.start_workers(1, model="echo=ringserve.worker.demo:slow,arg.delay=0.02")
+    log = open(cluster.tmp / "pid1-worker.log", "wb")
+    outer = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m",
+                              "ringserve.launch.worker", "--master", cluster.master.info["backend"], "--name", "pid1",
+                              "--threads", "1", "--heartbeat-interval", "0.2", "--credit", "4",
+                              "--model", "echo=ringserve.worker.demo:slow,arg.delay=0.02"],
+                             stdout=log, stderr=log, start_new_session=True)
+    try:
+        admin = AdminClient(cluster.admin)
+        wait_until(lambda: "pid1" in {w["name"] for w in admin.status()["workers"]}, 60, 0.1, "pid1 registered")
+        child = int(Path(f"/proc/{outer.pid}/task/{outer.pid}/children").read_text().split()[0])
+        with Client(cluster.frontend, timeout=60) as c:
+            xs = [np.full((1, 4), float(i), np.float32) for i in range(300)]
+            futures = [c.infer_async("echo", {"x": x}) for x in xs]
+            wait_until(lambda: any(w["name"] == "pid1" and w["in_flight"] for w in admin.status()["workers"]),
+                       30, 0.01, "pid1 holding requests")
+            drained = subprocess.run(["nsenter", "--target", str(child), "--pid", "--mount", "/bin/sh", str(DRAIN)],
+                                     env={**os.environ, "DRAIN_TIMEOUT": "30"}, capture_output=True, text=True,
+                                     timeout=60)
+            # 0, or SIGKILL: when PID 1 leaves, the kernel ends the rest of its namespace (the hook too),
+            # as it does in a container; either way the script waited for the drain
+            assert drained.returncode in (0, -9), drained.stderr
+            assert outer.wait(10) == 0  # the worker (PID 1) left on its own: its namespace is gone
+            for x, f in zip(xs, futures, strict=True):
+                np.testing.assert_array_equal(f.result(timeout=60).outputs["y"], x)
+        assert "pid1" not in {w["name"] for w in admin.status()["workers"]}
+        assert b"worker_drained" in (cluster.tmp / "pid1-worker.log").read_bytes()
+    finally:
+        if outer.poll() is None:
+            os.killpg(outer.pid, 9)
+            outer.wait(5)
+        log.close()
