@@ -189,13 +189,14 @@ class Deployment:
                 "admin": {"master": f"tcp://{self.addr('master')}:{PORTS['admin']}", "shards": self.shard_list}})
         return self.configs["ops"]
 
-    def publish_mlp(self) -> None:
+    def publish_mlp(self, seed: int = MLP_SEED) -> None:
+        """ringserve-publish from the client host: demo.mlp(seed=seed)'s weights as the next version."""
         from safetensors.torch import save_file
 
         from ringserve.worker import demo
 
-        weights = self.tmp / "mlp-v1.safetensors"
-        save_file({k: v.contiguous() for k, v in demo.mlp(seed=MLP_SEED).state_dict().items()}, str(weights))
+        weights = self.tmp / f"mlp-seed{seed}.safetensors"
+        save_file({k: v.contiguous() for k, v in demo.mlp(seed=seed).state_dict().items()}, str(weights))
         out = self.lab.run("client", [sys.executable, "-m", "ringserve.launch.publish", "--config",
                                       str(self.ops_config()), "--model", "mlp", "--weights", str(weights)], timeout=120)
         if out.returncode != 0:
@@ -246,9 +247,11 @@ class Deployment:
         wait_until(lambda: worker not in self.serving(()), timeout, 0.2, f"{worker} evicted")
 
     # ------------------------------------------------------------------ load
-    def drive(self, label: str, requests: int, rate: float, model: str = "echo", timeout: float = 30.0) -> "Drive":
+    def drive(self, label: str, requests: int, rate: float, model: str = "echo", timeout: float = 30.0,
+              seed: int = MLP_SEED) -> "Drive":
         out = self.tmp / f"drive-{label}.json"
         args = ["drive", "--frontend", self.frontend, "--keys", str(self.keys["client"]), "--model", model,
+                "--seed", str(seed),
                 "--requests", str(requests), "--rate", str(rate), "--timeout", str(timeout), "--out", str(out)]
         return Drive(self.lab.start("client", "bench.multihost", args, f"drive-{label}"), out)
 
@@ -287,7 +290,7 @@ def run_driver(args: argparse.Namespace) -> int:
         import torch
 
         from ringserve.worker import demo
-        net = demo.mlp(seed=MLP_SEED).eval()
+        net = demo.mlp(seed=args.seed).eval()
 
         def expect(x):
             with torch.inference_mode():
@@ -430,6 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--rate", type=float, default=100.0)
     d.add_argument("--timeout", type=float, default=30.0)
     d.add_argument("--out", required=True)
+    d.add_argument("--seed", type=int, default=MLP_SEED, help="mlp: the published weights are demo.mlp(seed=SEED)")
     a = sub.add_parser("admin-agent", help="(inside the client's namespace) serve the master's status on a Unix socket")
     a.add_argument("--admin", required=True)
     a.add_argument("--keys", required=True)

@@ -124,6 +124,10 @@ class Lab:
                         "root", "tbf", "rate", rate, "burst", "32kbit", "latency", "400ms"],
                        capture_output=True, text=True, timeout=10, check=True)
 
+    def unshape(self, name: str) -> None:
+        subprocess.run(["ip", "netns", "exec", self.hosts[name].ns, "tc", "qdisc", "del", "dev", "eth0", "root"],
+                       capture_output=True, text=True, timeout=10)  # none there: nothing to do
+
     # -------------------------------------------------------------- processes
     def start(self, host: str, module: str, args: Sequence[str], label: str, wait_ready: bool = True,
               ready_timeout: float = 90.0) -> RoleProcess:

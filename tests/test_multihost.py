@@ -50,6 +50,7 @@ def healthy(dep):
     dep.set_proxy("pass")
     for host in dep.lab.hosts:
         dep.lab.restore(host)
+        dep.lab.unshape(host)
     dep.wait_serving(WORKERS, timeout=30)
     books = wait_until(lambda: (lambda b: b if b["pending"] == 0 else None)(dep.status()["books"]), 20, 0.2,
                        "every request answered")
@@ -135,6 +136,19 @@ def test_client_host_link_flapping(healthy):
         healthy.lab.restore("client")
         time.sleep(0.4)
     all_right(run.result())
+
+
+def test_weight_sync_over_a_capped_shard_link(healthy):
+    """The shard host's link capped at 40 Mbit/s (tc tbf): a new version still reaches both worker
+    hosts while they serve load, and they answer with its outputs."""
+    healthy.lab.shape("shards", "40mbit")
+    run = healthy.drive("during-sync", 300, RATE)
+    healthy.publish_mlp(seed=2)  # version 2
+    all_right(run.result())
+    wait_until(lambda: all(str(w["models"]["mlp"]["state"]) == "ready v2" for w in healthy.status()["workers"]),
+               60, 0.3, "both workers serving mlp v2")
+    s = all_right(healthy.drive("mlp-v2", 40, RATE, model="mlp", seed=2).result())
+    assert set(s["by_worker"]) == set(WORKERS), s
 
 
 @pytest.mark.xfail(strict=True, reason="bug (paramserver/shard.py): a shard bound to tcp://0.0.0.0 tells workers "
