@@ -18,13 +18,19 @@ Pirate, with de-duplication by request id on the master):
     when the master never answered at all, its message says so and what the socket's monitor saw
     (no connection, a handshake ZeroMQ reported refused, or silence after a handshake);
   * the socket is made in the constructor's thread (``open_dealer``): keys or an address that
-    cannot be used raise ``ConfigError`` to the caller instead of failing in a loop.
+    cannot be used raise ``ConfigError`` to the caller instead of failing in a loop;
+  * given several masters (active-active), a client talks to one at a time, picked at random so
+    clients spread over them; when that master has been silent for ``failover_after`` while
+    requests wait (it died, hung or was cut off: pings go every ``ping_interval``), the client
+    moves its socket to the next master and sends every pending request there. The old master's
+    late answers go to a connection that no longer exists, so each request is answered once.
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
 import os
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
@@ -52,6 +58,22 @@ MONITOR_EVENTS = (zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVEN
                   | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
                     zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+
+
+def master_addresses(address: str | list[str] | tuple[str, ...]) -> list[str]:
+    """'tcp://a:5555,tcp://b:5555' or a list -> the masters' client endpoints (ConfigError if none)."""
+    items = address.split(",") if isinstance(address, str) else list(address) if isinstance(address, (list, tuple)) \
+        else None
+    out = [a.strip() for a in items or [] if isinstance(a, str) and a.strip()]
+    if not out:
+        raise ConfigError(f"the master's address must be a string such as tcp://host:5555 (or several, "
+                          f"comma-separated), got {address!r}")
+    return out
+
+
+def first_master(addresses: list[str]) -> int:
+    """Which master a new client starts on: a random one, so clients spread over active masters."""
+    return random.randrange(len(addresses))
 
 
 def open_dealer(ctx: zmq.Context, address: str, hwm: int, security: Security) -> tuple[zmq.Socket, zmq.Socket]:
@@ -124,6 +146,7 @@ class ClientStats:
     duplicates_dropped: int = 0
     master_restarts: int = 0
     reconnects: int = 0  # the socket's connection to the master was made again
+    failovers: int = 0  # moved to another master (the one it was on went silent)
     handshake_failures: int = 0  # connections the security handshake refused (see Reliability.link)
     loop_errors: int = 0  # exceptions the I/O loop caught and survived
 
@@ -161,10 +184,17 @@ class Reliability:
 
     def __init__(self, retry_interval: float, max_retry_interval: float, ping_interval: float,
                  resolved: Callable[[str], None] = lambda rid: None, address: str = "the master",
-                 curve: bool = False):
+                 curve: bool = False, endpoints: list[str] | None = None, current: int = 0,
+                 failover_after: float = 0.6):
+        self.endpoints = endpoints or [address]
+        self.current = current
+        self.failover_after = failover_after
+        if len(self.endpoints) > 1:  # pings must come often enough to tell a silent master in time
+            ping_interval = min(ping_interval, failover_after / 3)
         self.retry_interval, self.max_retry_interval, self.ping_interval = (
             retry_interval, max_retry_interval, ping_interval)
-        self.address, self.curve = address, curve
+        self.address, self.curve = self.endpoints[current], curve
+        self.last_heard = self.expecting_since = 0.0
         # What the monitor and the socket told us, so that a Timeout can say what is known.
         self.connected = False  # a TCP connection was made at least once
         self.link_up = False  # a handshake succeeded and no disconnect came since
@@ -180,6 +210,8 @@ class Reliability:
 
     # ------------------------------------------------------------- sending
     def start(self, sock: zmq.Socket, p: Pending) -> None:
+        if not self.pending:
+            self.expecting_since = time.monotonic()  # silence counts from when an answer is due
         self.pending[p.rid] = p
         self.send(sock, p)
 
@@ -219,6 +251,9 @@ class Reliability:
                 p.backoff = min(p.backoff * 2, self.max_retry_interval)
                 p.next_retry = now + p.backoff
                 self.send(sock, p)
+        if (self.pending and len(self.endpoints) > 1
+                and now - max(self.last_heard, self.expecting_since) > self.failover_after):
+            self.fail_over(sock, now)
         if self.pending and now - self.last_ping >= self.ping_interval:
             self.last_ping = now
             try:
@@ -262,6 +297,25 @@ class Reliability:
                 handshake = True
         return handshake
 
+    def fail_over(self, sock: zmq.Socket, now: float) -> None:
+        """The master this client is on has been silent past failover_after while answers were due:
+        move the socket to the next master and send it everything still unanswered."""
+        old = self.endpoints[self.current]
+        self.current = (self.current + 1) % len(self.endpoints)
+        self.address = self.endpoints[self.current]
+        try:
+            sock.disconnect(old)  # what was queued for the old one is dropped, its late answers too
+        except zmq.ZMQError:
+            pass
+        sock.connect(self.address)
+        self.stats.failovers += 1
+        self.epoch = None  # the new master's epoch is news, not a restart
+        self.handshakes = 0  # its first handshake must not resend again: resend_all below does
+        self.link_up = False
+        self.last_heard = self.expecting_since = now
+        log.warning("client_failover", old=old, new=self.address, requests=len(self.pending))
+        self.resend_all(sock)
+
     def on_handshake_failed(self, why: str) -> None:
         """ZeroMQ says the security handshake failed: logged once per reason, told in every Timeout."""
         self.stats.handshake_failures += 1
@@ -303,6 +357,7 @@ class Reliability:
             log.warning("client_bad_reply", error=str(exc))
             return
         self.heard = True
+        self.last_heard = time.monotonic()
         epoch = header.get("epoch")
         self.observe_epoch(sock, epoch if isinstance(epoch, str) else None)
         rid = header.get("id") if isinstance(header.get("id"), str) else None

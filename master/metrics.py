@@ -3,12 +3,17 @@
 Counters and histograms are fed by the event loop at the protocol events that change them
 (``on_answer``, ``on_dispatch``, ...); gauges are refreshed from the loop's books by
 ``refresh`` at most a few times a second, so the HTTP thread never reads the loop's dicts.
+Counters whose labels are known in advance (eviction reasons) start at 0, and a model's
+counters start at 0 when it is first served, so a dashboard shows 0, not "No data", until
+the first event (Prometheus's `increase()` also needs the 0 sample to count the first one).
 """
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Why the broker evicts a worker (master/broker.py's evict calls): each series exists from the start.
+EVICTION_REASONS = ("heartbeat_expired", "send_failed", "bad_message", "worker_disconnected", "re_registered")
 
 
 class MasterMetrics:
@@ -33,6 +38,11 @@ class MasterMetrics:
         self.shadow = Counter("ringserve_shadow_requests", "Shadow copies by model, version and outcome "
                               "(answers discarded; 'dropped' when they could not be queued)",
                               ["model", "version", "outcome"], registry=r)
+        self.cache = Counter("ringserve_response_cache_lookups", "Response cache lookups by model and result "
+                             "(hit: answered by the master, no worker)", ["model", "result"], registry=r)
+        self.cache_bytes = Gauge("ringserve_response_cache_bytes", "Bytes held by the response cache", registry=r)
+        self.cache_evictions = Gauge("ringserve_response_cache_evictions", "Entries the response cache dropped "
+                                     "to stay within its bound (since start)", registry=r)
         policy_info = Gauge("ringserve_dispatch_policy_info", "The master's scheduling policy", ["policy"],
                             registry=r)
         policy_info.labels(policy).set(1)
@@ -43,6 +53,9 @@ class MasterMetrics:
                                         "of the model per worker serving it", ["model"], registry=r)
         self._labels: dict[str, set] = {"queue": set(), "worker": set(), "desired": set(), "ongoing": set()}
         self._children: dict[tuple, object] = {}  # labels() takes a lock and builds a key: once per label set
+        self._models_seen: set[str] = set()  # bounded like the books: only models some worker serves
+        for reason in EVICTION_REASONS:
+            self.evictions.labels(reason)
 
     def _child(self, metric, *labels: str):
         key = (id(metric), *labels)
@@ -55,6 +68,9 @@ class MasterMetrics:
     def on_answer(self, model: str, version, outcome: str, seconds: float) -> None:
         self._child(self.requests, model, "" if version is None else str(version), outcome).inc()
         self._child(self.request_duration, model).observe(seconds)
+
+    def on_cache(self, model: str, hit: bool) -> None:
+        self._child(self.cache, model, "hit" if hit else "miss").inc()
 
     def on_shadow(self, model: str, version, outcome: str) -> None:
         self.shadow.labels(model, str(version), outcome).inc()
@@ -74,6 +90,9 @@ class MasterMetrics:
     # ------------------------------------------------------------ gauges
     def refresh(self, queue_depths: dict[str, int], in_flight: dict[str, int], states: dict[str, int]) -> None:
         """Set the gauges from plain dicts the loop built; labels that vanished are removed."""
+        for model in queue_depths.keys() - self._models_seen:  # a newly served model: its counters at 0
+            self._models_seen.add(model)
+            self.retries.labels(model)
         _set_all(self.queue_depth, queue_depths, self._labels, "queue")
         _set_all(self.in_flight, in_flight, self._labels, "worker")
         for state in ("ready", "draining"):

@@ -136,11 +136,12 @@ class WorkerHello:
 
 @dataclass
 class WorkerBeat:
-    """A validated HEARTBEAT (models None when the worker did not say)."""
+    """A validated HEARTBEAT (models None when the worker did not say; credit None: unchanged)."""
 
     models: dict[str, dict] | None
     stats: dict | None
     draining: bool
+    credit: int | None = None  # this master's share of the worker's credit now (several masters)
 
 
 @dataclass
@@ -196,6 +197,11 @@ def parse_models(models: Any) -> dict[str, dict]:
             raise ProtocolError(f"models[{name[:64]!r}].on_demand must be true or false")
         if on_demand:
             clean[name]["on_demand"] = True
+        cache = info.get("cache", False)
+        if not isinstance(cache, bool):
+            raise ProtocolError(f"models[{name[:64]!r}].cache must be true or false")
+        if cache:
+            clean[name]["cache"] = True
         held = info.get("versions")
         if held is not None:
             if not isinstance(held, list) or len(held) > MAX_HELD_VERSIONS:
@@ -250,7 +256,8 @@ def parse_heartbeat(info: Any) -> WorkerBeat:
     draining = info.get("draining", False)
     if not isinstance(draining, bool):
         raise ProtocolError("field 'draining' must be true or false")
-    return WorkerBeat(models, stats, draining)
+    credit = info.get("credit")
+    return WorkerBeat(models, stats, draining, None if credit is None else _int(credit, "credit", 1, MAX_CREDIT))
 
 
 def reply_key(header: dict) -> Any:

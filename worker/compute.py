@@ -80,7 +80,7 @@ class ComputeThread(threading.Thread):
         self.request_load = lambda name: None  # set by the agent: ask the weight sync to load a model
         self.busy_since: float | None = None  # monotonic start of the batch now running, else None
         self.worker_name: str | None = None  # set by the agent: replies name their worker and the master's
-        self.epoch: str | None = None  # epoch, so the master can pass them to the client byte for byte
+        self.epochs: dict[int, str | None] = {}  # per master link: its epoch, so the master can pass them to the client byte for byte
 
     def run(self) -> None:
         # OpenMP's thread count is per OS thread: without this, the model runs here with the
@@ -204,12 +204,17 @@ class ComputeThread(threading.Thread):
             self.stats.record(batch, started, finished)
             self.metrics.on_batch(model.name, sum(i.rows for i in batch), [started - i.arrival for i in batch],
                                   finished - started)
-        self._push(replies)
+        self._push(replies, batch)
 
-    def _push(self, replies: list[tuple[dict, list]]) -> None:
-        """Hand a batch's replies to the socket thread as one message (it sends them as one REPLY)."""
+    def _push(self, replies: list[tuple[dict, list]], items: list[WorkItem]) -> None:
+        """Hand a batch's replies (one per item, in order) to the socket thread, one message per
+        master they go back to (it sends each as one REPLY)."""
         # Blocks only at the inproc pipe's high-water mark, which the socket thread keeps draining.
-        self.push.send_multipart([RESULT, str(len(replies)).encode(), *reply_frames(replies)], copy=False)
+        links = {item.link for item in items}
+        for link in sorted(links):
+            mine = replies if len(links) == 1 else [r for r, i in zip(replies, items) if i.link == link]
+            self.push.send_multipart([RESULT, str(len(mine)).encode(), str(link).encode(), *reply_frames(mine)],
+                                     copy=False)
 
     def _compute(self, model: ServedModel, batch: list[WorkItem], pinned: int | None) -> list[tuple[dict, list]]:
         """Run and encode a batch; raises if anything about it fails (no partial answers)."""
@@ -221,8 +226,9 @@ class ComputeThread(threading.Thread):
             meta, frames = encode_tensors(out)
             header = {"id": item.client_id, "key": item.rid, "attempt": item.attempt, "ok": True, "model": item.model,
                       "version": version, "outputs": meta, "batch_rows": rows}
-            if self.epoch is not None and self.worker_name is not None:
-                header["worker"], header["epoch"] = self.worker_name, self.epoch
+            epoch = self.epochs.get(item.link)
+            if epoch is not None and self.worker_name is not None:
+                header["worker"], header["epoch"] = self.worker_name, epoch
             replies.append((header, frames))
         self.metrics.on_answers(model.name, "ok", len(batch))
         return replies
@@ -244,4 +250,4 @@ class ComputeThread(threading.Thread):
     def _reply_error(self, item: WorkItem, code: str, message: str) -> None:
         body = error_body(item.client_id, code, message, key=item.rid, attempt=item.attempt, model=item.model)
         self.metrics.on_answer(item.model, code)
-        self._push([(body, [])])
+        self._push([(body, [])], [item])
