@@ -108,12 +108,20 @@ def test_shard_names_ring_and_configs_agree(overlay):
     assert cfg["ps.toml"]["bind"].endswith(f":{port}")
     pub = args[args.index("--pub") + 1]
     assert "0.0.0.0" not in pub and "$(POD_IP)" in pub  # workers connect to the address the shard tells them
-    # the workers and the tools reach the master through its Service, on its ports
-    master_svc = obj(docs, "Service", "ringserve-master")
+    # the workers, their probe and the tools know every master, by its stable name, on its ports
+    masters = obj(docs, "StatefulSet", "ringserve-master")
+    master_svc = obj(docs, "Service", masters["spec"]["serviceName"])
+    assert master_svc["spec"]["clusterIP"] == "None"
     ports = {p["name"]: p["port"] for p in master_svc["spec"]["ports"]}
-    assert cfg["worker.toml"]["master"] == f"tcp://ringserve-master:{ports['backend']}"
-    assert cfg["tools.toml"]["admin"]["master"] == f"tcp://ringserve-master:{ports['admin']}"
+    n = masters["spec"]["replicas"]
+    assert int(env_of(container(masters))["MASTER_REPLICAS"]) == n >= 2
+    names = [f"ringserve-master-{i}.{master_svc['metadata']['name']}" for i in range(n)]
+    assert cfg["worker.toml"]["master"] == ",".join(f"tcp://{h}:{ports['backend']}" for h in names)
+    assert cfg["tools.toml"]["admin"]["master"] == ",".join(f"tcp://{h}:{ports['admin']}" for h in names)
+    probe_env = env_of(container(obj(docs, "Deployment", "ringserve-worker")))
+    assert probe_env["RINGSERVE_ADMIN"] == ",".join(f"tcp://{h}:{ports['admin']}" for h in names)
     assert cfg["master.toml"]["backend"].endswith(f":{ports['backend']}")
+    assert cfg["master.toml"]["admin"].endswith(f":{ports['admin']}")
 
 
 @needs_kubectl
@@ -127,11 +135,12 @@ def test_probes_drain_and_grace_periods(overlay):
     assert c["lifecycle"]["preStop"]["exec"]["command"][-1] == "/etc/ringserve/probe/drain.sh"
     assert worker["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > int(env_of(c)["DRAIN_TIMEOUT"])
     assert worker["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-    master = obj(docs, "Deployment", "ringserve-master")
+    master = obj(docs, "StatefulSet", "ringserve-master")
     mc = container(master)
     grace = master["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace > int(env_of(mc)["DRAIN_TIMEOUT"]) > cfg["master.toml"]["drain-timeout"]
-    assert master["spec"]["strategy"]["type"] == "Recreate" and master["spec"]["replicas"] == 1
+    assert mc["lifecycle"]["preStop"]["exec"]["command"][-1] == "/etc/ringserve/probe/drain.sh"
+    assert [t["metadata"]["name"] for t in master["spec"]["volumeClaimTemplates"]] == ["state"]
     sts = obj(docs, "StatefulSet", "ps")
     assert [t["metadata"]["name"] for t in sts["spec"]["volumeClaimTemplates"]] == ["data"]
     assert any(m["name"] == "data" and m["mountPath"] == cfg["ps.toml"]["data-dir"] for m in container(sts)["volumeMounts"])
@@ -142,7 +151,7 @@ def test_probes_drain_and_grace_periods(overlay):
 def test_scrape_annotations_match_metrics_ports(overlay):
     docs = render(overlay)
     cfg = configs(docs)
-    for kind, name, file in (("Deployment", "ringserve-master", "master.toml"), ("StatefulSet", "ps", "ps.toml"),
+    for kind, name, file in (("StatefulSet", "ringserve-master", "master.toml"), ("StatefulSet", "ps", "ps.toml"),
                              ("Deployment", "ringserve-worker", "worker.toml")):
         w = obj(docs, kind, name)
         ann = w["spec"]["template"]["metadata"]["annotations"]
@@ -157,7 +166,7 @@ def test_gpu_overlay_asks_for_a_gpu_per_worker():
     c = container(obj(render("gpu"), "Deployment", "ringserve-worker"))
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert c["image"].endswith("-cuda") and "--device=cuda" in c["args"]
-    assert container(obj(render("gpu"), "Deployment", "ringserve-master"))["image"].endswith("-cpu")
+    assert container(obj(render("gpu"), "StatefulSet", "ringserve-master"))["image"].endswith("-cpu")
 
 
 @needs_kubectl
@@ -168,7 +177,7 @@ def test_secure_overlay_keys_come_from_secrets():
         assert cfg[file]["keys"] == "/etc/ringserve/keys" and not cfg[file].get("insecure"), file
     for file in ("master.toml", "ps.toml", "worker.toml"):
         assert {"metrics-tls-cert", "metrics-tls-key", "metrics-token-file"} <= cfg[file].keys(), file
-    for kind, name, own in (("Deployment", "ringserve-master", "master"), ("StatefulSet", "ps", "shard"),
+    for kind, name, own in (("StatefulSet", "ringserve-master", "master"), ("StatefulSet", "ps", "shard"),
                             ("Deployment", "ringserve-worker", "worker")):
         spec = obj(docs, kind, name)["spec"]["template"]["spec"]
         secrets = {v["name"]: v["secret"] for v in spec["volumes"] if "secret" in v}
@@ -218,13 +227,33 @@ def test_commands_are_console_scripts_and_images_pin_torch():
     scripts.read(ROOT / "setup.cfg")
     console = {line.split("=")[0].strip() for line in scripts["options.entry_points"]["console_scripts"].splitlines()
                if line.strip()}
-    used = set(re.findall(r'command: \["(ringserve-[a-z]+)"', "".join(p.read_text() for p in DEPLOY.rglob("*.yaml"))))
+    text = "".join(p.read_text() for p in DEPLOY.rglob("*.yaml"))
+    used = set(re.findall(r'command: \["(ringserve-[a-z]+)"', text)) | set(re.findall(r"exec (ringserve-[a-z]+)", text))
     assert used == {"ringserve-master", "ringserve-ps", "ringserve-worker"} and used <= console
     cpu, cuda = (ROOT / "Dockerfile").read_text(), (ROOT / "Dockerfile.cuda").read_text()
     assert "FROM python:3.11-slim" in cpu and "whl/cpu torch==2.13.0" in cpu
     assert "torch==2.13.0" in cuda and "whl/${CUDA_WHEELS}" in cuda
     for text in (cpu, cuda):
         assert "useradd --uid 10001" in text  # the manifests' runAsUser
+
+
+@needs_kubectl
+def test_each_master_names_the_others_as_peers(tmp_path):
+    """The masters' start-up line (sh -c) run with a stand-in ringserve-master that prints its argv."""
+    masters = obj(render("cpu"), "StatefulSet", "ringserve-master")
+    c = container(masters)
+    fake = tmp_path / "ringserve-master"
+    fake.write_text('#!/bin/sh\necho "$@"\n')
+    fake.chmod(0o755)
+    seen = {}
+    for i in range(masters["spec"]["replicas"]):
+        out = subprocess.run([*c["command"], *c["args"]], capture_output=True, text=True, timeout=10,
+                             env={"PATH": f"{tmp_path}:/usr/bin:/bin", "POD_NAME": f"ringserve-master-{i}",
+                                  "MASTER_REPLICAS": env_of(c)["MASTER_REPLICAS"]})
+        assert out.returncode == 0, out.stderr
+        seen[i] = out.stdout.split()
+    assert seen == {0: ["--config", "/etc/ringserve/master.toml", "--peers", "tcp://ringserve-master-1.ringserve-master:5557"],
+                    1: ["--config", "/etc/ringserve/master.toml", "--peers", "tcp://ringserve-master-0.ringserve-master:5557"]}
 
 
 # ---------------------------------------------------------------- the readiness probe, for real
@@ -256,6 +285,13 @@ def test_readiness_probe_is_true_only_when_registered_with_weights(cluster):
     assert no.returncode == 1 and "weights not loaded" in no.stderr, no.stderr
     stranger = run_probe({**admin, "RINGSERVE_METRICS_URL": metrics_url(ready), "RINGSERVE_WORKER_NAME": "other"})
     assert stranger.returncode == 1 and "not registered" in stranger.stderr, stranger.stderr
+    silent = "tcp://127.0.0.1:9"  # a master that does not answer (restarting) is skipped, not required
+    both = run_probe({"RINGSERVE_ADMIN": f"{silent},{cluster.admin}", "RINGSERVE_METRICS_URL": metrics_url(ready),
+                      "RINGSERVE_WORKER_NAME": "ready"})
+    assert both.returncode == 0, both.stderr
+    none = run_probe({"RINGSERVE_ADMIN": silent, "RINGSERVE_METRICS_URL": metrics_url(ready),
+                      "RINGSERVE_WORKER_NAME": "ready"})
+    assert none.returncode == 1 and "no master answered" in none.stderr, none.stderr
     down = run_probe({"RINGSERVE_METRICS_URL": "http://127.0.0.1:9/metrics", "RINGSERVE_ADMIN": ""})
     assert down.returncode == 1 and "unreachable" in down.stderr, down.stderr
 

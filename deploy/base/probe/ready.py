@@ -4,11 +4,12 @@ has it registered with every model ready. Exit 0: ready; 1: not ready (the reaso
 Why an exec probe: the worker has no HTTP health endpoint, and it cannot know on its own whether
 the master took its READY. So the probe asks the two sides that know:
   1. the worker's own metrics on loopback: every `ringserve_model_ready` sample is 1;
-  2. the master's admin status (ringserve.client.admin.AdminClient): a worker named
-     RINGSERVE_WORKER_NAME is registered, not draining, and every one of its models is "ready vN".
+  2. the masters' admin status (ringserve.client.admin.AdminClient): on every master that answers
+     (at least one), a worker named RINGSERVE_WORKER_NAME is registered, not draining, and every
+     one of its models is "ready vN".
 Environment: RINGSERVE_METRICS_URL (default http://127.0.0.1:9101/metrics),
 RINGSERVE_METRICS_TOKEN_FILE (bearer token, with TLS: the secure overlay), RINGSERVE_ADMIN
-(default tcp://ringserve-master:5557; empty: skip check 2), RINGSERVE_PROBE_KEYS (a keys dir with
+(the masters' admin endpoints, comma-separated; empty: skip check 2), RINGSERVE_PROBE_KEYS (a keys dir with
 an admin key, for a CURVE master), RINGSERVE_WORKER_NAME (default: $POD_NAME).
 Bounded: each check has a 2 s timeout, under the probe's timeoutSeconds.
 """
@@ -37,27 +38,38 @@ def local_models_ready() -> str | None:
 
 
 def registered() -> str | None:
-    address = os.environ.get("RINGSERVE_ADMIN", "tcp://ringserve-master:5557")
-    if not address:
+    addresses = [a.strip() for a in os.environ.get("RINGSERVE_ADMIN", "tcp://ringserve-master:5557").split(",")
+                 if a.strip()]
+    if not addresses:
         return None
     from ringserve.client.admin import AdminClient
     from ringserve.protocol.security import Security
 
     name = os.environ.get("RINGSERVE_WORKER_NAME") or os.environ.get("POD_NAME", "")
     keys = os.environ.get("RINGSERVE_PROBE_KEYS") or None
-    try:
-        status = AdminClient(address, timeout=2.0, security=Security(keys, "admin") if keys else None).status()
-    except Exception as exc:  # noqa: BLE001 - any failure to ask means not ready
-        return f"master status unavailable: {exc}"
+    answered = 0
+    for address in addresses:  # several active masters: ready on every one that answers
+        try:
+            status = AdminClient(address, timeout=2.0, security=Security(keys, "admin") if keys else None).status()
+        except Exception:  # noqa: BLE001 - a master that does not answer is skipped (it may be restarting)
+            continue
+        answered += 1
+        why = _ready_on(status, name, address)
+        if why:
+            return why
+    return None if answered else f"no master answered ({', '.join(addresses)})"
+
+
+def _ready_on(status: dict, name: str, address: str) -> str | None:
     mine = [w for w in status.get("workers", []) if w.get("name") == name]
     if not mine:
-        return f"worker {name!r} is not registered with the master"
+        return f"worker {name!r} is not registered with the master at {address}"
     for w in mine:
         models = w.get("models", {})
         if w.get("state") != "draining" and models and all(
                 str(m.get("state", "")).startswith("ready") for m in models.values()):
             return None
-    return f"worker {name!r} is registered but draining or not every model is ready"
+    return f"worker {name!r} is registered at {address} but draining or not every model is ready"
 
 
 def main() -> int:
