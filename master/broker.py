@@ -28,7 +28,7 @@ from typing import Sequence
 import structlog
 import zmq
 
-from ringserve.master import liveness
+from ringserve.master import autoscale, liveness
 from ringserve.master.cache import ResponseCache, input_digest
 from ringserve.master import peers as peering
 from ringserve.master import routing
@@ -89,6 +89,7 @@ class BrokerConfig:
     response_cache_bytes: int = 64 << 20  # answers of models marked cache=true (master/cache.py)
     peers: list[str] = field(default_factory=list)  # the other active masters' admin endpoints
     peer_interval: float = 0.25  # how often masters exchange what they share (routes) and see each other
+    autoscale_policy: autoscale.AutoscalePolicy = field(default_factory=autoscale.AutoscalePolicy)  # desired_workers
 
 
 def _router(ctx: zmq.Context, endpoint: str, hwm: int, sec: Security, domain: str) -> tuple[zmq.Socket, str]:
@@ -943,6 +944,24 @@ class Broker:
         self.metrics.refresh(depths, {w.name: len(w.in_flight) for w in self.workers.values()}, states)
         self.metrics.cache_bytes.set(self.responses.bytes)
         self.metrics.cache_evictions.set(self.responses.evictions)
+        self._refresh_autoscale(time.monotonic())
+
+    # ------------------------------------------------------------- autoscale (master/autoscale.py)
+    def _refresh_autoscale(self, now: float) -> None:
+        """Per served model: ongoing requests (queued + in flight), workers serving it (not draining),
+        the policy's desired figure (kept in self.scaling for status) and the two gauges."""
+        ongoing = {m: self.queues.depth(m) for m in self._served_models()}
+        for w in self.workers.values():
+            for key in w.in_flight:
+                req = self.pending.get(key)
+                if req is not None and req.model in ongoing:
+                    ongoing[req.model] += 1
+        serving = {m: sum(1 for w in self.workers.values() if w.state != "draining" and m in w.models) for m in ongoing}
+        prev = getattr(self, "scaling", {})
+        self.scaling = {m: autoscale.decide(self.cfg.autoscale_policy, n, serving[m], now, prev.get(m))
+                        for m, n in ongoing.items()}
+        self.metrics.refresh_autoscale({m: d.desired for m, d in self.scaling.items()},
+                                       {m: autoscale.ongoing_per_worker(n, serving[m]) for m, n in ongoing.items()})
 
     def _expire_deadlines(self, now: float) -> None:
         while self.deadlines and self.deadlines[0][0] <= now:

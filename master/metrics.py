@@ -47,7 +47,12 @@ class MasterMetrics:
         policy_info = Gauge("ringserve_dispatch_policy_info", "The master's scheduling policy", ["policy"],
                             registry=r)
         policy_info.labels(policy).set(1)
-        self._labels: dict[str, set] = {"queue": set(), "worker": set()}
+        # autoscaling (master/autoscale.py): what an HPA follows (deploy/autoscale)
+        self.desired_workers = Gauge("ringserve_desired_workers", "Workers the autoscale policy wants for the "
+                                     "model (target ongoing requests per worker, with delays)", ["model"], registry=r)
+        self.ongoing_per_worker = Gauge("ringserve_ongoing_requests_per_worker", "Queued plus in-flight requests "
+                                        "of the model per worker serving it", ["model"], registry=r)
+        self._labels: dict[str, set] = {"queue": set(), "worker": set(), "desired": set(), "ongoing": set()}
         self._children: dict[tuple, object] = {}  # labels() takes a lock and builds a key: once per label set
         self._models_seen: set[str] = set()  # bounded like the books: only models some worker serves
         for reason in EVICTION_REASONS:
@@ -95,7 +100,12 @@ class MasterMetrics:
             self.workers.labels(state).set(states.get(state, 0))
 
 
-def _set_all(gauge: Gauge, values: dict[str, int], seen: dict[str, set], key: str) -> None:
+    def refresh_autoscale(self, desired: dict[str, int], per_worker: dict[str, float]) -> None:
+        _set_all(self.desired_workers, desired, self._labels, "desired")
+        _set_all(self.ongoing_per_worker, per_worker, self._labels, "ongoing")
+
+
+def _set_all(gauge: Gauge, values: dict[str, int] | dict[str, float], seen: dict[str, set], key: str) -> None:
     for label, value in values.items():
         gauge.labels(label).set(value)
     for gone in seen[key] - set(values):
