@@ -71,7 +71,12 @@ def format_status(st: dict) -> str:
     """A readable table of workers and models (models listed last: they may be long). REQ/S, P50 MS and
     P99 MS are the master's figures over the last minute (P50/P99 of answered results only)."""
     lines = [f"master epoch={st.get('epoch')} policy={st.get('policy')} uptime={st.get('uptime_s')}s "
-             f"pending={st.get('pending')}", ""]
+             f"pending={st.get('pending')}"]
+    peers = (st.get("master") or {}).get("peers") or []
+    if peers:  # an active-active set: this master's view of the others
+        lines.append("role=active peers: " + ", ".join(
+            f"{p.get('endpoint')} ({p.get('state')}, {p.get('workers')} workers)" for p in peers))
+    lines.append("")
     rows = []
     for w in st.get("workers", []):
         models = "; ".join(f"{m}: {_model_text(i)}" for m, i in w.get("models", {}).items())

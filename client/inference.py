@@ -34,7 +34,7 @@ import structlog
 import zmq
 
 from ringserve.client.errors import RingserveError, Timeout
-from ringserve.client.reliable import ClientStats, Pending, Reliability, Reply, new_pending, open_dealer
+from ringserve.client.reliable import first_master, master_addresses, ClientStats, Pending, Reliability, Reply, new_pending, open_dealer
 from ringserve.protocol.security import Security
 
 log = structlog.get_logger("ringserve.client")
@@ -47,7 +47,10 @@ MAX_READ_PER_TURN = 1024  # messages read per loop turn before the outbox and ti
 class Client:
     def __init__(self, address: str, timeout: float = 30.0, retry_interval: float = 0.5,
                  max_retry_interval: float = 4.0, ping_interval: float = 0.5, grace: float = 1.0,
-                 hwm: int = 100_000, security: Security | None = None):
+                 hwm: int = 100_000, security: Security | None = None, failover_after: float = 0.6,
+                 batch_max: int = 256, batch_bytes: int = 4 << 20):
+        endpoints = master_addresses(address)  # one master, or several (active-active): ConfigError if none
+        current = first_master(endpoints)
         self.address, self.timeout = address, timeout
         self.retry_interval, self.max_retry_interval = retry_interval, max_retry_interval
         self.ping_interval, self.grace, self.hwm = ping_interval, grace, hwm
@@ -57,7 +60,8 @@ class Client:
         self._outbox: collections.deque[Pending] = collections.deque()
         self._outbox_lock = threading.Lock()
         self._rel = Reliability(retry_interval, max_retry_interval, ping_interval, self._forget_id,
-                                address=address, curve=self.security.enabled)
+                                address=address, endpoints=endpoints, current=current,
+                                failover_after=failover_after, batch_max=batch_max, batch_bytes=batch_bytes, curve=self.security.enabled)
         self._pending = self._rel.pending
         self.stats: ClientStats = self._rel.stats
         self._ids_lock = threading.Lock()
@@ -67,7 +71,7 @@ class Client:
         self._closing = False
         self._ctx = zmq.Context()
         try:  # here, so that unusable keys or a bad address raise ConfigError to the caller
-            self._sock, self._monitor = open_dealer(self._ctx, address, hwm, self.security)
+            self._sock, self._monitor = open_dealer(self._ctx, endpoints[current], hwm, self.security)
         except BaseException:
             self._ctx.term()
             os.close(self._wake_r)
@@ -78,6 +82,11 @@ class Client:
         self._thread.start()
 
     # ------------------------------------------------------------ public API
+    @property
+    def master(self) -> str:
+        """The master this client is on now (with several, the one it last failed over to)."""
+        return self._rel.address
+
     def infer(self, model: str, inputs: Mapping[str, Any], timeout: float | None = None,
               version: int | None = None, tags: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
         """Run `model` on named inputs (numpy arrays or torch tensors); return numpy outputs.
@@ -186,6 +195,7 @@ class Client:
         if sock in events:
             self._rel.read_messages(sock, MAX_READ_PER_TURN)
         self._rel.on_timers(sock, time.monotonic())
+        self._rel.flush(sock)  # everything this turn sent (new requests, resends): one message
 
     def _forget_id(self, rid: str) -> None:
         with self._ids_lock:

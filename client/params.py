@@ -12,6 +12,9 @@ goes first to one arbiter shard (the first by name), so of two publishers racing
 version number exactly one wins and the other gets CONFLICT having committed nothing. If a
 commit fails anywhere, every shard is told to revert this publish (its digest), including
 shards that did not answer, so a late commit is undone too and the shards agree again.
+Then (unless told not to) the publisher waits for a live worker following the model to build
+the version, from the follower reports workers leave with the shards: one that every such
+worker refuses is reverted the same way and the publish fails (`PublishRefused`).
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import structlog
@@ -30,17 +33,22 @@ from safetensors.numpy import load_file
 
 from ringserve.client.errors import Conflict
 from ringserve.protocol.codec import to_numpy
-from ringserve.protocol.placement import DEFAULT_CHUNK_BYTES, parse_shards, place, plan
+from ringserve.protocol.placement import DEFAULT_CHUNK_BYTES, model_name_problem, parse_shards, place, plan
 from ringserve.protocol.security import Security
 from ringserve.protocol.shardrpc import ShardCallError, ShardRPC
 
 log = structlog.get_logger("ringserve.publish")
 
 HASH_THREADS = min(4, os.cpu_count() or 1)  # threads hashing the pieces of a publish
+WORKER_CHECK_S = 60.0  # how long a publish waits for a live worker to load what it committed
 
 
 class PublishError(RuntimeError):
     pass
+
+
+class PublishRefused(PublishError):
+    """Every live worker that serves the model refused the version; it was reverted."""
 
 
 class PublishConflict(PublishError, Conflict):
@@ -132,20 +140,36 @@ class ParamClient:
         return {item[1]: (item[2], tuple(item[3])) for h, _ in replies.values() for item in h["manifest"]}
 
     def publish(self, model: str, tensors: Mapping[str, Any], version: int | None = None,
-                base: int | None = None, allow_new: bool = False, allow_layout_change: bool = False) -> int:
+                base: int | None = None, allow_new: bool = False, allow_layout_change: bool = False,
+                check_workers: bool = True, worker_check_s: float = WORKER_CHECK_S,
+                progress: Callable[[dict[str, tuple[int, int]]], None] | None = None) -> int:
         """Publish a full state dict, or with `base` a delta: only `tensors` change, the rest is base's.
 
         Refused (PublishError, nothing committed) when a delta's tensors differ in shape or dtype
         from the base's or are new (unless `allow_new`), or when a full version would not fit the
         current version's layout (unless `allow_layout_change`). PublishConflict when the version
-        number is taken by other content."""
+        number is taken by other content. After the commit, with `check_workers`, waits (at most
+        `worker_check_s`) for a live worker that follows the model to load it: if every one
+        refuses it, the publish is reverted (the previous version current again) and
+        PublishRefused raised; if none has loaded it in time, PublishError (the version stays
+        current). `progress` gets {shard: (bytes sent, bytes in all)} while the stages travel."""
+        problem = model_name_problem(model)
+        if problem:
+            raise PublishError(f"cannot publish: {problem}")
         try:
             states = self.hello()
         except ShardCallError as exc:
             raise PublishError(f"cannot publish {model!r}: {exc}") from None
         previous = {n: h["current"].get(model) for n, h in states.items()}
-        if version is None:
-            version = 1 + max([v for h in states.values() for v in h["versions"].get(model, [])], default=0)
+        if version is None:  # also above any number a live worker remembers (a reverted version it refused)
+            seen = [v for h in states.values() for v in h["versions"].get(model, [])]
+            seen += [v for h in states.values() for v in _follower_versions(h, model)]
+            version = 1 + max(seen, default=0)
+        elif (all(version not in h["versions"].get(model, []) for h in states.values())
+              and any(version in _follower_versions(h, model, refused_only=True) for h in states.values())):
+            raise PublishError(f"cannot publish {model!r} v{version}: a live worker remembers refusing a version of "
+                               f"that number (since reverted) and would not load it; publish under another number "
+                               f"(leave --version out to get one)")
         arrays = {name: to_numpy(t) for name, t in tensors.items()}
         new_layout = {n: (a.dtype.name, tuple(a.shape)) for n, a in arrays.items()}
         currents = set(previous.values()) - {None}
@@ -180,7 +204,7 @@ class ParamClient:
         for header, _ in requests.values():
             header["digest"] = digest
         ids = {"model": model, "version": version, "token": token, "digest": digest}
-        replies = self.rpc.call(requests, raise_on_error=False)
+        replies = self.rpc.call(requests, raise_on_error=False, progress=progress)
         failed = {n: _why(replies.get(n)) for n in self.shards if n not in replies or not replies[n][0].get("ok")}
         problem = None if failed else tiling_problem({n: h.get("layout", {}) for n, (h, _) in replies.items()})[1]
         if failed or problem:
@@ -191,6 +215,7 @@ class ParamClient:
             why = problem or "; ".join(f"{n}: {msg}" for n, (_, msg) in sorted(failed.items()))
             raise PublishError(f"publish of {model!r} v{version} failed while staging, nothing changed: {why}")
         arbiter, *rest = sorted(self.shards)  # one shard decides between racing publishers
+        committing = time.monotonic()  # a worker's report from before this cannot speak of this content
         first = self.rpc.call({arbiter: ({"cmd": "commit", **ids}, [])}, raise_on_error=False)
         arbiter_ok = bool(first.get(arbiter, ({}, []))[0].get("ok"))
         code, msg = (None, "") if arbiter_ok else _why(first.get(arbiter))
@@ -204,23 +229,80 @@ class ParamClient:
             failed = {n: _why(replies.get(n)) for n in rest if n not in replies or not replies[n][0].get("ok")}
         if failed:
             why = "; ".join(f"{n}: {m}" for n, (_, m) in sorted(failed.items()))
-            self._revert(model, ids, previous)  # raises if some shard never confirms
-            raise PublishError(f"publish of {model!r} v{version} failed to commit ({why}); "
-                               f"reverted, the previous version stays current")
+            now = self._revert(model, ids, previous)  # raises if some shard never confirms
+            raise PublishError(f"publish of {model!r} v{version} failed to commit ({why}); reverted, "
+                               f"{_after_revert(now, previous)}")
         log.info("published", model=model, version=version, base=base, tensors=len(arrays), pieces=len(pieces))
+        if check_workers:
+            self._check_workers(model, version, ids, previous, committing, worker_check_s)
         return version
 
-    def _revert(self, model: str, ids: dict, previous: Mapping[str, int | None]) -> None:
+    def _check_workers(self, model: str, version: int, ids: dict, previous: Mapping[str, int | None],
+                       start: float, limit_s: float) -> None:
+        """Wait until a live worker that follows `model` has built `version` (what the shards'
+        `hello.followers` say: paramserver/followers.py). Every one refusing it: revert and raise
+        PublishRefused; none deciding within `limit_s`: PublishError, the version stays current.
+        No worker following the model: nothing to check. Only reports made after `start` (the
+        commit) count: one from before may speak of a reverted version of the same number."""
+        end = time.monotonic() + limit_s
+        verdicts: dict[str, str] = {}
+        while True:
+            followers = self._followers(model)
+            if not followers:
+                log.info("publish_not_checked", model=model, version=version, why="no live worker follows the model")
+                return
+            since = time.monotonic() - start  # only a report made after the commit speaks of this version
+            verdicts = {n: _verdict(state, version) if age <= since else "waiting"
+                        for n, (age, state) in followers.items()}
+            if "loaded" in verdicts.values():
+                log.info("publish_accepted", model=model, version=version,
+                         workers=sorted(n for n, v in verdicts.items() if v == "loaded"))
+                return
+            if all(v.startswith("refused") for v in verdicts.values()):
+                now = self._revert(model, ids, previous)
+                raise PublishRefused(f"refused: every live worker serving {model!r} ({', '.join(sorted(verdicts))}) "
+                                     f"refused v{version} (see `ringserve-admin status` for why); reverted, "
+                                     f"{_after_revert(now, previous)}. Publish with --no-worker-check "
+                                     f"(check_workers=False) to make it current anyway, e.g. before restarting "
+                                     f"the workers with a changed model")
+            if time.monotonic() >= end:
+                waiting = sorted(n for n, v in verdicts.items() if v == "waiting")
+                raise PublishError(f"{model!r} v{version} is committed and current, but no live worker loaded it "
+                                   f"within {limit_s:g}s (still waiting: {', '.join(waiting)}); check "
+                                   f"`ringserve-admin status`, roll back if it is wrong")
+            time.sleep(0.1)
+
+    def _followers(self, model: str) -> dict[str, tuple[float, dict]]:
+        """(age in seconds, state) of the freshest report of every live worker following `model`,
+        over all shards."""
+        best: dict[str, tuple[float, dict]] = {}
+        replies = self.rpc.call_all({"cmd": "hello"}, timeout=min(self.rpc.timeout, 2.0), raise_on_error=False)
+        for header, _ in replies.values():
+            reports = header.get("followers") if isinstance(header.get("followers"), dict) else {}
+            for name, rep in reports.items():
+                models = rep.get("models") if isinstance(rep, dict) else None
+                state = models.get(model) if isinstance(models, dict) else None
+                age = rep.get("age_s") if isinstance(rep, dict) else None
+                if isinstance(state, dict) and isinstance(age, (int, float)) and (name not in best or age < best[name][0]):
+                    best[name] = (age, state)
+        return best
+
+    def _revert(self, model: str, ids: dict, previous: Mapping[str, int | None]) -> dict[str, int | None]:
         """Tell every shard, answering or not, to undo this publish, and keep asking (bounded:
         max(10 s, 3 x timeout)) until each confirms: a commit that lands late on a slow shard
-        must be undone too, or the shards would disagree."""
+        must be undone too, or the shards would disagree. Returns each shard's current version
+        after the revert, as it says."""
         todo = set(self.shards)
+        now: dict[str, int | None] = {}
         end = time.monotonic() + max(10.0, 3 * self.rpc.timeout)
         while todo and time.monotonic() < end:
             replies = self.rpc.call({n: ({"cmd": "revert", **ids, "previous": previous.get(n)}, []) for n in todo},
                                     timeout=min(self.rpc.timeout, max(0.5, end - time.monotonic())),
                                     raise_on_error=False)
-            todo -= {n for n, (h, _) in replies.items() if h.get("ok")}
+            for n, (h, _) in replies.items():
+                if h.get("ok"):
+                    todo.discard(n)
+                    now[n] = h.get("current", previous.get(n))
             if todo:
                 time.sleep(0.2)
         if todo:
@@ -228,9 +310,10 @@ class ParamClient:
             raise PublishError(f"publish of {model!r} v{ids['version']} failed and shards {sorted(todo)} did not "
                                f"confirm the revert; workers keep the previous version while shards disagree; "
                                f"repair with a rollback once they answer")
+        return now
 
     def publish_file(self, model: str, path: str, version: int | None = None, base: int | None = None,
-                     **options: bool) -> int:
+                     **options: Any) -> int:
         return self.publish(model, load_file(path), version, base, **options)
 
     def rollback(self, model: str, version: int) -> None:
@@ -247,6 +330,40 @@ def hash_all(buffers: list) -> list[str]:
         return [hashlib.sha256(b).hexdigest() for b in buffers]
     with ThreadPoolExecutor(min(HASH_THREADS, len(buffers))) as pool:
         return list(pool.map(lambda b: hashlib.sha256(b).hexdigest(), buffers))
+
+
+def _follower_versions(hello: Mapping, model: str, refused_only: bool = False) -> list[int]:
+    """Every version number of `model` the workers following a shard mention (served, built,
+    refused; or only refused)."""
+    out = []
+    reports = hello.get("followers") if isinstance(hello.get("followers"), dict) else {}
+    for rep in reports.values():
+        state = rep.get("models", {}).get(model) if isinstance(rep, dict) and isinstance(rep.get("models"), dict) \
+            else None
+        if isinstance(state, dict):
+            named = [] if refused_only else [state.get("version"), *(state.get("loaded") or [])]
+            out += [v for v in [*named, *(state.get("refused") or [])] if isinstance(v, int) and not isinstance(v, bool)]
+    return out
+
+
+def _verdict(state: Mapping, version: int) -> str:
+    """One worker's word on `version`: "loaded", "refused" or "waiting"."""
+    if version in (state.get("loaded") or []) or state.get("version") == version:
+        return "loaded"
+    return "refused" if version in (state.get("refused") or []) else "waiting"
+
+
+def _after_revert(now: Mapping[str, int | None], previous: Mapping[str, int | None]) -> str:
+    """What a revert left current, as the shards said: the truth, not what was hoped."""
+    if all(now.get(n) == v for n, v in previous.items()):
+        cur = set(previous.values())
+        if cur == {None}:
+            return "no version is current, as before"
+        return (f"the previous version v{cur.pop()} stays current" if len(cur) == 1
+                else "each shard's previous version stays current")
+    return "but the shards now have current " + ", ".join(
+        f"{n}: {'none' if now.get(n) is None else 'v' + str(now.get(n))}" for n in sorted(now)) + \
+        " (the previous version was lost); repair with a rollback"
 
 
 def _why(reply: tuple[dict, list] | None) -> tuple[str | None, str]:

@@ -24,7 +24,7 @@ else:  # pragma: no cover - Python 3.10
 from ringserve.protocol.sockets import BindError
 
 
-ROLES = ("master", "worker", "ps", "publish", "admin", "local", "keys")  # tables a config file may hold
+ROLES = ("master", "worker", "ps", "publish", "admin", "local", "keys", "gateway")  # tables a config file may hold
 
 
 def number(kind, lo: float, lo_open: bool = False):
@@ -46,12 +46,11 @@ positive_int = number(int, 1)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Every option's help ends with its default (when it has one worth saying)."""
+    """Every option's help ends with its default (when it has one worth saying), once."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = "" if action.help == _NO_HELP else action.help or ""
-        if ("%(default)" in text or action.default is None or action.default is False
-                or action.default in ([], argparse.SUPPRESS) or not action.option_strings):
+        if "%(default)" in text or "(default" in text or not _default_worth_showing(action):
             return text
         return f"{text} (default: %(default)s)".strip()
 
@@ -59,9 +58,27 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 _NO_HELP = "\x00"  # stands for an option without help text, so that argparse still prints its default
 
 
+def _default_worth_showing(action: argparse.Action) -> bool:
+    return bool(action.option_strings) and not (action.default is None or action.default is False
+                                                or action.default in ([], argparse.SUPPRESS))
+
+
+def all_actions(parser: argparse.ArgumentParser) -> list[tuple[argparse.ArgumentParser, argparse.Action]]:
+    """(parser, action) for every argument of the parser and of each of its subcommands."""
+    out = []
+    for action in parser._actions:  # argparse keeps no public list of its actions
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases share one parser
+                out += all_actions(sub)
+        else:
+            out.append((parser, action))
+    return out
+
+
 def _show_defaults(parser: argparse.ArgumentParser) -> None:
-    for action in set(_options(parser).values()):
-        if action.help is None:
+    """An option without help text still shows its default (argparse prints nothing for help=None)."""
+    for _, action in all_actions(parser):
+        if action.help is None and _default_worth_showing(action):
             action.help = _NO_HELP
 
 
@@ -80,7 +97,10 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None = Non
     pre.add_argument("--config")
     known, _ = pre.parse_known_args(argv)
     if known.config:
-        argv = argv + config_flags(parser, load_config(parser, known.config), argv)
+        flags = config_flags(parser, load_config(parser, known.config), argv)
+        top = {o for a in parser._actions for o in a.option_strings}
+        first = [f for f in flags if f.split("=", 1)[0] in top]  # must come before a subcommand
+        argv = first + argv + [f for f in flags if f not in first]
     return parser.parse_args(argv)
 
 
@@ -126,7 +146,8 @@ def config_flags(parser: argparse.ArgumentParser, config: dict[str, Any], argv: 
     given = {a.split("=", 1)[0][2:] for a in argv if a.startswith("--")}
     role = parser.prog.removeprefix("ringserve-")
     settings = {k: v for k, v in config.items() if not (isinstance(v, dict) and k in ROLES)}
-    settings.update(config.get(role) or {})  # the role's own table wins over the shared top level
+    table = config.get(role)  # (`keys = "DIR"` is a setting, not ringserve-keys's table)
+    settings.update(table if isinstance(table, dict) else {})  # the role's own table wins over the top level
     flags: list[str] = []
     for key, value in settings.items():
         name = key.replace("_", "-")

@@ -25,4 +25,5 @@ def configure_logging(role: str, level: str = "info") -> None:
 
 
 def add_log_flag(parser) -> None:
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                        help="least severe log event written to stderr (one JSON object per line)")

@@ -5,7 +5,9 @@ A role that binds sockets prints one line ``RINGSERVE_READY {json}`` on stdout o
 Each child runs in its own session, so stop() can always take down the whole group, with
 huge pages for glibc's large buffers (launch/memory.py's `large_buffer_env`).
 After the ready line a daemon thread keeps reading the child's stdout (copying it to the log),
-so a child that prints a lot never blocks on a full pipe.
+so a child that prints a lot never blocks on a full pipe. A child never outlives this process,
+even a SIGKILLed one: it watches a pipe whose write end only this process holds (and, on Linux,
+has PR_SET_PDEATHSIG), see launch/lifeline.py.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from ringserve.launch import lifeline as lifeline_mod
 from ringserve.launch.memory import large_buffer_env
 
 READY_PREFIX = "RINGSERVE_READY "
@@ -34,10 +37,11 @@ class RoleProcess:
                  wait_ready: bool = True, ready_timeout: float = 60.0, env: dict | None = None):
         self.module, self.args = module, list(args)
         self.log_path = Path(log_path) if log_path else None
+        self._lifeline: int | None = None
         self._log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen([sys.executable, "-m", module, *self.args], stdout=subprocess.PIPE,
-                                     stderr=self._log, start_new_session=True,
-                                     env={**os.environ, **large_buffer_env(), **(env or {})})
+        self.proc, self._lifeline = popen_tied(module, self.args, stdout=subprocess.PIPE, stderr=self._log,
+                                               start_new_session=True,
+                                               env={**os.environ, **large_buffer_env(), **(env or {})})
         self.info: dict = {}
         self._pump: threading.Thread | None = None
         if wait_ready:
@@ -116,6 +120,12 @@ class RoleProcess:
         if self._log is not subprocess.DEVNULL:
             self._log.close()
             self._log = subprocess.DEVNULL
+        self._cut_lifeline()
+
+    def _cut_lifeline(self) -> None:
+        if self._lifeline is not None and self.proc.poll() is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
 
     def kill(self) -> None:
         try:
@@ -123,6 +133,26 @@ class RoleProcess:
         except ProcessLookupError:
             pass
         self.wait(5)
+
+
+def popen_tied(module: str, args: Sequence[str], **popen_kwargs) -> tuple[subprocess.Popen, int]:
+    """Start ``python -m module args`` tied to this process (launch/lifeline.py): it stops when this
+    process is gone, even SIGKILLed. Returns the child and the lifeline's write end, which this
+    process keeps open while the child should live (close it once the child has exited)."""
+    lifeline, write_end = os.pipe()  # the child sees end of file when every holder of write_end is gone
+    env = dict(popen_kwargs.pop("env", None) or os.environ)
+    env[lifeline_mod.PARENT_ENV] = str(os.getpid())
+    # PDEATHSIG fires when the creating *thread* exits: ask for it only from the main thread
+    env[lifeline_mod.PDEATHSIG_ENV] = "1" if threading.current_thread() is threading.main_thread() else "0"
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "ringserve.launch.lifeline", str(lifeline), module, *args],
+                                pass_fds=(lifeline,), env=env, **popen_kwargs)
+    except BaseException:
+        os.close(write_end)
+        raise
+    finally:
+        os.close(lifeline)
+    return proc, write_end
 
 
 def _pump_stdout(stream, log, pending: bytes) -> None:
@@ -166,3 +196,18 @@ def wait_for_workers(admin_address: str, count: int, timeout: float = 60.0, mode
         return st if len(ok) >= count else None
 
     return wait_until(enough, timeout, 0.1, f"{count} workers at {admin_address}")
+
+
+def free_tcp_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports free on `host` right now, for roles that must know each other's endpoints before they
+    start (active masters name their peers): bound together, then released."""
+    import socket
+
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()

@@ -8,9 +8,14 @@ delta file from two checkpoints, list versions, or roll back.
   ringserve-publish --shards S --model M --diff OLD NEW --base 3          publish that delta directly
   ringserve-publish --shards S --model M [--json]                        the versions, per shard
   ringserve-publish --shards S --model M --rollback 2                    make v2 current again
+
+A publish waits for a live worker serving the model to load the new version: one that every
+such worker refuses is reverted (exit 1); --no-worker-check skips this. On a terminal (or
+with --progress) it shows the bytes sent to each shard while staging.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
@@ -37,6 +42,14 @@ def parser():
     p.add_argument("--allow-new-keys", action="store_true", help="a delta may add tensors its base lacks")
     p.add_argument("--allow-layout-change", action="store_true",
                    help="a full version may differ in tensors/shapes from the current one (the model changed)")
+    p.add_argument("--no-worker-check", action="store_true",
+                   help="do not wait for a live worker to load the new version (by default a version that every "
+                        "live worker serving the model refuses is reverted and the command exits 1; use this to "
+                        "publish a changed model before restarting its workers)")
+    p.add_argument("--worker-check-s", type=float, default=60.0,
+                   help="how long to wait for a live worker to load the new version (exit 1 if none has)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show bytes sent per shard while staging (default: when stderr is a terminal)")
     p.add_argument("--rollback", type=int, default=None, metavar="VERSION", help="make VERSION current again")
     p.add_argument("--list", action="store_true", help="list the model's versions per shard (the default action)")
     p.add_argument("--json", action="store_true", help="list versions as JSON instead of a table")
@@ -45,6 +58,37 @@ def parser():
     add_security_flags(p)
     add_log_flag(p)
     return p
+
+
+class Progress:
+    """One line on stderr, rewritten in place: bytes sent of total, per shard (never into logs)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.shown = False  # a line is on the screen and not ended yet
+        self.last = None
+
+    def __call__(self, sent: dict[str, tuple[int, int]]) -> None:
+        done = sum(a for a, _ in sent.values())
+        total = sum(b for _, b in sent.values())
+        parts = "  ".join(f"{n} {_mb(a)}/{_mb(b)}" for n, (a, b) in sorted(sent.items()))
+        line = f"sent {_mb(done)} of {_mb(total)} MB  {parts}"
+        if line != self.last:  # rewritten only when it changes
+            self.stream.write("\r" + line)
+            self.stream.flush()
+            self.shown, self.last = True, line
+        if done == total:  # every shard has it all: end the line before anything else is printed
+            self.end()
+
+    def end(self) -> None:
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.shown = False
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f}"
 
 
 def diff(old_path: str, new_path: str) -> tuple[dict, dict]:
@@ -87,20 +131,29 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             if args.base is None:
                 p.error("publishing a --diff needs --base VERSION (the version OLD is)")
+        show = sys.stderr.isatty() if args.progress is None else args.progress
+        progress = Progress() if show else None
+        checks = {"check_workers": not args.no_worker_check, "worker_check_s": args.worker_check_s,
+                  "progress": progress}
         with ParamClient(args.shards, args.chunk_bytes, args.timeout, security_from_args(args, "publisher")) as pc:
-            if args.rollback is not None:
-                pc.rollback(args.model, args.rollback)
-                print(json.dumps({"model": args.model, "current": args.rollback}))
-            elif delta is not None:
-                v = pc.publish(args.model, delta, args.version, args.base, allow_new=args.allow_new_keys)
-                print(json.dumps({"model": args.model, "version": v, "base": args.base, **summary}))
-            elif args.weights:
-                v = pc.publish_file(args.model, args.weights, args.version, args.base,
-                                    allow_new=args.allow_new_keys, allow_layout_change=args.allow_layout_change)
-                print(json.dumps({"model": args.model, "version": v}))
-            else:
-                versions = pc.versions(args.model)
-                print(json.dumps(versions) if args.json else versions_table(args.model, versions))
+            try:
+                if args.rollback is not None:
+                    pc.rollback(args.model, args.rollback)
+                    print(json.dumps({"model": args.model, "current": args.rollback}))
+                elif delta is not None:
+                    v = pc.publish(args.model, delta, args.version, args.base, allow_new=args.allow_new_keys, **checks)
+                    print(json.dumps({"model": args.model, "version": v, "base": args.base, **summary}))
+                elif args.weights:
+                    v = pc.publish_file(args.model, args.weights, args.version, args.base,
+                                        allow_new=args.allow_new_keys, allow_layout_change=args.allow_layout_change,
+                                        **checks)
+                    print(json.dumps({"model": args.model, "version": v}))
+                else:
+                    versions = pc.versions(args.model)
+                    print(json.dumps(versions) if args.json else versions_table(args.model, versions))
+            finally:
+                if progress is not None:
+                    progress.end()
     except (PublishError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

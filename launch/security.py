@@ -22,8 +22,7 @@ def add_security_flags(parser: argparse.ArgumentParser) -> None:
                    help="allow binding a non-loopback address without --keys, or metrics without TLS and a "
                         "token (logs a loud warning)")
     g.add_argument("--max-msg-bytes", type=int, default=DEFAULT_MAX_MSG_BYTES,
-                   help=f"ZMQ_MAXMSGSIZE on every socket: a larger message drops its peer "
-                        f"(default {DEFAULT_MAX_MSG_BYTES})")
+                   help="ZMQ_MAXMSGSIZE on every socket: a larger message drops its peer")
 
 
 def security_from_args(args: argparse.Namespace, role: str, binds: Iterable[str] = (),

@@ -99,6 +99,7 @@ def build_status(broker, now: float) -> dict:
             "retries": c.retries if c else 0,
             "versions": sorted(set().union(*(w.versions(name) for w in broker.workers.values()))),
             **model_summary(name, broker.workers.values()),
+            **({"desired_workers": broker.scaling[name].desired} if name in getattr(broker, "scaling", {}) else {}),
             **(windows.summary(name, now) if windows is not None else {"rate_per_s": 0.0, "p50_ms": None,
                                                                        "p99_ms": None}),
         }
@@ -114,7 +115,21 @@ def build_status(broker, now: float) -> dict:
         "answer_cache": {"ids": len(broker.answered), "replies": broker.answered.replies_held,
                          "bytes": broker.answered.bytes},
         "books": broker.books(),
+        "response_cache": broker.responses.stats(),
+        "master": master_view(broker, now),
         "workers": workers,
         "models": models,
         "routes": {m: r.to_json() for m, r in broker.routes.items()},
     }
+
+
+def master_view(broker, now: float) -> dict:
+    """This master's place in an active-active set: its role, its route clock, and each peer as
+    last heard (a peer silent for 4 sync intervals is shown 'silent')."""
+    limit = 4 * broker.cfg.peer_interval
+    peers = [{"endpoint": p.endpoint, "epoch": p.epoch, "workers": p.workers,
+              "routes_clock": list(p.routes_clock) if p.routes_clock else None,
+              "last_heard_s": None if p.last_heard is None else round(now - p.last_heard, 3),
+              "state": "up" if p.last_heard is not None and now - p.last_heard <= limit else "silent"}
+             for p in broker.peers.values()]
+    return {"epoch": broker.epoch, "role": "active", "routes_clock": list(broker.routes_clock), "peers": peers}

@@ -1,13 +1,20 @@
-"""A shard's Prometheus metrics: versions and bytes held, stage/commit outcomes and times, fetches."""
+"""A shard's Prometheus metrics: versions and bytes held, stage/commit outcomes and times, fetches.
+
+Each command's `ok` count starts at 0 (the commands are known), so a dashboard reads 0, not
+"No data", before the first publish or fetch."""
 from __future__ import annotations
 
+from typing import Iterable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+
+from ringserve.protocol.messages import SHARD_COMMANDS
 
 BUCKETS = (.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class ShardMetrics:
-    def __init__(self, shard: str) -> None:
+    def __init__(self, shard: str, commands: Iterable[str] = SHARD_COMMANDS) -> None:
         self.registry = r = CollectorRegistry()
         ProcessCollector(registry=r)
         self.versions = Gauge("ringserve_shard_versions", "Committed versions kept, by model", ["model"], registry=r)
@@ -19,6 +26,9 @@ class ShardMetrics:
                                   ["cmd"], buckets=BUCKETS, registry=r)
         self.fetch_bytes = Counter("ringserve_shard_fetch_bytes", "Weight bytes sent to workers", registry=r)
         Gauge("ringserve_shard_info", "This shard's name", ["shard"], registry=r).labels(shard).set(1)
+        for cmd in commands:
+            self.commands.labels(cmd, "ok")
+            self.duration.labels(cmd)
 
     def on_command(self, cmd: str, outcome: str, seconds: float) -> None:
         self.commands.labels(cmd, outcome).inc()

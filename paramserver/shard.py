@@ -1,6 +1,7 @@
 """One parameter-server shard: a ROUTER for commands, a PUB for announcements (Clone pattern).
 
-Commands ([RSP01][msgpack header][tensor frames...]): hello (state snapshot), stage (receive
+Commands ([RSP01][msgpack header][tensor frames...]): hello (state snapshot; a worker's hello
+also reports what it serves: paramserver/followers.py), stage (receive
 this shard's pieces of a new version, checksums verified, pieces not stored yet written to
 disk, invisible), commit (write its manifest: durable and current), abort, revert (undo a
 commit of a publish that failed elsewhere), fetch (send a version's manifest, or its pieces
@@ -33,11 +34,12 @@ import numpy as np
 import structlog
 import zmq
 
+from ringserve.paramserver.followers import Followers, parse_report
 from ringserve.paramserver.metrics import ShardMetrics
 from ringserve.paramserver.store import ShardStore, Slice, is_checksum, sha256
-from ringserve.protocol.codec import SUPPORTED_DTYPES, pack, unpack_map
+from ringserve.protocol.codec import pack, unpack_map
 from ringserve.protocol.messages import SHARD_COMMANDS, SHARD_PROTO, ErrorCode, ProtocolError, error_body
-from ringserve.protocol.placement import Piece
+from ringserve.protocol.placement import Piece, dtype_problem, model_name_problem
 from ringserve.protocol.security import Security, shard_command_roles, user_id
 from ringserve.protocol.sockets import BindError, bind
 
@@ -104,6 +106,7 @@ class Shard:
         self.metrics = ShardMetrics(cfg.name)
         self.refused = 0  # commands from a key whose role may not run them (answered with nothing)
         self.fetch_bytes = 0  # weight bytes sent in fetch replies since start
+        self.followers = Followers()  # what the workers following us serve (for the publisher's check)
 
     def run(self) -> None:
         log.info("shard_started", shard=self.cfg.name, endpoint=self.endpoint, pub=self.pub_endpoint,
@@ -145,6 +148,11 @@ class Shard:
                 self.refused += 1  # a refused peer gets nothing and changes nothing
                 log.warning("command_refused", cmd=cmd, rid=rid, user=user_id(frames[-1]))
                 return
+            if cmd == "hello" and header.get("follower") is not None:
+                try:
+                    self._note_follower(header["follower"], frames[-1])
+                except ProtocolError as exc:  # a bad report is dropped; the snapshot is still answered
+                    log.warning("follower_report_refused", rid=rid, error=str(exc)[:300])
             handler = getattr(self, f"on_{cmd}")
             reply = handler(header, frames[3:])
             if isinstance(reply, tuple):
@@ -171,9 +179,22 @@ class Shard:
             log.warning("shard_reply_undeliverable", rid=rid, dropped=self.replies_dropped,
                         why="peer gone" if exc.errno == errno.EHOSTUNREACH else "peer not reading (high-water mark)")
 
+    def _note_follower(self, report: object, last_frame) -> None:
+        """A worker's report of what it serves (paramserver/followers.py). Only a worker may send
+        one; with keys it is filed under the key's name, not the name it announces."""
+        if self.cfg.security.authorize(last_frame, frozenset({"worker"})) is None:
+            raise ProtocolError("only a worker may send a follower report")
+        name, models = parse_report(report)
+        user = user_id(last_frame) if self.cfg.security.enabled else None
+        if user:
+            name = user.split(":")[1] if user.count(":") >= 1 else user
+        self.followers.note(name, models, time.monotonic())
+
     def on_hello(self, header: dict, frames) -> dict:
         return {"ok": True, "name": self.cfg.name, "pub": self.pub_endpoint, "boot": self.boot, "seq": self.seq,
                 "current": dict(self.store.current), "versions": self.store.versions(),
+                "history": {m: list(h) for m, h in self.store.history.items() if h},
+                "followers": self.followers.snapshot(time.monotonic()),
                 "corrupt": {m: {str(v): why for v, why in c.items()} for m, c in self.store.corrupt.items()},
                 "fallback": dict(self.store.fallback), "announce_interval": self.cfg.announce_interval,
                 "staging": {"stages": len(self.staging), "bytes": self.staging_bytes(),
@@ -292,7 +313,7 @@ class Shard:
         self.staging.pop((model, version, token), None)  # a commit arriving later finds nothing staged
         committed = self.store.slices.get(model, {}).get(version)
         if committed is None or committed.digest != digest:
-            return {"ok": True, "reverted": False}
+            return {"ok": True, "reverted": False, "current": self.store.current.get(model)}
         if previous is not None and previous not in self.store.slices.get(model, {}):
             previous = None
         was_current = self.store.current.get(model) == version
@@ -300,7 +321,7 @@ class Shard:
         if was_current:
             self._announce("rollback", model, previous)
         log.warning("version_reverted", model=model, version=version, current=self.store.current.get(model))
-        return {"ok": True, "reverted": True}
+        return {"ok": True, "reverted": True, "current": self.store.current.get(model)}
 
     def on_fetch(self, header: dict, frames):
         model = _model(header)
@@ -351,8 +372,9 @@ class Shard:
 
 def _model(header: dict) -> str:
     model = header.get("model")
-    if not isinstance(model, str) or not model or "/" in model or model.startswith("."):
-        raise ProtocolError("field 'model' must be a plain name")
+    problem = model_name_problem(model)
+    if problem:
+        raise ProtocolError(f"field 'model': {problem}")
     return model
 
 
@@ -387,8 +409,8 @@ def _piece(item: object) -> tuple[Piece, str]:
     if not isinstance(key, str) or not (key == param or (key.startswith(param + "#")
                                                           and key[len(param) + 1:].isdigit())):
         raise ProtocolError(f"piece key {str(key)[:80]!r} must be {param!r} or {param!r}#N")
-    if dtype not in SUPPORTED_DTYPES:
-        raise ProtocolError(f"piece {key}: dtype {dtype!r} not supported")
+    if dtype_problem(dtype):
+        raise ProtocolError(f"piece {key}: {dtype_problem(dtype)}")
     if (not isinstance(shape, list) or len(shape) > 8
             or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
         raise ProtocolError(f"piece {key}: shape must be a list of at most 8 non-negative ints")
@@ -406,10 +428,13 @@ def _replace(header: dict) -> dict[str, tuple[str, tuple]]:
     rep = header.get("replace", {})
     if rep is None:
         return {}
-    if not isinstance(rep, dict) or not all(valid_name(k) and isinstance(v, list) and len(v) == 2
-                                            and isinstance(v[1], list) for k, v in rep.items()):
-        raise ProtocolError("field 'replace' must map tensor names to [dtype, shape]")
-    return {k: (str(v[0]), tuple(v[1])) for k, v in rep.items()}
+    if not isinstance(rep, dict) or not all(
+            valid_name(k) and isinstance(v, list) and len(v) == 2 and dtype_problem(v[0]) is None
+            and isinstance(v[1], list) and len(v[1]) <= 8
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in v[1]) for k, v in rep.items()):
+        raise ProtocolError("field 'replace' must map tensor names to [dtype, shape] (a supported dtype, "
+                            "at most 8 non-negative ints)")
+    return {k: (v[0], tuple(v[1])) for k, v in rep.items()}
 
 
 def delta_problem(base: Slice, replace: dict[str, tuple[str, tuple]]) -> str | None:

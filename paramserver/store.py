@@ -13,9 +13,10 @@ fsynced. The shard does this when a stage arrives (so the disk works while the o
 receive theirs, and a commit is quick); a commit writes whatever is still missing, then the
 manifest the same way (last: it marks the version done), so a SIGKILL at any moment leaves
 either the old state or the new one; pieces no manifest names are invisible. After a
-commit, rollback, revert, abort or expired stage, versions beyond `keep` are dropped and piece
-files that neither a kept version nor a live stage references are deleted (temporary files a
-crash left behind go at start).
+commit, versions beyond `keep` are dropped, except the current one and the one current before
+it (a revert of that commit, or a rollback repairing it, needs it: `prunable`); after a commit,
+rollback, revert, abort or expired stage, piece files that neither a kept version nor a live
+stage references are deleted (temporary files a crash left behind go at start).
 
 Read path (start): every piece a manifest names is read once and checked against its name;
 a version with a manifest that fails its own checksum, a piece missing or failing its
@@ -102,6 +103,13 @@ def fallback_version(corrupt: int, history: list[int], good: set[int]) -> int | 
     current version that is older than it and readable. Never a newer one: a newer version in
     the history was current before a rollback, i.e. rolled back on purpose."""
     return next((v for v in reversed(history) if v < corrupt and v in good), None)
+
+
+def prunable(versions, keep: int, protected: set[int]) -> list[int]:
+    """Versions beyond the newest `keep` that may be deleted: never one in `protected` (the
+    current version and the one current before it), even when that one is the oldest."""
+    ordered = sorted(versions)
+    return [v for v in ordered[:max(0, len(ordered) - keep)] if v not in protected]
 
 
 def unreferenced(stored: set[str], slices: dict) -> set[str]:
@@ -214,11 +222,13 @@ class ShardStore:
         for suffix in (".manifest.json", ".safetensors"):
             (self.root / model / f"v{version}{suffix}").unlink(missing_ok=True)
 
+    def protected(self, model: str) -> set[int]:
+        """Versions a prune must keep: the current one, and the one current before it (what a
+        revert of the last commit, or the rollback that repairs it, makes current again)."""
+        return {v for v in (self.current.get(model), *self.history.get(model, [])[-1:]) if v is not None}
+
     def _prune(self, model: str) -> None:
-        versions = sorted(self.slices.get(model, {}))
-        for v in versions[:-self.keep] if len(versions) > self.keep else []:
-            if v == self.current.get(model):
-                continue
+        for v in prunable(self.slices.get(model, {}), self.keep, self.protected(model)):
             del self.slices[model][v]
             self._forget(model, v)
         self.collect(model)

@@ -115,6 +115,50 @@ def client_frames(service: str | bytes, body: Sequence) -> list:
     return [b"", MDP_CLIENT, svc, *body]
 
 
+# ------------------------------------------------------- coalesced client traffic
+# A ringserve client may put several requests in one message (service "mmi.batch"; an old master
+# answers RFC 8's "501" and the client goes back to one message per request):
+#     [empty][MDPC01]["mmi.batch"][msgpack [service 1, service 2, ...]][hdr 1][tensors 1...][hdr 2]...
+# and a master answers a client that batches with every answer of one loop turn in one message:
+#     [empty][MDPC01]["mmi.batch"][reply hdr 1][tensors 1...][reply hdr 2]...
+# Requests are split with request_frames (the rule the worker uses too); answers with split_replies.
+MAX_CLIENT_BATCH = 1024  # requests in one coalesced client message
+
+
+def batch_frames(requests: Sequence[tuple[bytes, Sequence]]) -> list:
+    """[(service, body frames: header + tensors)] -> the frames after the "mmi.batch" service frame."""
+    out = [pack([svc.decode() if isinstance(svc, bytes) else svc for svc, _ in requests])]
+    for _, body in requests:
+        out.extend(body)
+    return out
+
+
+def split_batch(frames: Sequence) -> tuple[list[tuple[str, Any, list]], str | None]:
+    """A coalesced client message -> ([(service, header frame, tensor frames)], why the rest could not
+    be split or None). Each request is cut where its header's tensor list says (request_frames);
+    the entries before a break are kept, so one bad request never fails its neighbours."""
+    if not frames:
+        return [], "a batch needs its list of services"
+    services = unpack(frames[0])
+    if not isinstance(services, list) or not 1 <= len(services) <= MAX_CLIENT_BATCH:
+        return [], f"a batch's first frame must list 1..{MAX_CLIENT_BATCH} services"
+    out, k = [], 1
+    for svc in services:
+        if k >= len(frames):
+            return out, "the batch lists more requests than it carries"
+        try:
+            n = request_frames(unpack(frames[k]))
+        except ProtocolError:
+            n = -1
+        if n < 0 or k + 1 + n > len(frames) or type(svc) is not str:
+            return out, "a request header's tensor list does not say how many frames follow"
+        out.append((svc, frames[k], list(frames[k + 1:k + 1 + n])))
+        k += 1 + n
+    if k != len(frames):
+        return out, f"the batch carries {len(frames) - k} frames no request accounts for"
+    return out, None
+
+
 def parse_request_header(header: dict, frames: Sequence) -> ClientRequest:
     """Check every field of a client request; raise ProtocolError naming the bad one."""
     rid = check_id(header.get("id"))
@@ -163,11 +207,12 @@ class WorkerHello:
 
 @dataclass
 class WorkerBeat:
-    """A validated HEARTBEAT (models None when the worker did not say)."""
+    """A validated HEARTBEAT (models None when the worker did not say; credit None: unchanged)."""
 
     models: dict[str, dict] | None
     stats: dict | None
     draining: bool
+    credit: int | None = None  # this master's share of the worker's credit now (several masters)
 
 
 @dataclass
@@ -223,6 +268,11 @@ def parse_models(models: Any) -> dict[str, dict]:
             raise ProtocolError(f"models[{name[:64]!r}].on_demand must be true or false")
         if on_demand:
             clean[name]["on_demand"] = True
+        cache = info.get("cache", False)
+        if not isinstance(cache, bool):
+            raise ProtocolError(f"models[{name[:64]!r}].cache must be true or false")
+        if cache:
+            clean[name]["cache"] = True
         held = info.get("versions")
         if held is not None:
             if not isinstance(held, list) or len(held) > MAX_HELD_VERSIONS:
@@ -277,7 +327,8 @@ def parse_heartbeat(info: Any) -> WorkerBeat:
     draining = info.get("draining", False)
     if not isinstance(draining, bool):
         raise ProtocolError("field 'draining' must be true or false")
-    return WorkerBeat(models, stats, draining)
+    credit = info.get("credit")
+    return WorkerBeat(models, stats, draining, None if credit is None else _int(credit, "credit", 1, MAX_CREDIT))
 
 
 def reply_key(header: dict) -> Any:
@@ -434,7 +485,8 @@ def reply_frames(replies: Sequence[tuple[dict, Sequence]]) -> list:
 
 
 def split_replies(frames: Sequence) -> list[tuple[Any, dict, list]]:
-    """The master reads a REPLY: [(header frame, header map, its frames)] per reply.
+    """A REPLY (the master reading a worker), or a master's coalesced answers (a client reading
+    "mmi.batch"): [(header frame, header map, its frames)] per reply.
 
     Only the frame counts are read here (from the outputs lists); parse_worker_reply checks the rest."""
     out, k = [], 0
@@ -442,7 +494,9 @@ def split_replies(frames: Sequence) -> list[tuple[Any, dict, list]]:
         if len(out) >= MAX_PER_MESSAGE:
             raise ProtocolError(f"more than {MAX_PER_MESSAGE} replies in one message")
         header = unpack_map(frames[k])
-        n = frame_count(header.get("outputs")) if header.get("ok") is True else 0
+        # a result's outputs say how many frames follow; anything else (an error, an ACK, a ping's
+        # answer) has none
+        n = frame_count(header["outputs"]) if header.get("ok") is True and "outputs" in header else 0
         if n < 0:
             raise ProtocolError("field 'outputs' must be a list of tensors")
         if k + 1 + n > len(frames):

@@ -13,8 +13,36 @@ from typing import Iterable, Mapping, Sequence
 
 from uhashring import HashRing
 
+from ringserve.protocol.codec import SUPPORTED_DTYPES
+
 DEFAULT_CHUNK_BYTES = 4 * 1024 * 1024
 VNODES = 40  # ketama default: 40 vnodes x 4 replicas = 160 points per shard
+MAX_MODEL_NAME_BYTES = 255  # a model's name is a directory on every shard: one file name (NAME_MAX)
+PIECE_DTYPES = SUPPORTED_DTYPES  # what a piece may be: what travels on the wire
+
+
+def model_name_problem(name: object) -> str | None:
+    """Why `name` cannot be a model's name on the shards (None if it can). The shard keeps a
+    model in a directory of that name, so it must be one plain file name: the shard answers
+    BAD_REQUEST with this, and the publisher checks it before it sends anything."""
+    if not isinstance(name, str) or not name:
+        return "a model name must be a non-empty string"
+    if "/" in name or name.startswith("."):
+        return f"model name {name[:80]!r} must be a plain name (no '/', not starting with '.')"
+    if not name.isprintable():  # NUL and other control characters cannot be (or should not be) in a file name
+        return f"model name {name[:80]!r} has a NUL or another unprintable character"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_MODEL_NAME_BYTES:
+        return f"model name of {len(name.encode('utf-8', 'surrogatepass'))} bytes is longer than a file name " \
+               f"allows ({MAX_MODEL_NAME_BYTES})"
+    return None
+
+
+def dtype_problem(dtype: object) -> str | None:
+    """Why `dtype` cannot be a piece's dtype (None if it can): one of PIECE_DTYPES, as a string
+    (a list or a map from a peer must be a clear refusal, not a TypeError)."""
+    if not isinstance(dtype, str) or dtype not in PIECE_DTYPES:
+        return f"dtype {str(dtype)[:40]!r} not supported (one of {', '.join(sorted(PIECE_DTYPES))})"
+    return None
 
 
 @dataclass(frozen=True)

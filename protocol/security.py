@@ -42,7 +42,7 @@ DEFAULT_MAX_MSG_BYTES = 256 * 1024 * 1024
 DOMAIN_ROLES: dict[str, frozenset[str]] = {
     "master.client": frozenset({"client"}),
     "master.worker": frozenset({"worker"}),
-    "master.admin": frozenset({"admin"}),
+    "master.admin": frozenset({"admin", "master"}),  # a peer master syncs routes here ('peer' only)
     "shard.cmd": frozenset({"publisher", "worker"}),
     "shard.pub": frozenset({"worker"}),
 }

@@ -8,14 +8,19 @@ flight, with rids from `next_rid`. A shard that does not answer in time gets a f
 from __future__ import annotations
 
 import itertools
+import threading
 import time
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import zmq
 
 from ringserve.protocol.codec import pack, unpack_map
 from ringserve.protocol.messages import SHARD_PROTO, ProtocolError
 from ringserve.protocol.security import Security
+
+
+PROGRESS_S = 0.25  # how often a call with a progress callback reports
+CANCEL_POLL_S = 0.05  # how often a cancellable call looks at its cancel event
 
 
 class ShardCallError(RuntimeError):
@@ -59,16 +64,26 @@ class ShardRPC:
         self.socks[name] = sock
 
     def call(self, requests: Mapping[str, tuple[dict, Sequence]], timeout: float | None = None,
-             raise_on_error: bool = True) -> dict[str, tuple[dict, list]]:
-        """Send each shard its (header, frames) at once; wait for all replies (or the timeout)."""
+             raise_on_error: bool = True, progress: Callable[[dict[str, tuple[int, int]]], None] | None = None,
+             cancel: threading.Event | None = None) -> dict[str, tuple[dict, list]]:
+        """Send each shard its (header, frames) at once; wait for all replies (or the timeout).
+
+        `progress`, if given, is called about every PROGRESS_S while waiting with {shard: (bytes
+        of frames sent, bytes in all)}: each frame is sent tracked, and counts as sent once ZeroMQ
+        has handed it to the network. `cancel` set ends the wait at once (a stopping worker), as
+        a timeout does."""
         rids = {}
         replies: dict[str, tuple[dict, list]] = {}
         failures: dict[str, str] = {}
+        tracked: dict[str, list[tuple[zmq.MessageTracker, int]]] = {}
         for name, (header, frames) in requests.items():
             rids[name] = next(self._rids)
+            parts = [SHARD_PROTO, pack({**header, "rid": rids[name]}), *frames]
+            if progress is not None:
+                parts[2:] = [zmq.Frame(f, track=True) for f in frames]
+                tracked[name] = [(f.tracker, len(f.buffer)) for f in parts[2:]]
             try:  # never block: a shard whose queue is full counts as not answering
-                self.socks[name].send_multipart([SHARD_PROTO, pack({**header, "rid": rids[name]}), *frames],
-                                                zmq.NOBLOCK, copy=False)
+                self.socks[name].send_multipart(parts, zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 failures[name] = "send queue full (shard not reading)"
                 self._open(name)
@@ -77,8 +92,12 @@ class ShardRPC:
         for name in requests:
             poller.register(self.socks[name], zmq.POLLIN)
         waiting = set(requests) - set(failures)
-        while waiting and time.monotonic() < end:
-            for sock, _ in poller.poll(max(1, int((end - time.monotonic()) * 1000))):
+        slice_s = PROGRESS_S if progress is not None else (CANCEL_POLL_S if cancel is not None else None)
+        while waiting and time.monotonic() < end and not (cancel is not None and cancel.is_set()):
+            if progress is not None:
+                progress(_sent(tracked, replies))
+            left = end - time.monotonic()
+            for sock, _ in poller.poll(max(1, int(min(left, slice_s or left) * 1000))):
                 name = next(n for n in waiting | set(replies) if self.socks[n] is sock)
                 frames = sock.recv_multipart(copy=False)
                 try:
@@ -91,16 +110,30 @@ class ShardRPC:
                 replies[name] = (header, frames[2:])
                 if not header.get("ok"):
                     failures[name] = str(header.get("error", {}).get("message", header))
+        if progress is not None:
+            progress(_sent(tracked, replies))
         for name in waiting:
-            failures[name] = f"no answer in {self.timeout if timeout is None else timeout}s"
+            failures[name] = ("stopping" if cancel is not None and cancel.is_set()
+                              else f"no answer in {self.timeout if timeout is None else timeout}s")
             self._open(name)
         if failures and raise_on_error:
             raise ShardCallError(failures)
         return replies
 
-    def call_all(self, header: dict, timeout: float | None = None, raise_on_error: bool = True):
-        return self.call({n: (header, []) for n in self.shards}, timeout, raise_on_error)
+    def call_all(self, header: dict, timeout: float | None = None, raise_on_error: bool = True,
+                 cancel: threading.Event | None = None):
+        return self.call({n: (header, []) for n in self.shards}, timeout, raise_on_error, cancel=cancel)
 
     def close(self) -> None:
         for sock in self.socks.values():
             sock.close(linger=0)
+
+
+def _sent(tracked: Mapping[str, list[tuple[zmq.MessageTracker, int]]], answered: Mapping) -> dict[str, tuple[int, int]]:
+    """{shard: (bytes of the frames ZeroMQ is done with, bytes in all)}; all of it for a shard that
+    answered (pyzmq marks a tracker done a little after the send, from its own thread)."""
+    out = {}
+    for n, frames in tracked.items():
+        total = sum(size for _, size in frames)
+        out[n] = (total if n in answered else sum(size for t, size in frames if t.done), total)
+    return out

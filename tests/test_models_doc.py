@@ -1,7 +1,10 @@
 """docs/models.md is true: its Hugging Face factory, copied verbatim, serves a small encoder
-built from a config (no download) through a real master and worker; ignore_keys; clean errors."""
+built from a config (no download) through a real master and worker; ignore_keys; clean errors;
+its sentence-transformers factory serves a hand-made sentence-transformers directory (pooling,
+Normalize) and a checkpoint whose keys carry a prefix (strip_prefix/add_prefix)."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -15,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 from ringserve.client import Client  # noqa: E402
 from ringserve.client.admin import AdminClient  # noqa: E402
-from ringserve.launch.procs import wait_for_workers  # noqa: E402
+from ringserve.launch.procs import wait_for_workers, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
 DOC = Path(__file__).resolve().parent.parent / "docs" / "models.md"
@@ -23,9 +26,10 @@ DOC = Path(__file__).resolve().parent.parent / "docs" / "models.md"
 
 def factory_from_docs(where: Path) -> Path:
     text = DOC.read_text()
-    code = re.search(r"<!-- factory: my_models\.py.*?-->\s*```python\n(.*?)```", text, re.S).group(1)
     where.mkdir(parents=True, exist_ok=True)
-    (where / "my_models.py").write_text(code)
+    for name in ("my_models", "my_st"):
+        code = re.search(rf"<!-- factory: {name}\.py.*?-->\s*```python\n(.*?)```", text, re.S).group(1)
+        (where / f"{name}.py").write_text(code)
     return where
 
 
@@ -114,3 +118,98 @@ def test_checkpoint_keys_the_module_lacks_fail_in_one_line_or_are_ignored_when_a
     with Client(cluster.frontend, timeout=30) as c:
         assert c.infer("enc", batch(2, 5))["embedding"].shape == (2, 32)
     assert AdminClient(cluster.admin).status()["models"]["enc"]["ok"] == 1
+
+
+# ------------------------------------------------------------------ sentence-transformers
+TINY = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=37,
+            max_position_embeddings=64)
+
+
+def st_directory(where: Path, pooling: str = "mean_tokens", normalize: bool = True, seed: int = 0) -> Path:
+    """The layout SentenceTransformer.save() writes: the Transformer at the root, 1_Pooling, 2_Normalize."""
+    torch.manual_seed(seed)
+    transformers.BertModel(transformers.BertConfig(**TINY)).save_pretrained(where)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (where / "1_Pooling").mkdir()
+    (where / "1_Pooling" / "config.json").write_text(json.dumps(
+        {"word_embedding_dimension": 32, **{f"pooling_mode_{m}": m == pooling
+                                             for m in ("cls_token", "mean_tokens", "max_tokens")}}))
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (where / "2_Normalize").mkdir()
+    (where / "modules.json").write_text(json.dumps(modules))
+    return where
+
+
+def st_reference(bert, x: dict[str, np.ndarray], pooling: str, normalize: bool) -> np.ndarray:
+    """What sentence-transformers computes, written out here independently of the docs' factory."""
+    ids, mask = torch.from_numpy(x["input_ids"]), torch.from_numpy(x["attention_mask"])
+    with torch.inference_mode():
+        hidden = bert.eval()(input_ids=ids, attention_mask=mask).last_hidden_state
+    m = mask.unsqueeze(-1).float()
+    if pooling == "cls_token":
+        out = hidden[:, 0]
+    elif pooling == "max_tokens":
+        out = torch.where(m > 0, hidden, torch.tensor(-1e30)).max(dim=1).values
+    else:
+        out = (hidden * m).sum(1) / m.sum(1)
+    return (out / out.norm(dim=1, keepdim=True) if normalize else out).numpy()
+
+
+@pytest.mark.parametrize("pooling,normalize", [("cls_token", False), ("max_tokens", True)])
+def test_the_documented_st_factory_pools_as_its_directory_says(encoder_dir, tmp_path, pooling, normalize):
+    import my_st  # noqa: PLC0415 - written from the docs by the fixture
+
+    st = st_directory(tmp_path / "st", pooling, normalize)
+    x = batch(3, 7)
+    with torch.inference_mode():
+        got = my_st.sentence_encoder(str(st)).eval()(**{k: torch.from_numpy(v) for k, v in x.items()})["embedding"]
+    want = st_reference(transformers.BertModel.from_pretrained(st), x, pooling, normalize)
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sentence_transformers_directory_and_a_prefixed_checkpoint_are_served(cluster, encoder_dir, tmp_path):
+    from safetensors.torch import save_file
+
+    st = st_directory(tmp_path / "st")
+    cluster.start_master()
+    from_dir = cluster.start_workers(1, model=f"st=my_st:sentence_encoder,arg.path={st}", names=["dir"])[0]
+    x = batch(3, 9)
+    with Client(cluster.frontend, timeout=60) as c:
+        got = c.infer("st", x)["embedding"]
+    want = st_reference(transformers.BertModel.from_pretrained(st), x, "mean_tokens", True)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-5)  # Normalize
+
+    # A fine-tuned export as SentenceTransformer.state_dict() writes it: "0.auto_model." on every key
+    torch.manual_seed(1)
+    tuned = transformers.BertModel(transformers.BertConfig(**TINY))
+    save_file({f"0.auto_model.{k}": v.contiguous() for k, v in tuned.state_dict().items()},
+              str(tmp_path / "tuned.safetensors"))
+    spec = f"st=my_st:sentence_encoder,arg.path={st},weights={tmp_path / 'tuned.safetensors'}"
+    out = subprocess.run([sys.executable, "-m", "ringserve.launch.worker", "--master", "tcp://127.0.0.1:9",
+                          "--model", spec], capture_output=True, text=True, timeout=120)
+    last = out.stderr.strip().splitlines()[-1]
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "0.auto_model.embeddings" in last and "strip_prefix" in last, last
+
+    cluster.start_workers(1, model=spec + ",strip_prefix=0.auto_model.,add_prefix=encoder.", names=["tuned"])
+    from_dir.stop()  # only the fine-tuned worker serves now
+    wait_until(lambda: [w["name"] for w in AdminClient(cluster.admin).status()["workers"]] == ["tuned"], 30,
+               0.2, "the directory's worker to leave")
+    with Client(cluster.frontend, timeout=60) as c:
+        got = c.infer("st", x)["embedding"]
+    np.testing.assert_allclose(got, st_reference(tuned, x, "mean_tokens", True), rtol=1e-4, atol=1e-5)
+
+
+def test_rename_keys_touches_only_keys_the_module_lacks_and_never_merges_two():
+    from ringserve.worker.loader import WeightsRefused, rename_keys
+
+    layout = {"encoder.a": None, "encoder.b": None}
+    assert rename_keys({"0.auto_model.a": 1, "encoder.b": 2}, layout, "0.auto_model.", "encoder.") == \
+        {"encoder.a": 1, "encoder.b": 2}
+    assert rename_keys({"bert.a": 1, "b": 2}, layout, "bert.", "encoder.") == {"encoder.a": 1, "encoder.b": 2}
+    assert rename_keys({"x.a": 1}, layout) == {"x.a": 1}
+    with pytest.raises(WeightsRefused, match="two checkpoint keys"):
+        rename_keys({"bert.a": 1, "a": 2}, layout, "bert.", "encoder.")

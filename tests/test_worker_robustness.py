@@ -115,7 +115,7 @@ def test_dead_compute_thread_makes_the_worker_say_disconnect(zctx):
     agent = WorkerAgent(WorkerConfig(master=master.getsockopt(zmq.LAST_ENDPOINT).decode(), name="dead"), {},
                         ctx=zctx)
     try:
-        agent._connect()
+        agent._connect(agent.links[0])
         assert master.poll(5000) and master.recv_multipart()[1:3] == [WORKER_PROTO, READY]
         agent.on_tick(time.monotonic())  # the compute thread was never started: it is not alive
         assert agent.done and agent.failed == "compute thread died"

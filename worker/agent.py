@@ -1,10 +1,13 @@
 """The worker's socket thread: registration, heartbeats, reconnects, request intake, drain.
 
-It owns the DEALER to the master and the inproc PULL that carries replies from the compute
-thread, so heartbeats keep flowing while a long batch runs. A master silent for
-liveness x interval is presumed dead: the worker reconnects with a fresh socket and
-exponential backoff and registers again (Paranoid Pirate). A DISCONNECT from the master
-(it restarted, or it evicted us) also makes the worker register again.
+It owns one DEALER per master (a worker registers with every master of an active-active set,
+each a `MasterLink`) and the inproc PULL that carries replies from the compute thread, so
+heartbeats keep flowing while a long batch runs. Each reply goes back on the link its request
+came from. The worker's credit is split between the masters it hears from (`credit_share`),
+so together they never send it more than its credit. A master silent for liveness x interval
+is presumed dead: that link reconnects with a fresh socket and exponential backoff and
+registers again (Paranoid Pirate), and its share of the credit goes to the others. A
+DISCONNECT from a master (it restarted, or it evicted us) also makes that link register again.
 
 If the compute thread dies, or one batch runs longer than ``compute_stall_s``, heartbeats
 alone would keep a useless worker registered and every request sent to it would time out;
@@ -39,8 +42,39 @@ MAX_RECV_PER_TURN = 256
 
 
 @dataclass
+class MasterLink:
+    """One master this worker serves: its socket and the Paranoid Pirate state of that connection."""
+
+    index: int
+    endpoint: str
+    dealer: zmq.Socket | None = None
+    epoch: str | None = None
+    last_heard: float = 0.0
+    backoff: float = 0.0
+    register_at: float | None = None
+    reconnects: int = 0
+    in_flight: int = 0
+    replies: list = field(default_factory=list)  # REPLY frames from the compute thread, not yet sent
+    gone: bool = False  # told DISCONNECT while draining: nothing more to say to it
+
+
+def master_list(masters: str | list[str]) -> list[str]:
+    """'tcp://a:5556,tcp://b:5556' (or a list) -> the endpoints, in order, without blanks."""
+    items = masters.split(",") if isinstance(masters, str) else list(masters)
+    out = [m.strip() for m in items if m and m.strip()]
+    if not out:
+        raise ValueError("a worker needs at least one master endpoint")
+    return out
+
+
+def credit_share(credit: int, live: int) -> int:
+    """Each master's share of a worker's credit, so that together they never exceed it."""
+    return max(1, credit // max(1, live))
+
+
+@dataclass
 class WorkerConfig:
-    master: str
+    master: str  # one master endpoint, or several, comma-separated (active-active masters)
     name: str = field(default_factory=lambda: f"worker-{os.getpid()}")
     heartbeat_interval: float = 1.0
     heartbeat_liveness: int = 3
@@ -72,18 +106,13 @@ class WorkerAgent:
         self.metrics = WorkerMetrics()
         self.compute = ComputeThread(self.ctx, self.results_ep, models,
                                      Batcher(cfg.max_batch_size, cfg.max_queue_delay_s, idle_gap_s=cfg.batch_idle_gap_s), self.metrics)
-        self.dealer: zmq.Socket | None = None
+        self.links = [MasterLink(i, ep) for i, ep in enumerate(master_list(cfg.master))]
         self.poller = zmq.Poller()
         self.poller.register(self.results, zmq.POLLIN)
         self.in_flight = 0
-        self.replies: list = []  # REPLY frames taken from the compute thread, not yet sent
         self.draining = False
         self.done = False
-        self.master_epoch: str | None = None
-        self.last_heard = self.last_beat = 0.0
-        self.backoff = 0.0
-        self.register_at: float | None = None
-        self.reconnects = 0
+        self.last_beat = 0.0
         self.drain_requested: str | None = None
         self.failed: str | None = None  # why the worker left on its own (compute died or stalled)
         self.unsplittable = 0  # REQUEST messages with no readable dispatch list (reported in heartbeats)
@@ -92,20 +121,32 @@ class WorkerAgent:
         self.compute.worker_name = cfg.name
         self.compute.request_load = self._request_load
 
+    @property
+    def dealer(self) -> zmq.Socket | None:
+        """The first master's socket (the only one with a single master)."""
+        return self.links[0].dealer
+
+    @property
+    def reconnects(self) -> int:
+        return sum(link.reconnects for link in self.links)
+
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
         self.compute.start()
         if self.sync is not None:
+            self.sync.name = self.cfg.name  # the name the shards' follower books file us under
             self.sync.start()
-        self._connect()
+        for link in self.links:
+            self._connect(link)
         try:
             while not self.done:
                 events = dict(self.poller.poll(self._poll_timeout_ms()))
                 if self.results in events:
                     drain(self.results, self.on_result, MAX_RECV_PER_TURN)
                     self.flush_replies()
-                if self.dealer in events:
-                    drain(self.dealer, self.on_master, MAX_RECV_PER_TURN)
+                for link in self.links:
+                    if link.dealer in events:
+                        drain(link.dealer, lambda frames, link=link: self.on_master(frames, link), MAX_RECV_PER_TURN)
                 self.on_tick(time.monotonic())
         finally:
             self.close()
@@ -118,37 +159,47 @@ class WorkerAgent:
             self.sync.stopping.set()
             self.sync.join(timeout=5)
         self.compute.stopping.set()
+        self.compute.wake()  # ends its idle wait now: it sees `stopping` at once
         if self.failed is None:  # a stuck compute thread would never join: it is a daemon, leave it
             self.compute.join(timeout=5)
-        if self.dealer is not None:
-            self.dealer.close(linger=0)
+        for link in self.links:
+            if link.dealer is not None:
+                link.dealer.close(linger=0)
         self.results.close(linger=0)
         log.info("worker_closed", worker=self.cfg.name)
 
     # ------------------------------------------------------------ connection
-    def _connect(self) -> None:
-        if self.dealer is not None:
-            self.poller.unregister(self.dealer)
-            self.dealer.close(linger=0)
-        self.dealer = self.ctx.socket(zmq.DEALER)
-        self.dealer.setsockopt(zmq.IDENTITY, f"{self.cfg.name}-{uuid.uuid4().hex[:8]}".encode())
-        self.dealer.setsockopt(zmq.LINGER, 0)
-        self.dealer.setsockopt(zmq.SNDHWM, self.cfg.hwm)
-        self.dealer.setsockopt(zmq.RCVHWM, self.cfg.hwm)
-        self.dealer.setsockopt(zmq.RECONNECT_IVL, 100)
-        self.dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
-        self.cfg.security.client(self.dealer, "master")
-        self.dealer.connect(self.cfg.master)
-        self.poller.register(self.dealer, zmq.POLLIN)
-        self.last_heard = time.monotonic()
-        self._register()
+    def _connect(self, link: MasterLink) -> None:
+        if link.dealer is not None:
+            self.poller.unregister(link.dealer)
+            link.dealer.close(linger=0)
+        dealer = link.dealer = self.ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.IDENTITY, f"{self.cfg.name}-{uuid.uuid4().hex[:8]}".encode())
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.SNDHWM, self.cfg.hwm)
+        dealer.setsockopt(zmq.RCVHWM, self.cfg.hwm)
+        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
+        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        self.cfg.security.client(dealer, "master")
+        dealer.connect(link.endpoint)
+        self.poller.register(dealer, zmq.POLLIN)
+        link.last_heard = time.monotonic()
+        self._register(link)
 
-    def _register(self) -> None:
-        info = {"name": self.cfg.name, "models": self._models_info(), "credit": self.cfg.effective_credit,
+    def _register(self, link: MasterLink) -> None:
+        info = {"name": self.cfg.name, "models": self._models_info(), "credit": self._share(),
                 "device": self._device(), "pid": os.getpid(), "weight": self.cfg.weight}
-        self._send([READY, pack(info)])
-        self.register_at = None
-        log.info("worker_registering", worker=self.cfg.name, master=self.cfg.master, models=sorted(self.models))
+        self._send(link, [READY, pack(info)])
+        link.register_at = None
+        log.info("worker_registering", worker=self.cfg.name, master=link.endpoint, models=sorted(self.models))
+
+    def _share(self) -> int:
+        """This worker's credit split between the masters that are alive: heard within liveness x
+        interval, or still holding requests here."""
+        expiry = self.cfg.heartbeat_interval * self.cfg.heartbeat_liveness
+        now = time.monotonic()
+        live = sum(1 for link in self.links if now - link.last_heard <= expiry or link.in_flight)
+        return credit_share(self.cfg.effective_credit, live)
 
     def _device(self) -> str:
         return ",".join(sorted({str(m.device) for m in self.models.values()}))
@@ -156,11 +207,16 @@ class WorkerAgent:
     def _models_info(self) -> dict:
         return {name: m.describe() for name, m in self.models.items()}
 
-    def _send(self, parts: list) -> None:
+    def _send(self, link: MasterLink, parts: list) -> None:
         try:
-            send_frames(self.dealer, [WORKER_PROTO, *parts])
+            send_frames(link.dealer, [WORKER_PROTO, *parts])
         except zmq.Again:
-            log.warning("master_unreachable_message_dropped", command=parts[0].hex())
+            log.warning("master_unreachable_message_dropped", master=link.endpoint, command=parts[0].hex())
+
+    def _send_all(self, parts: list) -> None:
+        for link in self.links:
+            if not link.gone:
+                self._send(link, parts)
 
     # ---------------------------------------------------------------- events
     def on_tick(self, now: float) -> None:
@@ -170,18 +226,21 @@ class WorkerAgent:
         if self.drain_requested:
             self.start_drain(self.drain_requested)
             self.drain_requested = None
-        if self.register_at is not None and now >= self.register_at:
-            self._register()
+        for link in self.links:
+            if link.register_at is not None and now >= link.register_at:
+                self._register(link)
         if now - self.last_beat >= self.cfg.heartbeat_interval:
             self._heartbeat(now)
-        silent = now - self.last_heard
-        if silent > self.cfg.heartbeat_interval * self.cfg.heartbeat_liveness + self.backoff:
-            self.backoff = min(max(self.cfg.heartbeat_interval, self.backoff * 2), self.cfg.max_backoff)
-            self.reconnects += 1
-            log.warning("master_silent_reconnecting", silent_s=round(silent, 2), next_backoff_s=self.backoff)
-            self._connect()
+        for link in self.links:
+            silent = now - link.last_heard
+            if not link.gone and silent > self.cfg.heartbeat_interval * self.cfg.heartbeat_liveness + link.backoff:
+                link.backoff = min(max(self.cfg.heartbeat_interval, link.backoff * 2), self.cfg.max_backoff)
+                link.reconnects += 1
+                log.warning("master_silent_reconnecting", master=link.endpoint, silent_s=round(silent, 2),
+                            next_backoff_s=link.backoff)
+                self._connect(link)
         if self.draining and self.in_flight == 0:
-            self._send([DISCONNECT, pack({"reason": "drained"})])
+            self._send_all([DISCONNECT, pack({"reason": "drained"})])
             log.info("worker_drained", worker=self.cfg.name)
             self.done = True
 
@@ -197,7 +256,7 @@ class WorkerAgent:
 
     def leave(self, why: str) -> None:
         log.error("worker_leaving", worker=self.cfg.name, reason=why, in_flight=self.in_flight)
-        self._send([DISCONNECT, pack({"reason": why})])
+        self._send_all([DISCONNECT, pack({"reason": why})])
         self.failed = why
         self.done = True
 
@@ -212,8 +271,14 @@ class WorkerAgent:
                          model_evictions=sum(m.evictions for m in self.models.values()))
         if self.unsplittable:
             stats["unsplittable_requests"] = self.unsplittable
-        self._send([HEARTBEAT, pack({"models": models, "in_flight": self.in_flight, "stats": stats,
-                                     "draining": self.draining, "reconnects": self.reconnects})])
+        if len(self.links) > 1:
+            stats["masters"] = len(self.links)
+        share = self._share()
+        for link in self.links:
+            if not link.gone:
+                self._send(link, [HEARTBEAT, pack({"models": models, "in_flight": link.in_flight, "stats": stats,
+                                                   "draining": self.draining, "reconnects": link.reconnects,
+                                                   "credit": share})])
 
     def _request_load(self, name: str) -> None:
         """An on-demand model is asked for: the weight-sync thread fetches its current version
@@ -225,45 +290,51 @@ class WorkerAgent:
         log.info("model_load_requested", model=name)
         self.sync.request(name)
 
-    def on_master(self, frames: list[zmq.Frame]) -> None:
+    def on_master(self, frames: list[zmq.Frame], link: MasterLink | None = None) -> None:
+        link = link or self.links[0]
         if len(frames) < 2 or frames[0].bytes != WORKER_PROTO:
             log.warning("bad_master_message", frames=len(frames))
             return
         cmd = frames[1].bytes
-        self.last_heard = time.monotonic()
+        link.last_heard = time.monotonic()
         if cmd == REQUEST:
-            self.on_requests(frames[2:])
+            self.on_requests(frames[2:], link)
         elif cmd == HEARTBEAT:
             info = unpack_map(frames[2]) if len(frames) > 2 else {}
             epoch = info.get("epoch")
-            if self.master_epoch is not None and epoch != self.master_epoch:
-                log.info("master_restarted", old=self.master_epoch, new=epoch)
-            self.master_epoch = epoch
-            self.compute.epoch = epoch if isinstance(epoch, str) else None  # replies carry it for the client
-            self.backoff = 0.0
+            if link.epoch is not None and epoch != link.epoch:
+                log.info("master_restarted", master=link.endpoint, old=link.epoch, new=epoch)
+            link.epoch = epoch if isinstance(epoch, str) else None
+            self.compute.epochs[link.index] = link.epoch  # replies carry it for the client
+            link.backoff = 0.0
         elif cmd == DISCONNECT:
             info = unpack_map(frames[2]) if len(frames) > 2 else {}
             if self.draining:
-                self.done = True
+                link.gone = True
+                if all(lk.gone for lk in self.links):
+                    self.done = True
                 return
             # Register again; back off if the master keeps refusing us.
-            delay = 0.0 if "error" not in info else max(self.cfg.heartbeat_interval, self.backoff)
-            self.register_at = time.monotonic() + delay
-            log.info("master_said_disconnect", reason=info.get("reason"), error=info.get("error"))
+            delay = 0.0 if "error" not in info else max(self.cfg.heartbeat_interval, link.backoff)
+            link.register_at = time.monotonic() + delay
+            log.info("master_said_disconnect", master=link.endpoint, reason=info.get("reason"),
+                     error=info.get("error"))
         elif cmd == DRAIN:
             self.start_drain("master")
 
-    def on_requests(self, frames: list[zmq.Frame]) -> None:
+    def on_requests(self, frames: list[zmq.Frame], link: MasterLink | None = None) -> None:
         """A REQUEST message: each request is checked whole (routing fields, tensors, input_spec)
         before it may join a batch; the good ones go to the compute thread in one hand-over, the
         bad ones are answered BAD_REQUEST together, by key. A REQUEST with no readable dispatch
         list has no key to answer: the master is told at once (a heartbeat counting it) and
         reclaims those credit slots when their deadlines pass."""
+        link = link or self.links[0]
         try:
             dispatched = parse_dispatch(frames)
         except ProtocolError as exc:
             self.unsplittable += 1
-            log.warning("bad_request_from_master", error=str(exc), unsplittable=self.unsplittable)
+            log.warning("bad_request_from_master", master=link.endpoint, error=str(exc),
+                        unsplittable=self.unsplittable)
             self._heartbeat(time.monotonic())
             return
         now = time.monotonic()
@@ -272,7 +343,7 @@ class WorkerAgent:
             try:
                 if d.error is not None:
                     raise ProtocolError(d.error)
-                items.append(self._work_item(d, now))
+                items.append(self._work_item(d, now, link.index))
             except (ProtocolError, BadInput) as exc:
                 refused.append((self._refusal(d, str(exc)), ()))
             except Exception as exc:  # a check that trips on a value it did not expect: still the input's fault
@@ -280,15 +351,16 @@ class WorkerAgent:
                 refused.append((self._refusal(d, f"malformed request ({type(exc).__name__}: {str(exc)[:200]})"), ()))
         if items:
             self.in_flight += len(items)
+            link.in_flight += len(items)
             self.compute.inbox.put(items)
         if refused:
-            self._send([REPLY, *reply_frames(refused)])
+            self._send(link, [REPLY, *reply_frames(refused)])
 
     @staticmethod
     def _refusal(d: Dispatch, message: str) -> dict:
         return error_body(d.cid, ErrorCode.BAD_REQUEST, message, key=d.key, attempt=d.attempt)
 
-    def _work_item(self, d: Dispatch, now: float) -> WorkItem:
+    def _work_item(self, d: Dispatch, now: float, link: int = 0) -> WorkItem:
         model = self.models.get(d.model)
         if model is None:
             raise ProtocolError(f"this worker does not serve model {d.model!r}")
@@ -299,21 +371,24 @@ class WorkerAgent:
         # 0 means already expired: TIMEOUT without compute
         timeout_s = min(max(d.timeout_ms, 0.0) / 1000.0, 3600.0)
         return WorkItem(d.key, d.attempt, model.name, d.version, inputs, rows, arrival=now, deadline=now + timeout_s,
-                        keepalive=d.frames, cid=d.cid)
+                        keepalive=d.frames, cid=d.cid, link=link)
 
     def on_result(self, frames: list[zmq.Frame]) -> None:
         kind = frames[0].bytes
-        if kind == RESULT:  # [RESULT][count][REPLY frames of `count` replies]: sent at the end of the drain
-            self.in_flight -= int(frames[1].bytes)
-            self.replies.extend(frames[2:])
+        if kind == RESULT:  # [RESULT][count][link][REPLY frames of `count` replies]: sent at the end of the drain
+            count, link = int(frames[1].bytes), self.links[int(frames[2].bytes)]
+            self.in_flight -= count
+            link.in_flight -= count
+            link.replies.extend(frames[3:])
         elif kind == CHANGED:
             self._heartbeat(time.monotonic())
 
     def flush_replies(self) -> None:
-        """Every reply the compute thread handed over in this turn goes to the master in one REPLY."""
-        if self.replies:
-            replies, self.replies = self.replies, []
-            self._send([REPLY, *replies])
+        """Every reply the compute thread handed over in this turn goes to its master in one REPLY."""
+        for link in self.links:
+            if link.replies:
+                replies, link.replies = link.replies, []
+                self._send(link, [REPLY, *replies])
 
     def start_drain(self, why: str) -> None:
         if not self.draining:

@@ -81,7 +81,7 @@ class ComputeThread(threading.Thread):
         self.request_load = lambda name: None  # set by the agent: ask the weight sync to load a model
         self.busy_since: float | None = None  # monotonic start of the batch now running, else None
         self.worker_name: str | None = None  # set by the agent: replies name their worker and the master's
-        self.epoch: str | None = None  # epoch, so the master can pass them to the client byte for byte
+        self.epochs: dict[int, str | None] = {}  # per master link: its epoch, so the master can pass them to the client byte for byte
         self.stage_threads = 2  # --stage-threads: the pool that runs pre/postprocess stages (worker/stages.py)
         self.stages: StagePool | None = None
 
@@ -209,34 +209,43 @@ class ComputeThread(threading.Thread):
                                   f"worker now serves version(s) {model.versions()}, not {pinned}")
             return
         started = self.busy_since = time.monotonic()
+        owners = batch  # the item each reply answers (none for those gone on to a postprocess stage)
         try:
             replies = self._compute(model, batch, pinned)
+            owners = [] if model.postprocess is not None else batch
         except Exception as exc:
             if len(batch) == 1:
                 replies = [self._failure(model, batch[0], exc)]
             else:  # re-run one by one, so only the request that causes the failure fails
                 log.info("batch_failed_rerunning_singly", model=model.name, error=f"{type(exc).__name__}: {exc}",
                          request_ids=[i.client_id for i in batch])
-                replies = []
+                replies, owners = [], []
                 for item in batch:
                     try:
-                        replies += self._compute(model, [item], pinned)
+                        one_reply = self._compute(model, [item], pinned)
                     except Exception as one:
-                        replies.append(self._failure(model, item, one))
+                        one_reply = [self._failure(model, item, one)]
+                    replies += one_reply
+                    owners += [item] * len(one_reply)
         finally:
             finished = time.monotonic()
             self.busy_since = None
             self.stats.record(batch, started, finished)
             self.metrics.on_batch(model.name, sum(i.rows for i in batch), [started - i.arrival for i in batch],
                                   finished - started)
-        self._push(replies)
+        self._push(replies, owners)
 
-    def _push(self, replies: list[tuple[dict, list]]) -> None:
-        """Hand a batch's replies to the socket thread as one message (it sends them as one REPLY)."""
+    def _push(self, replies: list[tuple[dict, list]], items: list[WorkItem]) -> None:
+        """Hand a batch's replies (one per item, in order) to the socket thread, one message per
+        master they go back to (it sends each as one REPLY)."""
         if not replies:
             return  # every request of the batch went on to its postprocess stage
         # Blocks only at the inproc pipe's high-water mark, which the socket thread keeps draining.
-        self.push.send_multipart([RESULT, str(len(replies)).encode(), *reply_frames(replies)], copy=False)
+        links = {item.link for item in items}
+        for link in sorted(links):
+            mine = replies if len(links) == 1 else [r for r, i in zip(replies, items) if i.link == link]
+            self.push.send_multipart([RESULT, str(len(mine)).encode(), str(link).encode(), *reply_frames(mine)],
+                                     copy=False)
 
     def _compute(self, model: ServedModel, batch: list[WorkItem], pinned: int | None) -> list[tuple[dict, list]]:
         """Run and encode a batch; raises if anything about it fails (no partial answers)."""
@@ -251,8 +260,9 @@ class ComputeThread(threading.Thread):
             timing = {**item.timing, "queue_ms": round(1000 * (started - item.arrival), 3), "compute_ms": compute_ms}
             header = {"id": item.client_id, "key": item.rid, "attempt": item.attempt, "ok": True, "model": item.model,
                       "version": version, "outputs": [], "batch_rows": rows, "timing": timing}
-            if self.epoch is not None and self.worker_name is not None:
-                header["worker"], header["epoch"] = self.worker_name, self.epoch
+            epoch = self.epochs.get(item.link)
+            if epoch is not None and self.worker_name is not None:
+                header["worker"], header["epoch"] = self.worker_name, epoch
             if model.postprocess is not None:
                 post.append(Task(POST, model, item, out, header))
                 continue
@@ -281,4 +291,4 @@ class ComputeThread(threading.Thread):
     def _reply_error(self, item: WorkItem, code: str, message: str) -> None:
         body = error_body(item.client_id, code, message, key=item.rid, attempt=item.attempt, model=item.model)
         self.metrics.on_answer(item.model, code)
-        self._push([(body, [])])
+        self._push([(body, [])], [item])

@@ -5,7 +5,10 @@ safetensors file), ``dtype`` (float32|float16|bfloat16), ``quantize`` (int8) and
 ``arg.NAME`` (a keyword argument for the factory), ``version`` (the version a weights file is served
 as, default 0), ``keep`` (versions kept loaded side by side, default 1), ``max_batch`` (rows per
 batch for this model, overriding the worker's --max-batch-size; 1: never batched) and ``ignore_keys``
-(GLOB|GLOB: checkpoint keys the module does not hold, dropped and reported; docs/models.md). Weights are only ever read with
+(GLOB|GLOB: checkpoint keys the module does not hold, dropped and reported; docs/models.md), ``strip_prefix``
+and ``add_prefix`` (rename checkpoint keys the module does not hold: a sentence-transformers export's
+``0.auto_model.``, a task model's ``bert.``, a wrapper's ``encoder.``) and ``cache`` (true: the model
+is deterministic, so the master may answer repeated inputs from its response cache). Weights are only ever read with
 safetensors: never pickle, never torch.load.
 
 ``preprocess=module:function`` and ``postprocess=module:function`` name stage factories, loaded
@@ -103,6 +106,22 @@ def drop_ignored(state: Mapping[str, Any], layout: Mapping[str, Any], patterns: 
     return {k: v for k, v in state.items() if k not in set(ignored)}, ignored
 
 
+def rename_keys(state: Mapping[str, Any], layout: Mapping[str, Any], strip: str = "", add: str = ""
+                ) -> dict[str, Any]:
+    """A checkpoint key the module does not hold loses the prefix `strip` (when it has it) and gains
+    `add`; keys the module holds are kept as they are, so the module's own state dict still loads.
+    Two keys renamed to one name are refused (WeightsRefused), never silently merged."""
+    if not strip and not add:
+        return dict(state)
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        new = key if key in layout else add + (key[len(strip):] if strip and key.startswith(strip) else key)
+        if new in out:
+            raise WeightsRefused(f"strip_prefix={strip!r}, add_prefix={add!r} give two checkpoint keys the name {new!r}")
+        out[new] = value
+    return out
+
+
 Layout = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
 
 
@@ -149,7 +168,10 @@ class ModelOptions:
     version: int = 0  # the version a file's weights are served as (shards give their own)
     keep: int = 1  # versions kept loaded side by side (current + keep-1 earlier), for canary and A/B splits
     ignore_keys: tuple[str, ...] = ()  # checkpoint keys (globs) the module does not hold, dropped on load
+    strip_prefix: str = ""  # removed from checkpoint keys the module does not hold (before add_prefix)
+    add_prefix: str = ""  # then put in front of them (the wrapper's attribute, e.g. "encoder.")
     max_batch: int | None = None  # rows per batch for this model (None: the worker's --max-batch-size)
+    cache: bool = False  # deterministic: the master may answer repeated inputs from its response cache
     preprocess: str | None = None  # module:function, a stage factory (worker/stages.py)
     postprocess: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -178,10 +200,18 @@ def parse_model_arg(text: str, defaults: Mapping[str, Any] | None = None) -> Mod
             opts.version = int(value)
         elif key == "ignore_keys":
             opts.ignore_keys = tuple(p for p in value.split("|") if p)
+        elif key in ("strip_prefix", "add_prefix"):
+            if not value:
+                raise ValueError(f"{key} needs a prefix, e.g. {key}=0.auto_model.")
+            setattr(opts, key, value)
         elif key == "keep":
             if not value.isdigit() or not 1 <= int(value) <= 16:
                 raise ValueError(f"keep must be an integer in 1..16, got {value!r}")
             opts.keep = int(value)
+        elif key == "cache":
+            if value not in ("true", "false"):
+                raise ValueError(f"cache must be true or false, got {value!r}")
+            opts.cache = value == "true"
         elif key == "max_batch":
             if not value.isdigit() or not 1 <= int(value) <= 65536:
                 raise ValueError(f"max_batch must be an integer in 1..65536, got {value!r}")
@@ -252,6 +282,8 @@ class ServedModel:
                  wait_for_weights: bool = False, on_demand: bool = False):
         self.name, self.opts, self.device = opts.name, opts, device
         self.ignored_keys: list[str] = []  # checkpoint keys dropped by ignore_keys (listed in status)
+        t0 = time.monotonic()
+        log.info("model_building", model=opts.name, spec=opts.spec, device=str(device))
         try:
             module = build_module(opts.spec, opts.kwargs)
         except Exception as exc:  # noqa: BLE001 - any failure of the user's factory is reported in one line
@@ -283,7 +315,8 @@ class ServedModel:
                 state = self._fit(load_file(opts.weights))
                 module.load_state_dict(state, strict=True)
             except Exception as exc:  # noqa: BLE001 - a missing file, a bad file, keys that do not fit
-                hint = " (keys the module does not hold can be dropped with ignore_keys=GLOB; see docs/models.md)" \
+                hint = " (keys the module does not hold can be dropped with ignore_keys=GLOB, a prefix they carry " \
+                       "renamed with strip_prefix=/add_prefix=; see docs/models.md)" \
                     if isinstance(exc, WeightsRefused) and "unexpected" in str(exc) else ""
                 raise ModelLoadError(f"model {opts.name!r}: cannot load {opts.weights}: "
                                      f"{type(exc).__name__}: {exc}{hint}") from exc
@@ -300,6 +333,9 @@ class ServedModel:
         self.older: dict[int, torch.nn.Module] = {}  # earlier versions kept loaded, oldest first (keep - 1 of them)
         self.refused: dict | None = None  # {"version", "reason"}: the last version this worker could not load
         self.lock = threading.Lock()  # held while running or swapping, so the two never mix
+        log.info("model_built", model=opts.name, seconds=round(time.monotonic() - t0, 3), weights=opts.weights,
+                 ready=self.ready, waiting_for="first request" if on_demand else
+                 "parameter servers" if wait_for_weights else None)
 
     def _prepare(self, module: torch.nn.Module) -> torch.nn.Module:
         module.eval()
@@ -323,6 +359,8 @@ class ServedModel:
             info["versions"] = self.versions()  # every version a request may pin here
         if self.on_demand:
             info["on_demand"] = True
+        if self.opts.cache:
+            info["cache"] = True  # deterministic: the master may answer repeated inputs from its cache
         if self.ignored_keys:
             info["ignored_keys"] = self.ignored_keys[:MAX_REPORTED_KEYS]  # not loaded (ready false) still means: send it, it loads
         refused = self.refused
@@ -443,7 +481,9 @@ class ServedModel:
         return module
 
     def _fit(self, state: Mapping[str, Any]) -> dict[str, Any]:
-        """Drop the ignored keys (logged and reported), then check the rest whole against the module."""
+        """Rename prefixed keys, drop the ignored ones (logged and reported), then check the rest
+        whole against the module."""
+        state = rename_keys(state, self.layout, self.opts.strip_prefix, self.opts.add_prefix)
         state, ignored = drop_ignored(state, self.layout, self.opts.ignore_keys)
         if ignored and ignored != self.ignored_keys:
             log.info("checkpoint_keys_ignored", model=self.name, keys=ignored[:20], count=len(ignored))

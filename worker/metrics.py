@@ -3,7 +3,8 @@
 The compute thread feeds the per-batch figures (``on_batch``) and the weight swaps
 (``on_swap``); the socket thread refreshes the per-model gauges from the same
 description it sends in its heartbeat (``refresh``). prometheus-client's metrics are
-thread-safe, so the two threads and the HTTP thread need no lock of ours.
+thread-safe, so the two threads and the HTTP thread need no lock of ours. A model's counters
+start at 0 when it is first described (``refresh``), so dashboards read 0 rather than "No data".
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ class WorkerMetrics:
         self.refused = Counter("ringserve_weight_refusals", "Weight versions refused (could not be loaded)",
                                ["model"], registry=r)
         self._refusals_seen: set[tuple[str, int]] = set()
+        self._models_seen: set[str] = set()  # the worker's own --model names
         self.loads = Counter("ringserve_model_loads", "On-demand models loaded (first request, or after an eviction)",
                              ["model"], registry=r)
         self.evictions = Counter("ringserve_model_evictions", "On-demand models unloaded, least recently used first",
@@ -80,6 +82,11 @@ class WorkerMetrics:
         """Per-model gauges from the heartbeat's description ({name: {"version", "ready", ...}});
         a refusal (reported there by the weight-sync thread) is counted once per version."""
         for name, info in models.items():
+            if name not in self._models_seen:
+                self._models_seen.add(name)
+                self.on_answers(name, "ok", 0)
+                for counter in (self.swaps, self.refused, self.loads, self.evictions):
+                    counter.labels(name)
             self.version.labels(name).set(info.get("version") or 0)
             self.ready.labels(name).set(1 if info.get("ready", True) else 0)
             refused = info.get("refused")

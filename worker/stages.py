@@ -43,7 +43,7 @@ log = structlog.get_logger("ringserve.worker.stages")
 PRE, POST = "preprocess", "postprocess"
 WATCH_S = 0.02  # how often the watchdog looks for stages past their request's deadline
 MAX_REPLACED = 16  # threads a pool may start in place of hung ones, over its life
-RESULT = b"R"  # compute.RESULT: [RESULT, count, *REPLY frames]
+RESULT = b"R"  # compute.RESULT: [RESULT, count, link, *REPLY frames]
 
 
 class StageFailed(Exception):
@@ -238,7 +238,7 @@ class StagePool:
         header, frames = outcome
         header["timing"] = {**header.get("timing", {}), **item.timing}
         self.metrics.on_answers(item.model, "ok", 1)
-        self._send(push, [(header, frames)])
+        self._send(push, item, [(header, frames)])
 
     def _timeout(self, push: zmq.Socket, task: Task, message: str) -> None:
         self.counts["timeouts"] += 1
@@ -248,11 +248,13 @@ class StagePool:
         log.info("stage_failed", model=item.model, request_id=item.client_id, code=code, error=message[:300])
         self.metrics.on_answer(item.model, code)
         body = error_body(item.client_id, code, message, key=item.rid, attempt=item.attempt, model=item.model)
-        self._send(push, [(body, [])])
+        self._send(push, item, [(body, [])])
 
     @staticmethod
-    def _send(push: zmq.Socket, replies: list) -> None:
-        push.send_multipart([RESULT, str(len(replies)).encode(), *reply_frames(replies)], copy=False)
+    def _send(push: zmq.Socket, item: WorkItem, replies: list) -> None:
+        """compute.RESULT to the socket thread: [RESULT, count, the master link it goes back to, *frames]."""
+        push.send_multipart([RESULT, str(len(replies)).encode(), str(item.link).encode(), *reply_frames(replies)],
+                            copy=False)
 
 
 class Inbox(queue.Queue):

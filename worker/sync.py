@@ -13,14 +13,21 @@ module and built into a complete new module here (its tensors are the fetched on
 int8, device), which the compute thread swaps in between batches (woken for it).
 
 A version that cannot be assembled or loaded is *refused*: remembered with its reason,
-reported in the heartbeat, never fetched again (a newer version is). A fetch that fails for
-another reason (a shard slow or gone) is retried with exponential backoff. A shard silent for
-longer than a few of its announce intervals is asked for a snapshot, and the SUB follows the
-PUB endpoint each snapshot names (a shard restarted on a new port is heard again).
+reported in the heartbeat, never fetched again while a shard holds it (a newer version is).
+A worker that serves nothing yet when the current version is one it refuses serves the newest
+committed one it can load instead (`_fallback`: the one current before it, what its peers
+serve). Every hello to the shards carries a follower report (what is served, built, refused
+here; sent at once after a build or a refusal), from which a publisher learns whether a live
+worker took its version. Each step of a load is logged, and every wait ends when stopping.
+A fetch that fails for another reason (a shard slow or gone) is retried with exponential
+backoff. A shard silent for longer than a few of its announce intervals is asked for a
+snapshot, and the SUB follows the PUB endpoint each snapshot names (a shard restarted on a new
+port is heard again).
 """
 from __future__ import annotations
 
 import hashlib
+import os
 import threading
 import time
 import warnings
@@ -33,7 +40,7 @@ import zmq
 
 from ringserve.protocol.codec import SUPPORTED_DTYPES, pack, unpack_map
 from ringserve.protocol.messages import SHARD_PROTO, ProtocolError
-from ringserve.protocol.placement import Piece
+from ringserve.protocol.placement import Piece, model_name_problem
 from ringserve.protocol.security import Security
 from ringserve.protocol.shardrpc import ShardCallError, ShardRPC
 
@@ -55,6 +62,8 @@ class ShardView:
         self.boot: str | None = None
         self.seq = -1
         self.current: dict[str, int] = {}
+        self.versions: dict[str, list[int]] = {}  # committed versions per model (from the last snapshot)
+        self.history: dict[str, list[int]] = {}  # earlier current versions per model, oldest first (snapshot)
         self.pub: str | None = None
         self.known = False
         self.heard = 0.0  # monotonic time of the last announcement or snapshot
@@ -78,6 +87,10 @@ class WeightSync(threading.Thread):
         self.stopping = threading.Event()
         self.security = security or Security()
         self.wake = wake or (lambda: None)  # tells the compute thread a swap is queued (no idle wait)
+        self.name = f"worker-{os.getpid()}"  # how the shards' follower reports name us (the agent sets it)
+        self.loaded: dict[str, list[int]] = {}  # model -> versions built here, newest last (reported)
+        self.report_due = False  # tell the shards now what we serve (a version was built or refused)
+        self.fallbacks: dict[str, int] = {}  # model -> the refused current we serve an older version instead of
 
     def _connect_sub(self, sub: zmq.Socket, shard: str, endpoint: str) -> None:
         """One SUB, many shards: each connect takes the server key set just before it."""
@@ -91,6 +104,7 @@ class WeightSync(threading.Thread):
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         connected: dict[str, str] = {}  # shard -> the PUB endpoint the SUB is connected to
         last_resync = 0.0
+        log.info("weight_sync_started", shards=sorted(self.shards), models=sorted(self.models))
         try:
             while not self.stopping.is_set():
                 now = time.monotonic()
@@ -102,6 +116,8 @@ class WeightSync(threading.Thread):
                 if stale and now - last_resync >= min(1.0, self.resync_s) or now - last_resync >= self.resync_s:
                     last_resync = now
                     self._snapshot(rpc, stale or list(self.shards))
+                elif self.report_due:  # a version built or refused: the publisher waits to hear it
+                    self._snapshot(rpc, list(self.shards), resync=False)
                 for n, v in self.views.items():
                     if v.pub and connected.get(n) != v.pub:
                         if n in connected:
@@ -141,18 +157,50 @@ class WeightSync(threading.Thread):
         view.current = dict(msg.get("current", {}))
         view.heard = time.monotonic()
 
-    def _snapshot(self, rpc: ShardRPC, names: list[str]) -> None:
-        replies = rpc.call({n: ({"cmd": "hello"}, []) for n in names}, timeout=2.0, raise_on_error=False)
+    def report(self) -> dict:
+        """What this worker serves, for the shards' follower books (paramserver/followers.py): per
+        model it follows now, the version served, the versions built and those refused here."""
+        models = {}
+        for name, m in self.models.items():
+            if getattr(m, "on_demand", False) and not m.ready and name not in self.requested:
+                continue  # an unloaded on-demand model fetches nothing: it has no say on a new version
+            if model_name_problem(name) or len(models) >= 256:
+                continue  # a name no shard can hold is no model of theirs (the shard's report bounds)
+            refused = sorted(v for (mn, v) in self.refused if mn == name)[-16:]
+            models[name] = {"version": m.version, "loaded": self.loaded.get(name, [])[-16:], "refused": refused}
+        return {"name": self.name, "models": models}
+
+    def _snapshot(self, rpc: ShardRPC, names: list[str], resync: bool = True) -> None:
+        """Ask `names` for their state (hello), telling them ours (the follower report). Counted
+        in `snapshots` when it is a resync (not when it only carries news of a report)."""
+        self.report_due = False
+        replies = rpc.call({n: ({"cmd": "hello", "follower": self.report()}, []) for n in names}, timeout=2.0,
+                           raise_on_error=False, cancel=self.stopping)
         for n, (h, _) in replies.items():
             try:
                 if h.get("ok"):
                     v = self.views[n]
+                    first = not v.known
                     boot, seq, current, pub = str(h["boot"]), int(h["seq"]), dict(h["current"]), str(h["pub"])
+                    v.versions, v.history = _int_lists(h.get("versions")), _int_lists(h.get("history"))
                     v.boot, v.seq, v.current, v.pub, v.known = boot, seq, current, pub, True
                     v.heard, v.interval = time.monotonic(), float(h.get("announce_interval", 1.0))
-                    self.snapshots[n] += 1
+                    self.snapshots[n] += resync
+                    if first:
+                        log.info("shard_snapshot", shard=n, current={m: current.get(m) for m in self.models})
             except (KeyError, TypeError, ValueError) as exc:
                 log.warning("bad_hello", shard=n, error=str(exc))
+        self._forget_gone_refusals()
+
+    def _forget_gone_refusals(self) -> None:
+        """A refused version that no shard holds any more was reverted: a version published later
+        under that number is other content, to be fetched like any new version."""
+        if not all(v.known for v in self.views.values()):
+            return
+        for model, version in list(self.refused):
+            if not any(version in v.versions.get(model, []) for v in self.views.values()):
+                del self.refused[(model, version)]
+                log.info("refusal_forgotten", model=model, version=version, why="no shard holds it any more")
 
     def _maybe_fetch(self, rpc: ShardRPC) -> None:
         if not all(v.known for v in self.views.values()):
@@ -167,20 +215,44 @@ class WeightSync(threading.Thread):
             if len(agreed) != 1:
                 continue  # shards disagree: a publish or rollback is half done; keep what we serve
             version = agreed.pop()
-            if isinstance(version, int):
-                model.note_current(version)  # status: a refusal of a version no longer current is over
-            if (name, version) in self.refused and name in self.requested:
-                # asked to load a version refused before: say so again (it ends the wait for it)
-                self.requested.discard(name)
-                model.refuse(version, self.refused[(name, version)])
-                self.wake()
-            if not isinstance(version, int) or version == self.wanted.get(name, model.version) \
-                    or (name, version) in self.refused:
+            if not isinstance(version, int):
+                continue
+            model.note_current(version)  # status: a refusal of a version no longer current is over
+            if (name, version) in self.refused:
+                if self.wanted.get(name, model.version) is not None:
+                    continue  # we serve an older version: keep it (the refusal is in our heartbeats)
+                older = self._fallback(name, version)
+                if older is None:
+                    if name in self.requested:
+                        # asked to load a version refused before, nothing older to serve: say so again
+                        # (it ends the wait of the requests for it at once)
+                        self.requested.discard(name)
+                        model.refuse(version, self.refused[(name, version)])
+                        self.wake()
+                    continue
+                if self.fallbacks.get(name) != version:
+                    self.fallbacks[name] = version
+                    log.warning("weights_fallback", model=name, current=version, serving=older,
+                                why="the current version was refused here; serving the newest committed one "
+                                    "this worker can load")
+                version = older
+            if version == self.wanted.get(name, model.version):
                 continue
             not_before, _ = self.retry.get((name, version), (0.0, None))
             if time.monotonic() < not_before:
                 continue
             self._fetch(rpc, name, version)
+
+    def _fallback(self, model: str, current: int) -> int | None:
+        """The version to serve when the shards' current one is refused here and nothing is served
+        yet: the one current most recently before it (what peers that refused it still serve), else
+        the newest older committed one; held by every shard and not refused here."""
+        views = [self.views[n] for n in sorted(self.views)]
+        common = set.intersection(*(set(v.versions.get(model, [])) for v in views)) if views else set()
+        history = views[0].history.get(model, []) if views else []
+        candidates = [v for v in reversed(history) if v != current] + sorted((v for v in common if v < current),
+                                                                                 reverse=True)
+        return next((v for v in candidates if v in common and (model, v) not in self.refused), None)
 
     def _fetch(self, rpc: ShardRPC, model: str, version: int) -> None:
         """Ask every shard what `version` is made of; fetch only pieces whose checksum we lack,
@@ -190,17 +262,25 @@ class WeightSync(threading.Thread):
         t0 = time.monotonic()
         held = self.held.get(model)
         served = self.models[model]
+        log.info("weights_fetch_started", model=model, version=version, serving=served.version)
         try:
             manifests = {n: h["manifest"] for n, (h, _) in rpc.call_all(
-                {"cmd": "fetch", "model": model, "version": version, "manifest_only": True}).items()}
+                {"cmd": "fetch", "model": model, "version": version, "manifest_only": True},
+                cancel=self.stopping).items()}
         except (ShardCallError, KeyError, TypeError) as exc:
             self._fetch_failed(model, version, exc)
             return
         try:
             new, need = plan_version(manifests, held, _shapes(served))
             t1 = time.monotonic()
-            fetched = fetch_into(rpc, model, version, need, new, self.timeout)
+            log.info("weights_manifest_fetched", model=model, version=version,
+                     pieces_total=sum(map(len, manifests.values())), pieces_to_fetch=sum(map(len, need.values())),
+                     bytes_to_fetch=sum(_nbytes(p) for items in need.values() for p, _ in items),
+                     per_shard={n: len(items) for n, items in need.items()}, seconds=round(t1 - t0, 3))
+            fetched = fetch_into(rpc, model, version, need, new, self.timeout, cancel=self.stopping)
             t2 = time.monotonic()
+            log.info("weights_pieces_fetched", model=model, version=version, bytes_fetched=fetched,
+                     seconds=round(t2 - t1, 3))
         except ShardCallError as exc:
             self._fetch_failed(model, version, exc)
             return
@@ -212,10 +292,13 @@ class WeightSync(threading.Thread):
         except Exception as exc:  # the version itself is broken: refuse it, keep serving the old one
             self._refuse(model, version, f"{type(exc).__name__}: {exc}")
             return
+        log.info("weights_built", model=model, version=version, seconds=round(time.monotonic() - t2, 3))
         self.retry.pop((model, version), None)
         self.requested.discard(model)
         self.held[model] = new
         self.wanted[model] = version
+        self.loaded[model] = [v for v in self.loaded.get(model, []) if v != version][-15:] + [version]
+        self.report_due = True
         self.retiring.append(served.module)  # the compute thread drops its reference, we free it
         self.swaps.put((model, module, version))
         self.wake()
@@ -227,6 +310,8 @@ class WeightSync(threading.Thread):
 
     def _fetch_failed(self, model: str, version: int, exc: Exception) -> None:
         """A shard slow, gone or failing: try again later (exponential backoff)."""
+        if self.stopping.is_set():
+            return
         if "CORRUPT" in str(exc):
             self._refuse(model, version, str(exc))
             return
@@ -251,8 +336,21 @@ class WeightSync(threading.Thread):
         self.retry.pop((model, version), None)
         self.models[model].refuse(version, reason)
         self.wake()  # requests waiting for an on-demand load of it are answered at once
+        self.report_due = True
         log.error("weights_refused", model=model, version=version, reason=reason,
                   serving=self.models[model].version)
+
+
+def _int_lists(value: object) -> dict[str, list[int]]:
+    """{model: [int, ...]} from a shard's hello (versions, history); anything else left out."""
+    if not isinstance(value, dict):
+        return {}
+    return {m: [v for v in vs if isinstance(v, int) and not isinstance(v, bool)][-64:]
+            for m, vs in value.items() if isinstance(m, str) and isinstance(vs, list)}
+
+
+def _nbytes(p: Piece) -> int:
+    return (p.stop - p.start) * np.dtype(p.dtype).itemsize
 
 
 def _disconnect(sub: zmq.Socket, endpoint: str) -> None:
@@ -452,7 +550,8 @@ def _recv_batch(sock: zmq.Socket, shard: str, expected: dict[int, dict[str, tupl
 
 
 def fetch_into(rpc: ShardRPC, model: str, version: int, need: Mapping[str, list[tuple[Piece, str]]], new: Held,
-               timeout: float, window: int = FETCH_WINDOW, batch_bytes: int = FETCH_BATCH_BYTES) -> int:
+               timeout: float, window: int = FETCH_WINDOW, batch_bytes: int = FETCH_BATCH_BYTES,
+               cancel: threading.Event | None = None) -> int:
     """Fetch `need` from every shard at once, `window` requests of about `batch_bytes` in flight
     per shard, each reply read straight into `new`. Raises ShardCallError when a shard fails or
     answers none of what is owed for `timeout` seconds (its socket is replaced: late replies are never read),
@@ -487,7 +586,9 @@ def fetch_into(rpc: ShardRPC, model: str, version: int, need: Mapping[str, list[
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ShardCallError({n: f"no answer in {timeout}s" for n, f in inflight.items() if f})
-            for sock, _ in poller.poll(max(1, int(left * 1000))):
+            if cancel is not None and cancel.is_set():
+                raise ShardCallError({n: "stopping" for n, f in inflight.items() if f})
+            for sock, _ in poller.poll(max(1, int(min(left, POLL_MS / 1000) * 1000))):
                 n = names[sock]
                 got = _recv_batch(sock, n, inflight[n], new)
                 if got is None:
