@@ -30,7 +30,7 @@ from ringserve.gateway.models import ModelBook
 from ringserve.gateway.oip import MAX_TENSORS, InferCall, apply_parameters
 from ringserve.gateway.oip_grpc import open_inference_grpc_pb2 as pb
 from ringserve.gateway.oip_grpc import open_inference_grpc_pb2_grpc as pb_grpc
-from ringserve.gateway.tensors import TO_OIP, check_shape, from_bytes, from_json, numpy_dtype
+from ringserve.gateway.tensors import STRINGS, TO_OIP, check_shape, from_bytes, from_json, numpy_dtype, strings_buffer
 from ringserve.protocol.codec import MAX_NAME
 from ringserve.protocol.messages import ErrorCode
 
@@ -69,6 +69,15 @@ def parse_request(req: pb.ModelInferRequest, extra_tags: dict[str, str]) -> Infe
         if raw:
             call.inputs[t.name] = from_bytes(memoryview(raw[k]), shape, dt, what)
             continue
+        if dt is STRINGS:  # bytes_contents: each element already a byte string
+            items = list(t.contents.bytes_contents)
+            if len(items) != int(np.prod(shape)):
+                raise bad_request(f"{what}: shape {list(shape)} needs {int(np.prod(shape))} elements, "
+                                  f"bytes_contents has {len(items)}")
+            arr = np.empty(len(items), dtype=object)
+            arr[:] = items
+            call.inputs[t.name] = arr.reshape(shape)
+            continue
         field = CONTENTS.get(t.datatype)
         if field is None:
             raise bad_request(f"{what}: datatype {t.datatype} must be sent in raw_input_contents")
@@ -88,7 +97,8 @@ def build_reply(model: str, version: int | None, call: InferCall,
         if arr is None:
             raise bad_request(f"model {model!r} has no output {name[:64]!r} (outputs: {sorted(outputs)})")
         resp.outputs.add(name=name, datatype=TO_OIP.get(arr.dtype, "BYTES"), shape=list(arr.shape))
-        resp.raw_output_contents.append(np.ascontiguousarray(arr).tobytes())
+        resp.raw_output_contents.append(strings_buffer(arr, name) if arr.dtype == STRINGS
+                                        else np.ascontiguousarray(arr).tobytes())
     return resp
 
 

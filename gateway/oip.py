@@ -17,7 +17,9 @@ import numpy as np
 import orjson
 
 from ringserve.gateway.errors import bad_request
-from ringserve.gateway.tensors import check_shape, from_bytes, from_json, numpy_dtype, oip_datatype
+from ringserve.gateway.tensors import (
+    STRINGS, check_shape, from_bytes, from_json, numpy_dtype, oip_datatype, strings_as_json, strings_buffer,
+)
 from ringserve.protocol.codec import MAX_NAME, MAX_TENSORS
 
 MAX_TAGS = 16  # protocol/envelope.py's bounds on a request's tags map
@@ -178,12 +180,16 @@ def build_response(model: str, version: int | None, call: InferCall,
     for name, binary in chosen:
         arr = outputs[name]
         entry = {"name": name, "datatype": oip_datatype(arr), "shape": list(arr.shape)}
+        text = strings_as_json(arr) if arr.dtype == STRINGS and not binary else None
+        if arr.dtype == STRINGS and not binary and text is None:
+            binary = True  # bytes that are not UTF-8: JSON strings cannot carry them
         if binary:
-            buf = memoryview(np.ascontiguousarray(arr)).cast("B")
+            buf = (memoryview(strings_buffer(arr, name)) if arr.dtype == STRINGS
+                   else memoryview(np.ascontiguousarray(arr)).cast("B"))
             entry["parameters"] = {"binary_data_size": len(buf)}
             raw.append(buf)
         else:
-            entry["data"] = arr.reshape(-1)
+            entry["data"] = text if text is not None else arr.reshape(-1)
         entries.append(entry)
     resp: dict[str, Any] = {"model_name": model}
     if version is not None:

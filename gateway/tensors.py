@@ -1,7 +1,11 @@
 """OIP tensors <-> numpy arrays, checked: JSON `data` (flat or nested, row-major) and raw bytes.
 
-ringserve's wire carries nine dtypes (protocol/codec.py); the OIP datatypes that map onto them
-are accepted, the others (UINT16..UINT64, BF16, BYTES) are a clear 400 naming what is carried.
+ringserve's wire carries nine numeric dtypes and byte strings (protocol/codec.py); the OIP
+datatypes that map onto them are accepted, the others (UINT16..UINT64, BF16) are a clear 400
+naming what is carried. BYTES: JSON strings (UTF-8), or in binary the layout Triton uses and
+ringserve's wire uses too (each element a 4-byte little-endian length and its bytes), decoded
+to a numpy object array of bytes; an output that is not UTF-8 goes as binary data even when
+JSON was asked (JSON strings cannot hold arbitrary bytes).
 JSON values are not coerced across kinds: a string, a fraction for an integer type, a number
 for BOOL or a value out of the type's range is refused rather than silently changed.
 Raw bytes (the binary tensor data extension) are viewed in place with ``numpy.frombuffer``.
@@ -14,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from ringserve.gateway.errors import bad_request
-from ringserve.protocol.codec import MAX_DIM, MAX_DIMS, MAX_ELEMENTS
+from ringserve.protocol.codec import MAX_DIM, MAX_DIMS, MAX_ELEMENTS, _strings, pack_strings
+from ringserve.protocol.messages import ProtocolError
 
 TO_NUMPY = {
     "BOOL": np.dtype("bool"), "UINT8": np.dtype("uint8"), "INT8": np.dtype("int8"),
@@ -23,7 +28,8 @@ TO_NUMPY = {
 }
 TO_OIP = {dt: name for name, dt in TO_NUMPY.items()}
 NOT_CARRIED = {"UINT16", "UINT32", "UINT64", "BF16"}  # valid OIP, but ringserve's wire has no such dtype
-CARRIED = ", ".join(TO_NUMPY)
+STRINGS = np.dtype(object)  # BYTES: an object array of bytes
+CARRIED = ", ".join([*TO_NUMPY, "BYTES"])
 # JSON element kinds (numpy's inferred dtype.kind) each target kind accepts without losing meaning
 _ACCEPTS = {"b": "b", "u": "iu", "i": "iu", "f": "iuf"}
 
@@ -34,8 +40,7 @@ def numpy_dtype(datatype: Any, what: str) -> np.dtype:
     if dt is not None:
         return dt
     if datatype == "BYTES":
-        raise bad_request(f"{what}: datatype BYTES (strings) is not supported: ringserve models take numeric "
-                          f"tensors ({CARRIED})")
+        return STRINGS
     if datatype in NOT_CARRIED:
         raise bad_request(f"{what}: datatype {datatype} cannot be carried by ringserve; use one of {CARRIED}")
     raise bad_request(f"{what}: unknown datatype {str(datatype)[:32]!r}; use one of {CARRIED}")
@@ -59,6 +64,8 @@ def check_shape(shape: Any, what: str) -> tuple[int, ...]:
 def from_json(data: Any, shape: tuple[int, ...], dt: np.dtype, what: str) -> np.ndarray:
     """JSON `data` (flat or nested) -> an array of `shape` and `dt`; 400 on any mismatch."""
     count = math.prod(shape)
+    if dt is STRINGS:
+        return _strings_from_json(data, shape, count, what)
     if not isinstance(data, list):
         if shape == () and isinstance(data, (int, float, bool)):
             data = [data]
@@ -85,6 +92,12 @@ def from_json(data: Any, shape: tuple[int, ...], dt: np.dtype, what: str) -> np.
 def from_bytes(buf: memoryview, shape: tuple[int, ...], dt: np.dtype, what: str) -> np.ndarray:
     """Raw little-endian bytes -> an array viewing them (no copy); 400 when the size is wrong."""
     count = math.prod(shape)
+    if dt is STRINGS:
+        try:
+            items = _strings(what, buf, count, True)
+        except ProtocolError as exc:
+            raise bad_request(f"{what}: BYTES data: {exc}") from None
+        return _object_array(items, shape)
     need = count * dt.itemsize
     if len(buf) != need:
         raise bad_request(f"{what}: binary_data_size is {len(buf)} but datatype {TO_OIP[dt]} shape "
@@ -97,3 +110,47 @@ def from_bytes(buf: memoryview, shape: tuple[int, ...], dt: np.dtype, what: str)
 def oip_datatype(arr: np.ndarray) -> str:
     """The OIP datatype of an output array (the worker's wire dtypes all have one)."""
     return TO_OIP.get(arr.dtype, "BYTES")
+
+
+def _object_array(items: list, shape: tuple[int, ...]) -> np.ndarray:
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr.reshape(shape)
+
+
+def _strings_from_json(data: Any, shape: tuple[int, ...], count: int, what: str) -> np.ndarray:
+    """JSON strings (flat or nested) -> an object array of their UTF-8 bytes."""
+    flat: list = []
+    stack = [data] if isinstance(data, list) else None
+    if stack is None:
+        if shape == () and isinstance(data, str):
+            flat = [data]
+        else:
+            raise bad_request(f"{what}: data must be a JSON array of strings (flat or nested)")
+    while stack:  # depth-first, in order, bounded by the element count
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(reversed(item))
+        elif isinstance(item, str):
+            flat.append(item)
+            if len(flat) > count:
+                break
+        else:
+            raise bad_request(f"{what}: datatype BYTES takes strings in data, got {type(item).__name__}")
+    if len(flat) != count:
+        raise bad_request(f"{what}: shape {list(shape)} needs {count} elements, data has {len(flat)}"
+                          + (" or more" if len(flat) > count else ""))
+    return _object_array([s.encode("utf-8") for s in flat], shape)
+
+
+def strings_buffer(arr: np.ndarray, what: str) -> bytes:
+    """An object array of bytes -> the 4-byte-length layout (binary outputs, raw gRPC contents)."""
+    return pack_strings(what, arr)[1]
+
+
+def strings_as_json(arr: np.ndarray) -> list | None:
+    """The strings as JSON text, flat; None when one of them is not UTF-8 (send it as binary)."""
+    try:
+        return [b.decode("utf-8") if isinstance(b, bytes) else str(b) for b in arr.reshape(-1).tolist()]
+    except UnicodeDecodeError:
+        return None

@@ -99,7 +99,13 @@ def test_typed_contents_and_bad_requests(env):
     with pytest.raises(Exception) as err:
         stub.ModelInfer(bad)
     assert "INVALID_ARGUMENT" in str(err.value) and "needs 6 elements" in str(err.value)
-    for datatype in ("BYTES", "UINT32", "BF16"):
+    strings = service_pb2.ModelInferRequest(model_name="echo")  # BYTES (issue 18): typed contents, any bytes
+    t = strings.inputs.add(name="s", datatype="BYTES", shape=[3])
+    t.contents.bytes_contents.extend([b"a", b"", b"\xff\x00"])
+    reply = stub.ModelInfer(strings)
+    assert reply.outputs[0].datatype == "BYTES" and reply.raw_output_contents[0] == b"".join(
+        len(b).to_bytes(4, "little") + b for b in (b"a", b"", b"\xff\x00"))
+    for datatype in ("UINT32", "BF16"):
         bad = service_pb2.ModelInferRequest(model_name="echo", raw_input_contents=[b"\0" * 4])
         bad.inputs.add(name="a", datatype=datatype, shape=[1])
         with pytest.raises(Exception) as err:
