@@ -14,7 +14,7 @@ from ringserve.client import AsyncClient, Client
 from ringserve.protocol.codec import pack, unpack_map
 from ringserve.protocol.envelope import batch_frames, request_body, split_replies
 from ringserve.protocol.messages import MDP_CLIENT
-from test_master_robustness import X, broker, dealer, next_request, recv, register, reply_ok  # noqa: F401
+from test_master_robustness import X, dealer, next_request, recv, register, reply_ok
 
 pytestmark = pytest.mark.timeout(90)
 
