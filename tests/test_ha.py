@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 
@@ -15,20 +14,9 @@ import pytest
 
 from ringserve.client import Client
 from ringserve.client.admin import AdminClient
-from ringserve.launch.procs import RoleProcess, wait_for_workers, wait_until
+from ringserve.launch.procs import RoleProcess, free_tcp_ports, wait_for_workers, wait_until
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Pair:
@@ -36,7 +24,7 @@ class Pair:
 
     def __init__(self, tmp):
         self.tmp, self.procs, self.masters = tmp, [], []
-        ports = free_ports(6)
+        ports = free_tcp_ports(6)
         self.eps = [{k: f"tcp://127.0.0.1:{ports[3 * i + j]}" for j, k in enumerate(("frontend", "backend", "admin"))}
                     for i in range(2)]
 
