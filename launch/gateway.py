@@ -37,9 +37,12 @@ def host_port(text: str) -> tuple[str, int]:
 
 def parser() -> argparse.ArgumentParser:
     p = make_parser("ringserve-gateway", __doc__)
-    p.add_argument("--master", default="tcp://127.0.0.1:5555", help="the master's client endpoint")
+    p.add_argument("--master", default="tcp://127.0.0.1:5555",
+                   help="the master's client endpoint; several active masters: comma-separated (requests fail "
+                        "over between them)")
     p.add_argument("--admin", default="tcp://127.0.0.1:5557",
-                   help="the master's admin endpoint (health and model metadata come from its status)")
+                   help="the master's admin endpoint (health and model metadata come from its status); several: "
+                        "comma-separated, the first that answers")
     p.add_argument("--listen", type=host_port, default="127.0.0.1:8000", metavar="HOST:PORT",
                    help="HTTP address (port 0: any free port)")
     p.add_argument("--grpc-listen", type=host_port, default=None, metavar="HOST:PORT",

@@ -155,7 +155,7 @@ def start_gateway(workdir: Path, master: dict, keys: str | None) -> RoleProcess:
     """The HTTP/gRPC front door (Open Inference Protocol) on a free loopback port."""
     flags = ["--keys", keys, "--key-name", "local", "--admin-key-name", "local"] if keys else []
     return RoleProcess("ringserve.launch.gateway", ["--master", master["frontend"],
-                                                    "--admin", master["admin"].split(",")[0],
+                                                    "--admin", master["admin"],
                                                     "--listen", "127.0.0.1:0", *flags], workdir / "gateway.log")
 
 
