@@ -457,7 +457,7 @@ class Reliability:
         if header.get("ok"):
             self.resolve(p, Reply(rid, outputs, header.get("version"), header.get("worker"), header))
         else:
-            self.resolve(p, exc=from_error(header.get("error"), rid))
+            self.resolve(p, exc=from_error(header.get("error"), rid, header.get("retry_after_s")))
 
     def observe_epoch(self, sock: zmq.Socket, epoch: str | None) -> None:
         if not epoch or epoch == self.epoch:

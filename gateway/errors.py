@@ -5,10 +5,12 @@ fits (the table is in docs/gateway.md), and retryable ones carry ``Retry-After``
 """
 from __future__ import annotations
 
+import math
+
 from ringserve.client.errors import RingserveError
 from ringserve.protocol.messages import ErrorCode
 
-RETRY_AFTER_S = 1  # the client library does not pass on the master's retry_after_s: a fixed hint
+RETRY_AFTER_S = 1  # when the master gave no retry_after_s (a full queue, a lost worker): a fixed hint
 
 STATUS = {
     ErrorCode.BAD_REQUEST: 400,
@@ -39,5 +41,8 @@ def bad_request(message: str) -> HttpError:
 def from_ringserve(exc: RingserveError) -> HttpError:
     """A typed ringserve error -> the HTTP status that fits it (unknown codes are 500)."""
     status = STATUS.get(exc.code, 500)
-    retry = RETRY_AFTER_S if exc.code in ErrorCode.RETRYABLE else None
+    retry = None
+    if exc.code in ErrorCode.RETRYABLE:  # Retry-After is whole seconds: the master's hint rounded up
+        hint = getattr(exc, "retry_after_s", None)
+        retry = max(1, math.ceil(hint)) if hint is not None else RETRY_AFTER_S
     return HttpError(status, f"{exc.code}: {exc.message}", exc.code, retry)
