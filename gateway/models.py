@@ -51,6 +51,27 @@ def _learn(book: dict[str, tuple[str, list[int]]], tensors: dict[str, np.ndarray
             book[name] = (datatype, merged)
 
 
+def declared_inputs(status: dict, model: str) -> dict[str, tuple[str, list[int]]]:
+    """The inputs a worker announces for `model` (its module's input_spec), as OIP datatype and shape."""
+    from ringserve.gateway.tensors import TO_NUMPY, oip_datatype
+
+    for w in status.get("workers") or []:
+        info = (w.get("models") or {}).get(model) if isinstance(w, dict) else None
+        inputs = info.get("inputs") if isinstance(info, dict) else None
+        if not isinstance(inputs, list):
+            continue
+        out = {}
+        for name, dtype, dims in inputs[:MAX_TENSORS]:
+            try:
+                datatype = "BYTES" if dtype == "bytes" else oip_datatype(np.empty(0, np.dtype(dtype)))
+            except TypeError:
+                continue
+            if datatype in TO_NUMPY or datatype == "BYTES":
+                out[name] = (datatype, [-1] if dims is None else list(dims))
+        return out
+    return {}
+
+
 def status_models(status: dict) -> tuple[dict[str, tuple[set[int], set[int]]], int]:
     """{model: (versions held, versions held where ready)} and the number of ready workers."""
     out: dict[str, tuple[set[int], set[int]]] = {}
@@ -101,6 +122,9 @@ class ModelBook:
         for name, (versions, ready) in seen.items():
             view = self.models.setdefault(name, ModelView())
             view.versions, view.ready_versions = versions, ready
+            declared = declared_inputs(status, name)
+            if declared:  # the module's input_spec, as its workers announce it: better than what traffic shows
+                view.inputs = declared
         self.last_ok = time.monotonic()
         self.last_error = None
 

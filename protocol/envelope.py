@@ -268,6 +268,9 @@ def parse_models(models: Any) -> dict[str, dict]:
             raise ProtocolError(f"models[{name[:64]!r}].on_demand must be true or false")
         if on_demand:
             clean[name]["on_demand"] = True
+        inputs = info.get("inputs")
+        if inputs is not None:
+            clean[name]["inputs"] = _announced_inputs(inputs, name)
         cache = info.get("cache", False)
         if not isinstance(cache, bool):
             raise ProtocolError(f"models[{name[:64]!r}].cache must be true or false")
@@ -290,6 +293,24 @@ def parse_models(models: Any) -> dict[str, dict]:
             clean[name]["refused"] = {"version": _int(refused.get("version"), "refused.version", 0),
                                       "reason": _str(refused.get("reason", ""), "refused.reason", MAX_TEXT,
                                                      allow_empty=True)}
+    return clean
+
+
+def _announced_inputs(inputs: Any, model: str) -> list:
+    """A model's declared inputs as a worker announces them: [[name, dtype, dims or nil]], bounded."""
+    if not isinstance(inputs, list) or len(inputs) > 64:
+        raise ProtocolError(f"models[{model[:64]!r}].inputs must be a list of at most 64 inputs")
+    clean = []
+    for entry in inputs:
+        if not (isinstance(entry, list) and len(entry) == 3):
+            raise ProtocolError(f"models[{model[:64]!r}].inputs entries must be [name, dtype, dims]")
+        name, dtype, dims = entry
+        _str(name, "inputs name")
+        _str(dtype, "inputs dtype", 32)
+        if dims is not None and not (isinstance(dims, list) and len(dims) <= 8 and all(
+                type(d) is int and -1 <= d <= 2**31 - 1 for d in dims)):
+            raise ProtocolError(f"models[{model[:64]!r}].inputs dims must be at most 8 ints (-1: any)")
+        clean.append([name, dtype, dims])
     return clean
 
 

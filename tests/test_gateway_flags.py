@@ -178,3 +178,26 @@ def _grpc_tokens_over_tls(address: str, cert) -> None:
         assert result.as_numpy("logits").shape == (1, 10)
     finally:
         client.close()
+
+
+def test_model_metadata_lists_the_inputs_the_module_declares(cluster):
+    """Workers announce their module's input_spec, so metadata is right before any request was made."""
+    import json
+    import urllib.request
+
+    cluster.start_master()
+    cluster.start_workers(1, model="enc=ringserve.worker.demo:seq_encoder")
+    gw = RoleProcess("ringserve.launch.gateway", ["--master", cluster.frontend, "--admin", cluster.admin,
+                                                  "--listen", "127.0.0.1:0"], cluster.tmp / "gw-meta.log")
+    cluster.procs.append(gw)
+
+    def meta():
+        try:
+            with urllib.request.urlopen(f"{gw.info['url']}/v2/models/enc", timeout=5) as r:
+                return json.loads(r.read())
+        except OSError:
+            return None
+
+    got = wait_until(lambda: (m := meta()) and m.get("inputs") and m, 20, 0.2, "metadata with inputs")
+    assert {i["name"]: (i["datatype"], i["shape"]) for i in got["inputs"]} == {
+        "input_ids": ("INT64", [-1, -1]), "attention_mask": ("INT64", [-1, -1])}

@@ -361,6 +361,9 @@ class ServedModel:
             info["on_demand"] = True
         if self.opts.cache:
             info["cache"] = True  # deterministic: the master may answer repeated inputs from its cache
+        inputs = announced_inputs(self.input_spec)
+        if inputs:
+            info["inputs"] = inputs  # what a gateway lists as the model's metadata
         if self.ignored_keys:
             info["ignored_keys"] = self.ignored_keys[:MAX_REPORTED_KEYS]  # not loaded (ready false) still means: send it, it loads
         refused = self.refused
@@ -560,6 +563,24 @@ class ServedModel:
         """Remember (and report in heartbeats) a version this worker cannot load; it keeps serving the old one."""
         self.refused = {"version": version, "reason": reason[:500]}
         self.loading = False
+
+
+def announced_inputs(spec: Any) -> list:
+    """input_spec -> [[name, dtype, shape with -1 for any size (None: any rank)]], for status and the
+    gateway's model metadata; [] when the module declares none (or declares something odd)."""
+    if not isinstance(spec, dict):
+        return []
+    out = []
+    for name, entry in list(spec.items())[:64]:
+        try:
+            shape, dtype = entry[0], entry[1]
+            dims = None if shape is None else [-1 if d is None else int(d) for d in shape]
+        except (TypeError, ValueError, IndexError):
+            return []
+        if not isinstance(name, str) or not isinstance(dtype, str):
+            return []
+        out.append([name, dtype, dims])
+    return out
 
 
 def _named_outputs(out: Any) -> dict[str, torch.Tensor]:
