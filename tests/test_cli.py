@@ -330,7 +330,7 @@ def test_local_serve_keeps_serving_and_leaves_no_orphans_when_sigkilled(tmp_path
         assert "serving until Ctrl-C" in text
         admin = re.search(r"ringserve-admin status --master (\S+)", text).group(1)
         children = _children(local.pid)
-        assert len(children) == 3, children  # ps0, master, worker-0
+        assert len(children) == 4, children  # ps0, master, worker-0, gateway
         time.sleep(1.5)  # still serving after the demo
         st = run("ringserve-admin", "status", "--master", admin, "--json")
         assert st.returncode == 0 and [w["name"] for w in json.loads(st.stdout)["workers"]] == ["worker-0"]
