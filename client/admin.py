@@ -110,12 +110,14 @@ def format_status(st: dict) -> str:
     rows = []
     for name, m in st.get("models", {}).items():
         ready = f"{m['workers_ready']}/{m['workers']}" if isinstance(m.get("workers"), int) else "-"
-        rows.append([name, m.get("state", "-"), ready, m["queue_depth"], m["in_flight"], m["requests"], m["ok"],
+        rows.append([name, m.get("state", "-"), ready, m.get("desired_workers", "-"), m["queue_depth"], m["in_flight"],
+                     m["requests"], m["ok"],
                      m["retries"], _num(m.get("rate_per_s")), _num(m.get("p50_ms")), _num(m.get("p99_ms")),
                      ",".join(map(str, m.get("versions") or [])) or "-",
                      ", ".join(f"{k}={v}" for k, v in sorted(m.get("errors", {}).items())) or "-"])
-    lines += [""] + table(["MODEL", "STATE", "READY", "QUEUE", "INFL", "REQUESTS", "OK", "RETRIES", "REQ/S",
-                           "P50 MS", "P99 MS", "VERSIONS", "ERRORS"], rows, right={2, 3, 4, 5, 6, 7, 8, 9, 10})
+    lines += [""] + table(["MODEL", "STATE", "READY", "DESIRED", "QUEUE", "INFL", "REQUESTS", "OK", "RETRIES",
+                           "REQ/S", "P50 MS", "P99 MS", "VERSIONS", "ERRORS"], rows,
+                          right={2, 3, 4, 5, 6, 7, 8, 9, 10, 11})
     for name, r in (st.get("routes") or {}).items():
         split = ", ".join(f"v{v}={p}%" for v, p in r.get("split", []))
         extra = "".join(f" {k}={r[k]}" for k in ("sticky_key", "shadow") if r.get(k) is not None)

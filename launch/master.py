@@ -9,6 +9,7 @@ from ringserve.launch.logsetup import add_log_flag, configure_logging
 from ringserve.launch.metrics import add_metrics_flags, metrics_access, start_metrics
 from ringserve.launch.procs import announce
 from ringserve.launch.security import add_security_flags, security_from_args
+from ringserve.master.autoscale import AutoscalePolicy
 from ringserve.master.broker import BrokerConfig, serve
 from ringserve.master.scheduler import POLICIES
 from ringserve.protocol.sockets import BindError
@@ -59,6 +60,15 @@ def parser() -> argparse.ArgumentParser:
                    help="bytes of answers in one such message (a larger answer goes in one of its own)")
     p.add_argument("--response-cache-bytes", type=number(int, 0), default=64 << 20,
                    help="bytes of answers kept for models marked cache=true (0: no response cache)")
+    g = p.add_argument_group("autoscaling (the desired_workers figure: master/autoscale.py, docs/deployment.md)")
+    g.add_argument("--target-ongoing-requests", type=positive_float, default=2.0,
+                   help="requests in flight per worker the autoscale policy aims at")
+    g.add_argument("--min-workers", type=positive_int, default=1, help="the policy never asks for fewer")
+    g.add_argument("--max-workers", type=positive_int, default=64, help="the policy never asks for more")
+    g.add_argument("--upscale-delay-s", type=number(float, 0), default=30.0,
+                   help="seconds a higher figure must hold before desired_workers rises")
+    g.add_argument("--downscale-delay-s", type=number(float, 0), default=600.0,
+                   help="seconds a lower figure must hold before desired_workers falls")
     p.add_argument("--peers", default="",
                    help="the other active masters' admin endpoints, comma-separated: routes set on any master are "
                         "in force on all (see docs/operations.md, 'Several masters')")
@@ -71,7 +81,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(parser(), argv)
+    p = parser()
+    args = parse_args(p, argv)
+    if args.min_workers > args.max_workers:
+        p.error("--min-workers must not be above --max-workers")
     configure_logging("master", args.log_level)
     return_large_buffers_to_the_os()
     weights = dict(args.weight)
@@ -82,6 +95,9 @@ def main(argv: list[str] | None = None) -> None:
                        max_timeout=args.max_timeout, state_dir=args.state_dir, security=sec,
                        rate_limit=args.rate_limit, rate_burst=args.rate_burst,
                        unavailable_grace=args.unavailable_grace,
+                       autoscale_policy=AutoscalePolicy(args.target_ongoing_requests, args.min_workers,
+                                                        args.max_workers, args.upscale_delay_s,
+                                                        args.downscale_delay_s),
                        response_cache_bytes=args.response_cache_bytes, client_batch_max=args.client_batch_max,
                        client_batch_bytes=args.client_batch_bytes,
                        peers=[e.strip() for e in args.peers.split(",") if e.strip()], peer_interval=args.peer_interval)
