@@ -229,7 +229,7 @@ def test_commands_are_console_scripts_and_images_pin_torch():
                if line.strip()}
     text = "".join(p.read_text() for p in DEPLOY.rglob("*.yaml"))
     used = set(re.findall(r'command: \["(ringserve-[a-z]+)"', text)) | set(re.findall(r"exec (ringserve-[a-z]+)", text))
-    assert used == {"ringserve-master", "ringserve-ps", "ringserve-worker"} and used <= console
+    assert used == {"ringserve-master", "ringserve-ps", "ringserve-worker", "ringserve-gateway"} and used <= console
     cpu, cuda = (ROOT / "Dockerfile").read_text(), (ROOT / "Dockerfile.cuda").read_text()
     assert "FROM python:3.11-slim" in cpu and "whl/cpu torch==2.13.0" in cpu
     assert "torch==2.13.0" in cuda and "whl/${CUDA_WHEELS}" in cuda
@@ -344,3 +344,16 @@ def test_prestop_drains_a_worker_running_as_pid_1(cluster):
             os.killpg(outer.pid, 9)
             outer.wait(5)
         log.close()
+
+
+@needs_kubectl
+def test_the_gateway_probes_are_the_oip_health_endpoints_and_its_config_parses():
+    gw = obj(render("cpu"), "Deployment", "ringserve-gateway")
+    c = container(gw)
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    from ringserve.launch.cli import parse_args
+    from ringserve.launch.gateway import parser
+
+    args = parse_args(parser(), ["--config", str(DEPLOY / "base" / "config" / "gateway.toml")])
+    assert len(args.master.split(",")) == len(args.admin.split(",")) == 2  # every master
