@@ -55,6 +55,11 @@ def parser():
     p.add_argument("--json", action="store_true", help="list versions as JSON instead of a table")
     p.add_argument("--chunk-bytes", type=int, default=4 * 1024 * 1024, help="largest piece of one tensor")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per shard call")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="copies of each piece, the same for every role (default 2 with at least 2 shards, else 1)")
+    p.add_argument("--write-quorum", type=int, default=None,
+                   help="a version commits only when every piece is on at least this many owners (default: "
+                        "--replicas); the shards missed are reported and repair themselves")
     add_security_flags(p)
     add_log_flag(p)
     return p
@@ -113,6 +118,18 @@ def versions_table(model: str, versions: dict[str, dict]) -> str:
     return "\n".join([f"model {model}", *table(["SHARD", "VERSIONS", "CURRENT", "NOTES"], rows)])
 
 
+def _missed(pc: ParamClient) -> dict:
+    """The shards a publish or rollback left out (they repair themselves), for the JSON line."""
+    rep = pc.last_report or {}
+    out = {"missed": rep.get("missed", [])}
+    if rep.get("under_replicated_pieces"):
+        out["under_replicated_pieces"] = rep["under_replicated_pieces"]
+    if out["missed"]:
+        print(f"warning: shards {', '.join(out['missed'])} missed this; they repair themselves from the other "
+              f"owners", file=sys.stderr)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser()
     args = parse_args(p, argv)
@@ -135,19 +152,24 @@ def main(argv: list[str] | None = None) -> int:
         progress = Progress() if show else None
         checks = {"check_workers": not args.no_worker_check, "worker_check_s": args.worker_check_s,
                   "progress": progress}
-        with ParamClient(args.shards, args.chunk_bytes, args.timeout, security_from_args(args, "publisher")) as pc:
+        try:
+            pc = ParamClient(args.shards, args.chunk_bytes, args.timeout, security_from_args(args, "publisher"),
+                             replicas=args.replicas, write_quorum=args.write_quorum)
+        except ValueError as exc:
+            p.error(str(exc))
+        with pc:
             try:
                 if args.rollback is not None:
                     pc.rollback(args.model, args.rollback)
-                    print(json.dumps({"model": args.model, "current": args.rollback}))
+                    print(json.dumps({"model": args.model, "current": args.rollback, **_missed(pc)}))
                 elif delta is not None:
                     v = pc.publish(args.model, delta, args.version, args.base, allow_new=args.allow_new_keys, **checks)
-                    print(json.dumps({"model": args.model, "version": v, "base": args.base, **summary}))
+                    print(json.dumps({"model": args.model, "version": v, "base": args.base, **summary, **_missed(pc)}))
                 elif args.weights:
                     v = pc.publish_file(args.model, args.weights, args.version, args.base,
                                         allow_new=args.allow_new_keys, allow_layout_change=args.allow_layout_change,
                                         **checks)
-                    print(json.dumps({"model": args.model, "version": v}))
+                    print(json.dumps({"model": args.model, "version": v, **_missed(pc)}))
                 else:
                     versions = pc.versions(args.model)
                     print(json.dumps(versions) if args.json else versions_table(args.model, versions))

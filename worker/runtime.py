@@ -35,5 +35,6 @@ def build_worker(args, security: Security | None = None) -> WorkerAgent:
     agent = WorkerAgent(cfg, models)
     if args.paramservers:
         agent.sync = WeightSync(agent.ctx, parse_shards(args.paramservers), models, agent.compute.swaps,
-                                security=cfg.security, wake=agent.compute.wake)
+                                security=cfg.security, wake=agent.compute.wake,
+                                replicas=getattr(args, "replicas", None))
     return agent
