@@ -39,7 +39,8 @@ from safetensors.numpy import load_file
 from ringserve.client.errors import Conflict
 from ringserve.protocol.codec import to_numpy
 from ringserve.protocol.placement import (DEFAULT_CHUNK_BYTES, fingerprint, min_live, model_name_problem, owners,
-                                          parse_shards, place, plan, quorum_problem, resolve_replicas, ring)
+                                          parse_shards, place, plan, quorum_problem, resolve_replicas, ring,
+                                          ring_problem)
 from ringserve.protocol.security import Security
 from ringserve.protocol.shardrpc import ShardCallError, ShardRPC
 
@@ -56,18 +57,6 @@ class PublishError(RuntimeError):
 class RingMismatch(PublishError):
     """A shard uses another replica count or shard list than this client: they would disagree on
     where pieces live."""
-
-
-def ring_problem(name: str, hello: Mapping, replicas: int, fp: str) -> str | None:
-    """Why shard `name`'s hello shows another ring than ours (None if it agrees or does not say)."""
-    theirs = hello.get("replicas")
-    if theirs is not None and theirs != replicas:
-        return (f"shard {name} runs with --replicas {theirs}, this client with {replicas}: give every role "
-                f"the same --replicas")
-    if hello.get("ring") is not None and hello.get("ring") != fp:
-        return (f"shard {name} was started with another --shards list than this client's (ring fingerprint "
-                f"{str(hello.get('ring'))[:16]} vs {fp}): give every role the same list")
-    return None
 
 
 class PublishRefused(PublishError):

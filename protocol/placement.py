@@ -140,6 +140,19 @@ def fingerprint(shard_names: Iterable[str], replicas: int) -> str:
     return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
+def ring_problem(name: str, hello: Mapping, replicas: int, fp: str) -> str | None:
+    """Why shard `name`'s hello shows another ring than ours (None if it agrees or does not say):
+    every role checks this at connect."""
+    theirs = hello.get("replicas")
+    if theirs is not None and theirs != replicas:
+        return (f"shard {name} runs with --replicas {theirs}, this role with {replicas}: give every role "
+                f"the same --replicas")
+    if hello.get("ring") is not None and hello.get("ring") != fp:
+        return (f"shard {name} was started with another --shards list than this role's (ring fingerprint "
+                f"{str(hello.get('ring'))[:16]} vs {fp}): give every role the same list")
+    return None
+
+
 def owners(key: str, shard_names: Iterable[str] | HashRing, replicas: int = 1) -> list[str]:
     """The R distinct shards that follow `key` on the ring, in preference order."""
     r = shard_names if isinstance(shard_names, HashRing) else ring(shard_names)
