@@ -113,7 +113,7 @@ def diff(old_path: str, new_path: str) -> tuple[dict, dict]:
 
 def versions_table(model: str, versions: dict[str, dict]) -> str:
     rows = [[shard, ",".join(map(str, v.get("versions") or [])) or "-", v.get("current") if v.get("current") is not None
-             else "-", "; ".join(f"{k}: {v[k]}" for k in ("corrupt", "fallback") if v.get(k)) or "-"]
+             else "-", "; ".join(f"{k}: {v[k]}" for k in ("corrupt", "fallback", "repair", "error") if v.get(k)) or "-"]
             for shard, v in sorted(versions.items())]
     return "\n".join([f"model {model}", *table(["SHARD", "VERSIONS", "CURRENT", "NOTES"], rows)])
 
