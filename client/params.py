@@ -420,6 +420,32 @@ class ParamClient:
                                f"repair with a rollback once they answer")
         return now
 
+    def placement_status(self, model: str, version: int) -> dict:
+        """How far each shard's share of `version` is from what this client's ring says: per
+        shard, owned pieces it lacks and pieces it holds but no longer owns (a rebalance is done
+        when both are 0 everywhere), and the pieces on fewer than W owners."""
+        replies = self.rpc.call_all({"cmd": "fetch", "model": model, "version": version, "manifest_only": True},
+                                    raise_on_error=False)
+        held = {n: {item[0] for item in h["manifest"]} for n, (h, _) in replies.items()
+                if h.get("ok") and isinstance(h.get("manifest"), list)}
+        keys = set().union(*held.values()) if held else set()
+        out = {n: {"missing": 0, "spare": 0} for n in self.shards}
+        for n in self.shards:
+            if n not in held:
+                out[n]["error"] = _why(replies.get(n))[1]
+        thin = 0
+        for k in keys:
+            own = owners(k, self.ring, self.replicas)
+            for n in own:
+                if n in held and k not in held[n]:
+                    out[n]["missing"] += 1
+            for n, ks in held.items():
+                if k in ks and n not in own:
+                    out[n]["spare"] += 1
+            thin += sum(1 for n in own if k in held.get(n, ())) < self.write_quorum
+        return {"model": model, "version": version, "pieces": len(keys), "shards": out, "under_quorum": thin,
+                "done": all(v["missing"] == 0 and v["spare"] == 0 and "error" not in v for v in out.values())}
+
     def publish_file(self, model: str, path: str, version: int | None = None, base: int | None = None,
                      **options: Any) -> int:
         return self.publish(model, load_file(path), version, base, **options)

@@ -12,6 +12,12 @@ missing, or their union matches the version's full-publish digest. Then, if a pe
 version carries a newer epoch than its own and it holds that version, it adopts it (a shard
 that was down during a publish or a rollback catches up with no publish needed).
 
+Every FULL_CHECK_S (and at start) it also compares the versions it holds with the other
+owners' manifests: a piece it owns (by its ring) but lacks is fetched and added to its
+manifest, and a piece it holds but no longer owns is dropped once every one of its owners holds
+it. That is how a shard list change rebalances: restart the shards with the new list (one at
+a time) and only the pieces whose owners change move (docs/operations.md).
+
 What it finds is kept in `status` (read by the shard's hello and metrics): versions and pieces
 under-replicated here, what was repaired, the last round's time and error.
 """
@@ -37,6 +43,7 @@ log = structlog.get_logger("ringserve.paramserver.repair")
 
 BATCH_BYTES = 8 << 20  # bytes asked for per fetch
 MAX_VERSIONS_PER_ROUND = 4  # bounded work per round: the next round goes on
+FULL_CHECK_S = 30.0  # how often the versions held here are compared with the other owners'
 
 
 def full_digest(items: list[list]) -> str:
@@ -61,6 +68,7 @@ class Repairer(threading.Thread):
                              "last_round_s": None, "last_error": None}
         self._sent_at = time.monotonic()
         self._sent = 0
+        self._last_full: float | None = None
 
     def run(self) -> None:
         ctx = zmq.Context()
@@ -89,7 +97,8 @@ class Repairer(threading.Thread):
         me = hellos.pop(self.me, None)
         if me is None:
             return  # our own command loop is busy or stopping: next round
-        peers = {n: h for n, h in hellos.items() if h.get("ring") in (None, self.fp)}
+        peers = hellos  # pieces are read by key: a peer on another ring (mid-rebalance) serves them too
+        full = self._last_full is None or time.monotonic() - self._last_full >= FULL_CHECK_S
         under_v = under_p = done = 0
         for model in sorted({m for h in peers.values() for m in (h.get("versions") or {})}):
             mine = set(_ints((me.get("versions") or {}).get(model)))
@@ -105,14 +114,69 @@ class Repairer(threading.Thread):
                     under_p += got[1]
                     done += got[0]
             self.adopt_current(model, me, peers, mine | set(lacking))
+            if full:
+                for version in sorted(mine - corrupt):
+                    if version in theirs and not self.stopping.is_set():
+                        under_p += self.rebalance_version(rpc, model, version, peers)
+        if full:
+            self._last_full = time.monotonic()
         self.status["under_replicated_versions"] = max(0, under_v - done)
-        self.status["under_replicated_pieces"] = under_p
+        if full or under_v:  # between full checks only versions lacking whole are counted
+            self.status["under_replicated_pieces"] = under_p
 
     def repair_version(self, rpc: ShardRPC, model: str, version: int, peers: Mapping[str, dict]
                        ) -> tuple[int, int] | None:
         """Copy this shard's pieces of `version` from the peers. Returns (1 if queued for storing
         else 0, pieces still missing here), or None when the peers cannot tell what we own."""
+        got = self.collect(rpc, model, version, peers)
+        if got is None:
+            return None
+        items, where, digest = got
+        own = {k: it for k, it in items.items() if self.me in owners(k, self.ring, self.replicas)}
+        self.status["in_progress"] = {"model": model, "version": version, "pieces": len(own)}
+        sl = Slice(version, digest=str(digest or ""))
+        if not self.copy(rpc, model, version, own, where, sl):
+            return 0, len(own)  # a peer went away: try again next round
+        self.apply.put(("install", model, sl))
+        self.status["repaired_versions"] += 1
+        self.status["repaired_pieces"] += len(own)
+        self.status["repaired_bytes"] += sum(a.nbytes for a in sl.data.values())
+        log.info("version_repaired", shard=self.me, model=model, version=version, pieces=len(own))
+        return 1, 0
+
+    def rebalance_version(self, rpc: ShardRPC, model: str, version: int, peers: Mapping[str, dict]) -> int:
+        """A version held here: add the pieces owned here that it lacks, drop those no longer owned
+        here that all their owners hold. Returns how many owned pieces are still missing."""
+        got = self.collect(rpc, model, version, peers, with_self=True)
+        if got is None:
+            return 0
+        items, where, digest = got
+        mine = {k for k, ns in where.items() if self.me in ns}
+        own = {k for k in items if self.me in owners(k, self.ring, self.replicas)}
+        lacking = {k: items[k] for k in own - mine}
+        if lacking:
+            sl = Slice(version, digest=str(digest or ""))
+            if not self.copy(rpc, model, version, lacking, {k: [n for n in where[k] if n != self.me]
+                                                              for k in lacking}, sl):
+                return len(lacking)
+            self.apply.put(("merge", model, sl))
+            self.status["repaired_pieces"] += len(lacking)
+            self.status["repaired_bytes"] += sum(a.nbytes for a in sl.data.values())
+            log.info("version_rebalanced_in", shard=self.me, model=model, version=version, pieces=len(lacking))
+        spare = [k for k in mine - own
+                 if all(n in where[k] for n in owners(k, self.ring, self.replicas))]
+        if spare:
+            self.apply.put(("drop", model, version, spare))
+            log.info("version_rebalanced_out", shard=self.me, model=model, version=version, pieces=len(spare))
+        return 0
+
+    def collect(self, rpc: ShardRPC, model: str, version: int, peers: Mapping[str, dict], with_self: bool = False
+                ) -> tuple[dict[str, list], dict[str, list[str]], str | None] | None:
+        """The union of the holders' manifests of `version` (item per key, who lists it, the
+        digest), or None when they may not name every piece owned here."""
         holders = [n for n, h in peers.items() if version in _ints((h.get("versions") or {}).get(model))]
+        if with_self:
+            holders.append(self.me)
         replies = rpc.call({n: ({"cmd": "fetch", "model": model, "version": version, "manifest_only": True}, [])
                             for n in holders}, timeout=self.timeout, raise_on_error=False)
         items: dict[str, list] = {}
@@ -132,13 +196,16 @@ class Repairer(threading.Thread):
         answered = {n for n, (h, _) in replies.items() if h.get("ok")}
         missing = set(self.shards) - answered - {self.me}
         complete = len(missing) <= self.replicas - 2 or (digest is not None and full_digest(list(items.values())) == digest)
-        if not answered or not complete:
+        if not answered - {self.me} or not complete or (with_self and self.me not in answered):
             log.info("repair_version_unsure", shard=self.me, model=model, version=version,
                      answered=sorted(answered), why="the peers' manifests may not name every piece owned here")
             return None
-        own = {k: it for k, it in items.items() if self.me in owners(k, self.ring, self.replicas)}
-        self.status["in_progress"] = {"model": model, "version": version, "pieces": len(own)}
-        sl = Slice(version, digest=str(digest or ""))
+        return items, where, digest
+
+    def copy(self, rpc: ShardRPC, model: str, version: int, own: Mapping[str, list],
+             where: Mapping[str, list[str]], sl: Slice) -> bool:
+        """Fetch `own` (key -> item) from the shards listing them into `sl`, spread over them;
+        False when a peer failed (the round ends, the next one retries)."""
         load: dict[str, int] = {}
         by_holder: dict[str, list[list]] = {}
         for k, it in own.items():
@@ -152,26 +219,20 @@ class Repairer(threading.Thread):
                                          "keys": [it[0] for it in batch]}, [])},
                                  timeout=self.timeout, raise_on_error=False).get(src)
                 if reply is None or not reply[0].get("ok"):
-                    return 0, len(own)  # that peer went away: try again next round
+                    return False
                 header, frames = reply
                 got = {it[0]: (it, f) for it, f in zip(header.get("pieces") or [], frames)
                        if isinstance(it, list) and it}
                 for it in batch:
                     if it[0] not in got or got[it[0]][0] != it:
-                        return 0, len(own)
+                        return False
                     buf = bytes(got[it[0]][1].buffer)
                     if hashlib.sha256(buf).hexdigest() != it[6]:
                         raise ValueError(f"{src}: piece {it[0]} of {model} v{version} failed its checksum")
                     piece = Piece.from_list(it[:6])
                     sl.pieces[piece.key], sl.checksums[piece.key] = piece, it[6]
                     sl.data[piece.key] = np.frombuffer(buf, dtype=piece.dtype)
-        self.apply.put(("install", model, sl))
-        self.status["repaired_versions"] += 1
-        self.status["repaired_pieces"] += len(own)
-        self.status["repaired_bytes"] += sum(a.nbytes for a in sl.data.values())
-        log.info("version_repaired", shard=self.me, model=model, version=version, pieces=len(own),
-                 sources=sorted(by_holder))
-        return 1, 0
+        return True
 
     def adopt_current(self, model: str, me: dict, peers: Mapping[str, dict], held: set[int]) -> None:
         """Make the current version the one with the newest epoch among the shards, when we hold it."""

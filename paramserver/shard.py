@@ -171,6 +171,13 @@ class Shard:
                         self.metrics.on_repair(len(sl.pieces), sl.nbytes())
                         log.info("version_installed_by_repair", model=model, version=sl.version,
                                  pieces=len(sl.pieces))
+                elif item[0] in ("merge", "drop"):
+                    model, version = item[1], (item[2].version if item[0] == "merge" else item[2])
+                    changed = self.store.reshape(model, version, add=item[2] if item[0] == "merge" else None,
+                                                 drop=item[3] if item[0] == "drop" else ())
+                    if changed and item[0] == "merge":
+                        self.metrics.on_repair(changed, item[2].nbytes())
+                    log.info("version_reshaped_by_repair", model=model, version=version, how=item[0], pieces=changed)
                 elif item[0] == "current":
                     _, model, version, epoch = item
                     if (version in self.store.slices.get(model, {})

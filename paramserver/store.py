@@ -206,6 +206,28 @@ class ShardStore:
         self._prune(model)
         return wrote
 
+    def reshape(self, model: str, version: int, add: Slice | None = None, drop: list[str] = ()) -> int:
+        """Add pieces to (or drop pieces from) a stored version's share, as a rebalance does: the
+        new pieces are written first, then the manifest is rewritten. Returns the pieces changed."""
+        sl = self.slices.get(model, {}).get(version)
+        if sl is None:
+            return 0
+        new = Slice(version, dict(sl.pieces), dict(sl.data), dict(sl.checksums), sl.digest)
+        changed = 0
+        for k in (add.pieces if add is not None else {}):
+            if k not in new.pieces:
+                new.pieces[k], new.data[k], new.checksums[k] = add.pieces[k], add.data[k], add.checksums[k]
+                changed += 1
+        for k in drop:
+            if new.pieces.pop(k, None) is not None:
+                new.data.pop(k, None)
+                new.checksums.pop(k, None)
+                changed += 1
+        if changed:
+            self._write_version(model, new)
+            self.collect(model)
+        return changed
+
     def set_current(self, model: str, version: int | None, remember: bool = True, epoch: int | None = None) -> None:
         """Make `version` current (None: no current version); the old one goes to the history.
         `epoch`: the stamp of what made it current (kept; None leaves the old stamp)."""

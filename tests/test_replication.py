@@ -156,3 +156,33 @@ def test_fetch_moves_to_another_owner_when_a_shard_dies_mid_fetch(cluster, sig):
     finally:
         rpc.close()
         ctx.destroy(linger=0)
+
+
+def test_adding_a_fourth_shard_moves_only_the_pieces_whose_owners_change(cluster):
+    import subprocess
+    import sys
+
+    eps = start_ring(cluster)
+    with ParamClient(eps, chunk_bytes=SMALL_CHUNK, timeout=3.0) as pc:
+        pc.publish("mlp", mlp_state(1))
+    before = {n: manifests_on_disk(cluster, n)[1][1] for n in eps}
+    four = {**eps, "ps3": f"tcp://127.0.0.1:{free_tcp_ports(1)[0]}"}
+    cluster._start("ringserve.launch.ps", ["--name", "ps3", "--data-dir", str(cluster.tmp / "ps3"), "--bind",
+                                          four["ps3"], "--shards", shard_list(four), "--repair-interval", "0.3"],
+                   "ps3")
+    for n in eps:  # one at a time: with R = 2 every piece stays on a live owner
+        kill(cluster, n, signal.SIGTERM)
+        cluster.shards[n].wait(10)
+        cluster.shards[n] = restart(cluster, four, n, f"{n}-four")
+    out = subprocess.run([sys.executable, "-m", "ringserve.launch.publish", "--shards", shard_list(four),
+                          "--model", "mlp", "--rebalance-from", shard_list(eps), "--wait-s", "60"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads(out.stdout)
+    assert report["done"] and report["under_quorum"] == 0
+    assert 0 < report["pieces_moved_fraction"] <= 1.5 * 2 / 4
+    after = {n: manifests_on_disk(cluster, n)[1][1] for n in four}
+    copied = sum(len(set(after[n]) - set(before.get(n, []))) for n in four)
+    assert copied == report["pieces_moved"]  # only the pieces whose owners changed were copied
+    with ParamClient(four, chunk_bytes=SMALL_CHUNK, timeout=3.0) as pc:
+        assert pc.publish("mlp", mlp_state(2)) == 2 and pc.last_report["missed"] == []
