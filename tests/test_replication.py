@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import time
+
 import zmq
 
 import numpy as np
@@ -186,3 +188,37 @@ def test_adding_a_fourth_shard_moves_only_the_pieces_whose_owners_change(cluster
     assert copied == report["pieces_moved"]  # only the pieces whose owners changed were copied
     with ParamClient(four, chunk_bytes=SMALL_CHUNK, timeout=3.0) as pc:
         assert pc.publish("mlp", mlp_state(2)) == 2 and pc.last_report["missed"] == []
+
+
+def test_delta_sync_with_a_stopped_shard_loses_no_request(cluster):
+    eps = start_ring(cluster)
+    cluster.start_master()
+    v1 = mlp_state(1)
+    v2 = {**v1, **{k: v for k, v in mlp_state(2).items() if k.endswith("weight")}}
+    x = np.random.default_rng(1).standard_normal((2, 256), dtype=np.float32)
+    with ParamClient(eps, chunk_bytes=SMALL_CHUNK, timeout=3.0, write_quorum=1) as pc:
+        pc.publish("mlp", v1)
+        cluster.start_workers(1, "--paramservers", shard_list(eps), wait=False)
+        wait_for_workers(cluster.admin, 1, 60, model="mlp", version=1)
+        with Client(cluster.frontend, timeout=20) as c:
+            kill(cluster, "ps2", signal.SIGSTOP)  # frozen: no answer, no close
+            try:
+                pc.publish("mlp", {k: v for k, v in v2.items() if k.endswith("weight")}, base=1)
+                assert pc.last_report["missed"] == ["ps2"]
+                seen, failures = set(), 0
+                for _ in range(1500):  # requests all along the delta sync (30 s at most): every one answered
+                    time.sleep(0.02)
+                    try:
+                        r = c.infer_async("mlp", {"x": x}).result()
+                    except Exception:  # noqa: BLE001 - counted: must stay 0
+                        failures += 1
+                        continue
+                    np.testing.assert_array_equal(r.outputs["logits"], expected({1: v1, 2: v2}[r.version], x))
+                    seen.add(r.version)
+                    if r.version == 2:
+                        break
+                assert failures == 0 and 2 in seen
+            finally:
+                cluster.shards["ps2"].signal(signal.SIGCONT)
+        wait_until(lambda: pc.versions("mlp")["ps2"] == {"versions": [1, 2], "current": 2}, 30, 0.2,
+                   "ps2 repaired after SIGCONT")
