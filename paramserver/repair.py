@@ -35,7 +35,7 @@ import structlog
 import zmq
 
 from ringserve.paramserver.store import Slice, is_checksum
-from ringserve.protocol.placement import Piece, fingerprint, owners, ring
+from ringserve.protocol.placement import Piece, dtype_problem, fingerprint, model_name_problem, owners, ring
 from ringserve.protocol.security import Security
 from ringserve.protocol.shardrpc import ShardRPC
 
@@ -100,7 +100,8 @@ class Repairer(threading.Thread):
         peers = hellos  # pieces are read by key: a peer on another ring (mid-rebalance) serves them too
         full = self._last_full is None or time.monotonic() - self._last_full >= FULL_CHECK_S
         under_v = under_p = done = 0
-        for model in sorted({m for h in peers.values() for m in (h.get("versions") or {})}):
+        models = {m for h in peers.values() if isinstance(h.get("versions"), dict) for m in h["versions"]}
+        for model in sorted(m for m in models if model_name_problem(m) is None):  # a peer's names are checked
             mine = set(_ints((me.get("versions") or {}).get(model)))
             corrupt = set(int(v) for v in ((me.get("corrupt") or {}).get(model) or {}) if str(v).isdigit())
             theirs = sorted({v for h in peers.values() for v in _ints((h.get("versions") or {}).get(model))})
@@ -137,7 +138,7 @@ class Repairer(threading.Thread):
         sl = Slice(version, digest=str(digest or ""))
         if not self.copy(rpc, model, version, own, where, sl):
             return 0, len(own)  # a peer went away: try again next round
-        self.apply.put(("install", model, sl))
+        self.apply.put(("install", model, sl), timeout=5)  # bounded: never stuck on a stopped loop
         self.status["repaired_versions"] += 1
         self.status["repaired_pieces"] += len(own)
         self.status["repaired_bytes"] += sum(a.nbytes for a in sl.data.values())
@@ -159,14 +160,14 @@ class Repairer(threading.Thread):
             if not self.copy(rpc, model, version, lacking, {k: [n for n in where[k] if n != self.me]
                                                               for k in lacking}, sl):
                 return len(lacking)
-            self.apply.put(("merge", model, sl))
+            self.apply.put(("merge", model, sl), timeout=5)  # bounded: never stuck on a stopped loop
             self.status["repaired_pieces"] += len(lacking)
             self.status["repaired_bytes"] += sum(a.nbytes for a in sl.data.values())
             log.info("version_rebalanced_in", shard=self.me, model=model, version=version, pieces=len(lacking))
         spare = [k for k in mine - own
                  if all(n in where[k] for n in owners(k, self.ring, self.replicas))]
         if spare:
-            self.apply.put(("drop", model, version, spare))
+            self.apply.put(("drop", model, version, spare), timeout=5)  # bounded: never stuck on a stopped loop
             log.info("version_rebalanced_out", shard=self.me, model=model, version=version, pieces=len(spare))
         return 0
 
@@ -221,8 +222,11 @@ class Repairer(threading.Thread):
                 if reply is None or not reply[0].get("ok"):
                     return False
                 header, frames = reply
-                got = {it[0]: (it, f) for it, f in zip(header.get("pieces") or [], frames)
-                       if isinstance(it, list) and it}
+                listed = header.get("pieces") if isinstance(header.get("pieces"), list) else []
+                if len(listed) != len(frames):
+                    return False
+                got = {it[0]: (it, f) for it, f in zip(listed, frames, strict=True)
+                       if isinstance(it, list) and it and isinstance(it[0], str)}
                 for it in batch:
                     if it[0] not in got or got[it[0]][0] != it:
                         return False
@@ -230,6 +234,8 @@ class Repairer(threading.Thread):
                     if hashlib.sha256(buf).hexdigest() != it[6]:
                         raise ValueError(f"{src}: piece {it[0]} of {model} v{version} failed its checksum")
                     piece = Piece.from_list(it[:6])
+                    if dtype_problem(piece.dtype) or len(buf) != _nbytes(it) or not 0 <= piece.start <= piece.stop:
+                        raise ValueError(f"{src}: piece {it[0]!r:.80} of {model} v{version} is malformed")
                     sl.pieces[piece.key], sl.checksums[piece.key] = piece, it[6]
                     sl.data[piece.key] = np.frombuffer(buf, dtype=piece.dtype)
         return True
@@ -246,7 +252,7 @@ class Repairer(threading.Thread):
         if best is None or not isinstance(own_e, int) or best[0] <= own_e or best[1] == own_v:
             return
         if best[1] in held:
-            self.apply.put(("current", model, best[1], best[0]))
+            self.apply.put(("current", model, best[1], best[0]), timeout=5)  # bounded: never stuck on a stopped loop
             self.status["adopted_current"] += 1
             log.info("current_adopted", shard=self.me, model=model, version=best[1], epoch=best[0], was=own_v)
 

@@ -164,6 +164,9 @@ class Shard:
             except queue.Empty:
                 return
             try:
+                if item[0] in ("install", "merge"):  # what a peer sent is checked as a stage is
+                    for k, p in item[-1].pieces.items():
+                        _piece([*p.as_list(), item[-1].checksums[k]])
                 if item[0] == "install":
                     _, model, sl = item
                     if sl.version not in self.store.slices.get(model, {}):
@@ -186,6 +189,8 @@ class Shard:
                         self.store.collect(model)
                         self._announce("rollback", model, version)
                         log.info("current_adopted_by_repair", model=model, version=version, epoch=epoch)
+            except ProtocolError as exc:
+                log.warning("repair_refused", error=str(exc)[:300])
             except Exception:  # noqa: BLE001 - a repair that cannot be stored is tried again next round
                 log.exception("repair_apply_failed")
 

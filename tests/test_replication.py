@@ -68,6 +68,20 @@ def test_owners_are_r_distinct_shards_and_a_fourth_moves_about_r_over_n():
     pieces = plan({"emb": ("float32", (4096, 64), 4)}, chunk_bytes=SMALL_CHUNK)
     placed = place(pieces, "abc", 2)
     assert sum(map(len, placed.values())) == 2 * len(pieces)
+    with pytest.raises(ValueError, match="more than the 3"):
+        ParamClient({n: "tcp://127.0.0.1:1" for n in "abc"}, replicas=4)
+    with pytest.raises(ValueError, match="write-quorum"):
+        ParamClient({n: "tcp://127.0.0.1:1" for n in "abc"}, replicas=2, write_quorum=3)
+
+
+def test_a_worker_with_another_replica_count_never_uses_the_shards(cluster):
+    eps = start_ring(cluster)
+    cluster.start_master()
+    with ParamClient(eps, chunk_bytes=SMALL_CHUNK, timeout=3.0) as pc:
+        pc.publish("mlp", mlp_state(1))
+    (w,) = cluster.start_workers(1, "--paramservers", shard_list(eps), "--replicas", "1", wait=False)
+    wait_until(lambda: "shard_ring_mismatch" in w.log_path.read_text(), 30, 0.2, "the mismatch logged")
+    assert "--replicas 2, this role with 1" in w.log_path.read_text()
 
 
 def test_shard_killed_before_publish_quorum_report_new_worker_and_repair(cluster):
