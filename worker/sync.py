@@ -104,6 +104,7 @@ class WeightSync(threading.Thread):
         self.ring_fp = fingerprint(self.shards, self.replicas)
         self.quorum = min_live(len(self.shards), self.replicas)  # shards that together name every piece
         self.mismatched: dict[str, str] = {}  # shard -> why its ring differs from ours (never used)
+        self.unanswered: dict[str, int] = {}  # shard -> snapshots in a row it did not answer
 
     def _connect_sub(self, sub: zmq.Socket, shard: str, endpoint: str) -> None:
         """One SUB, many shards: each connect takes the server key set just before it."""
@@ -187,8 +188,12 @@ class WeightSync(threading.Thread):
         """Ask `names` for their state (hello), telling them ours (the follower report). Counted
         in `snapshots` when it is a resync (not when it only carries news of a report)."""
         self.report_due = False
-        replies = rpc.call({n: ({"cmd": "hello", "follower": self.report()}, []) for n in names}, timeout=2.0,
-                           raise_on_error=False, cancel=self.stopping)
+        answering = [n for n in names if not self.unanswered.get(n)]  # a shard down does not hold up the loop
+        replies = rpc.call({n: ({"cmd": "hello", "follower": self.report()}, []) for n in names},
+                           timeout=2.0 if answering else 0.5, raise_on_error=False, cancel=self.stopping,
+                           enough=len(answering) or None, grace=0.3)
+        for n in names:
+            self.unanswered[n] = 0 if n in replies and replies[n][0].get("ok") else self.unanswered.get(n, 0) + 1
         for n, (h, _) in replies.items():
             try:
                 if h.get("ok"):
@@ -293,7 +298,7 @@ class WeightSync(threading.Thread):
             asked = sorted(n for n, v in self.views.items() if v.known)
             replies = rpc.call({n: ({"cmd": "fetch", "model": model, "version": version, "manifest_only": True}, [])
                                 for n in asked}, raise_on_error=False, cancel=self.stopping,
-                               enough=self.quorum, grace=0.5)
+                               enough=self.quorum, grace=0.25)
             manifests = {n: h["manifest"] for n, (h, _) in replies.items() if h.get("ok")}
             if len(manifests) < self.quorum or (self.replicas == 1 and len(manifests) < len(self.shards)):
                 why = {n: str((h.get("error") or {}).get("message", "failed"))[:300] for n, (h, _) in replies.items()
