@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -29,22 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ringserve.client import Client  # noqa: E402
 from ringserve.launch.logsetup import configure_logging  # noqa: E402
-from ringserve.launch.procs import RoleProcess, wait_for_workers  # noqa: E402
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+from ringserve.launch.procs import RoleProcess, free_tcp_ports, wait_for_workers  # noqa: E402
 
 
 def start_pair(tmp: Path, procs: list) -> tuple[list[dict], list[RoleProcess]]:
-    ports = free_ports(6)
+    ports = free_tcp_ports(6)
     eps = [{k: f"tcp://127.0.0.1:{ports[3 * i + j]}" for j, k in enumerate(("frontend", "backend", "admin"))}
            for i in range(2)]
     masters = []

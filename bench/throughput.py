@@ -15,6 +15,8 @@ process's own counters, so it holds on a noisy machine:
   worker_cpu_us_per_req                           no-op run: the worker's cost beyond the model
   noop_bs1_*_cpu_us_per_req                       the same with batching off
   mlp_*_cpu_us_per_req                            the same, for the MLP runs
+  cache_hit_cpu_us_per_req                        the MLP marked cache=true, one input per load process:
+                                                  the master's CPU per answer it gave from its cache
 """
 from __future__ import annotations
 
@@ -83,6 +85,8 @@ def main(argv=None) -> None:
     mlp = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", args, ["--max-batch-size", "1"])
     batched = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", args, [])  # the worker's defaults
     delay2 = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", args, ["--max-queue-delay-us", "2000"])
+    # Each load process sends one input over and over: after the first, the master answers from its cache.
+    cached = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp,cache=true", "mlp", args, [])
     low = argparse.Namespace(**{**vars(args), "concurrency": 2, "load_processes": 2})
     low_default = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", low, [])
     low_delay2 = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", low, ["--max-queue-delay-us", "2000"])
@@ -122,11 +126,13 @@ def main(argv=None) -> None:
              lowload_default_p99_ms=low_default["p99_ms"],
              lowload_delay2ms_req_per_s=low_delay2["req_per_s"], lowload_delay2ms_p50_ms=low_delay2["p50_ms"],
              lowload_delay2ms_p99_ms=low_delay2["p99_ms"],
+             cache_hit_req_per_s=cached["req_per_s"], cache_hit_p99_ms=cached["p99_ms"],
+             cache_hit_cpu_us_per_req=cached["master_cpu_us"],
              inprocess_bs1_req_per_s=round(bs1, 1), inprocess_bs32_samples_per_s=round(bs32, 1),
              mlp_vs_inprocess_bs1=round(mlp["req_per_s"] / bs1, 3),
              mlp_batched_vs_inprocess_bs1=round(batched["req_per_s"] / bs1, 3),
              mlp_batched_vs_inprocess_bs32=round(batched["req_per_s"] / bs32, 3),
-             errors=sum(x["errors"] for x in (noop, noop1, mlp, batched, delay2, low_default, low_delay2)))
+             errors=sum(x["errors"] for x in (noop, noop1, mlp, batched, delay2, cached, low_default, low_delay2)))
     print(json.dumps(r))
 
 

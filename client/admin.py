@@ -11,17 +11,34 @@ class AdminClient:
     def __init__(self, address: str, timeout: float = 5.0, security: Security | None = None):
         self.address, self.timeout = address, timeout
         self.security = security or Security()  # Security(keys_dir, "admin") for a CURVE master
+        # Several active masters (comma-separated): a command goes to the first that answers, starting
+        # with the one that answered last (the gateway's status poll, wait_for_workers).
+        self._endpoints = [a.strip() for a in address.split(",") if a.strip()] or [address]
+        self._good = 0
 
     def call(self, cmd: str, **args) -> dict:
+        last: TimeoutError | None = None
+        for k in range(len(self._endpoints)):
+            i = (self._good + k) % len(self._endpoints)
+            try:
+                reply = self._call(self._endpoints[i], cmd, **args)
+            except TimeoutError as exc:
+                last = exc
+                continue
+            self._good = i
+            return reply
+        raise last or TimeoutError(f"no answer from {self.address}")
+
+    def _call(self, address: str, cmd: str, **args) -> dict:
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         try:
             self.security.client(sock, "master")
-            sock.connect(self.address)
+            sock.connect(address)
             sock.send_multipart([b"", pack({"cmd": cmd, **args})])
             if not sock.poll(int(self.timeout * 1000)):
-                raise TimeoutError(f"no answer from admin socket {self.address} in {self.timeout}s")
+                raise TimeoutError(f"no answer from admin socket {address} in {self.timeout}s")
             return unpack_map(sock.recv_multipart()[-1])
         finally:
             sock.close(linger=0)

@@ -38,13 +38,14 @@ MAX_READ_PER_CALL = 1024  # messages read per wake-up before the loop gets a tur
 class AsyncClient:
     def __init__(self, address: str, timeout: float = 30.0, retry_interval: float = 0.5,
                  max_retry_interval: float = 4.0, ping_interval: float = 0.5, grace: float = 1.0,
-                 hwm: int = 100_000, security: Security | None = None, failover_after: float = 0.6):
+                 hwm: int = 100_000, security: Security | None = None, failover_after: float = 0.6,
+                 batch_max: int = 256, batch_bytes: int = 4 << 20):
         endpoints = master_addresses(address)  # one master, or several (active-active): ConfigError if none
         current = first_master(endpoints)
         self.address, self.timeout, self.grace, self.retry_interval = address, timeout, grace, retry_interval
         security = security or Security()
         self._rel = Reliability(retry_interval, max_retry_interval, ping_interval, address=address, endpoints=endpoints, current=current,
-                                failover_after=failover_after,
+                                failover_after=failover_after, batch_max=batch_max, batch_bytes=batch_bytes,
                                 curve=security.enabled)
         self.stats: ClientStats = self._rel.stats
         self._prefix = uuid.uuid4().hex[:12]
@@ -147,15 +148,18 @@ class AsyncClient:
         if self._closed:
             return
         sends = self.stats.sent
+        self._rel.flush(self._sock)  # what submit() queued since the last turn: one message
         if self._rel.read_messages(self._sock, MAX_READ_PER_CALL):
             self._schedule_read()  # more may be waiting: after the loop's other callbacks
+        self._rel.flush(self._sock)  # resends the answers caused (an epoch change)
         if self.stats.sent != sends:
-            self._schedule_read()  # a resend happened: the edge may have been consumed
+            self._schedule_read()  # a send happened: the edge may have been consumed
 
     def _on_monitor(self) -> None:
         if self._closed:
             return
         if self._rel.read_monitor(self._sock, self._monitor):
+            self._rel.flush(self._sock)
             self._schedule_read()  # everything unanswered was sent again: the edge may have been consumed
 
     def _on_timer(self) -> None:
@@ -164,6 +168,7 @@ class AsyncClient:
         try:
             self._on_monitor()  # its descriptor's edge may have come (and gone) before a reader was added
             self._rel.on_timers(self._sock, time.monotonic())
+            self._rel.flush(self._sock)
         except Exception:
             self.stats.loop_errors += 1
             log.exception("client_timer_error")

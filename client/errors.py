@@ -12,9 +12,10 @@ class RingserveError(Exception):
         """Worth sending again later (the protocol's list: OVERLOADED, WORKER_LOST)."""
         return self.code in ErrorCode.RETRYABLE
 
-    def __init__(self, message: str, request_id: str | None = None):
+    def __init__(self, message: str, request_id: str | None = None, retry_after_s: float | None = None):
         super().__init__(f"{self.code}: {message}")
         self.message, self.request_id = message, request_id
+        self.retry_after_s = retry_after_s  # the master's hint for a rate-limited request, else None
 
 
 class BadRequest(RingserveError):
@@ -64,7 +65,10 @@ BY_CODE = {cls.code: cls for cls in (BadRequest, UnknownModel, UnknownVersion, O
                                      Internal, Conflict)}
 
 
-def from_error(error: dict | None, request_id: str | None) -> RingserveError:
+def from_error(error: dict | None, request_id: str | None, retry_after: object = None) -> RingserveError:
+    """A reply's error map -> its typed exception (with the master's retry_after_s when it is a sane number)."""
+    retry_after_s = (float(retry_after) if isinstance(retry_after, (int, float)) and not isinstance(retry_after, bool)
+                     and 0 <= retry_after <= 3600 else None)
     error = error if isinstance(error, dict) else {}
     cls = BY_CODE.get(error.get("code"), Internal)
-    return cls(str(error.get("message", "no message")), request_id)
+    return cls(str(error.get("message", "no message")), request_id, retry_after_s)

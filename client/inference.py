@@ -47,7 +47,8 @@ MAX_READ_PER_TURN = 1024  # messages read per loop turn before the outbox and ti
 class Client:
     def __init__(self, address: str, timeout: float = 30.0, retry_interval: float = 0.5,
                  max_retry_interval: float = 4.0, ping_interval: float = 0.5, grace: float = 1.0,
-                 hwm: int = 100_000, security: Security | None = None, failover_after: float = 0.6):
+                 hwm: int = 100_000, security: Security | None = None, failover_after: float = 0.6,
+                 batch_max: int = 256, batch_bytes: int = 4 << 20):
         endpoints = master_addresses(address)  # one master, or several (active-active): ConfigError if none
         current = first_master(endpoints)
         self.address, self.timeout = address, timeout
@@ -60,7 +61,7 @@ class Client:
         self._outbox_lock = threading.Lock()
         self._rel = Reliability(retry_interval, max_retry_interval, ping_interval, self._forget_id,
                                 address=address, endpoints=endpoints, current=current,
-                                failover_after=failover_after, curve=self.security.enabled)
+                                failover_after=failover_after, batch_max=batch_max, batch_bytes=batch_bytes, curve=self.security.enabled)
         self._pending = self._rel.pending
         self.stats: ClientStats = self._rel.stats
         self._ids_lock = threading.Lock()
@@ -194,6 +195,7 @@ class Client:
         if sock in events:
             self._rel.read_messages(sock, MAX_READ_PER_TURN)
         self._rel.on_timers(sock, time.monotonic())
+        self._rel.flush(sock)  # everything this turn sent (new requests, resends): one message
 
     def _forget_id(self, rid: str) -> None:
         with self._ids_lock:

@@ -12,6 +12,9 @@ goes first to one arbiter shard (the first by name), so of two publishers racing
 version number exactly one wins and the other gets CONFLICT having committed nothing. If a
 commit fails anywhere, every shard is told to revert this publish (its digest), including
 shards that did not answer, so a late commit is undone too and the shards agree again.
+Then (unless told not to) the publisher waits for a live worker following the model to build
+the version, from the follower reports workers leave with the shards: one that every such
+worker refuses is reverted the same way and the publish fails (`PublishRefused`).
 
 Replicated shards (issue 20): each piece is staged on its R owners (protocol/placement.py),
 and a version commits only when every piece is staged, then committed, on at least W owners
@@ -387,7 +390,8 @@ class ParamClient:
         for header, _ in replies.values():
             reports = header.get("followers") if isinstance(header.get("followers"), dict) else {}
             for name, rep in reports.items():
-                state = rep.get("models", {}).get(model) if isinstance(rep, dict) else None
+                models = rep.get("models") if isinstance(rep, dict) else None
+                state = models.get(model) if isinstance(models, dict) else None
                 age = rep.get("age_s") if isinstance(rep, dict) else None
                 if isinstance(state, dict) and isinstance(age, (int, float)) and (name not in best or age < best[name][0]):
                     best[name] = (age, state)

@@ -19,6 +19,11 @@ Pirate, with de-duplication by request id on the master):
     (no connection, a handshake ZeroMQ reported refused, or silence after a handshake);
   * the socket is made in the constructor's thread (``open_dealer``): keys or an address that
     cannot be used raise ``ConfigError`` to the caller instead of failing in a loop;
+  * sends are coalesced: every request (or resend) of one turn of the client's I/O loop goes in
+    one message (``mmi.batch``, bounded by ``batch_max`` requests and ``batch_bytes``), and a
+    master answers a batching client with every answer of its turn in one message; a lone
+    request goes as a plain RFC 7 message (no added delay when there is nothing to coalesce),
+    and a master that answers ``501`` (it predates batches) gets one message per request;
   * given several masters (active-active), a client talks to one at a time, picked at random so
     clients spread over them; when that master has been silent for ``failover_after`` while
     requests wait (it died, hung or was cut off: pings go every ``ping_interval``), the client
@@ -42,8 +47,9 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ringserve.client.errors import ConfigError, RingserveError, Timeout, from_error
 from ringserve.protocol.codec import encode_tensors, pack
-from ringserve.protocol.envelope import client_frames, parse_reply, request_header
-from ringserve.protocol.messages import MDP_CLIENT, MMI_PING, ProtocolError
+from ringserve.protocol.codec import decode_tensors
+from ringserve.protocol.envelope import batch_frames, client_frames, parse_reply, request_header, split_replies
+from ringserve.protocol.messages import MDP_CLIENT, MMI_BATCH, MMI_NOT_IMPLEMENTED, MMI_PING, ProtocolError
 from ringserve.protocol.security import Security, SecurityError
 from ringserve.protocol.sockets import recv_frames, send_frames
 
@@ -127,6 +133,7 @@ def handshake_failure(event: int, value: int, curve: bool) -> str:
             "and this client has none (give it security=Security(KEYS_DIR, 'client'))")
 
 
+MMI_BATCH_BYTES = MMI_BATCH.encode()
 _INVALID_STATE = (concurrent.futures.InvalidStateError, asyncio.InvalidStateError)
 
 
@@ -147,6 +154,8 @@ class ClientStats:
     master_restarts: int = 0
     reconnects: int = 0  # the socket's connection to the master was made again
     failovers: int = 0  # moved to another master (the one it was on went silent)
+    batches_sent: int = 0  # messages that carried several requests (mmi.batch)
+    batches_received: int = 0  # messages from the master that carried several answers
     handshake_failures: int = 0  # connections the security handshake refused (see Reliability.link)
     loop_errors: int = 0  # exceptions the I/O loop caught and survived
 
@@ -164,10 +173,13 @@ class Pending:
     acked_epoch: str | None = None
     sends: int = 0
 
-    def frames(self) -> list:
-        """The message: the first send as built, a resend asking for an acknowledgement."""
+    def body(self) -> list:
+        """The request's frames: the first send as built, a resend asking for an acknowledgement."""
         header = self.header if self.sends <= 1 else {**self.header, "ack": True}
-        return client_frames(self.service, [pack(header), *self.tensors])
+        return [pack(header), *self.tensors]
+
+    def frames(self) -> list:
+        return client_frames(self.service, self.body())
 
 
 def new_pending(rid: str, model: str, inputs: Mapping[str, Any], timeout: float, grace: float, retry: float,
@@ -185,7 +197,10 @@ class Reliability:
     def __init__(self, retry_interval: float, max_retry_interval: float, ping_interval: float,
                  resolved: Callable[[str], None] = lambda rid: None, address: str = "the master",
                  curve: bool = False, endpoints: list[str] | None = None, current: int = 0,
-                 failover_after: float = 0.6):
+                 failover_after: float = 0.6, batch_max: int = 256, batch_bytes: int = 4 << 20):
+        self.batch_max, self.batch_bytes = batch_max, batch_bytes
+        self.batching: bool | None = None  # None: not known yet (try), False: the master answered 501
+        self.outgoing: list[Pending] = []  # queued this turn, sent by flush
         self.endpoints = endpoints or [address]
         self.current = current
         self.failover_after = failover_after
@@ -216,12 +231,48 @@ class Reliability:
         self.send(sock, p)
 
     def send(self, sock: zmq.Socket, p: Pending) -> None:
+        """Queue `p` for this turn's message (flush sends it; the caller's loop calls flush)."""
         p.sends += 1
         self.stats.sent += 1
         if p.sends > 1:
             self.stats.resent += 1
+        self.outgoing.append(p)
+
+    def flush(self, sock: zmq.Socket) -> None:
+        """Send what this turn queued: one request alone, several in as few batches as the bounds allow."""
+        if not self.outgoing:
+            return
+        out, self.outgoing = self.outgoing, []
+        if len(out) > 1:  # a request queued twice in one turn (a resend, then a failover) goes once
+            seen: set[str] = set()
+            out = [p for p in out if not (p.rid in seen or seen.add(p.rid))]
+        if len(out) == 1 or self.batching is False:
+            for p in out:
+                self._send_frames(sock, client_frames(p.service, p.body()))
+            return
+        chunk: list = []
+        size = 0
+        for p in out:
+            body = p.body()
+            extra = sum(len(f) if not isinstance(f, memoryview) else f.nbytes for f in body)
+            if chunk and (len(chunk) >= self.batch_max or size + extra > self.batch_bytes):
+                self._send_batch(sock, chunk)
+                chunk, size = [], 0
+            chunk.append((p.service, body))
+            size += extra
+        self._send_batch(sock, chunk)
+
+    def _send_batch(self, sock: zmq.Socket, chunk: list) -> None:
+        if len(chunk) == 1:
+            self._send_frames(sock, client_frames(*chunk[0]))
+        else:
+            self.stats.batches_sent += 1
+            self._send_frames(sock, client_frames(MMI_BATCH, batch_frames(chunk)))
+
+    @staticmethod
+    def _send_frames(sock: zmq.Socket, frames: list) -> None:
         try:
-            send_frames(sock, p.frames())
+            send_frames(sock, frames)
         except zmq.Again:
             pass  # no answer, so the retry timer sends it again
 
@@ -309,6 +360,7 @@ class Reliability:
             pass
         sock.connect(self.address)
         self.stats.failovers += 1
+        self.batching = None  # the next master may be an older one: try again
         self.epoch = None  # the new master's epoch is news, not a restart
         self.handshakes = 0  # its first handshake must not resend again: resend_all below does
         self.link_up = False
@@ -351,11 +403,41 @@ class Reliability:
         if len(frames) < 4 or frames[1].bytes != MDP_CLIENT:
             log.warning("client_bad_frame", frames=len(frames))
             return
+        if frames[2].bytes == MMI_BATCH_BYTES:
+            self.on_batch(sock, frames[3:])
+            return
         try:
             header, outputs = parse_reply(frames[3:])
         except ProtocolError as exc:
             log.warning("client_bad_reply", error=str(exc))
             return
+        self.on_answer(sock, header, outputs)
+
+    def on_batch(self, sock: zmq.Socket, frames: list) -> None:
+        """A master's answers in one message; or its 501: it predates batches, so every request goes
+        on its own from now on (and what it did not take is sent again)."""
+        if len(frames) == 1 and frames[0].bytes == MMI_NOT_IMPLEMENTED:
+            if self.batching is not False:
+                self.batching = False
+                log.info("master_does_not_batch", master=self.address)
+                self.resend_all(sock)
+            return
+        try:
+            answers = split_replies(frames)
+        except ProtocolError as exc:
+            log.warning("client_bad_reply", error=str(exc))
+            return
+        self.batching = True
+        self.stats.batches_received += 1
+        for _, header, data in answers:
+            try:
+                outputs = decode_tensors(header.get("outputs", []), data) if header.get("ok") else {}
+            except ProtocolError as exc:
+                log.warning("client_bad_reply", error=str(exc))
+                continue
+            self.on_answer(sock, header, outputs)
+
+    def on_answer(self, sock: zmq.Socket, header: dict, outputs: dict) -> None:
         self.heard = True
         self.last_heard = time.monotonic()
         epoch = header.get("epoch")
@@ -375,7 +457,7 @@ class Reliability:
         if header.get("ok"):
             self.resolve(p, Reply(rid, outputs, header.get("version"), header.get("worker"), header))
         else:
-            self.resolve(p, exc=from_error(header.get("error"), rid))
+            self.resolve(p, exc=from_error(header.get("error"), rid, header.get("retry_after_s")))
 
     def observe_epoch(self, sock: zmq.Socket, epoch: str | None) -> None:
         if not epoch or epoch == self.epoch:

@@ -24,7 +24,7 @@ else:  # pragma: no cover - Python 3.10
 from ringserve.protocol.sockets import BindError
 
 
-ROLES = ("master", "worker", "ps", "publish", "admin", "local", "keys")  # tables a config file may hold
+ROLES = ("master", "worker", "ps", "publish", "admin", "local", "keys", "gateway")  # tables a config file may hold
 
 
 def number(kind, lo: float, lo_open: bool = False):

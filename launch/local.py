@@ -112,12 +112,15 @@ def main(argv: list[str] | None = None) -> int:
                 wait_for_workers(m.info["admin"], args.workers, timeout=60, model="mlp", version=version,
                                  security=sec.get("admin"))
             run_requests(master["frontend"], args.requests, v2, models=("mlp",), security=sec.get("client"))
+        gateway = start_gateway(workdir, master, keys)
+        procs.append(gateway)
+        show_gateway(gateway.info["url"])
         time.sleep(1.1)  # one heartbeat, so the batch figures in the table are current
         for m in masters:
             print(f"\n== master {m.info['admin']}" if len(masters) > 1 else "")
             print(format_status(AdminClient(m.info["admin"], security=sec.get("admin")).status()))
         if args.serve:
-            return serve_until_stopped(procs, master, shard_list, keys)
+            return serve_until_stopped(procs, {**master, "gateway": gateway.info["url"]}, shard_list, keys)
         return 0
     finally:
         for p in reversed(procs):
@@ -131,6 +134,7 @@ def serve_until_stopped(procs: list[RoleProcess], master: dict, shard_list: str,
     print(f"""
 serving until Ctrl-C (or SIGTERM); this process's pid is {os.getpid()}
   clients:  {master['frontend']}
+  HTTP/OIP: {master.get('gateway')}   (curl {master.get('gateway')}/v2/models/mlp)
             from ringserve import Client{', Security' if keys else ''}; Client(ADDR{security}).infer("mlp", {{"x": ...}})
   try:      ringserve-admin status --master {master['admin']}{key_flag}
             ringserve-admin route --master {master['admin']}{key_flag} --model mlp --split 1=50,2=50
@@ -145,6 +149,39 @@ serving until Ctrl-C (or SIGTERM); this process's pid is {os.getpid()}
     dead = [p.info.get("name", p.module) for p in procs if not p.alive()]
     print(f"error: {', '.join(map(str, dead))} stopped; stopping the rest", file=sys.stderr, flush=True)
     return 1
+
+
+def start_gateway(workdir: Path, master: dict, keys: str | None) -> RoleProcess:
+    """The HTTP/gRPC front door (Open Inference Protocol) on a free loopback port."""
+    flags = ["--keys", keys, "--key-name", "local", "--admin-key-name", "local"] if keys else []
+    return RoleProcess("ringserve.launch.gateway", ["--master", master["frontend"],
+                                                    "--admin", master["admin"],
+                                                    "--listen", "127.0.0.1:0", *flags], workdir / "gateway.log")
+
+
+def show_gateway(url: str) -> None:
+    """One real OIP request over HTTP, and the curl line that sends the same."""
+    import json
+    import urllib.request
+
+    body = {"inputs": [{"name": "x", "shape": [1, 256], "datatype": "FP32", "data": [0.5] * 256}]}
+    req = urllib.request.Request(f"{url}/v2/models/mlp/infer", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    deadline = time.monotonic() + 20
+    while True:  # the gateway learns the served models from the master's status (about once a second)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                out = json.loads(resp.read())
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    logits = out["outputs"][0]
+    print(f"\ngateway (Open Inference Protocol, HTTP): {url}")
+    print(f"  POST {url}/v2/models/mlp/infer -> model_version={out.get('model_version')} "
+          f"{logits['name']} shape={logits['shape']} argmax={max(range(len(logits['data'])), key=logits['data'].__getitem__)}")
+    print(f"""  try: curl -s {url}/v2/models/mlp/infer -H 'Content-Type: application/json' -d '{{"inputs":[{{"name":"x","shape":[1,256],"datatype":"FP32","data":[{",".join(["0.5"] * 256)}]}}]}}'""")
 
 
 def start_masters(count: int, workdir: Path, flags: list[str]) -> list[RoleProcess]:

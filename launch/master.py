@@ -53,6 +53,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--unavailable-grace", type=positive_float, default=10.0,
                    help="seconds a model whose last worker left stays 'unavailable' (requests queue, then get the "
                         "retryable WORKER_LOST) before it is unknown (UNKNOWN_MODEL)")
+    p.add_argument("--client-batch-max", type=positive_int, default=256,
+                   help="answers in one message to a client that batches (ringserve's own clients)")
+    p.add_argument("--client-batch-bytes", type=positive_int, default=4 << 20,
+                   help="bytes of answers in one such message (a larger answer goes in one of its own)")
+    p.add_argument("--response-cache-bytes", type=number(int, 0), default=64 << 20,
+                   help="bytes of answers kept for models marked cache=true (0: no response cache)")
     p.add_argument("--peers", default="",
                    help="the other active masters' admin endpoints, comma-separated: routes set on any master are "
                         "in force on all (see docs/operations.md, 'Several masters')")
@@ -76,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
                        max_timeout=args.max_timeout, state_dir=args.state_dir, security=sec,
                        rate_limit=args.rate_limit, rate_burst=args.rate_burst,
                        unavailable_grace=args.unavailable_grace,
+                       response_cache_bytes=args.response_cache_bytes, client_batch_max=args.client_batch_max,
+                       client_batch_bytes=args.client_batch_bytes,
                        peers=[e.strip() for e in args.peers.split(",") if e.strip()], peer_interval=args.peer_interval)
     try:
         serve(cfg, announce, expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host,

@@ -60,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compute-stall-s", type=positive_float, default=300.0,
                    help="leave (DISCONNECT, exit 1) if one batch runs longer than this, so the master "
                         "requeues its work")
+    p.add_argument("--stage-threads", type=positive_int, default=2,
+                   help="threads running models' preprocess/postprocess stages, beside the compute thread")
     p.add_argument("--paramservers", default=None,
                    help="NAME=ENDPOINT,... of the parameter-server shards to take weights from")
     p.add_argument("--replicas", type=int, default=None,

@@ -21,13 +21,15 @@ import os
 import signal
 import time
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import structlog
 import zmq
 
-from ringserve.master import liveness
+from ringserve.master import autoscale, liveness
+from ringserve.master.cache import ResponseCache, input_digest
 from ringserve.master import peers as peering
 from ringserve.master import routing
 from ringserve.master.metrics import MasterMetrics
@@ -38,19 +40,21 @@ from ringserve.master.status import build_status
 from ringserve.master.window import Windows
 from ringserve.protocol.codec import pack, short_repr, unpack_map
 from ringserve.protocol.envelope import (
-    MAX_NAME_LEN, REPLY_FIELDS, dispatch_frames, forwardable, forwardable_result, parse_heartbeat, parse_ready,
+    MAX_NAME_LEN, REPLY_FIELDS, dispatch_frames, split_batch, forwardable, forwardable_result, parse_heartbeat, parse_ready,
     parse_request_header, parse_worker_reply, split_replies,
 )
 from ringserve.protocol.security import Security, user_id
 from ringserve.protocol.sockets import BindError, bind, drain, send_frames
 from ringserve.protocol.messages import (
-    DISCONNECT, DRAIN, HEARTBEAT, MDP_CLIENT, MMI_FOUND, MMI_NOT_FOUND, MMI_NOT_IMPLEMENTED, MMI_PING,
+    DISCONNECT, DRAIN, HEARTBEAT, MDP_CLIENT, MMI_BATCH, MMI_FOUND, MMI_NOT_FOUND, MMI_NOT_IMPLEMENTED, MMI_PING,
     MMI_SERVICE, READY, REPLY, REQUEST, WORKER_COMMANDS, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
 )
 
 log = structlog.get_logger("ringserve.master")
 
 MAX_BATCH_RECV = 256  # messages read from one socket per loop turn, so no socket starves the others
+MAX_BATCH_CLIENTS = 65536  # routing ids remembered as batching clients (oldest forgotten: they get singles)
+MMI_BATCH_BYTES = MMI_BATCH.encode()
 MAX_UNKNOWN_WAITING = 64  # during the start-up grace: model names nobody serves yet that may queue
 UNSERVED_LABEL = "_unserved"  # metrics label for names no worker serves
 _ROLE_SETS = {role: frozenset([role]) for role in ("client", "worker", "admin")}
@@ -79,9 +83,13 @@ class BrokerConfig:
     security: Security = field(default_factory=Security)  # keys, MAXMSGSIZE (protocol/security.py)
     rate_limit: float = 0.0  # requests per second per client (0: no limit)
     rate_burst: float | None = None
+    client_batch_max: int = 256  # answers in one message to a client that batches
+    client_batch_bytes: int = 4 << 20  # bytes of answers in one such message (a larger answer goes alone)
     unavailable_grace: float = 10.0  # a model served this recently queues while no worker serves it
+    response_cache_bytes: int = 64 << 20  # answers of models marked cache=true (master/cache.py)
     peers: list[str] = field(default_factory=list)  # the other active masters' admin endpoints
     peer_interval: float = 0.25  # how often masters exchange what they share (routes) and see each other
+    autoscale_policy: autoscale.AutoscalePolicy = field(default_factory=autoscale.AutoscalePolicy)  # desired_workers
 
 
 def _router(ctx: zmq.Context, endpoint: str, hwm: int, sec: Security, domain: str) -> tuple[zmq.Socket, str]:
@@ -111,6 +119,7 @@ class Broker:
         self.recently_served: dict[str, float] = {}  # model nobody serves now -> when its last worker left
         self.queues = ModelQueues(cfg.max_queue)
         self.answered = AnsweredCache(max_bytes=cfg.answer_cache_bytes)
+        self.responses = ResponseCache(cfg.response_cache_bytes)
         self.counters: dict[str, ModelCounters] = {}  # only for models some worker serves or served
         self.windows = Windows()  # recent rate and latency per counted model (status)
         self.unknown_model_requests = 0  # requests for names nobody serves: one number, not one entry each
@@ -119,8 +128,11 @@ class Broker:
         self.bad_worker_messages = 0
         self.metrics = MasterMetrics(cfg.policy)
         self._served_cache: set[str] | None = None  # models some worker announces (see _served_models)
+        self._cacheable: dict[str, int | None] | None = None  # see _cache_versions
         self._dirty: set[str] = set()  # models to dispatch at the end of this loop turn
         self._outgoing: dict[bytes, tuple[WorkerRecord, list[PendingRequest]]] = {}  # assigned, not yet sent
+        self._batch_clients: OrderedDict[bytes, None] = OrderedDict()  # routing ids that sent a batch (LRU)
+        self._client_out: dict[bytes, list] = {}  # their answers of this turn [(header, frames)], see _flush_clients
         if cfg.state_dir:
             os.makedirs(cfg.state_dir, exist_ok=True)
         self.routes: dict[str, routing.Route] = routing.load_routes(self._routes_path()) if cfg.state_dir else {}
@@ -187,6 +199,10 @@ class Broker:
             self.flush()
         except Exception:
             log.exception("flush_failed")
+        try:
+            self._flush_clients()
+        except Exception:
+            log.exception("client_flush_failed")
 
     def request_stop(self, *_: object) -> None:
         """SIGTERM/SIGINT: refuse new work, let in-flight work finish, then leave."""
@@ -212,6 +228,7 @@ class Broker:
         if time.monotonic() >= self.stop_deadline:
             for req in list(self.pending.values()):
                 self.fail(req, ErrorCode.OVERLOADED, "master shut down before the request finished")
+            self._flush_clients()
             return True
         return False
 
@@ -269,6 +286,27 @@ class Broker:
                                "expected [empty][MDPC01][service][body...] (ZeroMQ RFC 7)"))
             return
         service, body = frames[3].bytes, frames[4:]
+        if service == MMI_BATCH_BYTES:
+            self.on_batch(ident, frames)
+            return
+        self._one_request(ident, client_scope(frames[-1]), service, body)
+
+    def on_batch(self, ident: bytes, frames: Sequence[zmq.Frame]) -> None:
+        """Several requests in one message (a ringserve client's coalesced sends): each is handled as
+        if it came alone (its own checks, dedupe, rate limit, answer), and this client's answers of the
+        turn go back together (_flush_clients). A break in the framing fails what follows it only."""
+        self._batch_clients[ident] = None
+        self._batch_clients.move_to_end(ident)
+        while len(self._batch_clients) > MAX_BATCH_CLIENTS:
+            self._batch_clients.popitem(last=False)
+        scope = client_scope(frames[-1])
+        requests, broken = split_batch(frames[4:])
+        for svc, header_frame, tensors in requests:
+            self._one_request(ident, scope, svc.encode(), [header_frame, *tensors])
+        if broken is not None:
+            self._reply_client(ident, MMI_BATCH_BYTES, error_body(None, ErrorCode.BAD_REQUEST, f"batch: {broken}"))
+
+    def _one_request(self, ident: bytes, scope: str, service: bytes, body: Sequence) -> None:
         try:
             model = service.decode("utf-8")
         except UnicodeDecodeError:
@@ -289,7 +327,7 @@ class Broker:
         except ProtocolError as exc:
             self._reply_client(ident, service, error_body(rid, ErrorCode.BAD_REQUEST, str(exc)))
             return
-        self.on_request(ident, client_scope(frames[-1]), service, model, body[0], parsed, list(body[1:]))
+        self.on_request(ident, scope, service, model, body[0], parsed, list(body[1:]))
 
     def on_request(self, ident: bytes, scope: str, service: bytes, model: str, header_frame, parsed,
                    frames: list) -> None:
@@ -342,6 +380,9 @@ class Broker:
         timeout = min(timeout, self.cfg.max_timeout)  # the client chooses, within the master's cap
         route = self.routes.get(model) if parsed.version is None else None  # a pinned version wins
         version = self._routed_version(route, parsed.tags) if route else parsed.version
+        cache_key = self._cache_key(model, version, parsed, frames)
+        if cache_key is not None and self._answer_from_cache(ident, cid, service, model, cache_key, counters, now):
+            return
         req = PendingRequest(self._new_key(), rid, ident, service, model, version, header_frame, frames,
                              now + timeout, now, scope=scope, pinned=parsed.version is not None,
                              tags=parsed.tags, counted=counters is not None)
@@ -352,6 +393,48 @@ class Broker:
         if route is not None and route.shadow is not None and route.shadow != version:
             self._mirror(req, route.shadow)
         self.dispatch(model)
+
+    # ------------------------------------------------------------ response cache
+    def _cache_key(self, model: str, version: int | None, parsed, frames: list):
+        """(model, the version that would serve it, digest of the inputs), or None: the model is not
+        marked cache=true by every worker serving it, or (unpinned, no route) its workers do not
+        agree on one current version (a rollout), so which version would answer is not known."""
+        if self.cfg.response_cache_bytes <= 0:
+            return None
+        views = self._cache_versions()
+        if model not in views:
+            return None
+        version = views[model] if version is None else version
+        if version is None:
+            return None
+        return (model, version, input_digest(parsed.inputs, frames))
+
+    def _answer_from_cache(self, ident: bytes, cid: tuple[str, str], service: bytes, model: str, key, counters,
+                           now: float) -> bool:
+        hit = self.responses.get(key)
+        self.metrics.on_cache(model, hit is not None)
+        if hit is None:
+            return False
+        header, frames = hit
+        body = [pack({**header, "id": cid[1], "epoch": self.epoch, "cached": True}), *frames]
+        counters.ok += 1
+        self.metrics.on_answer(model, key[1], "ok", time.monotonic() - now)
+        sent = self._send_client(ident, [ident, b"", MDP_CLIENT, service, *body])
+        self.answered.add(cid, model, [service, *body], ident if sent else None)
+        return True
+
+    def _cache_result(self, req: PendingRequest, body: list, version: int | None) -> None:
+        """Keep a result of a cacheable model under the version that produced it (not a shadow's)."""
+        if req.client is None or version is None or req.model not in self._cache_versions():
+            return
+        try:
+            header = unpack_map(body[0])
+            meta = unpack_map(req.header).get("inputs")
+            key = (req.model, version, input_digest(meta, req.frames))
+        except (ProtocolError, TypeError, IndexError, KeyError):
+            return
+        header = {k: v for k, v in header.items() if k not in ("id", "key", "epoch", "attempt")}
+        self.responses.put(key, header, list(body[1:]))
 
     def _answer_again(self, ident: bytes, cid: tuple[str, str], service: bytes, model: str, ack: bool) -> None:
         """An id this scope already had answered: its answer again (only for the same model), or an ACK
@@ -390,6 +473,27 @@ class Broker:
         if model in self.recently_served:
             return True
         return self.in_grace and (self.queues.depth(model) > 0 or self._unknown_waiting() < MAX_UNKNOWN_WAITING)
+
+    def _models_changed(self) -> None:
+        """What workers announce changed (registration, heartbeat, eviction): drop the derived views."""
+        self._served_cache = None
+        self._cacheable = None
+
+    def _cache_versions(self) -> dict[str, int | None]:
+        """Models every serving worker marks cache=true -> the one current version they all serve
+        (None while they disagree: a rollout). Rebuilt only when the announcements change."""
+        if self._cacheable is None:
+            view: dict[str, set] = {}
+            spoilt: set[str] = set()
+            for w in self.workers.values():
+                for m, info in w.models.items():
+                    if not info.get("ready", True):
+                        continue
+                    if not info.get("cache"):
+                        spoilt.add(m)
+                    view.setdefault(m, set()).add(info.get("version"))
+            self._cacheable = {m: (next(iter(v)) if len(v) == 1 else None) for m, v in view.items() if m not in spoilt}
+        return self._cacheable
 
     def _served(self, model: str) -> bool:
         return model in self._served_models()
@@ -444,7 +548,7 @@ class Broker:
             code = MMI_FOUND if self._served(wanted) else MMI_NOT_FOUND
         else:
             code = MMI_NOT_IMPLEMENTED
-        self._send_client(ident, [ident, b"", MDP_CLIENT, service, code])
+        self._send_raw(self.frontend, [ident, b"", MDP_CLIENT, service, code])  # a plain frame: never in a batch
 
     def _reject(self, ident: bytes, cid: tuple[str, str], service: bytes, model: str, code: str,
                 message: str) -> None:
@@ -602,7 +706,7 @@ class Broker:
         w = WorkerRecord(ident, name, hello.models, hello.credit, hello.device, hello.pid,
                          weight=self.cfg.weights.get(name, hello.weight), user=user or None)
         self.workers[ident] = w
-        self._served_cache = None
+        self._models_changed()
         log.info("worker_registered", worker=name, models=sorted(hello.models), credit=hello.credit, device=w.device)
         self._send_worker(w, [HEARTBEAT, pack({"epoch": self.epoch})])
         for model in hello.models:
@@ -613,7 +717,7 @@ class Broker:
         changed = beat.models is not None and beat.models != w.models
         if changed:
             w.models = beat.models
-            self._served_cache = None
+            self._models_changed()
         if beat.stats is not None:
             w.stats = beat.stats
         if beat.credit is not None and beat.credit != w.credit:  # its share moved (another master came or went)
@@ -690,7 +794,7 @@ class Broker:
     def evict(self, w: WorkerRecord, reason: str, tell: bool = False) -> None:
         """Forget a worker; send its in-flight requests elsewhere within their retry budget."""
         self.workers.pop(w.ident, None)
-        self._served_cache = None
+        self._models_changed()
         log.warning("worker_evicted", worker=w.name, reason=reason, in_flight=len(w.in_flight))
         self.metrics.on_evict(reason)
         now = time.monotonic()
@@ -809,6 +913,8 @@ class Broker:
         self.metrics.on_answer(self._model_label(req.model), version if version is not None else req.version,
                                error_code or "ok", time.monotonic() - req.received)
         sent = self._send_client(req.client, [req.client, b"", MDP_CLIENT, req.service, *body])
+        if error_code is None and self.cfg.response_cache_bytes > 0:
+            self._cache_result(req, body, version)
         if error_code not in ErrorCode.RETRYABLE:  # only final answers are remembered for retried ids
             self.answered.add(cid, req.model, [req.service, *body], req.client if sent else None)
         if len(self.deadlines) > 2 * len(self.pending) + 1024:  # answered entries dominate: drop them
@@ -836,6 +942,26 @@ class Broker:
         for w in self.workers.values():
             states[w.state] = states.get(w.state, 0) + 1
         self.metrics.refresh(depths, {w.name: len(w.in_flight) for w in self.workers.values()}, states)
+        self.metrics.cache_bytes.set(self.responses.bytes)
+        self.metrics.cache_evictions.set(self.responses.evictions)
+        self._refresh_autoscale(time.monotonic())
+
+    # ------------------------------------------------------------- autoscale (master/autoscale.py)
+    def _refresh_autoscale(self, now: float) -> None:
+        """Per served model: ongoing requests (queued + in flight), workers serving it (not draining),
+        the policy's desired figure (kept in self.scaling for status) and the two gauges."""
+        ongoing = {m: self.queues.depth(m) for m in self._served_models()}
+        for w in self.workers.values():
+            for key in w.in_flight:
+                req = self.pending.get(key)
+                if req is not None and req.model in ongoing:
+                    ongoing[req.model] += 1
+        serving = {m: sum(1 for w in self.workers.values() if w.state != "draining" and m in w.models) for m in ongoing}
+        prev = getattr(self, "scaling", {})
+        self.scaling = {m: autoscale.decide(self.cfg.autoscale_policy, n, serving[m], now, prev.get(m))
+                        for m, n in ongoing.items()}
+        self.metrics.refresh_autoscale({m: d.desired for m, d in self.scaling.items()},
+                                       {m: autoscale.ongoing_per_worker(n, serving[m]) for m, n in ongoing.items()})
 
     def _expire_deadlines(self, now: float) -> None:
         while self.deadlines and self.deadlines[0][0] <= now:
@@ -856,8 +982,10 @@ class Broker:
         envelope = [ident, b""] if len(frames) > 2 and frames[1].bytes == b"" else [ident]
         try:
             cmd = unpack_map(frames[-1]) if len(frames) > 1 else {}
-            if user.startswith("master:") and cmd.get("cmd") != "peer":  # a peer master may only sync
-                raise ProtocolError("a master key may only send 'peer' on the admin socket")
+            if user.startswith("master:") and cmd.get("cmd") != "peer":  # a peer master may only sync:
+                self.refused += 1  # anything else from its key is refused like a stranger's, unanswered
+                log.warning("message_refused", socket="admin", user=user, command=short_repr(cmd.get("cmd")))
+                return
             reply = pack(self.on_admin_command(cmd))
         except ProtocolError as exc:
             reply = pack(error_body(None, ErrorCode.BAD_REQUEST, str(exc)))
@@ -1013,10 +1141,42 @@ class Broker:
         self._send_client(ident, [ident, b"", MDP_CLIENT, service, pack(body)])
 
     def _send_client(self, ident: bytes, msg: list) -> bool:
+        if ident in self._batch_clients:  # a client that batches: its answers of this turn go together
+            out = self._client_out.get(ident)
+            if out is None:
+                out = self._client_out[ident] = []
+            out.append((msg[4], msg[5:]))  # one answer: its header and tensor frames
+            return True
         if self._send_raw(self.frontend, msg):
             return True
         log.warning("reply_undeliverable", client=ident.hex()[:64])
         return False
+
+    def _flush_clients(self) -> None:
+        """Every answer of this turn for a client that batches, in as few messages as the bounds allow
+        (--client-batch-max answers, --client-batch-bytes); large tensors stay frames of their own."""
+        if not self._client_out:
+            return
+        out, self._client_out = self._client_out, {}
+        limit_n, limit_b = self.cfg.client_batch_max, self.cfg.client_batch_bytes
+        for ident, frames in out.items():
+            chunk: list = []
+            n = size = 0
+            for header_frame, data in frames:
+                extra = len(header_frame) + sum(len(f) for f in data)
+                if chunk and (n >= limit_n or size + extra > limit_b):
+                    self._send_batch(ident, chunk)
+                    chunk, n, size = [], 0, 0
+                chunk.append(header_frame)
+                chunk.extend(data)
+                n += 1
+                size += extra
+            if chunk:
+                self._send_batch(ident, chunk)
+
+    def _send_batch(self, ident: bytes, frames: list) -> None:
+        if not self._send_raw(self.frontend, [ident, b"", MDP_CLIENT, MMI_BATCH_BYTES, *frames]):
+            log.warning("reply_undeliverable", client=ident.hex()[:64], answers=len(frames))
 
     def _send_worker(self, w: WorkerRecord, parts: list) -> bool:
         return self._send_raw(self.backend, [w.ident, WORKER_PROTO, *parts])

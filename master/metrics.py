@@ -13,7 +13,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Proc
 
 LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Why the broker evicts a worker (master/broker.py's evict calls): each series exists from the start.
-EVICTION_REASONS = ("heartbeat_expired", "send_failed", "bad_message", "worker_disconnected", "re_registered")
+EVICTION_REASONS = ("heartbeat_expired", "send_failed", "bad_message", "worker_disconnected", "re_registered",
+                    "key_revoked")
 
 
 class MasterMetrics:
@@ -38,10 +39,20 @@ class MasterMetrics:
         self.shadow = Counter("ringserve_shadow_requests", "Shadow copies by model, version and outcome "
                               "(answers discarded; 'dropped' when they could not be queued)",
                               ["model", "version", "outcome"], registry=r)
+        self.cache = Counter("ringserve_response_cache_lookups", "Response cache lookups by model and result "
+                             "(hit: answered by the master, no worker)", ["model", "result"], registry=r)
+        self.cache_bytes = Gauge("ringserve_response_cache_bytes", "Bytes held by the response cache", registry=r)
+        self.cache_evictions = Gauge("ringserve_response_cache_evictions", "Entries the response cache dropped "
+                                     "to stay within its bound (since start)", registry=r)
         policy_info = Gauge("ringserve_dispatch_policy_info", "The master's scheduling policy", ["policy"],
                             registry=r)
         policy_info.labels(policy).set(1)
-        self._labels: dict[str, set] = {"queue": set(), "worker": set()}
+        # autoscaling (master/autoscale.py): what an HPA follows (deploy/autoscale)
+        self.desired_workers = Gauge("ringserve_desired_workers", "Workers the autoscale policy wants for the "
+                                     "model (target ongoing requests per worker, with delays)", ["model"], registry=r)
+        self.ongoing_per_worker = Gauge("ringserve_ongoing_requests_per_worker", "Queued plus in-flight requests "
+                                        "of the model per worker serving it", ["model"], registry=r)
+        self._labels: dict[str, set] = {"queue": set(), "worker": set(), "desired": set(), "ongoing": set()}
         self._children: dict[tuple, object] = {}  # labels() takes a lock and builds a key: once per label set
         self._models_seen: set[str] = set()  # bounded like the books: only models some worker serves
         for reason in EVICTION_REASONS:
@@ -58,6 +69,9 @@ class MasterMetrics:
     def on_answer(self, model: str, version, outcome: str, seconds: float) -> None:
         self._child(self.requests, model, "" if version is None else str(version), outcome).inc()
         self._child(self.request_duration, model).observe(seconds)
+
+    def on_cache(self, model: str, hit: bool) -> None:
+        self._child(self.cache, model, "hit" if hit else "miss").inc()
 
     def on_shadow(self, model: str, version, outcome: str) -> None:
         self.shadow.labels(model, str(version), outcome).inc()
@@ -86,7 +100,12 @@ class MasterMetrics:
             self.workers.labels(state).set(states.get(state, 0))
 
 
-def _set_all(gauge: Gauge, values: dict[str, int], seen: dict[str, set], key: str) -> None:
+    def refresh_autoscale(self, desired: dict[str, int], per_worker: dict[str, float]) -> None:
+        _set_all(self.desired_workers, desired, self._labels, "desired")
+        _set_all(self.ongoing_per_worker, per_worker, self._labels, "ongoing")
+
+
+def _set_all(gauge: Gauge, values: dict[str, int] | dict[str, float], seen: dict[str, set], key: str) -> None:
     for label, value in values.items():
         gauge.labels(label).set(value)
     for gone in seen[key] - set(values):

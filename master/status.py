@@ -99,6 +99,7 @@ def build_status(broker, now: float) -> dict:
             "retries": c.retries if c else 0,
             "versions": sorted(set().union(*(w.versions(name) for w in broker.workers.values()))),
             **model_summary(name, broker.workers.values()),
+            **({"desired_workers": broker.scaling[name].desired} if name in getattr(broker, "scaling", {}) else {}),
             **(windows.summary(name, now) if windows is not None else {"rate_per_s": 0.0, "p50_ms": None,
                                                                        "p99_ms": None}),
         }
@@ -114,6 +115,7 @@ def build_status(broker, now: float) -> dict:
         "answer_cache": {"ids": len(broker.answered), "replies": broker.answered.replies_held,
                          "bytes": broker.answered.bytes},
         "books": broker.books(),
+        "response_cache": broker.responses.stats(),
         "master": master_view(broker, now),
         "workers": workers,
         "models": models,

@@ -7,10 +7,20 @@ costs more to send and receive than copying a few kB, and zero-copy pays only fo
 over ~64 kB, so tensors up to ``INLINE_MAX`` bytes travel inline. Tensors are never
 pickled: the data is exactly ``prod(shape) * itemsize`` little-endian bytes and is turned
 back into an array with ``numpy.frombuffer`` (no copy).
+
+String tensors (dtype ``"bytes"``, OIP/Triton ``BYTES``): a tensor of byte strings of any
+lengths, its data one buffer of ``prod(shape)`` strings in C order, each a 4-byte little-endian
+length and then its bytes (Triton's binary layout). It travels inline or in a frame like any
+other tensor (``out_of_line`` is the one rule), the buffer must be exactly the strings the
+shape asks for (``check_tensors`` walks the lengths, so the master refuses what a worker
+would), and it decodes to a numpy object array of ``bytes`` (a copy: strings cannot be views).
+Clients may send object arrays of bytes or str (str is sent as UTF-8), numpy ``S``/``U``
+arrays, or (nested) lists of bytes/str. At most ``MAX_STRINGS`` strings per tensor.
 """
 from __future__ import annotations
 
 import reprlib
+import struct
 from typing import Any, Mapping, Sequence
 
 import msgpack
@@ -27,6 +37,10 @@ MAX_NAME = 128  # characters in a tensor name
 MAX_ELEMENTS = 2**40  # product of a shape's dims (zeros counted as 1)
 MAX_DIM = 2**31 - 1  # one dimension; numpy's own limit is far beyond anything a frame can hold
 INLINE_MAX = 16 << 10  # tensors up to this many bytes travel inside the header
+BYTES = "bytes"  # the string dtype's name on the wire
+MAX_STRINGS = 1 << 16  # strings in one bytes tensor: the master walks their lengths one by one
+MAX_STRINGS_BYTES = 1 << 30  # bytes in one bytes tensor's buffer (lengths included)
+_U32 = struct.Struct("<I")
 _ITEMSIZE = {name: np.dtype(name).itemsize for name in SUPPORTED_DTYPES}
 _DTYPE = {name: np.dtype(name) for name in SUPPORTED_DTYPES}  # numpy builds dtype.name anew on each read:
 _NAME = {dt: name for name, dt in _DTYPE.items()}  # these lookups cost a tenth of it
@@ -56,6 +70,14 @@ def encode_tensors(tensors: Mapping[str, Any], inline_max: int = INLINE_MAX) -> 
     bytes go inline in the meta (no frame), larger ones as zero-copy frames."""
     meta, frames = [], []
     for name, value in tensors.items():
+        if is_strings(value):
+            shape, data = pack_strings(name, value)
+            if len(data) <= inline_max:
+                meta.append([name, BYTES, shape, data])
+            else:
+                meta.append([name, BYTES, shape])
+                frames.append(data)
+            continue
         arr = to_numpy(value)
         if arr.nbytes <= inline_max:
             meta.append([name, _NAME[arr.dtype], list(arr.shape), arr.tobytes()])
@@ -89,6 +111,73 @@ def check_tensors(meta: Any, frames: Sequence) -> None:
     """What decode_tensors checks (names, dtypes, shapes, byte counts), without making arrays:
     for a process that only forwards the bytes (the master)."""
     _walk(meta, frames, make=False)
+
+
+def is_strings(value: Any) -> bool:
+    """Whether `value` is a string tensor: a numpy object, bytes or str array, bytes or str, or a
+    (nested) list or tuple whose first leaf is bytes or str."""
+    if type(value) is np.ndarray:
+        return value.dtype.kind in "OSU"
+    while isinstance(value, (list, tuple)) and value:
+        value = value[0]
+    return isinstance(value, (bytes, str))
+
+
+def wire_dtype(arr: np.ndarray) -> str:
+    """The dtype name an array travels as: "bytes" for object, bytes and str arrays."""
+    return BYTES if arr.dtype.kind in "OSU" else arr.dtype.name
+
+
+def pack_strings(name: str, value: Any) -> tuple[list, bytes]:
+    """A string tensor -> (shape, its buffer of length-prefixed strings); str elements as UTF-8."""
+    if type(value) is np.ndarray:
+        arr = value
+    elif isinstance(value, (bytes, str)):
+        arr = np.empty((), dtype=object)
+        arr[()] = value
+    else:
+        arr = np.array(value, dtype=object)  # a ragged nested list holds lists: refused below
+    if arr.size > MAX_STRINGS:
+        raise ProtocolError(f"tensor {name[:64]!r}: {arr.size} strings, more than {MAX_STRINGS} in one tensor")
+    out = bytearray()
+    for item in arr.ravel().tolist():  # S arrays give bytes (trailing NULs stripped, as numpy does), U give str
+        if isinstance(item, str):
+            item = item.encode("utf-8")
+        elif isinstance(item, (bytearray, memoryview)):
+            item = bytes(item)
+        elif not isinstance(item, bytes):
+            raise ProtocolError(f"tensor {name[:64]!r}: a string tensor's elements must be bytes or str, "
+                                f"got {type(item).__name__}")
+        out += _U32.pack(len(item))
+        out += item
+    if len(out) > MAX_STRINGS_BYTES:
+        raise ProtocolError(f"tensor {name[:64]!r}: {len(out)} bytes of strings, more than {MAX_STRINGS_BYTES}")
+    return list(arr.shape), bytes(out)
+
+
+def _strings(name: str, buf: Any, count: int, make: bool) -> list | None:
+    """Walk a string tensor's buffer: exactly `count` length-prefixed strings, nothing after them.
+    Returns the strings when `make`, else only checks (the master)."""
+    view = memoryview(buf).cast("B") if not isinstance(buf, bytes) else buf
+    n = len(view)
+    if n > MAX_STRINGS_BYTES:
+        raise ProtocolError(f"tensor {name!r}: {n} bytes of strings, more than {MAX_STRINGS_BYTES}")
+    if n < 4 * count:
+        raise ProtocolError(f"tensor {name!r}: {n} bytes cannot hold {count} length-prefixed strings")
+    out = [] if make else None
+    off, unpack = 0, _U32.unpack_from
+    for i in range(count):
+        if off + 4 > n:
+            raise ProtocolError(f"tensor {name!r}: string {i} of {count} has no length (buffer ends at {n})")
+        (length,) = unpack(view, off)
+        start, off = off + 4, off + 4 + length
+        if off > n:
+            raise ProtocolError(f"tensor {name!r}: string {i} of {count} says {length} bytes, beyond the buffer's end")
+        if make:
+            out.append(bytes(view[start:off]))
+    if off != n:
+        raise ProtocolError(f"tensor {name!r}: {n - off} bytes after the {count} strings the shape asks for")
+    return out
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -132,6 +221,13 @@ def _walk(meta: Any, frames: Sequence, make: bool) -> dict[str, np.ndarray]:
             k += 1
         else:
             buf = inline
+        if dtype == BYTES:
+            items = _strings(name, buf, count, make)
+            if make:
+                arr = np.empty(count, dtype=object)
+                arr[:] = items
+                out[name] = arr.reshape(shape)
+            continue
         expected = count * _ITEMSIZE[dtype]
         if len(buf) != expected:
             raise ProtocolError(
@@ -159,7 +255,7 @@ def _check_entry(entry: Any) -> tuple[str, str, list, int, bytes | None]:
                             "leave it out to send the data in a frame of its own")
     if type(name) is not str or not name or len(name) > MAX_NAME:
         raise ProtocolError(f"tensor name must be a string of 1..{MAX_NAME} characters")
-    if type(dtype) is not str or dtype not in _ITEMSIZE:  # a list or map is not hashable
+    if type(dtype) is not str or (dtype not in _ITEMSIZE and dtype != BYTES):  # a list or map is not hashable
         raise ProtocolError(f"tensor {name[:64]!r}: unsupported dtype {short_repr(dtype)}")
     bad = not isinstance(shape, (list, tuple)) or len(shape) > MAX_DIMS
     count = nonzero = 1
@@ -175,6 +271,9 @@ def _check_entry(entry: Any) -> tuple[str, str, list, int, bytes | None]:
                             f"up to {MAX_DIM}")
     if nonzero > MAX_ELEMENTS:  # numpy refuses such a shape even when empty
         raise ProtocolError(f"tensor {name[:64]!r}: shape {list(shape)} is too large")
+    if dtype == BYTES and count > MAX_STRINGS:
+        raise ProtocolError(f"tensor {name[:64]!r}: shape {list(shape)} holds {count} strings, "
+                            f"more than {MAX_STRINGS} in one tensor")
     return name, dtype, shape, count, inline
 
 

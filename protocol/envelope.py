@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import itertools
 import math
 
 from ringserve.protocol.codec import (
@@ -30,7 +31,33 @@ MAX_PER_MESSAGE = 4096  # requests in one master -> worker REQUEST (or replies i
 # Fields a worker's result header may hold for the master to forward it to the client unchanged
 # (an error reply is always re-packed from its checked fields).
 REPLY_FIELDS = frozenset(["id", "key", "attempt", "ok", "model", "version", "batch_rows", "outputs", "worker",
-                          "epoch"])
+                          "epoch", "timing"])
+# A result's optional "timing" map: where the worker spent the request's time, in milliseconds
+# (preprocess_ms, queue_ms, compute_ms, postprocess_ms): short names, finite numbers, few of them.
+MAX_TIMING = 8
+MAX_TIMING_KEY = 32
+MAX_TIMING_MS = 1e9
+
+
+def _timing_entry(k: Any, v: Any) -> bool:
+    return (type(k) is str and 0 < len(k) <= MAX_TIMING_KEY and type(v) in (int, float)
+            and math.isfinite(v) and 0 <= v <= MAX_TIMING_MS)
+
+
+def timing_ok(value: Any) -> bool:
+    """Whether a reply's "timing" field may go to a client as it is: absent, or a map of at most
+    MAX_TIMING short names to finite non-negative numbers."""
+    return value is None or (type(value) is dict and len(value) <= MAX_TIMING
+                             and all(_timing_entry(k, v) for k, v in value.items()))
+
+
+def clean_timing(value: Any) -> dict | None:
+    """The entries of a peer's "timing" field that are well formed (None if none): a bad entry is
+    dropped, never a reason to fail the reply it came with."""
+    if type(value) is not dict:
+        return None
+    out = {k: v for k, v in itertools.islice(value.items(), MAX_TIMING) if _timing_entry(k, v)}
+    return out or None
 
 
 def check_id(value: Any, what: str = "id") -> str:
@@ -86,6 +113,50 @@ def client_frames(service: str | bytes, body: Sequence) -> list:
     """RFC 7 client framing around a body: [empty][MDPC01][service][body...]."""
     svc = service.encode() if isinstance(service, str) else service
     return [b"", MDP_CLIENT, svc, *body]
+
+
+# ------------------------------------------------------- coalesced client traffic
+# A ringserve client may put several requests in one message (service "mmi.batch"; an old master
+# answers RFC 8's "501" and the client goes back to one message per request):
+#     [empty][MDPC01]["mmi.batch"][msgpack [service 1, service 2, ...]][hdr 1][tensors 1...][hdr 2]...
+# and a master answers a client that batches with every answer of one loop turn in one message:
+#     [empty][MDPC01]["mmi.batch"][reply hdr 1][tensors 1...][reply hdr 2]...
+# Requests are split with request_frames (the rule the worker uses too); answers with split_replies.
+MAX_CLIENT_BATCH = 1024  # requests in one coalesced client message
+
+
+def batch_frames(requests: Sequence[tuple[bytes, Sequence]]) -> list:
+    """[(service, body frames: header + tensors)] -> the frames after the "mmi.batch" service frame."""
+    out = [pack([svc.decode() if isinstance(svc, bytes) else svc for svc, _ in requests])]
+    for _, body in requests:
+        out.extend(body)
+    return out
+
+
+def split_batch(frames: Sequence) -> tuple[list[tuple[str, Any, list]], str | None]:
+    """A coalesced client message -> ([(service, header frame, tensor frames)], why the rest could not
+    be split or None). Each request is cut where its header's tensor list says (request_frames);
+    the entries before a break are kept, so one bad request never fails its neighbours."""
+    if not frames:
+        return [], "a batch needs its list of services"
+    services = unpack(frames[0])
+    if not isinstance(services, list) or not 1 <= len(services) <= MAX_CLIENT_BATCH:
+        return [], f"a batch's first frame must list 1..{MAX_CLIENT_BATCH} services"
+    out, k = [], 1
+    for svc in services:
+        if k >= len(frames):
+            return out, "the batch lists more requests than it carries"
+        try:
+            n = request_frames(unpack(frames[k]))
+        except ProtocolError:
+            n = -1
+        if n < 0 or k + 1 + n > len(frames) or type(svc) is not str:
+            return out, "a request header's tensor list does not say how many frames follow"
+        out.append((svc, frames[k], list(frames[k + 1:k + 1 + n])))
+        k += 1 + n
+    if k != len(frames):
+        return out, f"the batch carries {len(frames) - k} frames no request accounts for"
+    return out, None
 
 
 def parse_request_header(header: dict, frames: Sequence) -> ClientRequest:
@@ -197,6 +268,14 @@ def parse_models(models: Any) -> dict[str, dict]:
             raise ProtocolError(f"models[{name[:64]!r}].on_demand must be true or false")
         if on_demand:
             clean[name]["on_demand"] = True
+        inputs = info.get("inputs")
+        if inputs is not None:
+            clean[name]["inputs"] = _announced_inputs(inputs, name)
+        cache = info.get("cache", False)
+        if not isinstance(cache, bool):
+            raise ProtocolError(f"models[{name[:64]!r}].cache must be true or false")
+        if cache:
+            clean[name]["cache"] = True
         held = info.get("versions")
         if held is not None:
             if not isinstance(held, list) or len(held) > MAX_HELD_VERSIONS:
@@ -214,6 +293,24 @@ def parse_models(models: Any) -> dict[str, dict]:
             clean[name]["refused"] = {"version": _int(refused.get("version"), "refused.version", 0),
                                       "reason": _str(refused.get("reason", ""), "refused.reason", MAX_TEXT,
                                                      allow_empty=True)}
+    return clean
+
+
+def _announced_inputs(inputs: Any, model: str) -> list:
+    """A model's declared inputs as a worker announces them: [[name, dtype, dims or nil]], bounded."""
+    if not isinstance(inputs, list) or len(inputs) > 64:
+        raise ProtocolError(f"models[{model[:64]!r}].inputs must be a list of at most 64 inputs")
+    clean = []
+    for entry in inputs:
+        if not (isinstance(entry, list) and len(entry) == 3):
+            raise ProtocolError(f"models[{model[:64]!r}].inputs entries must be [name, dtype, dims]")
+        name, dtype, dims = entry
+        _str(name, "inputs name")
+        _str(dtype, "inputs dtype", 32)
+        if dims is not None and not (isinstance(dims, list) and len(dims) <= 8 and all(
+                type(d) is int and -1 <= d <= 2**31 - 1 for d in dims)):
+            raise ProtocolError(f"models[{model[:64]!r}].inputs dims must be at most 8 ints (-1: any)")
+        clean.append([name, dtype, dims])
     return clean
 
 
@@ -279,6 +376,9 @@ def parse_worker_reply(header: Any, frames: Sequence) -> WorkerReply:
             clean[field] = header[field]
     if isinstance(header.get("model"), str) and len(header["model"]) <= MAX_NAME_LEN:
         clean["model"] = header["model"]
+    timing = clean_timing(header.get("timing"))
+    if timing is not None:
+        clean["timing"] = timing
     if ok:
         check_tensors(header.get("outputs"), frames)
         clean["outputs"] = header["outputs"]
@@ -406,7 +506,8 @@ def reply_frames(replies: Sequence[tuple[dict, Sequence]]) -> list:
 
 
 def split_replies(frames: Sequence) -> list[tuple[Any, dict, list]]:
-    """The master reads a REPLY: [(header frame, header map, its frames)] per reply.
+    """A REPLY (the master reading a worker), or a master's coalesced answers (a client reading
+    "mmi.batch"): [(header frame, header map, its frames)] per reply.
 
     Only the frame counts are read here (from the outputs lists); parse_worker_reply checks the rest."""
     out, k = [], 0
@@ -414,7 +515,9 @@ def split_replies(frames: Sequence) -> list[tuple[Any, dict, list]]:
         if len(out) >= MAX_PER_MESSAGE:
             raise ProtocolError(f"more than {MAX_PER_MESSAGE} replies in one message")
         header = unpack_map(frames[k])
-        n = frame_count(header.get("outputs")) if header.get("ok") is True else 0
+        # a result's outputs say how many frames follow; anything else (an error, an ACK, a ping's
+        # answer) has none
+        n = frame_count(header["outputs"]) if header.get("ok") is True and "outputs" in header else 0
         if n < 0:
             raise ProtocolError("field 'outputs' must be a list of tensors")
         if k + 1 + n > len(frames):
@@ -444,4 +547,5 @@ def forwardable(header: dict, epoch: str, worker: str, rid: str) -> bool:
         return False
     version, rows, model = header.get("version"), header.get("batch_rows"), header.get("model")
     return ((version is None or type(version) is int) and (rows is None or type(rows) is int)
-            and (model is None or (type(model) is str and len(model) <= MAX_NAME_LEN)))
+            and (model is None or (type(model) is str and len(model) <= MAX_NAME_LEN))
+            and timing_ok(header.get("timing")))

@@ -102,6 +102,24 @@ def cluster(tmp_path):
 
 
 @pytest.fixture
+def broker():
+    """A real Broker on ephemeral loopback ports whose loop the test pumps by hand (see
+    test_master_robustness.pump): fake workers and clients talk to it over real sockets."""
+    import time
+
+    from ringserve.master.broker import Broker, BrokerConfig
+
+    ctx = zmq.Context()
+    b = Broker(BrokerConfig(EPHEMERAL, EPHEMERAL, EPHEMERAL, policy="round-robin", heartbeat_interval=60.0, seed=1,
+                            answer_cache_bytes=1 << 20, max_timeout=60.0), ctx)
+    b.in_grace = False  # tests register their workers first
+    b.last_heartbeat = time.monotonic()  # and the 60 s interval keeps heartbeats out of their way
+    yield b
+    b.close()
+    ctx.destroy(linger=0)
+
+
+@pytest.fixture
 def zctx():
     ctx = zmq.Context()
     yield ctx

@@ -107,3 +107,15 @@ def test_async_client_timeout_says_what_is_known(keys, cluster):
     nobody = f"tcp://127.0.0.1:{free_port()}"
     msg = asyncio.run(main(nobody))
     assert f"no answer from {nobody}" in msg and "no connection could be made" in msg
+
+
+def test_a_rate_limited_answer_keeps_the_masters_retry_hint():
+    from ringserve.client.errors import Overloaded, from_error
+    from ringserve.gateway.errors import from_ringserve
+
+    exc = from_error({"code": "OVERLOADED", "message": "rate limit"}, "r1", 2.2)
+    assert isinstance(exc, Overloaded) and exc.retry_after_s == 2.2
+    assert from_ringserve(exc).retry_after == 3  # Retry-After in whole seconds, rounded up
+    for odd in (float("nan"), -1, 1e9, "2", True, None):
+        assert from_error({"code": "OVERLOADED", "message": "x"}, "r", odd).retry_after_s is None
+    assert from_ringserve(from_error({"code": "WORKER_LOST", "message": "x"}, "r")).retry_after == 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 
@@ -15,20 +14,9 @@ import pytest
 
 from ringserve.client import Client
 from ringserve.client.admin import AdminClient
-from ringserve.launch.procs import RoleProcess, wait_for_workers, wait_until
+from ringserve.launch.procs import RoleProcess, free_tcp_ports, wait_for_workers, wait_until
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Pair:
@@ -36,7 +24,7 @@ class Pair:
 
     def __init__(self, tmp):
         self.tmp, self.procs, self.masters = tmp, [], []
-        ports = free_ports(6)
+        ports = free_tcp_ports(6)
         self.eps = [{k: f"tcp://127.0.0.1:{ports[3 * i + j]}" for j, k in enumerate(("frontend", "backend", "admin"))}
                     for i in range(2)]
 
@@ -220,3 +208,37 @@ def test_ringserve_local_runs_two_masters():
     rc, out, err = run_local("--masters", "2", "--requests", "2", "--workers", "1", "--shards", "1")
     assert rc == 0, err[-2000:]
     assert out.count("== master") == 2 and "role=active peers" in out and "max |ringserve - in-process|" in out
+
+
+def test_the_gateway_serves_through_either_master(pair):
+    """The gateway takes every master too: kill the one its requests go to, HTTP keeps answering."""
+    import json
+    import urllib.request
+
+    pair.start_workers(1)
+    gw = RoleProcess("ringserve.launch.gateway", ["--master", ",".join(pair.frontends),
+                                                  "--admin", ",".join(e["admin"] for e in pair.eps),
+                                                  "--listen", "127.0.0.1:0"], pair.tmp / "gateway.log")
+    pair.procs.append(gw)
+    body = json.dumps({"inputs": [{"name": "x", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}).encode()
+
+    def infer() -> list:
+        req = urllib.request.Request(f"{gw.info['url']}/v2/models/echo/infer", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=20) as r:
+            return json.loads(r.read())["outputs"][0]["data"]
+
+    assert wait_until(lambda: _ok(infer), 20, 0.2, "the gateway to serve")
+    for m in pair.masters:  # whichever it is on, one of them dies: it moves to the other
+        if m.alive():
+            os.kill(m.pid, signal.SIGKILL)
+            break
+    assert [infer() for _ in range(5)][-1] == [1, 2, 3, 4]
+
+
+def _ok(fn) -> bool:
+    try:
+        fn()
+        return True
+    except OSError:
+        return False

@@ -19,7 +19,7 @@ from ringserve.client import Client
 from ringserve.client.admin import AdminClient
 from ringserve.launch.master import parser as master_parser
 from ringserve.launch.procs import wait_until
-from ringserve.master.broker import Broker, BrokerConfig
+from ringserve.master.broker import Broker
 from ringserve.master.registry import AnsweredCache, ModelQueues, PendingRequest
 from ringserve.master.scheduler import Load, make_policy
 from ringserve.protocol.codec import pack, unpack_map
@@ -36,18 +36,6 @@ GOOD_MODELS = {"mlp": {"version": 1, "ready": True, "dtype": "float32", "quantiz
 
 
 # --------------------------------------------------------------------------- harness
-@pytest.fixture
-def broker():
-    ctx = zmq.Context()
-    b = Broker(BrokerConfig(EP, EP, EP, policy="round-robin", heartbeat_interval=60.0, seed=1,
-                            answer_cache_bytes=1 << 20, max_timeout=60.0), ctx)
-    b.in_grace = False  # tests register their workers first
-    b.last_heartbeat = time.monotonic()  # and the 60 s interval keeps heartbeats out of their way
-    yield b
-    b.close()
-    ctx.destroy(linger=0)
-
-
 def pump(b: Broker, until=None, timeout: float = 5.0):
     """Run the broker's loop by hand until `until()` is truthy (bounded in time); return its value."""
     end = time.monotonic() + timeout

@@ -87,7 +87,7 @@ def test_an_on_demand_model_whose_weights_are_refused_is_answered_at_once(cluste
     admin = AdminClient(cluster.admin)
     wait_until(lambda: len(admin.status()["workers"]) == 1, 60)
     with Client(cluster.frontend, timeout=20) as c:
-        for attempt in range(3):  # the first asks for the load; later ones find it refused already
+        for _ in range(3):  # the first asks for the load; later ones find it refused already
             t0 = __import__("time").monotonic()
             with pytest.raises(RingserveError) as err:
                 c.infer("mlp", inputs("mlp"), timeout=20)

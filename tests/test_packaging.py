@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-BARE = ["client", "master", "worker", "protocol", "launch", "paramserver"]
+BARE = ["client", "master", "worker", "protocol", "launch", "paramserver", "gateway"]
 
 CHECK = f"""
 import importlib.util, sys

@@ -12,12 +12,12 @@ import zmq
 import zmq.auth
 
 from ringserve.master.broker import Broker, BrokerConfig
-from ringserve.protocol.codec import pack, unpack_map
+from ringserve.protocol.codec import pack
 from ringserve.protocol.envelope import MAX_ID_LEN
 from ringserve.protocol.messages import DISCONNECT, HEARTBEAT, READY, REPLY, WORKER_PROTO
 from ringserve.protocol.security import Security, create_identity, public_path, revoke_identity, secret_path
-from test_master_robustness import (  # noqa: F401  (broker is a fixture)
-    EP, GOOD_MODELS, X, answer, broker, dealer, next_request, pump, recv, register, reply_ok, request, silent,
+from test_master_robustness import (
+    EP, GOOD_MODELS, X, answer, dealer, next_request, pump, recv, register, reply_ok, request, silent,
 )
 
 pytestmark = pytest.mark.timeout(60)

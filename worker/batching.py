@@ -145,6 +145,8 @@ class WorkItem:
     length: int = 0  # the request's own length along the sequence axis (ragged models)
     cid: str | None = None  # the client's own request id, written beside the key in the reply
     link: int = 0  # which master it came from (the reply goes back there)
+    timing: dict = field(default_factory=dict)  # ms per stage so far (preprocess_ms), for the reply's "timing"
+    staged: bool = False  # its preprocess stage has run (worker/stages.py): it may join a batch
 
     @property
     def client_id(self) -> str:

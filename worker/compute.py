@@ -29,6 +29,7 @@ from ringserve.protocol.messages import ErrorCode, error_body
 from ringserve.worker.batching import Batcher, WorkItem, concat_inputs, split_outputs
 from ringserve.worker.loader import ServedModel, input_error
 from ringserve.worker.metrics import WorkerMetrics
+from ringserve.worker.stages import POST, PRE, Inbox, StagePool, Task
 
 log = structlog.get_logger("ringserve.worker.compute")
 
@@ -70,7 +71,7 @@ class ComputeThread(threading.Thread):
         self.ctx, self.results_endpoint, self.models, self.batcher = ctx, results_endpoint, models, batcher
         batcher.configure({name: m.batching for name, m in models.items()})  # per-model limits, ragged inputs
         # One list of WorkItems per REQUEST message; an empty list only ends an idle wait (wake).
-        self.inbox: queue.Queue[list[WorkItem]] = queue.Queue()
+        self.inbox: Inbox = Inbox()  # requests of a model with a preprocess stage go to the stage pool first
         self.swaps: queue.Queue[tuple[str, object, int]] = queue.Queue()  # (model, built module, version)
         self.stats = BatchStats()
         self.metrics = metrics or WorkerMetrics()
@@ -81,6 +82,28 @@ class ComputeThread(threading.Thread):
         self.busy_since: float | None = None  # monotonic start of the batch now running, else None
         self.worker_name: str | None = None  # set by the agent: replies name their worker and the master's
         self.epochs: dict[int, str | None] = {}  # per master link: its epoch, so the master can pass them to the client byte for byte
+        self.stage_threads = 2  # --stage-threads: the pool that runs pre/postprocess stages (worker/stages.py)
+        self.stages: StagePool | None = None
+
+    def start(self) -> None:
+        """Start the stage pool first (when a model has stages), so no request reaches the inbox before it."""
+        if self.stages is None and any(m.preprocess or m.postprocess for m in self.models.values()):
+            self.stages = StagePool(self.ctx, self.results_endpoint, self.stage_threads, self.metrics,
+                                    lambda item: self.inbox.put_ready([item]))
+            self.stages.start()
+            self.inbox.route = self._route
+        super().start()
+
+    def _route(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Requests whose model has a preprocess stage go to the pool; the rest may be batched now."""
+        now = []
+        for item in items:
+            model = self.models.get(item.model)
+            if model is not None and model.preprocess is not None and not item.staged:
+                self.stages.submit(Task(PRE, model, item))
+            else:
+                now.append(item)
+        return now
 
     def run(self) -> None:
         # OpenMP's thread count is per OS thread: without this, the model runs here with the
@@ -105,6 +128,8 @@ class ComputeThread(threading.Thread):
                 else:
                     self._take_inbox(block_s=IDLE_WAIT_S if wait is None else min(wait, IDLE_WAIT_S))
         finally:
+            if self.stages is not None:
+                self.stages.stop()
             self.push.close(linger=0)
 
     def wake(self) -> None:
@@ -184,31 +209,37 @@ class ComputeThread(threading.Thread):
                                   f"worker now serves version(s) {model.versions()}, not {pinned}")
             return
         started = self.busy_since = time.monotonic()
+        owners = batch  # the item each reply answers (none for those gone on to a postprocess stage)
         try:
             replies = self._compute(model, batch, pinned)
+            owners = [] if model.postprocess is not None else batch
         except Exception as exc:
             if len(batch) == 1:
                 replies = [self._failure(model, batch[0], exc)]
             else:  # re-run one by one, so only the request that causes the failure fails
                 log.info("batch_failed_rerunning_singly", model=model.name, error=f"{type(exc).__name__}: {exc}",
                          request_ids=[i.client_id for i in batch])
-                replies = []
+                replies, owners = [], []
                 for item in batch:
                     try:
-                        replies += self._compute(model, [item], pinned)
+                        one_reply = self._compute(model, [item], pinned)
                     except Exception as one:
-                        replies.append(self._failure(model, item, one))
+                        one_reply = [self._failure(model, item, one)]
+                    replies += one_reply
+                    owners += [item] * len(one_reply)
         finally:
             finished = time.monotonic()
             self.busy_since = None
             self.stats.record(batch, started, finished)
             self.metrics.on_batch(model.name, sum(i.rows for i in batch), [started - i.arrival for i in batch],
                                   finished - started)
-        self._push(replies, batch)
+        self._push(replies, owners)
 
     def _push(self, replies: list[tuple[dict, list]], items: list[WorkItem]) -> None:
         """Hand a batch's replies (one per item, in order) to the socket thread, one message per
         master they go back to (it sends each as one REPLY)."""
+        if not replies:
+            return  # every request of the batch went on to its postprocess stage
         # Blocks only at the inproc pipe's high-water mark, which the socket thread keeps draining.
         links = {item.link for item in items}
         for link in sorted(links):
@@ -219,18 +250,28 @@ class ComputeThread(threading.Thread):
     def _compute(self, model: ServedModel, batch: list[WorkItem], pinned: int | None) -> list[tuple[dict, list]]:
         """Run and encode a batch; raises if anything about it fails (no partial answers)."""
         version = model.version if pinned is None else pinned
+        started = time.monotonic()
         outputs = model.run(concat_inputs(batch), pinned)
         replies = []
         rows = sum(i.rows for i in batch)
+        compute_ms = round(1000 * (time.monotonic() - started), 3)
+        post = []  # handed to the stage pool only once the whole batch has split (a failure re-runs it)
         for item, out in zip(batch, split_outputs(outputs, batch)):
-            meta, frames = encode_tensors(out)
+            timing = {**item.timing, "queue_ms": round(1000 * (started - item.arrival), 3), "compute_ms": compute_ms}
             header = {"id": item.client_id, "key": item.rid, "attempt": item.attempt, "ok": True, "model": item.model,
-                      "version": version, "outputs": meta, "batch_rows": rows}
+                      "version": version, "outputs": [], "batch_rows": rows, "timing": timing}
             epoch = self.epochs.get(item.link)
             if epoch is not None and self.worker_name is not None:
                 header["worker"], header["epoch"] = self.worker_name, epoch
+            if model.postprocess is not None:
+                post.append(Task(POST, model, item, out, header))
+                continue
+            header["outputs"], frames = encode_tensors(out)
             replies.append((header, frames))
-        self.metrics.on_answers(model.name, "ok", len(batch))
+        if replies:
+            self.metrics.on_answers(model.name, "ok", len(replies))
+        for task in post:
+            self.stages.submit(task)
         return replies
 
     def _failure(self, model: ServedModel, item: WorkItem, exc: Exception) -> tuple[dict, list]:

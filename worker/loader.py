@@ -7,8 +7,13 @@ as, default 0), ``keep`` (versions kept loaded side by side, default 1), ``max_b
 batch for this model, overriding the worker's --max-batch-size; 1: never batched) and ``ignore_keys``
 (GLOB|GLOB: checkpoint keys the module does not hold, dropped and reported; docs/models.md), ``strip_prefix``
 and ``add_prefix`` (rename checkpoint keys the module does not hold: a sentence-transformers export's
-``0.auto_model.``, a task model's ``bert.``, a wrapper's ``encoder.``). Weights are only ever read with
+``0.auto_model.``, a task model's ``bert.``, a wrapper's ``encoder.``) and ``cache`` (true: the model
+is deterministic, so the master may answer repeated inputs from its response cache). Weights are only ever read with
 safetensors: never pickle, never torch.load.
+
+``preprocess=module:function`` and ``postprocess=module:function`` name stage factories, loaded
+like the model's factory and called once when the model is built, with the ``arg.NAME`` options
+their signature takes; each returns the stage (worker/stages.py runs them per request).
 
 The module may declare ``input_spec`` (checked on every request; its variable-length inputs,
 if any, make the model's batching ragged: worker/batching.py) and ``max_batch_size`` (a cap on
@@ -25,18 +30,20 @@ from __future__ import annotations
 import copy
 import fnmatch
 import importlib
+import inspect
 import json
 import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import structlog
 import torch
 from safetensors.torch import load_file
 
+from ringserve.protocol.codec import wire_dtype
 from ringserve.worker.batching import ModelBatching, ragged_from_spec
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -46,7 +53,12 @@ log = structlog.get_logger("ringserve.worker.loader")
 
 
 class BadInput(ValueError):
-    """The request's inputs do not fit the model: answered BAD_REQUEST (a model may raise it too)."""
+    """The request's inputs do not fit the model: answered BAD_REQUEST (a model or a stage may raise
+    it too: ``from ringserve.worker.loader import BadInput``)."""
+
+
+class TooLong(BadInput):
+    """A variable-length input beyond the model's max_len (the input's fault even after a preprocess stage)."""
 
 
 # Substrings of torch's messages for shape errors: raised while running on a request's input, they
@@ -159,6 +171,9 @@ class ModelOptions:
     strip_prefix: str = ""  # removed from checkpoint keys the module does not hold (before add_prefix)
     add_prefix: str = ""  # then put in front of them (the wrapper's attribute, e.g. "encoder.")
     max_batch: int | None = None  # rows per batch for this model (None: the worker's --max-batch-size)
+    cache: bool = False  # deterministic: the master may answer repeated inputs from its response cache
+    preprocess: str | None = None  # module:function, a stage factory (worker/stages.py)
+    postprocess: str | None = None
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -175,6 +190,10 @@ def parse_model_arg(text: str, defaults: Mapping[str, Any] | None = None) -> Mod
             opts.kwargs[key[4:]] = _literal(value)
         elif key in ("weights", "dtype", "quantize"):
             setattr(opts, key, value or None)
+        elif key in ("preprocess", "postprocess"):
+            if not _is_target(value):
+                raise ValueError(f"{key} must look like module:function, got {value!r}")
+            setattr(opts, key, value)
         elif key == "version":
             if not value.isdigit():
                 raise ValueError(f"version must be a non-negative integer, got {value!r}")
@@ -189,6 +208,10 @@ def parse_model_arg(text: str, defaults: Mapping[str, Any] | None = None) -> Mod
             if not value.isdigit() or not 1 <= int(value) <= 16:
                 raise ValueError(f"keep must be an integer in 1..16, got {value!r}")
             opts.keep = int(value)
+        elif key == "cache":
+            if value not in ("true", "false"):
+                raise ValueError(f"cache must be true or false, got {value!r}")
+            opts.cache = value == "true"
         elif key == "max_batch":
             if not value.isdigit() or not 1 <= int(value) <= 65536:
                 raise ValueError(f"max_batch must be an integer in 1..65536, got {value!r}")
@@ -209,9 +232,37 @@ def _literal(value: str) -> Any:
         return value
 
 
-def build_module(spec: str, kwargs: Mapping[str, Any] | None = None) -> torch.nn.Module:
+def _is_target(value: str) -> bool:
+    module_name, sep, name = value.partition(":")
+    return bool(sep and module_name and name)
+
+
+def load_target(spec: str) -> Any:
+    """`module:name` -> the object (the one loading rule for factories and stage factories)."""
     module_name, _, factory_name = spec.partition(":")
-    factory = getattr(importlib.import_module(module_name), factory_name)
+    return getattr(importlib.import_module(module_name), factory_name)
+
+
+def build_stage(spec: str, kwargs: Mapping[str, Any] | None = None) -> Callable:
+    """Call a stage factory once with the model options its signature takes (all with **kwargs);
+    it must return the stage, a callable (a tokenizer's state lives in it)."""
+    factory = load_target(spec)
+    kwargs = dict(kwargs or {})
+    try:
+        params = inspect.signature(factory).parameters.values()
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+            kwargs = {k: v for k, v in kwargs.items() if k in names}
+    except (TypeError, ValueError):  # no signature to read (a builtin): pass everything
+        pass
+    stage = factory(**kwargs)
+    if not callable(stage):
+        raise TypeError(f"{spec} returned {type(stage).__name__}, not a callable (the stage)")
+    return stage
+
+
+def build_module(spec: str, kwargs: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    factory = load_target(spec)
     model = factory(**dict(kwargs or {}))
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
@@ -246,6 +297,17 @@ class ServedModel:
         except ValueError as exc:
             raise ModelLoadError(f"model {opts.name!r}: {opts.spec}: {exc}") from exc
         self.batching = ModelBatching(max_batch=opts.max_batch, cap=cap, ragged=self.ragged)
+        self.preprocess: Callable | None = None  # stages: built once here, run per request (worker/stages.py)
+        self.postprocess: Callable | None = None
+        for what in ("preprocess", "postprocess"):
+            target = getattr(opts, what)
+            if target is None:
+                continue
+            try:
+                setattr(self, what, build_stage(target, opts.kwargs))
+            except Exception as exc:  # noqa: BLE001 - any failure of the user's stage factory, in one line
+                raise ModelLoadError(f"model {opts.name!r}: cannot build {what} {target}: "
+                                     f"{type(exc).__name__}: {exc}") from exc
         self.layout = layout_of(module)  # before dtype/int8: what published weights must look like
         self.ready = not wait_for_weights  # not ready until the parameter servers give it weights
         if opts.weights:
@@ -297,6 +359,11 @@ class ServedModel:
             info["versions"] = self.versions()  # every version a request may pin here
         if self.on_demand:
             info["on_demand"] = True
+        if self.opts.cache:
+            info["cache"] = True  # deterministic: the master may answer repeated inputs from its cache
+        inputs = announced_inputs(self.input_spec)
+        if inputs:
+            info["inputs"] = inputs  # what a gateway lists as the model's metadata
         if self.ignored_keys:
             info["ignored_keys"] = self.ignored_keys[:MAX_REPORTED_KEYS]  # not loaded (ready false) still means: send it, it loads
         refused = self.refused
@@ -305,23 +372,34 @@ class ServedModel:
         return info
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray]) -> int:
-        """Raise BadInput naming what is wrong; return the number of rows (first dim)."""
-        if self.input_spec is None:
+        """Raise BadInput naming what is wrong; return the number of rows (first dim). With a
+        preprocess stage these are the request's own inputs (checked against the stage's
+        ``input_spec`` attribute, if it has one); ``check_model_inputs`` checks what it returns."""
+        if self.preprocess is not None:
+            return self._check(inputs, getattr(self.preprocess, "input_spec", None), None)
+        return self._check(inputs, self.input_spec, self.ragged)
+
+    def check_model_inputs(self, inputs: Mapping[str, np.ndarray]) -> int:
+        """What the module takes (its input_spec, ragged lengths): a preprocess stage's result."""
+        return self._check(inputs, self.input_spec, self.ragged)
+
+    def _check(self, inputs: Mapping[str, np.ndarray], spec: Mapping | None, ragged) -> int:
+        if spec is None:
             if not inputs:
                 raise BadInput("no inputs given")
         else:
-            want, got = set(self.input_spec), set(inputs)
-            optional = {self.ragged.mask} if self.ragged is not None and self.ragged.mask else set()
+            want, got = set(spec), set(inputs)
+            optional = {ragged.mask} if ragged is not None and ragged.mask else set()
             if not want - optional <= got <= want:
                 raise BadInput(f"model {self.name!r} takes inputs {sorted(want)}, got {sorted(got)}"
                                + (f" (missing {sorted(want - got)})" if want - got else "")
                                + (f" (unexpected {sorted(got - want)})" if got - want else ""))
-            for name, (shape, dtype, *_) in self.input_spec.items():
+            for name, (shape, dtype, *_) in spec.items():
                 if name not in inputs:
                     continue  # an optional attention mask: the worker builds it
                 arr = inputs[name]
-                if dtype and arr.dtype.name != dtype:
-                    raise BadInput(f"input {name!r}: dtype {arr.dtype.name}, expected {dtype}")
+                if dtype and wire_dtype(arr) != dtype:
+                    raise BadInput(f"input {name!r}: dtype {wire_dtype(arr)}, expected {dtype}")
                 if shape is not None and (len(arr.shape) != len(shape) or any(
                         s is not None and s != a for s, a in zip(shape, arr.shape))):
                     pretty = ["N" if s is None else s for s in shape]
@@ -336,7 +414,7 @@ class ServedModel:
         rows = {arr.shape[0] for arr in inputs.values()}
         if len(rows) != 1:
             raise BadInput(f"inputs disagree on the number of rows: {sorted(rows)}")
-        if self.ragged is not None:
+        if ragged is not None:
             self._check_lengths(inputs)
         return rows.pop()
 
@@ -352,8 +430,8 @@ class ServedModel:
             raise BadInput(f"inputs disagree on the sequence length (dim 1): {lengths}")
         length = next(iter(lengths.values()))
         if self.ragged.max_len is not None and length > self.ragged.max_len:
-            raise BadInput(f"sequence length {length} (dim 1 of {sorted(lengths)}) is beyond this model's "
-                           f"maximum {self.ragged.max_len}")
+            raise TooLong(f"sequence length {length} (dim 1 of {sorted(lengths)}) is beyond this model's "
+                          f"maximum {self.ragged.max_len}")
 
     def holds(self, version: int | None) -> bool:
         """Whether a batch for `version` (None: the current one) can run here."""
@@ -372,7 +450,9 @@ class ServedModel:
             out = module(**tensors)
             return {k: _to_numpy(v) for k, v in _named_outputs(out).items()}
 
-    def _to_device(self, arr: np.ndarray) -> torch.Tensor:
+    def _to_device(self, arr: np.ndarray) -> torch.Tensor | np.ndarray:
+        if arr.dtype.kind == "O":  # a bytes tensor: the module takes the numpy object array as it is
+            return arr
         t = torch.from_numpy(arr)
         if self.device.type == "cuda":
             t = t.pin_memory().to(self.device, non_blocking=True)
@@ -485,6 +565,24 @@ class ServedModel:
         self.loading = False
 
 
+def announced_inputs(spec: Any) -> list:
+    """input_spec -> [[name, dtype, shape with -1 for any size (None: any rank)]], for status and the
+    gateway's model metadata; [] when the module declares none (or declares something odd)."""
+    if not isinstance(spec, dict):
+        return []
+    out = []
+    for name, entry in list(spec.items())[:64]:
+        try:
+            shape, dtype = entry[0], entry[1]
+            dims = None if shape is None else [-1 if d is None else int(d) for d in shape]
+        except (TypeError, ValueError, IndexError):
+            return []
+        if not isinstance(name, str) or not isinstance(dtype, str):
+            return []
+        out.append([name, dtype, dims])
+    return out
+
+
 def _named_outputs(out: Any) -> dict[str, torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return {"output": out}
@@ -495,7 +593,9 @@ def _named_outputs(out: Any) -> dict[str, torch.Tensor]:
     raise TypeError(f"model returned {type(out).__name__}; expected a tensor, a dict or a tuple")
 
 
-def _to_numpy(t: torch.Tensor) -> np.ndarray:
+def _to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(t, np.ndarray):  # e.g. a bytes output (an object array of bytes or str)
+        return t
     t = t.detach()
     if t.is_floating_point() and t.dtype != torch.float64:
         t = t.float()  # float16/bfloat16 outputs travel as float32 (numpy has no bfloat16)

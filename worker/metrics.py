@@ -1,4 +1,4 @@
-"""The worker's Prometheus metrics: batches, compute and queue time, versions, weight swaps.
+"""The worker's Prometheus metrics: batches, compute, queue and stage time, versions, weight swaps.
 
 The compute thread feeds the per-batch figures (``on_batch``) and the weight swaps
 (``on_swap``); the socket thread refreshes the per-model gauges from the same
@@ -24,6 +24,9 @@ class WorkerMetrics:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.queue = Histogram("ringserve_worker_queue_duration_seconds",
                                "Arrival at the worker to the start of its batch", ["model"],
+                               buckets=LATENCY_BUCKETS, registry=r)
+        self.stage = Histogram("ringserve_worker_stage_duration_seconds",
+                               "Time in a model's preprocess or postprocess stage, per request", ["model", "stage"],
                                buckets=LATENCY_BUCKETS, registry=r)
         self._children: dict = {}  # (model, outcome) -> labelled counter: labels() costs a lock and a lookup
         self.requests = Counter("ringserve_worker_requests", "Requests answered by this worker, by outcome",
@@ -51,6 +54,10 @@ class WorkerMetrics:
         q = self.queue.labels(model)
         for w in queue_waits_s:
             q.observe(w)
+
+    def on_stage(self, model: str, stage: str, seconds: float) -> None:
+        """One request's preprocess or postprocess time (the stage pool's threads call this)."""
+        self.stage.labels(model, stage).observe(seconds)
 
     def on_answer(self, model: str, outcome: str) -> None:
         self.on_answers(model, outcome, 1)

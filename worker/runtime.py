@@ -33,6 +33,7 @@ def build_worker(args, security: Security | None = None) -> WorkerAgent:
                        max_models=args.max_models, security=security,
                        compute_stall_s=args.compute_stall_s)
     agent = WorkerAgent(cfg, models)
+    agent.compute.stage_threads = getattr(args, "stage_threads", 2)  # the stage pool starts with the compute thread
     if args.paramservers:
         agent.sync = WeightSync(agent.ctx, parse_shards(args.paramservers), models, agent.compute.swaps,
                                 security=cfg.security, wake=agent.compute.wake,

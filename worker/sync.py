@@ -18,10 +18,11 @@ A worker that serves nothing yet when the current version is one it refuses serv
 committed one it can load instead (`_fallback`: the one current before it, what its peers
 serve). Every hello to the shards carries a follower report (what is served, built, refused
 here; sent at once after a build or a refusal), from which a publisher learns whether a live
-worker took its version. Each step of a load is logged, and every wait ends when stopping. A fetch that fails for
-another reason (a shard slow or gone) is retried with exponential backoff. A shard silent for
-longer than a few of its announce intervals is asked for a snapshot, and the SUB follows the
-PUB endpoint each snapshot names (a shard restarted on a new port is heard again).
+worker took its version. Each step of a load is logged, and every wait ends when stopping.
+A fetch that fails for another reason (a shard slow or gone) is retried with exponential
+backoff. A shard silent for longer than a few of its announce intervals is asked for a
+snapshot, and the SUB follows the PUB endpoint each snapshot names (a shard restarted on a new
+port is heard again).
 
 Replicated shards (issue 20): every piece is on R owners, so the worker needs only the shards
 that answer, as long as fewer than R are missing (`min_live`): those must agree on the current

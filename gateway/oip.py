@@ -1,0 +1,201 @@
+"""The OIP inference request and response bodies, with Triton's binary tensor data extension.
+
+A request body is a JSON header, optionally followed by raw tensor bytes: the header's length is
+then in ``Inference-Header-Content-Length`` and each binary input says its size in
+``parameters.binary_data_size`` (inputs' bytes follow in the order the inputs are listed).
+Every field is checked before anything is sent on; a mistake is a 400 that names it.
+
+A response is JSON, or JSON plus raw output bytes when the request asked for binary outputs
+(``parameters.binary_data_output`` for all, ``outputs[i].parameters.binary_data`` for one).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from ringserve.gateway.errors import bad_request
+from ringserve.gateway.tensors import (
+    STRINGS, check_shape, from_bytes, from_json, numpy_dtype, oip_datatype, strings_as_json, strings_buffer,
+)
+from ringserve.protocol.codec import MAX_NAME, MAX_TENSORS
+
+MAX_TAGS = 16  # protocol/envelope.py's bounds on a request's tags map
+MAX_TAG_LEN = 256
+MAX_ID = 256  # characters of an OIP request id echoed back
+RESERVED = {"binary_data_output", "timeout", "priority", "headers"}  # request parameters OIP clients use
+UNSUPPORTED = {"sequence_id", "sequence_start", "sequence_end"}  # Triton's sequence batching
+
+
+@dataclass
+class InferCall:
+    """A checked inference request, ready for AsyncClient.submit."""
+
+    inputs: dict[str, np.ndarray]
+    request_id: str | None = None  # the OIP "id", echoed in the response
+    outputs: list[tuple[str, bool | None]] | None = None  # requested outputs (name, binary or None: default)
+    binary_output: bool = False  # binary_data_output: every output binary unless it says otherwise
+    timeout_s: float | None = None  # Triton's "timeout" parameter (microseconds)
+    tags: dict[str, str] = field(default_factory=dict)  # the other parameters, for the master's routes
+
+
+def _name(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= MAX_NAME:
+        raise bad_request(f"{what}: 'name' must be a string of 1..{MAX_NAME} characters")
+    return value
+
+
+def _params(value: Any, what: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad_request(f"{what}: 'parameters' must be a JSON object")
+    return value
+
+
+def _tag(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        value = "true" if value else "false"
+    elif isinstance(value, (int, float)):
+        value = repr(value)
+    if not isinstance(value, str):
+        raise bad_request(f"parameter {key[:64]!r}: a value must be a string, number or boolean")
+    if len(key) > MAX_TAG_LEN or len(value) > MAX_TAG_LEN:
+        raise bad_request(f"parameter {key[:64]!r}: names and values are at most {MAX_TAG_LEN} characters")
+    return value
+
+
+def parse_infer(body: memoryview, header_length: int | None, extra_tags: dict[str, str] | None = None) -> InferCall:
+    """The request body (JSON header + binary tail) -> an InferCall; raises HttpError 400."""
+    if header_length is None:
+        head, tail = body, body[len(body):]
+    else:
+        if not 0 < header_length <= len(body):
+            raise bad_request(f"Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes")
+        head, tail = body[:header_length], body[header_length:]
+    try:
+        req = orjson.loads(head)
+    except orjson.JSONDecodeError as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(req, dict):
+        raise bad_request("request body must be a JSON object with 'inputs'")
+    call = InferCall({})
+    rid = req.get("id")
+    if rid is not None:
+        if not isinstance(rid, str) or len(rid) > MAX_ID:
+            raise bad_request(f"'id' must be a string of at most {MAX_ID} characters")
+        call.request_id = rid
+    apply_parameters(call, _params(req.get("parameters"), "request"), extra_tags or {})
+    inputs = req.get("inputs")
+    if not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_TENSORS:
+        raise bad_request(f"'inputs' must be a list of 1..{MAX_TENSORS} tensors")
+    offset = 0
+    for k, entry in enumerate(inputs):
+        what = f"input {k}"
+        if not isinstance(entry, dict):
+            raise bad_request(f"{what} must be a JSON object")
+        name = _name(entry.get("name"), what)
+        what = f"input {name[:64]!r}"
+        if name in call.inputs:
+            raise bad_request(f"{what} appears twice")
+        dt = numpy_dtype(entry.get("datatype"), what)
+        shape = check_shape(entry.get("shape"), what)
+        size = _params(entry.get("parameters"), what).get("binary_data_size")
+        if size is not None:
+            if type(size) is not int or size < 0:
+                raise bad_request(f"{what}: binary_data_size must be a non-negative integer")
+            if "data" in entry:
+                raise bad_request(f"{what}: has both 'data' and binary_data_size")
+            if offset + size > len(tail):
+                raise bad_request(f"{what}: binary_data_size {size} runs past the end of the body "
+                                  f"({len(tail)} bytes follow the JSON header)")
+            call.inputs[name] = from_bytes(tail[offset:offset + size], shape, dt, what)
+            offset += size
+        elif "data" not in entry:
+            raise bad_request(f"{what}: needs 'data' (or binary_data_size with the bytes after the header)")
+        else:
+            call.inputs[name] = from_json(entry["data"], shape, dt, what)
+    if offset != len(tail):
+        raise bad_request(f"{len(tail)} bytes follow the JSON header but the inputs' binary_data_size add up "
+                          f"to {offset}")
+    call.outputs = _requested_outputs(req.get("outputs"))
+    return call
+
+
+def apply_parameters(call: InferCall, params: dict, extra_tags: dict[str, str]) -> None:
+    """binary_data_output, timeout (microseconds, as Triton), and the rest as tags for the master's routes."""
+    binary = params.get("binary_data_output", False)
+    if not isinstance(binary, bool):
+        raise bad_request("parameter 'binary_data_output' must be true or false")
+    call.binary_output = binary
+    timeout = params.get("timeout")
+    if timeout is not None:
+        if type(timeout) is not int or timeout <= 0:
+            raise bad_request("parameter 'timeout' must be a positive integer (microseconds)")
+        call.timeout_s = timeout / 1e6
+    bad = UNSUPPORTED.intersection(params)
+    if bad:
+        raise bad_request(f"parameters {sorted(bad)}: sequence batching is not supported")
+    tags = {k: _tag(k, v) for k, v in params.items() if k not in RESERVED}
+    tags.update(extra_tags)
+    if len(tags) > MAX_TAGS:
+        raise bad_request(f"at most {MAX_TAGS} request parameters (and tag headers) are passed on, got {len(tags)}")
+    call.tags = tags
+
+
+def _requested_outputs(outputs: Any) -> list[tuple[str, bool | None]] | None:
+    if outputs is None:
+        return None
+    if not isinstance(outputs, list) or len(outputs) > MAX_TENSORS:
+        raise bad_request(f"'outputs' must be a list of at most {MAX_TENSORS} objects")
+    wanted = []
+    for k, entry in enumerate(outputs):
+        if not isinstance(entry, dict):
+            raise bad_request(f"output {k} must be a JSON object")
+        name = _name(entry.get("name"), f"output {k}")
+        params = _params(entry.get("parameters"), f"output {name[:64]!r}")
+        if params.get("classification"):
+            raise bad_request(f"output {name[:64]!r}: the classification extension is not supported")
+        binary = params.get("binary_data")
+        if binary is not None and not isinstance(binary, bool):
+            raise bad_request(f"output {name[:64]!r}: binary_data must be true or false")
+        wanted.append((name, binary))
+    return wanted
+
+
+def build_response(model: str, version: int | None, call: InferCall,
+                   outputs: dict[str, np.ndarray]) -> tuple[bytes, list, int | None]:
+    """(JSON header, raw output buffers, header length or None when the body is JSON alone)."""
+    if call.outputs is None:
+        chosen = [(name, call.binary_output) for name in outputs]
+    else:
+        chosen = []
+        for name, binary in call.outputs:
+            if name not in outputs:
+                raise bad_request(f"model {model!r} has no output {name[:64]!r} (outputs: {sorted(outputs)})")
+            chosen.append((name, call.binary_output if binary is None else binary))
+    entries, raw = [], []
+    for name, binary in chosen:
+        arr = outputs[name]
+        entry = {"name": name, "datatype": oip_datatype(arr), "shape": list(arr.shape)}
+        text = strings_as_json(arr) if arr.dtype == STRINGS and not binary else None
+        if arr.dtype == STRINGS and not binary and text is None:
+            binary = True  # bytes that are not UTF-8: JSON strings cannot carry them
+        if binary:
+            buf = (memoryview(strings_buffer(arr, name)) if arr.dtype == STRINGS
+                   else memoryview(np.ascontiguousarray(arr)).cast("B"))
+            entry["parameters"] = {"binary_data_size": len(buf)}
+            raw.append(buf)
+        else:
+            entry["data"] = text if text is not None else arr.reshape(-1)
+        entries.append(entry)
+    resp: dict[str, Any] = {"model_name": model}
+    if version is not None:
+        resp["model_version"] = str(version)
+    if call.request_id is not None:
+        resp["id"] = call.request_id
+    resp["outputs"] = entries
+    head = orjson.dumps(resp, option=orjson.OPT_SERIALIZE_NUMPY)
+    return head, raw, (len(head) if raw else None)

@@ -1,0 +1,79 @@
+"""The response cache: answers of deterministic models, kept in the master so a hit never
+reaches a worker (Triton's response cache is the model).
+
+Opt-in per model (`cache=true` in the model's spec: only the model's author knows it is
+deterministic; the master caches a model only while every worker serving it says so). The key
+is (model, version, digest of the inputs): the version is the one that would serve the
+request — the client's pin, the route's choice, or the single current version every worker
+serves — so a publish, a rollback or a route change can never return an older version's answer;
+while workers disagree on the current version (a rollout), unpinned requests are not cached.
+The digest covers every input's name, dtype, shape and bytes. Bounded in bytes, LRU.
+Pure data and hashing: the broker decides when to look up and store.
+"""
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from typing import Sequence
+
+from ringserve.master.registry import reply_size
+
+Key = tuple[str, int, bytes]
+
+
+def input_digest(meta: list, frames: Sequence) -> bytes:
+    """A digest of a request's inputs (checked already): names, dtypes, shapes and bytes, in order."""
+    h = hashlib.blake2b(digest_size=20)
+    k = 0
+    for entry in meta:
+        name, dtype, shape = entry[0], entry[1], entry[2]
+        h.update(f"{len(name)}:{name}|{dtype}|{','.join(map(str, shape))}|".encode())
+        if len(entry) == 4:
+            data = entry[3]
+        else:
+            data = frames[k]
+            k += 1
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.digest()
+
+
+class ResponseCache:
+    """LRU of result headers (without the client's id) and their tensor frames, within `max_bytes`."""
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self._items: OrderedDict[Key, tuple[dict, list, int]] = OrderedDict()
+        self.bytes = 0
+        self.hits = self.misses = self.evictions = self.stores = 0
+
+    def get(self, key: Key) -> tuple[dict, list] | None:
+        item = self._items.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return item[0], item[1]
+
+    def put(self, key: Key, header: dict, frames: list) -> None:
+        size = reply_size(frames) + 256 + sum(len(str(v)) for v in header.values())
+        if size > self.max_bytes:
+            return  # bigger than the whole budget: never kept
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.bytes -= old[2]
+        self._items[key] = (header, frames, size)
+        self.bytes += size
+        self.stores += 1
+        while self.bytes > self.max_bytes and self._items:
+            _, (_, _, dropped) = self._items.popitem(last=False)
+            self.bytes -= dropped
+            self.evictions += 1
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def stats(self) -> dict:
+        return {"entries": len(self._items), "bytes": self.bytes, "max_bytes": self.max_bytes, "hits": self.hits,
+                "misses": self.misses, "evictions": self.evictions, "stores": self.stores}

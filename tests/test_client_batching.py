@@ -1,0 +1,108 @@
+"""Issue 22, coalesced client traffic: a ringserve client puts the requests of one I/O turn in one
+message (mmi.batch) and the master answers a batching client with one message per turn; every
+per-request guarantee holds inside a shared message, and an old master (501) gets singles."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+import zmq
+
+from ringserve.client import AsyncClient, Client
+from ringserve.protocol.codec import pack, unpack_map
+from ringserve.protocol.envelope import batch_frames, request_body, split_replies
+from ringserve.protocol.messages import MDP_CLIENT
+from test_master_robustness import X, dealer, next_request, recv, register, reply_ok
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def batch(sock: zmq.Socket, requests: list[tuple[bytes, list]]) -> None:
+    sock.send_multipart([b"", MDP_CLIENT, b"mmi.batch", *batch_frames(requests)])
+
+
+def answers_of(frames: list) -> list[dict]:
+    assert frames[:3] == [b"", MDP_CLIENT, b"mmi.batch"], frames[:3]
+    return [h for _, h, _ in split_replies(frames[3:])]
+
+
+def test_a_batch_is_answered_per_request_and_in_one_message(broker):
+    w = register(broker, b"w")
+    client = dealer(broker, "frontend")
+    good = request_body("good", {"x": X})
+    bad = [pack({"id": "bad", "inputs": [["x", "float32", [1, 4], None]]})]  # nil data: refused alone
+    batch(client, [(b"mlp", good), (b"mlp", bad), (b"nobody", request_body("unknown", {"x": X}))])
+    first = answers_of(recv(broker, client))  # the refusals of this turn, together
+    assert {a["id"]: a["error"]["code"] for a in first} == {"bad": "BAD_REQUEST", "unknown": "UNKNOWN_MODEL"}
+    reply_ok(w, next_request(broker, w))
+    got = recv(broker, client)
+    assert [a["id"] for a in answers_of(got)] == ["good"] and got[-1] == X.tobytes()  # its tensor, a frame
+
+
+def test_a_batch_whose_framing_breaks_keeps_the_requests_before_the_break(broker):
+    w = register(broker, b"w")
+    client = dealer(broker, "frontend")
+    frames = batch_frames([(b"mlp", request_body("ok1", {"x": X})), (b"mlp", request_body("ok2", {"x": X}))])
+    client.send_multipart([b"", MDP_CLIENT, b"mmi.batch", *frames[:-1]])  # ok2's header without its data... cut
+    got = answers_of(recv(broker, client))
+    assert any(a["id"] is None and "batch" in a["error"]["message"] for a in got)
+    hdr = next_request(broker, w)
+    assert hdr["id"] == "ok1"
+
+
+def test_the_client_coalesces_and_every_answer_is_its_own(cluster):
+    cluster.start_master()
+    cluster.start_workers(1, model="echo=ringserve.worker.demo:slow,arg.delay=0.001")
+    with Client(cluster.frontend, timeout=20) as c:
+        futs = [c.infer_async("echo", {"x": np.full((1, 4), float(i), np.float32)}) for i in range(200)]
+        for i, f in enumerate(futs):
+            assert f.result(timeout=30).outputs["y"][0, 0] == float(i)
+        assert c.stats.batches_sent > 0 and c.stats.batches_received > 0, c.stats
+        assert c.infer("echo", {"x": np.ones((1, 4), np.float32)})["y"].shape == (1, 4)  # a lone one: plain
+
+    async def run():
+        async with AsyncClient(cluster.frontend, timeout=20) as ac:
+            replies = await asyncio.gather(*(ac.infer_reply("echo", {"x": np.full((1, 4), float(i), np.float32)})
+                                             for i in range(100)))
+            assert [r.outputs["y"][0, 0] for r in replies] == [float(i) for i in range(100)]
+            return ac.stats.batches_sent
+
+    assert asyncio.run(run()) > 0
+    cluster.check_books()
+
+
+def test_an_old_master_that_answers_501_gets_one_message_per_request(zctx):
+    router = zctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+    seen = []
+
+    def old_master():
+        while not stop.is_set():
+            if not router.poll(50):
+                continue
+            ident, _, _, service, *body = router.recv_multipart()
+            seen.append(service)
+            if service == b"mmi.batch":
+                router.send_multipart([ident, b"", MDP_CLIENT, service, b"501"])
+            elif service == b"mmi.ping":
+                router.send_multipart([ident, b"", MDP_CLIENT, service, pack({"ok": True, "epoch": "old"})])
+            else:
+                header = unpack_map(body[0])
+                router.send_multipart([ident, b"", MDP_CLIENT, service, pack(
+                    {"id": header["id"], "ok": True, "epoch": "old", "outputs": header["inputs"]}), *body[1:]])
+
+    t = threading.Thread(target=old_master, daemon=True)
+    t.start()
+    try:
+        with Client(f"tcp://127.0.0.1:{port}", timeout=10) as c:
+            futs = [c.infer_async("echo", {"x": np.full((1, 4), float(i), np.float32)}) for i in range(20)]
+            assert [f.result(timeout=20).outputs["x"][0, 0] for f in futs] == [float(i) for i in range(20)]
+    finally:
+        stop.set()
+        t.join(5)
+        router.close(linger=0)
+    assert b"mmi.batch" in seen and seen.count(b"echo") >= 20
