@@ -12,6 +12,12 @@ full_sync_s / raw_zmq_s (issue 11's target <= 2). delta_sync_s: a delta changing
 version and a delta idle (the ratios), then again under a light request load (one request
 every 20 ms: `*_under_load_s`); failed_requests: requests that failed meanwhile (target 0).
 cpu_s_first_full: CPU seconds each role spent during the first full sync (from /proc).
+
+Replication (issue 20; `--replicas`, default 2): with `--kill-shard`, one more full sync in
+which the last shard is SIGKILLed right after the publish commits, while the workers fetch:
+sync_with_shard_killed_s (target <= 2 x full_sync_s), failed_syncs (workers not on the new
+version within 300 s; target 0). pieces_moved_fraction: the share of the current version's
+pieces whose owner set changes when one more shard joins the ring (target <= 1.5 x R/N).
 """
 from __future__ import annotations
 
@@ -87,6 +93,9 @@ def main(argv=None) -> None:
     p.add_argument("--shards", type=int, default=4)
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--replicas", type=int, default=None, help="copies of each piece (default 2)")
+    p.add_argument("--kill-shard", action="store_true",
+                   help="also time a full sync with a shard SIGKILLed while the workers fetch")
     args = p.parse_args(argv)
     configure_logging("bench", "warning")  # logs to stderr: stdout is the one JSON line
     tmp = Path(tempfile.mkdtemp(prefix="rs-wsync-"))
@@ -105,7 +114,8 @@ def main(argv=None) -> None:
         procs.append(master)
         workers = [RoleProcess("ringserve.launch.worker", ["--master", master.info["backend"], "--name", f"w{i}",
                                                  "--model", spec, "--threads", "1", "--log-level", "warning",
-                                                 "--paramservers", ",".join(f"{n}={e}" for n, e in eps.items())],
+                                                 "--paramservers", ",".join(f"{n}={e}" for n, e in eps.items()),
+                                                 *(["--replicas", str(args.replicas)] if args.replicas else [])],
                                tmp / f"w{i}.log", wait_ready=False) for i in range(args.workers)]
         procs += workers
         for w in workers:
@@ -133,7 +143,8 @@ def main(argv=None) -> None:
         runs: dict[str, list[float]] = {"full": [], "delta": [], "full_loaded": [], "delta_loaded": []}
         moved, cpu, publish_s, publishes, delta_publishes = [], {}, 0.0, [], []
         pids = {"publisher": [os.getpid()], "shards": [s.pid for s in shards], "workers": [w.pid for w in workers]}
-        with ParamClient(eps) as pc, Client(master.info["frontend"], timeout=60) as c:
+        killed: dict = {}
+        with ParamClient(eps, replicas=args.replicas) as pc, Client(master.info["frontend"], timeout=60) as c:
             def sent_by_shards():  # shards that do not count them (before issue 11): every worker fetched it all
                 hellos = list(pc.hello().values())
                 return sum(h["fetch_bytes"] for h in hellos) if all("fetch_bytes" in h for h in hellos) else None
@@ -170,6 +181,25 @@ def main(argv=None) -> None:
                     took, pub = timed_publish(changed, base=pc.versions("big")["ps0"]["current"])
                     runs["delta_loaded" if under_load else "delta"].append(took)
                     delta_publishes.append(pub)
+            if args.kill_shard:
+                loaded.set()
+                k += 1
+                fresh = {name: a + k for name, a in state.items()}
+                version = 1 + max(v for s in pc.versions("big").values() for v in s["versions"] or [0])
+                t0 = time.perf_counter()
+                pc.publish("big", fresh, check_workers=False)
+                shards[-1].signal(9)  # SIGKILL while every worker fetches
+                try:
+                    wait_until(lambda: all_on(version), 300, 0.01, f"v{version} everywhere")
+                    failed_syncs = 0
+                except Exception:  # noqa: BLE001 - counted
+                    failed_syncs = sum(1 for w in admin.status()["workers"]
+                                       if w["models"]["big"].get("version") != version)
+                killed = {"sync_with_shard_killed_s": round(time.perf_counter() - t0, 3), "failed_syncs": failed_syncs}
+            from ringserve.protocol.placement import moved_keys
+            keys = sorted({item[0] for items in pc.manifests("big", max(
+                v for s in pc.versions("big").values() for v in s["versions"] or [0])).values() for item in items})
+            moved_frac = len(moved_keys(keys, eps, [*eps, f"ps{args.shards}"], pc.replicas)) / max(1, len(keys))
             stop.set()
             load.join(timeout=60)
         raw = [raw_zmq_seconds(total) for total in moved]
@@ -185,7 +215,8 @@ def main(argv=None) -> None:
             "full_sync_under_load_s": round(med["full_loaded"], 3),
             "delta_sync_under_load_s": round(med["delta_loaded"], 3), "failed_requests": failures[0],
             "cpu_s_first_full": cpu, "full_publish_rounds_s": [round(t, 3) for t in publishes],
-            "delta_publish_rounds_s": [round(t, 3) for t in delta_publishes], **{f"{name}_rounds_s": [round(t, 3) for t in values] for name, values in runs.items()},
+            "delta_publish_rounds_s": [round(t, 3) for t in delta_publishes],
+            "replicas": pc.replicas, **killed, "pieces_moved_fraction": round(moved_frac, 4), **{f"{name}_rounds_s": [round(t, 3) for t in values] for name, values in runs.items()},
         }))
     finally:
         for proc in reversed(procs):

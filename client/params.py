@@ -15,6 +15,14 @@ shards that did not answer, so a late commit is undone too and the shards agree 
 Then (unless told not to) the publisher waits for a live worker following the model to build
 the version, from the follower reports workers leave with the shards: one that every such
 worker refuses is reverted the same way and the publish fails (`PublishRefused`).
+
+Replicated shards (issue 20): each piece is staged on its R owners (protocol/placement.py),
+and a version commits only when every piece is staged, then committed, on at least W owners
+(`write_quorum`, default R): a shard that is down or fails is left out and named in
+`last_report["missed"]`; fewer than W owners of some piece and nothing is committed (or what
+was is reverted). Every shard's hello must report the same R and shard list, or the client
+refuses to go on (RingMismatch). Each commit, rollback and revert carries an epoch (the time
+in ns): a shard that missed it adopts the newest one from the other owners (repair).
 """
 from __future__ import annotations
 
@@ -33,7 +41,9 @@ from safetensors.numpy import load_file
 
 from ringserve.client.errors import Conflict
 from ringserve.protocol.codec import to_numpy
-from ringserve.protocol.placement import DEFAULT_CHUNK_BYTES, model_name_problem, parse_shards, place, plan
+from ringserve.protocol.placement import (DEFAULT_CHUNK_BYTES, fingerprint, min_live, model_name_problem, owners,
+                                          parse_shards, place, plan, quorum_problem, resolve_replicas, ring,
+                                          ring_problem)
 from ringserve.protocol.security import Security
 from ringserve.protocol.shardrpc import ShardCallError, ShardRPC
 
@@ -45,6 +55,11 @@ WORKER_CHECK_S = 60.0  # how long a publish waits for a live worker to load what
 
 class PublishError(RuntimeError):
     pass
+
+
+class RingMismatch(PublishError):
+    """A shard uses another replica count or shard list than this client: they would disagree on
+    where pieces live."""
 
 
 class PublishRefused(PublishError):
@@ -86,10 +101,10 @@ def tiling_problem(layouts: Mapping[str, Mapping[str, list]]) -> tuple[Layout, s
     problems = []
     for lay in layouts.values():
         for param, (dtype, shape, ranges) in lay.items():
-            entry = merged.setdefault(param, [dtype, tuple(shape), []])
+            entry = merged.setdefault(param, [dtype, tuple(shape), set()])
             if (entry[0], entry[1]) != (dtype, tuple(shape)):
                 problems.append(f"{param}: shards disagree on its shape or dtype")
-            entry[2].extend(tuple(r) for r in ranges)
+            entry[2].update(tuple(r) for r in ranges)  # replicated pieces: each range counted once
     for param, (_dtype, shape, ranges) in merged.items():
         numel, edge = int(np.prod(shape, dtype=np.int64)) if shape else 1, 0
         for start, stop in sorted(ranges):
@@ -105,9 +120,18 @@ def tiling_problem(layouts: Mapping[str, Mapping[str, list]]) -> tuple[Layout, s
 
 class ParamClient:
     def __init__(self, shards: str | Mapping[str, str], chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-                 timeout: float = 30.0, security: Security | None = None):
+                 timeout: float = 30.0, security: Security | None = None, replicas: int | None = None,
+                 write_quorum: int | None = None):
         self.shards = parse_shards(shards) if isinstance(shards, str) else dict(shards)
         self.chunk_bytes = chunk_bytes
+        self.replicas = resolve_replicas(replicas, len(self.shards))
+        self.write_quorum = self.replicas if write_quorum is None else write_quorum
+        problem = quorum_problem(self.write_quorum, self.replicas)
+        if problem:
+            raise ValueError(problem)
+        self.ring = ring(self.shards)
+        self.fp = fingerprint(self.shards, self.replicas)
+        self.last_report: dict = {}  # the last publish or rollback: shards missed, pieces under-replicated
         self._ctx = zmq.Context()
         self.rpc = ShardRPC(self._ctx, self.shards, timeout, security)  # Security(dir, "publisher") with keys
 
@@ -122,22 +146,68 @@ class ParamClient:
         self.close()
 
     def hello(self, timeout: float | None = None) -> dict[str, dict]:
-        return {n: h for n, (h, _) in self.rpc.call_all({"cmd": "hello"}, timeout).items()}
+        out = {n: h for n, (h, _) in self.rpc.call_all({"cmd": "hello"}, timeout).items()}
+        self._check_ring(out)
+        return out
+
+    def live(self, timeout: float | None = None) -> tuple[dict[str, dict], dict[str, str]]:
+        """The hellos of the shards that answer, and why the others did not. RingMismatch if
+        one answers with another ring; PublishError if too few answer to see every piece."""
+        replies = self.rpc.call_all({"cmd": "hello"}, timeout, raise_on_error=False)
+        states = {n: h for n, (h, _) in replies.items() if h.get("ok")}
+        self._check_ring(states)
+        down = {n: _why(replies.get(n))[1] for n in self.shards if n not in states}
+        if len(states) < min_live(len(self.shards), self.replicas):
+            raise PublishError(f"only {len(states)} of {len(self.shards)} shards answer (with --replicas "
+                               f"{self.replicas} at least {min_live(len(self.shards), self.replicas)} must): "
+                               + "; ".join(f"{n}: {w}" for n, w in sorted(down.items())))
+        return states, down
+
+    def _check_ring(self, states: Mapping[str, dict]) -> None:
+        for n, h in sorted(states.items()):
+            problem = ring_problem(n, h, self.replicas, self.fp)
+            if problem:
+                raise RingMismatch(problem)
 
     def versions(self, model: str) -> dict[str, dict]:
-        """Per shard: committed versions and the current one (plus corrupt versions and a fallback, if any)."""
+        """Per shard: committed versions and the current one (plus corrupt versions and a fallback, if any;
+        a shard that does not answer: its error)."""
         out = {}
-        for n, h in self.hello().items():
+        states, down = self.live() if self.replicas > 1 else (self.hello(), {})
+        for n, why in down.items():
+            out[n] = {"versions": [], "current": None, "error": why}
+        for n, h in states.items():
             out[n] = {"versions": h["versions"].get(model, []), "current": h["current"].get(model)}
+            rep = h.get("repair") if isinstance(h.get("repair"), dict) else None
+            if rep and rep.get("under_replicated_versions"):
+                out[n]["repair"] = f"{rep['under_replicated_versions']} version(s) to repair"
             for extra in ("corrupt", "fallback"):  # a corrupt current replaced by an older one, say so
                 if (h.get(extra) or {}).get(model):
                     out[n][extra] = h[extra][model]
         return out
 
     def layout(self, model: str, version: int) -> Layout:
-        """The tensors (dtype, shape) of a committed version, from every shard's manifest."""
-        replies = self.rpc.call_all({"cmd": "fetch", "model": model, "version": version, "manifest_only": True})
-        return {item[1]: (item[2], tuple(item[3])) for h, _ in replies.values() for item in h["manifest"]}
+        """The tensors (dtype, shape) of a committed version, from the shards' manifests."""
+        return {item[1]: (item[2], tuple(item[3])) for items in self.manifests(model, version).values()
+                for item in items}
+
+    def manifests(self, model: str, version: int) -> dict[str, list]:
+        """{shard: manifest of `version`} from the shards that hold it; ShardCallError unless enough
+        hold it that together they name every piece (all of them with one replica)."""
+        replies = self.rpc.call_all({"cmd": "fetch", "model": model, "version": version, "manifest_only": True},
+                                    raise_on_error=self.replicas == 1)
+        got = {n: h["manifest"] for n, (h, _) in replies.items() if h.get("ok") and isinstance(h.get("manifest"), list)}
+        if len(got) < min_live(len(self.shards), self.replicas):
+            raise ShardCallError({n: _why(replies.get(n))[1] for n in self.shards if n not in got})
+        return got
+
+    def _holders(self, manifests: Mapping[str, list]) -> dict[str, int]:
+        """piece key -> how many shards hold it (by their manifests)."""
+        count: dict[str, int] = {}
+        for items in manifests.values():
+            for item in items:
+                count[item[0]] = count.get(item[0], 0) + 1
+        return count
 
     def publish(self, model: str, tensors: Mapping[str, Any], version: int | None = None,
                 base: int | None = None, allow_new: bool = False, allow_layout_change: bool = False,
@@ -157,8 +227,12 @@ class ParamClient:
         if problem:
             raise PublishError(f"cannot publish: {problem}")
         try:
-            states = self.hello()
+            states, down = self.live() if self.replicas > 1 else (self.hello(), {})
         except ShardCallError as exc:
+            raise PublishError(f"cannot publish {model!r}: {exc}") from None
+        except PublishError as exc:
+            if isinstance(exc, RingMismatch):
+                raise
             raise PublishError(f"cannot publish {model!r}: {exc}") from None
         previous = {n: h["current"].get(model) for n, h in states.items()}
         if version is None:  # also above any number a live worker remembers (a reverted version it refused)
@@ -190,7 +264,7 @@ class ParamClient:
         flat = {n: a.reshape(-1) for n, a in arrays.items()}
         requests, sums = {}, []
         replace = {n: [d, list(shp)] for n, (d, shp) in new_layout.items()} if base is not None else None
-        placed = place(pieces, self.shards)
+        placed = {n: mine for n, mine in place(pieces, self.shards, self.replicas).items() if n in states}
         frames_of = {shard: [memoryview(np.ascontiguousarray(flat[p.param][p.start:p.stop])).cast("B") for p in mine]
                      for shard, mine in placed.items()}
         checksums = iter(hash_all([f for frames in frames_of.values() for f in frames]))
@@ -205,16 +279,27 @@ class ParamClient:
             header["digest"] = digest
         ids = {"model": model, "version": version, "token": token, "digest": digest}
         replies = self.rpc.call(requests, raise_on_error=False, progress=progress)
-        failed = {n: _why(replies.get(n)) for n in self.shards if n not in replies or not replies[n][0].get("ok")}
-        problem = None if failed else tiling_problem({n: h.get("layout", {}) for n, (h, _) in replies.items()})[1]
-        if failed or problem:
+        failed = {n: _why(replies.get(n)) for n in requests if n not in replies or not replies[n][0].get("ok")}
+        staged = sorted(n for n in requests if n not in failed)
+        short = self._short(pieces, staged)
+        conflict = any(code == "CONFLICT" for code, _ in failed.values())
+        problem = None if (short or conflict) else tiling_problem(
+            {n: replies[n][0].get("layout", {}) for n in staged})[1]
+        if failed and not short and not conflict and not problem:
+            log.warning("stage_missed_shards", model=model, version=version,
+                        shards={n: m for n, (_, m) in sorted(failed.items())}, write_quorum=self.write_quorum)
+        if short or conflict or problem:
             self.rpc.call_all({"cmd": "abort", **ids}, timeout=2, raise_on_error=False)
             if any(code == "CONFLICT" for code, _ in failed.values()):
                 raise PublishConflict(f"{model!r} v{version} is already committed with other content; "
                                       f"nothing of this publish is served")
-            why = problem or "; ".join(f"{n}: {msg}" for n, (_, msg) in sorted(failed.items()))
+            why = problem or "; ".join([*(f"{n}: {msg}" for n, (_, msg) in sorted(failed.items())),
+                                        *(f"{n}: down ({w})" for n, w in sorted(down.items()))])
+            if short:
+                why = f"{short}; {why}"
             raise PublishError(f"publish of {model!r} v{version} failed while staging, nothing changed: {why}")
-        arbiter, *rest = sorted(self.shards)  # one shard decides between racing publishers
+        arbiter, *rest = staged  # one shard decides between racing publishers (the first by name that staged)
+        ids["epoch"] = time.time_ns()
         committing = time.monotonic()  # a worker's report from before this cannot speak of this content
         first = self.rpc.call({arbiter: ({"cmd": "commit", **ids}, [])}, raise_on_error=False)
         arbiter_ok = bool(first.get(arbiter, ({}, []))[0].get("ok"))
@@ -227,15 +312,40 @@ class ParamClient:
         if not failed and rest:
             replies = self.rpc.call({n: ({"cmd": "commit", **ids}, []) for n in rest}, raise_on_error=False)
             failed = {n: _why(replies.get(n)) for n in rest if n not in replies or not replies[n][0].get("ok")}
-        if failed:
+        committed = [n for n in staged if n not in failed]
+        short = self._short(pieces, committed) if arbiter_ok else "the arbiter shard did not commit"
+        if short:
             why = "; ".join(f"{n}: {m}" for n, (_, m) in sorted(failed.items()))
-            now = self._revert(model, ids, previous)  # raises if some shard never confirms
-            raise PublishError(f"publish of {model!r} v{version} failed to commit ({why}); reverted, "
-                               f"{_after_revert(now, previous)}")
+            now = self._revert(model, ids, previous, staged)  # raises if some shard never confirms
+            raise PublishError(f"publish of {model!r} v{version} failed to commit ({short}: {why}); reverted, "
+                               f"{_after_revert(now, {n: previous.get(n) for n in staged})}")
+        missed = sorted(set(self.shards) - set(committed))
+        self.last_report = {"model": model, "version": version, "missed": missed,
+                            "under_replicated_pieces": self._under(pieces, committed),
+                            "why": {**{n: m for n, (_, m) in failed.items()}, **down}}
+        if missed:
+            log.warning("published_with_missed_shards", model=model, version=version, missed=missed,
+                        under_replicated_pieces=self.last_report["under_replicated_pieces"],
+                        write_quorum=self.write_quorum, why="those shards repair themselves from the other owners")
         log.info("published", model=model, version=version, base=base, tensors=len(arrays), pieces=len(pieces))
         if check_workers:
             self._check_workers(model, version, ids, previous, committing, worker_check_s)
         return version
+
+    def _short(self, pieces, shards) -> str | None:
+        """Why these shards do not hold every piece on at least W owners (None if they do)."""
+        have = set(shards)
+        for p in pieces:
+            n = sum(1 for o in owners(p.key, self.ring, self.replicas) if o in have)
+            if n < self.write_quorum:
+                return (f"piece {p.key} would be on {n} of its {self.replicas} owners, fewer than the write quorum "
+                        f"{self.write_quorum} (owners {owners(p.key, self.ring, self.replicas)})")
+        return None
+
+    def _under(self, pieces, shards) -> int:
+        """How many pieces are on fewer than all R of their owners among `shards`."""
+        have = set(shards)
+        return sum(1 for p in pieces if not all(o in have for o in owners(p.key, self.ring, self.replicas)))
 
     def _check_workers(self, model: str, version: int, ids: dict, previous: Mapping[str, int | None],
                        start: float, limit_s: float) -> None:
@@ -259,7 +369,7 @@ class ParamClient:
                          workers=sorted(n for n, v in verdicts.items() if v == "loaded"))
                 return
             if all(v.startswith("refused") for v in verdicts.values()):
-                now = self._revert(model, ids, previous)
+                now = self._revert(model, ids, previous, list(previous))
                 raise PublishRefused(f"refused: every live worker serving {model!r} ({', '.join(sorted(verdicts))}) "
                                      f"refused v{version} (see `ringserve-admin status` for why); reverted, "
                                      f"{_after_revert(now, previous)}. Publish with --no-worker-check "
@@ -287,12 +397,14 @@ class ParamClient:
                     best[name] = (age, state)
         return best
 
-    def _revert(self, model: str, ids: dict, previous: Mapping[str, int | None]) -> dict[str, int | None]:
+    def _revert(self, model: str, ids: dict, previous: Mapping[str, int | None],
+                targets: list[str] | None = None) -> dict[str, int | None]:
         """Tell every shard, answering or not, to undo this publish, and keep asking (bounded:
         max(10 s, 3 x timeout)) until each confirms: a commit that lands late on a slow shard
         must be undone too, or the shards would disagree. Returns each shard's current version
         after the revert, as it says."""
-        todo = set(self.shards)
+        todo = set(self.shards if targets is None else targets)  # a shard that staged nothing committed nothing
+        ids = {**ids, "epoch": time.time_ns()}  # newer than the commit's: repair never brings it back
         now: dict[str, int | None] = {}
         end = time.monotonic() + max(10.0, 3 * self.rpc.timeout)
         while todo and time.monotonic() < end:
@@ -312,16 +424,68 @@ class ParamClient:
                                f"repair with a rollback once they answer")
         return now
 
+    def placement_status(self, model: str, version: int) -> dict:
+        """How far each shard's share of `version` is from what this client's ring says: per
+        shard, owned pieces it lacks and pieces it holds but no longer owns (a rebalance is done
+        when both are 0 everywhere), and the pieces on fewer than W owners."""
+        replies = self.rpc.call_all({"cmd": "fetch", "model": model, "version": version, "manifest_only": True},
+                                    raise_on_error=False)
+        held = {n: {item[0] for item in h["manifest"]} for n, (h, _) in replies.items()
+                if h.get("ok") and isinstance(h.get("manifest"), list)}
+        keys = set().union(*held.values()) if held else set()
+        out = {n: {"missing": 0, "spare": 0} for n in self.shards}
+        for n in self.shards:
+            if n not in held:
+                out[n]["error"] = _why(replies.get(n))[1]
+        thin = 0
+        for k in keys:
+            own = owners(k, self.ring, self.replicas)
+            for n in own:
+                if n in held and k not in held[n]:
+                    out[n]["missing"] += 1
+            for n, ks in held.items():
+                if k in ks and n not in own:
+                    out[n]["spare"] += 1
+            thin += sum(1 for n in own if k in held.get(n, ())) < self.write_quorum
+        return {"model": model, "version": version, "pieces": len(keys), "shards": out, "under_quorum": thin,
+                "done": all(v["missing"] == 0 and v["spare"] == 0 and "error" not in v for v in out.values())}
+
     def publish_file(self, model: str, path: str, version: int | None = None, base: int | None = None,
                      **options: Any) -> int:
         return self.publish(model, load_file(path), version, base, **options)
 
     def rollback(self, model: str, version: int) -> None:
-        """Make an earlier committed version current on every shard; workers swap back."""
+        """Make an earlier committed version current on every shard; workers swap back.
+
+        With replicas: refused unless every piece of `version` is on at least W owners that
+        answer; shards that do not answer are reported in `last_report["missed"]` and adopt it
+        by repair (its epoch is newer)."""
+        epoch = time.time_ns()
+        if self.replicas == 1:
+            try:
+                self.rpc.call_all({"cmd": "rollback", "model": model, "version": version, "epoch": epoch})
+            except ShardCallError as exc:
+                raise PublishError(f"rollback of {model!r} to v{version} failed: {exc}") from None
+            self.last_report = {"model": model, "version": version, "missed": []}
+            return
         try:
-            self.rpc.call_all({"cmd": "rollback", "model": model, "version": version})
+            self.live()
+            manifests = self.manifests(model, version)
         except ShardCallError as exc:
-            raise PublishError(f"rollback of {model!r} to v{version} failed: {exc}") from None
+            raise PublishError(f"rollback of {model!r} to v{version} refused: too few shards hold it ({exc})") from None
+        thin = sorted(k for k, c in self._holders(manifests).items() if c < self.write_quorum)
+        if thin:
+            raise PublishError(f"rollback of {model!r} to v{version} refused: {len(thin)} of its pieces (e.g. "
+                               f"{thin[0]}) are on fewer than {self.write_quorum} owners that answer; nothing changed")
+        replies = self.rpc.call({n: ({"cmd": "rollback", "model": model, "version": version, "epoch": epoch}, [])
+                                 for n in manifests}, raise_on_error=False)
+        done = sorted(n for n in manifests if n in replies and replies[n][0].get("ok"))
+        if not done:
+            raise PublishError(f"rollback of {model!r} to v{version} failed: no shard confirmed it")
+        self.last_report = {"model": model, "version": version, "missed": sorted(set(self.shards) - set(done))}
+        if self.last_report["missed"]:
+            log.warning("rollback_missed_shards", model=model, version=version, missed=self.last_report["missed"],
+                        why="they adopt it from the other owners (repair)")
 
 
 def hash_all(buffers: list) -> list[str]:

@@ -39,6 +39,10 @@ def parser() -> argparse.ArgumentParser:
     rb.add_argument("--shards", required=True, help="NAME=ENDPOINT,... of the parameter servers")
     rb.add_argument("--model", required=True, help="the model's name on the shards")
     rb.add_argument("--version", type=int, required=True, help="the committed version to make current again")
+    rb.add_argument("--replicas", type=int, default=None,
+                    help="copies of each piece, as every role uses (default 2 with at least 2 shards)")
+    rb.add_argument("--write-quorum", type=int, default=None,
+                    help="refuse a version with a piece on fewer owners than this (default: --replicas)")
     for sp in (st, dr, rt, rb):  # status/drain/route use an admin key, rollback a publisher key
         add_security_flags(sp)
     return p
@@ -49,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "rollback":
         from ringserve.client.params import ParamClient, PublishError
 
-        with ParamClient(args.shards, timeout=10, security=security_from_args(args, "publisher")) as pc:
+        with ParamClient(args.shards, timeout=10, security=security_from_args(args, "publisher"),
+                         replicas=args.replicas, write_quorum=args.write_quorum) as pc:
             try:
                 pc.rollback(args.model, args.version)
             except PublishError as exc:

@@ -10,6 +10,7 @@ from ringserve.launch.metrics import add_metrics_flags, metrics_access, start_me
 from ringserve.launch.procs import announce
 from ringserve.launch.security import add_security_flags, security_from_args
 from ringserve.paramserver.shard import ShardConfig, serve
+from ringserve.protocol.placement import parse_shards, resolve_replicas
 from ringserve.protocol.sockets import BindError
 
 
@@ -25,6 +26,16 @@ def parser() -> argparse.ArgumentParser:
                    help="staged (uncommitted) data held at most, all publishers together; beyond it OVERLOADED")
     p.add_argument("--staging-ttl", type=float, default=600.0,
                    help="seconds a staged version waits for its commit before it is dropped")
+    p.add_argument("--shards", default=None,
+                   help="NAME=ENDPOINT,... the ring's whole shard list (the same every role uses): with it the "
+                        "shard checks that clients agree on the ring and --replicas, and repairs itself from "
+                        "the other owners of its pieces")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="copies of each piece (default 2 with at least 2 shards in --shards, else 1)")
+    p.add_argument("--repair-interval", type=float, default=2.0,
+                   help="seconds between repair rounds (0: no repair)")
+    p.add_argument("--repair-mbps", type=float, default=0.0,
+                   help="repair traffic at most this many MB/s (0: unbounded)")
     add_metrics_flags(p)
     add_security_flags(p)
     add_log_flag(p)
@@ -38,9 +49,20 @@ def main(argv: list[str] | None = None) -> None:
     # A shard's key is named after the shard: workers find its public key by the ring's names.
     sec = security_from_args(args, "shard", (args.bind, args.pub), default_name=args.name)
     try:
+        shards = parse_shards(args.shards) if args.shards else None
+        if shards is not None:
+            resolve_replicas(args.replicas, len(shards))
+            if args.name not in shards:
+                raise ValueError(f"--name {args.name} is not in --shards")
+        elif args.replicas is not None and args.replicas < 1:
+            raise ValueError("--replicas must be a positive integer")
+    except ValueError as exc:
+        parser().error(str(exc))
+    try:
         serve(ShardConfig(args.name, args.data_dir, args.bind, args.pub, args.keep, args.announce_interval,
                           max_staging_bytes=int(args.max_staging_mb * 1024 * 1024), staging_ttl=args.staging_ttl,
-                          security=sec),
+                          security=sec, shards=shards, replicas=args.replicas, repair_interval=args.repair_interval,
+                          repair_bytes_per_s=args.repair_mbps * 1e6),
               announce, expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host,
                                                               metrics_access(args)))
     except BindError as exc:

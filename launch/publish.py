@@ -8,6 +8,9 @@ delta file from two checkpoints, list versions, or roll back.
   ringserve-publish --shards S --model M --diff OLD NEW --base 3          publish that delta directly
   ringserve-publish --shards S --model M [--json]                        the versions, per shard
   ringserve-publish --shards S --model M --rollback 2                    make v2 current again
+  ringserve-publish --shards NEW --model M --rebalance-from OLD [--wait-s 300]
+                                        after a shard list change: the pieces that move, and (with
+                                        --wait-s) wait until every shard holds exactly its share
 
 A publish waits for a live worker serving the model to load the new version: one that every
 such worker refuses is reverted (exit 1); --no-worker-check skips this. On a terminal (or
@@ -51,10 +54,19 @@ def parser():
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show bytes sent per shard while staging (default: when stderr is a terminal)")
     p.add_argument("--rollback", type=int, default=None, metavar="VERSION", help="make VERSION current again")
+    p.add_argument("--rebalance-from", metavar="OLD_SHARDS", default=None,
+                   help="the shard list before a change: print which pieces move to the --shards list and each "
+                        "shard's progress (the shards, restarted with the new list, move them themselves)")
+    p.add_argument("--wait-s", type=float, default=0.0, help="with --rebalance-from: wait this long for it to finish")
     p.add_argument("--list", action="store_true", help="list the model's versions per shard (the default action)")
     p.add_argument("--json", action="store_true", help="list versions as JSON instead of a table")
     p.add_argument("--chunk-bytes", type=int, default=4 * 1024 * 1024, help="largest piece of one tensor")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per shard call")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="copies of each piece, the same for every role (default 2 with at least 2 shards, else 1)")
+    p.add_argument("--write-quorum", type=int, default=None,
+                   help="a version commits only when every piece is on at least this many owners (default: "
+                        "--replicas); the shards missed are reported and repair themselves")
     add_security_flags(p)
     add_log_flag(p)
     return p
@@ -108,9 +120,46 @@ def diff(old_path: str, new_path: str) -> tuple[dict, dict]:
 
 def versions_table(model: str, versions: dict[str, dict]) -> str:
     rows = [[shard, ",".join(map(str, v.get("versions") or [])) or "-", v.get("current") if v.get("current") is not None
-             else "-", "; ".join(f"{k}: {v[k]}" for k in ("corrupt", "fallback") if v.get(k)) or "-"]
+             else "-", "; ".join(f"{k}: {v[k]}" for k in ("corrupt", "fallback", "repair", "error") if v.get(k)) or "-"]
             for shard, v in sorted(versions.items())]
     return "\n".join([f"model {model}", *table(["SHARD", "VERSIONS", "CURRENT", "NOTES"], rows)])
+
+
+def _missed(pc: ParamClient) -> dict:
+    """The shards a publish or rollback left out (they repair themselves), for the JSON line."""
+    rep = pc.last_report or {}
+    out = {"missed": rep.get("missed", [])}
+    if rep.get("under_replicated_pieces"):
+        out["under_replicated_pieces"] = rep["under_replicated_pieces"]
+    if out["missed"]:
+        print(f"warning: shards {', '.join(out['missed'])} missed this; they repair themselves from the other "
+              f"owners", file=sys.stderr)
+    return out
+
+
+def _rebalance(pc: ParamClient, args) -> int:
+    """Print the rebalance plan of the current version (pieces whose owner set changes) and each
+    shard's progress; exit 0 once every shard holds exactly its share (at once without --wait-s)."""
+    import time
+
+    from ringserve.protocol.placement import moved_keys, parse_shards
+
+    states, _ = pc.live()
+    current = {h["current"].get(args.model) for h in states.values()} - {None}
+    if len(current) != 1:
+        raise PublishError(f"the shards do not agree on a current version of {args.model!r} ({sorted(current)})")
+    version = current.pop()
+    keys = sorted({item[0] for items in pc.manifests(args.model, version).values() for item in items})
+    moved = moved_keys(keys, parse_shards(args.rebalance_from), pc.shards, pc.replicas)
+    end = time.monotonic() + args.wait_s
+    while True:
+        st = pc.placement_status(args.model, version)
+        if st["done"] or time.monotonic() >= end:
+            break
+        time.sleep(1.0)
+    print(json.dumps({"model": args.model, "version": version, "pieces": len(keys), "pieces_moved": len(moved),
+                      "pieces_moved_fraction": round(len(moved) / max(1, len(keys)), 4), **st}))
+    return 0 if st["done"] else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -135,19 +184,26 @@ def main(argv: list[str] | None = None) -> int:
         progress = Progress() if show else None
         checks = {"check_workers": not args.no_worker_check, "worker_check_s": args.worker_check_s,
                   "progress": progress}
-        with ParamClient(args.shards, args.chunk_bytes, args.timeout, security_from_args(args, "publisher")) as pc:
+        try:
+            pc = ParamClient(args.shards, args.chunk_bytes, args.timeout, security_from_args(args, "publisher"),
+                             replicas=args.replicas, write_quorum=args.write_quorum)
+        except ValueError as exc:
+            p.error(str(exc))
+        with pc:
             try:
+                if args.rebalance_from is not None:
+                    return _rebalance(pc, args)
                 if args.rollback is not None:
                     pc.rollback(args.model, args.rollback)
-                    print(json.dumps({"model": args.model, "current": args.rollback}))
+                    print(json.dumps({"model": args.model, "current": args.rollback, **_missed(pc)}))
                 elif delta is not None:
                     v = pc.publish(args.model, delta, args.version, args.base, allow_new=args.allow_new_keys, **checks)
-                    print(json.dumps({"model": args.model, "version": v, "base": args.base, **summary}))
+                    print(json.dumps({"model": args.model, "version": v, "base": args.base, **summary, **_missed(pc)}))
                 elif args.weights:
                     v = pc.publish_file(args.model, args.weights, args.version, args.base,
                                         allow_new=args.allow_new_keys, allow_layout_change=args.allow_layout_change,
                                         **checks)
-                    print(json.dumps({"model": args.model, "version": v}))
+                    print(json.dumps({"model": args.model, "version": v, **_missed(pc)}))
                 else:
                     versions = pc.versions(args.model)
                     print(json.dumps(versions) if args.json else versions_table(args.model, versions))

@@ -64,6 +64,8 @@ def parser() -> argparse.ArgumentParser:
                    help="threads running models' preprocess/postprocess stages, beside the compute thread")
     p.add_argument("--paramservers", default=None,
                    help="NAME=ENDPOINT,... of the parameter-server shards to take weights from")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="copies of each piece on the shards, as every role uses (default 2 with at least 2 shards)")
     add_metrics_flags(p)
     add_security_flags(p)
     add_log_flag(p)
@@ -75,6 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(p, argv)
     if args.max_models and not args.paramservers:
         p.error("--max-models needs --paramservers (models load from the shards)")
+    if args.paramservers:
+        from ringserve.protocol.placement import parse_shards, resolve_replicas
+        try:
+            resolve_replicas(args.replicas, len(parse_shards(args.paramservers)))
+        except ValueError as exc:
+            p.error(str(exc))
     configure_logging("worker", args.log_level)
     return_large_buffers_to_the_os()
     if args.device == "all-gpus":

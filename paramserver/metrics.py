@@ -25,6 +25,11 @@ class ShardMetrics:
         self.duration = Histogram("ringserve_shard_command_duration_seconds", "Time to answer a command",
                                   ["cmd"], buckets=BUCKETS, registry=r)
         self.fetch_bytes = Counter("ringserve_shard_fetch_bytes", "Weight bytes sent to workers", registry=r)
+        self.under_replicated = Gauge("ringserve_shard_under_replicated_versions",
+                                      "Kept versions other owners hold that this shard lacks (repair pending)",
+                                      registry=r)
+        self.repaired_pieces = Counter("ringserve_shard_repaired_pieces", "Pieces copied here by repair", registry=r)
+        self.repaired_bytes = Counter("ringserve_shard_repaired_bytes", "Bytes copied here by repair", registry=r)
         Gauge("ringserve_shard_info", "This shard's name", ["shard"], registry=r).labels(shard).set(1)
         for cmd in commands:
             self.commands.labels(cmd, "ok")
@@ -36,6 +41,10 @@ class ShardMetrics:
 
     def on_fetch(self, nbytes: int) -> None:
         self.fetch_bytes.inc(nbytes)
+
+    def on_repair(self, pieces: int, nbytes: int) -> None:
+        self.repaired_pieces.inc(pieces)
+        self.repaired_bytes.inc(nbytes)
 
     def refresh(self, versions: dict[str, int], current: dict[str, int], stored_bytes: int) -> None:
         for model, n in versions.items():

@@ -18,6 +18,13 @@ merged by parameter name (the base's pieces of a parameter the delta carries are
 replaced) and checked against the base. Staging is bounded in bytes and age. Replies are
 sent without blocking: a peer that does not read them loses them, the shard keeps serving.
 
+Replication (issue 20): a shard started with the shard list (`shards`) and R (`replicas`)
+reports both in its hello (R and the ring's fingerprint, so a role with another list or R gets
+a clear error at connect) and runs paramserver/repair.py on a thread: versions it lacks are
+copied from the other owners and handed to this loop (`apply`) to be stored, and a newer
+current version (by epoch: each commit, rollback and revert carries the publisher's stamp)
+is adopted. Without the shard list it stores what it is sent and repairs nothing.
+
 With --keys both sockets are CURVE servers and each command is checked against the sender's
 role (protocol/security.py's SHARD_COMMAND_ROLES); a refused command gets no answer.
 """
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import errno
 import os
+import queue
 import signal
 import time
 import uuid
@@ -36,10 +44,11 @@ import zmq
 
 from ringserve.paramserver.followers import Followers, parse_report
 from ringserve.paramserver.metrics import ShardMetrics
+from ringserve.paramserver.repair import Repairer
 from ringserve.paramserver.store import ShardStore, Slice, is_checksum, sha256
 from ringserve.protocol.codec import pack, unpack_map
 from ringserve.protocol.messages import SHARD_COMMANDS, SHARD_PROTO, ErrorCode, ProtocolError, error_body
-from ringserve.protocol.placement import Piece, dtype_problem, model_name_problem
+from ringserve.protocol.placement import Piece, dtype_problem, fingerprint, model_name_problem, resolve_replicas
 from ringserve.protocol.security import Security, shard_command_roles, user_id
 from ringserve.protocol.sockets import BindError, bind
 
@@ -58,6 +67,10 @@ class ShardConfig:
     staging_ttl: float = 600.0  # seconds a stage may wait for its commit before it is dropped
     hwm: int = 1000  # messages queued per peer; beyond it replies to that peer are dropped
     security: Security = field(default_factory=Security)  # keys, MAXMSGSIZE (protocol/security.py)
+    shards: dict | None = None  # the ring's shard list {name: endpoint}: enables the checks and repair
+    replicas: int | None = None  # R; None: the default for the shard list (unknown without one)
+    repair_interval: float = 2.0  # seconds between anti-entropy rounds (0: no repair)
+    repair_bytes_per_s: float = 0.0  # repair traffic at most this (0: unbounded)
 
 
 MAX_NAME = 512  # longest tensor name accepted (safetensors header names)
@@ -107,15 +120,28 @@ class Shard:
         self.refused = 0  # commands from a key whose role may not run them (answered with nothing)
         self.fetch_bytes = 0  # weight bytes sent in fetch replies since start
         self.followers = Followers()  # what the workers following us serve (for the publisher's check)
+        self.replicas = (resolve_replicas(cfg.replicas, len(cfg.shards)) if cfg.shards
+                         else cfg.replicas)  # None: not told (the roles' check is skipped)
+        if cfg.shards and cfg.name not in cfg.shards:
+            raise ValueError(f"shard {cfg.name!r} is not in its own --shards list ({', '.join(sorted(cfg.shards))})")
+        self.ring_fp = fingerprint(cfg.shards, self.replicas) if cfg.shards else None
+        self.apply: queue.Queue = queue.Queue(maxsize=64)  # what repair copied, stored by this loop
+        self.repairer = None
+        if cfg.shards and len(cfg.shards) > 1 and cfg.repair_interval > 0:
+            self.repairer = Repairer(cfg.name, cfg.shards, self.replicas, cfg.keep, self.apply,
+                                     cfg.repair_interval, cfg.repair_bytes_per_s, security=cfg.security)
 
     def run(self) -> None:
         log.info("shard_started", shard=self.cfg.name, endpoint=self.endpoint, pub=self.pub_endpoint,
                  versions=self.store.versions())
+        if self.repairer is not None:
+            self.repairer.start()
         try:
             while not self.stopping:
-                if self.router.poll(int(self.cfg.announce_interval * 1000 / 2)):
+                if self.router.poll(int(min(self.cfg.announce_interval * 1000 / 2, 200))):
                     frames = self.router.recv_multipart(copy=False)
                     self.on_message(frames)
+                self._apply_repairs()
                 now = time.monotonic()
                 self.expire_staging(now)
                 if now - self.last_announce >= self.cfg.announce_interval:
@@ -123,9 +149,50 @@ class Shard:
                     self._announce("hugz", "", None)
                     self._refresh_metrics()
         finally:
+            if self.repairer is not None:
+                self.repairer.stopping.set()
+                self.repairer.join(timeout=5)
             self.router.close(linger=0)
             self.pubsock.close(linger=0)
             log.info("shard_stopped", shard=self.cfg.name)
+
+    def _apply_repairs(self) -> None:
+        """Store what the repair thread copied (bounded per turn), on this thread: the store is ours."""
+        for _ in range(8):
+            try:
+                item = self.apply.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                if item[0] in ("install", "merge"):  # what a peer sent is checked as a stage is
+                    for k, p in item[-1].pieces.items():
+                        _piece([*p.as_list(), item[-1].checksums[k]])
+                if item[0] == "install":
+                    _, model, sl = item
+                    if sl.version not in self.store.slices.get(model, {}):
+                        self.store.install(model, sl)
+                        self.metrics.on_repair(len(sl.pieces), sl.nbytes())
+                        log.info("version_installed_by_repair", model=model, version=sl.version,
+                                 pieces=len(sl.pieces))
+                elif item[0] in ("merge", "drop"):
+                    model, version = item[1], (item[2].version if item[0] == "merge" else item[2])
+                    changed = self.store.reshape(model, version, add=item[2] if item[0] == "merge" else None,
+                                                 drop=item[3] if item[0] == "drop" else ())
+                    if changed and item[0] == "merge":
+                        self.metrics.on_repair(changed, item[2].nbytes())
+                    log.info("version_reshaped_by_repair", model=model, version=version, how=item[0], pieces=changed)
+                elif item[0] == "current":
+                    _, model, version, epoch = item
+                    if (version in self.store.slices.get(model, {})
+                            and epoch > self.store.epochs.get(model, 0) and self.store.current.get(model) != version):
+                        self.store.set_current(model, version, epoch=epoch)
+                        self.store.collect(model)
+                        self._announce("rollback", model, version)
+                        log.info("current_adopted_by_repair", model=model, version=version, epoch=epoch)
+            except ProtocolError as exc:
+                log.warning("repair_refused", error=str(exc)[:300])
+            except Exception:  # noqa: BLE001 - a repair that cannot be stored is tried again next round
+                log.exception("repair_apply_failed")
 
     def request_stop(self, *_: object) -> None:
         self.stopping = True
@@ -200,6 +267,8 @@ class Shard:
                 "staging": {"stages": len(self.staging), "bytes": self.staging_bytes(),
                             "max_bytes": self.cfg.max_staging_bytes, "ttl_s": self.cfg.staging_ttl},
                 "replies_dropped": self.replies_dropped, "fetch_bytes": self.fetch_bytes,
+                "replicas": self.replicas, "ring": self.ring_fp, "epochs": dict(self.store.epochs),
+                "repair": dict(self.repairer.status) if self.repairer is not None else None,
                 "store": {"written": dict(self.store.written), "last_commit": dict(self.store.last_commit),
                           "pieces": {m: len(c) for m, c in self.store.stored.items()}}}
 
@@ -291,7 +360,7 @@ class Shard:
                                                                f"by this publisher (expired or aborted?)")
         if stage.slice.digest != digest:
             raise ProtocolError("commit 'digest' differs from the staged one")
-        wrote = self.store.commit(model, stage.slice, stage.written)
+        wrote = self.store.commit(model, stage.slice, stage.written, epoch=_epoch(header))
         self._announce("commit", model, version)
         log.info("version_committed", model=model, version=version, pieces=len(stage.slice.pieces), token=token,
                  pieces_written=wrote["pieces"], bytes_written=wrote["bytes"])
@@ -317,7 +386,7 @@ class Shard:
         if previous is not None and previous not in self.store.slices.get(model, {}):
             previous = None
         was_current = self.store.current.get(model) == version
-        self.store.revert(model, version, previous)
+        self.store.revert(model, version, previous, epoch=_epoch(header))
         if was_current:
             self._announce("rollback", model, previous)
         log.warning("version_reverted", model=model, version=version, current=self.store.current.get(model))
@@ -338,7 +407,7 @@ class Shard:
         if sl is None:
             return error_body(None, ErrorCode.UNKNOWN_VERSION, f"shard {self.cfg.name} has no {model!r} v{version}")
         if header.get("manifest_only"):  # what the version is made of, so a worker fetches only what changed
-            return {"ok": True, "model": model, "version": version,
+            return {"ok": True, "model": model, "version": version, "digest": sl.digest,
                     "manifest": [[*sl.pieces[k].as_list(), sl.checksums[k]] for k in sl.pieces]}
         wanted_set = None if wanted is None else set(wanted)
         keys = [k for k in sl.pieces if wanted_set is None or k in wanted_set]
@@ -350,7 +419,7 @@ class Shard:
         model, version = _model(header), _version(header)
         if version not in self.store.slices.get(model, {}):
             return error_body(None, ErrorCode.UNKNOWN_VERSION, f"shard {self.cfg.name} has no {model!r} v{version}")
-        self.store.set_current(model, version)
+        self.store.set_current(model, version, epoch=_epoch(header))
         self.store.collect(model)
         self._announce("rollback", model, version)
         log.info("version_rolled_back", model=model, version=version)
@@ -361,6 +430,8 @@ class Shard:
         unique = {(m, sl.checksums[k]): a.nbytes for m, by_v in slices.items() for sl in by_v.values()
                   for k, a in sl.data.items()}  # a piece several versions share is stored once
         self.metrics.refresh({m: len(v) for m, v in slices.items()}, dict(self.store.current), sum(unique.values()))
+        if self.repairer is not None:
+            self.metrics.under_replicated.set(self.repairer.status.get("under_replicated_versions", 0))
 
     def _announce(self, kind: str, model: str, version: int | None) -> None:
         if kind != "hugz":
@@ -376,6 +447,16 @@ def _model(header: dict) -> str:
     if problem:
         raise ProtocolError(f"field 'model': {problem}")
     return model
+
+
+def _epoch(header: dict) -> int | None:
+    """The publisher's stamp of a commit, rollback or revert (None when it sent none)."""
+    e = header.get("epoch")
+    if e is None:
+        return None
+    if not isinstance(e, int) or isinstance(e, bool) or not 0 <= e < 2 ** 63:
+        raise ProtocolError("field 'epoch' must be a non-negative integer (nanoseconds)")
+    return e
 
 
 def _token(header: dict) -> str:

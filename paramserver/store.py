@@ -5,7 +5,10 @@ by its checksum, so a piece that two versions share is stored (and read, and che
 ``v<N>.manifest.json`` lists a version's pieces ([key, param, dtype, shape, start, stop,
 sha256]), the version's content digest (what a second publisher of the same version number
 is compared with) and `meta_sha256`, a checksum of the manifest itself; ``current.json`` keeps
-the history of current versions.
+the history of current versions and the current version's `epoch` (the publisher's stamp of the
+commit, rollback or revert that made it current: with replicated shards, repair adopts the
+current version with the highest epoch among a piece's owners, so a shard that missed a
+rollback while down does not bring the old version back).
 
 Write path: only pieces not stored yet are written (a delta writes its changed pieces plus a
 small manifest), each to a temporary name, fsynced, renamed, then the pieces directory is
@@ -132,6 +135,7 @@ class ShardStore:
         self.written = {"pieces": 0, "bytes": 0}  # piece files written since start (stages and commits)
         self.last_commit = {"pieces": 0, "bytes": 0, "shared": 0}  # the last commit's writes
         self.pinned = lambda model: set()  # checksums a collect must keep besides kept versions' (live stages)
+        self.epochs: dict[str, int] = {}  # model -> stamp of what made the current version current
 
     # --------------------------------------------------------------- writing
     def write_pieces(self, model: str, sl: Slice) -> dict:
@@ -172,10 +176,18 @@ class ShardStore:
         self.written["bytes"] += nbytes
         return {"pieces": len(todo), "bytes": nbytes}
 
-    def commit(self, model: str, sl: Slice, early: dict | None = None) -> dict:
+    def commit(self, model: str, sl: Slice, early: dict | None = None, epoch: int | None = None) -> dict:
         """Make `sl` durable and current: write the pieces not stored yet, then its manifest.
         `early`: what write_pieces wrote for it at stage time. Returns {"pieces", "bytes",
         "shared"}: what was written for this version, how many of its pieces were stored before."""
+        wrote = self._write_version(model, sl, early)
+        self.set_current(model, sl.version, epoch=epoch)
+        self._prune(model)
+        self.last_commit = {**wrote, "shared": max(0, len(set(sl.checksums.values())) - wrote["pieces"])}
+        return dict(self.last_commit)
+
+    def _write_version(self, model: str, sl: Slice, early: dict | None = None) -> dict:
+        """Write the pieces of `sl` not stored yet, then its manifest (last: it marks it done)."""
         d = self.root / model
         now = self.write_pieces(model, sl)  # nothing left to write when the stage wrote them already
         wrote = {k: now[k] + (early or {}).get(k, 0) for k in ("pieces", "bytes")}
@@ -185,13 +197,40 @@ class ShardStore:
         _atomic_write(d / f"v{sl.version}.manifest.json", json.dumps(manifest).encode())  # last: marks it done
         self.slices.setdefault(model, {})[sl.version] = sl
         self.corrupt.get(model, {}).pop(sl.version, None)
-        self.set_current(model, sl.version)
-        self._prune(model)
-        self.last_commit = {**wrote, "shared": max(0, len(set(sl.checksums.values())) - wrote["pieces"])}
-        return dict(self.last_commit)
+        return wrote
 
-    def set_current(self, model: str, version: int | None, remember: bool = True) -> None:
-        """Make `version` current (None: no current version); the old one goes to the history."""
+    def install(self, model: str, sl: Slice) -> dict:
+        """Store a version copied from other owners (repair): durable like a commit, but what is
+        current does not change here. Returns {"pieces", "bytes"} written."""
+        wrote = self._write_version(model, sl)
+        self._prune(model)
+        return wrote
+
+    def reshape(self, model: str, version: int, add: Slice | None = None, drop: list[str] = ()) -> int:
+        """Add pieces to (or drop pieces from) a stored version's share, as a rebalance does: the
+        new pieces are written first, then the manifest is rewritten. Returns the pieces changed."""
+        sl = self.slices.get(model, {}).get(version)
+        if sl is None:
+            return 0
+        new = Slice(version, dict(sl.pieces), dict(sl.data), dict(sl.checksums), sl.digest)
+        changed = 0
+        for k in (add.pieces if add is not None else {}):
+            if k not in new.pieces:
+                new.pieces[k], new.data[k], new.checksums[k] = add.pieces[k], add.data[k], add.checksums[k]
+                changed += 1
+        for k in drop:
+            if new.pieces.pop(k, None) is not None:
+                new.data.pop(k, None)
+                new.checksums.pop(k, None)
+                changed += 1
+        if changed:
+            self._write_version(model, new)
+            self.collect(model)
+        return changed
+
+    def set_current(self, model: str, version: int | None, remember: bool = True, epoch: int | None = None) -> None:
+        """Make `version` current (None: no current version); the old one goes to the history.
+        `epoch`: the stamp of what made it current (kept; None leaves the old stamp)."""
         old = self.current.get(model)
         hist = self.history.setdefault(model, [])
         if remember and old is not None and old != version:
@@ -201,18 +240,21 @@ class ShardStore:
             self.current.pop(model, None)
         else:
             self.current[model] = version
+        if epoch is not None:
+            self.epochs[model] = epoch
         self.fallback.pop(model, None)
         (self.root / model).mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.root / model / "current.json", json.dumps({"version": version, "history": hist}).encode())
+        _atomic_write(self.root / model / "current.json", json.dumps(
+            {"version": version, "history": hist, "epoch": self.epochs.get(model, 0)}).encode())
 
-    def revert(self, model: str, version: int, previous: int | None) -> None:
+    def revert(self, model: str, version: int, previous: int | None, epoch: int | None = None) -> None:
         """Undo a commit of `version` (a publish that failed elsewhere): `previous` current again,
         `version` forgotten, so every shard agrees on what exists."""
         if self.current.get(model) == version:
             hist = self.history.get(model, [])
             if hist and hist[-1] == previous:
                 hist.pop()
-            self.set_current(model, previous, remember=False)
+            self.set_current(model, previous, remember=False, epoch=epoch)
         self.slices.get(model, {}).pop(version, None)
         self._forget(model, version)
         self.collect(model)
@@ -289,6 +331,8 @@ class ShardStore:
             cur = json.loads((d / "current.json").read_text())
             wanted = cur.get("version") if isinstance(cur.get("version"), int) else None
             hist = [v for v in cur.get("history", []) if isinstance(v, int)][-HISTORY:]
+            epoch = cur.get("epoch", 0)
+            self.epochs[model] = epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else 0
         except (OSError, ValueError, AttributeError) as exc:
             if (d / "current.json").exists():
                 log.error("current_unreadable", model=model, error=str(exc))

@@ -65,8 +65,12 @@ class ShardRPC:
 
     def call(self, requests: Mapping[str, tuple[dict, Sequence]], timeout: float | None = None,
              raise_on_error: bool = True, progress: Callable[[dict[str, tuple[int, int]]], None] | None = None,
-             cancel: threading.Event | None = None) -> dict[str, tuple[dict, list]]:
+             cancel: threading.Event | None = None, enough: int | None = None,
+             grace: float = 0.5) -> dict[str, tuple[dict, list]]:
         """Send each shard its (header, frames) at once; wait for all replies (or the timeout).
+
+        `enough`, if given: once that many shards have answered ok, wait at most `grace` seconds
+        more for the others (replicated shards: a dead one does not hold up the rest).
 
         `progress`, if given, is called about every PROGRESS_S while waiting with {shard: (bytes
         of frames sent, bytes in all)}: each frame is sent tracked, and counts as sent once ZeroMQ
@@ -93,7 +97,12 @@ class ShardRPC:
             poller.register(self.socks[name], zmq.POLLIN)
         waiting = set(requests) - set(failures)
         slice_s = PROGRESS_S if progress is not None else (CANCEL_POLL_S if cancel is not None else None)
+        if enough is not None:
+            slice_s = min(slice_s or grace, grace)
         while waiting and time.monotonic() < end and not (cancel is not None and cancel.is_set()):
+            if enough is not None and len(replies) - len(set(failures) & set(replies)) >= enough:
+                end = min(end, time.monotonic() + grace)
+                enough = None
             if progress is not None:
                 progress(_sent(tracked, replies))
             left = end - time.monotonic()
@@ -121,8 +130,9 @@ class ShardRPC:
         return replies
 
     def call_all(self, header: dict, timeout: float | None = None, raise_on_error: bool = True,
-                 cancel: threading.Event | None = None):
-        return self.call({n: (header, []) for n in self.shards}, timeout, raise_on_error, cancel=cancel)
+                 cancel: threading.Event | None = None, enough: int | None = None, grace: float = 0.5):
+        return self.call({n: (header, []) for n in self.shards}, timeout, raise_on_error, cancel=cancel,
+                         enough=enough, grace=grace)
 
     def close(self) -> None:
         for sock in self.socks.values():

@@ -190,7 +190,7 @@ def test_publish_shows_bytes_sent_per_shard_on_request_and_not_in_a_pipe(cluster
     shown = [line for line in out.stderr.splitlines() if line.startswith("sent ")]  # "\r" reads as a newline here
     assert shown, out.stderr
     last = shown[-1]
-    total = sum(v.numel() * 4 for v in mlp_state(1).values()) / 1e6
+    total = 2 * sum(v.numel() * 4 for v in mlp_state(1).values()) / 1e6  # on both shards (--replicas 2)
     assert last.startswith(f"sent {total:.1f} of {total:.1f} MB") and "ps0 " in last and "ps1 " in last, last
     out = publish_cli(eps, "--weights", str(path), "--chunk-bytes", str(SMALL_CHUNK))  # stderr is a pipe
     assert out.returncode == 0 and "sent " not in out.stderr, out.stderr

@@ -36,5 +36,6 @@ def build_worker(args, security: Security | None = None) -> WorkerAgent:
     agent.compute.stage_threads = getattr(args, "stage_threads", 2)  # the stage pool starts with the compute thread
     if args.paramservers:
         agent.sync = WeightSync(agent.ctx, parse_shards(args.paramservers), models, agent.compute.swaps,
-                                security=cfg.security, wake=agent.compute.wake)
+                                security=cfg.security, wake=agent.compute.wake,
+                                replicas=getattr(args, "replicas", None))
     return agent

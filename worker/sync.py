@@ -23,6 +23,14 @@ A fetch that fails for another reason (a shard slow or gone) is retried with exp
 backoff. A shard silent for longer than a few of its announce intervals is asked for a
 snapshot, and the SUB follows the PUB endpoint each snapshot names (a shard restarted on a new
 port is heard again).
+
+Replicated shards (issue 20): every piece is on R owners, so the worker needs only the shards
+that answer, as long as fewer than R are missing (`min_live`): those must agree on the current
+version, and their manifests name every piece (a piece several list must be the same). Each
+piece is fetched from one of its owners, spread by bytes; a shard that fails, errs or stays
+silent for FAILOVER_S while owing pieces is dropped for this fetch and what it owed is asked
+of another owner, without starting over. A shard whose hello reports another R or shard list
+is never used (logged as an error).
 """
 from __future__ import annotations
 
@@ -40,7 +48,7 @@ import zmq
 
 from ringserve.protocol.codec import SUPPORTED_DTYPES, pack, unpack_map
 from ringserve.protocol.messages import SHARD_PROTO, ProtocolError
-from ringserve.protocol.placement import Piece, model_name_problem
+from ringserve.protocol.placement import Piece, fingerprint, min_live, model_name_problem, resolve_replicas, ring_problem
 from ringserve.protocol.security import Security
 from ringserve.protocol.shardrpc import ShardCallError, ShardRPC
 
@@ -50,6 +58,7 @@ BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 30.0
 SILENCE_INTERVALS = 5  # announce intervals without a word before a shard is asked for a snapshot
 SILENCE_MIN_S = 2.0  # ... and never less than this (a busy machine delays heartbeats)
 POLL_MS = 50  # the loop turns at least this often: an on-demand load waits at most this long to start
+FAILOVER_S = 3.0  # a shard silent this long while it owes pieces another owner has: ask that owner
 
 
 def next_backoff(previous: float | None) -> float:
@@ -72,7 +81,8 @@ class ShardView:
 
 class WeightSync(threading.Thread):
     def __init__(self, ctx: zmq.Context, shards: Mapping[str, str], models: Mapping, swaps, on_error=None,
-                 timeout: float = 30.0, resync_s: float = 5.0, security: Security | None = None, wake=None):
+                 timeout: float = 30.0, resync_s: float = 5.0, security: Security | None = None, wake=None,
+                 replicas: int | None = None):
         super().__init__(name="ringserve-weight-sync", daemon=True)
         self.ctx, self.shards, self.models, self.swaps = ctx, dict(shards), models, swaps
         self.timeout, self.resync_s = timeout, resync_s
@@ -91,6 +101,11 @@ class WeightSync(threading.Thread):
         self.loaded: dict[str, list[int]] = {}  # model -> versions built here, newest last (reported)
         self.report_due = False  # tell the shards now what we serve (a version was built or refused)
         self.fallbacks: dict[str, int] = {}  # model -> the refused current we serve an older version instead of
+        self.replicas = resolve_replicas(replicas, len(self.shards))
+        self.ring_fp = fingerprint(self.shards, self.replicas)
+        self.quorum = min_live(len(self.shards), self.replicas)  # shards that together name every piece
+        self.mismatched: dict[str, str] = {}  # shard -> why its ring differs from ours (never used)
+        self.unanswered: dict[str, int] = {}  # shard -> snapshots in a row it did not answer
 
     def _connect_sub(self, sub: zmq.Socket, shard: str, endpoint: str) -> None:
         """One SUB, many shards: each connect takes the server key set just before it."""
@@ -174,11 +189,22 @@ class WeightSync(threading.Thread):
         """Ask `names` for their state (hello), telling them ours (the follower report). Counted
         in `snapshots` when it is a resync (not when it only carries news of a report)."""
         self.report_due = False
-        replies = rpc.call({n: ({"cmd": "hello", "follower": self.report()}, []) for n in names}, timeout=2.0,
-                           raise_on_error=False, cancel=self.stopping)
+        answering = [n for n in names if not self.unanswered.get(n)]  # a shard down does not hold up the loop
+        replies = rpc.call({n: ({"cmd": "hello", "follower": self.report()}, []) for n in names},
+                           timeout=2.0 if answering else 0.5, raise_on_error=False, cancel=self.stopping,
+                           enough=len(answering) or None, grace=0.3)
+        for n in names:
+            self.unanswered[n] = 0 if n in replies and replies[n][0].get("ok") else self.unanswered.get(n, 0) + 1
         for n, (h, _) in replies.items():
             try:
                 if h.get("ok"):
+                    problem = ring_problem(n, h, self.replicas, self.ring_fp)
+                    if problem:
+                        if self.mismatched.get(n) != problem:
+                            log.error("shard_ring_mismatch", shard=n, error=problem)
+                        self.mismatched[n] = problem
+                        continue
+                    self.mismatched.pop(n, None)
                     v = self.views[n]
                     first = not v.known
                     boot, seq, current, pub = str(h["boot"]), int(h["seq"]), dict(h["current"]), str(h["pub"])
@@ -202,8 +228,14 @@ class WeightSync(threading.Thread):
                 del self.refused[(model, version)]
                 log.info("refusal_forgotten", model=model, version=version, why="no shard holds it any more")
 
+    def _live(self) -> list[ShardView]:
+        """The shards heard from lately; None when too few to name every piece."""
+        known = [v for v in self.views.values() if v.known]
+        return known if len(known) >= self.quorum else None
+
     def _maybe_fetch(self, rpc: ShardRPC) -> None:
-        if not all(v.known for v in self.views.values()):
+        live = self._live()
+        if live is None:
             return
         for name, model in self.models.items():
             if getattr(model, "on_demand", False) and not model.ready:
@@ -211,7 +243,7 @@ class WeightSync(threading.Thread):
                 self.held.pop(name, None)
                 if name not in self.requested:
                     continue
-            agreed = {v.current.get(name) for v in self.views.values()}
+            agreed = {v.current.get(name) for v in live}
             if len(agreed) != 1:
                 continue  # shards disagree: a publish or rollback is half done; keep what we serve
             version = agreed.pop()
@@ -247,7 +279,7 @@ class WeightSync(threading.Thread):
         """The version to serve when the shards' current one is refused here and nothing is served
         yet: the one current most recently before it (what peers that refused it still serve), else
         the newest older committed one; held by every shard and not refused here."""
-        views = [self.views[n] for n in sorted(self.views)]
+        views = [self.views[n] for n in sorted(self.views) if self.views[n].known]
         common = set.intersection(*(set(v.versions.get(model, [])) for v in views)) if views else set()
         history = views[0].history.get(model, []) if views else []
         candidates = [v for v in reversed(history) if v != current] + sorted((v for v in common if v < current),
@@ -264,10 +296,17 @@ class WeightSync(threading.Thread):
         served = self.models[model]
         log.info("weights_fetch_started", model=model, version=version, serving=served.version)
         try:
-            manifests = {n: h["manifest"] for n, (h, _) in rpc.call_all(
-                {"cmd": "fetch", "model": model, "version": version, "manifest_only": True},
-                cancel=self.stopping).items()}
-        except (ShardCallError, KeyError, TypeError) as exc:
+            asked = sorted(n for n, v in self.views.items() if v.known)
+            replies = rpc.call({n: ({"cmd": "fetch", "model": model, "version": version, "manifest_only": True}, [])
+                                for n in asked}, raise_on_error=False, cancel=self.stopping,
+                               enough=self.quorum, grace=0.25)
+            manifests = {n: h["manifest"] for n, (h, _) in replies.items() if h.get("ok")}
+            if len(manifests) < self.quorum or (self.replicas == 1 and len(manifests) < len(self.shards)):
+                why = {n: str((h.get("error") or {}).get("message", "failed"))[:300] for n, (h, _) in replies.items()
+                       if not h.get("ok")}
+                why.update({n: "no answer" for n in self.shards if n not in replies})
+                raise ShardCallError(why)
+        except (ShardCallError, KeyError, TypeError, AttributeError) as exc:
             self._fetch_failed(model, version, exc)
             return
         try:
@@ -277,7 +316,8 @@ class WeightSync(threading.Thread):
                      pieces_total=sum(map(len, manifests.values())), pieces_to_fetch=sum(map(len, need.values())),
                      bytes_to_fetch=sum(_nbytes(p) for items in need.values() for p, _ in items),
                      per_shard={n: len(items) for n, items in need.items()}, seconds=round(t1 - t0, 3))
-            fetched = fetch_into(rpc, model, version, need, new, self.timeout, cancel=self.stopping)
+            fetched = fetch_into(rpc, model, version, need, new, self.timeout, cancel=self.stopping,
+                                 sources=new.sources)
             t2 = time.monotonic()
             log.info("weights_pieces_fetched", model=model, version=version, bytes_fetched=fetched,
                      seconds=round(t2 - t1, 3))
@@ -369,6 +409,7 @@ class Held:
         self.flat: dict[str, np.ndarray] = {}
         self.shapes: dict[str, tuple] = {}
         self.sums: dict[str, str] = {}
+        self.sources: dict[str, list[str]] = {}  # piece key -> the shards whose manifest lists it (owners)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         with warnings.catch_warnings():  # a received frame may be read-only: nobody writes to these
@@ -407,15 +448,26 @@ def plan_version(manifests: Mapping[str, list], held: Held | None, shapes: Mappi
     a fresh array, with the unchanged pieces copied from the held one. Returns (the new version,
     per shard the pieces to fetch into it)."""
     pieces: dict[str, tuple[Piece, str]] = {}
-    source: dict[str, str] = {}
-    for shard, items in manifests.items():
+    sources: dict[str, list[str]] = {}
+    for shard, items in sorted(manifests.items()):
         if not isinstance(items, list):
             raise ValueError(f"shard {shard}: manifest is not a list")
         for item in items:
             piece, checksum = _item(item)
             if piece.key in pieces:
-                raise ValueError(f"piece {piece.key} listed by two shards ({source[piece.key]}, {shard})")
-            pieces[piece.key], source[piece.key] = (piece, checksum), shard
+                if pieces[piece.key] != (piece, checksum) or shard in sources[piece.key]:
+                    raise ValueError(f"piece {piece.key}: shards {sources[piece.key][0]} and {shard} list it "
+                                     f"differently (or twice)")
+                sources[piece.key].append(shard)
+            else:
+                pieces[piece.key], sources[piece.key] = (piece, checksum), [shard]
+    load: dict[str, int] = {n: 0 for n in manifests}
+
+    def source(key: str) -> str:
+        """The owner to fetch `key` from: the one with the fewest bytes asked of it so far."""
+        n = min(sources[key], key=lambda s: (load[s], s))
+        load[n] += _nbytes(pieces[key][0])
+        return n
     by_param: dict[str, list[tuple[Piece, str]]] = {}
     for piece, checksum in pieces.values():
         by_param.setdefault(piece.param, []).append((piece, checksum))
@@ -450,16 +502,17 @@ def plan_version(manifests: Mapping[str, list], held: Held | None, shapes: Mappi
             arr = old  # shared with the held version, never written
         elif len(plist) == 1:
             arr = None  # one piece, the whole tensor: its received frame becomes the array (no copy)
-            need[source[plist[0][0].key]].append(plist[0])
+            need[source(plist[0][0].key)].append(plist[0])
         else:
             arr = np.empty(numel, dtype=dtype)
             for p, c in plist:
                 if (p, c) not in changed:
                     arr[p.start:p.stop] = old[p.start:p.stop]
             for p, c in changed:
-                need[source[p.key]].append((p, c))
+                need[source(p.key)].append((p, c))
         new.flat[param], new.shapes[param] = arr, shape
         new.sums.update({p.key: c for p, c in plist})
+    new.sources = sources
     return new, {n: items for n, items in need.items() if items}
 
 
@@ -490,7 +543,7 @@ def _drain(sock: zmq.Socket) -> None:
 
 
 def _recv_batch(sock: zmq.Socket, shard: str, expected: dict[int, dict[str, tuple[Piece, str]]],
-                new: Held) -> int | None:
+                new: Held, done: set | None = None) -> int | None:
     """Read one fetch reply: each piece straight into its place in the new version's arrays
     (recv_into, no intermediate buffer), then checked against its checksum. A stale or garbled
     reply is dropped (None); an error reply raises ShardCallError; a reply whose pieces are not
@@ -542,6 +595,8 @@ def _recv_batch(sock: zmq.Socket, shard: str, expected: dict[int, dict[str, tupl
             raise ValueError(f"shard {shard}: piece {key} failed its checksum")
         if whole:
             new.flat[piece.param] = _own(dst, piece.dtype)
+        if done is not None:
+            done.add(piece.key)
         got_bytes += n
     if sock.getsockopt(zmq.RCVMORE):
         _drain(sock)
@@ -551,15 +606,36 @@ def _recv_batch(sock: zmq.Socket, shard: str, expected: dict[int, dict[str, tupl
 
 def fetch_into(rpc: ShardRPC, model: str, version: int, need: Mapping[str, list[tuple[Piece, str]]], new: Held,
                timeout: float, window: int = FETCH_WINDOW, batch_bytes: int = FETCH_BATCH_BYTES,
-               cancel: threading.Event | None = None) -> int:
+               cancel: threading.Event | None = None, sources: Mapping[str, list[str]] | None = None,
+               failover_s: float = FAILOVER_S) -> int:
     """Fetch `need` from every shard at once, `window` requests of about `batch_bytes` in flight
-    per shard, each reply read straight into `new`. Raises ShardCallError when a shard fails or
-    answers none of what is owed for `timeout` seconds (its socket is replaced: late replies are never read),
+    per shard, each reply read straight into `new`.
+
+    `sources` (piece key -> every owner that has it): a shard that fails, sends something
+    wrong, or is silent for `failover_s` while owing pieces is dropped, and what it still owes
+    is asked of the other owners (fewest bytes first), the pieces already received kept.
+    Raises ShardCallError when a shard fails or answers none of what is owed for `timeout`
+    seconds and no other owner is left (its socket is replaced: late replies are never read),
     ValueError when a shard sends something other than what was asked or a piece fails its
-    checksum. Returns the bytes received."""
-    todo = {n: _batches(list(items), batch_bytes) for n, items in need.items() if items}
-    inflight: dict[str, dict[int, dict[str, tuple[Piece, str]]]] = {n: {} for n in todo}
+    checksum and no other owner has it. Returns the bytes received."""
+    sources = sources or {}
+    todo: dict[str, list[list[tuple[Piece, str]]]] = {}
+    inflight: dict[str, dict[int, dict[str, tuple[Piece, str]]]] = {}
+    assigned: dict[str, list[tuple[Piece, str]]] = {}
+    heard: dict[str, float] = {}
+    dropped: set[str] = set()
+    done: set[str] = set()
+    poller = zmq.Poller()
+    names: dict[zmq.Socket, str] = {}
     received = 0
+
+    def add(n: str, items: list[tuple[Piece, str]]) -> None:
+        if n not in todo:
+            todo[n], inflight[n], assigned[n] = [], {}, []
+            poller.register(rpc.socks[n], zmq.POLLIN)
+            names[rpc.socks[n]] = n
+        todo[n] += _batches(list(items), batch_bytes)
+        assigned[n] += list(items)
 
     def send(n: str) -> None:
         while todo[n] and len(inflight[n]) < window:
@@ -570,31 +646,69 @@ def fetch_into(rpc: ShardRPC, model: str, version: int, need: Mapping[str, list[
                 rpc.socks[n].send_multipart([SHARD_PROTO, pack(header)], zmq.NOBLOCK)
             except zmq.Again:
                 raise ShardCallError({n: "send queue full (shard not reading)"}) from None
+            if not inflight[n]:
+                heard[n] = time.monotonic()  # the silence clock starts with the first request owed
             todo[n].pop(0)
             inflight[n][rid] = {p.key: (p, c) for p, c in batch}
 
+    def movable(n: str) -> bool:
+        owed = [p.key for p, _ in assigned[n] if p.key not in done]
+        return all(any(s not in dropped and s != n for s in sources.get(k, [])) for k in owed)
+
+    def fail_over(n: str, why: str) -> None:
+        """Drop `n` for this fetch; ask the other owners for what it still owes."""
+        owed = [(p, c) for p, c in assigned[n] if p.key not in done]
+        dropped.add(n)
+        poller.unregister(rpc.socks[n])
+        names.pop(rpc.socks[n], None)
+        rpc.reopen(n)  # nothing it still owes is read later
+        todo[n], inflight[n], assigned[n] = [], {}, []
+        load = {s: sum(_nbytes(p) for p, _ in assigned.get(s, []) if p.key not in done) for s in todo}
+        moved: dict[str, list[tuple[Piece, str]]] = {}
+        for p, c in owed:
+            alts = [s for s in sources.get(p.key, []) if s not in dropped]
+            pick = min(alts, key=lambda s: (load.get(s, 0), s))
+            load[pick] = load.get(pick, 0) + _nbytes(p)
+            moved.setdefault(pick, []).append((p, c))
+        log.warning("weights_fetch_failover", model=model, version=version, shard=n, why=why[:300],
+                    pieces_moved={s: len(v) for s, v in moved.items()})
+        for s, items in moved.items():
+            add(s, items)
+            send(s)
+
     try:
-        for n in todo:
+        for n, items in need.items():
+            if items:
+                add(n, items)
+        for n in list(todo):
             send(n)
-        poller = zmq.Poller()
-        names = {}
-        for n in todo:
-            poller.register(rpc.socks[n], zmq.POLLIN)
-            names[rpc.socks[n]] = n
         deadline = time.monotonic() + timeout
         while any(inflight.values()):
-            left = deadline - time.monotonic()
+            now = time.monotonic()
+            left = deadline - now
             if left <= 0:
                 raise ShardCallError({n: f"no answer in {timeout}s" for n, f in inflight.items() if f})
             if cancel is not None and cancel.is_set():
                 raise ShardCallError({n: "stopping" for n, f in inflight.items() if f})
+            for n in [n for n, f in inflight.items() if f and now - heard.get(n, now) > failover_s]:
+                if movable(n):
+                    fail_over(n, f"silent for {now - heard[n]:.1f}s")
             for sock, _ in poller.poll(max(1, int(min(left, POLL_MS / 1000) * 1000))):
-                n = names[sock]
-                got = _recv_batch(sock, n, inflight[n], new)
+                n = names.get(sock)
+                if n is None:
+                    continue
+                try:
+                    got = _recv_batch(sock, n, inflight[n], new, done)
+                except (ShardCallError, ValueError) as exc:
+                    if not sources or not movable(n):
+                        raise
+                    fail_over(n, str(exc))
+                    continue
                 if got is None:
                     continue  # stale or garbled: no progress, the deadline stands
                 received += got
-                deadline = time.monotonic() + timeout  # progress: the timeout is for silence
+                heard[n] = deadline = time.monotonic()
+                deadline += timeout  # progress: the timeout is for silence
                 send(n)
     finally:
         for n, f in inflight.items():
