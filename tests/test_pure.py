@@ -198,3 +198,12 @@ def test_concat_and_split_roundtrip():
 def test_random_policy_uses_all():
     choose = make_policy("random", seed=random.randint(0, 1000))
     assert set(choose(loads(0, 0, 0)) for _ in range(200)) == {b"w0", b"w1", b"w2"}
+
+
+def test_a_shard_bound_to_every_address_is_subscribed_to_where_it_was_reached():
+    from ringserve.worker.sync import reachable_pub
+
+    assert reachable_pub("tcp://0.0.0.0:5601", "tcp://10.77.0.4:5600") == "tcp://10.77.0.4:5601"
+    assert reachable_pub("tcp://*:5601", "tcp://ps-0.ps:5600") == "tcp://ps-0.ps:5601"
+    assert reachable_pub("tcp://10.0.0.9:5601", "tcp://10.77.0.4:5600") == "tcp://10.0.0.9:5601"
+    assert reachable_pub("ipc:///tmp/x", "tcp://h:1") == "ipc:///tmp/x"

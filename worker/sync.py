@@ -207,7 +207,8 @@ class WeightSync(threading.Thread):
                     self.mismatched.pop(n, None)
                     v = self.views[n]
                     first = not v.known
-                    boot, seq, current, pub = str(h["boot"]), int(h["seq"]), dict(h["current"]), str(h["pub"])
+                    boot, seq, current = str(h["boot"]), int(h["seq"]), dict(h["current"])
+                    pub = reachable_pub(str(h["pub"]), self.shards[n])
                     v.versions, v.history = _int_lists(h.get("versions")), _int_lists(h.get("history"))
                     v.boot, v.seq, v.current, v.pub, v.known = boot, seq, current, pub, True
                     v.heard, v.interval = time.monotonic(), float(h.get("announce_interval", 1.0))
@@ -391,6 +392,19 @@ def _int_lists(value: object) -> dict[str, list[int]]:
 
 def _nbytes(p: Piece) -> int:
     return (p.stop - p.start) * np.dtype(p.dtype).itemsize
+
+
+def reachable_pub(announced: str, command: str) -> str:
+    """Where to subscribe to a shard's announcements. A shard bound to every address (0.0.0.0, *,
+    ::) announces that wildcard, which means "here" only on its own host: take the host this
+    worker reaches the shard's command socket at, and the announced port."""
+    if not announced.startswith("tcp://"):
+        return announced
+    host, _, port = announced[len("tcp://"):].rpartition(":")
+    if host not in ("0.0.0.0", "*", "::", "[::]", ""):
+        return announced
+    reached = command[len("tcp://"):].rpartition(":")[0] if command.startswith("tcp://") else ""
+    return f"tcp://{reached}:{port}" if reached else announced
 
 
 def _disconnect(sub: zmq.Socket, endpoint: str) -> None:
