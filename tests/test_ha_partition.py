@@ -3,12 +3,14 @@ multi-host tests build them), a worker host registered with both, a client host 
 The link between the two masters is cut (a blackhole route each way: every other path stays up)
 while clients load both: no request is answered twice or lost, each master keeps within its
 share of the worker's credit, a route changed on one side stays there; when the link heals the
-pair converges on one route table with no operator."""
+pair converges on one route table with no operator. Then the host of the master a client is on
+is cut off (its link down) under load: the client moves to the other master, nothing lost."""
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -23,17 +25,28 @@ from ringserve.client import Client
 from ringserve.client.admin import AdminClient
 args = json.loads(sys.argv[1])
 
-def load(frontend, n, out):
+def load(frontend, n, out, announce=False):
+    """n requests, 8 in flight (closed loop), each checked against its own input."""
     answered, errors = 0, []
     with Client(frontend, timeout=20) as c:
-        futs = [c.infer_async("echo", {"x": np.full((1, 4), float(i), np.float32)}) for i in range(n)]
-        for i, f in enumerate(futs):
+        out["first_master"] = c.master
+        if announce:  # the test cuts the host of the master this client is on
+            print(json.dumps({"on": c.master}), flush=True)
+        i, futs = 0, {}
+        while futs or i < n:
+            while i < n and len(futs) < 8:
+                futs[c.infer_async("echo", {"x": np.full((1, 4), float(i), np.float32)})] = i
+                i += 1
+                time.sleep(0.005)  # spread over a few seconds, so a fault lands in the middle
+            f = next(iter(futs))
+            k = futs.pop(f)
             try:
-                assert f.result(timeout=30).outputs["y"][0, 0] == float(i)
+                assert f.result(timeout=30).outputs["y"][0, 0] == float(k)
                 answered += 1
             except Exception as exc:
                 errors.append(repr(exc)[:200])
-        out.update(answered=answered, errors=errors, duplicates=c.stats.duplicates_dropped)
+        out.update(answered=answered, errors=errors, duplicates=c.stats.duplicates_dropped,
+                   failovers=c.stats.failovers, last_master=c.master)
 
 def status(admin):
     return AdminClient(admin, timeout=5).status()
@@ -47,7 +60,11 @@ def until(pred, timeout):
     return False
 
 a, b = args["admins"]
-if args["phase"] == "partitioned":
+if args["phase"] == "host-cut":  # one client given both masters, its master's host cut off mid-run
+    out = {}
+    load(",".join(args["frontends"]), args["n"], out, announce=True)
+    print(json.dumps(out))
+elif args["phase"] == "partitioned":
     outs = [{}, {}]
     ts = [threading.Thread(target=load, args=(fe, args["n"], o)) for fe, o in zip(args["frontends"], outs)]
     for t in ts:
@@ -130,3 +147,24 @@ def test_a_cut_between_the_masters_is_no_split_brain_and_heals_by_itself(lab):
     healed = json.loads(out.stdout.strip().splitlines()[-1])
     assert healed["converged"], healed
     assert healed["routes"][0] == healed["routes"][1] and healed["clocks"][0] == healed["clocks"][1], healed
+
+    # The serving master's host cut off (its link down) under load: the client moves to the other.
+    drv = subprocess.Popen(["ip", "netns", "exec", lab.hosts["c"].ns, sys.executable, "-c", DRIVER,
+                            json.dumps({**common, "phase": "host-cut", "n": 600})],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = None
+    try:
+        on = json.loads(drv.stdout.readline())["on"]  # the driver says which master it started on
+        victim, other = ("m1", "m2") if on == ep["m1"]["frontend"] else ("m2", "m1")
+        time.sleep(1.0)
+        lab.cut(victim)
+        stdout, stderr = drv.communicate(timeout=120)
+    finally:
+        if drv.poll() is None:
+            drv.kill()
+        if victim:
+            lab.restore(victim)
+    assert drv.returncode == 0, stderr[-3000:]
+    cut = json.loads(stdout.strip().splitlines()[-1])
+    assert cut["answered"] == 600 and not cut["errors"] and cut["duplicates"] == 0, cut
+    assert cut["failovers"] >= 1 and cut["last_master"] == ep[other]["frontend"], cut
