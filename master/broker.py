@@ -380,12 +380,13 @@ class Broker:
         timeout = min(timeout, self.cfg.max_timeout)  # the client chooses, within the master's cap
         route = self.routes.get(model) if parsed.version is None else None  # a pinned version wins
         version = self._routed_version(route, parsed.tags) if route else parsed.version
-        cache_key = self._cache_key(model, version, parsed, frames)
+        digest = self._cache_digest(model, parsed, frames)
+        cache_key = self._cache_key(model, version, digest)
         if cache_key is not None and self._answer_from_cache(ident, cid, service, model, cache_key, counters, now):
             return
         req = PendingRequest(self._new_key(), rid, ident, service, model, version, header_frame, frames,
                              now + timeout, now, scope=scope, pinned=parsed.version is not None,
-                             tags=parsed.tags, counted=counters is not None)
+                             tags=parsed.tags, counted=counters is not None, digest=digest)
         self._hold(req)
         self.held[cid] = req.key
         if parsed.ack:
@@ -395,19 +396,21 @@ class Broker:
         self.dispatch(model)
 
     # ------------------------------------------------------------ response cache
-    def _cache_key(self, model: str, version: int | None, parsed, frames: list):
+    def _cache_digest(self, model: str, parsed, frames: list) -> bytes | None:
+        """The digest of a request's inputs, computed once on arrival: only for a model every serving
+        worker marks cache=true (it is the lookup key now and the store key when the result comes)."""
+        if self.cfg.response_cache_bytes <= 0 or model not in self._cache_versions():
+            return None
+        return input_digest(parsed.inputs, frames)
+
+    def _cache_key(self, model: str, version: int | None, digest: bytes | None):
         """(model, the version that would serve it, digest of the inputs), or None: the model is not
-        marked cache=true by every worker serving it, or (unpinned, no route) its workers do not
-        agree on one current version (a rollout), so which version would answer is not known."""
-        if self.cfg.response_cache_bytes <= 0:
+        cacheable, or (unpinned, no route) its workers do not agree on one current version (a
+        rollout), so which version would answer is not known."""
+        if digest is None:
             return None
-        views = self._cache_versions()
-        if model not in views:
-            return None
-        version = views[model] if version is None else version
-        if version is None:
-            return None
-        return (model, version, input_digest(parsed.inputs, frames))
+        version = self._cache_versions().get(model) if version is None else version
+        return None if version is None else (model, version, digest)
 
     def _answer_from_cache(self, ident: bytes, cid: tuple[str, str], service: bytes, model: str, key, counters,
                            now: float) -> bool:
@@ -424,17 +427,16 @@ class Broker:
         return True
 
     def _cache_result(self, req: PendingRequest, body: list, version: int | None) -> None:
-        """Keep a result of a cacheable model under the version that produced it (not a shadow's)."""
-        if req.client is None or version is None or req.model not in self._cache_versions():
+        """Keep a result of a cacheable model under the version that produced it (not a shadow's), by
+        the digest taken when the request arrived."""
+        if req.client is None or req.digest is None or version is None or req.model not in self._cache_versions():
             return
         try:
             header = unpack_map(body[0])
-            meta = unpack_map(req.header).get("inputs")
-            key = (req.model, version, input_digest(meta, req.frames))
-        except (ProtocolError, TypeError, IndexError, KeyError):
+        except ProtocolError:
             return
         header = {k: v for k, v in header.items() if k not in ("id", "key", "epoch", "attempt")}
-        self.responses.put(key, header, list(body[1:]))
+        self.responses.put((req.model, version, req.digest), header, list(body[1:]))
 
     def _answer_again(self, ident: bytes, cid: tuple[str, str], service: bytes, model: str, ack: bool) -> None:
         """An id this scope already had answered: its answer again (only for the same model), or an ACK

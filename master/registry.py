@@ -83,6 +83,7 @@ class PendingRequest:
     pinned: bool = False  # the client pinned `version`; otherwise a route chose it, and re-chooses on re-queue
     tags: dict | None = None  # the client's routing tags (a sticky route re-chooses with them)
     counted: bool = True  # counted in its model's counters (False: counted as an unknown name on arrival)
+    digest: bytes | None = None  # its inputs' digest, when its model is cacheable (master/cache.py)
 
 
 @dataclass
