@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import math
 import threading
 import time
 import uuid
@@ -30,7 +31,9 @@ from ringserve.gateway.models import ModelBook
 from ringserve.gateway.oip import MAX_TENSORS, InferCall, apply_parameters
 from ringserve.gateway.oip_grpc import open_inference_grpc_pb2 as pb
 from ringserve.gateway.oip_grpc import open_inference_grpc_pb2_grpc as pb_grpc
-from ringserve.gateway.tensors import STRINGS, TO_OIP, check_shape, from_bytes, from_json, numpy_dtype, strings_buffer
+from ringserve.gateway.tensors import (
+    STRINGS, TO_OIP, check_shape, from_bytes, from_json, numpy_dtype, strings_array, strings_buffer,
+)
 from ringserve.protocol.codec import MAX_NAME
 from ringserve.protocol.messages import ErrorCode
 
@@ -70,13 +73,10 @@ def parse_request(req: pb.ModelInferRequest, extra_tags: dict[str, str]) -> Infe
             call.inputs[t.name] = from_bytes(memoryview(raw[k]), shape, dt, what)
             continue
         if dt is STRINGS:  # bytes_contents: each element already a byte string
-            items = list(t.contents.bytes_contents)
-            if len(items) != int(np.prod(shape)):
-                raise bad_request(f"{what}: shape {list(shape)} needs {int(np.prod(shape))} elements, "
-                                  f"bytes_contents has {len(items)}")
-            arr = np.empty(len(items), dtype=object)
-            arr[:] = items
-            call.inputs[t.name] = arr.reshape(shape)
+            items, count = list(t.contents.bytes_contents), math.prod(shape)
+            if len(items) != count:
+                raise bad_request(f"{what}: shape {list(shape)} needs {count} elements, bytes_contents has {len(items)}")
+            call.inputs[t.name] = strings_array(items, shape)
             continue
         field = CONTENTS.get(t.datatype)
         if field is None:

@@ -97,7 +97,7 @@ def from_bytes(buf: memoryview, shape: tuple[int, ...], dt: np.dtype, what: str)
             items = _strings(what, buf, count, True)
         except ProtocolError as exc:
             raise bad_request(f"{what}: BYTES data: {exc}") from None
-        return _object_array(items, shape)
+        return strings_array(items, shape)
     need = count * dt.itemsize
     if len(buf) != need:
         raise bad_request(f"{what}: binary_data_size is {len(buf)} but datatype {TO_OIP[dt]} shape "
@@ -112,7 +112,8 @@ def oip_datatype(arr: np.ndarray) -> str:
     return TO_OIP.get(arr.dtype, "BYTES")
 
 
-def _object_array(items: list, shape: tuple[int, ...]) -> np.ndarray:
+def strings_array(items: list, shape: tuple[int, ...]) -> np.ndarray:
+    """Byte strings -> an object array of `shape` (numpy would make a fixed-width S array of a list)."""
     arr = np.empty(len(items), dtype=object)
     arr[:] = items
     return arr.reshape(shape)
@@ -140,7 +141,7 @@ def _strings_from_json(data: Any, shape: tuple[int, ...], count: int, what: str)
     if len(flat) != count:
         raise bad_request(f"{what}: shape {list(shape)} needs {count} elements, data has {len(flat)}"
                           + (" or more" if len(flat) > count else ""))
-    return _object_array([s.encode("utf-8") for s in flat], shape)
+    return strings_array([s.encode("utf-8") for s in flat], shape)
 
 
 def strings_buffer(arr: np.ndarray, what: str) -> bytes:
