@@ -51,7 +51,7 @@ from ringserve.protocol.codec import decode_tensors
 from ringserve.protocol.envelope import batch_frames, client_frames, parse_reply, request_header, split_replies
 from ringserve.protocol.messages import MDP_CLIENT, MMI_BATCH, MMI_NOT_IMPLEMENTED, MMI_PING, ProtocolError
 from ringserve.protocol.security import Security, SecurityError
-from ringserve.protocol.sockets import recv_frames, send_frames
+from ringserve.protocol.sockets import frames_nbytes, recv_frames, send_frames
 
 log = structlog.get_logger("ringserve.client")
 
@@ -254,7 +254,7 @@ class Reliability:
         size = 0
         for p in out:
             body = p.body()
-            extra = sum(len(f) if not isinstance(f, memoryview) else f.nbytes for f in body)
+            extra = frames_nbytes(body)
             if chunk and (len(chunk) >= self.batch_max or size + extra > self.batch_bytes):
                 self._send_batch(sock, chunk)
                 chunk, size = [], 0

@@ -44,7 +44,7 @@ from ringserve.protocol.envelope import (
     parse_request_header, parse_worker_reply, split_replies,
 )
 from ringserve.protocol.security import Security, user_id
-from ringserve.protocol.sockets import BindError, bind, drain, send_frames
+from ringserve.protocol.sockets import BindError, bind, drain, frames_nbytes, send_frames
 from ringserve.protocol.messages import (
     DISCONNECT, DRAIN, HEARTBEAT, MDP_CLIENT, MMI_BATCH, MMI_FOUND, MMI_NOT_FOUND, MMI_NOT_IMPLEMENTED, MMI_PING,
     MMI_SERVICE, READY, REPLY, REQUEST, WORKER_COMMANDS, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
@@ -1165,7 +1165,7 @@ class Broker:
             chunk: list = []
             n = size = 0
             for header_frame, data in frames:
-                extra = len(header_frame) + sum(len(f) for f in data)
+                extra = len(header_frame) + frames_nbytes(data)
                 if chunk and (n >= limit_n or size + extra > limit_b):
                     self._send_batch(ident, chunk)
                     chunk, n, size = [], 0, 0

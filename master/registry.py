@@ -10,6 +10,8 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+from ringserve.protocol.sockets import frames_nbytes
+
 
 def held_versions(info: dict) -> set[int]:
     """{"version": 4, "versions": [3, 4]} -> {3, 4}: the current version and any kept beside it."""
@@ -159,12 +161,7 @@ class ModelQueues:
         return self._depth.get(model, 0)
 
 
-def reply_size(frames: list) -> int:
-    """Bytes held by a reply's frames (bytes, memoryviews or zmq.Frames)."""
-    total = 0
-    for f in frames:  # len() of a zmq.Frame is its size; a memoryview's nbytes (its len counts items)
-        total += f.nbytes if type(f) is memoryview else len(f)
-    return total
+reply_size = frames_nbytes  # bytes held by a reply's frames (protocol/sockets.py)
 
 
 class AnsweredCache:

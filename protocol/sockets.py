@@ -69,3 +69,12 @@ def bind(sock: zmq.Socket, endpoint: str) -> str:
     except zmq.ZMQError as exc:
         raise BindError(endpoint, "address already in use" if exc.errno == errno.EADDRINUSE else str(exc)) from None
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def frames_nbytes(frames) -> int:
+    """Bytes held by message frames (bytes, memoryviews or zmq.Frames): what every bound in bytes
+    (the answer and response caches, batch sizes) counts."""
+    total = 0
+    for f in frames:  # len() of a zmq.Frame is its size; a memoryview's nbytes (its len counts items)
+        total += f.nbytes if type(f) is memoryview else len(f)
+    return total
