@@ -155,7 +155,10 @@ def test_workers_hear_the_shards_announcements(dep):
     """docs/deployment.md binds the shards to 0.0.0.0; workers on other hosts still hear their PUB (a
     worker subscribes where it reached the shard: worker/sync.py reachable_pub). gpu1's link was never
     cut in this module, so any resync on it would mean it hears nothing (gpu2's unplugging made some)."""
-    assert "shard_silent_resync" not in (dep.tmp / "gpu1.log").read_text(), "gpu1 hears no announcements"
+    # With the bug it resynced every 2 s for the whole module (about 40 times); a loaded machine can still
+    # hold a 0.2 s announcement back for 2 s once or twice, which is not the bug.
+    resyncs = (dep.tmp / "gpu1.log").read_text().count("shard_silent_resync")
+    assert resyncs <= 4, f"gpu1 hears no announcements ({resyncs} silent-shard resyncs)"
 
 
 def test_shard_host_cut_off_during_sync():
