@@ -130,10 +130,10 @@ class Lab:
 
     # -------------------------------------------------------------- processes
     def start(self, host: str, module: str, args: Sequence[str], label: str, wait_ready: bool = True,
-              ready_timeout: float = 90.0) -> RoleProcess:
-        """`python -m module args` inside the host's namespace, stopped by close()."""
-        env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(Path(__file__).resolve().parent.parent),
-                                                           os.environ.get("PYTHONPATH")]))}
+              ready_timeout: float = 90.0, env: dict[str, str] | None = None) -> RoleProcess:
+        """`python -m module args` inside the host's namespace (with `env` added), stopped by close()."""
+        env = {**(env or {}), "PYTHONPATH": os.pathsep.join(filter(None, [
+            str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH")]))}
         proc = RoleProcess(NSEXEC, [self.hosts[host].ns, module, *args], self.tmp / f"{label}.log",
                            wait_ready=False, env=env)
         self.procs.append(proc)
