@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,9 +41,7 @@ from ringserve.launch.procs import RoleProcess, wait_until
 
 HB = 0.2  # heartbeat interval of every role here; liveness 3: a silent worker is evicted after 0.6 s
 LIVENESS = 3
-PORTS = {"frontend": 5555, "backend": 5556, "admin": 5557}
-SHARDS = {"ps0": (5600, 5610), "ps1": (5600, 5610)}  # name -> (command, announcement) port, each on its own host
-REPLICAS = 2  # every piece on both shards: either one alone serves a whole version
+SHARDS = ("ps0", "ps1")  # each on a host of its own, as in docs/deployment.md (replicas = 2 there)
 WORKERS = ("gpu1", "gpu2")
 PROXIED = "gpu1"  # the worker host whose path to the master runs through the misbehaving proxy
 ECHO = "echo=ringserve.worker.demo:slow,arg.delay=0.002"
@@ -74,6 +74,48 @@ def write_toml(path: Path, settings: dict, tables: dict | None = None) -> Path:
     return path
 
 
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "deployment.md"
+# What the test deployment sets over docs/deployment.md's files, and why: faults are detected within a
+# second (heartbeats, announcements), CPU instead of GPUs, one thread per worker on a shared machine,
+# the test's models, a worker name per host, a reconnect backoff short enough for a flapping link, and
+# a request deadline that a loaded machine never meets by accident.
+TUNING = {
+    "master": {"heartbeat-interval": HB, "heartbeat-liveness": LIVENESS, "default-timeout": 20.0},
+    "ps": {"announce-interval": HB},
+    "worker": {"device": "cpu", "threads": 1, "heartbeat-interval": HB, "heartbeat-liveness": LIVENESS,
+               "max-backoff": 1.0},
+}
+
+
+def docs_configs(text: str | None = None) -> dict[str, dict]:
+    """The example's TOML files in docs/deployment.md: {"master", "ps0", "worker"} by file name (the
+    heading names the host and path), and "ops" (the operator's ~/ringserve.toml)."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+    text = DOCS.read_text() if text is None else text
+    blocks = re.findall(r"`[\w.]+:(?:/[\w.~-]+)*/([\w.-]+)\.toml`[^\n]*\n(?:[^\n]*\n)*?\n```toml\n(.*?)```", text, re.S)
+    out = {name: tomllib.loads(body) for name, body in blocks}
+    ops = re.search(r"~/ringserve\.toml`:\n\n```toml\n(.*?)```", text, re.S)
+    if ops is None or not {"master", "ps0", "worker"} <= set(out):
+        raise ValueError(f"{DOCS}: the example's master.toml, ps0.toml, worker.toml or ~/ringserve.toml is missing")
+    out["ops"] = tomllib.loads(ops.group(1))
+    return out
+
+
+def localize(value, swaps: dict[str, str]):
+    """A setting of the docs' files with its host names and paths replaced (`swaps`, longest first)."""
+    if isinstance(value, dict):
+        return {k: localize(v, swaps) for k, v in value.items()}
+    if isinstance(value, list):
+        return [localize(v, swaps) for v in value]
+    if isinstance(value, str):
+        for old in sorted(swaps, key=len, reverse=True):
+            value = value.replace(old, swaps[old])
+    return value
+
+
 @dataclass
 class Deployment:
     """The hosts, keys, configs and roles; `close()` (or the Lab's) removes all of it."""
@@ -87,7 +129,34 @@ class Deployment:
     mlp_seed: int = MLP_SEED
 
     def __post_init__(self) -> None:
+        self.docs = docs_configs()
         self.lab = Lab(self.tmp)
+
+    def swaps(self, host: str) -> dict[str, str]:
+        """The docs' host names -> this lab's addresses; their paths -> this host's keys, its
+        /etc/ringserve (the metrics certificate and token) and tmp."""
+        out = {f"{h}.example": self.addr(h) for h in self.lab.hosts}
+        out.update({"/etc/ringserve/keys": str(self.keys[host]), "/etc/ringserve/": f"{self.tmp}/etc-{host}/",
+                    "/home/op/ringserve-keys": str(self.keys["client"]), "/var/lib/ringserve/": f"{self.tmp}/"})
+        return out
+
+    def _make_metrics_tls(self) -> None:
+        """Per host, what docs/deployment.md has each make for metrics beyond loopback: a self-signed
+        certificate for its address (openssl, as an operator would) and a bearer token."""
+        import secrets
+
+        for host in self.lab.hosts:
+            etc = self.tmp / f"etc-{host}"
+            etc.mkdir(mode=0o700)
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                            "-nodes", "-days", "1", "-subj", f"/CN={host}.example",
+                            "-addext", f"subjectAltName=IP:{self.addr(host)}", "-keyout", str(etc / "metrics.key"),
+                            "-out", str(etc / "metrics.crt")], check=True, capture_output=True, timeout=60)
+            (etc / "metrics.token").write_text(secrets.token_hex(24) + "\n")
+
+    def config(self, doc: str, host: str, role: str | None = None, **settings) -> dict:
+        """docs/deployment.md's file `doc`, for `host`, with the test's TUNING for `role` and `settings` over it."""
+        return {**localize(self.docs[doc], self.swaps(host)), **TUNING.get(role or doc, {}), **settings}
 
     # ---------------------------------------------------------------- set-up
     def up(self) -> "Deployment":
@@ -96,6 +165,7 @@ class Deployment:
         for name in ("master", *SHARDS, *WORKERS, "client"):
             self.lab.add_host(name)
         self._make_keys()
+        self._make_metrics_tls()
         starting = [*self._start_workers(), self._start_runner(), self._start_master(), *self._start_shards()]
         for label, proc in starting:
             proc.wait_ready(120)
@@ -109,12 +179,16 @@ class Deployment:
 
     @property
     def shard_list(self) -> str:
-        """The ring every role is given: one shard per host, each at its own address."""
-        return ",".join(f"{n}=tcp://{self.addr(n)}:{p}" for n, (p, _) in SHARDS.items())
+        """The ring every role is given (the docs' worker.toml's): one shard per host, each at its own address."""
+        return localize(self.docs["worker"]["paramservers"], self.swaps("client"))
+
+    def master_endpoint(self, socket: str) -> str:
+        """Where another host reaches the master's `socket` (frontend, backend, admin): the docs' port."""
+        return f"tcp://{self.addr('master')}:{self.docs['master'][socket].rsplit(':', 1)[1]}"
 
     @property
     def frontend(self) -> str:
-        return f"tcp://{self.addr('master')}:{PORTS['frontend']}"
+        return self.master_endpoint("frontend")
 
     def _make_keys(self) -> None:
         """ringserve-keys as docs/security.md runs it (its main, in this process: no interpreter
@@ -145,24 +219,20 @@ class Deployment:
                 sub.chmod(0o700)
 
     def _start_master(self) -> tuple[str, RoleProcess]:
-        cfg = write_toml(self.tmp / "master.toml", {
-            **{k: f"tcp://0.0.0.0:{p}" for k, p in PORTS.items()},
-            "keys": str(self.keys["master"]), "state-dir": str(self.tmp / "master-state"),
-            "policy": "least-outstanding", "max-queue": 2000, "default-timeout": 20.0,
-            "heartbeat-interval": HB, "heartbeat-liveness": LIVENESS, "log-level": "info"})
+        cfg = write_toml(self.tmp / "master.toml", self.config("master", "master"))
         self.configs["master"] = cfg
         return "master", self.lab.start("master", "ringserve.launch.master", ["--config", str(cfg)], "master",
                                         wait_ready=False)
 
     def _start_shards(self) -> list[tuple[str, RoleProcess]]:
-        """ps0 and ps1, each on its own host, each told the ring and R (docs/deployment.md): every
-        piece is on both, so either one alone serves a whole version."""
+        """ps0 and ps1, each on its own host, each told the ring and R (docs/deployment.md's ps0.toml;
+        ps1's is the same with ps1 for ps0 in name and data-dir, as the docs say): every piece is on
+        both, so either one alone serves a whole version."""
         started = []
-        for name, (port, pub) in SHARDS.items():
+        for name in SHARDS:
+            doc = self.config("ps0", name, "ps")
             cfg = write_toml(self.tmp / f"{name}.toml", {
-                "name": name, "data-dir": str(self.tmp / name), "bind": f"tcp://0.0.0.0:{port}",
-                "pub": f"tcp://0.0.0.0:{pub}", "keys": str(self.keys[name]), "keep": 5,
-                "shards": self.shard_list, "replicas": REPLICAS, "announce-interval": HB})
+                **doc, "name": name, "data-dir": doc["data-dir"].replace("ps0", name)})
             self.configs[name] = cfg
             started.append((name, self.lab.start(name, "ringserve.launch.ps", ["--config", str(cfg)], name,
                                                  wait_ready=False)))
@@ -178,13 +248,11 @@ class Deployment:
         echo = f"{ECHO},weights={fixed}"
         started = []
         for w in WORKERS:
-            master = f"tcp://{self.addr('master')}:{PORTS['backend']}"
+            master = self.master_endpoint("backend")
             if w == PROXIED:
                 master = self._start_proxy(w, master)
-            cfg = write_toml(self.tmp / f"{w}.toml", {
-                "master": master, "name": w, "device": "cpu", "threads": 1, "max-batch-size": 8,
-                "paramservers": self.shard_list, "replicas": REPLICAS, "keys": str(self.keys[w]),
-                "heartbeat-interval": HB, "heartbeat-liveness": LIVENESS, "max-backoff": 1.0, "model": [echo, MLP]})
+            cfg = write_toml(self.tmp / f"{w}.toml", self.config("worker", w, master=master, name=w,
+                                                                 model=[echo, MLP]))
             self.configs[w] = cfg
             started.append((w, self.lab.start(w, "ringserve.launch.worker", ["--config", str(cfg)], w,
                                               wait_ready=False, env=COMPUTE_ENV)))
@@ -220,9 +288,10 @@ class Deployment:
 
     def ops_config(self) -> Path:
         if "ops" not in self.configs:
-            self.configs["ops"] = write_toml(self.tmp / "ringserve.toml", {"keys": str(self.keys["client"])}, {
-                "publish": {"shards": self.shard_list, "replicas": REPLICAS},
-                "admin": {"master": f"tcp://{self.addr('master')}:{PORTS['admin']}", "shards": self.shard_list}})
+            ops = self.config("ops", "client")
+            top = {k: v for k, v in ops.items() if not isinstance(v, dict)}
+            self.configs["ops"] = write_toml(self.tmp / "ringserve.toml", top,
+                                             {k: v for k, v in ops.items() if isinstance(v, dict)})
         return self.configs["ops"]
 
     def start_publish(self, seed: int) -> tuple[Forked, int]:
@@ -264,7 +333,7 @@ class Deployment:
         if "agent" not in self.roles:
             sock_path = self.tmp / "admin-agent.sock"
             agent = self.on_client("bench.multihost", [
-                "admin-agent", "--admin", f"tcp://{self.addr('master')}:{PORTS['admin']}",
+                "admin-agent", "--admin", self.master_endpoint("admin"),
                 "--keys", str(self.keys["client"]), "--socket", str(sock_path)], "admin-agent")
             agent.wait_ready(60)
             self.roles["agent"] = agent

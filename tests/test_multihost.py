@@ -13,6 +13,7 @@ bridge) and every process goes at the end even when a test fails: the module fix
 """
 from __future__ import annotations
 
+import shutil
 import statistics
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import pytest
 from bench.netns import Lab, probe
 from ringserve.launch.procs import wait_until
 
-REASON = probe()
+REASON = probe() or (None if shutil.which("openssl") else "openssl (the metrics certificates) is not installed")
 pytestmark = [pytest.mark.skipif(REASON is not None, reason=f"multi-host tests: {REASON}"),
               pytest.mark.timeout(150)]
 
@@ -80,6 +81,24 @@ def test_published_weights_are_served_across_hosts(healthy):
     st = healthy.status_cli()  # the operator's ringserve-admin --config ~/ringserve.toml status, over CURVE
     assert st["models"]["mlp"]["state"] == "ready" and st["models"]["mlp"]["versions"] == [healthy.mlp_version], (
         st["models"])
+
+
+def test_the_roles_run_the_files_of_docs_deployment(dep):
+    """Each role's TOML file is docs/deployment.md's, with the lab's addresses and paths for its host
+    names and paths; only the test's tuning (bench/multihost.py TUNING) and per-host settings differ."""
+    import tomllib
+
+    from bench.multihost import TUNING, localize
+
+    per_host = {"master": set(), "ps": {"name", "data-dir"}, "worker": {"name", "model", "master"}}
+    for label, doc, role in [("master", "master", "master"), *((n, "ps0", "ps") for n in SHARDS),
+                             *((w, "worker", "worker") for w in WORKERS)]:
+        ran = tomllib.loads(dep.configs[label].read_text())
+        want = localize(dep.docs[doc], dep.swaps(label))
+        assert set(ran) == set(want) | set(TUNING.get(role, {})), label
+        changed = {k for k in want if ran[k] != want[k]}
+        assert changed <= set(TUNING.get(role, {})) | per_host[role], (label, changed)
+    assert tomllib.loads(dep.ops_config().read_text()) == localize(dep.docs["ops"], dep.swaps("client"))
 
 
 def test_delay_on_one_worker_path(healthy):
