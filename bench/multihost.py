@@ -1,6 +1,6 @@
 """ringserve across hosts: docs/deployment.md's deployment in network namespaces, with keys, under faults.
 
-    sudo python -m bench.multihost [--requests 600] [--rate 100]
+    sudo python bench/multihost.py [--requests 600] [--rate 100]      (or python -m bench.multihost)
 
 prints one JSON line: ``requests``, ``lost`` (requests without their right answer: none, a typed
 error or a wrong output), ``duplicated`` (second answers the client dropped), ``p99_ms_delayed`` (p99
@@ -35,9 +35,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.forkrun import Forked
-from bench.netns import Lab
-from ringserve.launch.procs import RoleProcess, wait_until
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python bench/multihost.py` too
+
+from bench.forkrun import Forked  # noqa: E402
+from bench.netns import Lab  # noqa: E402
+from ringserve.launch.procs import RoleProcess, wait_until  # noqa: E402
 
 HB = 0.2  # heartbeat interval of every role here; liveness 3: a silent worker is evicted after 0.6 s
 LIVENESS = 3
@@ -323,6 +325,35 @@ class Deployment:
         self.finish_publish(cmd, version, seed)
         return version
 
+    def publish_cutting_shard(self, shard: str = "ps1", cap: str = "20mbit", timeout: float = 60.0) -> dict:
+        """Publish the next mlp version (another seed: every tensor differs, a full sync) with `shard`'s
+        link capped at `cap` (tc tbf: its share takes the workers a second or two), and unplug `shard`
+        as soon as every worker has the version's manifests. Returns the version, the workers that had
+        every piece before the cut (`early`: the cut missed their sync), each worker's failovers for
+        the version (`failovers`, from its log) and `sync_s`, from the cut to every worker serving it.
+        The link stays cut and capped: the caller plugs it back in."""
+        self.lab.shape(shard, cap)
+        marks = {w: self.log_size(w) for w in WORKERS}
+        seed = self.mlp_seed + 1
+        publish, version = self.start_publish(seed)
+
+        def logged(w: str, event: str) -> list[dict]:
+            return [e for e in self.log_events(w, event, marks[w]) if e.get("version") == version]
+        try:
+            wait_until(lambda: all(logged(w, "weights_manifest_fetched") for w in WORKERS), timeout, 0.02,
+                       f"every worker holds v{version}'s manifests")
+        except TimeoutError:
+            publish.kill()
+            raise
+        self.lab.cut(shard)
+        cut_at = time.monotonic()
+        early = [w for w in WORKERS if logged(w, "weights_pieces_fetched")]
+        self.finish_publish(publish, version, seed)  # a worker loaded it: the publisher hears so from the others
+        wait_until(lambda: all(str(w["models"]["mlp"]["state"]) == f"ready v{version}"
+                               for w in self.status()["workers"]), timeout, 0.1, f"every worker serving mlp v{version}")
+        return {"version": version, "early": early, "sync_s": round(time.monotonic() - cut_at, 3),
+                "failovers": {w: logged(w, "weights_fetch_failover") for w in WORKERS}}
+
     # ----------------------------------------------------------------- admin
     def status(self, timeout: float = 10.0) -> dict:
         """The master's status as the operator's AdminClient on the client host sees it, through a
@@ -566,7 +597,13 @@ def bench(requests: int, rate: float) -> dict:
         dep.lab.restore("gpu2")
         cut = run.result()
         dep.wait_serving(["gpu2"])
-        runs = (delayed["summary"], cut["summary"])
+        run = dep.drive("shard-cut", requests, rate)  # ps1 unplugged in the middle of both workers' full sync
+        sync = dep.publish_cutting_shard("ps1")
+        shard_cut = run.result()
+        dep.lab.restore("ps1")
+        dep.lab.unshape("ps1")
+        exact = dep.drive("exact", 40, rate, model="mlp", exact=True).result()  # the new version, bit-exact
+        runs = (delayed["summary"], cut["summary"], shard_cut["summary"], exact["summary"])
         return {
             "requests": sum(s["requests"] for s in runs),
             "lost": sum(s["lost"] + s["errors"] + s["wrong"] for s in runs),
@@ -574,6 +611,9 @@ def bench(requests: int, rate: float) -> dict:
             "p99_ms_delayed": delayed["summary"]["p99_ms"],
             "redispatch_s": redispatch_s(cut["records"], cut_at, gone_at),
             "p99_ms_cut": cut["summary"]["p99_ms"],
+            "shard_cut_sync_s": sync["sync_s"],
+            "shard_cut_failovers": sum(map(len, sync["failovers"].values())),
+            "p99_ms_shard_cut": shard_cut["summary"]["p99_ms"],
             "by_worker_delayed": delayed["summary"]["by_worker"],
         }
     finally:
