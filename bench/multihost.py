@@ -6,7 +6,11 @@ prints one JSON line: ``requests``, ``lost`` (requests without their right answe
 error or a wrong output), ``duplicated`` (second answers the client dropped), ``p99_ms_delayed`` (p99
 latency with a 50 ms-per-direction delaying proxy on one worker host's path) and ``redispatch_s``
 (the longest wait of a request in flight when a worker host was cut off, which the master had to
-re-dispatch after the liveness), plus the details. Needs root (network namespaces).
+re-dispatch after the liveness), plus the details: ``shard_cut_sync_s`` (from unplugging the ps1
+host in the middle of both workers' full sync of a new version to both serving it, what ps1 owed
+fetched from ps0) and ``shard_cut_failovers``. Phases, each under load: delayed path, worker host
+cut off, shard host cut off mid-sync, then the new version checked bit-exact. Needs root
+(network namespaces) and openssl (the metrics certificates of the docs' files).
 
 Hosts (bench/netns.py: namespaces on one bridge, 10.77.0.0/24, nothing in the root namespace):
 ``master`` (master, 0.0.0.0:5555-5557), ``ps0`` and ``ps1`` (a shard each, 0.0.0.0:5600/5610,
@@ -348,10 +352,16 @@ class Deployment:
         self.lab.cut(shard)
         cut_at = time.monotonic()
         early = [w for w in WORKERS if logged(w, "weights_pieces_fetched")]
+        try:
+            wait_until(lambda: all(str(w["models"]["mlp"]["state"]) == f"ready v{version}"
+                                   for w in self.status()["workers"]), timeout, 0.05,
+                       f"every worker serving mlp v{version}")
+        except TimeoutError:
+            publish.kill()
+            raise
+        sync_s = round(time.monotonic() - cut_at, 3)
         self.finish_publish(publish, version, seed)  # a worker loaded it: the publisher hears so from the others
-        wait_until(lambda: all(str(w["models"]["mlp"]["state"]) == f"ready v{version}"
-                               for w in self.status()["workers"]), timeout, 0.1, f"every worker serving mlp v{version}")
-        return {"version": version, "early": early, "sync_s": round(time.monotonic() - cut_at, 3),
+        return {"version": version, "early": early, "sync_s": sync_s,
                 "failovers": {w: logged(w, "weights_fetch_failover") for w in WORKERS}}
 
     # ----------------------------------------------------------------- admin
