@@ -87,7 +87,10 @@ def test_published_weights_are_served_across_hosts(healthy):
 def test_the_roles_run_the_files_of_docs_deployment(dep):
     """Each role's TOML file is docs/deployment.md's, with the lab's addresses and paths for its host
     names and paths; only the test's tuning (bench/multihost.py TUNING) and per-host settings differ."""
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
 
     from bench.multihost import TUNING, localize
 
