@@ -99,10 +99,10 @@ class GatewayMetrics:
             if acc is None:
                 by_model[model] = (buckets, seconds)
             else:
-                by_model[model] = ([a + b for a, b in zip(acc[0], buckets)], acc[1] + seconds)
+                by_model[model] = ([a + b for a, b in zip(acc[0], buckets, strict=True)], acc[1] + seconds)
         for model, (buckets, seconds) in by_model.items():
             cumulative, total = [], 0
-            for bound, n in zip([*map(_bound, BUCKETS), "+Inf"], buckets):
+            for bound, n in zip([*map(_bound, BUCKETS), "+Inf"], buckets, strict=True):
                 total += n
                 cumulative.append((bound, total))
             latency.add_metric([model], cumulative, seconds)
