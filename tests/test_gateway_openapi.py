@@ -95,6 +95,37 @@ def strategy(op):
     return st.one_of(kinds)
 
 
+# What OIP's REST description (kserve/open-inference-protocol open_inference_rest.yaml) states, in
+# our words: its paths and methods (its ${MODEL_NAME}/${MODEL_VERSION} spelled as OpenAPI templates)
+# and the fields each body must have.
+OIP_OPERATIONS = {("get", "/v2/health/live"), ("get", "/v2/health/ready"), ("get", "/v2/"),
+                  ("get", "/v2/models/{model_name}/versions/{model_version}"),
+                  ("get", "/v2/models/{model_name}/versions/{model_version}/ready"),
+                  ("post", "/v2/models/{model_name}/versions/{model_version}/infer")}
+OIP_REQUIRED = {"server_metadata": {"name", "version", "extensions"}, "model_metadata": {"name", "platform"},
+                "metadata_tensor": {"name", "datatype", "shape"}, "inference_request": {"inputs"},
+                "request_output": {"name"}, "inference_response": {"model_name", "outputs"}, "error": {"error"}}
+
+
+def test_the_document_agrees_with_the_oip_rest_description():
+    """Every OIP operation is in the document with the same method; every body has OIP's required
+    fields and no more, except `data`, which the binary extension lets a tensor leave out."""
+    from ringserve.gateway.openapi import document
+
+    doc = document("ringserve", "test")
+    ours = {(m, p) for p, ops in doc["paths"].items() for m in ops}
+    assert OIP_OPERATIONS <= ours
+    schemas = doc["components"]["schemas"]
+    for name, required in OIP_REQUIRED.items():
+        assert set(schemas[name].get("required", ())) == required, name
+    for name in ("request_input", "response_output"):  # OIP requires data too; binary tensors carry none
+        assert set(schemas[name]["required"]) == {"name", "shape", "datatype"}
+    infer = doc["paths"]["/v2/models/{model_name}/versions/{model_version}/infer"]["post"]
+    assert infer["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/inference_request")
+    assert infer["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/inference_response")
+    assert {"400", "404", "429", "503", "504"} <= set(infer["responses"])
+
+
 def test_the_document_lists_every_route_and_each_is_served(env):
     _, gw = env
     status, body = get(gw.info["url"] + "/v2/openapi.json")
