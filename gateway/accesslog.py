@@ -1,18 +1,24 @@
-"""The access log: one structlog JSON line per request, written in batches.
+"""The access log: one JSON line per request, the same fields as every structlog event, written in batches.
 
-Rendering a line is cheap next to writing it: a write (and flush) per request cost the gateway
-more CPU than the rest of a small request's work. Lines are rendered by the role's structlog
-processors, kept in memory and written together when 64 kB are waiting, when the oldest has
-waited `max_age_s`, on the gateway's periodic flush (so a quiet gateway's lines appear within
-that time) and at shutdown. Bounded: a write failure drops the batch rather than growing it.
+A write (and flush) per request cost the gateway more CPU than the rest of a small request's
+work, and so did structlog's processor chain (context merge, level, ISO time stamp, renderer:
+about as much as the whole binary request path). So `AccessLog` renders the line itself with
+orjson, with the fields the role's processors add (its bound context such as ``role``, ``level``,
+``timestamp`` in ISO 8601 UTC), and honours ``--log-level`` as structlog would. Lines are kept
+in memory and written together when 64 kB are waiting, when the oldest has waited `max_age_s`,
+on the gateway's periodic flush (so a quiet gateway's lines appear within that time) and at
+shutdown. Bounded: a write failure drops the batch rather than growing it.
 """
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
+from datetime import datetime, timezone
 from typing import TextIO
 
+import orjson
 import structlog
 
 MAX_BYTES = 64 << 10
@@ -53,7 +59,36 @@ class BufferedLines:
             pass
 
 
-def access_logger(sink: BufferedLines):
-    """A bound logger with the role's processors (same JSON lines as every other event) on `sink`."""
-    cfg = structlog.get_config()
-    return structlog.wrap_logger(sink, processors=cfg["processors"], wrapper_class=cfg["wrapper_class"])
+class AccessLog:
+    """``.info(event, **fields)`` as a structlog logger would render it, at a fraction of the cost."""
+
+    def __init__(self, sink: BufferedLines, context: dict | None = None, enabled: bool = True):
+        self._sink, self._context, self.enabled = sink, dict(context or {}), enabled
+        self._second = -1
+        self._prefix = ""
+
+    def _timestamp(self) -> str:
+        """ISO 8601 UTC with microseconds, as structlog's TimeStamper(fmt="iso", utc=True) writes it."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:  # the date and time of day change once a second
+            self._second = second
+            self._prefix = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._prefix}.{int((now - second) * 1e6):06d}Z"
+
+    def info(self, event: str, **fields) -> None:
+        if not self.enabled:
+            return
+        fields.update(self._context)
+        fields["event"] = event
+        fields["level"] = "info"
+        fields["timestamp"] = self._timestamp()
+        self._sink.msg(orjson.dumps(fields, default=str).decode())
+
+
+def access_logger(sink: BufferedLines) -> AccessLog:
+    """An AccessLog on `sink` with the role's bound context, enabled when structlog logs at info."""
+    wrapper = structlog.get_config()["wrapper_class"]
+    is_enabled = getattr(wrapper, "is_enabled_for", None)
+    enabled = True if is_enabled is None else bool(is_enabled(None, logging.INFO))
+    return AccessLog(sink, structlog.contextvars.get_contextvars(), enabled)

@@ -29,6 +29,7 @@ from ringserve.gateway.errors import HttpError, bad_request, from_ringserve
 from ringserve.gateway.metrics import GatewayMetrics
 from ringserve.gateway.models import ModelBook
 from ringserve.gateway.oip import InferCall, build_response, parse_infer
+from ringserve.gateway.openapi import document_bytes
 from ringserve.protocol.messages import ErrorCode
 
 log = structlog.get_logger("ringserve.gateway")
@@ -42,6 +43,7 @@ JOIN_BELOW = 64 << 10  # output bytes up to this are sent in one write with the 
 VERSION = re.compile(r"^[0-9]{1,9}$")
 JSON = b"application/json"
 _TIMED_OUT = -1.0
+OPENAPI = document_bytes(SERVER_NAME, SERVER_VERSION)  # GET /v2/openapi.json: built once, from gateway/openapi.py
 
 Send = Callable[[dict], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict]]
@@ -138,6 +140,10 @@ class GatewayApp:
                 return self._json({"live": True})
             ready = self.book.ready
             return self._json({"ready": ready}, 200 if ready else 503)
+        if rest == ["openapi.json"]:
+            ctx["endpoint"] = "openapi"
+            _method(method, "GET")
+            return 200, [(b"content-type", JSON)], [OPENAPI]
         if len(rest) < 2 or rest[0] != "models" or not rest[1]:
             raise HttpError(404, f"no such endpoint {path[:200]!r}")
         headers = dict(scope["headers"])

@@ -32,14 +32,21 @@ class ModelView:
     ready_versions: set[int] = field(default_factory=set)  # ... on a worker where the model is ready
     inputs: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # learned: name -> (datatype, shape)
     outputs: dict[str, tuple[str, list[int]]] = field(default_factory=dict)
+    last: dict[tuple[bool, str], tuple] = field(default_factory=dict)  # (output?, name) -> (dtype, shape[1:]) last seen
 
     @property
     def ready(self) -> bool:
         return bool(self.ready_versions)
 
 
-def _learn(book: dict[str, tuple[str, list[int]]], tensors: dict[str, np.ndarray]) -> None:
+def _learn(book: dict[str, tuple[str, list[int]]], tensors: dict[str, np.ndarray], last: dict,
+           side: bool) -> None:
     for name, arr in tensors.items():
+        sig = (arr.dtype, arr.shape[1:] if arr.ndim else None)
+        if last.get((side, name)) == sig:
+            continue  # as the previous request: nothing new to learn (the common case, and cheap)
+        if len(last) < 2 * MAX_TENSORS:
+            last[(side, name)] = sig
         datatype, shape = oip_datatype(arr), [-1, *arr.shape[1:]] if arr.ndim else []
         seen = book.get(name)
         if seen is None:
@@ -139,8 +146,8 @@ class ModelBook:
     def learn(self, model: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
         view = self.models.get(model)
         if view is not None:
-            _learn(view.inputs, inputs)
-            _learn(view.outputs, outputs)
+            _learn(view.inputs, inputs, view.last, False)
+            _learn(view.outputs, outputs, view.last, True)
 
     async def refresh(self) -> None:
         if self.admin is None:

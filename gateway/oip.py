@@ -67,6 +67,37 @@ def _tag(key: str, value: Any) -> str:
     return value
 
 
+PLAN_CACHE = 1024  # JSON headers remembered (binary requests): clients send the same header again and again
+PLAN_HEAD_MAX = 4096  # bytes: longer headers are parsed every time
+
+
+@dataclass(frozen=True)
+class _Input:
+    name: str
+    what: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    size: int | None  # binary_data_size, or None: `data` holds the values
+    data: Any = None
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a JSON header says, checked; the same header bytes give the same plan, so a binary
+    request whose header was seen before skips the JSON parse and the checks (only the tail's
+    sizes are checked again, against the bytes that came)."""
+
+    request_id: str | None
+    binary_output: bool
+    timeout_s: float | None
+    tags: dict[str, str]  # never mutated: merged into a new dict per request
+    inputs: tuple[_Input, ...]
+    outputs: list[tuple[str, bool | None]] | None
+
+
+_plans: dict[bytes, _Plan] = {}
+
+
 def parse_infer(body: memoryview, header_length: int | None, extra_tags: dict[str, str] | None = None) -> InferCall:
     """The request body (JSON header + binary tail) -> an InferCall; raises HttpError 400."""
     if header_length is None:
@@ -75,31 +106,43 @@ def parse_infer(body: memoryview, header_length: int | None, extra_tags: dict[st
         if not 0 < header_length <= len(body):
             raise bad_request(f"Inference-Header-Content-Length is {header_length} but the body has {len(body)} bytes")
         head, tail = body[:header_length], body[header_length:]
+    key = bytes(head) if header_length is not None and header_length <= PLAN_HEAD_MAX else None
+    plan = _plans.get(key) if key is not None else None
+    if plan is None:
+        plan = _plan(head)
+        if key is not None and all(i.size is not None for i in plan.inputs):
+            if len(_plans) >= PLAN_CACHE:
+                _plans.clear()
+            _plans[key] = plan
+    return _bind(plan, tail, extra_tags)
+
+
+def _plan(head: memoryview) -> _Plan:
     try:
         req = orjson.loads(head)
     except orjson.JSONDecodeError as exc:
         raise bad_request(f"request body is not valid JSON: {exc}") from None
     if not isinstance(req, dict):
         raise bad_request("request body must be a JSON object with 'inputs'")
-    call = InferCall({})
     rid = req.get("id")
-    if rid is not None:
-        if not isinstance(rid, str) or len(rid) > MAX_ID:
-            raise bad_request(f"'id' must be a string of at most {MAX_ID} characters")
-        call.request_id = rid
-    apply_parameters(call, _params(req.get("parameters"), "request"), extra_tags or {})
+    if rid is not None and (not isinstance(rid, str) or len(rid) > MAX_ID):
+        raise bad_request(f"'id' must be a string of at most {MAX_ID} characters")
+    params = InferCall({})
+    apply_parameters(params, _params(req.get("parameters"), "request"), {})
     inputs = req.get("inputs")
     if not isinstance(inputs, list) or not 0 < len(inputs) <= MAX_TENSORS:
         raise bad_request(f"'inputs' must be a list of 1..{MAX_TENSORS} tensors")
-    offset = 0
+    planned: list[_Input] = []
+    names: set[str] = set()
     for k, entry in enumerate(inputs):
         what = f"input {k}"
         if not isinstance(entry, dict):
             raise bad_request(f"{what} must be a JSON object")
         name = _name(entry.get("name"), what)
         what = f"input {name[:64]!r}"
-        if name in call.inputs:
+        if name in names:
             raise bad_request(f"{what} appears twice")
+        names.add(name)
         dt = numpy_dtype(entry.get("datatype"), what)
         shape = check_shape(entry.get("shape"), what)
         size = _params(entry.get("parameters"), what).get("binary_data_size")
@@ -108,19 +151,38 @@ def parse_infer(body: memoryview, header_length: int | None, extra_tags: dict[st
                 raise bad_request(f"{what}: binary_data_size must be a non-negative integer")
             if "data" in entry:
                 raise bad_request(f"{what}: has both 'data' and binary_data_size")
-            if offset + size > len(tail):
-                raise bad_request(f"{what}: binary_data_size {size} runs past the end of the body "
-                                  f"({len(tail)} bytes follow the JSON header)")
-            call.inputs[name] = from_bytes(tail[offset:offset + size], shape, dt, what)
-            offset += size
+            planned.append(_Input(name, what, dt, shape, size))
         elif "data" not in entry:
             raise bad_request(f"{what}: needs 'data' (or binary_data_size with the bytes after the header)")
         else:
-            call.inputs[name] = from_json(entry["data"], shape, dt, what)
+            planned.append(_Input(name, what, dt, shape, None, entry["data"]))
+    return _Plan(rid, params.binary_output, params.timeout_s, params.tags, tuple(planned),
+                 _requested_outputs(req.get("outputs")))
+
+
+def _bind(plan: _Plan, tail: memoryview, extra_tags: dict[str, str] | None) -> InferCall:
+    """A plan and this request's bytes and tag headers -> its InferCall."""
+    tags = plan.tags
+    if extra_tags:
+        tags = {**tags, **extra_tags}
+        if len(tags) > MAX_TAGS:
+            raise bad_request(f"at most {MAX_TAGS} request parameters (and tag headers) are passed on, got {len(tags)}")
+    else:
+        tags = dict(tags)
+    call = InferCall({}, plan.request_id, plan.outputs, plan.binary_output, plan.timeout_s, tags)
+    offset = 0
+    for i in plan.inputs:
+        if i.size is None:
+            call.inputs[i.name] = from_json(i.data, i.shape, i.dtype, i.what)
+            continue
+        if offset + i.size > len(tail):
+            raise bad_request(f"{i.what}: binary_data_size {i.size} runs past the end of the body "
+                              f"({len(tail)} bytes follow the JSON header)")
+        call.inputs[i.name] = from_bytes(tail[offset:offset + i.size], i.shape, i.dtype, i.what)
+        offset += i.size
     if offset != len(tail):
         raise bad_request(f"{len(tail)} bytes follow the JSON header but the inputs' binary_data_size add up "
                           f"to {offset}")
-    call.outputs = _requested_outputs(req.get("outputs"))
     return call
 
 

@@ -38,17 +38,30 @@ def start_gateway(cluster: Cluster, *args: str, label: str = "gateway") -> RoleP
     return gw
 
 
+def start_workers_side_by_side(cluster: Cluster, specs: list[tuple[str, list[str]]]) -> None:
+    """Start one worker per (name, args) at once and wait for each (Cluster.start_workers waits for
+    one before starting the next); then wait until the master lists them all."""
+    from ringserve.launch.procs import wait_for_workers
+
+    started = [cluster._start("ringserve.launch.worker", ["--master", cluster.master.info["backend"], "--name", name,
+                                                          "--threads", "1", "--heartbeat-interval", "0.2", *args],
+                              name, wait_ready=False) for name, args in specs]
+    for p in started:
+        p.wait_ready(90)
+    cluster.workers += started
+    wait_for_workers(cluster.admin, len(cluster.workers), timeout=60)
+
+
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("gateway"))
     try:
         c.start_master("--max-queue", "2", "--max-attempts", "1")
-        c.start_workers(1, "--model", "echo=tests.gateway_models:echo_all",
-                        "--model", "complex=ringserve.worker.demo:complex_out", names=["main"], wait=False)
-        c.start_workers(1, "--credit", "1", model="slow=ringserve.worker.demo:slow,arg.delay=0.3",
-                        names=["slow"], wait=False)
-        c.start_workers(1, "--credit", "1", model="doomed=ringserve.worker.demo:slow,arg.delay=5",
-                        names=["doomed"])
+        start_workers_side_by_side(c, [
+            ("main", ["--model", "mlp=ringserve.worker.demo:mlp", "--model", "echo=tests.gateway_models:echo_all",
+                      "--model", "complex=ringserve.worker.demo:complex_out"]),
+            ("slow", ["--credit", "1", "--model", "slow=ringserve.worker.demo:slow,arg.delay=0.3"]),
+            ("doomed", ["--credit", "1", "--model", "doomed=ringserve.worker.demo:slow,arg.delay=5"])])
         gw = start_gateway(c, "--metrics-port", "0")
         host_port = gw.info["url"].removeprefix("http://")
         client = tritonhttp.InferenceServerClient(host_port, concurrency=4, network_timeout=30)

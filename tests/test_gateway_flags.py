@@ -1,5 +1,9 @@
 """ringserve-gateway's command line and duties: --help, --config, loopback-only plaintext,
-API tokens (401, tenants, reload without restart), per-tenant rate limits, TLS."""
+API tokens (401, tenants, reload without restart), per-tenant rate limits, TLS.
+
+Tests that need a cluster share one for the module (a rate-limited master, a worker serving the
+MLP and a sequence encoder); each starts its own gateway. Command lines that must fail are run
+side by side, each its own process, so the module's wall time is not their sum."""
 from __future__ import annotations
 
 import json
@@ -12,9 +16,50 @@ import urllib.request
 
 import pytest
 
+from conftest import Cluster
 from ringserve.launch.procs import RoleProcess, wait_until
 
 pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    c = Cluster(tmp_path_factory.mktemp("gateway-flags"))
+    try:
+        c.start_master("--rate-limit", "1", "--rate-burst", "2")
+        c.start_workers(1, "--model", "enc=ringserve.worker.demo:seq_encoder")
+        yield c
+    finally:
+        c.stop_all()
+
+
+class Runs:
+    """`python -m ringserve.launch.gateway ARGS` for each ARGS, all started at once; `results()` waits."""
+
+    def __init__(self, argvs: list[list[str]]):
+        self.argvs = argvs
+        self.procs = [subprocess.Popen([sys.executable, "-m", "ringserve.launch.gateway", *a], stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True) for a in argvs]
+
+    def results(self, timeout: float = 60) -> list[subprocess.CompletedProcess]:
+        try:
+            out = []
+            for a, p in zip(self.argvs, self.procs, strict=True):
+                stdout, stderr = p.communicate(timeout=timeout)
+                out.append(subprocess.CompletedProcess(a, p.returncode, stdout, stderr))
+            return out
+        finally:
+            self.kill()
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+
+
+def run_all(argvs: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    return Runs(argvs).results()
 
 
 def gateway(tmp_path, *args: str, label: str = "gw") -> RoleProcess:
@@ -45,10 +90,16 @@ def test_help_shows_defaults():
 
 
 def test_plaintext_binds_only_to_loopback_unless_insecure(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "ringserve.launch.gateway", "--listen", "0.0.0.0:0"],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 2 and "refusing to bind" in out.stderr and "--tls-cert" in out.stderr
-    gw = gateway(tmp_path, "--listen", "0.0.0.0:0", "--insecure", "--admin", "tcp://127.0.0.1:1")
+    refused = subprocess.Popen([sys.executable, "-m", "ringserve.launch.gateway", "--listen", "0.0.0.0:0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        gw = gateway(tmp_path, "--listen", "0.0.0.0:0", "--insecure", "--admin", "tcp://127.0.0.1:1")
+        _, stderr = refused.communicate(timeout=60)
+    finally:
+        if refused.poll() is None:
+            refused.kill()
+            refused.wait(5)
+    assert refused.returncode == 2 and "refusing to bind" in stderr and "--tls-cert" in stderr
     try:
         port = gw.info["url"].rsplit(":", 1)[1]
         assert call(f"http://127.0.0.1:{port}/v2/health/live")[0] == 200
@@ -62,18 +113,22 @@ def test_plaintext_binds_only_to_loopback_unless_insecure(tmp_path):
 def test_config_file_and_bad_flags(tmp_path):
     cfg = tmp_path / "gw.toml"
     cfg.write_text('[master]\nmax-queue = 5\n[gateway]\nlisten = "127.0.0.1:0"\nmax-body-bytes = 1000\n')
-    gw = RoleProcess("ringserve.launch.gateway", ["--config", str(cfg), "--admin", "tcp://127.0.0.1:1"],
-                     tmp_path / "cfg.log")
+    bad = ((["--listen", "nohost"], "HOST:PORT"), (["--tls-cert", "c.pem"], "go together"),
+           (["--tls-cert", str(cfg), "--tls-key", str(cfg)], "--tls-cert/--tls-key"),
+           (["--tokens", str(tmp_path / "missing")], "--tokens"))
+    runs = Runs([args for args, _ in bad])  # side by side with the gateway below
+    try:
+        gw = RoleProcess("ringserve.launch.gateway", ["--config", str(cfg), "--admin", "tcp://127.0.0.1:1"],
+                         tmp_path / "cfg.log")
+    except BaseException:
+        runs.kill()
+        raise
     try:
         status, _, body = call(gw.info["url"] + "/v2/models/m/infer", b"x" * 2000)
         assert status == 413 and "1000" in json.loads(body)["error"]
     finally:
         gw.stop()
-    for args, text in ((["--listen", "nohost"], "HOST:PORT"), (["--tls-cert", "c.pem"], "go together"),
-                       (["--tls-cert", str(cfg), "--tls-key", str(cfg)], "--tls-cert/--tls-key"),
-                       (["--tokens", str(tmp_path / "missing")], "--tokens")):
-        out = subprocess.run([sys.executable, "-m", "ringserve.launch.gateway", *args], capture_output=True,
-                             text=True, timeout=60)
+    for (_, text), out in zip(bad, runs.results(), strict=True):
         assert out.returncode == 2 and text in out.stderr, out.stderr
 
 
@@ -86,9 +141,8 @@ def _self_signed(tmp_path):
     return cert, key
 
 
-def test_tokens_tenants_rate_limits_and_tls(cluster, tmp_path):
-    cluster.start_master("--rate-limit", "1", "--rate-burst", "2")
-    cluster.start_workers(1)
+def test_tokens_tenants_rate_limits_and_tls(shared, tmp_path):
+    cluster = shared
     cert, key = _self_signed(tmp_path)
     tokens = tmp_path / "tokens"
     tokens.write_text("# token tenant\nalpha-token-0123456789 alpha\nbravo-token-0123456789 bravo\n")
@@ -153,11 +207,11 @@ def test_a_port_in_use_is_one_clear_line_naming_the_flag():
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
-        for flag in ("--listen", "--grpc-listen"):
-            args = ["--listen", f"127.0.0.1:{port}"] if flag == "--listen" else [
-                "--listen", "127.0.0.1:0", "--grpc-listen", f"127.0.0.1:{port}"]
-            out = subprocess.run([sys.executable, "-m", "ringserve.launch.gateway", "--admin", "tcp://127.0.0.1:1",
-                                  "--status-interval", "0.2", *args], capture_output=True, text=True, timeout=60)
+        flags = ("--listen", "--grpc-listen")
+        argvs = [["--admin", "tcp://127.0.0.1:1", "--status-interval", "0.2",
+                  *(["--listen", f"127.0.0.1:{port}"] if flag == "--listen" else
+                    ["--listen", "127.0.0.1:0", "--grpc-listen", f"127.0.0.1:{port}"])] for flag in flags]
+        for flag, out in zip(flags, run_all(argvs), strict=True):
             assert out.returncode == 2 and f"choose another with {flag}" in out.stderr, out.stderr[-2000:]
             assert "Traceback" not in out.stderr
 
@@ -180,16 +234,11 @@ def _grpc_tokens_over_tls(address: str, cert) -> None:
         client.close()
 
 
-def test_model_metadata_lists_the_inputs_the_module_declares(cluster):
+def test_model_metadata_lists_the_inputs_the_module_declares(shared):
     """Workers announce their module's input_spec, so metadata is right before any request was made."""
-    import json
-    import urllib.request
-
-    cluster.start_master()
-    cluster.start_workers(1, model="enc=ringserve.worker.demo:seq_encoder")
+    cluster = shared
     gw = RoleProcess("ringserve.launch.gateway", ["--master", cluster.frontend, "--admin", cluster.admin,
                                                   "--listen", "127.0.0.1:0"], cluster.tmp / "gw-meta.log")
-    cluster.procs.append(gw)
 
     def meta():
         try:
@@ -198,6 +247,9 @@ def test_model_metadata_lists_the_inputs_the_module_declares(cluster):
         except OSError:
             return None
 
-    got = wait_until(lambda: (m := meta()) and m.get("inputs") and m, 20, 0.2, "metadata with inputs")
+    try:
+        got = wait_until(lambda: (m := meta()) and m.get("inputs") and m, 20, 0.2, "metadata with inputs")
+    finally:
+        gw.stop()
     assert {i["name"]: (i["datatype"], i["shape"]) for i in got["inputs"]} == {
         "input_ids": ("INT64", [-1, -1]), "attention_mask": ("INT64", [-1, -1])}

@@ -14,6 +14,7 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype  # n
 
 from conftest import Cluster  # noqa: E402
 from helpers import expected, mlp_state  # noqa: E402
+from test_gateway import start_workers_side_by_side  # noqa: E402
 from ringserve.launch.procs import RoleProcess, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
@@ -24,8 +25,9 @@ def env(tmp_path_factory):
     c = Cluster(tmp_path_factory.mktemp("gateway-grpc"))
     try:
         c.start_master("--max-queue", "2", "--max-attempts", "1")
-        c.start_workers(1, "--model", "echo=tests.gateway_models:echo_all", names=["main"], wait=False)
-        c.start_workers(1, "--credit", "1", model="slow=ringserve.worker.demo:slow,arg.delay=0.3", names=["slow"])
+        start_workers_side_by_side(c, [
+            ("main", ["--model", "mlp=ringserve.worker.demo:mlp", "--model", "echo=tests.gateway_models:echo_all"]),
+            ("slow", ["--credit", "1", "--model", "slow=ringserve.worker.demo:slow,arg.delay=0.3"])])
         gw = RoleProcess("ringserve.launch.gateway", ["--master", c.frontend, "--admin", c.admin, "--listen",
                                                       "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0",
                                                       "--status-interval", "0.2"], c.tmp / "gateway.log",
