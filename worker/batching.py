@@ -147,6 +147,9 @@ class WorkItem:
     link: int = 0  # which master it came from (the reply goes back there)
     timing: dict = field(default_factory=dict)  # ms per stage so far (preprocess_ms), for the reply's "timing"
     staged: bool = False  # its preprocess stage has run (worker/stages.py): it may join a batch
+    stage_version: int | None = None  # the version whose stages preprocessed it: it runs on that version
+    raw: dict[str, np.ndarray] | None = None  # with a preprocess stage: the request's own inputs
+    restaged: int = 0  # times it was preprocessed again (its stages' version was swapped out)
 
     @property
     def client_id(self) -> str:
@@ -156,10 +159,10 @@ class WorkItem:
         r = self.ragged
         if r is None:
             sig = tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in self.inputs.items()))
-            return (self.model, self.version, sig)
+            return (self.model, self.version, self.stage_version, sig)
         sig = tuple(sorted((n, a.dtype.str, a.shape[2:] if n in r.pads else a.shape[1:])
                            for n, a in self.inputs.items()))
-        return (self.model, self.version, sig, r.bucket(self.length))
+        return (self.model, self.version, self.stage_version, sig, r.bucket(self.length))
 
 
 def prepare_ragged(item: WorkItem, ragged: Ragged) -> None:
