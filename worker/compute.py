@@ -123,7 +123,7 @@ class ComputeThread(threading.Thread):
                     self.stats.skipped_expired += 1
                     self._reply_error(item, ErrorCode.TIMEOUT, "deadline passed before compute started")
                 self._fail_unloadable()
-                batch, wait = self.batcher.next_batch(now, self._runnable)
+                batch, wait = self.batcher.next_batch(now, self._runnable, self._coming)
                 if batch:
                     self._run_batch(batch)
                 else:
@@ -186,6 +186,10 @@ class ComputeThread(threading.Thread):
     def _runnable(self, name: str) -> bool:
         return self.models[name].ready
 
+    def _coming(self, name: str) -> int:
+        """Requests for `name` in its preprocess stage now: they join its queue within a moment."""
+        return 0 if self.stages is None else self.stages.coming.get(name, 0)
+
     def _evict_beyond_max(self, keep: str) -> None:
         """Unload the least recently used on-demand models beyond max_models (never `keep`, the one
         just loaded; models with queued requests go last, and are asked to load again if evicted)."""
@@ -221,6 +225,7 @@ class ComputeThread(threading.Thread):
         try:
             replies = self._compute(model, batch, pinned)
             owners = [] if model.opts.postprocess is not None else batch
+            self.batcher.observe(batch, time.monotonic() - started)  # what a call costs, for batches by length
         except Exception as exc:
             if len(batch) == 1:
                 replies = [self._failure(model, batch[0], exc)]

@@ -119,6 +119,7 @@ class StagePool:
         self.replaced = 0
         self.stopping = threading.Event()
         self.counts = {"timeouts": 0, "errors": 0}
+        self.coming: collections.Counter[str] = collections.Counter()  # model -> requests in preprocess (the batcher waits for them)
 
     def start(self) -> None:
         for _ in range(self.size):
@@ -133,7 +134,16 @@ class StagePool:
     def submit(self, task: Task) -> None:
         with self.cond:
             self.tasks.append(task)
+            if task.stage == PRE:
+                self.coming[task.item.model] += 1
             self.cond.notify()
+
+    def _gone(self, task: Task) -> None:
+        """A preprocess task is done (or answered by the watchdog): it is no longer coming. Under `cond`."""
+        if task.stage == PRE:
+            self.coming[task.item.model] -= 1
+            if self.coming[task.item.model] <= 0:
+                del self.coming[task.item.model]
 
     def _spawn(self) -> None:
         threading.Thread(target=self._work, name="ringserve-stage", daemon=True).start()
@@ -163,6 +173,8 @@ class StagePool:
                     outcome = StageFailed(ErrorCode.INTERNAL, f"{task.stage} failed: {type(exc).__name__}: {exc}")
                 with self.cond:
                     mine = self.running.pop(id(task), None) is not None
+                    if mine:
+                        self._gone(task)
                 if mine:  # else the watchdog answered TIMEOUT: the result is dropped
                     self._finish(push, task, outcome)
         finally:
@@ -177,12 +189,15 @@ class StagePool:
                 now = time.monotonic()
                 with self.cond:
                     late = [(k, t, th) for k, (t, th) in self.running.items() if t.item.deadline <= now]
-                    for k, _, thread in late:
+                    for k, task, thread in late:
                         del self.running[k]
+                        self._gone(task)
                         self.abandoned.add(thread)  # it leaves once its stage returns, if ever
                     waiting = [t for t in self.tasks if t.item.deadline <= now]
                     if waiting:
                         self.tasks = collections.deque(t for t in self.tasks if t.item.deadline > now)
+                        for task in waiting:
+                            self._gone(task)
                 for _, task, _ in late:
                     self._timeout(push, task, f"{task.stage} was still running at the request's deadline")
                     if self.replaced < MAX_REPLACED:
