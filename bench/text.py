@@ -13,7 +13,9 @@ The two sides are measured in `--rounds` alternating turns (served, then in-proc
 
 Prints one JSON line: sentences_per_s, inprocess_sentences_per_s, ratio, preprocess_ms_p50 (from
 the replies' timing), mean_batch_rows (exact, from each reply's batch_rows), timing_ms_p50 (every
-stage of the replies' timing: where a request's time goes in the worker), errors, and the setup.
+stage of the replies' timing: where a request's time goes in the worker; client_ms, the round
+trip at the client; outside_worker_ms, the part of it no worker stage covers: client, master,
+sockets, and waits for a stage thread), errors, and the setup.
 """
 from __future__ import annotations
 
@@ -145,10 +147,14 @@ def loop(c: Client, texts: list[str], concurrency: int, seconds: float) -> dict:
     t0 = time.perf_counter()
     end = t0 + seconds
 
+    sent = {}
+
     def submit():
         nonlocal k
         k += 1
-        return c.infer_async("st", {"text": [texts[k % len(texts)]]}, timeout=60)
+        f = c.infer_async("st", {"text": [texts[k % len(texts)]]}, timeout=60)
+        sent[f] = time.perf_counter()
+        return f
 
     inflight = {submit() for _ in range(concurrency)}
     while inflight:
@@ -159,7 +165,10 @@ def loop(c: Client, texts: list[str], concurrency: int, seconds: float) -> dict:
             if f.exception() is not None:
                 errors += 1
             else:
-                headers.append(f.result().header)
+                header = f.result().header
+                header["client_ms"] = 1000 * (time.perf_counter() - sent[f])  # sent to answered, at the client
+                headers.append(header)
+            sent.pop(f, None)
             if time.perf_counter() < end:
                 inflight.add(submit())
     return {"headers": headers, "errors": errors, "seconds": time.perf_counter() - t0}
@@ -173,6 +182,10 @@ def summary(rounds: list[dict]) -> dict:
     batches = sum(1 / h["batch_rows"] for h in headers)
     stages = sorted({k for h in headers for k in h.get("timing", {})})
     p50 = {k: round(float(np.median([h["timing"][k] for h in headers if k in h["timing"]])), 3) for k in stages}
+    if headers:  # the round trip at the client, and what of it the worker's own timing does not cover
+        p50["client_ms"] = round(float(np.median([h["client_ms"] for h in headers])), 3)
+        p50["outside_worker_ms"] = round(float(np.median([h["client_ms"] - sum(h["timing"].values())
+                                                          for h in headers])), 3)
     return {"sentences_per_s": round(n / took, 1), "preprocess_ms_p50": p50.get("preprocess_ms"),
             "mean_batch_rows": round(n / max(batches, 1e-9), 2), "timing_ms_p50": p50,
             "errors": sum(r["errors"] for r in rounds)}
