@@ -15,7 +15,9 @@ Prints one JSON line: sentences_per_s, inprocess_sentences_per_s, ratio, preproc
 the replies' timing), mean_batch_rows (exact, from each reply's batch_rows), timing_ms_p50 (every
 stage of the replies' timing: where a request's time goes in the worker; client_ms, the round
 trip at the client; outside_worker_ms, the part of it no worker stage covers: client, master,
-sockets, and waits for a stage thread), errors, and the setup.
+sockets, and waits for a stage thread), cpu_ms_per_sentence (CPU time of the worker, the master,
+the client and the in-process side per sentence: what contention from other processes on a
+shared machine changes least), errors, and the setup.
 """
 from __future__ import annotations
 
@@ -106,6 +108,15 @@ def encode_for(encode, texts: list[str], seconds: float) -> tuple[int, float]:
     return n, time.perf_counter() - t0
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux /proc; 0.0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def measure(d: Path, pkg: Path, texts: list[str], args, tmp: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{pkg}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     master = RoleProcess("ringserve.launch.master", ["--frontend", EPH, "--backend", EPH, "--admin", EPH,
@@ -122,16 +133,27 @@ def measure(d: Path, pkg: Path, texts: list[str], args, tmp: Path) -> dict:
         encode, how = in_process(d, args.threads)
         encode(texts[:32])  # warm-up
         rounds, inproc = [], [0, 0.0]
+        cpu = dict.fromkeys(("worker", "master", "client", "inprocess"), 0.0)  # CPU seconds while measuring
         with Client(master.info["frontend"], timeout=60) as c:
             loop(c, texts, args.concurrency, 1.0)  # warm-up
             for _ in range(args.rounds):
+                before = cpu_s(worker.pid), cpu_s(master.pid), time.process_time()
                 rounds.append(loop(c, texts, args.concurrency, args.seconds / args.rounds))
+                cpu["worker"] += cpu_s(worker.pid) - before[0]
+                cpu["master"] += cpu_s(master.pid) - before[1]
+                cpu["client"] += time.process_time() - before[2]
+                t0 = time.process_time()
                 n, took = encode_for(encode, texts, args.seconds / args.rounds)
+                cpu["inprocess"] += time.process_time() - t0
                 inproc[0] += n
                 inproc[1] += took
         r = summary(rounds)
         r["inprocess_sentences_per_s"], r["inprocess"] = round(inproc[0] / inproc[1], 1), how
         r["ratio"] = round(r["sentences_per_s"] / r["inprocess_sentences_per_s"], 3)
+        served_n = sum(len(x["headers"]) for x in rounds)
+        # CPU per sentence is what contention from other processes changes least: where the work goes.
+        r["cpu_ms_per_sentence"] = {k: round(1000 * v / max(inproc[0] if k == "inprocess" else served_n, 1), 3)
+                                    for k, v in cpu.items()}
         return r
     finally:
         if worker:
