@@ -11,12 +11,16 @@ import time
 import numpy as np
 import pytest
 import torch
+import zmq
 
 from ringserve.client import Client
 from ringserve.client.admin import AdminClient
 from ringserve.client.params import ParamClient, PublishRefused
 from ringserve.launch.procs import wait_for_workers, wait_until
+from ringserve.worker.batching import Batcher, WorkItem
+from ringserve.worker.compute import MAX_RESTAGED, ComputeThread
 from ringserve.worker.loader import ServedModel, StageBuildError, parse_model_arg
+from ringserve.worker.stages import PRE, StagePool, Task
 from helpers import shard_list
 
 pytestmark = pytest.mark.timeout(180)
@@ -115,6 +119,36 @@ def test_stages_are_built_per_version_and_kept_beside_it(vstages):
     assert m.version == 3 and m.stages.version == 3  # nothing live was touched
     m.install(m.build_shadow({"w": torch.tensor([4.0, 1.0])}), 4)  # built without its version: built at install
     assert m.stages.version == 4 and sorted(m.older_stages) == [3]
+
+
+def test_a_request_tokenized_by_a_version_swapped_out_is_tokenized_again(vstages):
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind("inproc://restage")
+    m = ServedModel(parse_model_arg(SPEC), torch.device("cpu"), version=1)
+    ct = ComputeThread(ctx, "inproc://restage", {"vs": m}, Batcher(32, 0.0))
+    ct.stages = StagePool(ctx, "inproc://restage", 1, ct.metrics, lambda item: ct.inbox.put_ready([item]))
+    ct.stages.start()
+    ct.push = ctx.socket(zmq.PUSH)
+    ct.push.connect("inproc://restage")
+    try:
+        item = WorkItem("k1", 1, "vs", None, {"text": np.array([b"abc"], dtype=object)}, 1, 0.0, time.monotonic() + 30)
+        ct.stages.submit(Task(PRE, m, item))
+        (ready,) = ct.inbox.get(timeout=10)
+        assert ready is item and item.stage_version == 1 and item.inputs["x"].tolist() == [[3.0, 1.0]]
+        m.install(m.build_shadow({"w": torch.tensor([2.0, 1.0])}, 2), 2)  # keep=1: version 1 is gone
+        ct._run_batch([item])  # not run on version 2 with version 1's tokens: back to the stages
+        (again,) = ct.inbox.get(timeout=10)
+        assert again is item and item.stage_version == 2 and item.inputs["x"].tolist() == [[3.0, 2.0]]
+        assert item.restaged == 1 and not pull.poll(0)  # nothing answered yet
+        item.restaged, item.stage_version = MAX_RESTAGED, 1  # a request that kept missing its version
+        ct._run_batch([item])
+        assert pull.poll(5000) and b"changed version" in b"".join(pull.recv_multipart())
+    finally:
+        ct.stages.stop()
+        for sock in (ct.push, pull):
+            sock.close(linger=0)
+        ctx.term()
 
 
 def test_a_published_version_serves_with_its_own_stages_and_a_bad_one_is_refused(cluster, vstages):
