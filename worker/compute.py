@@ -221,11 +221,16 @@ class ComputeThread(threading.Thread):
                 return
             pinned = target
         started = self.busy_since = time.monotonic()
+        cpu_started = time.thread_time()
         owners = batch  # the item each reply answers (none for those gone on to a postprocess stage)
         try:
             replies = self._compute(model, batch, pinned)
             owners = [] if model.opts.postprocess is not None else batch
-            self.batcher.observe(batch, time.monotonic() - started)  # what a call costs, for batches by length
+            # What a call costs, for batches by length: on a CPU this thread's CPU time, which other
+            # processes on a shared machine do not inflate (with more torch threads it counts this
+            # thread's share, as the wall time of the parallel part shrinks too); on a GPU the wall time.
+            took = time.thread_time() - cpu_started if model.device.type == "cpu" else time.monotonic() - started
+            self.batcher.observe(batch, took)
         except Exception as exc:
             if len(batch) == 1:
                 replies = [self._failure(model, batch[0], exc)]
