@@ -171,7 +171,7 @@ def test_a_published_version_serves_with_its_own_stages_and_a_bad_one_is_refused
                     texts = [f"t{k + j}" * (1 + (k + j) % 5) for j in range(8)]
                     k += 8
                     futures = [c.infer_async("vs", {"text": [t]}) for t in texts]
-                    for t, f in zip(texts, futures):
+                    for t, f in zip(texts, futures, strict=True):
                         try:
                             seen.append(check_one_version(f.result(timeout=20), t))
                         except Exception as exc:  # noqa: BLE001 - reported below
