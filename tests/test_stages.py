@@ -47,7 +47,7 @@ TEXT_MODELS = textwrap.dedent('''
 
 
     def tokenizer(offset=1):
-        """A stage factory: its state (here `offset`) is built once per model."""
+        """A stage factory: its state (here `offset`) is built once per model version."""
         BUILT.append("pre")
 
         def tokenize(inputs):
