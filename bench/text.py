@@ -8,8 +8,16 @@ single-sentence requests in flight (closed loop) for `--seconds`. The in-process
 `SentenceTransformer.encode` (batch 16) on the same sentences with the same torch thread count,
 in the same run (without sentence-transformers: the same steps with transformers, batch 16).
 
+The two sides are measured in `--rounds` alternating turns (served, then in-process, each
+`--seconds / --rounds`), so load from other processes on a shared machine falls on both alike.
+
 Prints one JSON line: sentences_per_s, inprocess_sentences_per_s, ratio, preprocess_ms_p50 (from
-the replies' timing), mean_batch_rows (exact, from each reply's batch_rows), errors, and the setup.
+the replies' timing), mean_batch_rows (exact, from each reply's batch_rows), timing_ms_p50 (every
+stage of the replies' timing: where a request's time goes in the worker; client_ms, the round
+trip at the client; outside_worker_ms, the part of it no worker stage covers: client, master,
+sockets, and waits for a stage thread), cpu_ms_per_sentence (CPU time of the worker, the master,
+the client and the in-process side per sentence: what contention from other processes on a
+shared machine changes least), errors, and the setup.
 """
 from __future__ import annotations
 
@@ -65,8 +73,8 @@ def build_model(d: Path, words: list[str], size: str) -> Path:
     return d
 
 
-def in_process(d: Path, texts: list[str], threads: int, seconds: float) -> tuple[float, str]:
-    """Sentences per second of encode (batch 16) over `texts`, repeated for about `seconds`."""
+def in_process(d: Path, threads: int):
+    """(encode(batch) as SentenceTransformer.encode does it with batch 16, what it is)."""
     import torch
 
     torch.set_num_threads(threads)
@@ -88,15 +96,28 @@ def in_process(d: Path, texts: list[str], threads: int, seconds: float) -> tuple
                     h = bert(**x).last_hidden_state
                 m = x["attention_mask"].unsqueeze(-1).float()
                 torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=1)
-    encode(texts[:32])  # warm-up
+    return encode, how
+
+
+def encode_for(encode, texts: list[str], seconds: float) -> tuple[int, float]:
+    """(sentences encoded, seconds taken): 256 sentences at a time for about `seconds`."""
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         encode(texts[:256])
         n += 256
-    return n / (time.perf_counter() - t0), how
+    return n, time.perf_counter() - t0
 
 
-def served(d: Path, pkg: Path, texts: list[str], args, tmp: Path) -> dict:
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used so far (Linux /proc; 0.0 elsewhere)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def measure(d: Path, pkg: Path, texts: list[str], args, tmp: Path) -> dict:
     env = {**os.environ, "PYTHONPATH": f"{pkg}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     master = RoleProcess("ringserve.launch.master", ["--frontend", EPH, "--backend", EPH, "--admin", EPH,
                                                      "--log-level", "warning"], tmp / "master.log")
@@ -109,9 +130,31 @@ def served(d: Path, pkg: Path, texts: list[str], args, tmp: Path) -> dict:
                                                          "--log-level", "warning", *args.worker_arg],
                              tmp / "worker.log", env=env)
         wait_for_workers(master.info["admin"], 1, 120)
+        encode, how = in_process(d, args.threads)
+        encode(texts[:32])  # warm-up
+        rounds, inproc = [], [0, 0.0]
+        cpu = dict.fromkeys(("worker", "master", "client", "inprocess"), 0.0)  # CPU seconds while measuring
         with Client(master.info["frontend"], timeout=60) as c:
             loop(c, texts, args.concurrency, 1.0)  # warm-up
-            return loop(c, texts, args.concurrency, args.seconds)
+            for _ in range(args.rounds):
+                before = cpu_s(worker.pid), cpu_s(master.pid), time.process_time()
+                rounds.append(loop(c, texts, args.concurrency, args.seconds / args.rounds))
+                cpu["worker"] += cpu_s(worker.pid) - before[0]
+                cpu["master"] += cpu_s(master.pid) - before[1]
+                cpu["client"] += time.process_time() - before[2]
+                t0 = time.process_time()
+                n, took = encode_for(encode, texts, args.seconds / args.rounds)
+                cpu["inprocess"] += time.process_time() - t0
+                inproc[0] += n
+                inproc[1] += took
+        r = summary(rounds)
+        r["inprocess_sentences_per_s"], r["inprocess"] = round(inproc[0] / inproc[1], 1), how
+        r["ratio"] = round(r["sentences_per_s"] / r["inprocess_sentences_per_s"], 3)
+        served_n = sum(len(x["headers"]) for x in rounds)
+        # CPU per sentence is what contention from other processes changes least: where the work goes.
+        r["cpu_ms_per_sentence"] = {k: round(1000 * v / max(inproc[0] if k == "inprocess" else served_n, 1), 3)
+                                    for k, v in cpu.items()}
+        return r
     finally:
         if worker:
             worker.stop()
@@ -119,16 +162,21 @@ def served(d: Path, pkg: Path, texts: list[str], args, tmp: Path) -> dict:
 
 
 def loop(c: Client, texts: list[str], concurrency: int, seconds: float) -> dict:
-    """Closed loop: `concurrency` single-sentence requests in flight for `seconds`."""
-    n = errors = k = 0
-    batches, pre = 0.0, []
+    """Closed loop: `concurrency` single-sentence requests in flight for `seconds`: the replies'
+    headers, the errors and the time taken."""
+    errors = k = 0
+    headers = []
     t0 = time.perf_counter()
     end = t0 + seconds
+
+    sent = {}
 
     def submit():
         nonlocal k
         k += 1
-        return c.infer_async("st", {"text": [texts[k % len(texts)]]}, timeout=60)
+        f = c.infer_async("st", {"text": [texts[k % len(texts)]]}, timeout=60)
+        sent[f] = time.perf_counter()
+        return f
 
     inflight = {submit() for _ in range(concurrency)}
     while inflight:
@@ -139,20 +187,36 @@ def loop(c: Client, texts: list[str], concurrency: int, seconds: float) -> dict:
             if f.exception() is not None:
                 errors += 1
             else:
-                n += 1
                 header = f.result().header
-                batches += 1 / header["batch_rows"]
-                pre.append(header["timing"]["preprocess_ms"])
+                header["client_ms"] = 1000 * (time.perf_counter() - sent[f])  # sent to answered, at the client
+                headers.append(header)
+            sent.pop(f, None)
             if time.perf_counter() < end:
                 inflight.add(submit())
-    took = time.perf_counter() - t0
-    return {"sentences_per_s": round(n / took, 1), "preprocess_ms_p50": round(float(np.median(pre)), 3) if pre else None,
-            "mean_batch_rows": round(n / max(batches, 1e-9), 2), "errors": errors}
+    return {"headers": headers, "errors": errors, "seconds": time.perf_counter() - t0}
+
+
+def summary(rounds: list[dict]) -> dict:
+    """The rounds' figures together: rate, mean batch rows (each reply weighs 1/its batch's rows),
+    and the median of each timing field."""
+    headers = [h for r in rounds for h in r["headers"]]
+    n, took = len(headers), sum(r["seconds"] for r in rounds)
+    batches = sum(1 / h["batch_rows"] for h in headers)
+    stages = sorted({k for h in headers for k in h.get("timing", {})})
+    p50 = {k: round(float(np.median([h["timing"][k] for h in headers if k in h["timing"]])), 3) for k in stages}
+    if headers:  # the round trip at the client, and what of it the worker's own timing does not cover
+        p50["client_ms"] = round(float(np.median([h["client_ms"] for h in headers])), 3)
+        p50["outside_worker_ms"] = round(float(np.median([h["client_ms"] - sum(h["timing"].values())
+                                                          for h in headers])), 3)
+    return {"sentences_per_s": round(n / took, 1), "preprocess_ms_p50": p50.get("preprocess_ms"),
+            "mean_batch_rows": round(n / max(batches, 1e-9), 2), "timing_ms_p50": p50,
+            "errors": sum(r["errors"] for r in rounds)}
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seconds", type=float, default=5.0, help="measurement time for each side")
+    p.add_argument("--seconds", type=float, default=6.0, help="measurement time for each side")
+    p.add_argument("--rounds", type=int, default=3, help="alternating turns of the two sides")
     p.add_argument("--concurrency", type=int, default=16, help="requests in flight")
     p.add_argument("--threads", type=int, default=1, help="torch threads: the worker's --threads and in-process")
     p.add_argument("--stage-threads", type=int, default=2)
@@ -169,10 +233,7 @@ def main(argv=None) -> None:
     (tmp / "pkg").mkdir()
     (tmp / "pkg" / "my_text.py").write_text(code)
     r = {"size": args.size, "concurrency": args.concurrency, "threads": args.threads,
-         "stage_threads": args.stage_threads, "worker_args": args.worker_arg, **served(d, tmp / "pkg", texts, args, tmp)}
-    rate, how = in_process(d, texts, args.threads, args.seconds)
-    r["inprocess_sentences_per_s"], r["inprocess"] = round(rate, 1), how
-    r["ratio"] = round(r["sentences_per_s"] / rate, 3)
+         "stage_threads": args.stage_threads, "worker_args": args.worker_arg, **measure(d, tmp / "pkg", texts, args, tmp)}
     print(json.dumps(r))
 
 

@@ -12,7 +12,8 @@ from ringserve.client import BadRequest, Client
 from ringserve.client.admin import AdminClient
 from ringserve.launch.procs import wait_until
 from ringserve.worker import demo
-from ringserve.worker.batching import (Batcher, ModelBatching, Ragged, WorkItem, concat_inputs, ragged_from_spec,
+from ringserve.worker.batching import (Batcher, CostFit, ModelBatching, Ragged, WorkItem, choose_by_length,
+                                       concat_inputs, ragged_from_spec,
                                        split_outputs)
 from ringserve.worker.loader import BadInput, ModelLoadError, ServedModel, parse_model_arg
 
@@ -100,14 +101,62 @@ def test_concat_pads_to_the_bucket_and_split_cuts_back():
     assert alone[0]["h"].shape == (2, 5, 3)
 
 
-def test_without_buckets_every_length_shares_a_batch_padded_to_the_longest():
+def test_without_buckets_a_batch_is_chosen_by_length_and_padded_to_its_longest():
     r = ragged_from_spec({"ids": ((None, None), "int64", {"pad": -1})})
     b = Batcher(32, 0.0, {"m": ModelBatching(ragged=r)})
+
+    def add(rid, length, at=0.0):
+        b.add(WorkItem(rid, 1, "m", None, {"ids": np.ones((1, length), np.int64)}, 1, at, 99.0))
+
     for rid, length in (("a", 3), ("b", 70), ("c", 1)):
-        b.add(WorkItem(rid, 1, "m", None, {"ids": np.ones((1, length), np.int64)}, 1, 0.0, 99.0))
+        add(rid, length)
+    # A call costs 32 padded tokens before any batch ran: "b" would pad two short rows to 70, so it waits.
     batch, _ = b.next_batch(1.0)
     x = concat_inputs(batch)
-    assert len(batch) == 3 and x["ids"].shape == (3, 70) and x["ids"][0, 3] == -1
+    assert [i.rid for i in batch] == ["c", "a"] and x["ids"].shape == (2, 3) and x["ids"][0, 1] == -1
+    assert [i.rid for i in b.next_batch(1.0)[0]] == ["b"]
+    # Calls that cost far more than tokens (a GPU, say): every length shares one batch.
+    fit = b.costs["m"] = CostFit()
+    for rows in range(1, 20):
+        fit.observe(rows * 10, 0.010 + 1e-7 * rows * 10)  # 10 ms a call, 0.1 us a token
+    assert 90_000 < fit.overhead_tokens() < 110_000
+    for rid, length in (("a", 3), ("b", 70), ("c", 1)):
+        add(rid, length)
+    batch, _ = b.next_batch(1.0)
+    assert len(batch) == 3 and concat_inputs(batch)["ids"].shape == (3, 70)
+
+
+def test_the_batch_by_length_always_holds_the_oldest_and_fits_the_limit():
+    r = ragged_from_spec({"ids": ((None, None), "int64", {"pad": 0})})
+    items = [WorkItem(f"r{k}", 1, "m", None, {"ids": np.ones((1, n), np.int64)}, 1, float(k), 99.0)
+             for k, n in enumerate([40, 5, 6, 7, 8, 41, 42, 9])]
+    for item in items:
+        item.ragged, item.length = r, item.inputs["ids"].shape[1]
+    assert [i.length for i in choose_by_length(items, 32, 32.0)] == [40, 41, 42]  # 5..9 in another call: less padding
+    assert [i.length for i in choose_by_length(items, 32, 1e5)] == [5, 6, 7, 8, 9, 40, 41, 42]  # calls cost most
+    assert [i.length for i in choose_by_length(items, 32, 0.5)] == [40]  # a call is nearly free: the oldest, alone
+    assert [i.length for i in choose_by_length(items, 2, 1e5)] == [9, 40]  # the limit holds: four runs of two
+    short = choose_by_length(items[1:], 3, 32.0)
+    assert items[1] in short and len(short) <= 3 and max(i.length for i in short) <= 9
+    # A fit with no spread in batch sizes, or time that does not grow with tokens.
+    flat = CostFit()
+    for _ in range(10):
+        flat.observe(100, 0.01)
+    assert flat.overhead_tokens() == CostFit.DEFAULT
+    for tokens in range(10, 200, 10):
+        flat.observe(tokens, 0.01)
+    assert flat.overhead_tokens() == CostFit.MAX
+
+
+def test_a_batch_waits_briefly_for_requests_still_in_their_preprocess_stage():
+    b = Batcher(32, 0.0)
+    b.add(WorkItem("a", 1, "m", None, {"x": np.ones((1, 2), np.float32)}, 1, 10.0, 99.0))
+    coming = {"m": 2}
+    batch, wait = b.next_batch(10.0005, coming=lambda m: coming.get(m, 0))
+    assert batch == [] and wait == pytest.approx(Batcher.stage_wait_s - 0.0005)
+    assert len(b.next_batch(10.0 + Batcher.stage_wait_s, coming=lambda m: 1)[0]) == 1  # at most stage_wait_s
+    b.add(WorkItem("b", 1, "m", None, {"x": np.ones((1, 2), np.float32)}, 1, 10.0, 99.0))
+    assert len(b.next_batch(10.0001, coming=lambda m: 0)[0]) == 1  # nothing coming: no wait
 
 
 def test_batch_limit_per_model():

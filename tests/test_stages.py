@@ -47,7 +47,7 @@ TEXT_MODELS = textwrap.dedent('''
 
 
     def tokenizer(offset=1):
-        """A stage factory: its state (here `offset`) is built once per model."""
+        """A stage factory: its state (here `offset`) is built once per model version."""
         BUILT.append("pre")
 
         def tokenize(inputs):
@@ -126,7 +126,7 @@ def test_a_stage_factory_that_fails_stops_the_worker_in_one_line(textmodels):
     from ringserve.worker.loader import ServedModel
 
     opts = ModelOptions("txt", "textmodels:bag", preprocess="textmodels:nothing")
-    with pytest.raises(ModelLoadError, match="cannot build preprocess textmodels:nothing: AttributeError"):
+    with pytest.raises(ModelLoadError, match="cannot build preprocess textmodels:nothing for version 0: AttributeError"):
         ServedModel(opts, torch.device("cpu"))
     built = ServedModel(parse_model_arg(SPEC), torch.device("cpu"))
     assert textmodels.BUILT == ["pre", "post"] and callable(built.preprocess)  # arg.dim not passed to the stages

@@ -13,6 +13,16 @@ when their lengths fall in the same bucket. ``concat_inputs`` pads each request 
 length (with each input's pad value; a declared attention mask, built as ones when the
 client sends none, pads with 0) and ``split_outputs`` cuts outputs that have the sequence axis
 back to each request's own length. docs/models.md shows the declaration.
+
+Without buckets every length shares a group, and a batch is padded to its own longest request;
+so a batch is chosen by length (``choose_by_length``): the queued requests, sorted by length,
+are cut into the runs that cost least to run, a batch costing ``overhead + rows x padded
+length`` in tokens, and the run holding the oldest request is the batch. The overhead (what one
+more model call costs, in padded tokens) is fitted from the batches the model ran (``CostFit``).
+A long request then does not pad a batch of short ones when two calls cost less than the padding.
+
+Requests still in a model's preprocess stage are about to join its queue: a batch that is not
+full waits for them (``coming``), at most ``stage_wait_s`` from its oldest request's arrival.
 """
 from __future__ import annotations
 
@@ -147,6 +157,9 @@ class WorkItem:
     link: int = 0  # which master it came from (the reply goes back there)
     timing: dict = field(default_factory=dict)  # ms per stage so far (preprocess_ms), for the reply's "timing"
     staged: bool = False  # its preprocess stage has run (worker/stages.py): it may join a batch
+    stage_version: int | None = None  # the version whose stages preprocessed it: it runs on that version
+    raw: dict[str, np.ndarray] | None = None  # with a preprocess stage: the request's own inputs
+    restaged: int = 0  # times it was preprocessed again (its stages' version was swapped out)
 
     @property
     def client_id(self) -> str:
@@ -156,10 +169,10 @@ class WorkItem:
         r = self.ragged
         if r is None:
             sig = tuple(sorted((n, a.dtype.str, a.shape[1:]) for n, a in self.inputs.items()))
-            return (self.model, self.version, sig)
+            return (self.model, self.version, self.stage_version, sig)
         sig = tuple(sorted((n, a.dtype.str, a.shape[2:] if n in r.pads else a.shape[1:])
                            for n, a in self.inputs.items()))
-        return (self.model, self.version, sig, r.bucket(self.length))
+        return (self.model, self.version, self.stage_version, sig, r.bucket(self.length))
 
 
 def prepare_ragged(item: WorkItem, ragged: Ragged) -> None:
@@ -170,7 +183,73 @@ def prepare_ragged(item: WorkItem, ragged: Ragged) -> None:
         item.inputs[ragged.mask] = np.ones((item.rows, item.length), dtype=ragged.mask_dtype)
 
 
+class CostFit:
+    """A model's batch time ~ a + b x tokens (rows x padded length), fitted by exponentially weighted
+    least squares over the batches it ran; ``overhead_tokens`` (a / b) is what one more model call
+    costs in padded tokens: large when calls dominate (a GPU), small when tokens do (a CPU)."""
+
+    DECAY = 0.97  # each batch counts this much less than the next (about the last 30 batches matter)
+    DEFAULT = 32.0  # before enough batches of different sizes were seen
+    MAX = 1e6  # time does not grow with tokens: never split a batch by length
+    MIN_BATCHES = 8
+
+    def __init__(self) -> None:
+        self.s0 = self.sx = self.sy = self.sxx = self.sxy = 0.0
+        self.n = 0
+
+    def observe(self, tokens: float, seconds: float) -> None:
+        d = self.DECAY
+        self.s0, self.sx, self.sy = d * self.s0 + 1.0, d * self.sx + tokens, d * self.sy + seconds
+        self.sxx, self.sxy = d * self.sxx + tokens * tokens, d * self.sxy + tokens * seconds
+        self.n += 1
+
+    def overhead_tokens(self) -> float:
+        if self.n < self.MIN_BATCHES:
+            return self.DEFAULT
+        spread = self.s0 * self.sxx - self.sx * self.sx
+        if spread <= 1e-9 * self.s0 * self.sxx:
+            return self.DEFAULT  # every batch the same size: nothing to fit
+        b = (self.s0 * self.sxy - self.sx * self.sy) / spread
+        if b <= 0:
+            return self.MAX
+        a = (self.sy - b * self.sx) / self.s0
+        return min(max(a / b, 0.0), self.MAX)
+
+
+def choose_by_length(items: Sequence[WorkItem], limit: int, overhead_tokens: float) -> list[WorkItem]:
+    """The requests of the next batch, padded to its own longest. `items` (arrival order, the first
+    the oldest) are sorted by length and cut into runs of at most `limit` rows so that the cost of
+    running them all, a call (`overhead_tokens`) plus rows x longest per run, is least (the best cut
+    of a sorted list is into runs: a shorter request never pads more in a batch of longer ones);
+    the batch is the run that holds the oldest, so nobody waits for ever."""
+    oldest = items[0]
+    order = sorted(items, key=lambda i: i.length)  # stable: equal lengths keep their arrival order
+    prefix = [0]
+    for i in order:
+        prefix.append(prefix[-1] + i.rows)
+    n, inf = len(order), float("inf")
+    best, cut = [0.0] + [inf] * n, [0] * (n + 1)  # best[j]: least cost of order[:j]; its last run is order[cut[j]:j]
+    for j in range(1, n + 1):
+        longest, i = order[j - 1].length, j - 1
+        while i >= 0 and prefix[j] - prefix[i] <= limit:
+            cost = best[i] + overhead_tokens + (prefix[j] - prefix[i]) * longest
+            if cost <= best[j]:  # on a tie the longer run: fewer calls
+                best[j], cut[j] = cost, i
+            i -= 1
+        if best[j] == inf:  # one request holds more rows than the limit: it runs alone
+            best[j], cut[j] = best[j - 1] + overhead_tokens + order[j - 1].rows * longest, j - 1
+    j = n
+    while j > 0:
+        run = order[cut[j]:j]
+        if any(i is oldest for i in run):
+            return run
+        j = cut[j]
+    return [oldest]  # not reached: some run holds every item
+
+
 class Batcher:
+    stage_wait_s = 0.002  # longest wait, from a group's oldest arrival, for requests still in its preprocess stage
+
     def __init__(self, max_batch_size: int = 1, max_queue_delay_s: float = 0.0,
                  models: Mapping[str, ModelBatching] | None = None, idle_gap_s: float | None = None):
         if max_batch_size < 1:
@@ -183,6 +262,7 @@ class Batcher:
         self.models: dict[str, ModelBatching] = dict(models or {})
         self.groups: dict[Hashable, deque[WorkItem]] = {}
         self.rows: dict[Hashable, int] = {}
+        self.costs: dict[str, CostFit] = {}  # per ragged model without buckets: what a call costs in tokens
 
     def configure(self, models: Mapping[str, ModelBatching]) -> None:
         """Per-model limits and ragged declarations (models not named batch by the worker's limit)."""
@@ -229,11 +309,20 @@ class Batcher:
                 self._set(key, keep)
         return gone
 
-    def next_batch(self, now: float, runnable=None) -> tuple[list[WorkItem], float | None]:
+    def observe(self, batch: Sequence[WorkItem], seconds: float) -> None:
+        """A batch ran in `seconds`: fit what a call costs (ragged models without buckets only)."""
+        r = batch[0].ragged
+        if r is None or r.buckets:
+            return
+        tokens = sum(i.rows for i in batch) * r.padded_length([i.length for i in batch])
+        self.costs.setdefault(batch[0].model, CostFit()).observe(tokens, seconds)
+
+    def next_batch(self, now: float, runnable=None, coming=None) -> tuple[list[WorkItem], float | None]:
         """Return (batch, None) if a batch is ready, else ([], seconds to wait or None if idle).
 
         `runnable(model)` says whether a model can run now: groups of a model still loading wait
-        (their deadlines still apply through take_expired)."""
+        (their deadlines still apply through take_expired). `coming(model)` counts its requests in
+        the preprocess stage: a group that is not full waits for them, at most stage_wait_s."""
         keys = [k for k in self.groups if runnable is None or runnable(k[0])]
         if not keys:
             return [], None
@@ -244,6 +333,8 @@ class Batcher:
         else:
             group = self.groups[oldest]
             wait = min(group[0].arrival + self.max_queue_delay_s, group[-1].arrival + self.idle_gap_s) - now
+            if wait <= 0 and coming is not None and coming(oldest[0]) > 0:
+                wait = group[0].arrival + self.stage_wait_s - now
             if wait > 0:
                 return [], wait
             key = oldest
@@ -251,6 +342,13 @@ class Batcher:
 
     def _pop(self, key: Hashable) -> list[WorkItem]:
         group, limit = self.groups[key], self.limit(key[0])
+        r = group[0].ragged
+        if r is not None and not r.buckets and len(group) > 1:
+            fit = self.costs.get(key[0])
+            batch = choose_by_length(group, limit, fit.overhead_tokens() if fit else CostFit.DEFAULT)
+            taken = {id(i) for i in batch}
+            self._set(key, deque(i for i in group if id(i) not in taken))
+            return batch
         batch = [group.popleft()]
         rows = batch[0].rows
         while group and rows + group[0].rows <= limit:

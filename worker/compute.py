@@ -34,6 +34,7 @@ from ringserve.worker.stages import POST, PRE, Inbox, StagePool, Task
 log = structlog.get_logger("ringserve.worker.compute")
 
 IDLE_WAIT_S = 0.05
+MAX_RESTAGED = 3  # times a request may be preprocessed again because its stages' version was swapped out
 RESULT = b"R"  # [RESULT, count, *REPLY frames]: `count` replies for the master, in one message
 CHANGED = b"S"  # [CHANGED]: model state changed (new version): heartbeat now
 
@@ -87,7 +88,7 @@ class ComputeThread(threading.Thread):
 
     def start(self) -> None:
         """Start the stage pool first (when a model has stages), so no request reaches the inbox before it."""
-        if self.stages is None and any(m.preprocess or m.postprocess for m in self.models.values()):
+        if self.stages is None and any(m.has_stages for m in self.models.values()):
             self.stages = StagePool(self.ctx, self.results_endpoint, self.stage_threads, self.metrics,
                                     lambda item: self.inbox.put_ready([item]))
             self.stages.start()
@@ -122,7 +123,7 @@ class ComputeThread(threading.Thread):
                     self.stats.skipped_expired += 1
                     self._reply_error(item, ErrorCode.TIMEOUT, "deadline passed before compute started")
                 self._fail_unloadable()
-                batch, wait = self.batcher.next_batch(now, self._runnable)
+                batch, wait = self.batcher.next_batch(now, self._runnable, self._coming)
                 if batch:
                     self._run_batch(batch)
                 else:
@@ -185,6 +186,10 @@ class ComputeThread(threading.Thread):
     def _runnable(self, name: str) -> bool:
         return self.models[name].ready
 
+    def _coming(self, name: str) -> int:
+        """Requests for `name` in its preprocess stage now: they join its queue within a moment."""
+        return 0 if self.stages is None else self.stages.coming.get(name, 0)
+
     def _evict_beyond_max(self, keep: str) -> None:
         """Unload the least recently used on-demand models beyond max_models (never `keep`, the one
         just loaded; models with queued requests go last, and are asked to load again if evicted)."""
@@ -208,11 +213,24 @@ class ComputeThread(threading.Thread):
                 self._reply_error(item, ErrorCode.UNKNOWN_VERSION,
                                   f"worker now serves version(s) {model.versions()}, not {pinned}")
             return
+        if batch[0].staged:  # tokenized by one version's stages: it runs on that version, or is tokenized again
+            staged_by = batch[0].stage_version
+            target = staged_by if pinned is None else pinned
+            if target is None or staged_by != target or not model.holds(target):
+                self._restage(model, batch)
+                return
+            pinned = target
         started = self.busy_since = time.monotonic()
+        cpu_started = time.thread_time()
         owners = batch  # the item each reply answers (none for those gone on to a postprocess stage)
         try:
             replies = self._compute(model, batch, pinned)
-            owners = [] if model.postprocess is not None else batch
+            owners = [] if model.opts.postprocess is not None else batch
+            # What a call costs, for batches by length: on a CPU this thread's CPU time, which other
+            # processes on a shared machine do not inflate (with more torch threads it counts this
+            # thread's share, as the wall time of the parallel part shrinks too); on a GPU the wall time.
+            took = time.thread_time() - cpu_started if model.device.type == "cpu" else time.monotonic() - started
+            self.batcher.observe(batch, took)
         except Exception as exc:
             if len(batch) == 1:
                 replies = [self._failure(model, batch[0], exc)]
@@ -234,6 +252,19 @@ class ComputeThread(threading.Thread):
             self.metrics.on_batch(model.name, sum(i.rows for i in batch), [started - i.arrival for i in batch],
                                   finished - started)
         self._push(replies, owners)
+
+    def _restage(self, model: ServedModel, batch: list[WorkItem]) -> None:
+        """Requests preprocessed by stages of a version swapped out since go back to the stage pool,
+        to be preprocessed by the version that will run them (a few times at most: then INTERNAL)."""
+        for item in batch:
+            if item.restaged >= MAX_RESTAGED:
+                self._reply_error(item, ErrorCode.INTERNAL, f"model {model.name!r} changed version "
+                                  f"{MAX_RESTAGED} times while this request waited; try again")
+                continue
+            item.restaged += 1
+            item.staged, item.inputs, item.stage_version = False, item.raw, None
+            self.stages.submit(Task(PRE, model, item))
+        log.info("requests_restaged", model=model.name, count=len(batch), serving=model.version)
 
     def _push(self, replies: list[tuple[dict, list]], items: list[WorkItem]) -> None:
         """Hand a batch's replies (one per item, in order) to the socket thread, one message per
@@ -263,8 +294,8 @@ class ComputeThread(threading.Thread):
             epoch = self.epochs.get(item.link)
             if epoch is not None and self.worker_name is not None:
                 header["worker"], header["epoch"] = self.worker_name, epoch
-            if model.postprocess is not None:
-                post.append(Task(POST, model, item, out, header))
+            if model.has_stages and model.opts.postprocess is not None:
+                post.append(Task(POST, model, item, out, header, stages=model.stages_for(version)))
                 continue
             header["outputs"], frames = encode_tensors(out)
             replies.append((header, frames))

@@ -12,8 +12,11 @@ is deterministic, so the master may answer repeated inputs from its response cac
 safetensors: never pickle, never torch.load.
 
 ``preprocess=module:function`` and ``postprocess=module:function`` name stage factories, loaded
-like the model's factory and called once when the model is built, with the ``arg.NAME`` options
-their signature takes; each returns the stage (worker/stages.py runs them per request).
+like the model's factory and called once per model *version* (``build_stages``), with the
+``arg.NAME`` options their signature takes (and ``version``, if it names it); each returns the
+stage (worker/stages.py runs them per request). A version's stages are built with its module,
+off to the side (``build_shadow``), and swapped in with it: a stage factory that fails refuses
+the version like weights that do not fit, and the old version keeps serving with its own stages.
 
 The module may declare ``input_spec`` (checked on every request; its variable-length inputs,
 if any, make the model's batching ragged: worker/batching.py) and ``max_batch_size`` (a cap on
@@ -35,6 +38,7 @@ import json
 import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
@@ -89,6 +93,20 @@ def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 class WeightsRefused(ValueError):
     """A candidate state dict does not fit the module (keys, shapes or dtypes)."""
+
+
+class StageBuildError(RuntimeError):
+    """A stage factory failed for a version: that version is refused (at start-up: the worker stops)."""
+
+
+@dataclass(frozen=True)
+class Stages:
+    """One version's stages, built for `version` (None: before any weights came) and kept beside its
+    module, so a request is tokenized, computed and pooled by one version (worker/stages.py)."""
+
+    version: int | None
+    pre: Callable | None
+    post: Callable | None
 
 
 class ModelLoadError(RuntimeError):
@@ -243,16 +261,19 @@ def load_target(spec: str) -> Any:
     return getattr(importlib.import_module(module_name), factory_name)
 
 
-def build_stage(spec: str, kwargs: Mapping[str, Any] | None = None) -> Callable:
-    """Call a stage factory once with the model options its signature takes (all with **kwargs);
-    it must return the stage, a callable (a tokenizer's state lives in it)."""
+def build_stage(spec: str, kwargs: Mapping[str, Any] | None = None, version: int | None = None) -> Callable:
+    """Call a stage factory with the model options its signature takes (all with **kwargs), and
+    `version` (the weights version the stage will serve with) when its signature names it; it must
+    return the stage, a callable (a tokenizer's state lives in it)."""
     factory = load_target(spec)
     kwargs = dict(kwargs or {})
     try:
         params = inspect.signature(factory).parameters.values()
+        names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
         if not any(p.kind is p.VAR_KEYWORD for p in params):
-            names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
             kwargs = {k: v for k, v in kwargs.items() if k in names}
+        if "version" in names:
+            kwargs["version"] = version
     except (TypeError, ValueError):  # no signature to read (a builtin): pass everything
         pass
     stage = factory(**kwargs)
@@ -297,17 +318,6 @@ class ServedModel:
         except ValueError as exc:
             raise ModelLoadError(f"model {opts.name!r}: {opts.spec}: {exc}") from exc
         self.batching = ModelBatching(max_batch=opts.max_batch, cap=cap, ragged=self.ragged)
-        self.preprocess: Callable | None = None  # stages: built once here, run per request (worker/stages.py)
-        self.postprocess: Callable | None = None
-        for what in ("preprocess", "postprocess"):
-            target = getattr(opts, what)
-            if target is None:
-                continue
-            try:
-                setattr(self, what, build_stage(target, opts.kwargs))
-            except Exception as exc:  # noqa: BLE001 - any failure of the user's stage factory, in one line
-                raise ModelLoadError(f"model {opts.name!r}: cannot build {what} {target}: "
-                                     f"{type(exc).__name__}: {exc}") from exc
         self.layout = layout_of(module)  # before dtype/int8: what published weights must look like
         self.ready = not wait_for_weights  # not ready until the parameter servers give it weights
         if opts.weights:
@@ -323,6 +333,15 @@ class ServedModel:
         # A model that serves without the shards (weights from a file or from its factory) is version
         # opts.version (0 unless version=N); one waiting for the shards has none yet.
         self.version = version if version is not None else (None if wait_for_weights or on_demand else opts.version)
+        # Stages, built per version: these for the version at start-up (None while waiting for weights),
+        # so a stage factory that fails stops the worker in one line.
+        self.older_stages: dict[int, Stages] = {}  # beside `older`: each kept version's own stages
+        self._shadow_stages: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # built module -> its stages
+        self._shadow_lock = threading.Lock()
+        try:
+            self.stages: Stages | None = self.build_stages(self.version)
+        except StageBuildError as exc:
+            raise ModelLoadError(f"model {opts.name!r}: {exc}") from exc
         # On demand (--max-models): nothing is held until the first request asks for the model.
         self.on_demand = on_demand
         self.module = None if on_demand else self._prepare(module)
@@ -351,6 +370,43 @@ class ServedModel:
     @property
     def float_dtype(self) -> torch.dtype:
         return DTYPES[self.opts.dtype]
+
+    @property
+    def has_stages(self) -> bool:
+        return bool(self.opts.preprocess or self.opts.postprocess)
+
+    @property
+    def preprocess(self) -> Callable | None:
+        """The current version's preprocess stage (None: the model has none)."""
+        stages = self.stages
+        return stages.pre if stages is not None else None
+
+    @property
+    def postprocess(self) -> Callable | None:
+        stages = self.stages
+        return stages.post if stages is not None else None
+
+    def stages_for(self, version: int | None) -> Stages | None:
+        """The stages of `version` when it is held (None, or a version not held: the current ones)."""
+        stages = self.stages
+        if version is None or stages is None or stages.version == version:
+            return stages
+        return self.older_stages.get(version, stages)
+
+    def build_stages(self, version: int | None) -> Stages | None:
+        """Both stage factories called for `version` (None when the model has no stages); raises
+        StageBuildError naming the stage and the version."""
+        if not self.has_stages:
+            return None
+        built: dict[str, Callable | None] = {}
+        for what in ("preprocess", "postprocess"):
+            target = getattr(self.opts, what)
+            try:
+                built[what] = None if target is None else build_stage(target, self.opts.kwargs, version)
+            except Exception as exc:  # noqa: BLE001 - any failure of the user's stage factory, in one line
+                where = "" if version is None else f" for version {version}"
+                raise StageBuildError(f"cannot build {what} {target}{where}: {type(exc).__name__}: {exc}") from exc
+        return Stages(version, built["preprocess"], built["postprocess"])
 
     def describe(self) -> dict:
         info = {"version": self.version, "ready": self.ready, "dtype": self.opts.dtype,
@@ -460,10 +516,12 @@ class ServedModel:
             t = t.to(self.float_dtype)
         return t
 
-    def build_shadow(self, state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
-        """A complete new module with `state`, ready to serve (dtype, int8, device): built off to
-        the side, on the caller's thread (weight sync), so the compute thread only swaps a reference.
-        Raises WeightsRefused (and touches nothing live) when `state` does not fit the module.
+    def build_shadow(self, state: Mapping[str, torch.Tensor], version: int | None = None) -> torch.nn.Module:
+        """A complete new module with `state`, ready to serve (dtype, int8, device), and the stages
+        for `version` (kept for `install` to swap in with it): built off to the side, on the caller's
+        thread (weight sync), so the compute thread only swaps a reference. Raises WeightsRefused or
+        StageBuildError (and touches nothing live) when `state` does not fit the module or a stage
+        factory fails for `version`.
 
         Without int8, the new module is a copy of the live one's structure whose tensors are
         `state`'s own (converted to the served dtype and device only where they differ): no
@@ -481,6 +539,10 @@ class ServedModel:
                 module = self._prepare(module)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the copy is done before anyone can run it
+        stages = self.build_stages(version)
+        if stages is not None:
+            with self._shadow_lock:
+                self._shadow_stages[module] = stages
         return module
 
     def _fit(self, state: Mapping[str, Any]) -> dict[str, Any]:
@@ -529,13 +591,23 @@ class ServedModel:
             return None
 
     def install(self, module: torch.nn.Module, version: int) -> None:
-        """Swap in a module built by `build_shadow`, between batches: the lock keeps any batch on one version."""
+        """Swap in a module built by `build_shadow`, and its version's stages, between batches: the
+        lock keeps any batch on one version."""
+        with self._shadow_lock:
+            stages = self._shadow_stages.pop(module, None)
+        if self.has_stages and (stages is None or stages.version != version):
+            stages = self.build_stages(version)  # built without its version (a caller other than weight sync)
         with self.lock:
+            older_stages = dict(self.older_stages)
             if self.opts.keep > 1 and self.ready and self.version is not None and self.version != version:
                 self.older[self.version] = self.module  # kept loaded for requests pinned to it
+                if self.stages is not None:
+                    older_stages[self.version] = self.stages
             self.older.pop(version, None)
             while len(self.older) > self.opts.keep - 1:
                 self.older.pop(next(iter(self.older)))  # the one kept longest goes first
+            self.older_stages = {v: st for v, st in older_stages.items() if v in self.older}  # one assignment
+            self.stages = stages
             if self.on_demand and not self.ready:
                 self.loads += 1
             self.module = module
@@ -550,6 +622,7 @@ class ServedModel:
         """Drop every held version (LRU eviction of an on-demand model); the next request loads it again."""
         with self.lock:
             self.module, self.older, self.version, self.ready = None, {}, None, False
+            self.older_stages = {}  # `stages` stay: requests that come meanwhile are tokenized, then re-staged
             self.evictions += 1
 
     def note_current(self, version: int) -> None:

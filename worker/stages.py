@@ -1,13 +1,18 @@
 """Pre- and post-processing stages, per request, in a small pool off the compute thread.
 
 A model's spec may name ``preprocess=module:function`` and ``postprocess=module:function``
-(stage factories, built once per model: worker/loader.py). The stages run here, in
+(stage factories, built once per model version: worker/loader.py ``Stages``). The stages run here, in
 ``--stage-threads`` threads, so the model keeps computing while the next requests are
 tokenized and the last ones pooled:
 
     preprocess(inputs)            -> the model's inputs   (before batching; checked against input_spec)
     postprocess(outputs, inputs)  -> the request's answer (after the batch is split; `inputs` are
                                      the model's inputs of that request, e.g. its attention mask)
+
+A request is tokenized, computed and pooled by one version: preprocess runs the stages of the
+version the request pins (else the current one) and notes it (``WorkItem.stage_version``); the
+compute thread runs it on that version, or sends it back here to be preprocessed again when that
+version has been swapped out meanwhile; postprocess runs the stages of the version its batch ran on.
 
 Every request in a stage gets exactly one answer: its stage's result goes on (to the batcher,
 or encoded to the master), or one error for that request alone: ``BadInput`` raised by the stage
@@ -35,7 +40,7 @@ from ringserve.protocol.codec import encode_tensors, to_numpy
 from ringserve.protocol.envelope import reply_frames
 from ringserve.protocol.messages import ErrorCode, ProtocolError, error_body
 from ringserve.worker.batching import WorkItem
-from ringserve.worker.loader import BadInput, ServedModel, TooLong
+from ringserve.worker.loader import BadInput, ServedModel, Stages, TooLong
 from ringserve.worker.metrics import WorkerMetrics
 
 log = structlog.get_logger("ringserve.worker.stages")
@@ -61,6 +66,7 @@ class Task:
     item: WorkItem
     outputs: Mapping[str, np.ndarray] | None = None  # postprocess: this request's share of the batch
     header: dict | None = None  # postprocess: the result header, outputs and timing still to fill in
+    stages: Stages | None = None  # postprocess: the stages of the version the batch ran on
 
 
 def stage_failure(stage: str, exc: BaseException) -> StageFailed:
@@ -113,6 +119,7 @@ class StagePool:
         self.replaced = 0
         self.stopping = threading.Event()
         self.counts = {"timeouts": 0, "errors": 0}
+        self.coming: collections.Counter[str] = collections.Counter()  # model -> requests in preprocess (the batcher waits for them)
 
     def start(self) -> None:
         for _ in range(self.size):
@@ -127,7 +134,16 @@ class StagePool:
     def submit(self, task: Task) -> None:
         with self.cond:
             self.tasks.append(task)
+            if task.stage == PRE:
+                self.coming[task.item.model] += 1
             self.cond.notify()
+
+    def _gone(self, task: Task) -> None:
+        """A preprocess task is done (or answered by the watchdog): it is no longer coming. Under `cond`."""
+        if task.stage == PRE:
+            self.coming[task.item.model] -= 1
+            if self.coming[task.item.model] <= 0:
+                del self.coming[task.item.model]
 
     def _spawn(self) -> None:
         threading.Thread(target=self._work, name="ringserve-stage", daemon=True).start()
@@ -157,6 +173,8 @@ class StagePool:
                     outcome = StageFailed(ErrorCode.INTERNAL, f"{task.stage} failed: {type(exc).__name__}: {exc}")
                 with self.cond:
                     mine = self.running.pop(id(task), None) is not None
+                    if mine:
+                        self._gone(task)
                 if mine:  # else the watchdog answered TIMEOUT: the result is dropped
                     self._finish(push, task, outcome)
         finally:
@@ -171,12 +189,15 @@ class StagePool:
                 now = time.monotonic()
                 with self.cond:
                     late = [(k, t, th) for k, (t, th) in self.running.items() if t.item.deadline <= now]
-                    for k, _, thread in late:
+                    for k, task, thread in late:
                         del self.running[k]
+                        self._gone(task)
                         self.abandoned.add(thread)  # it leaves once its stage returns, if ever
                     waiting = [t for t in self.tasks if t.item.deadline <= now]
                     if waiting:
                         self.tasks = collections.deque(t for t in self.tasks if t.item.deadline > now)
+                        for task in waiting:
+                            self._gone(task)
                 for _, task, _ in late:
                     self._timeout(push, task, f"{task.stage} was still running at the request's deadline")
                     if self.replaced < MAX_REPLACED:
@@ -206,19 +227,23 @@ class StagePool:
 
     def _preprocess(self, task: Task) -> WorkItem:
         item, model = task.item, task.model
-        inputs = as_arrays(PRE, model.preprocess(item.inputs))
+        stages = model.stages_for(item.version)  # the pinned version's, else the current one's
+        if item.raw is None:
+            item.raw = item.inputs  # kept: a request whose version is swapped out is preprocessed again
+        inputs = as_arrays(PRE, stages.pre(item.raw))
         try:
             rows = model.check_model_inputs(inputs)
         except TooLong:
             raise
         except BadInput as exc:  # the stage made something the model cannot take
             raise StageFailed(ErrorCode.INTERNAL, f"preprocess output does not fit model {model.name!r}: {exc}") from None
-        item.inputs, item.rows, item.staged = inputs, rows, True
+        item.inputs, item.rows, item.staged, item.stage_version = inputs, rows, True, stages.version
         return item
 
     def _postprocess(self, task: Task) -> tuple[dict, list]:
         item, model = task.item, task.model
-        outputs = as_arrays(POST, model.postprocess(dict(task.outputs), item.inputs))
+        stages = task.stages or model.stages_for(task.header.get("version") if task.header else None)
+        outputs = as_arrays(POST, stages.post(dict(task.outputs), item.inputs))
         try:
             meta, frames = encode_tensors(outputs)
         except ProtocolError as exc:

@@ -329,7 +329,7 @@ class WeightSync(threading.Thread):
             self._refuse(model, version, f"{type(exc).__name__}: {exc}")
             return
         try:
-            module = served.build_shadow(new.tensors())  # off the compute thread
+            module = served.build_shadow(new.tensors(), version)  # off the compute thread, with its stages
         except Exception as exc:  # the version itself is broken: refuse it, keep serving the old one
             self._refuse(model, version, f"{type(exc).__name__}: {exc}")
             return
