@@ -301,12 +301,13 @@ class Broker:
             self._batch_clients.popitem(last=False)
         scope = client_scope(frames[-1])
         requests, broken = split_batch(frames[4:])
-        for svc, header_frame, tensors in requests:
-            self._one_request(ident, scope, svc.encode(), [header_frame, *tensors])
+        for svc, header_frame, header, tensors in requests:
+            self._one_request(ident, scope, svc.encode(), [header_frame, *tensors], header)
         if broken is not None:
             self._reply_client(ident, MMI_BATCH_BYTES, error_body(None, ErrorCode.BAD_REQUEST, f"batch: {broken}"))
 
-    def _one_request(self, ident: bytes, scope: str, service: bytes, body: Sequence) -> None:
+    def _one_request(self, ident: bytes, scope: str, service: bytes, body: Sequence, header: dict | None = None) -> None:
+        """One request (alone, or one of a batch whose split already unpacked its header)."""
         try:
             model = service.decode("utf-8")
         except UnicodeDecodeError:
@@ -321,7 +322,8 @@ class Broker:
                 raise ProtocolError(f"service name must be 1..{MAX_NAME_LEN} characters")
             if not body:
                 raise ProtocolError("missing request body")
-            header = unpack_map(body[0])
+            if header is None:
+                header = unpack_map(body[0])
             rid = header.get("id") if isinstance(header.get("id"), str) else None
             parsed = parse_request_header(header, body[1:])
         except ProtocolError as exc:
@@ -590,10 +592,13 @@ class Broker:
         """Each send looks at the workers once and at the head of each version pin's FIFO, never
         the whole queue; the free workers are recomputed before every send, so an eviction in
         the middle (a failed send) cannot leave a stale view that sends beyond credit."""
+        now = time.monotonic()
+        # Which workers serve the model cannot change during this call (nothing here sends, so nothing
+        # evicts); which of them have credit is looked at again before every assignment.
+        serving = [w for w in self.workers.values() if w.serves(model)]
         for _ in range(len(self.workers) + sum(w.credit for w in self.workers.values()) + 1):
-            able = [w for w in self.workers.values() if w.has_credit() and w.serves(model)]
-            if not able and not any(w.serves(model) for w in self.workers.values()):
-                able = self._loaders(model)  # nobody holds it: a worker that loads it on demand
+            able = [w for w in serving if w.has_credit()] if serving else self._loaders(model)
+            #                                      nobody holds it: a worker that loads it on demand
             if not able:
                 return  # the common case under load: nobody free, so do not even look at the queue
             best: tuple[PendingRequest, list[WorkerRecord]] | None = None
@@ -606,16 +611,18 @@ class Broker:
             if best is None:
                 return
             req, cands = best
-            by_ident = {w.ident: w for w in cands}
             key = self.policy([Load(w.ident, len(w.in_flight), w.credit, w.weight) for w in cands])
-            self.assign(by_ident.get(key, cands[0]), req)
+            target = cands[0]
+            if len(cands) > 1:
+                target = next((w for w in cands if w.ident == key), target)
+            self.assign(target, req, now)
 
     def _loaders(self, model: str) -> list[WorkerRecord]:
         """Workers with credit that load `model` on demand, those with room first (no eviction)."""
         loaders = [w for w in self.workers.values() if w.has_credit() and w.can_load(model)]
         return [w for w in loaders if w.has_room()] or loaders
 
-    def assign(self, w: WorkerRecord, req: PendingRequest) -> bool:
+    def assign(self, w: WorkerRecord, req: PendingRequest, now: float | None = None) -> bool:
         """One attempt of `req` on `w`, sent at the end of the turn; refused unless the worker is
         still registered and has credit."""
         if self.workers.get(w.ident) is not w or not w.has_credit() or req.worker is not None:
@@ -625,7 +632,7 @@ class Broker:
         req.worker = w.ident
         w.in_flight[req.key] = req.attempts
         self.queues.remove(req)
-        self.metrics.on_dispatch(req.model, time.monotonic() - req.received)
+        self.metrics.on_dispatch(req.model, (time.monotonic() if now is None else now) - req.received)
         entry = self._outgoing.get(w.ident)
         if entry is None:
             entry = self._outgoing[w.ident] = (w, [])
@@ -902,6 +909,7 @@ class Broker:
         cid = (req.scope, req.rid)
         if self.held.get(cid) == req.key:
             del self.held[cid]
+        now = time.monotonic()
         counters = self._counters(req.model)
         if counters is not None:
             if not req.counted:  # it arrived while no worker served the name: counted as unknown then
@@ -911,9 +919,9 @@ class Broker:
                 counters.ok += 1
             else:
                 counters.count_error(error_code)
-            self.windows.record(req.model, req.received, error_code is None)
+            self.windows.record(req.model, req.received, error_code is None, now)
         self.metrics.on_answer(self._model_label(req.model), version if version is not None else req.version,
-                               error_code or "ok", time.monotonic() - req.received)
+                               error_code or "ok", now - req.received)
         sent = self._send_client(req.client, [req.client, b"", MDP_CLIENT, req.service, *body])
         if error_code is None and self.cfg.response_cache_bytes > 0:
             self._cache_result(req, body, version)

@@ -34,6 +34,9 @@ class WorkerRecord:
     registered_at: float = field(default_factory=time.time)
     stats: dict[str, Any] = field(default_factory=dict)
     user: str | None = None  # with keys: the CURVE identity it registered with (revoking it evicts the worker)
+    # versions() per model, for the models map it was computed from (checked on every reply; the map
+    # is replaced, never changed in place, when the worker's announcement changes)
+    _held: tuple = field(default=(None, {}), repr=False, compare=False)
 
     def serves(self, model: str, version: int | None = None) -> bool:
         info = self.models.get(model)
@@ -51,9 +54,18 @@ class WorkerRecord:
         loaded, cap = self.stats.get("models_loaded"), self.stats.get("max_models")
         return not (isinstance(loaded, int) and isinstance(cap, int)) or loaded < cap
 
-    def versions(self, model: str) -> set[int]:
+    def versions(self, model: str) -> frozenset[int]:
         """Every version of `model` this worker holds (a request may pin any of them)."""
-        return held_versions(self.models.get(model) or {})
+        models, cache = self._held
+        if models is not self.models:
+            models, cache = self._held = (self.models, {})
+        held = cache.get(model)
+        if held is None:
+            info = models.get(model)
+            if info is None:
+                return frozenset()  # a name it does not serve: not kept, so the cache is bounded by its models
+            held = cache[model] = frozenset(held_versions(info))
+        return held
 
     def has_credit(self) -> bool:
         return self.state == "ready" and len(self.in_flight) < self.credit

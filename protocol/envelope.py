@@ -47,8 +47,15 @@ def _timing_entry(k: Any, v: Any) -> bool:
 def timing_ok(value: Any) -> bool:
     """Whether a reply's "timing" field may go to a client as it is: absent, or a map of at most
     MAX_TIMING short names to finite non-negative numbers."""
-    return value is None or (type(value) is dict and len(value) <= MAX_TIMING
-                             and all(_timing_entry(k, v) for k, v in value.items()))
+    if value is None:
+        return True
+    if type(value) is not dict or len(value) > MAX_TIMING:
+        return False
+    for k, v in value.items():  # a plain loop: this runs for every result the master forwards
+        if not (type(k) is str and 0 < len(k) <= MAX_TIMING_KEY and (type(v) is float or type(v) is int)
+                and 0 <= v <= MAX_TIMING_MS and v == v):  # v == v: not NaN; the bounds exclude inf
+            return False
+    return True
 
 
 def clean_timing(value: Any) -> dict | None:
@@ -133,10 +140,12 @@ def batch_frames(requests: Sequence[tuple[bytes, Sequence]]) -> list:
     return out
 
 
-def split_batch(frames: Sequence) -> tuple[list[tuple[str, Any, list]], str | None]:
-    """A coalesced client message -> ([(service, header frame, tensor frames)], why the rest could not
-    be split or None). Each request is cut where its header's tensor list says (request_frames);
-    the entries before a break are kept, so one bad request never fails its neighbours."""
+def split_batch(frames: Sequence) -> tuple[list[tuple[str, Any, dict, list]], str | None]:
+    """A coalesced client message -> ([(service, header frame, header map, tensor frames)], why the rest
+    could not be split or None). Each request is cut where its header's tensor list says
+    (request_frames); the entries before a break are kept, so one bad request never fails its
+    neighbours. The header comes back unpacked (it had to be, to count its frames), so the master
+    checks it without unpacking it again."""
     if not frames:
         return [], "a batch needs its list of services"
     services = unpack(frames[0])
@@ -147,12 +156,13 @@ def split_batch(frames: Sequence) -> tuple[list[tuple[str, Any, list]], str | No
         if k >= len(frames):
             return out, "the batch lists more requests than it carries"
         try:
-            n = request_frames(unpack(frames[k]))
+            header = unpack(frames[k])
         except ProtocolError:
-            n = -1
+            header = None
+        n = request_frames(header)  # -1 unless a map with a countable tensor list
         if n < 0 or k + 1 + n > len(frames) or type(svc) is not str:
             return out, "a request header's tensor list does not say how many frames follow"
-        out.append((svc, frames[k], list(frames[k + 1:k + 1 + n])))
+        out.append((svc, frames[k], header, frames[k + 1:k + 1 + n] if n else []))
         k += 1 + n
     if k != len(frames):
         return out, f"the batch carries {len(frames) - k} frames no request accounts for"
