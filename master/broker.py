@@ -302,7 +302,16 @@ class Broker:
         scope = client_scope(frames[-1])
         requests, broken = split_batch(frames[4:])
         for svc, header_frame, header, tensors in requests:
-            self._one_request(ident, scope, svc.encode(), [header_frame, *tensors], header)
+            if not svc or len(svc) > MAX_NAME_LEN or svc.startswith("mmi."):
+                self._one_request(ident, scope, svc.encode(), [header_frame, *tensors], header)  # says what is wrong
+                continue
+            try:  # what _one_request does, without decoding the name or slicing the frames again
+                parsed = parse_request_header(header, tensors)
+            except ProtocolError as exc:
+                rid = header.get("id") if isinstance(header.get("id"), str) else None
+                self._reply_client(ident, svc.encode(), error_body(rid, ErrorCode.BAD_REQUEST, str(exc)))
+                continue
+            self.on_request(ident, scope, svc.encode(), svc, header_frame, parsed, tensors)
         if broken is not None:
             self._reply_client(ident, MMI_BATCH_BYTES, error_body(None, ErrorCode.BAD_REQUEST, f"batch: {broken}"))
 
@@ -353,9 +362,9 @@ class Broker:
         if cid in self.answered:
             self._answer_again(ident, cid, service, model, parsed.ack)
             return
-        if not self._within_rate(ident, scope, service, rid):
+        if self.limiter is not None and not self._within_rate(ident, scope, service, rid):
             return
-        counters = self._counters(model)
+        counters = self.counters.get(model) or self._counters(model)
         if counters is not None:
             counters.requests += 1
         else:
@@ -363,7 +372,8 @@ class Broker:
         if self.stopping:
             self._reject(ident, cid, service, model, ErrorCode.OVERLOADED, "master is shutting down")
             return
-        known = counters is not None and self._served(model)
+        served = self._served_cache if self._served_cache is not None else self._served_models()
+        known = counters is not None and model in served
         if not known and not self._may_wait(model):
             self._reject(ident, cid, service, model, ErrorCode.UNKNOWN_MODEL,
                          f"no worker serves model {short_repr(model)}")
@@ -382,20 +392,23 @@ class Broker:
         timeout = min(timeout, self.cfg.max_timeout)  # the client chooses, within the master's cap
         route = self.routes.get(model) if parsed.version is None else None  # a pinned version wins
         version = self._routed_version(route, parsed.tags) if route else parsed.version
-        digest = self._cache_digest(model, parsed, frames)
-        cache_key = self._cache_key(model, version, digest)
-        if cache_key is not None and self._answer_from_cache(ident, cid, service, model, cache_key, counters, now):
-            return
-        req = PendingRequest(self._new_key(), rid, ident, service, model, version, header_frame, frames,
-                             now + timeout, now, scope=scope, pinned=parsed.version is not None,
-                             tags=parsed.tags, counted=counters is not None, digest=digest)
+        cacheable = self._cacheable if self._cacheable is not None else self._cache_versions()
+        digest = self._cache_digest(model, parsed, frames) if model in cacheable else None
+        if digest is not None:
+            cache_key = self._cache_key(model, version, digest)
+            if cache_key is not None and self._answer_from_cache(ident, cid, service, model, cache_key, counters,
+                                                                 now):
+                return
+        key = "%x" % next(self._keys)  # _new_key()
+        req = PendingRequest(key, rid, ident, service, model, version, header_frame, frames, now + timeout, now, 0,
+                             None, 0, scope, parsed.version is not None, parsed.tags, counters is not None, digest)
         self._hold(req)
-        self.held[cid] = req.key
+        self.held[cid] = key
         if parsed.ack:
             self._reply_client(ident, service, {"id": rid, "ack": True})
         if route is not None and route.shadow is not None and route.shadow != version:
             self._mirror(req, route.shadow)
-        self.dispatch(model)
+        self._dirty.add(model)  # dispatch(model)
 
     # ------------------------------------------------------------ response cache
     def _cache_digest(self, model: str, parsed, frames: list) -> bytes | None:
@@ -424,7 +437,7 @@ class Broker:
         body = [pack({**header, "id": cid[1], "epoch": self.epoch, "cached": True}), *frames]
         counters.ok += 1
         self.metrics.on_answer(model, key[1], "ok", time.monotonic() - now)
-        sent = self._send_client(ident, [ident, b"", MDP_CLIENT, service, *body])
+        sent = self._send_client(ident, service, body)
         self.answered.add(cid, model, [service, *body], ident if sent else None)
         return True
 
@@ -453,7 +466,7 @@ class Broker:
         cached = self.answered.reply(cid)
         log.info("duplicate_request", request_id=rid, resent=cached is not None)
         if cached is not None:
-            if self._send_client(ident, [ident, b"", MDP_CLIENT, *cached]):
+            if self._send_client(ident, cached[0], cached[1:]):
                 self.answered.resent_to(cid, ident)
         else:  # remembered as answered, but the reply itself is no longer held: say so, never run twice
             self._reply_client(ident, service, error_body(
@@ -463,7 +476,7 @@ class Broker:
     def _new_key(self) -> str:
         """The master's own name for a request: unique for the life of this process, never reused,
         so a late reply can never be taken for another request's answer."""
-        return format(next(self._keys), "x")
+        return "%x" % next(self._keys)
 
     def _hold(self, req: PendingRequest) -> None:
         self.pending[req.key] = req
@@ -561,7 +574,7 @@ class Broker:
             counters.count_error(code)
         self.metrics.on_answer(self._model_label(model), None, code, 0.0)
         body = [pack(error_body(cid[1], code, message, epoch=self.epoch))]
-        sent = self._send_client(ident, [ident, b"", MDP_CLIENT, service, *body])
+        sent = self._send_client(ident, service, body)
         if code not in ErrorCode.RETRYABLE:  # a retry under the same id may succeed later
             self.answered.add(cid, model, [service, *body], ident if sent else None)
         log.info("request_rejected", request_id=cid[1], model=model[:MAX_NAME_LEN], code=code)
@@ -895,22 +908,26 @@ class Broker:
         """The one place a request gets its final answer. Every path ends here, so this is where
         the books are settled: the request leaves `pending`, its queue and its scope's id map,
         and a worker credit slot it still holds (its deadline passed in flight) is given back."""
-        if self.pending.pop(req.key, None) is None:
+        key = req.key
+        if self.pending.pop(key, None) is None:
             return
-        self.queues.remove(req)
-        if req.worker is not None:
+        model = req.model
+        if req.worker is None:  # queued (an assigned request left its queue when it was assigned)
+            self.queues.remove(req)
+        else:
             w = self.workers.get(req.worker)
-            if w is not None and w.in_flight.get(req.key) == req.attempts:
-                del w.in_flight[req.key]
-                self.dispatch(req.model)
+            if w is not None and w.in_flight.get(key) == req.attempts:
+                del w.in_flight[key]
+                self._dirty.add(model)  # dispatch(model): its slot is free
         if req.client is None:  # a shadow copy: nobody waits for it, only metrics count it
             self.metrics.on_shadow(req.model, req.version, error_code or "ok")
             return
         cid = (req.scope, req.rid)
-        if self.held.get(cid) == req.key:
+        if self.held.get(cid) == key:
             del self.held[cid]
         now = time.monotonic()
-        counters = self._counters(req.model)
+        counters = self.counters.get(model) or self._counters(model)
+        served = self._served_cache if self._served_cache is not None else self._served_models()
         if counters is not None:
             if not req.counted:  # it arrived while no worker served the name: counted as unknown then
                 self.unknown_model_requests -= 1
@@ -919,14 +936,15 @@ class Broker:
                 counters.ok += 1
             else:
                 counters.count_error(error_code)
-            self.windows.record(req.model, req.received, error_code is None, now)
-        self.metrics.on_answer(self._model_label(req.model), version if version is not None else req.version,
-                               error_code or "ok", now - req.received)
-        sent = self._send_client(req.client, [req.client, b"", MDP_CLIENT, req.service, *body])
-        if error_code is None and self.cfg.response_cache_bytes > 0:
+            self.windows.record(model, req.received, error_code is None, now)
+        self.metrics.on_answer(model if model in served else UNSERVED_LABEL,
+                               version if version is not None else req.version, error_code or "ok", now - req.received)
+        service = req.service
+        sent = self._send_client(req.client, service, body)
+        if error_code is None and req.digest is not None:  # a digest: its model is cacheable
             self._cache_result(req, body, version)
         if error_code not in ErrorCode.RETRYABLE:  # only final answers are remembered for retried ids
-            self.answered.add(cid, req.model, [req.service, *body], req.client if sent else None)
+            self.answered.add(cid, model, [service, *body], req.client if sent else None)
         if len(self.deadlines) > 2 * len(self.pending) + 1024:  # answered entries dominate: drop them
             self.deadlines = [(r.deadline, r.key) for r in self.pending.values()]
             heapq.heapify(self.deadlines)
@@ -1148,16 +1166,18 @@ class Broker:
     # --------------------------------------------------------------- sends
     def _reply_client(self, ident: bytes, service: bytes, body: dict) -> None:
         body.setdefault("epoch", self.epoch)
-        self._send_client(ident, [ident, b"", MDP_CLIENT, service, pack(body)])
+        self._send_client(ident, service, [pack(body)])
 
-    def _send_client(self, ident: bytes, msg: list) -> bool:
+    def _send_client(self, ident: bytes, service: bytes, body: list) -> bool:
+        """One answer (body: its header frame and tensor frames) to a client: queued for this turn's
+        message to a client that batches, else sent now as a message of its own."""
         if ident in self._batch_clients:  # a client that batches: its answers of this turn go together
             out = self._client_out.get(ident)
             if out is None:
                 out = self._client_out[ident] = []
-            out.append((msg[4], msg[5:]))  # one answer: its header and tensor frames
+            out.append(body)
             return True
-        if self._send_raw(self.frontend, msg):
+        if self._send_raw(self.frontend, [ident, b"", MDP_CLIENT, service, *body]):
             return True
         log.warning("reply_undeliverable", client=ident.hex()[:64])
         return False
@@ -1169,16 +1189,15 @@ class Broker:
             return
         out, self._client_out = self._client_out, {}
         limit_n, limit_b = self.cfg.client_batch_max, self.cfg.client_batch_bytes
-        for ident, frames in out.items():
+        for ident, bodies in out.items():
             chunk: list = []
             n = size = 0
-            for header_frame, data in frames:
-                extra = len(header_frame) + frames_nbytes(data)
+            for body in bodies:
+                extra = frames_nbytes(body)
                 if chunk and (n >= limit_n or size + extra > limit_b):
                     self._send_batch(ident, chunk)
                     chunk, n, size = [], 0, 0
-                chunk.append(header_frame)
-                chunk.extend(data)
+                chunk.extend(body)
                 n += 1
                 size += extra
             if chunk:

@@ -171,23 +171,30 @@ def split_batch(frames: Sequence) -> tuple[list[tuple[str, Any, dict, list]], st
 
 def parse_request_header(header: dict, frames: Sequence) -> ClientRequest:
     """Check every field of a client request; raise ProtocolError naming the bad one."""
-    rid = check_id(header.get("id"))
-    if "inputs" not in header:
+    get = header.get
+    rid = get("id")
+    if type(rid) is not str or not 0 < len(rid) <= MAX_ID_LEN:
+        check_id(rid)  # raises, with the one wording
+    inputs = get("inputs")
+    if inputs is None and "inputs" not in header:
         raise ProtocolError("missing field 'inputs'")
-    check_tensors(header["inputs"], frames)  # names, dtypes, shapes, byte counts
-    version = header.get("version")
-    if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 0):
+    check_tensors(inputs, frames)  # names, dtypes, shapes, byte counts
+    version = get("version")
+    if version is not None and (type(version) is not int and (not isinstance(version, int) or isinstance(version, bool))
+                                or version < 0):
         raise ProtocolError("field 'version' must be a non-negative integer")
-    timeout_ms = header.get("timeout_ms")
-    if timeout_ms is not None and (not isinstance(timeout_ms, (int, float)) or isinstance(timeout_ms, bool)
+    timeout_ms = get("timeout_ms")
+    if timeout_ms is not None and (type(timeout_ms) is not float and (not isinstance(timeout_ms, (int, float))
+                                                                    or isinstance(timeout_ms, bool))
                                    or not timeout_ms > 0):
         raise ProtocolError("field 'timeout_ms' must be a positive number")
-    tags = header.get("tags")
+    tags = get("tags")
     if tags is not None and not (isinstance(tags, dict) and len(tags) <= MAX_TAGS and all(
             isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_TAG_LEN and len(v) <= MAX_TAG_LEN
             for k, v in tags.items())):
         raise ProtocolError(f"field 'tags' must map at most {MAX_TAGS} strings to strings of <= {MAX_TAG_LEN} chars")
-    return ClientRequest(rid, header["inputs"], version, timeout_ms, bool(header.get("ack", False)), tags)
+    ack = get("ack")
+    return ClientRequest(rid, inputs, version, timeout_ms, bool(ack), tags)
 
 
 def parse_reply(body: Sequence) -> tuple[dict, dict]:
