@@ -38,9 +38,9 @@ from ringserve.master.registry import AnsweredCache, ModelCounters, ModelQueues,
 from ringserve.master.scheduler import Load, make_policy
 from ringserve.master.status import build_status
 from ringserve.master.window import Windows
-from ringserve.protocol.codec import pack, short_repr, unpack_map
+from ringserve.protocol.codec import pack, pack_map_with, pack_pairs, short_repr, unpack_map
 from ringserve.protocol.envelope import (
-    MAX_NAME_LEN, REPLY_FIELDS, dispatch_frames, split_batch, forwardable, forwardable_result, parse_heartbeat, parse_ready,
+    MAX_NAME_LEN, REPLY_FIELDS, checked_result, dispatch_frames, split_batch, parse_heartbeat, parse_ready,
     parse_request_header, parse_worker_reply, split_replies,
 )
 from ringserve.protocol.security import Security, user_id
@@ -429,12 +429,12 @@ class Broker:
 
     def _answer_from_cache(self, ident: bytes, cid: tuple[str, str], service: bytes, model: str, key, counters,
                            now: float) -> bool:
-        hit = self.responses.get(key)
+        hit = self.responses.lookup(key)
         self.metrics.on_cache(model, hit is not None)
         if hit is None:
             return False
-        header, frames = hit
-        body = [pack({**header, "id": cid[1], "epoch": self.epoch, "cached": True}), *frames]
+        _, frames, _, (count, pairs) = hit  # pairs: the header with this epoch and "cached", packed once
+        body = [pack_map_with(count, pairs, "id", cid[1]), *frames]
         counters.ok += 1
         self.metrics.on_answer(model, key[1], "ok", time.monotonic() - now)
         sent = self._send_client(ident, service, body)
@@ -451,7 +451,8 @@ class Broker:
         except ProtocolError:
             return
         header = {k: v for k, v in header.items() if k not in ("id", "key", "epoch", "attempt")}
-        self.responses.put((req.model, version, req.digest), header, list(body[1:]))
+        packed = pack_pairs({**header, "epoch": self.epoch, "cached": True})  # a hit adds only its id
+        self.responses.put((req.model, version, req.digest), header, list(body[1:]), packed)
 
     def _answer_again(self, ident: bytes, cid: tuple[str, str], service: bytes, model: str, ack: bool) -> None:
         """An id this scope already had answered: its answer again (only for the same model), or an ACK
@@ -768,9 +769,10 @@ class Broker:
         version must be one the worker announced and the request allowed."""
         ok = raw.get("ok") is True
         if ok and raw.keys() <= REPLY_FIELDS and type(raw.get("version")) is int:
-            key, attempt, code, version = forwardable_result(raw, frames), raw["attempt"], None, raw["version"]
-            clean = None
+            key, attempt, version, passes = checked_result(raw, frames, self.epoch, w.name)
+            code = clean = None
         else:
+            passes = False
             reply = parse_worker_reply(raw, frames)
             key, attempt, code, version = reply.key, reply.attempt, reply.error_code, reply.header.get("version")
             clean = reply.header
@@ -788,7 +790,7 @@ class Broker:
             self._retry(req, w, "the worker answered with a version it did not announce or the request did not "
                         "allow")
             return
-        if clean is None and forwardable(raw, self.epoch, w.name, req.rid):
+        if clean is None and passes and raw.get("id") == req.rid:  # what forwardable() checks
             body = [header_frame, *frames]
         else:  # re-packed from the checked fields, with the client's id, this master's epoch and the worker's name
             if clean is None:

@@ -194,17 +194,19 @@ class AnsweredCache:
         self.bytes = 0
 
     def add(self, cid: tuple[str, str], model: str, body: list, delivered_to: bytes | None = None) -> None:
-        self._ids[cid] = [model, delivered_to]
-        self._ids.move_to_end(cid)
-        self._drop_reply(cid)
+        ids, replies = self._ids, self._replies
+        if cid in ids:  # answered again (rare): it becomes the newest, its old reply is dropped
+            ids.move_to_end(cid)
+            self._drop_reply(cid)
+        ids[cid] = [model, delivered_to]
         size = reply_size(body) + len(cid[0]) + len(cid[1]) + 64
         if size <= self.max_bytes:
-            self._replies[cid] = (body, size)
+            replies[cid] = (body, size)
             self.bytes += size
-        while self.bytes > self.max_bytes and self._replies:
-            self._drop_reply(next(iter(self._replies)))
-        while len(self._ids) > self.max_ids:
-            old, _ = self._ids.popitem(last=False)
+        while self.bytes > self.max_bytes and replies:
+            self.bytes -= replies.popitem(last=False)[1][1]  # the oldest reply held
+        while len(ids) > self.max_ids:
+            old, _ = ids.popitem(last=False)
             self._drop_reply(old)
 
     def _drop_reply(self, cid: tuple[str, str]) -> None:

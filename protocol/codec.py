@@ -50,6 +50,20 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def pack_pairs(mapping: Mapping) -> tuple[int, bytes]:
+    """A map's entries packed once: (count, key-value pairs), to be completed by `pack_map_with`.
+    A msgpack map is its length and then its pairs, so a map that differs per message in one
+    entry (a cached answer's id) costs one small pack instead of the whole map's."""
+    return len(mapping), b"".join(pack(k) + pack(v) for k, v in mapping.items())
+
+
+def pack_map_with(count: int, pairs: bytes, key: str, value: Any) -> bytes:
+    """pack({key: value, **the map pack_pairs packed}) for a map without `key`, from its packed pairs."""
+    n = count + 1
+    head = bytes([0x80 | n]) if n <= 15 else b"\xde" + n.to_bytes(2, "big")
+    return head + pack(key) + pack(value) + pairs
+
+
 def unpack(buf) -> Any:
     """Unpack a msgpack frame; any failure becomes ProtocolError."""
     try:

@@ -555,6 +555,28 @@ def forwardable_result(header: dict, frames: Sequence) -> str:
     return key
 
 
+def checked_result(header: dict, frames: Sequence, epoch: str, worker: str) -> tuple[str, int, int, bool]:
+    """A result header whose fields are all REPLY_FIELDS and whose version is an int, checked once
+    for the master's forwarding: (key, attempt, version, whether it may go to the client byte for
+    byte if its "id" is the request's). The checks are forwardable_result's (raising ProtocolError
+    like it) and then forwardable's without the id, in one pass over the header."""
+    get = header.get
+    key = get("key")
+    if key is None:
+        key = get("id")  # reply_key
+    if type(key) is not str or not 0 < len(key) <= MAX_ID_LEN:
+        check_id(key, "key")  # raises
+    attempt = get("attempt")
+    if type(attempt) is not int or not 1 <= attempt <= MAX_INT:
+        _int(attempt, "attempt", 1)  # raises unless an int subclass in range
+    check_tensors(get("outputs"), frames)
+    rows, model = get("batch_rows"), get("model")
+    passes = (get("epoch") == epoch and get("worker") == worker and (rows is None or type(rows) is int)
+              and (model is None or (type(model) is str and len(model) <= MAX_NAME_LEN))
+              and timing_ok(get("timing")))
+    return key, attempt, header["version"], passes
+
+
 def forwardable(header: dict, epoch: str, worker: str, rid: str) -> bool:
     """Whether a result header can go to the client byte for byte: only known fields, well-typed
     optional ones, the client's own id `rid`, the master's own epoch and the worker's registered
