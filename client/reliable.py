@@ -137,7 +137,7 @@ MMI_BATCH_BYTES = MMI_BATCH.encode()
 _INVALID_STATE = (concurrent.futures.InvalidStateError, asyncio.InvalidStateError)
 
 
-@dataclass
+@dataclass(slots=True)
 class Reply:
     id: str
     outputs: dict[str, np.ndarray]
@@ -160,7 +160,7 @@ class ClientStats:
     loop_errors: int = 0  # exceptions the I/O loop caught and survived
 
 
-@dataclass
+@dataclass(slots=True)  # one per request: slots make it quicker to build and read
 class Pending:
     rid: str
     service: bytes

@@ -84,6 +84,15 @@ def encode_tensors(tensors: Mapping[str, Any], inline_max: int = INLINE_MAX) -> 
     bytes go inline in the meta (no frame), larger ones as zero-copy frames."""
     meta, frames = [], []
     for name, value in tensors.items():
+        if type(value) is np.ndarray:  # the common case, decided without the checks below
+            dtname = _NAME.get(value.dtype)  # None for object, bytes, str and unsupported dtypes
+            if dtname is not None and value.flags.c_contiguous:
+                if value.nbytes <= inline_max:
+                    meta.append([name, dtname, list(value.shape), value.tobytes()])
+                else:
+                    meta.append([name, dtname, list(value.shape)])
+                    frames.append(memoryview(value).cast("B"))
+                continue
         if is_strings(value):
             shape, data = pack_strings(name, value)
             if len(data) <= inline_max:
