@@ -138,7 +138,7 @@ def test_one_request_gets_one_verdict_from_both(req):
 def test_coalesced_requests_split_exactly_as_the_master_counted_them(reqs):
     accepted = [r for r in reqs if master_verdict(*r)[0] == "ok"]
     if accepted:  # what a master really sends: only requests it accepted, side by side
-        for (raw, frames), d in zip(accepted, worker_view(accepted)):
+        for (raw, frames), d in zip(accepted, worker_view(accepted), strict=True):
             assert d.error is None, d.error
             assert d.cid == unpack_map(raw)["id"] and [bytes(f) for f in d.frames] == [bytes(f) for f in frames]
     # A mix (a buggy or hostile master): never raises, every entry answered, and whatever the worker
