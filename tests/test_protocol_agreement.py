@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ringserve.protocol import codec
 from ringserve.protocol.codec import pack, unpack_map
 from ringserve.protocol.envelope import (
     MAX_ID_LEN, dispatch_frames, parse_dispatch, parse_request_header, request_frames,
@@ -179,3 +180,28 @@ def test_a_string_tensor_counts_frames_by_the_same_rule():
     (d,) = worker_view([(raw, [strings_buffer([b"\xff" * 70000])])])
     assert d.error is None
     assert master_verdict(raw, [strings_buffer([b"x", b"y"])]) == ("bad",)  # two strings, shape says one
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(client_request())
+def test_the_fast_tensor_walk_never_accepts_what_the_full_walk_refuses(req):
+    """codec._fast_walk (the common case, every role's hot path) must give the full walk's answer or
+    step aside (None): never accept a tensor list the full walk refuses, never other arrays."""
+    raw, frames = req
+    try:
+        header = unpack_map(raw)
+    except ProtocolError:
+        return
+    meta = header.get("inputs")
+    try:
+        full = codec._walk(meta, frames, make=True)
+    except ProtocolError:
+        full = None
+    for make in (True, False):
+        fast = codec._fast_walk(meta, frames, make)
+        if fast is None:
+            continue
+        assert full is not None, "the fast walk accepted what the full walk refuses"
+        assert list(fast) == (list(full) if make else [])
+        for name, arr in fast.items():
+            assert (arr.dtype, arr.shape, arr.tobytes()) == (full[name].dtype, full[name].shape, full[name].tobytes())
