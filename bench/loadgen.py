@@ -148,6 +148,7 @@ def _limit_broker(ready, stop_at: float) -> None:
     back.bind("tcp://127.0.0.1:*")
     ready.send((front.getsockopt_string(zmq.LAST_ENDPOINT), back.getsockopt_string(zmq.LAST_ENDPOINT)))
     worker = back.recv_multipart()[0]  # the worker says hello first
+    ready.send("worker")  # only now may the clients start: their window must not pass with no worker
     poller = zmq.Poller()
     poller.register(front, zmq.POLLIN)
     poller.register(back, zmq.POLLIN)
@@ -205,13 +206,15 @@ def zmq_limit(seconds: float, concurrency: int = 64, processes: int = 2) -> dict
     """Round trips per second through a minimal Python ROUTER broker to one echo worker, and the
     CPU per round trip of its broker, its worker and its clients (the floor for each role)."""
     ctx = mp.get_context("spawn")
-    stop_at = time.time() + seconds + 15.0
+    stop_at = time.time() + seconds + 75.0  # past the worker's start (up to 60 s) and the window
     r, w = ctx.Pipe(duplex=False)
     broker = ctx.Process(target=_limit_broker, args=(w, stop_at), daemon=True)
     broker.start()
     front, back = r.recv()
     worker = ctx.Process(target=_limit_worker, args=(back, stop_at), daemon=True)
     worker.start()
+    if not r.poll(60) or r.recv() != "worker":  # on a loaded machine a spawned worker can take seconds
+        raise RuntimeError("the minimal broker's echo worker did not connect")
     start_at = time.time() + 3.0
     pipes, clients = [], []
     for _ in range(processes):

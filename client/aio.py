@@ -79,7 +79,8 @@ class AsyncClient:
         Must be called from the loop's thread."""
         if self._closed:
             raise RuntimeError("client is closed")
-        self._attach()
+        if self._loop is None:
+            self._attach()
         timeout = self.timeout if timeout is None else timeout
         rid = request_id or f"{self._prefix}-{next(self._ids)}"
         if rid in self._rel.pending:

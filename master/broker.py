@@ -38,9 +38,9 @@ from ringserve.master.registry import AnsweredCache, ModelCounters, ModelQueues,
 from ringserve.master.scheduler import Load, make_policy
 from ringserve.master.status import build_status
 from ringserve.master.window import Windows
-from ringserve.protocol.codec import pack, short_repr, unpack_map
+from ringserve.protocol.codec import pack, pack_map_with, pack_pairs, short_repr, unpack_map
 from ringserve.protocol.envelope import (
-    MAX_NAME_LEN, REPLY_FIELDS, dispatch_frames, split_batch, forwardable, forwardable_result, parse_heartbeat, parse_ready,
+    MAX_NAME_LEN, REPLY_FIELDS, checked_result, dispatch_frames, split_batch, parse_heartbeat, parse_ready,
     parse_request_header, parse_worker_reply, split_replies,
 )
 from ringserve.protocol.security import Security, user_id
@@ -301,12 +301,22 @@ class Broker:
             self._batch_clients.popitem(last=False)
         scope = client_scope(frames[-1])
         requests, broken = split_batch(frames[4:])
-        for svc, header_frame, tensors in requests:
-            self._one_request(ident, scope, svc.encode(), [header_frame, *tensors])
+        for svc, header_frame, header, tensors in requests:
+            if not svc or len(svc) > MAX_NAME_LEN or svc.startswith("mmi."):
+                self._one_request(ident, scope, svc.encode(), [header_frame, *tensors], header)  # says what is wrong
+                continue
+            try:  # what _one_request does, without decoding the name or slicing the frames again
+                parsed = parse_request_header(header, tensors)
+            except ProtocolError as exc:
+                rid = header.get("id") if isinstance(header.get("id"), str) else None
+                self._reply_client(ident, svc.encode(), error_body(rid, ErrorCode.BAD_REQUEST, str(exc)))
+                continue
+            self.on_request(ident, scope, svc.encode(), svc, header_frame, parsed, tensors)
         if broken is not None:
             self._reply_client(ident, MMI_BATCH_BYTES, error_body(None, ErrorCode.BAD_REQUEST, f"batch: {broken}"))
 
-    def _one_request(self, ident: bytes, scope: str, service: bytes, body: Sequence) -> None:
+    def _one_request(self, ident: bytes, scope: str, service: bytes, body: Sequence, header: dict | None = None) -> None:
+        """One request (alone, or one of a batch whose split already unpacked its header)."""
         try:
             model = service.decode("utf-8")
         except UnicodeDecodeError:
@@ -321,7 +331,8 @@ class Broker:
                 raise ProtocolError(f"service name must be 1..{MAX_NAME_LEN} characters")
             if not body:
                 raise ProtocolError("missing request body")
-            header = unpack_map(body[0])
+            if header is None:
+                header = unpack_map(body[0])
             rid = header.get("id") if isinstance(header.get("id"), str) else None
             parsed = parse_request_header(header, body[1:])
         except ProtocolError as exc:
@@ -351,9 +362,9 @@ class Broker:
         if cid in self.answered:
             self._answer_again(ident, cid, service, model, parsed.ack)
             return
-        if not self._within_rate(ident, scope, service, rid):
+        if self.limiter is not None and not self._within_rate(ident, scope, service, rid):
             return
-        counters = self._counters(model)
+        counters = self.counters.get(model) or self._counters(model)
         if counters is not None:
             counters.requests += 1
         else:
@@ -361,7 +372,8 @@ class Broker:
         if self.stopping:
             self._reject(ident, cid, service, model, ErrorCode.OVERLOADED, "master is shutting down")
             return
-        known = counters is not None and self._served(model)
+        served = self._served_cache if self._served_cache is not None else self._served_models()
+        known = counters is not None and model in served
         if not known and not self._may_wait(model):
             self._reject(ident, cid, service, model, ErrorCode.UNKNOWN_MODEL,
                          f"no worker serves model {short_repr(model)}")
@@ -380,20 +392,23 @@ class Broker:
         timeout = min(timeout, self.cfg.max_timeout)  # the client chooses, within the master's cap
         route = self.routes.get(model) if parsed.version is None else None  # a pinned version wins
         version = self._routed_version(route, parsed.tags) if route else parsed.version
-        digest = self._cache_digest(model, parsed, frames)
-        cache_key = self._cache_key(model, version, digest)
-        if cache_key is not None and self._answer_from_cache(ident, cid, service, model, cache_key, counters, now):
-            return
-        req = PendingRequest(self._new_key(), rid, ident, service, model, version, header_frame, frames,
-                             now + timeout, now, scope=scope, pinned=parsed.version is not None,
-                             tags=parsed.tags, counted=counters is not None, digest=digest)
+        cacheable = self._cacheable if self._cacheable is not None else self._cache_versions()
+        digest = self._cache_digest(model, parsed, frames) if model in cacheable else None
+        if digest is not None:
+            cache_key = self._cache_key(model, version, digest)
+            if cache_key is not None and self._answer_from_cache(ident, cid, service, model, cache_key, counters,
+                                                                 now):
+                return
+        key = "%x" % next(self._keys)  # _new_key()
+        req = PendingRequest(key, rid, ident, service, model, version, header_frame, frames, now + timeout, now, 0,
+                             None, 0, scope, parsed.version is not None, parsed.tags, counters is not None, digest)
         self._hold(req)
-        self.held[cid] = req.key
+        self.held[cid] = key
         if parsed.ack:
             self._reply_client(ident, service, {"id": rid, "ack": True})
         if route is not None and route.shadow is not None and route.shadow != version:
             self._mirror(req, route.shadow)
-        self.dispatch(model)
+        self._dirty.add(model)  # dispatch(model)
 
     # ------------------------------------------------------------ response cache
     def _cache_digest(self, model: str, parsed, frames: list) -> bytes | None:
@@ -414,15 +429,15 @@ class Broker:
 
     def _answer_from_cache(self, ident: bytes, cid: tuple[str, str], service: bytes, model: str, key, counters,
                            now: float) -> bool:
-        hit = self.responses.get(key)
+        hit = self.responses.lookup(key)
         self.metrics.on_cache(model, hit is not None)
         if hit is None:
             return False
-        header, frames = hit
-        body = [pack({**header, "id": cid[1], "epoch": self.epoch, "cached": True}), *frames]
+        _, frames, _, (count, pairs) = hit  # pairs: the header with this epoch and "cached", packed once
+        body = [pack_map_with(count, pairs, "id", cid[1]), *frames]
         counters.ok += 1
         self.metrics.on_answer(model, key[1], "ok", time.monotonic() - now)
-        sent = self._send_client(ident, [ident, b"", MDP_CLIENT, service, *body])
+        sent = self._send_client(ident, service, body)
         self.answered.add(cid, model, [service, *body], ident if sent else None)
         return True
 
@@ -436,7 +451,8 @@ class Broker:
         except ProtocolError:
             return
         header = {k: v for k, v in header.items() if k not in ("id", "key", "epoch", "attempt")}
-        self.responses.put((req.model, version, req.digest), header, list(body[1:]))
+        packed = pack_pairs({**header, "epoch": self.epoch, "cached": True})  # a hit adds only its id
+        self.responses.put((req.model, version, req.digest), header, list(body[1:]), packed)
 
     def _answer_again(self, ident: bytes, cid: tuple[str, str], service: bytes, model: str, ack: bool) -> None:
         """An id this scope already had answered: its answer again (only for the same model), or an ACK
@@ -451,7 +467,7 @@ class Broker:
         cached = self.answered.reply(cid)
         log.info("duplicate_request", request_id=rid, resent=cached is not None)
         if cached is not None:
-            if self._send_client(ident, [ident, b"", MDP_CLIENT, *cached]):
+            if self._send_client(ident, cached[0], cached[1:]):
                 self.answered.resent_to(cid, ident)
         else:  # remembered as answered, but the reply itself is no longer held: say so, never run twice
             self._reply_client(ident, service, error_body(
@@ -461,7 +477,7 @@ class Broker:
     def _new_key(self) -> str:
         """The master's own name for a request: unique for the life of this process, never reused,
         so a late reply can never be taken for another request's answer."""
-        return format(next(self._keys), "x")
+        return "%x" % next(self._keys)
 
     def _hold(self, req: PendingRequest) -> None:
         self.pending[req.key] = req
@@ -559,7 +575,7 @@ class Broker:
             counters.count_error(code)
         self.metrics.on_answer(self._model_label(model), None, code, 0.0)
         body = [pack(error_body(cid[1], code, message, epoch=self.epoch))]
-        sent = self._send_client(ident, [ident, b"", MDP_CLIENT, service, *body])
+        sent = self._send_client(ident, service, body)
         if code not in ErrorCode.RETRYABLE:  # a retry under the same id may succeed later
             self.answered.add(cid, model, [service, *body], ident if sent else None)
         log.info("request_rejected", request_id=cid[1], model=model[:MAX_NAME_LEN], code=code)
@@ -590,10 +606,13 @@ class Broker:
         """Each send looks at the workers once and at the head of each version pin's FIFO, never
         the whole queue; the free workers are recomputed before every send, so an eviction in
         the middle (a failed send) cannot leave a stale view that sends beyond credit."""
+        now = time.monotonic()
+        # Which workers serve the model cannot change during this call (nothing here sends, so nothing
+        # evicts); which of them have credit is looked at again before every assignment.
+        serving = [w for w in self.workers.values() if w.serves(model)]
         for _ in range(len(self.workers) + sum(w.credit for w in self.workers.values()) + 1):
-            able = [w for w in self.workers.values() if w.has_credit() and w.serves(model)]
-            if not able and not any(w.serves(model) for w in self.workers.values()):
-                able = self._loaders(model)  # nobody holds it: a worker that loads it on demand
+            able = [w for w in serving if w.has_credit()] if serving else self._loaders(model)
+            #                                      nobody holds it: a worker that loads it on demand
             if not able:
                 return  # the common case under load: nobody free, so do not even look at the queue
             best: tuple[PendingRequest, list[WorkerRecord]] | None = None
@@ -606,16 +625,18 @@ class Broker:
             if best is None:
                 return
             req, cands = best
-            by_ident = {w.ident: w for w in cands}
             key = self.policy([Load(w.ident, len(w.in_flight), w.credit, w.weight) for w in cands])
-            self.assign(by_ident.get(key, cands[0]), req)
+            target = cands[0]
+            if len(cands) > 1:
+                target = next((w for w in cands if w.ident == key), target)
+            self.assign(target, req, now)
 
     def _loaders(self, model: str) -> list[WorkerRecord]:
         """Workers with credit that load `model` on demand, those with room first (no eviction)."""
         loaders = [w for w in self.workers.values() if w.has_credit() and w.can_load(model)]
         return [w for w in loaders if w.has_room()] or loaders
 
-    def assign(self, w: WorkerRecord, req: PendingRequest) -> bool:
+    def assign(self, w: WorkerRecord, req: PendingRequest, now: float | None = None) -> bool:
         """One attempt of `req` on `w`, sent at the end of the turn; refused unless the worker is
         still registered and has credit."""
         if self.workers.get(w.ident) is not w or not w.has_credit() or req.worker is not None:
@@ -625,7 +646,7 @@ class Broker:
         req.worker = w.ident
         w.in_flight[req.key] = req.attempts
         self.queues.remove(req)
-        self.metrics.on_dispatch(req.model, time.monotonic() - req.received)
+        self.metrics.on_dispatch(req.model, (time.monotonic() if now is None else now) - req.received)
         entry = self._outgoing.get(w.ident)
         if entry is None:
             entry = self._outgoing[w.ident] = (w, [])
@@ -748,9 +769,10 @@ class Broker:
         version must be one the worker announced and the request allowed."""
         ok = raw.get("ok") is True
         if ok and raw.keys() <= REPLY_FIELDS and type(raw.get("version")) is int:
-            key, attempt, code, version = forwardable_result(raw, frames), raw["attempt"], None, raw["version"]
-            clean = None
+            key, attempt, version, passes = checked_result(raw, frames, self.epoch, w.name)
+            code = clean = None
         else:
+            passes = False
             reply = parse_worker_reply(raw, frames)
             key, attempt, code, version = reply.key, reply.attempt, reply.error_code, reply.header.get("version")
             clean = reply.header
@@ -768,7 +790,7 @@ class Broker:
             self._retry(req, w, "the worker answered with a version it did not announce or the request did not "
                         "allow")
             return
-        if clean is None and forwardable(raw, self.epoch, w.name, req.rid):
+        if clean is None and passes and raw.get("id") == req.rid:  # what forwardable() checks
             body = [header_frame, *frames]
         else:  # re-packed from the checked fields, with the client's id, this master's epoch and the worker's name
             if clean is None:
@@ -888,21 +910,26 @@ class Broker:
         """The one place a request gets its final answer. Every path ends here, so this is where
         the books are settled: the request leaves `pending`, its queue and its scope's id map,
         and a worker credit slot it still holds (its deadline passed in flight) is given back."""
-        if self.pending.pop(req.key, None) is None:
+        key = req.key
+        if self.pending.pop(key, None) is None:
             return
-        self.queues.remove(req)
-        if req.worker is not None:
+        model = req.model
+        if req.worker is None:  # queued (an assigned request left its queue when it was assigned)
+            self.queues.remove(req)
+        else:
             w = self.workers.get(req.worker)
-            if w is not None and w.in_flight.get(req.key) == req.attempts:
-                del w.in_flight[req.key]
-                self.dispatch(req.model)
+            if w is not None and w.in_flight.get(key) == req.attempts:
+                del w.in_flight[key]
+                self._dirty.add(model)  # dispatch(model): its slot is free
         if req.client is None:  # a shadow copy: nobody waits for it, only metrics count it
             self.metrics.on_shadow(req.model, req.version, error_code or "ok")
             return
         cid = (req.scope, req.rid)
-        if self.held.get(cid) == req.key:
+        if self.held.get(cid) == key:
             del self.held[cid]
-        counters = self._counters(req.model)
+        now = time.monotonic()
+        counters = self.counters.get(model) or self._counters(model)
+        served = self._served_cache if self._served_cache is not None else self._served_models()
         if counters is not None:
             if not req.counted:  # it arrived while no worker served the name: counted as unknown then
                 self.unknown_model_requests -= 1
@@ -911,14 +938,15 @@ class Broker:
                 counters.ok += 1
             else:
                 counters.count_error(error_code)
-            self.windows.record(req.model, req.received, error_code is None)
-        self.metrics.on_answer(self._model_label(req.model), version if version is not None else req.version,
-                               error_code or "ok", time.monotonic() - req.received)
-        sent = self._send_client(req.client, [req.client, b"", MDP_CLIENT, req.service, *body])
-        if error_code is None and self.cfg.response_cache_bytes > 0:
+            self.windows.record(model, req.received, error_code is None, now)
+        self.metrics.on_answer(model if model in served else UNSERVED_LABEL,
+                               version if version is not None else req.version, error_code or "ok", now - req.received)
+        service = req.service
+        sent = self._send_client(req.client, service, body)
+        if error_code is None and req.digest is not None:  # a digest: its model is cacheable
             self._cache_result(req, body, version)
         if error_code not in ErrorCode.RETRYABLE:  # only final answers are remembered for retried ids
-            self.answered.add(cid, req.model, [req.service, *body], req.client if sent else None)
+            self.answered.add(cid, model, [service, *body], req.client if sent else None)
         if len(self.deadlines) > 2 * len(self.pending) + 1024:  # answered entries dominate: drop them
             self.deadlines = [(r.deadline, r.key) for r in self.pending.values()]
             heapq.heapify(self.deadlines)
@@ -1140,16 +1168,18 @@ class Broker:
     # --------------------------------------------------------------- sends
     def _reply_client(self, ident: bytes, service: bytes, body: dict) -> None:
         body.setdefault("epoch", self.epoch)
-        self._send_client(ident, [ident, b"", MDP_CLIENT, service, pack(body)])
+        self._send_client(ident, service, [pack(body)])
 
-    def _send_client(self, ident: bytes, msg: list) -> bool:
+    def _send_client(self, ident: bytes, service: bytes, body: list) -> bool:
+        """One answer (body: its header frame and tensor frames) to a client: queued for this turn's
+        message to a client that batches, else sent now as a message of its own."""
         if ident in self._batch_clients:  # a client that batches: its answers of this turn go together
             out = self._client_out.get(ident)
             if out is None:
                 out = self._client_out[ident] = []
-            out.append((msg[4], msg[5:]))  # one answer: its header and tensor frames
+            out.append(body)
             return True
-        if self._send_raw(self.frontend, msg):
+        if self._send_raw(self.frontend, [ident, b"", MDP_CLIENT, service, *body]):
             return True
         log.warning("reply_undeliverable", client=ident.hex()[:64])
         return False
@@ -1161,16 +1191,15 @@ class Broker:
             return
         out, self._client_out = self._client_out, {}
         limit_n, limit_b = self.cfg.client_batch_max, self.cfg.client_batch_bytes
-        for ident, frames in out.items():
+        for ident, bodies in out.items():
             chunk: list = []
             n = size = 0
-            for header_frame, data in frames:
-                extra = len(header_frame) + frames_nbytes(data)
+            for body in bodies:
+                extra = frames_nbytes(body)
                 if chunk and (n >= limit_n or size + extra > limit_b):
                     self._send_batch(ident, chunk)
                     chunk, n, size = [], 0, 0
-                chunk.append(header_frame)
-                chunk.extend(data)
+                chunk.extend(body)
                 n += 1
                 size += extra
             if chunk:

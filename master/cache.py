@@ -17,6 +17,7 @@ from collections import OrderedDict
 from typing import Sequence
 
 from ringserve.master.registry import reply_size
+from ringserve.protocol.codec import pack
 
 Key = tuple[str, int, bytes]
 
@@ -26,8 +27,7 @@ def input_digest(meta: list, frames: Sequence) -> bytes:
     h = hashlib.blake2b(digest_size=20)
     k = 0
     for entry in meta:
-        name, dtype, shape = entry[0], entry[1], entry[2]
-        h.update(f"{len(name)}:{name}|{dtype}|{','.join(map(str, shape))}|".encode())
+        h.update(pack(entry[:3]))  # [name, dtype, shape] in msgpack: self-delimiting, one C call
         if len(entry) == 4:
             data = entry[3]
         else:
@@ -43,7 +43,7 @@ class ResponseCache:
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
-        self._items: OrderedDict[Key, tuple[dict, list, int]] = OrderedDict()
+        self._items: OrderedDict[Key, tuple[dict, list, int, object]] = OrderedDict()
         self.bytes = 0
         self.hits = self.misses = self.evictions = self.stores = 0
 
@@ -56,18 +56,32 @@ class ResponseCache:
         self.hits += 1
         return item[0], item[1]
 
-    def put(self, key: Key, header: dict, frames: list) -> None:
+    def lookup(self, key: Key) -> tuple | None:
+        """`get`, returning the whole entry: (header, frames, size, what `put` was given as `packed`)."""
+        item = self._items.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        self._items.move_to_end(key)
+        self.hits += 1
+        return item
+
+    def put(self, key: Key, header: dict, frames: list, packed=None) -> None:
+        """Keep an answer; `packed` is the caller's ready-to-send form of the header, if any (kept beside
+        it and counted in the bytes)."""
         size = reply_size(frames) + 256 + sum(len(str(v)) for v in header.values())
+        if packed is not None:
+            size += len(packed[1])
         if size > self.max_bytes:
             return  # bigger than the whole budget: never kept
         old = self._items.pop(key, None)
         if old is not None:
             self.bytes -= old[2]
-        self._items[key] = (header, frames, size)
+        self._items[key] = (header, frames, size, packed)
         self.bytes += size
         self.stores += 1
         while self.bytes > self.max_bytes and self._items:
-            _, (_, _, dropped) = self._items.popitem(last=False)
+            dropped = self._items.popitem(last=False)[1][2]
             self.bytes -= dropped
             self.evictions += 1
 

@@ -3,13 +3,21 @@
 Counters and histograms are fed by the event loop at the protocol events that change them
 (``on_answer``, ``on_dispatch``, ...); gauges are refreshed from the loop's books by
 ``refresh`` at most a few times a second, so the HTTP thread never reads the loop's dicts.
+The per-request series (answers by outcome, request and queue durations, cache lookups) are
+counted in plain dicts and lists by the loop (``LocalCounts``) and turned into Prometheus
+families only when a scrape asks (``collect``): a prometheus_client ``inc``/``observe`` takes a
+lock and costs several microseconds, three of them per request were a fifth of the master's CPU.
 Counters whose labels are known in advance (eviction reasons) start at 0, and a model's
 counters start at 0 when it is first served, so a dashboard shows 0, not "No data", until
 the first event (Prometheus's `increase()` also needs the 0 sample to count the first one).
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from bisect import bisect_left
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Why the broker evicts a worker (master/broker.py's evict calls): each series exists from the start.
@@ -21,12 +29,8 @@ class MasterMetrics:
     def __init__(self, policy: str) -> None:
         self.registry = r = CollectorRegistry()
         ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes
-        self.requests = Counter("ringserve_requests", "Requests answered, by model, version and outcome "
-                                "(ok or the error code)", ["model", "version", "outcome"], registry=r)
-        self.request_duration = Histogram("ringserve_request_duration_seconds", "Arrival to final answer",
-                                          ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_duration = Histogram("ringserve_queue_duration_seconds", "Arrival to dispatch to a worker",
-                                        ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.local = LocalCounts()
+        r.register(self.local)  # ringserve_requests, *_duration_seconds, ringserve_response_cache_lookups
         self.queue_depth = Gauge("ringserve_queue_depth", "Requests waiting for a worker", ["model"], registry=r)
         self.in_flight = Gauge("ringserve_worker_in_flight", "Requests sent to a worker and not yet answered",
                                ["worker"], registry=r)
@@ -39,8 +43,6 @@ class MasterMetrics:
         self.shadow = Counter("ringserve_shadow_requests", "Shadow copies by model, version and outcome "
                               "(answers discarded; 'dropped' when they could not be queued)",
                               ["model", "version", "outcome"], registry=r)
-        self.cache = Counter("ringserve_response_cache_lookups", "Response cache lookups by model and result "
-                             "(hit: answered by the master, no worker)", ["model", "result"], registry=r)
         self.cache_bytes = Gauge("ringserve_response_cache_bytes", "Bytes held by the response cache", registry=r)
         self.cache_evictions = Gauge("ringserve_response_cache_evictions", "Entries the response cache dropped "
                                      "to stay within its bound (since start)", registry=r)
@@ -53,31 +55,36 @@ class MasterMetrics:
         self.ongoing_per_worker = Gauge("ringserve_ongoing_requests_per_worker", "Queued plus in-flight requests "
                                         "of the model per worker serving it", ["model"], registry=r)
         self._labels: dict[str, set] = {"queue": set(), "worker": set(), "desired": set(), "ongoing": set()}
-        self._children: dict[tuple, object] = {}  # labels() takes a lock and builds a key: once per label set
         self._models_seen: set[str] = set()  # bounded like the books: only models some worker serves
         for reason in EVICTION_REASONS:
             self.evictions.labels(reason)
 
-    def _child(self, metric, *labels: str):
-        key = (id(metric), *labels)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = metric.labels(*labels)
-        return child
-
     # ------------------------------------------------------------ events
     def on_answer(self, model: str, version, outcome: str, seconds: float) -> None:
-        self._child(self.requests, model, "" if version is None else str(version), outcome).inc()
-        self._child(self.request_duration, model).observe(seconds)
+        local = self.local
+        key = (model, version, outcome)
+        answers = local.answers
+        answers[key] = answers.get(key, 0) + 1
+        h = local.request_duration.get(model)
+        if h is None:
+            h = local.request_duration[model] = Buckets()
+        h.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        h.sum += seconds
 
     def on_cache(self, model: str, hit: bool) -> None:
-        self._child(self.cache, model, "hit" if hit else "miss").inc()
+        key = (model, "hit" if hit else "miss")
+        lookups = self.local.cache
+        lookups[key] = lookups.get(key, 0) + 1
 
     def on_shadow(self, model: str, version, outcome: str) -> None:
         self.shadow.labels(model, str(version), outcome).inc()
 
     def on_dispatch(self, model: str, waited_s: float) -> None:
-        self._child(self.queue_duration, model).observe(waited_s)
+        h = self.local.queue_duration.get(model)
+        if h is None:
+            h = self.local.queue_duration[model] = Buckets()
+        h.counts[bisect_left(LATENCY_BUCKETS, waited_s)] += 1
+        h.sum += waited_s
 
     def on_evict(self, reason: str) -> None:
         self.evictions.labels(reason).inc()
@@ -111,3 +118,59 @@ def _set_all(gauge: Gauge, values: dict[str, int] | dict[str, float], seen: dict
     for gone in seen[key] - set(values):
         gauge.remove(gone)
     seen[key] = set(values)
+
+
+class Buckets:
+    """One histogram series counted by the loop: per-bucket counts (not cumulative; the last is +Inf)."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+
+
+_BOUNDS = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
+
+
+class LocalCounts:
+    """The per-request series, counted by the loop in plain dicts (no lock, no label lookup) and made
+    into Prometheus families when a scrape calls `collect` in the HTTP thread. That thread only
+    copies (list() of a dict or a list is one C call, under the GIL): it never sees a dict change
+    size while it walks it. Bounded like the books: the broker counts only models some worker
+    serves (other names are one label), versions are ints a worker announced."""
+
+    def __init__(self) -> None:
+        self.answers: dict[tuple[str, int | None, str], int] = {}  # (model, version, outcome) -> answers
+        self.request_duration: dict[str, Buckets] = {}
+        self.queue_duration: dict[str, Buckets] = {}
+        self.cache: dict[tuple[str, str], int] = {}  # (model, hit|miss) -> lookups
+
+    def describe(self):
+        return self._families(empty=True)
+
+    def collect(self):
+        return self._families(empty=False)
+
+    def _families(self, empty: bool) -> list:
+        requests = CounterMetricFamily("ringserve_requests", "Requests answered, by model, version and outcome "
+                                       "(ok or the error code)", labels=["model", "version", "outcome"])
+        cache = CounterMetricFamily("ringserve_response_cache_lookups", "Response cache lookups by model and "
+                                    "result (hit: answered by the master, no worker)", labels=["model", "result"])
+        total = HistogramMetricFamily("ringserve_request_duration_seconds", "Arrival to final answer",
+                                      labels=["model"])
+        queued = HistogramMetricFamily("ringserve_queue_duration_seconds", "Arrival to dispatch to a worker",
+                                       labels=["model"])
+        if not empty:
+            for (model, version, outcome), n in list(self.answers.items()):
+                requests.add_metric([model, "" if version is None else str(version), outcome], n)
+            for labels, n in list(self.cache.items()):
+                cache.add_metric(list(labels), n)
+            for family, series in ((total, self.request_duration), (queued, self.queue_duration)):
+                for model, h in list(series.items()):
+                    counts, acc, buckets = list(h.counts), 0, []
+                    for bound, n in zip(_BOUNDS, counts, strict=True):
+                        acc += n
+                        buckets.append((bound, acc))
+                    family.add_metric([model], buckets, h.sum)
+        return [requests, total, queued, cache]

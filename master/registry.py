@@ -34,6 +34,9 @@ class WorkerRecord:
     registered_at: float = field(default_factory=time.time)
     stats: dict[str, Any] = field(default_factory=dict)
     user: str | None = None  # with keys: the CURVE identity it registered with (revoking it evicts the worker)
+    # versions() per model, for the models map it was computed from (checked on every reply; the map
+    # is replaced, never changed in place, when the worker's announcement changes)
+    _held: tuple = field(default=(None, {}), repr=False, compare=False)
 
     def serves(self, model: str, version: int | None = None) -> bool:
         info = self.models.get(model)
@@ -51,9 +54,18 @@ class WorkerRecord:
         loaded, cap = self.stats.get("models_loaded"), self.stats.get("max_models")
         return not (isinstance(loaded, int) and isinstance(cap, int)) or loaded < cap
 
-    def versions(self, model: str) -> set[int]:
+    def versions(self, model: str) -> frozenset[int]:
         """Every version of `model` this worker holds (a request may pin any of them)."""
-        return held_versions(self.models.get(model) or {})
+        models, cache = self._held
+        if models is not self.models:
+            models, cache = self._held = (self.models, {})
+        held = cache.get(model)
+        if held is None:
+            info = models.get(model)
+            if info is None:
+                return frozenset()  # a name it does not serve: not kept, so the cache is bounded by its models
+            held = cache[model] = frozenset(held_versions(info))
+        return held
 
     def has_credit(self) -> bool:
         return self.state == "ready" and len(self.in_flight) < self.credit
@@ -182,17 +194,19 @@ class AnsweredCache:
         self.bytes = 0
 
     def add(self, cid: tuple[str, str], model: str, body: list, delivered_to: bytes | None = None) -> None:
-        self._ids[cid] = [model, delivered_to]
-        self._ids.move_to_end(cid)
-        self._drop_reply(cid)
+        ids, replies = self._ids, self._replies
+        if cid in ids:  # answered again (rare): it becomes the newest, its old reply is dropped
+            ids.move_to_end(cid)
+            self._drop_reply(cid)
+        ids[cid] = [model, delivered_to]
         size = reply_size(body) + len(cid[0]) + len(cid[1]) + 64
         if size <= self.max_bytes:
-            self._replies[cid] = (body, size)
+            replies[cid] = (body, size)
             self.bytes += size
-        while self.bytes > self.max_bytes and self._replies:
-            self._drop_reply(next(iter(self._replies)))
-        while len(self._ids) > self.max_ids:
-            old, _ = self._ids.popitem(last=False)
+        while self.bytes > self.max_bytes and replies:
+            self.bytes -= replies.popitem(last=False)[1][1]  # the oldest reply held
+        while len(ids) > self.max_ids:
+            old, _ = ids.popitem(last=False)
             self._drop_reply(old)
 
     def _drop_reply(self, cid: tuple[str, str]) -> None:

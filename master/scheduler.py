@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 
-@dataclass(frozen=True)
-class Load:
-    """What a policy may know about a worker."""
+class Load(NamedTuple):
+    """What a policy may know about a worker (a tuple: one is built per candidate per assignment)."""
 
     key: bytes
     outstanding: int
@@ -28,6 +26,8 @@ def least_outstanding(rng: random.Random) -> Policy:
     """Fewest requests in flight relative to credit; ties broken at random."""
 
     def choose(loads: Sequence[Load]) -> bytes:
+        if len(loads) == 1:  # the common case with one worker free: nothing to compare or draw
+            return loads[0].key
         best = min(ld.outstanding / max(ld.credit, 1) for ld in loads)
         ties = [ld for ld in loads if ld.outstanding / max(ld.credit, 1) == best]
         return rng.choice(ties).key
@@ -40,6 +40,9 @@ def round_robin(rng: random.Random) -> Policy:
     last: list[bytes] = []
 
     def choose(loads: Sequence[Load]) -> bytes:
+        if len(loads) == 1:
+            last[:] = [loads[0].key]
+            return loads[0].key
         ordered = sorted(ld.key for ld in loads)
         nxt = next((k for k in ordered if last and k > last[0]), ordered[0])
         last[:] = [nxt]
@@ -50,7 +53,7 @@ def round_robin(rng: random.Random) -> Policy:
 
 def uniform_random(rng: random.Random) -> Policy:
     def choose(loads: Sequence[Load]) -> bytes:
-        return rng.choice(loads).key
+        return loads[0].key if len(loads) == 1 else rng.choice(loads).key
 
     return choose
 
@@ -64,6 +67,8 @@ def weighted_random(rng: random.Random) -> Policy:
     """P(i) = W(i) / sum(W) over the candidates."""
 
     def choose(loads: Sequence[Load]) -> bytes:
+        if len(loads) == 1:
+            return loads[0].key
         return rng.choices([ld.key for ld in loads], weights=[usable_weight(ld.weight) for ld in loads])[0]
 
     return choose

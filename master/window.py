@@ -70,14 +70,15 @@ class Windows:
     def __init__(self) -> None:
         self.models: dict[str, ModelWindow] = {}
 
-    def record(self, model: str, received: float, ok: bool) -> None:
-        """A request received at monotonic `received` got its final answer now."""
+    def record(self, model: str, received: float, ok: bool, now: float | None = None) -> None:
+        """A request received at monotonic `received` got its final answer at `now` (default: now)."""
         w = self.models.get(model)
         if w is None:
             if len(self.models) >= MAX_MODELS:
                 return
             w = self.models[model] = ModelWindow()
-        now = time.monotonic()
+        if now is None:
+            now = time.monotonic()
         w.record(now, now - received if ok else None)
 
     def summary(self, model: str, now: float) -> dict:

@@ -50,6 +50,20 @@ def pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def pack_pairs(mapping: Mapping) -> tuple[int, bytes]:
+    """A map's entries packed once: (count, key-value pairs), to be completed by `pack_map_with`.
+    A msgpack map is its length and then its pairs, so a map that differs per message in one
+    entry (a cached answer's id) costs one small pack instead of the whole map's."""
+    return len(mapping), b"".join(pack(k) + pack(v) for k, v in mapping.items())
+
+
+def pack_map_with(count: int, pairs: bytes, key: str, value: Any) -> bytes:
+    """pack({key: value, **the map pack_pairs packed}) for a map without `key`, from its packed pairs."""
+    n = count + 1
+    head = bytes([0x80 | n]) if n <= 15 else b"\xde" + n.to_bytes(2, "big")
+    return head + pack(key) + pack(value) + pairs
+
+
 def unpack(buf) -> Any:
     """Unpack a msgpack frame; any failure becomes ProtocolError."""
     try:
@@ -70,6 +84,15 @@ def encode_tensors(tensors: Mapping[str, Any], inline_max: int = INLINE_MAX) -> 
     bytes go inline in the meta (no frame), larger ones as zero-copy frames."""
     meta, frames = [], []
     for name, value in tensors.items():
+        if type(value) is np.ndarray:  # the common case, decided without the checks below
+            dtname = _NAME.get(value.dtype)  # None for object, bytes, str and unsupported dtypes
+            if dtname is not None and value.flags.c_contiguous:
+                if value.nbytes <= inline_max:
+                    meta.append([name, dtname, list(value.shape), value.tobytes()])
+                else:
+                    meta.append([name, dtname, list(value.shape)])
+                    frames.append(memoryview(value).cast("B"))
+                continue
         if is_strings(value):
             shape, data = pack_strings(name, value)
             if len(data) <= inline_max:
@@ -110,7 +133,8 @@ def frame_count(meta: Any) -> int:
 def check_tensors(meta: Any, frames: Sequence) -> None:
     """What decode_tensors checks (names, dtypes, shapes, byte counts), without making arrays:
     for a process that only forwards the bytes (the master)."""
-    _walk(meta, frames, make=False)
+    if _fast_walk(meta, frames, False) is None:
+        _walk(meta, frames, make=False)  # the full walk: it names what is wrong (or passes an unusual form)
 
 
 def is_strings(value: Any) -> bool:
@@ -197,7 +221,54 @@ def to_numpy(value: Any) -> np.ndarray:
 
 def decode_tensors(meta: Any, frames: Sequence) -> dict[str, np.ndarray]:
     """Validate meta against frames and view each tensor's bytes as an array, without copying."""
-    return _walk(meta, frames, make=True)
+    out = _fast_walk(meta, frames, True)
+    return _walk(meta, frames, make=True) if out is None else out
+
+
+def _fast_walk(meta: Any, frames: Sequence, make: bool) -> dict | None:
+    """The common case of `_walk` in one flat loop (it runs for every request and result in every
+    role): numeric tensors described as msgpack gives them (lists), each check the same as
+    `_check_entry`'s. Returns the arrays ({} when not `make`), or None for anything else (a string
+    tensor, a tuple, or any check that fails), so `_walk` decides and words the error: this path
+    never accepts what `_walk` refuses."""
+    if type(meta) is not list or len(meta) > MAX_TENSORS:
+        return None
+    out: dict[str, np.ndarray] = {}
+    nframes, k = len(frames), 0
+    for entry in meta:
+        if type(entry) is not list:
+            return None
+        n = len(entry)
+        if n == 4:
+            buf = entry[3]
+            if type(buf) is not bytes:
+                return None
+        elif n == 3:
+            if k >= nframes:
+                return None
+            buf = frames[k]
+            k += 1
+        else:
+            return None
+        name, dtype, shape = entry[0], entry[1], entry[2]
+        if type(name) is not str or not 0 < len(name) <= MAX_NAME or type(dtype) is not str:
+            return None
+        size = _ITEMSIZE.get(dtype)  # None for "bytes" (walked by _walk) and for unknown names
+        if size is None or type(shape) is not list or len(shape) > MAX_DIMS:
+            return None
+        count = nonzero = 1
+        for d in shape:
+            if type(d) is not int or d < 0 or d > MAX_DIM:
+                return None
+            count *= d
+            nonzero *= d or 1
+        if nonzero > MAX_ELEMENTS or len(buf) != count * size or name in out:
+            return None
+        out[name] = (np.frombuffer(buf, dtype=_DTYPE[dtype]).reshape(shape) if count else np.zeros(shape, dtype)) \
+            if make else None
+    if k != nframes:
+        return None
+    return out if make else {}
 
 
 def _walk(meta: Any, frames: Sequence, make: bool) -> dict[str, np.ndarray]:

@@ -47,8 +47,15 @@ def _timing_entry(k: Any, v: Any) -> bool:
 def timing_ok(value: Any) -> bool:
     """Whether a reply's "timing" field may go to a client as it is: absent, or a map of at most
     MAX_TIMING short names to finite non-negative numbers."""
-    return value is None or (type(value) is dict and len(value) <= MAX_TIMING
-                             and all(_timing_entry(k, v) for k, v in value.items()))
+    if value is None:
+        return True
+    if type(value) is not dict or len(value) > MAX_TIMING:
+        return False
+    for k, v in value.items():  # a plain loop: this runs for every result the master forwards
+        if not (type(k) is str and 0 < len(k) <= MAX_TIMING_KEY and (type(v) is float or type(v) is int)
+                and 0 <= v <= MAX_TIMING_MS and v == v):  # v == v: not NaN; the bounds exclude inf
+            return False
+    return True
 
 
 def clean_timing(value: Any) -> dict | None:
@@ -133,10 +140,12 @@ def batch_frames(requests: Sequence[tuple[bytes, Sequence]]) -> list:
     return out
 
 
-def split_batch(frames: Sequence) -> tuple[list[tuple[str, Any, list]], str | None]:
-    """A coalesced client message -> ([(service, header frame, tensor frames)], why the rest could not
-    be split or None). Each request is cut where its header's tensor list says (request_frames);
-    the entries before a break are kept, so one bad request never fails its neighbours."""
+def split_batch(frames: Sequence) -> tuple[list[tuple[str, Any, dict, list]], str | None]:
+    """A coalesced client message -> ([(service, header frame, header map, tensor frames)], why the rest
+    could not be split or None). Each request is cut where its header's tensor list says
+    (request_frames); the entries before a break are kept, so one bad request never fails its
+    neighbours. The header comes back unpacked (it had to be, to count its frames), so the master
+    checks it without unpacking it again."""
     if not frames:
         return [], "a batch needs its list of services"
     services = unpack(frames[0])
@@ -147,12 +156,13 @@ def split_batch(frames: Sequence) -> tuple[list[tuple[str, Any, list]], str | No
         if k >= len(frames):
             return out, "the batch lists more requests than it carries"
         try:
-            n = request_frames(unpack(frames[k]))
+            header = unpack(frames[k])
         except ProtocolError:
-            n = -1
+            header = None
+        n = request_frames(header)  # -1 unless a map with a countable tensor list
         if n < 0 or k + 1 + n > len(frames) or type(svc) is not str:
             return out, "a request header's tensor list does not say how many frames follow"
-        out.append((svc, frames[k], list(frames[k + 1:k + 1 + n])))
+        out.append((svc, frames[k], header, frames[k + 1:k + 1 + n] if n else []))
         k += 1 + n
     if k != len(frames):
         return out, f"the batch carries {len(frames) - k} frames no request accounts for"
@@ -161,23 +171,30 @@ def split_batch(frames: Sequence) -> tuple[list[tuple[str, Any, list]], str | No
 
 def parse_request_header(header: dict, frames: Sequence) -> ClientRequest:
     """Check every field of a client request; raise ProtocolError naming the bad one."""
-    rid = check_id(header.get("id"))
-    if "inputs" not in header:
+    get = header.get
+    rid = get("id")
+    if type(rid) is not str or not 0 < len(rid) <= MAX_ID_LEN:
+        check_id(rid)  # raises, with the one wording
+    inputs = get("inputs")
+    if inputs is None and "inputs" not in header:
         raise ProtocolError("missing field 'inputs'")
-    check_tensors(header["inputs"], frames)  # names, dtypes, shapes, byte counts
-    version = header.get("version")
-    if version is not None and (not isinstance(version, int) or isinstance(version, bool) or version < 0):
+    check_tensors(inputs, frames)  # names, dtypes, shapes, byte counts
+    version = get("version")
+    if version is not None and (type(version) is not int and (not isinstance(version, int) or isinstance(version, bool))
+                                or version < 0):
         raise ProtocolError("field 'version' must be a non-negative integer")
-    timeout_ms = header.get("timeout_ms")
-    if timeout_ms is not None and (not isinstance(timeout_ms, (int, float)) or isinstance(timeout_ms, bool)
+    timeout_ms = get("timeout_ms")
+    if timeout_ms is not None and (type(timeout_ms) is not float and (not isinstance(timeout_ms, (int, float))
+                                                                    or isinstance(timeout_ms, bool))
                                    or not timeout_ms > 0):
         raise ProtocolError("field 'timeout_ms' must be a positive number")
-    tags = header.get("tags")
+    tags = get("tags")
     if tags is not None and not (isinstance(tags, dict) and len(tags) <= MAX_TAGS and all(
             isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_TAG_LEN and len(v) <= MAX_TAG_LEN
             for k, v in tags.items())):
         raise ProtocolError(f"field 'tags' must map at most {MAX_TAGS} strings to strings of <= {MAX_TAG_LEN} chars")
-    return ClientRequest(rid, header["inputs"], version, timeout_ms, bool(header.get("ack", False)), tags)
+    ack = get("ack")
+    return ClientRequest(rid, inputs, version, timeout_ms, bool(ack), tags)
 
 
 def parse_reply(body: Sequence) -> tuple[dict, dict]:
@@ -536,6 +553,28 @@ def forwardable_result(header: dict, frames: Sequence) -> str:
     _int(header.get("attempt"), "attempt", 1)
     check_tensors(header.get("outputs"), frames)
     return key
+
+
+def checked_result(header: dict, frames: Sequence, epoch: str, worker: str) -> tuple[str, int, int, bool]:
+    """A result header whose fields are all REPLY_FIELDS and whose version is an int, checked once
+    for the master's forwarding: (key, attempt, version, whether it may go to the client byte for
+    byte if its "id" is the request's). The checks are forwardable_result's (raising ProtocolError
+    like it) and then forwardable's without the id, in one pass over the header."""
+    get = header.get
+    key = get("key")
+    if key is None:
+        key = get("id")  # reply_key
+    if type(key) is not str or not 0 < len(key) <= MAX_ID_LEN:
+        check_id(key, "key")  # raises
+    attempt = get("attempt")
+    if type(attempt) is not int or not 1 <= attempt <= MAX_INT:
+        _int(attempt, "attempt", 1)  # raises unless an int subclass in range
+    check_tensors(get("outputs"), frames)
+    rows, model = get("batch_rows"), get("model")
+    passes = (get("epoch") == epoch and get("worker") == worker and (rows is None or type(rows) is int)
+              and (model is None or (type(model) is str and len(model) <= MAX_NAME_LEN))
+              and timing_ok(get("timing")))
+    return key, attempt, header["version"], passes
 
 
 def forwardable(header: dict, epoch: str, worker: str, rid: str) -> bool:

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ringserve.protocol import codec
 from ringserve.protocol.codec import pack, unpack_map
 from ringserve.protocol.envelope import (
     MAX_ID_LEN, dispatch_frames, parse_dispatch, parse_request_header, request_frames,
@@ -138,7 +139,7 @@ def test_one_request_gets_one_verdict_from_both(req):
 def test_coalesced_requests_split_exactly_as_the_master_counted_them(reqs):
     accepted = [r for r in reqs if master_verdict(*r)[0] == "ok"]
     if accepted:  # what a master really sends: only requests it accepted, side by side
-        for (raw, frames), d in zip(accepted, worker_view(accepted)):
+        for (raw, frames), d in zip(accepted, worker_view(accepted), strict=True):
             assert d.error is None, d.error
             assert d.cid == unpack_map(raw)["id"] and [bytes(f) for f in d.frames] == [bytes(f) for f in frames]
     # A mix (a buggy or hostile master): never raises, every entry answered, and whatever the worker
@@ -146,9 +147,9 @@ def test_coalesced_requests_split_exactly_as_the_master_counted_them(reqs):
     # be pinned on one request: an extra frame of a rejected request reads as its neighbour's header,
     # and frames left over at the end fail every entry, so a mix is not split request by request.)
     view = worker_view(reqs)
-    for (raw, _), d in zip(reqs, view, strict=True):
+    for d in view:  # judged on the header the worker read: after a miscount it is a later request's
         if d.error is None:
-            assert master_verdict(raw, d.frames) == ("ok", d.cid, len(d.frames))
+            assert master_verdict(pack(d.header), d.frames) == ("ok", d.cid, len(d.frames))
     if all(d.error is None for d in view):
         for r, d in zip(reqs, view, strict=True):
             assert master_verdict(*r) == ("ok", d.cid, len(d.frames))
@@ -179,3 +180,28 @@ def test_a_string_tensor_counts_frames_by_the_same_rule():
     (d,) = worker_view([(raw, [strings_buffer([b"\xff" * 70000])])])
     assert d.error is None
     assert master_verdict(raw, [strings_buffer([b"x", b"y"])]) == ("bad",)  # two strings, shape says one
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(client_request())
+def test_the_fast_tensor_walk_never_accepts_what_the_full_walk_refuses(req):
+    """codec._fast_walk (the common case, every role's hot path) must give the full walk's answer or
+    step aside (None): never accept a tensor list the full walk refuses, never other arrays."""
+    raw, frames = req
+    try:
+        header = unpack_map(raw)
+    except ProtocolError:
+        return
+    meta = header.get("inputs")
+    try:
+        full = codec._walk(meta, frames, make=True)
+    except ProtocolError:
+        full = None
+    for make in (True, False):
+        fast = codec._fast_walk(meta, frames, make)
+        if fast is None:
+            continue
+        assert full is not None, "the fast walk accepted what the full walk refuses"
+        assert list(fast) == (list(full) if make else [])
+        for name, arr in fast.items():
+            assert (arr.dtype, arr.shape, arr.tobytes()) == (full[name].dtype, full[name].shape, full[name].tobytes())

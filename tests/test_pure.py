@@ -207,3 +207,38 @@ def test_a_shard_bound_to_every_address_is_subscribed_to_where_it_was_reached():
     assert reachable_pub("tcp://*:5601", "tcp://ps-0.ps:5600") == "tcp://ps-0.ps:5601"
     assert reachable_pub("tcp://10.0.0.9:5601", "tcp://10.77.0.4:5600") == "tcp://10.0.0.9:5601"
     assert reachable_pub("ipc:///tmp/x", "tcp://h:1") == "ipc:///tmp/x"
+
+
+def test_a_map_packed_from_its_pairs_is_the_map():
+    """codec.pack_map_with (a cached answer's header, packed once, with each hit's id added)."""
+    from ringserve.protocol.codec import pack_map_with, pack_pairs
+    for header in ({}, {"ok": True, "outputs": [["y", "float32", [1], b"\0" * 4]], "version": 3},
+                   {f"k{i}": i for i in range(20)}):  # beyond a fixmap's 15 entries
+        count, pairs = pack_pairs(header)
+        assert unpack_map(pack_map_with(count, pairs, "id", "r-1")) == {"id": "r-1", **header}
+
+
+def test_master_metrics_counted_locally_read_like_prometheus_series():
+    """The master's per-request series are counted in dicts and made into families on scrape: a value
+    on a bucket's bound counts in that bucket (le), +Inf holds them all, versions read as strings."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from ringserve.master.metrics import MasterMetrics
+    m = MasterMetrics("least-outstanding")
+    for seconds in (0.0005, 0.003, 50.0):
+        m.on_answer("mlp", 2, "ok", seconds)
+    m.on_answer("mlp", None, "TIMEOUT", 0.2)
+    m.on_dispatch("mlp", 0.0001)
+    m.on_cache("mlp", False)
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for fam in text_string_to_metric_families(generate_latest(m.registry).decode()) for s in fam.samples}
+    assert samples[("ringserve_requests_total", (("model", "mlp"), ("outcome", "ok"), ("version", "2")))] == 3
+    assert samples[("ringserve_requests_total", (("model", "mlp"), ("outcome", "TIMEOUT"), ("version", "")))] == 1
+    assert samples[("ringserve_request_duration_seconds_bucket", (("le", "0.0005"), ("model", "mlp")))] == 1
+    assert samples[("ringserve_request_duration_seconds_bucket", (("le", "0.005"), ("model", "mlp")))] == 2
+    assert samples[("ringserve_request_duration_seconds_bucket", (("le", "30.0"), ("model", "mlp")))] == 3
+    assert samples[("ringserve_request_duration_seconds_bucket", (("le", "+Inf"), ("model", "mlp")))] == 4
+    assert samples[("ringserve_request_duration_seconds_count", (("model", "mlp"),))] == 4
+    assert samples[("ringserve_queue_duration_seconds_count", (("model", "mlp"),))] == 1
+    assert samples[("ringserve_response_cache_lookups_total", (("model", "mlp"), ("result", "miss")))] == 1
