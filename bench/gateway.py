@@ -164,8 +164,9 @@ def main(argv=None) -> None:
     p.add_argument("--concurrency", type=int, default=64, help="requests in flight, over all load processes")
     p.add_argument("--load-processes", type=int, default=2, help="separate processes driving the load")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--http-server", choices=("uvicorn", "thin"), default="uvicorn",
-                   help="thin: bench/thin_gateway.py's httptools protocol in uvicorn's place (a measured candidate)")
+    p.add_argument("--http-server", choices=("uvicorn", "thin", "http11"), default="uvicorn",
+                   help="a measured candidate in uvicorn's place: thin (bench/thin_gateway.py's minimal httptools "
+                        "protocol) or http11 (bench/http11.py)")
     p.add_argument("--paths", default="json,binary,grpc", help="which paths to measure (the ZMQ client always)")
     args = p.parse_args(argv)
     configure_logging("bench", "warning")  # stdout is the one JSON line
@@ -179,10 +180,11 @@ def main(argv=None) -> None:
             "--master", master.info["backend"], "--model", "mlp=ringserve.worker.demo:mlp", "--device", args.device,
             "--log-level", "warning", "--threads", str(os.environ.get("RS_THREADS", 1))], tmp / "worker.log"))
         wait_for_workers(master.info["admin"], 1, 60)
-        gw_module = "ringserve.bench.thin_gateway" if args.http_server == "thin" else "ringserve.launch.gateway"
+        gw_module = "ringserve.launch.gateway" if args.http_server == "uvicorn" else "ringserve.bench.thin_gateway"
         gw = RoleProcess(gw_module, ["--master", master.info["frontend"], "--admin",
                                                       master.info["admin"], "--listen", "127.0.0.1:0",
-                                                      "--grpc-listen", "127.0.0.1:0"], tmp / "gateway.log")
+                                                      "--grpc-listen", "127.0.0.1:0"], tmp / "gateway.log",
+                         env={"RS_HTTP_CANDIDATE": args.http_server})
         procs.append(gw)
         port = int(gw.info["url"].rsplit(":", 1)[1])
         zmq_res, _ = run_load(master.info["frontend"], "mlp", (1, 256), args.concurrency, args.seconds,

@@ -1,8 +1,13 @@
-"""A candidate HTTP layer for the gateway, for measurement only: an asyncio Protocol on httptools'
-parser that calls the same GatewayApp through a minimal ASGI shim (no uvicorn cycle object, flow
-control or per-message checks). Run as `python -m ringserve.bench.thin_gateway ARGS` (the
-gateway's own arguments): it stands in for uvicorn in gateway/server.py and nothing else changes.
-Not a server to deploy: no TLS, no connection limits; bench/gateway.py --http-server thin uses it.
+"""Candidate HTTP layers for the gateway, for measurement only, in uvicorn's place in
+gateway/server.py (nothing else changes). Run as `python -m ringserve.bench.thin_gateway ARGS`
+with the gateway's own arguments; RS_HTTP_CANDIDATE picks the candidate:
+
+- ``thin``: the ThinProtocol below, an asyncio Protocol on httptools' parser calling the same
+  GatewayApp through a minimal ASGI shim (no uvicorn cycle object, flow control or per-message
+  checks); no TLS, no limits, no pipelining: the floor of what such a server costs;
+- ``http11``: bench/http11.py, the same idea with what the gateway would need to deploy it.
+
+bench/gateway.py --http-server thin|http11 starts it.
 """
 from __future__ import annotations
 
@@ -137,8 +142,14 @@ class ThinServer:
         srv.close()
 
 
+def _http11(config: ThinConfig):
+    from ringserve.bench.http11 import HttpServer
+    return HttpServer(config.app)
+
+
 def main() -> None:
-    gw_server._Server = ThinServer
+    import os
+    gw_server._Server = _http11 if os.environ.get("RS_HTTP_CANDIDATE") == "http11" else ThinServer
     gw_server.uvicorn.Config = ThinConfig  # serve_async builds uvicorn.Config(app, ...)
     from ringserve.launch.gateway import main as gateway_main
     gateway_main()
