@@ -8,7 +8,9 @@ keep-alive connections (one request in flight per connection), gRPC through the 
 (grpc.aio), and AsyncClient (bench/loadgen.py). CPU per request is read from the gateway's own
 /proc counters over the measured window, so it holds on a noisy machine. Headline figures
 (`http_req_per_s`, `http_p99_ms`, `gateway_cpu_us_per_req`, `http_vs_zmq_client`) are the binary
-path; `http_json_*`, `http_binary_*` and `grpc_*` give each path.
+path; `http_json_*`, `http_binary_*` and `grpc_*` give each path. `--http-server thin|http11`
+runs a measured candidate HTTP layer in uvicorn's place (bench/thin_gateway.py), `--paths` a
+subset of the paths.
 """
 from __future__ import annotations
 
