@@ -3,8 +3,8 @@ httptools' parser calling the gateway's ASGI app (bench/gateway.py --http-server
 
 It did not cut the gateway's CPU per request by the 20 % that would justify replacing uvicorn
 (docs/benchmarks.md, "The HTTP layer"), so the gateway stays on uvicorn; this is kept so the
-measurement can be repeated (it has not been run against tests/test_gateway*.py: do that before
-adopting it). It covers what the gateway needs of HTTP/1.1: keep-alive (idle connections closed after
+measurement can be repeated (put in uvicorn's place in gateway/server.py by hand, it passed
+tests/test_gateway*.py and tests/test_graceful_stop.py). It covers what the gateway needs of HTTP/1.1: keep-alive (idle connections closed after
 ``keep_alive_s``, headers must arrive within it too), pipelined requests answered in order one at a
 time, Content-Length and chunked bodies streamed to the app with back-pressure, ``Expect:
 100-continue``, HEAD answered without a body, a malformed request answered 400 and the connection
