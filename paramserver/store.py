@@ -1,9 +1,10 @@
 """Durable storage of one shard's slices: content-addressed pieces + one manifest per version.
 
-Layout of ``<data-dir>/<model>/``: ``pieces/<sha256>`` holds the raw bytes of one piece, named
+Layout of ``<data-dir>/<model>/``: ``pieces/<checksum>`` holds the raw bytes of one piece, named
 by its checksum, so a piece that two versions share is stored (and read, and checked) once;
 ``v<N>.manifest.json`` lists a version's pieces ([key, param, dtype, shape, start, stop,
-sha256]), the version's content digest (what a second publisher of the same version number
+checksum]; a checksum names its digest, protocol/digest.py: ``blake3-<hex>``, or bare hex for
+the sha256 every store before issue 22 holds, which still loads), the version's content digest (what a second publisher of the same version number
 is compared with) and `meta_sha256`, a checksum of the manifest itself; ``current.json`` keeps
 the history of current versions and the current version's `epoch` (the publisher's stamp of the
 commit, rollback or revert that made it current: with replicated shards, repair adopts the
@@ -41,6 +42,8 @@ import numpy as np
 import structlog
 from safetensors.numpy import load as st_load
 
+from ringserve.protocol import digest as piece_digest
+from ringserve.protocol.digest import CHECKSUM_FORMS, checksum_matches
 from ringserve.protocol.placement import Piece
 
 log = structlog.get_logger("ringserve.paramserver.store")
@@ -57,12 +60,13 @@ def meta_checksum(manifest: dict) -> str:
 
 
 def sha256(buf) -> str:
+    """sha256 of small things (a manifest's own checksum, the earlier single-file format)."""
     return hashlib.sha256(buf).hexdigest()
 
 
 def is_checksum(text: object) -> bool:
-    """A lowercase sha256 hex digest (also the only file name a piece may have)."""
-    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+    """A piece checksum of a known digest (protocol/digest.py; also the only file name a piece may have)."""
+    return piece_digest.is_checksum(text)
 
 
 @dataclass
@@ -176,13 +180,18 @@ class ShardStore:
         self.written["bytes"] += nbytes
         return {"pieces": len(todo), "bytes": nbytes}
 
-    def commit(self, model: str, sl: Slice, early: dict | None = None, epoch: int | None = None) -> dict:
+    def commit(self, model: str, sl: Slice, early: dict | None = None, epoch: int | None = None,
+               prune: bool = True) -> dict:
         """Make `sl` durable and current: write the pieces not stored yet, then its manifest.
-        `early`: what write_pieces wrote for it at stage time. Returns {"pieces", "bytes",
-        "shared"}: what was written for this version, how many of its pieces were stored before."""
+        `early`: what write_pieces wrote for it at stage time. `prune=False`: leave dropping the
+        versions beyond `keep` (and deleting their piece files, which takes a while for large
+        ones) to a later `prune` call, so the commit is answered and announced first. Returns
+        {"pieces", "bytes", "shared"}: what was written for this version, how many of its pieces
+        were stored before."""
         wrote = self._write_version(model, sl, early)
         self.set_current(model, sl.version, epoch=epoch)
-        self._prune(model)
+        if prune:
+            self._prune(model)
         self.last_commit = {**wrote, "shared": max(0, len(set(sl.checksums.values())) - wrote["pieces"])}
         return dict(self.last_commit)
 
@@ -268,6 +277,11 @@ class ShardStore:
         """Versions a prune must keep: the current one, and the one current before it (what a
         revert of the last commit, or the rollback that repairs it, makes current again)."""
         return {v for v in (self.current.get(model), *self.history.get(model, [])[-1:]) if v is not None}
+
+    def prune(self, model: str) -> None:
+        """Drop the versions beyond `keep` (never the protected ones) and the piece files no kept
+        version or live stage references."""
+        self._prune(model)
 
     def _prune(self, model: str) -> None:
         for v in prunable(self.slices.get(model, {}), self.keep, self.protected(model)):
@@ -363,7 +377,8 @@ class ShardStore:
         for item in manifest["pieces"]:
             piece, checksum = Piece.from_list(item[:6]), item[6]
             if not is_checksum(checksum):
-                raise CorruptVersion(f"v{version}: piece {piece.key} has no valid checksum")
+                raise CorruptVersion(f"v{version}: piece {piece.key} has no checksum of a known digest "
+                                     f"({CHECKSUM_FORMS})")
             if checksum not in cache:
                 cache[checksum] = self._read_piece(d / PIECES / checksum, checksum)
             raw = cache[checksum]
@@ -383,7 +398,7 @@ class ShardStore:
             raw = path.read_bytes()
         except OSError as exc:
             return f"piece file missing or unreadable ({type(exc).__name__})"
-        if sha256(raw) != checksum:
+        if not checksum_matches(raw, checksum):
             return f"checksum mismatch for piece file {checksum[:16]}... (torn or corrupt file)"
         return np.frombuffer(raw, dtype=np.uint8)
 
@@ -400,7 +415,7 @@ class ShardStore:
         for item in manifest["pieces"]:
             piece, checksum = Piece.from_list(item[:6]), item[6]
             arr = arrays.get(piece.key)
-            if arr is None or sha256(arr.tobytes()) != checksum:
+            if arr is None or not checksum_matches(arr.tobytes(), checksum):
                 raise CorruptVersion(f"v{version}: piece {piece.key} missing or failing its checksum")
             sl.pieces[piece.key], sl.data[piece.key], sl.checksums[piece.key] = piece, arr, checksum
         return sl

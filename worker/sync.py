@@ -34,7 +34,6 @@ is never used (logged as an error).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
 import time
@@ -46,6 +45,7 @@ import structlog
 import torch
 import zmq
 
+from ringserve.protocol.digest import CHECKSUM_FORMS, checksum_matches, is_checksum
 from ringserve.protocol.codec import SUPPORTED_DTYPES, pack, unpack_map
 from ringserve.protocol.messages import SHARD_PROTO, ProtocolError
 from ringserve.protocol.placement import Piece, fingerprint, min_live, model_name_problem, resolve_replicas, ring_problem
@@ -442,9 +442,12 @@ def _shapes(served) -> dict[str, tuple] | None:
 
 
 def _item(item: object) -> tuple[Piece, str]:
-    """One manifest entry [key, param, dtype, shape, start, stop, sha256] from a shard, validated."""
+    """One manifest entry [key, param, dtype, shape, start, stop, checksum] from a shard, validated
+    (a checksum of a digest this worker knows: protocol/digest.py)."""
     if not isinstance(item, list) or len(item) != 7 or not isinstance(item[6], str):
         raise ValueError(f"bad manifest entry {str(item)[:120]}")
+    if not is_checksum(item[6]):
+        raise ValueError(f"piece {str(item[0])[:80]}: checksum {item[6][:80]!r} is not {CHECKSUM_FORMS}")
     try:
         piece = Piece.from_list(item[:6])
     except (TypeError, ValueError) as exc:
@@ -604,9 +607,10 @@ def _recv_batch(sock: zmq.Socket, shard: str, expected: dict[int, dict[str, tupl
         if n != expect:
             _drain(sock)
             raise ValueError(f"shard {shard}: piece {key} is {n} bytes, expected {expect}")
-        if hashlib.sha256(dst).hexdigest() != checksum:
+        if not checksum_matches(dst, checksum):
             _drain(sock)
-            raise ValueError(f"shard {shard}: piece {key} failed its checksum")
+            raise ValueError(f"shard {shard}: piece {key} failed its checksum"
+                             + ("" if is_checksum(checksum) else f" (not {CHECKSUM_FORMS})"))
         if whole:
             new.flat[piece.param] = _own(dst, piece.dtype)
         if done is not None:
@@ -749,7 +753,7 @@ def assemble(manifests: Mapping[str, list], replies: Mapping[str, tuple[dict, li
             want = wanted.get(item[0]) if isinstance(item, list) and item else None
             if want is None:
                 continue  # a piece we hold already
-            if hashlib.sha256(buf).hexdigest() != item[6] or want[1] != item[6]:
+            if want[1] != item[6] or not checksum_matches(buf, item[6]):
                 raise ValueError(f"shard {shard}: piece {item[0]} failed its checksum")
             p = want[0]
             if new.flat[p.param] is None:
