@@ -355,3 +355,32 @@ def test_a_stall_of_every_shard_drops_none_of_them_and_the_fetch_completes(clust
     finally:
         rpc.close()
         ctx.destroy(linger=0)
+
+
+def test_with_keys_a_replaced_empty_shard_is_repaired_by_its_peers(cluster, tmp_path):
+    """CURVE everywhere: a shard's own key lets it read (hello, fetch) from its peers, so repair
+    works with --keys too; the repaired manifests equal the others'."""
+    from ringserve.protocol.security import Security, create_identity
+
+    keys = tmp_path / "keys"
+    ports = free_tcp_ports(3)
+    eps = {f"ps{i}": f"tcp://127.0.0.1:{p}" for i, p in enumerate(ports)}
+    for n in eps:
+        create_identity(keys, "shard", n)
+    create_identity(keys, "publisher", "p1")
+
+    flags = ("--shards", shard_list(eps), "--repair-interval", "0.3", "--keys", str(keys))
+    cluster.start_shards(3, endpoints={n: {"endpoint": e} for n, e in eps.items()}, extra=flags)
+    with ParamClient(eps, chunk_bytes=SMALL_CHUNK, timeout=3.0, security=Security(str(keys), "publisher", "p1")) as pc:
+        pc.publish("mlp", mlp_state(1))
+        pc.publish("mlp", mlp_state(2))
+        before = manifests_on_disk(cluster, "ps2")
+        kill(cluster, "ps2")
+        shutil.rmtree(cluster.tmp / "ps2")
+        cluster.shards["ps2"] = cluster._start("ringserve.launch.ps", [
+            "--name", "ps2", "--data-dir", str(cluster.tmp / "ps2"), "--bind", eps["ps2"], "--announce-interval",
+            "0.2", *flags], "ps2-empty")
+        wait_until(lambda: pc.versions("mlp")["ps2"] == {"versions": [1, 2], "current": 2}, 30, 0.2,
+                   "the empty shard repaired over CURVE")
+        assert manifests_on_disk(cluster, "ps2") == before
+        assert pc.hello()["ps2"]["repair"]["repaired_pieces"] > 0
