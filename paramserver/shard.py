@@ -333,7 +333,8 @@ class Shard:
                 if p.param not in gone:
                     sl.pieces[k], sl.data[k], sl.checksums[k] = p, base_slice.data[k], base_slice.checksums[k]
         layouts: dict[str, tuple[str, tuple]] = {}
-        for item, frame in zip(items, frames):
+        t0 = time.monotonic()
+        for item, frame in zip(items, frames, strict=True):  # as many as checked above
             piece, checksum = _piece(item)
             if base is not None and piece.param not in replace:
                 raise ProtocolError(f"piece {piece.key}: parameter {piece.param!r} not listed in 'replace'")
@@ -355,7 +356,10 @@ class Shard:
             if problem:
                 return error_body(None, ErrorCode.BAD_REQUEST, f"delta on v{base} of {model!r}: {problem}")
         replaced = self.staging.pop((model, version, token), None)
+        t1 = time.monotonic()
         written = self.store.write_pieces(model, sl)  # durable now, visible only once a manifest names them
+        log.info("version_staged", model=model, version=version, pieces=len(items), bytes=nbytes,
+                 check_s=round(t1 - t0, 4), write_s=written.get("write_s"), fsync_s=written.get("fsync_s"))
         self.staging[(model, version, token)] = Stage(sl, token, time.monotonic(), nbytes, written)
         if replaced is not None:
             self.store.collect(model)  # what only the replaced stage wrote

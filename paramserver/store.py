@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -154,11 +155,13 @@ class ShardStore:
             if c not in stored and c not in todo:
                 todo[c] = sl.data[k]
         tmps = []
+        t0 = time.monotonic()
         try:
             for c, arr in todo.items():  # write everything, then fsync: the disk works on all of it at once
                 f = open(pdir / f"{c}.tmp", "wb")
                 tmps.append((c, f))
                 f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+            t1 = time.monotonic()
             for _c, f in tmps:
                 f.flush()
                 os.fsync(f.fileno())
@@ -178,7 +181,8 @@ class ShardStore:
         nbytes = sum(a.nbytes for a in todo.values())
         self.written["pieces"] += len(todo)
         self.written["bytes"] += nbytes
-        return {"pieces": len(todo), "bytes": nbytes}
+        return {"pieces": len(todo), "bytes": nbytes, "write_s": round(t1 - t0, 4) if tmps else 0.0,
+                "fsync_s": round(time.monotonic() - t1, 4) if tmps else 0.0}
 
     def commit(self, model: str, sl: Slice, early: dict | None = None, epoch: int | None = None,
                prune: bool = True) -> dict:
