@@ -17,7 +17,8 @@ fsynced. The shard does this when a stage arrives (so the disk works while the o
 receive theirs, and a commit is quick); a commit writes whatever is still missing, then the
 manifest the same way (last: it marks the version done), so a SIGKILL at any moment leaves
 either the old state or the new one; pieces no manifest names are invisible. After a
-commit, versions beyond `keep` are dropped, except the current one and the one current before
+commit (the shard runs it once the commit is answered and announced: `commit(prune=False)`,
+then `prune`), versions beyond `keep` are dropped, except the current one and the one current before
 it (a revert of that commit, or a rollback repairing it, needs it: `prunable`); after a commit,
 rollback, revert, abort or expired stage, piece files that neither a kept version nor a live
 stage references are deleted (temporary files a crash left behind go at start).

@@ -669,9 +669,13 @@ def fetch_into(rpc: ShardRPC, model: str, version: int, need: Mapping[str, list[
             poller.register(rpc.socks[n], zmq.POLLIN)
             names[rpc.socks[n]] = n
             if sources:
-                mon = rpc.socks[n].get_monitor_socket(zmq.EVENT_DISCONNECTED)
-                monitors[n], watched[mon] = mon, n
-                poller.register(mon, zmq.POLLIN)
+                try:
+                    mon = rpc.socks[n].get_monitor_socket(zmq.EVENT_DISCONNECTED)
+                except zmq.ZMQError as exc:  # no monitor: silence still moves the pieces, later
+                    log.warning("fetch_monitor_unavailable", shard=n, error=str(exc))
+                else:
+                    monitors[n], watched[mon] = mon, n
+                    poller.register(mon, zmq.POLLIN)
         todo[n] += _batches(list(items), batch_bytes)
         assigned[n] += list(items)
 
