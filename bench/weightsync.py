@@ -94,16 +94,19 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--replicas", type=int, default=None, help="copies of each piece (default 2)")
+    p.add_argument("--role-log-level", default="warning",
+                   help="the shards' and workers' log level (info: per-phase timers in their logs)")
     p.add_argument("--kill-shard", action="store_true",
                    help="also time a full sync with a shard SIGKILLed while the workers fetch")
     args = p.parse_args(argv)
     configure_logging("bench", "warning")  # logs to stderr: stdout is the one JSON line
     tmp = Path(tempfile.mkdtemp(prefix="rs-wsync-"))
+    print(f"role logs in {tmp}", file=sys.stderr)
     spec = f"big=ringserve.worker.demo:stack,arg.layers={args.layers},arg.width={args.width}"
     procs: list[RoleProcess] = []
     try:
         shards = [RoleProcess("ringserve.launch.ps", ["--name", f"ps{i}", "--data-dir", str(tmp / f"ps{i}"), "--bind", EPH,
-                                            "--pub", EPH, "--announce-interval", "0.2", "--log-level", "warning"],
+                                            "--pub", EPH, "--announce-interval", "0.2", "--log-level", args.role_log_level],
                               tmp / f"ps{i}.log", wait_ready=False) for i in range(args.shards)]
         procs += shards
         for s in shards:
@@ -113,7 +116,7 @@ def main(argv=None) -> None:
                                                "--log-level", "warning"], tmp / "master.log")
         procs.append(master)
         workers = [RoleProcess("ringserve.launch.worker", ["--master", master.info["backend"], "--name", f"w{i}",
-                                                 "--model", spec, "--threads", "1", "--log-level", "warning",
+                                                 "--model", spec, "--threads", "1", "--log-level", args.role_log_level,
                                                  "--paramservers", ",".join(f"{n}={e}" for n, e in eps.items()),
                                                  *(["--replicas", str(args.replicas)] if args.replicas else [])],
                                tmp / f"w{i}.log", wait_ready=False) for i in range(args.workers)]

@@ -40,6 +40,7 @@ import zmq
 from safetensors.numpy import load_file
 
 from ringserve.client.errors import Conflict
+from ringserve.protocol.digest import DEFAULT as PIECE_DIGEST, checksum as piece_checksum
 from ringserve.protocol.codec import to_numpy
 from ringserve.protocol.placement import (DEFAULT_CHUNK_BYTES, fingerprint, min_live, model_name_problem, owners,
                                           parse_shards, place, plan, quorum_problem, resolve_replicas, ring,
@@ -262,18 +263,18 @@ class ParamClient:
         token = uuid.uuid4().hex
         pieces = plan({n: (a.dtype.name, a.shape, a.dtype.itemsize) for n, a in arrays.items()}, self.chunk_bytes)
         flat = {n: a.reshape(-1) for n, a in arrays.items()}
-        requests, sums = {}, []
+        requests = {}
         replace = {n: [d, list(shp)] for n, (d, shp) in new_layout.items()} if base is not None else None
         placed = {n: mine for n, mine in place(pieces, self.shards, self.replicas).items() if n in states}
-        frames_of = {shard: [memoryview(np.ascontiguousarray(flat[p.param][p.start:p.stop])).cast("B") for p in mine]
-                     for shard, mine in placed.items()}
-        checksums = iter(hash_all([f for frames in frames_of.values() for f in frames]))
+        unique = {p.key: p for mine in placed.values() for p in mine}  # a piece on R owners is hashed once
+        frame_of = {k: memoryview(np.ascontiguousarray(flat[p.param][p.start:p.stop])).cast("B")
+                    for k, p in unique.items()}
+        item_of = {k: [*p.as_list(), c] for (k, p), c in zip(unique.items(), hash_all(list(frame_of.values())), strict=True)}
         for shard, mine in placed.items():
-            frames = frames_of[shard]
-            items = [[*p.as_list(), next(checksums)] for p in mine]
-            sums += items
             requests[shard] = ({"cmd": "stage", "model": model, "version": version, "base": base, "token": token,
-                                "replace": replace, "pieces": items}, frames)
+                                "replace": replace, "pieces": [item_of[p.key] for p in mine]},
+                               [frame_of[p.key] for p in mine])
+        sums = list(item_of.values())  # each piece once: the digest does not depend on which owners were up
         digest = hashlib.sha256(json.dumps([base, sorted(sums)], separators=(",", ":")).encode()).hexdigest()
         for header, _ in requests.values():
             header["digest"] = digest
@@ -488,12 +489,13 @@ class ParamClient:
                         why="they adopt it from the other owners (repair)")
 
 
-def hash_all(buffers: list) -> list[str]:
-    """sha256 of each buffer, on up to HASH_THREADS threads (hashlib releases the GIL on large buffers)."""
+def hash_all(buffers: list, algorithm: str = PIECE_DIGEST) -> list[str]:
+    """The checksum (protocol/digest.py) of each buffer, on up to HASH_THREADS threads (blake3 and
+    hashlib release the GIL on large buffers)."""
     if len(buffers) < 2 or HASH_THREADS < 2:
-        return [hashlib.sha256(b).hexdigest() for b in buffers]
+        return [piece_checksum(b, algorithm) for b in buffers]
     with ThreadPoolExecutor(min(HASH_THREADS, len(buffers))) as pool:
-        return list(pool.map(lambda b: hashlib.sha256(b).hexdigest(), buffers))
+        return list(pool.map(lambda b: piece_checksum(b, algorithm), buffers))
 
 
 def _follower_versions(hello: Mapping, model: str, refused_only: bool = False) -> list[int]:

@@ -35,6 +35,7 @@ import structlog
 import zmq
 
 from ringserve.paramserver.store import Slice, is_checksum
+from ringserve.protocol.digest import checksum_matches
 from ringserve.protocol.placement import Piece, dtype_problem, fingerprint, model_name_problem, owners, ring
 from ringserve.protocol.security import Security
 from ringserve.protocol.shardrpc import ShardRPC
@@ -230,8 +231,8 @@ class Repairer(threading.Thread):
                 for it in batch:
                     if it[0] not in got or got[it[0]][0] != it:
                         return False
-                    buf = bytes(got[it[0]][1].buffer)
-                    if hashlib.sha256(buf).hexdigest() != it[6]:
+                    buf = got[it[0]][1].buffer  # the frame's memory, kept by the array below: no copy
+                    if not checksum_matches(buf, it[6]):
                         raise ValueError(f"{src}: piece {it[0]} of {model} v{version} failed its checksum")
                     piece = Piece.from_list(it[:6])
                     if dtype_problem(piece.dtype) or len(buf) != _nbytes(it) or not 0 <= piece.start <= piece.stop:

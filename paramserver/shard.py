@@ -45,7 +45,8 @@ import zmq
 from ringserve.paramserver.followers import Followers, parse_report
 from ringserve.paramserver.metrics import ShardMetrics
 from ringserve.paramserver.repair import Repairer
-from ringserve.paramserver.store import ShardStore, Slice, is_checksum, sha256
+from ringserve.paramserver.store import ShardStore, Slice, is_checksum
+from ringserve.protocol.digest import CHECKSUM_FORMS, checksum_matches
 from ringserve.protocol.codec import pack, unpack_map
 from ringserve.protocol.messages import SHARD_COMMANDS, SHARD_PROTO, ErrorCode, ProtocolError, error_body
 from ringserve.protocol.placement import Piece, dtype_problem, fingerprint, model_name_problem, resolve_replicas
@@ -74,6 +75,7 @@ class ShardConfig:
 
 
 MAX_NAME = 512  # longest tensor name accepted (safetensors header names)
+PRUNE_WITHIN_S = 2.0  # a commit's prune waits for an idle moment at most this long
 
 
 @dataclass
@@ -125,6 +127,7 @@ class Shard:
         if cfg.shards and cfg.name not in cfg.shards:
             raise ValueError(f"shard {cfg.name!r} is not in its own --shards list ({', '.join(sorted(cfg.shards))})")
         self.ring_fp = fingerprint(cfg.shards, self.replicas) if cfg.shards else None
+        self.prune_due: dict[str, float] = {}  # model -> when a commit left it to prune
         self.apply: queue.Queue = queue.Queue(maxsize=64)  # what repair copied, stored by this loop
         self.repairer = None
         if cfg.shards and len(cfg.shards) > 1 and cfg.repair_interval > 0:
@@ -141,6 +144,9 @@ class Shard:
                 if self.router.poll(int(min(self.cfg.announce_interval * 1000 / 2, 200))):
                     frames = self.router.recv_multipart(copy=False)
                     self.on_message(frames)
+                    self._prune_due(idle=False)
+                else:
+                    self._prune_due(idle=True)
                 self._apply_repairs()
                 now = time.monotonic()
                 self.expire_staging(now)
@@ -155,6 +161,15 @@ class Shard:
             self.router.close(linger=0)
             self.pubsock.close(linger=0)
             log.info("shard_stopped", shard=self.cfg.name)
+
+    def _prune_due(self, idle: bool) -> None:
+        """Prune the models committed lately: when no command waits (the workers' fetches of the
+        new version come first), or at the latest PRUNE_WITHIN_S after the commit."""
+        now = time.monotonic()
+        for model, since in list(self.prune_due.items()):
+            if idle or now - since >= PRUNE_WITHIN_S:
+                del self.prune_due[model]
+                self.store.prune(model)
 
     def _apply_repairs(self) -> None:
         """Store what the repair thread copied (bounded per turn), on this thread: the store is ours."""
@@ -318,14 +333,15 @@ class Shard:
                 if p.param not in gone:
                     sl.pieces[k], sl.data[k], sl.checksums[k] = p, base_slice.data[k], base_slice.checksums[k]
         layouts: dict[str, tuple[str, tuple]] = {}
-        for item, frame in zip(items, frames):
+        t0 = time.monotonic()
+        for item, frame in zip(items, frames, strict=True):  # as many as checked above
             piece, checksum = _piece(item)
             if base is not None and piece.param not in replace:
                 raise ProtocolError(f"piece {piece.key}: parameter {piece.param!r} not listed in 'replace'")
             if layouts.setdefault(piece.param, (piece.dtype, piece.shape)) != (piece.dtype, piece.shape):
                 raise ProtocolError(f"piece {piece.key}: pieces of {piece.param!r} disagree on shape or dtype")
             buf = frame.buffer
-            if sha256(buf) != checksum:
+            if not checksum_matches(buf, checksum):  # the one check of these bytes here: fetches serve them as they are
                 raise ProtocolError(f"piece {piece.key}: checksum mismatch in transfer")
             if len(buf) % np.dtype(piece.dtype).itemsize:
                 raise ProtocolError(f"piece {piece.key}: {len(buf)} bytes is not a whole number of {piece.dtype}")
@@ -340,7 +356,10 @@ class Shard:
             if problem:
                 return error_body(None, ErrorCode.BAD_REQUEST, f"delta on v{base} of {model!r}: {problem}")
         replaced = self.staging.pop((model, version, token), None)
+        t1 = time.monotonic()
         written = self.store.write_pieces(model, sl)  # durable now, visible only once a manifest names them
+        log.info("version_staged", model=model, version=version, pieces=len(items), bytes=nbytes,
+                 check_s=round(t1 - t0, 4), write_s=written.get("write_s"), fsync_s=written.get("fsync_s"))
         self.staging[(model, version, token)] = Stage(sl, token, time.monotonic(), nbytes, written)
         if replaced is not None:
             self.store.collect(model)  # what only the replaced stage wrote
@@ -360,7 +379,8 @@ class Shard:
                                                                f"by this publisher (expired or aborted?)")
         if stage.slice.digest != digest:
             raise ProtocolError("commit 'digest' differs from the staged one")
-        wrote = self.store.commit(model, stage.slice, stage.written, epoch=_epoch(header))
+        wrote = self.store.commit(model, stage.slice, stage.written, epoch=_epoch(header), prune=False)
+        self.prune_due.setdefault(model, time.monotonic())  # after the answer and the announcement
         self._announce("commit", model, version)
         log.info("version_committed", model=model, version=version, pieces=len(stage.slice.pieces), token=token,
                  pieces_written=wrote["pieces"], bytes_written=wrote["bytes"])
@@ -480,9 +500,9 @@ def valid_name(name: object) -> bool:
 
 
 def _piece(item: object) -> tuple[Piece, str]:
-    """Validate one [key, param, dtype, shape, start, stop, sha256] entry."""
+    """Validate one [key, param, dtype, shape, start, stop, checksum] entry."""
     if not isinstance(item, list) or len(item) != 7:
-        raise ProtocolError("a piece is [key, param, dtype, shape, start, stop, sha256]")
+        raise ProtocolError("a piece is [key, param, dtype, shape, start, stop, checksum]")
     key, param, dtype, shape, start, stop, checksum = item
     if not valid_name(param):
         raise ProtocolError(f"tensor name {str(param)[:80]!r} cannot be stored (empty, too long, '#', "
@@ -500,7 +520,7 @@ def _piece(item: object) -> tuple[Piece, str]:
     if not ints or not 0 <= start <= stop <= numel:
         raise ProtocolError(f"piece {key}: range [{start}, {stop}) outside the {numel} elements")
     if not is_checksum(checksum):
-        raise ProtocolError(f"piece {key}: sha256 must be 64 lowercase hex digits")
+        raise ProtocolError(f"piece {key}: checksum must be {CHECKSUM_FORMS}")
     return Piece(key, param, dtype, tuple(shape), start, stop), checksum
 
 

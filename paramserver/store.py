@@ -1,9 +1,10 @@
 """Durable storage of one shard's slices: content-addressed pieces + one manifest per version.
 
-Layout of ``<data-dir>/<model>/``: ``pieces/<sha256>`` holds the raw bytes of one piece, named
+Layout of ``<data-dir>/<model>/``: ``pieces/<checksum>`` holds the raw bytes of one piece, named
 by its checksum, so a piece that two versions share is stored (and read, and checked) once;
 ``v<N>.manifest.json`` lists a version's pieces ([key, param, dtype, shape, start, stop,
-sha256]), the version's content digest (what a second publisher of the same version number
+checksum]; a checksum names its digest, protocol/digest.py: ``blake3-<hex>``, or bare hex for
+the sha256 every store before issue 22 holds, which still loads), the version's content digest (what a second publisher of the same version number
 is compared with) and `meta_sha256`, a checksum of the manifest itself; ``current.json`` keeps
 the history of current versions and the current version's `epoch` (the publisher's stamp of the
 commit, rollback or revert that made it current: with replicated shards, repair adopts the
@@ -16,7 +17,8 @@ fsynced. The shard does this when a stage arrives (so the disk works while the o
 receive theirs, and a commit is quick); a commit writes whatever is still missing, then the
 manifest the same way (last: it marks the version done), so a SIGKILL at any moment leaves
 either the old state or the new one; pieces no manifest names are invisible. After a
-commit, versions beyond `keep` are dropped, except the current one and the one current before
+commit (the shard runs it once the commit is answered and announced: `commit(prune=False)`,
+then `prune`), versions beyond `keep` are dropped, except the current one and the one current before
 it (a revert of that commit, or a rollback repairing it, needs it: `prunable`); after a commit,
 rollback, revert, abort or expired stage, piece files that neither a kept version nor a live
 stage references are deleted (temporary files a crash left behind go at start).
@@ -34,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +44,8 @@ import numpy as np
 import structlog
 from safetensors.numpy import load as st_load
 
+from ringserve.protocol import digest as piece_digest
+from ringserve.protocol.digest import CHECKSUM_FORMS, checksum_matches
 from ringserve.protocol.placement import Piece
 
 log = structlog.get_logger("ringserve.paramserver.store")
@@ -57,12 +62,13 @@ def meta_checksum(manifest: dict) -> str:
 
 
 def sha256(buf) -> str:
+    """sha256 of small things (a manifest's own checksum, the earlier single-file format)."""
     return hashlib.sha256(buf).hexdigest()
 
 
 def is_checksum(text: object) -> bool:
-    """A lowercase sha256 hex digest (also the only file name a piece may have)."""
-    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+    """A piece checksum of a known digest (protocol/digest.py; also the only file name a piece may have)."""
+    return piece_digest.is_checksum(text)
 
 
 @dataclass
@@ -150,11 +156,13 @@ class ShardStore:
             if c not in stored and c not in todo:
                 todo[c] = sl.data[k]
         tmps = []
+        t0 = time.monotonic()
         try:
             for c, arr in todo.items():  # write everything, then fsync: the disk works on all of it at once
                 f = open(pdir / f"{c}.tmp", "wb")
                 tmps.append((c, f))
                 f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
+            t1 = time.monotonic()
             for _c, f in tmps:
                 f.flush()
                 os.fsync(f.fileno())
@@ -174,15 +182,21 @@ class ShardStore:
         nbytes = sum(a.nbytes for a in todo.values())
         self.written["pieces"] += len(todo)
         self.written["bytes"] += nbytes
-        return {"pieces": len(todo), "bytes": nbytes}
+        return {"pieces": len(todo), "bytes": nbytes, "write_s": round(t1 - t0, 4) if tmps else 0.0,
+                "fsync_s": round(time.monotonic() - t1, 4) if tmps else 0.0}
 
-    def commit(self, model: str, sl: Slice, early: dict | None = None, epoch: int | None = None) -> dict:
+    def commit(self, model: str, sl: Slice, early: dict | None = None, epoch: int | None = None,
+               prune: bool = True) -> dict:
         """Make `sl` durable and current: write the pieces not stored yet, then its manifest.
-        `early`: what write_pieces wrote for it at stage time. Returns {"pieces", "bytes",
-        "shared"}: what was written for this version, how many of its pieces were stored before."""
+        `early`: what write_pieces wrote for it at stage time. `prune=False`: leave dropping the
+        versions beyond `keep` (and deleting their piece files, which takes a while for large
+        ones) to a later `prune` call, so the commit is answered and announced first. Returns
+        {"pieces", "bytes", "shared"}: what was written for this version, how many of its pieces
+        were stored before."""
         wrote = self._write_version(model, sl, early)
         self.set_current(model, sl.version, epoch=epoch)
-        self._prune(model)
+        if prune:
+            self._prune(model)
         self.last_commit = {**wrote, "shared": max(0, len(set(sl.checksums.values())) - wrote["pieces"])}
         return dict(self.last_commit)
 
@@ -268,6 +282,11 @@ class ShardStore:
         """Versions a prune must keep: the current one, and the one current before it (what a
         revert of the last commit, or the rollback that repairs it, makes current again)."""
         return {v for v in (self.current.get(model), *self.history.get(model, [])[-1:]) if v is not None}
+
+    def prune(self, model: str) -> None:
+        """Drop the versions beyond `keep` (never the protected ones) and the piece files no kept
+        version or live stage references."""
+        self._prune(model)
 
     def _prune(self, model: str) -> None:
         for v in prunable(self.slices.get(model, {}), self.keep, self.protected(model)):
@@ -363,7 +382,8 @@ class ShardStore:
         for item in manifest["pieces"]:
             piece, checksum = Piece.from_list(item[:6]), item[6]
             if not is_checksum(checksum):
-                raise CorruptVersion(f"v{version}: piece {piece.key} has no valid checksum")
+                raise CorruptVersion(f"v{version}: piece {piece.key} has no checksum of a known digest "
+                                     f"({CHECKSUM_FORMS})")
             if checksum not in cache:
                 cache[checksum] = self._read_piece(d / PIECES / checksum, checksum)
             raw = cache[checksum]
@@ -383,7 +403,7 @@ class ShardStore:
             raw = path.read_bytes()
         except OSError as exc:
             return f"piece file missing or unreadable ({type(exc).__name__})"
-        if sha256(raw) != checksum:
+        if not checksum_matches(raw, checksum):
             return f"checksum mismatch for piece file {checksum[:16]}... (torn or corrupt file)"
         return np.frombuffer(raw, dtype=np.uint8)
 
@@ -400,7 +420,7 @@ class ShardStore:
         for item in manifest["pieces"]:
             piece, checksum = Piece.from_list(item[:6]), item[6]
             arr = arrays.get(piece.key)
-            if arr is None or sha256(arr.tobytes()) != checksum:
+            if arr is None or not checksum_matches(arr.tobytes(), checksum):
                 raise CorruptVersion(f"v{version}: piece {piece.key} missing or failing its checksum")
             sl.pieces[piece.key], sl.data[piece.key], sl.checksums[piece.key] = piece, arr, checksum
         return sl

@@ -43,14 +43,14 @@ DOMAIN_ROLES: dict[str, frozenset[str]] = {
     "master.client": frozenset({"client"}),
     "master.worker": frozenset({"worker"}),
     "master.admin": frozenset({"admin", "master"}),  # a peer master syncs routes here ('peer' only)
-    "shard.cmd": frozenset({"publisher", "worker"}),
+    "shard.cmd": frozenset({"publisher", "worker", "shard"}),  # a peer shard reads what it repairs
     "shard.pub": frozenset({"worker"}),
 }
 
 # Which roles may run each shard command (checked per message on the shard's command socket).
 SHARD_COMMAND_ROLES: dict[str, frozenset[str]] = {
-    "hello": frozenset({"publisher", "worker"}),
-    "fetch": frozenset({"worker"}),
+    "hello": frozenset({"publisher", "worker", "shard"}),
+    "fetch": frozenset({"worker", "shard"}),  # a shard copies the pieces it owns from its peers (repair)
     "stage": frozenset({"publisher"}),
     "commit": frozenset({"publisher"}),
     "abort": frozenset({"publisher"}),
@@ -64,7 +64,7 @@ def shard_command_roles(header: dict) -> frozenset[str]:
     manifest_only, to check a publish against the current layout) but never its weights."""
     cmd = header.get("cmd")
     if cmd == "fetch" and header.get("manifest_only") is True:
-        return frozenset({"worker", "publisher"})
+        return frozenset({"worker", "publisher", "shard"})
     return SHARD_COMMAND_ROLES[cmd]
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}

@@ -183,7 +183,7 @@ def test_shard_commands_are_authorized_per_role(cluster, keys, zctx):
         after = publisher.hello()["ps0"]
         assert (after["seq"], after["current"], after["versions"]) == (before["seq"], before["current"],
                                                                        before["versions"])
-        for who in ("worker", "publisher"):  # then the right roles: every command they may run works
+        for who in ("worker", "publisher", "shard"):  # then the right roles: every command they may run works
             s = peer(zctx, zmq.DEALER, info["endpoint"], who, keys, shard_pub)
             for cmd, header in commands.items():
                 if who in shard_command_roles(header):

@@ -19,6 +19,7 @@ import zmq
 from ringserve.client.params import ParamClient
 from ringserve.paramserver.store import PIECES, ShardStore, Slice
 from ringserve.protocol.codec import pack, unpack_map
+from ringserve.protocol.digest import algorithm_of, checksum, checksum_matches, is_checksum
 from ringserve.protocol.messages import SHARD_PROTO
 from ringserve.protocol.placement import Piece, split
 from ringserve.protocol.shardrpc import ShardCallError, ShardRPC
@@ -31,14 +32,15 @@ pytestmark = pytest.mark.timeout(120)
 SMALL_CHUNK = 64 * 1024  # the MLP's big matrices spread over several pieces and shards
 
 
-def make_slice(version: int, arrays: dict[str, np.ndarray]) -> Slice:
-    """A shard's slice holding every array whole (one piece each), as a commit receives it."""
+def make_slice(version: int, arrays: dict[str, np.ndarray], algorithm: str = "sha256") -> Slice:
+    """A shard's slice holding every array whole (one piece each), as a commit receives it
+    (sha256 checksums: what every store before issue 22 holds)."""
     sl = Slice(version, digest=f"d{version}")
     for name, a in arrays.items():
         flat = np.ascontiguousarray(a).reshape(-1)
         p = Piece(name, name, a.dtype.name, tuple(a.shape), 0, flat.size)
         sl.pieces[name], sl.data[name] = p, flat
-        sl.checksums[name] = hashlib.sha256(memoryview(flat).cast("B")).hexdigest()
+        sl.checksums[name] = checksum(memoryview(flat).cast("B"), algorithm)
     return sl
 
 
@@ -48,6 +50,55 @@ def piece_files(root, model="m") -> dict[str, os.stat_result]:
 
 
 # ---------------------------------------------------------------------------------- the store
+def test_checksums_name_their_digest_and_only_cryptographic_ones_are_known():
+    buf = memoryview(np.arange(1000, dtype=np.float32)).cast("B")
+    b3, sha = checksum(buf), checksum(buf, "sha256")
+    assert b3.startswith("blake3-") and len(b3) == 71 and algorithm_of(b3) == "blake3"
+    assert sha == hashlib.sha256(buf).hexdigest() and algorithm_of(sha) == "sha256"  # the earlier form, bare hex
+    assert checksum_matches(buf, b3) and checksum_matches(buf, sha)
+    other = memoryview(np.arange(1, 1001, dtype=np.float32)).cast("B")
+    assert not checksum_matches(other, b3) and not checksum_matches(other, sha)
+    for bad in ("xxh3-" + "0" * 16, "blake3-" + "G" * 64, "blake3-" + "0" * 63, "0" * 63, "../" + "0" * 61, 7, None):
+        assert not is_checksum(bad) and not checksum_matches(buf, bad)  # names no known digest: never matches
+    with pytest.raises(ValueError, match="unknown digest"):
+        checksum(buf, "xxh3")
+
+
+def test_a_store_of_sha256_pieces_loads_and_takes_blake3_versions_beside_them(tmp_path):
+    """An old store (sha256 pieces and manifests) still loads; new versions are written with
+    BLAKE3 beside it, a piece the old and new versions share by content is stored under each
+    name, every piece is checked against the digest its name says, and a corrupt one of either
+    kind is found."""
+    rng = np.random.default_rng(4)
+    v1 = {f"w{i}": rng.standard_normal(300).astype(np.float32) for i in range(3)}
+    v2 = dict(v1, w2=v1["w2"] + 1)
+    store = ShardStore(tmp_path, keep=3)
+    store.commit("m", make_slice(1, v1, "sha256"))
+    store.commit("m", make_slice(2, v2, "blake3"))
+    names = set(piece_files(tmp_path))
+    assert {algorithm_of(n) for n in names} == {"sha256", "blake3"} and len(names) == 6
+    again = ShardStore(tmp_path, keep=3)
+    again.load_all()
+    assert again.versions() == {"m": [1, 2]} and again.current == {"m": 2} and not again.corrupt
+    np.testing.assert_array_equal(again.slices["m"][1].data["w2"].view(np.float32), v1["w2"])
+    np.testing.assert_array_equal(again.slices["m"][2].data["w2"].view(np.float32), v2["w2"])
+    flip_a_byte(tmp_path / "m" / PIECES / make_slice(2, v2, "blake3").checksums["w0"])
+    third = ShardStore(tmp_path, keep=3)
+    third.load_all()
+    assert third.versions() == {"m": [1]} and "checksum mismatch" in third.corrupt["m"][2]
+
+
+def test_a_stage_with_a_checksum_of_no_known_digest_is_refused():
+    from ringserve.paramserver.shard import _piece
+    from ringserve.protocol.messages import ProtocolError
+
+    good = ["w", "w", "float32", [4], 0, 4]
+    for ok in ("blake3-" + "a" * 64, "a" * 64):
+        assert _piece([*good, ok])[1] == ok
+    with pytest.raises(ProtocolError, match="blake3-<64 lowercase hex> or 64 lowercase hex"):
+        _piece([*good, "xxh3-" + "a" * 16])  # fast but not cryptographic: a peer could forge it
+
+
 def test_a_delta_commit_writes_only_the_changed_pieces_and_shares_the_rest(tmp_path):
     rng = np.random.default_rng(1)
     v1 = {f"w{i}": rng.standard_normal(1000).astype(np.float32) for i in range(4)}

@@ -307,7 +307,7 @@ def test_delta_chunked_differently_from_its_base_is_merged_by_parameter(cluster)
 
 def test_fetch_failures_back_off_and_unassemblable_versions_are_refused():
     assert [round(next_backoff(b), 2) for b in (None, 0.5, 1.0, 16.0, 30.0)] == [0.5, 1.0, 2.0, 30.0, 30.0]
-    p = lambda key, start, stop: [key, "w", "float32", [8], start, stop, "x"]  # noqa: E731
+    p = lambda key, start, stop: [key, "w", "float32", [8], start, stop, "0" * 64]  # noqa: E731
     with pytest.raises(ValueError, match="do not tile"):  # overlapping chunks from two layouts
         assemble({"s0": [p("w#0", 0, 4), p("w#1", 4, 8)], "s1": [p("w#7", 2, 6)]}, {}, None)
 

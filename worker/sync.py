@@ -27,15 +27,19 @@ port is heard again).
 Replicated shards (issue 20): every piece is on R owners, so the worker needs only the shards
 that answer, as long as fewer than R are missing (`min_live`): those must agree on the current
 version, and their manifests name every piece (a piece several list must be the same). Each
-piece is fetched from one of its owners, spread by bytes; a shard that fails, errs or stays
-silent for FAILOVER_S while owing pieces is dropped for this fetch and what it owed is asked
-of another owner, without starting over. A shard whose hello reports another R or shard list
+piece is fetched from one of its owners, spread by bytes; a shard that fails, errs, drops its
+connection (the socket's monitor says so at once: a killed shard is left in milliseconds) or
+stays silent while owing pieces is dropped for this fetch and what it owed is asked of another
+owner, without starting over. Silent means: nothing while the other shards of the fetch answered
+FAILOVER_REPLIES times over more than FAILOVER_S (a shard left behind by the others), or nothing for
+FAILOVER_ALONE_S and FAILOVER_GAPS times the longest reply wait of the fetch; so a machine slow
+for everyone does not make a worker drop shards that are merely slow. A shard whose hello reports another R or shard list
 is never used (logged as an error).
 """
 from __future__ import annotations
 
-import hashlib
 import os
+import struct
 import threading
 import time
 import warnings
@@ -45,7 +49,9 @@ import numpy as np
 import structlog
 import torch
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
+from ringserve.protocol.digest import CHECKSUM_FORMS, checksum_matches, is_checksum
 from ringserve.protocol.codec import SUPPORTED_DTYPES, pack, unpack_map
 from ringserve.protocol.messages import SHARD_PROTO, ProtocolError
 from ringserve.protocol.placement import Piece, fingerprint, min_live, model_name_problem, resolve_replicas, ring_problem
@@ -58,7 +64,10 @@ BACKOFF_FIRST_S, BACKOFF_MAX_S = 0.5, 30.0
 SILENCE_INTERVALS = 5  # announce intervals without a word before a shard is asked for a snapshot
 SILENCE_MIN_S = 2.0  # ... and never less than this (a busy machine delays heartbeats)
 POLL_MS = 50  # the loop turns at least this often: an on-demand load waits at most this long to start
-FAILOVER_S = 3.0  # a shard silent this long while it owes pieces another owner has: ask that owner
+FAILOVER_S = 1.0  # a shard silent while it owes pieces, as others answer FAILOVER_REPLIES times over this long: drop it
+FAILOVER_REPLIES = 4
+FAILOVER_ALONE_S = 3.0  # silent this long (and FAILOVER_GAPS x the longest reply wait seen): dropped regardless
+FAILOVER_GAPS = 4
 
 
 def next_backoff(previous: float | None) -> float:
@@ -442,9 +451,12 @@ def _shapes(served) -> dict[str, tuple] | None:
 
 
 def _item(item: object) -> tuple[Piece, str]:
-    """One manifest entry [key, param, dtype, shape, start, stop, sha256] from a shard, validated."""
+    """One manifest entry [key, param, dtype, shape, start, stop, checksum] from a shard, validated
+    (a checksum of a digest this worker knows: protocol/digest.py)."""
     if not isinstance(item, list) or len(item) != 7 or not isinstance(item[6], str):
         raise ValueError(f"bad manifest entry {str(item)[:120]}")
+    if not is_checksum(item[6]):
+        raise ValueError(f"piece {str(item[0])[:80]}: checksum {item[6][:80]!r} is not {CHECKSUM_FORMS}")
     try:
         piece = Piece.from_list(item[:6])
     except (TypeError, ValueError) as exc:
@@ -604,9 +616,10 @@ def _recv_batch(sock: zmq.Socket, shard: str, expected: dict[int, dict[str, tupl
         if n != expect:
             _drain(sock)
             raise ValueError(f"shard {shard}: piece {key} is {n} bytes, expected {expect}")
-        if hashlib.sha256(dst).hexdigest() != checksum:
+        if not checksum_matches(dst, checksum):
             _drain(sock)
-            raise ValueError(f"shard {shard}: piece {key} failed its checksum")
+            raise ValueError(f"shard {shard}: piece {key} failed its checksum"
+                             + ("" if is_checksum(checksum) else f" (not {CHECKSUM_FORMS})"))
         if whole:
             new.flat[piece.param] = _own(dst, piece.dtype)
         if done is not None:
@@ -626,8 +639,10 @@ def fetch_into(rpc: ShardRPC, model: str, version: int, need: Mapping[str, list[
     per shard, each reply read straight into `new`.
 
     `sources` (piece key -> every owner that has it): a shard that fails, sends something
-    wrong, or is silent for `failover_s` while owing pieces is dropped, and what it still owes
-    is asked of the other owners (fewest bytes first), the pieces already received kept.
+    wrong, loses its connection (socket monitor), or is silent while owing pieces (for
+    `failover_s` since the others answered again, FAILOVER_REPLIES times, or for FAILOVER_ALONE_S and
+    FAILOVER_GAPS x the longest reply wait of this fetch) is dropped, and what it still owes is
+    asked of the other owners (fewest bytes first), the pieces already received kept.
     Raises ShardCallError when a shard fails or answers none of what is owed for `timeout`
     seconds and no other owner is left (its socket is replaced: late replies are never read),
     ValueError when a shard sends something other than what was asked or a piece fails its
@@ -641,6 +656,11 @@ def fetch_into(rpc: ShardRPC, model: str, version: int, need: Mapping[str, list[
     done: set[str] = set()
     poller = zmq.Poller()
     names: dict[zmq.Socket, str] = {}
+    monitors: dict[str, zmq.Socket] = {}  # shard -> its socket's monitor (disconnects), when failing over is possible
+    watched: dict[zmq.Socket, str] = {}
+    longest = [0.0]  # the longest wait for a reply (from a request owed, or the previous reply) in this fetch
+    times: list[float] = []  # when each reply of this fetch was read
+    mark: dict[str, int] = {}  # shard -> len(times) when it was last heard (or first owed)
     received = 0
 
     def add(n: str, items: list[tuple[Piece, str]]) -> None:
@@ -648,8 +668,27 @@ def fetch_into(rpc: ShardRPC, model: str, version: int, need: Mapping[str, list[
             todo[n], inflight[n], assigned[n] = [], {}, []
             poller.register(rpc.socks[n], zmq.POLLIN)
             names[rpc.socks[n]] = n
+            if sources:
+                try:
+                    mon = rpc.socks[n].get_monitor_socket(zmq.EVENT_DISCONNECTED)
+                except zmq.ZMQError as exc:  # no monitor: silence still moves the pieces, later
+                    log.warning("fetch_monitor_unavailable", shard=n, error=str(exc))
+                else:
+                    monitors[n], watched[mon] = mon, n
+                    poller.register(mon, zmq.POLLIN)
         todo[n] += _batches(list(items), batch_bytes)
         assigned[n] += list(items)
+
+    def unwatch(n: str) -> None:
+        mon = monitors.pop(n, None)
+        if mon is not None:
+            poller.unregister(mon)
+            watched.pop(mon, None)
+            try:
+                rpc.socks[n].disable_monitor()
+            except zmq.ZMQError:
+                pass
+            mon.close(linger=0)
 
     def send(n: str) -> None:
         while todo[n] and len(inflight[n]) < window:
@@ -661,7 +700,7 @@ def fetch_into(rpc: ShardRPC, model: str, version: int, need: Mapping[str, list[
             except zmq.Again:
                 raise ShardCallError({n: "send queue full (shard not reading)"}) from None
             if not inflight[n]:
-                heard[n] = time.monotonic()  # the silence clock starts with the first request owed
+                heard[n], mark[n] = time.monotonic(), len(times)  # the silence clock starts with the first request owed
             todo[n].pop(0)
             inflight[n][rid] = {p.key: (p, c) for p, c in batch}
 
@@ -673,6 +712,7 @@ def fetch_into(rpc: ShardRPC, model: str, version: int, need: Mapping[str, list[
         """Drop `n` for this fetch; ask the other owners for what it still owes."""
         owed = [(p, c) for p, c in assigned[n] if p.key not in done]
         dropped.add(n)
+        unwatch(n)
         poller.unregister(rpc.socks[n])
         names.pop(rpc.socks[n], None)
         rpc.reopen(n)  # nothing it still owes is read later
@@ -704,10 +744,19 @@ def fetch_into(rpc: ShardRPC, model: str, version: int, need: Mapping[str, list[
                 raise ShardCallError({n: f"no answer in {timeout}s" for n, f in inflight.items() if f})
             if cancel is not None and cancel.is_set():
                 raise ShardCallError({n: "stopping" for n, f in inflight.items() if f})
+            alone = max(FAILOVER_ALONE_S, failover_s, FAILOVER_GAPS * longest[0])
             for n in [n for n, f in inflight.items() if f and now - heard.get(n, now) > failover_s]:
-                if movable(n):
-                    fail_over(n, f"silent for {now - heard[n]:.1f}s")
+                behind = times[mark[n]:]  # the others' replies since n was last heard
+                left_behind = len(behind) >= FAILOVER_REPLIES and now - behind[0] > failover_s
+                if (left_behind or now - heard[n] > alone) and movable(n):
+                    fail_over(n, f"silent for {now - heard[n]:.1f}s while the others answered {len(behind)} times")
             for sock, _ in poller.poll(max(1, int(min(left, POLL_MS / 1000) * 1000))):
+                if sock in watched:
+                    n = watched[sock]
+                    lost = _disconnected(sock)
+                    if lost and n not in dropped and inflight.get(n) and movable(n):
+                        fail_over(n, "connection lost")
+                    continue
                 n = names.get(sock)
                 if n is None:
                     continue
@@ -721,10 +770,15 @@ def fetch_into(rpc: ShardRPC, model: str, version: int, need: Mapping[str, list[
                 if got is None:
                     continue  # stale or garbled: no progress, the deadline stands
                 received += got
+                longest[0] = max(longest[0], time.monotonic() - heard.get(n, now))
+                times.append(time.monotonic())
+                mark[n] = len(times)
                 heard[n] = deadline = time.monotonic()
                 deadline += timeout  # progress: the timeout is for silence
                 send(n)
     finally:
+        for n in list(monitors):
+            unwatch(n)
         for n, f in inflight.items():
             if f:
                 rpc.reopen(n)  # nothing still owed is read later by someone else
@@ -732,6 +786,21 @@ def fetch_into(rpc: ShardRPC, model: str, version: int, need: Mapping[str, list[
     if missing:
         raise ValueError(f"tensor {missing[0]} neither held nor received")
     return received
+
+
+def _disconnected(mon: zmq.Socket) -> bool:
+    """Read what a socket monitor has queued; True if it says the connection dropped."""
+    lost = False
+    for _ in range(64):  # bounded: a monitor queues a few events at most
+        try:
+            frames = mon.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            break
+        try:
+            lost |= parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED
+        except (ValueError, KeyError, IndexError, struct.error):
+            continue
+    return lost
 
 
 def assemble(manifests: Mapping[str, list], replies: Mapping[str, tuple[dict, list]], held: Held | None) -> Held:
@@ -744,12 +813,12 @@ def assemble(manifests: Mapping[str, list], replies: Mapping[str, tuple[dict, li
         items = header.get("pieces", [])
         if len(items) != len(frames):
             raise ValueError(f"shard {shard}: {len(items)} pieces but {len(frames)} frames")
-        for item, frame in zip(items, frames):
+        for item, frame in zip(items, frames, strict=True):
             buf = frame.buffer if hasattr(frame, "buffer") else memoryview(frame)
             want = wanted.get(item[0]) if isinstance(item, list) and item else None
             if want is None:
                 continue  # a piece we hold already
-            if hashlib.sha256(buf).hexdigest() != item[6] or want[1] != item[6]:
+            if want[1] != item[6] or not checksum_matches(buf, item[6]):
                 raise ValueError(f"shard {shard}: piece {item[0]} failed its checksum")
             p = want[0]
             if new.flat[p.param] is None:
