@@ -169,7 +169,10 @@ class Shard:
         for model, since in list(self.prune_due.items()):
             if idle or now - since >= PRUNE_WITHIN_S:
                 del self.prune_due[model]
-                self.store.prune(model)
+                try:
+                    self.store.prune(model)
+                except Exception:  # noqa: BLE001 - a file that cannot be deleted never stops the shard
+                    log.exception("prune_failed", model=model)
 
     def _apply_repairs(self) -> None:
         """Store what the repair thread copied (bounded per turn), on this thread: the store is ours."""

@@ -138,6 +138,7 @@ class ShardStore:
         self.corrupt: dict[str, dict[int, str]] = {}
         self.fallback: dict[str, dict] = {}  # model -> {"from", "to", "why"} when a corrupt current was replaced
         self.stored: dict[str, set[str]] = {}  # model -> checksums of the piece files on disk
+        self.doomed: dict[str, set[int]] = {}  # model -> versions dropped whose data files prune deletes
         self.written = {"pieces": 0, "bytes": 0}  # piece files written since start (stages and commits)
         self.last_commit = {"pieces": 0, "bytes": 0, "shared": 0}  # the last commit's writes
         self.pinned = lambda model: set()  # checksums a collect must keep besides kept versions' (live stages)
@@ -188,13 +189,14 @@ class ShardStore:
     def commit(self, model: str, sl: Slice, early: dict | None = None, epoch: int | None = None,
                prune: bool = True) -> dict:
         """Make `sl` durable and current: write the pieces not stored yet, then its manifest.
-        `early`: what write_pieces wrote for it at stage time. `prune=False`: leave dropping the
-        versions beyond `keep` (and deleting their piece files, which takes a while for large
-        ones) to a later `prune` call, so the commit is answered and announced first. Returns
+        `early`: what write_pieces wrote for it at stage time. The versions beyond `keep` leave
+        the books here (`_drop`); `prune=False` leaves deleting their files, which takes a while
+        for large ones, to a later `prune` call, so the commit is answered and announced first. Returns
         {"pieces", "bytes", "shared"}: what was written for this version, how many of its pieces
         were stored before."""
         wrote = self._write_version(model, sl, early)
         self.set_current(model, sl.version, epoch=epoch)
+        self._drop(model)
         if prune:
             self._prune(model)
         self.last_commit = {**wrote, "shared": max(0, len(set(sl.checksums.values())) - wrote["pieces"])}
@@ -288,10 +290,22 @@ class ShardStore:
         version or live stage references."""
         self._prune(model)
 
-    def _prune(self, model: str) -> None:
+    def _drop(self, model: str) -> None:
+        """Drop the versions beyond `keep` from the books at once, and their manifests (so a
+        restart does not bring them back): every replica then refuses them alike, whether or not
+        it has deleted their data yet (a rollback, a delta's base). Deleting the data files, which
+        takes a while for large ones, is `prune`'s, which a shard may run after answering."""
         for v in prunable(self.slices.get(model, {}), self.keep, self.protected(model)):
             del self.slices[model][v]
-            self._forget(model, v)
+            (self.root / model / f"v{v}.manifest.json").unlink(missing_ok=True)
+            self.doomed.setdefault(model, set()).add(v)
+
+    def _prune(self, model: str) -> None:
+        self._drop(model)
+        live = self.slices.get(model, {})
+        for v in self.doomed.pop(model, set()):
+            if v not in live:  # a version number committed again since it was dropped keeps its files
+                self._forget(model, v)
         self.collect(model)
 
     def collect(self, model: str) -> int:

@@ -88,6 +88,31 @@ def test_a_store_of_sha256_pieces_loads_and_takes_blake3_versions_beside_them(tm
     assert third.versions() == {"m": [1]} and "checksum mismatch" in third.corrupt["m"][2]
 
 
+def test_a_commit_drops_the_versions_past_keep_at_once_and_prune_deletes_their_files_later(tmp_path):
+    """A commit answered before its prune (prune=False) still drops the versions beyond `keep`
+    from the books and their manifests at once, so every replica refuses them alike (a rollback,
+    a delta's base) whether or not it has deleted their data yet; the later prune deletes the
+    files, but never those of a version number committed again meanwhile."""
+    rng = np.random.default_rng(5)
+    vs = {v: {"w": rng.standard_normal(200).astype(np.float32)} for v in (1, 2, 3)}
+    store = ShardStore(tmp_path, keep=2)
+    store.commit("m", make_slice(1, vs[1]), prune=False)
+    store.commit("m", make_slice(2, vs[2]), prune=False)
+    store.commit("m", make_slice(3, vs[3]), prune=False)
+    assert store.versions() == {"m": [2, 3]}  # v1 is gone from the books before any prune
+    assert not (tmp_path / "m" / "v1.manifest.json").exists()
+    again = ShardStore(tmp_path, keep=2)
+    again.load_all()
+    assert again.versions() == {"m": [2, 3]}  # and a restart does not bring it back
+    assert len(piece_files(tmp_path)) == 3  # its piece file waits for the prune
+    store.prune("m")
+    assert set(piece_files(tmp_path)) == {make_slice(v, vs[v]).checksums["w"] for v in (2, 3)}
+    store.commit("m", make_slice(4, vs[1]), prune=False)  # v2 dropped; its number is not reused here
+    store.doomed["m"].add(3)  # as if v3 had been dropped and committed again before the prune ran
+    store.prune("m")
+    assert store.versions() == {"m": [3, 4]} and (tmp_path / "m" / "v3.manifest.json").exists()
+
+
 def test_a_stage_with_a_checksum_of_no_known_digest_is_refused():
     from ringserve.paramserver.shard import _piece
     from ringserve.protocol.messages import ProtocolError
