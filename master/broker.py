@@ -939,8 +939,11 @@ class Broker:
             else:
                 counters.count_error(error_code)
             self.windows.record(model, req.received, error_code is None, now)
-        self.metrics.on_answer(model if model in served else UNSERVED_LABEL,
-                               version if version is not None else req.version, error_code or "ok", now - req.received)
+        label = version
+        if label is None and req.version is not None:  # no reply's version: the pin or route, if a worker serves it
+            label = req.version if model in served and req.version in self._served_versions(model) else None
+        self.metrics.on_answer(model if model in served else UNSERVED_LABEL,  # never a label a client chose alone
+                               label, error_code or "ok", now - req.received)
         service = req.service
         sent = self._send_client(req.client, service, body)
         if error_code is None and req.digest is not None:  # a digest: its model is cacheable

@@ -133,11 +133,22 @@ class Buckets:
 _BOUNDS = [floatToGoString(b) for b in LATENCY_BUCKETS] + ["+Inf"]
 
 
+def _snapshot(d: dict) -> list:
+    """list(d.items()) from the scrape thread. It is one C call, but a garbage collection inside it
+    can run Python code and let the loop add a key; a second try then gets a whole copy."""
+    for _ in range(3):
+        try:
+            return list(d.items())
+        except RuntimeError:  # dictionary changed size during iteration
+            continue
+    return []
+
+
 class LocalCounts:
     """The per-request series, counted by the loop in plain dicts (no lock, no label lookup) and made
     into Prometheus families when a scrape calls `collect` in the HTTP thread. That thread only
-    copies (list() of a dict or a list is one C call, under the GIL): it never sees a dict change
-    size while it walks it. Bounded like the books: the broker counts only models some worker
+    copies (`_snapshot`: list() of a dict is one C call under the GIL, tried again in the rare case
+    a collection inside it let the loop add a key): it never walks a dict the loop changes. Bounded like the books: the broker counts only models some worker
     serves (other names are one label), versions are ints a worker announced."""
 
     def __init__(self) -> None:
@@ -162,12 +173,12 @@ class LocalCounts:
         queued = HistogramMetricFamily("ringserve_queue_duration_seconds", "Arrival to dispatch to a worker",
                                        labels=["model"])
         if not empty:
-            for (model, version, outcome), n in list(self.answers.items()):
+            for (model, version, outcome), n in _snapshot(self.answers):
                 requests.add_metric([model, "" if version is None else str(version), outcome], n)
-            for labels, n in list(self.cache.items()):
+            for labels, n in _snapshot(self.cache):
                 cache.add_metric(list(labels), n)
             for family, series in ((total, self.request_duration), (queued, self.queue_duration)):
-                for model, h in list(series.items()):
+                for model, h in _snapshot(series):
                     counts, acc, buckets = list(h.counts), 0, []
                     for bound, n in zip(_BOUNDS, counts, strict=True):
                         acc += n

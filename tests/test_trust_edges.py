@@ -238,6 +238,24 @@ def test_a_model_served_a_moment_ago_is_unavailable_not_unknown(broker):
     settled(broker)
 
 
+def test_a_pin_no_worker_serves_never_becomes_a_metric_label(broker):
+    """Requests pinned to versions nobody serves, answered WORKER_LOST once the grace is over,
+    count under no version: a client choosing version numbers cannot grow the series."""
+    broker.cfg.unavailable_grace = 0.3
+    w = register(broker, b"w")
+    w.send_multipart([WORKER_PROTO, DISCONNECT, pack({"reason": "evicted"})])
+    pump(broker, lambda: not broker.workers)
+    client = dealer(broker, "frontend")
+    for v in (7001, 7002, 7003):
+        request(client, f"p{v}", version=v)
+    got = [answer(recv(broker, client)) for _ in range(3)]
+    assert [g.get("ok") for g in got] == [False] * 3, got
+    labels = {s.labels.get("version") for m in broker.metrics.registry.collect() for s in m.samples
+              if m.name == "ringserve_requests"}
+    assert not labels & {"7001", "7002", "7003"}, labels
+    settled(broker)
+
+
 # ------------------------------------------------------------------ item 8
 @pytest.mark.parametrize("version", [2, None, "1", 10**9])
 def test_a_result_with_a_version_the_worker_never_announced_is_not_delivered(broker, version):
