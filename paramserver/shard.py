@@ -316,8 +316,7 @@ class Shard:
         replace = _replace(header)
         committed = self.store.slices.get(model, {}).get(version)
         if committed is not None and committed.digest != digest:
-            return error_body(None, ErrorCode.CONFLICT, f"{model!r} v{version} is already committed with other "
-                                                        f"content; publish a new version number")
+            return _conflict(model, version)
         nbytes = sum(len(f.buffer) for f in frames)
         self.expire_staging(time.monotonic())
         held = self.staging_bytes() - (self.staging[(model, version, token)].nbytes
@@ -375,8 +374,7 @@ class Shard:
         if committed is not None:
             if committed.digest == digest:
                 return {"ok": True, "already": True}  # the same content again (a retried commit)
-            return error_body(None, ErrorCode.CONFLICT, f"{model!r} v{version} is already committed with other "
-                                                        f"content; publish a new version number")
+            return _conflict(model, version)
         if stage is None:
             return error_body(None, ErrorCode.UNKNOWN_VERSION, f"nothing staged for {model!r} v{version} "
                                                                f"by this publisher (expired or aborted?)")
@@ -470,6 +468,12 @@ def _model(header: dict) -> str:
     if problem:
         raise ProtocolError(f"field 'model': {problem}")
     return model
+
+
+def _conflict(model: str, version: int) -> dict:
+    return error_body(None, ErrorCode.CONFLICT, f"{model!r} v{version} is already committed with other content "
+                                                f"(or by a ringserve-publish of an earlier release, whose "
+                                                f"checksums were sha256); publish a new version number")
 
 
 def _epoch(header: dict) -> int | None:
