@@ -185,15 +185,18 @@ def test_weight_sync_over_a_capped_shard_link(healthy):
 def test_shard_host_cut_off_during_sync(healthy):
     """A new version whose every tensor differs (a full sync); ps1's link capped at 20 Mbit/s (tc tbf)
     so its share (about half of 5 MB, to each worker) takes a couple of seconds, and unplugged as soon
-    as both workers have the version's manifests, before either has its pieces. What ps1 owed comes
-    from ps0, the other owner (R = 2): the sync completes, both workers serve the new version
+    as both workers have the version's manifests, before either has all its pieces. What ps1 still
+    owed comes from ps0, the other owner (R = 2): the sync completes, both workers serve the new version
     bit-exact, and the load meanwhile gets one answer each."""
     run = healthy.drive("shard-cut", 300, RATE)
     sync = healthy.publish_cutting_shard("ps1", "20mbit")
     version = sync["version"]
     assert not sync["early"], f"{sync['early']} had every piece before ps1 was cut: the cut missed the sync"
-    for w, moved in sync["failovers"].items():  # the cut fell in the sync: each worker moved what ps1 owed to ps0
-        assert moved and {e["shard"] for e in moved} == {"ps1"}, (w, moved)
+    # The cut fell in the sync: a worker still owed pieces by ps1 moved them to ps0. On a loaded
+    # machine one worker may have had all of ps1's share (not ps0's) by the cut: it has nothing to move.
+    assert any(sync["failovers"].values()), sync["failovers"]
+    for w, moved in sync["failovers"].items():
+        assert {e["shard"] for e in moved} <= {"ps1"}, (w, moved)
         assert all(set(e["pieces_moved"]) == {"ps0"} for e in moved), (w, moved)
     all_right(run.result())
     s = all_right(healthy.drive("mlp-after-shard-cut", 20, RATE, model="mlp", exact=True).result())
