@@ -48,13 +48,9 @@ class ResponseCache:
         self.hits = self.misses = self.evictions = self.stores = 0
 
     def get(self, key: Key) -> tuple[dict, list] | None:
-        item = self._items.get(key)
-        if item is None:
-            self.misses += 1
-            return None
-        self._items.move_to_end(key)
-        self.hits += 1
-        return item[0], item[1]
+        """(header, frames) of a kept answer, or None; counted as a hit or a miss."""
+        item = self.lookup(key)
+        return None if item is None else (item[0], item[1])
 
     def lookup(self, key: Key) -> tuple | None:
         """`get`, returning the whole entry: (header, frames, size, what `put` was given as `packed`)."""
