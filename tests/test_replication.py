@@ -3,6 +3,7 @@ before a publish, during a publish, during a fetch, replaced empty; placement, q
 rollback, mismatch."""
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import signal
@@ -150,10 +151,12 @@ def test_replaced_empty_shard_is_repaired_with_equal_manifests(cluster):
         assert hello["repair"]["repaired_pieces"] > 0
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
-def test_fetch_moves_to_another_owner_when_a_shard_dies_mid_fetch(cluster, sig):
+@contextlib.contextmanager
+def planned_fetch(cluster, seed: int):
+    """A 3-shard ring holding mlp v1 (published with `seed`) and a worker's plan to fetch it, as
+    the worker makes it from the manifests: yields (endpoints, state, rpc, new, need)."""
     eps = start_ring(cluster)
-    state = mlp_state(5)
+    state = mlp_state(seed)
     with ParamClient(eps, chunk_bytes=SMALL_CHUNK, timeout=3.0) as pc:
         pc.publish("mlp", state)
     ctx = zmq.Context()
@@ -161,6 +164,15 @@ def test_fetch_moves_to_another_owner_when_a_shard_dies_mid_fetch(cluster, sig):
     try:
         replies = rpc.call_all({"cmd": "fetch", "model": "mlp", "version": 1, "manifest_only": True})
         new, need = plan_version({n: h["manifest"] for n, (h, _) in replies.items()}, None)
+        yield eps, state, rpc, new, need
+    finally:
+        rpc.close()
+        ctx.destroy(linger=0)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP])
+def test_fetch_moves_to_another_owner_when_a_shard_dies_mid_fetch(cluster, sig):
+    with planned_fetch(cluster, seed=5) as (eps, state, rpc, new, need):
         assert len(need) == 3 and all(len(new.sources[k]) == 2 for k in new.sources)
         kill(cluster, "ps1", sig)  # it owes pieces now: they come from the other owners
         try:
@@ -172,9 +184,6 @@ def test_fetch_moves_to_another_owner_when_a_shard_dies_mid_fetch(cluster, sig):
         assert got > 0
         for name, t in new.tensors().items():  # bit-exact
             np.testing.assert_array_equal(t.numpy(), state[name].numpy())
-    finally:
-        rpc.close()
-        ctx.destroy(linger=0)
 
 
 def test_adding_a_fourth_shard_moves_only_the_pieces_whose_owners_change(cluster):
@@ -327,15 +336,7 @@ def test_a_stall_of_every_shard_drops_none_of_them_and_the_fetch_completes(clust
     """A machine too busy for every shard at once (all SIGSTOPped for 2 s, longer than
     FAILOVER_S) is not a dead shard: no owner is dropped (no failover logged), and the fetch
     completes bit-exact once they run again."""
-    eps = start_ring(cluster)
-    state = mlp_state(6)
-    with ParamClient(eps, chunk_bytes=SMALL_CHUNK, timeout=3.0) as pc:
-        pc.publish("mlp", state)
-    ctx = zmq.Context()
-    rpc = ShardRPC(ctx, eps, timeout=5.0)
-    try:
-        replies = rpc.call_all({"cmd": "fetch", "model": "mlp", "version": 1, "manifest_only": True})
-        new, need = plan_version({n: h["manifest"] for n, (h, _) in replies.items()}, None)
+    with planned_fetch(cluster, seed=6) as (eps, state, rpc, new, need):
         for n in eps:
             kill(cluster, n, signal.SIGSTOP)
         waker = threading.Timer(2.0, lambda: [cluster.shards[n].signal(signal.SIGCONT) for n in eps])
@@ -352,9 +353,6 @@ def test_a_stall_of_every_shard_drops_none_of_them_and_the_fetch_completes(clust
         assert [e for e in logs if e.get("event") == "weights_fetch_failover"] == []
         for name, t in new.tensors().items():
             np.testing.assert_array_equal(t.numpy(), state[name].numpy())
-    finally:
-        rpc.close()
-        ctx.destroy(linger=0)
 
 
 def test_with_keys_a_replaced_empty_shard_is_repaired_by_its_peers(cluster, tmp_path):
