@@ -20,6 +20,8 @@ are cut into the runs that cost least to run, a batch costing ``overhead + rows 
 length`` in tokens, and the run holding the oldest request is the batch. The overhead (what one
 more model call costs, in padded tokens) is fitted from the batches the model ran (``CostFit``).
 A long request then does not pad a batch of short ones when two calls cost less than the padding.
+A model that packs its batch itself (``packed``: worker/packing.py, no padding is computed) is
+not cut by length: its batch is the queue in arrival order, up to its limit.
 
 Requests still in a model's preprocess stage are about to join its queue: a batch that is not
 full waits for them (``coming``), at most ``stage_wait_s`` from its oldest request's arrival.
@@ -32,7 +34,7 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 
-RAGGED_KEYS = ("pad", "mask", "buckets", "max_len", "seq_outputs")
+RAGGED_KEYS = ("pad", "mask", "buckets", "max_len", "seq_outputs", "packed")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,7 @@ class Ragged:
     buckets: tuple[int, ...] = ()  # padded lengths; () pads to the longest request of the batch
     max_len: int | None = None  # longest accepted length (default: the last bucket; None: any)
     seq_outputs: tuple[str, ...] | None = None  # outputs with the sequence axis; None: dim 1 == padded length
+    packed: bool = False  # the model packs its batch (worker/packing.py): padding costs it nothing
 
     def bucket(self, length: int) -> int:
         """The length a request of `length` is padded to (0: no buckets, all lengths share a group)."""
@@ -61,7 +64,7 @@ def ragged_from_spec(spec: Mapping[str, Any] | None) -> Ragged | None:
 
     An entry is ``(shape, dtype)`` or ``(shape, dtype, options)``; options make the input
     variable along dim 1: ``pad`` (required: the value padding takes), ``mask`` (the name of
-    the attention-mask input), ``buckets``, ``max_len``, ``seq_outputs`` (model-wide: they may
+    the attention-mask input), ``buckets``, ``max_len``, ``seq_outputs``, ``packed`` (model-wide: they may
     appear on any ragged input, and must agree where they appear twice)."""
     if not spec:
         return None
@@ -84,7 +87,7 @@ def ragged_from_spec(spec: Mapping[str, Any] | None) -> Ragged | None:
             raise ValueError(f"input_spec[{name!r}]: a variable-length input needs 'pad', a number (the padding value)")
         _check_seq_shape(name, shape)
         pads[name] = opts["pad"]
-        for key in ("mask", "buckets", "max_len", "seq_outputs"):
+        for key in ("mask", "buckets", "max_len", "seq_outputs", "packed"):
             if key in opts:
                 if key in wide and wide[key] != opts[key]:
                     raise ValueError(f"input_spec: {key!r} differs between variable-length inputs "
@@ -117,7 +120,10 @@ def ragged_from_spec(spec: Mapping[str, Any] | None) -> Ragged | None:
         if isinstance(seq_outputs, str) or not all(isinstance(o, str) for o in seq_outputs):
             raise ValueError(f"input_spec: seq_outputs must be a list of output names, got {seq_outputs!r}")
         seq_outputs = tuple(seq_outputs)
-    return Ragged(pads, mask, mask_dtype, tuple(buckets), max_len, seq_outputs)
+    packed = wide.get("packed", False)
+    if not isinstance(packed, bool):
+        raise ValueError(f"input_spec: packed must be true or false, got {packed!r}")
+    return Ragged(pads, mask, mask_dtype, tuple(buckets), max_len, seq_outputs, packed)
 
 
 def _check_seq_shape(name: str, shape: Any) -> None:
@@ -312,7 +318,7 @@ class Batcher:
     def observe(self, batch: Sequence[WorkItem], seconds: float) -> None:
         """A batch ran in `seconds`: fit what a call costs (ragged models without buckets only)."""
         r = batch[0].ragged
-        if r is None or r.buckets:
+        if r is None or r.buckets or r.packed:
             return
         tokens = sum(i.rows for i in batch) * r.padded_length([i.length for i in batch])
         self.costs.setdefault(batch[0].model, CostFit()).observe(tokens, seconds)
@@ -343,7 +349,7 @@ class Batcher:
     def _pop(self, key: Hashable) -> list[WorkItem]:
         group, limit = self.groups[key], self.limit(key[0])
         r = group[0].ragged
-        if r is not None and not r.buckets and len(group) > 1:
+        if r is not None and not r.buckets and not r.packed and len(group) > 1:
             fit = self.costs.get(key[0])
             batch = choose_by_length(group, limit, fit.overhead_tokens() if fit else CostFit.DEFAULT)
             taken = {id(i) for i in batch}
