@@ -12,7 +12,7 @@ import sys
 import structlog
 
 from ringserve.launch.cli import make_parser, number, parse_args, positive_float, positive_int
-from ringserve.launch.memory import return_large_buffers_to_the_os
+from ringserve.launch.memory import keep_compute_buffers
 from ringserve.launch.logsetup import add_log_flag, configure_logging
 from ringserve.launch.metrics import add_metrics_flags, metrics_access, start_metrics
 from ringserve.launch.security import add_security_flags, security_from_args
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as exc:
             p.error(str(exc))
     configure_logging("worker", args.log_level)
-    return_large_buffers_to_the_os()
+    keep_compute_buffers()
     if args.device == "all-gpus":
         sys.exit(_one_per_gpu(argv if argv is not None else sys.argv[1:], args.metrics_port))
     log = structlog.get_logger("ringserve.worker")
