@@ -64,7 +64,7 @@ class Packed:
         return out
 
 
-def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, pad_id: int = 0, capacity: int = 512,
+def pack(input_ids: torch.Tensor, attention_mask: torch.Tensor, *, pad_id: int = 0, capacity: int = 128,
          dtype: torch.dtype = torch.float32, position_offset: int = 0) -> Packed:
     """Pack a padded batch (`attention_mask` 1 on real tokens, anywhere in the row) into rows of
     about `capacity` tokens. `dtype` is the mask's (the model's float dtype); `position_offset`
