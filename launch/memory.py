@@ -13,6 +13,11 @@ or `always` mode) glibc asks for huge pages for those buffers: one fault per 2 M
 bench/weightsync.py: worker CPU per full sync 1.04-1.05 s -> 0.71 s). A tunable is read only at
 process start, so `large_buffer_env` is what a launcher adds to a role's environment
 (launch/procs.py does; see docs/deployment.md for servers started otherwise).
+
+The master and the shards hold messages, so they return large buffers (`return_large_buffers_to_the_os`).
+A worker's large buffers are mostly a model's activations, allocated and freed by every batch
+at the same sizes: it keeps them (`keep_compute_buffers`), as PyTorch's own caching allocators
+do on a GPU, so its peak is one batch's activations on top of the weights it holds.
 """
 from __future__ import annotations
 
