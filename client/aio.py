@@ -33,6 +33,11 @@ from ringserve.protocol.security import Security
 log = structlog.get_logger("ringserve.client")
 
 MAX_READ_PER_CALL = 1024  # messages read per wake-up before the loop gets a turn
+# The timer's own look at the monitor socket, every this many ticks (and at the first): its reader
+# sees events as they come, so the look only catches an edge that came before the reader was added.
+# Done every tick it cost more than the rest of the tick (a recv that finds nothing raises, and
+# libzmq checks its commands first): measured 9 us per request at 1,000 requests/s in the gateway.
+MONITOR_EVERY = 10
 
 
 class AsyncClient:
@@ -59,6 +64,8 @@ class AsyncClient:
             raise
         self._loop: asyncio.AbstractEventLoop | None = None
         self._read_scheduled = False
+        self._read_since_tick = False  # _on_readable ran since the last tick
+        self._ticks = 0
         self._timer: asyncio.TimerHandle | None = None
         self._closed = False
 
@@ -146,6 +153,7 @@ class AsyncClient:
 
     def _on_readable(self) -> None:
         self._read_scheduled = False
+        self._read_since_tick = True
         if self._closed:
             return
         sends = self.stats.sent
@@ -166,14 +174,19 @@ class AsyncClient:
     def _on_timer(self) -> None:
         if self._closed:
             return
+        sends, pinged = self.stats.sent, self._rel.last_ping
         try:
-            self._on_monitor()  # its descriptor's edge may have come (and gone) before a reader was added
+            self._ticks += 1
+            if self._ticks % MONITOR_EVERY == 1:
+                self._on_monitor()  # its descriptor's edge may have come (and gone) before a reader was added
             self._rel.on_timers(self._sock, time.monotonic())
             self._rel.flush(self._sock)
         except Exception:
             self.stats.loop_errors += 1
             log.exception("client_timer_error")
-        self._schedule_read()  # pings and resends were sent; and a missed edge is caught here at worst
+        if self.stats.sent != sends or self._rel.last_ping != pinged or not self._read_since_tick:
+            self._schedule_read()  # pings or resends went out; or no read for a tick: a missed edge is caught here
+        self._read_since_tick = False
         self._timer = self._loop.call_later(TIMER_STEP_S, self._on_timer)
 
 

@@ -46,6 +46,9 @@ class CoalescingTransport:
         self._flush()  # what was written goes out before the close
         self._transport.close()
 
+    def is_closing(self) -> bool:  # uvicorn asks after every response: no __getattr__ for it
+        return self._transport.is_closing()
+
     def __getattr__(self, name):
         return getattr(self._transport, name)
 
