@@ -24,8 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ringserve.master.broker import Broker, BrokerConfig  # noqa: E402
 from ringserve.protocol.codec import encode_tensors, pack  # noqa: E402
+from ringserve.protocol.codec import unpack_map  # noqa: E402
 from ringserve.protocol.envelope import batch_frames, parse_dispatch, request_header, split_replies  # noqa: E402
-from ringserve.protocol.messages import MDP_CLIENT, READY, REPLY, REQUEST, WORKER_PROTO  # noqa: E402
+from ringserve.protocol.messages import HEARTBEAT, MDP_CLIENT, READY, REPLY, REQUEST, WORKER_PROTO  # noqa: E402
 from ringserve.protocol.sockets import recv_frames, send_frames  # noqa: E402
 
 EPH = "tcp://127.0.0.1:*"
@@ -38,6 +39,8 @@ def main(argv=None) -> None:
     p.add_argument("--turns", type=int, default=500, help="rounds of (client batches in, worker replies in)")
     p.add_argument("--cache", action="store_true", help="the model is cache=true and every input is the same")
     p.add_argument("--profile", action="store_true", help="cProfile Broker.turn and print the top functions")
+    p.add_argument("--framing", type=int, default=2, choices=(1, 2),
+                   help="the worker hop's framing the fake worker reads and writes (1: a frame per header)")
     args = p.parse_args(argv)
     ctx = zmq.Context()
     b = Broker(BrokerConfig(EPH, EPH, EPH, heartbeat_interval=60.0), ctx)
@@ -46,7 +49,9 @@ def main(argv=None) -> None:
     worker = ctx.socket(zmq.DEALER)
     worker.connect(b.backend_ep)
     info = {"version": 1, **({"cache": True} if args.cache else {})}
-    worker.send_multipart([WORKER_PROTO, READY, pack({"models": {"noop": info}, "credit": 64, "name": "w1"})])
+    worker.send_multipart([WORKER_PROTO, READY, pack({"models": {"noop": info}, "credit": 64, "name": "w1",
+                                                      "framing": args.framing})])
+    packed = [False]  # whether the master said it reads framing 2 (its HEARTBEAT)
     clients = [ctx.socket(zmq.DEALER) for _ in range(2)]
     for c in clients:
         c.connect(b.frontend_ep)
@@ -70,14 +75,15 @@ def main(argv=None) -> None:
                 frames = recv_frames(worker)
             except zmq.Again:
                 return
+            if len(frames) >= 3 and frames[1].bytes == HEARTBEAT:
+                packed[0] = args.framing >= 2 and unpack_map(frames[2]).get("framing") == 2
             if len(frames) < 3 or frames[1].bytes != REQUEST:
                 continue
-            out = [WORKER_PROTO, REPLY]
-            for d in parse_dispatch(frames[2:]):
-                out.append(pack({"id": d.cid, "key": d.key, "attempt": d.attempt, "ok": True, "model": "noop",
-                                 "version": 1, "batch_rows": 1, "outputs": [["y", "float32", [1, 256], x.tobytes()]],
-                                 "worker": "w1", "epoch": b.epoch, "timing": {"queue_ms": 0.1, "compute_ms": 0.2}}))
-            send_frames(worker, out)
+            headers = [pack({"id": d.cid, "key": d.key, "attempt": d.attempt, "ok": True, "model": "noop",
+                             "version": 1, "batch_rows": 1, "outputs": [["y", "float32", [1, 256], x.tobytes()]],
+                             "worker": "w1", "epoch": b.epoch, "timing": {"queue_ms": 0.1, "compute_ms": 0.2}})
+                       for d in parse_dispatch(frames[2:])]
+            send_frames(worker, [WORKER_PROTO, REPLY, *([pack(headers)] if packed[0] else headers)])
 
     def read_clients() -> int:
         got = 0
