@@ -5,7 +5,10 @@ figure excludes the fake peers, libzmq's I/O thread and whatever else runs on th
 shared machine it moves far less than bench/throughput.py's whole-system figures. Prints one JSON
 line: the master thread's CPU per answered request over segments of 3,200 requests (min, median).
 
-    python bench/master_loop.py [--turns 500] [--cache] [--profile]
+    python bench/master_loop.py [--turns 500] [--cache] [--profile] [--framing 1|2] [--client-framing 1|2]
+
+--framing and --client-framing choose the fake peers' framing (issue 22: 2 packs the headers of a
+message into its first frame; 1 is the earlier releases' one frame per header).
 """
 from __future__ import annotations
 
@@ -25,7 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from ringserve.master.broker import Broker, BrokerConfig  # noqa: E402
 from ringserve.protocol.codec import encode_tensors, pack  # noqa: E402
 from ringserve.protocol.codec import unpack_map  # noqa: E402
-from ringserve.protocol.envelope import batch_frames, parse_dispatch, request_header, split_replies  # noqa: E402
+from ringserve.protocol.envelope import (  # noqa: E402
+    batch_frames, batch_frames_packed, parse_dispatch, request_header, split_replies,
+)
 from ringserve.protocol.messages import HEARTBEAT, MDP_CLIENT, READY, REPLY, REQUEST, WORKER_PROTO  # noqa: E402
 from ringserve.protocol.sockets import recv_frames, send_frames  # noqa: E402
 
@@ -41,6 +46,8 @@ def main(argv=None) -> None:
     p.add_argument("--profile", action="store_true", help="cProfile Broker.turn and print the top functions")
     p.add_argument("--framing", type=int, default=2, choices=(1, 2),
                    help="the worker hop's framing the fake worker reads and writes (1: a frame per header)")
+    p.add_argument("--client-framing", type=int, default=2, choices=(1, 2),
+                   help="2: the fake clients send mmi.batch2 (headers packed), 1: mmi.batch")
     args = p.parse_args(argv)
     ctx = zmq.Context()
     b = Broker(BrokerConfig(EPH, EPH, EPH, heartbeat_interval=60.0), ctx)
@@ -93,7 +100,7 @@ def main(argv=None) -> None:
                     frames = recv_frames(c)
                 except zmq.Again:
                     break
-                got += len(split_replies(frames[3:])) if frames[2].bytes == b"mmi.batch" else 1
+                got += len(split_replies(frames[3:])) if frames[2].bytes in (b"mmi.batch", b"mmi.batch2") else 1
         return got
 
     for _ in range(20):
@@ -103,7 +110,10 @@ def main(argv=None) -> None:
         for c in clients:
             reqs = [(b"noop", [pack(request_header(f"r{next(ids)}", meta, timeout_ms=30000.0))])
                     for _ in range(PER_MESSAGE)]
-            send_frames(c, [b"", MDP_CLIENT, b"mmi.batch", *batch_frames(reqs)])
+            if args.client_framing == 2:
+                send_frames(c, [b"", MDP_CLIENT, b"mmi.batch2", *batch_frames_packed(reqs)])
+            else:
+                send_frames(c, [b"", MDP_CLIENT, b"mmi.batch", *batch_frames(reqs)])
         time.sleep(0.0005)
         cpu += turn()
         time.sleep(0.0005)

@@ -303,6 +303,7 @@ class Broker:
             self._batch_clients.popitem(last=False)
         scope = client_scope(frames[-1])
         requests, broken = (split_batch_packed if packed else split_batch)(frames[4:])
+        now = time.monotonic()  # one clock read for the message: its requests arrived together
         for svc, header_frame, header, tensors in requests:
             if not svc or len(svc) > MAX_NAME_LEN or svc.startswith("mmi."):
                 self._one_request(ident, scope, svc.encode(), [header_frame, *tensors], header)  # says what is wrong
@@ -313,7 +314,7 @@ class Broker:
                 rid = header.get("id") if isinstance(header.get("id"), str) else None
                 self._reply_client(ident, svc.encode(), error_body(rid, ErrorCode.BAD_REQUEST, str(exc)))
                 continue
-            self.on_request(ident, scope, svc.encode(), svc, header_frame, parsed, tensors)
+            self.on_request(ident, scope, svc.encode(), svc, header_frame, parsed, tensors, now)
         if broken is not None:
             self._reply_client(ident, MMI_BATCH_PACKED_BYTES if packed else MMI_BATCH_BYTES,
                                error_body(None, ErrorCode.BAD_REQUEST, f"batch: {broken}"))
@@ -344,7 +345,7 @@ class Broker:
         self.on_request(ident, scope, service, model, body[0], parsed, list(body[1:]))
 
     def on_request(self, ident: bytes, scope: str, service: bytes, model: str, header_frame, parsed,
-                   frames: list) -> None:
+                   frames: list, now: float | None = None) -> None:
         """A checked request. Its id is the client's within `scope`: a resend of an id the master
         holds or has answered is never run twice, never rate-limited, and answered only for the
         model it first asked; the same id from another scope is another request."""
@@ -390,7 +391,7 @@ class Broker:
                          f"queue for {model!r} is full ({self.cfg.max_queue} requests, "
                          f"{self.queues.max_pins} version pins)")
             return
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         timeout = self.cfg.default_timeout if parsed.timeout_ms is None else parsed.timeout_ms / 1000.0
         timeout = min(timeout, self.cfg.max_timeout)  # the client chooses, within the master's cap
         route = self.routes.get(model) if parsed.version is None else None  # a pinned version wins
@@ -767,12 +768,14 @@ class Broker:
 
     def on_replies(self, w: WorkerRecord, frames: Sequence[zmq.Frame]) -> None:
         """A REPLY message: one or more replies (a batch's answers travel together)."""
+        now = time.monotonic()  # one clock read for the message: its answers came together
         for header_frame, header, data in split_replies(frames):
-            self.on_reply(w, header_frame, header, data)
+            self.on_reply(w, header_frame, header, data, now)
         for model in w.models:
             self.dispatch(model)
 
-    def on_reply(self, w: WorkerRecord, header_frame: zmq.Frame, raw: dict, frames: Sequence[zmq.Frame]) -> None:
+    def on_reply(self, w: WorkerRecord, header_frame: zmq.Frame, raw: dict, frames: Sequence[zmq.Frame],
+                 now: float | None = None) -> None:
         """One reply, found by the master's key (never by the client's id). A result goes to the
         client byte for byte only if its header is exactly what the master would write; its
         version must be one the worker announced and the request allowed."""
@@ -806,7 +809,7 @@ class Broker:
                 clean = parse_worker_reply(raw, frames).header
             header = {**clean, "id": req.rid, "worker": w.name, "epoch": self.epoch}
             body = [pack(header), *(frames if code is None else ())]
-        self.finish(req, body, code, version=version if code is None else None)
+        self.finish(req, body, code, version=version if code is None else None, now=now)
 
     @staticmethod
     def _version_allowed(w: WorkerRecord, req: PendingRequest, version) -> bool:
@@ -915,7 +918,8 @@ class Broker:
                               f"{self.cfg.unavailable_grace:g}s; retry later")
 
     # ------------------------------------------------------------ answering
-    def finish(self, req: PendingRequest, body: list, error_code: str | None, version: int | None = None) -> None:
+    def finish(self, req: PendingRequest, body: list, error_code: str | None, version: int | None = None,
+               now: float | None = None) -> None:
         """The one place a request gets its final answer. Every path ends here, so this is where
         the books are settled: the request leaves `pending`, its queue and its scope's id map,
         and a worker credit slot it still holds (its deadline passed in flight) is given back."""
@@ -936,7 +940,7 @@ class Broker:
         cid = (req.scope, req.rid)
         if self.held.get(cid) == key:
             del self.held[cid]
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         counters = self.counters.get(model) or self._counters(model)
         served = self._served_cache if self._served_cache is not None else self._served_models()
         if counters is not None:
