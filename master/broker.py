@@ -40,14 +40,15 @@ from ringserve.master.status import build_status
 from ringserve.master.window import Windows
 from ringserve.protocol.codec import pack, pack_map_with, pack_pairs, short_repr, unpack_map
 from ringserve.protocol.envelope import (
-    FRAMING, MAX_NAME_LEN, REPLY_FIELDS, checked_result, dispatch_chunks, dispatch_frames, dispatch_frames_packed,
-    answers_frames, split_batch, split_batch_packed, parse_heartbeat, parse_ready, parse_request_header, parse_worker_reply, split_replies,
+    FRAMING, MAX_NAME_LEN, REPLY_FIELDS, answers_frames, checked_result, dispatch_chunks, dispatch_frames,
+    dispatch_frames_packed, parse_heartbeat, parse_ready, parse_request_header, parse_worker_reply, split_batch,
+    split_batch_packed, split_replies,
 )
 from ringserve.protocol.security import Security, user_id
 from ringserve.protocol.sockets import BindError, bind, drain, frames_nbytes, send_frames
 from ringserve.protocol.messages import (
-    DISCONNECT, DRAIN, HEARTBEAT, MDP_CLIENT, MMI_BATCH, MMI_BATCH_PACKED, MMI_FOUND, MMI_NOT_FOUND, MMI_NOT_IMPLEMENTED, MMI_PING,
-    MMI_SERVICE, READY, REPLY, REQUEST, WORKER_COMMANDS, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
+    DISCONNECT, DRAIN, HEARTBEAT, MDP_CLIENT, MMI_BATCH, MMI_BATCH_PACKED, MMI_FOUND, MMI_NOT_FOUND,
+    MMI_NOT_IMPLEMENTED, MMI_PING, MMI_SERVICE, READY, REPLY, REQUEST, WORKER_COMMANDS, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
 )
 
 log = structlog.get_logger("ringserve.master")
@@ -666,9 +667,8 @@ class Broker:
         entries = [([r.key, r.attempts, r.model, r.version, max(0.0, (r.deadline - now) * 1000.0)], r.header, r.frames)
                    for r in live]
         framed = dispatch_frames_packed if w.framing >= 2 else dispatch_frames  # what the worker said it reads
-        chunks = dispatch_chunks(entries) if len(entries) > 64 else [entries]  # within what a worker accepts
         sent = 0
-        for chunk in chunks:
+        for chunk in dispatch_chunks(entries):  # within what a worker accepts (count, header bytes)
             if not self._send_worker(w, [REQUEST, *framed(chunk)]):
                 for r in live[sent:]:
                     r.attempts -= 1  # never delivered: the retry budget counts attempts a worker received

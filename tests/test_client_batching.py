@@ -175,3 +175,31 @@ def test_a_master_that_batches_but_does_not_pack_gets_mmi_batch(zctx):
         t.join(5)
         router.close(linger=0)
     assert b"mmi.batch2" in seen and b"mmi.batch" in seen
+
+
+def test_a_worker_that_reads_framing_2_gets_one_frame_and_its_packed_reply_reaches_every_client(broker):
+    """Issue 22, the worker hop: a worker that says "framing": 2 in READY gets a REQUEST with the client
+    headers in its dispatch entries (one frame when the tensors are inline) and may answer with the
+    headers in one list; a worker that says nothing still gets one frame per header."""
+    from ringserve.protocol.envelope import packed_reply_frames, parse_dispatch
+    from ringserve.protocol.messages import HEARTBEAT, READY, REPLY, REQUEST, WORKER_PROTO
+    from test_master_robustness import GOOD_MODELS
+
+    w = dealer(broker, "backend", b"w2")
+    w.send_multipart([WORKER_PROTO, READY, pack({"name": "w2", "models": GOOD_MODELS, "credit": 8, "framing": 2})])
+    beat = recv(broker, w)
+    assert beat[:2] == [WORKER_PROTO, HEARTBEAT] and unpack_map(beat[2])["framing"] == 2
+    client = dealer(broker, "frontend")
+    inline = lambda rid: request_body(rid, {"x": X})  # noqa: E731  (16 bytes: inline)
+    batch(client, [(b"mlp", inline("a")), (b"mlp", inline("b")), (b"mlp", inline("c"))])
+    frames = recv(broker, w)
+    assert frames[:2] == [WORKER_PROTO, REQUEST] and len(frames) == 3  # the dispatch list carries every header
+    got = parse_dispatch(frames[2:])
+    assert [d.cid for d in got] == ["a", "b", "c"] and all(d.error is None for d in got)
+    headers = [pack({"id": d.cid, "key": d.key, "attempt": d.attempt, "ok": True, "version": 1,
+                     "outputs": [["y", "float32", [1, 4]]]}) for d in got]
+    w.send_multipart([WORKER_PROTO, REPLY, *packed_reply_frames(headers, [X.tobytes()] * 3)])
+    answers = answers_of(recv(broker, client))
+    assert sorted(a["id"] for a in answers) == ["a", "b", "c"] and all(a["ok"] for a in answers)
+    broker_books = broker.books()
+    assert broker_books["ok"] and broker_books["pending"] == 0
