@@ -22,8 +22,11 @@ Pirate, with de-duplication by request id on the master):
   * sends are coalesced: every request (or resend) of one turn of the client's I/O loop goes in
     one message (``mmi.batch``, bounded by ``batch_max`` requests and ``batch_bytes``), and a
     master answers a batching client with every answer of its turn in one message; a lone
-    request goes as a plain RFC 7 message (no added delay when there is nothing to coalesce),
-    and a master that answers ``501`` (it predates batches) gets one message per request;
+    request goes as a plain RFC 7 message (no added delay when there is nothing to coalesce).
+    Batches go as ``mmi.batch2`` (every header packed into the first frame, so a batch of inline
+    tensors is one frame; the master answers in kind); a master that answers ``501`` to it gets
+    ``mmi.batch`` (a frame per header), and one that answers ``501`` to that (it predates
+    batches) gets one message per request;
   * given several masters (active-active), a client talks to one at a time, picked at random so
     clients spread over them; when that master has been silent for ``failover_after`` while
     requests wait (it died, hung or was cut off: pings go every ``ping_interval``), the client
