@@ -5,7 +5,10 @@ figure excludes the fake peers, libzmq's I/O thread and whatever else runs on th
 shared machine it moves far less than bench/throughput.py's whole-system figures. Prints one JSON
 line: the master thread's CPU per answered request over segments of 3,200 requests (min, median).
 
-    python bench/master_loop.py [--turns 500] [--cache] [--profile]
+    python bench/master_loop.py [--turns 500] [--cache] [--profile] [--framing 1|2] [--client-framing 1|2]
+
+--framing and --client-framing choose the fake peers' framing (issue 22: 2 packs the headers of a
+message into its first frame; 1 is the earlier releases' one frame per header).
 """
 from __future__ import annotations
 
@@ -24,8 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from ringserve.master.broker import Broker, BrokerConfig  # noqa: E402
 from ringserve.protocol.codec import encode_tensors, pack  # noqa: E402
-from ringserve.protocol.envelope import batch_frames, parse_dispatch, request_header, split_replies  # noqa: E402
-from ringserve.protocol.messages import MDP_CLIENT, READY, REPLY, REQUEST, WORKER_PROTO  # noqa: E402
+from ringserve.protocol.codec import unpack_map  # noqa: E402
+from ringserve.protocol.envelope import (  # noqa: E402
+    batch_frames, batch_frames_packed, parse_dispatch, request_header, split_replies,
+)
+from ringserve.protocol.messages import HEARTBEAT, MDP_CLIENT, READY, REPLY, REQUEST, WORKER_PROTO  # noqa: E402
 from ringserve.protocol.sockets import recv_frames, send_frames  # noqa: E402
 
 EPH = "tcp://127.0.0.1:*"
@@ -38,6 +44,10 @@ def main(argv=None) -> None:
     p.add_argument("--turns", type=int, default=500, help="rounds of (client batches in, worker replies in)")
     p.add_argument("--cache", action="store_true", help="the model is cache=true and every input is the same")
     p.add_argument("--profile", action="store_true", help="cProfile Broker.turn and print the top functions")
+    p.add_argument("--framing", type=int, default=2, choices=(1, 2),
+                   help="the worker hop's framing the fake worker reads and writes (1: a frame per header)")
+    p.add_argument("--client-framing", type=int, default=2, choices=(1, 2),
+                   help="2: the fake clients send mmi.batch2 (headers packed), 1: mmi.batch")
     args = p.parse_args(argv)
     ctx = zmq.Context()
     b = Broker(BrokerConfig(EPH, EPH, EPH, heartbeat_interval=60.0), ctx)
@@ -46,7 +56,9 @@ def main(argv=None) -> None:
     worker = ctx.socket(zmq.DEALER)
     worker.connect(b.backend_ep)
     info = {"version": 1, **({"cache": True} if args.cache else {})}
-    worker.send_multipart([WORKER_PROTO, READY, pack({"models": {"noop": info}, "credit": 64, "name": "w1"})])
+    worker.send_multipart([WORKER_PROTO, READY, pack({"models": {"noop": info}, "credit": 64, "name": "w1",
+                                                      "framing": args.framing})])
+    packed = [False]  # whether the master said it reads framing 2 (its HEARTBEAT)
     clients = [ctx.socket(zmq.DEALER) for _ in range(2)]
     for c in clients:
         c.connect(b.frontend_ep)
@@ -70,14 +82,15 @@ def main(argv=None) -> None:
                 frames = recv_frames(worker)
             except zmq.Again:
                 return
+            if len(frames) >= 3 and frames[1].bytes == HEARTBEAT:
+                packed[0] = args.framing >= 2 and unpack_map(frames[2]).get("framing") == 2
             if len(frames) < 3 or frames[1].bytes != REQUEST:
                 continue
-            out = [WORKER_PROTO, REPLY]
-            for d in parse_dispatch(frames[2:]):
-                out.append(pack({"id": d.cid, "key": d.key, "attempt": d.attempt, "ok": True, "model": "noop",
-                                 "version": 1, "batch_rows": 1, "outputs": [["y", "float32", [1, 256], x.tobytes()]],
-                                 "worker": "w1", "epoch": b.epoch, "timing": {"queue_ms": 0.1, "compute_ms": 0.2}}))
-            send_frames(worker, out)
+            headers = [pack({"id": d.cid, "key": d.key, "attempt": d.attempt, "ok": True, "model": "noop",
+                             "version": 1, "batch_rows": 1, "outputs": [["y", "float32", [1, 256], x.tobytes()]],
+                             "worker": "w1", "epoch": b.epoch, "timing": {"queue_ms": 0.1, "compute_ms": 0.2}})
+                       for d in parse_dispatch(frames[2:])]
+            send_frames(worker, [WORKER_PROTO, REPLY, *([pack(headers)] if packed[0] else headers)])
 
     def read_clients() -> int:
         got = 0
@@ -87,7 +100,7 @@ def main(argv=None) -> None:
                     frames = recv_frames(c)
                 except zmq.Again:
                     break
-                got += len(split_replies(frames[3:])) if frames[2].bytes == b"mmi.batch" else 1
+                got += len(split_replies(frames[3:])) if frames[2].bytes in (b"mmi.batch", b"mmi.batch2") else 1
         return got
 
     for _ in range(20):
@@ -97,7 +110,10 @@ def main(argv=None) -> None:
         for c in clients:
             reqs = [(b"noop", [pack(request_header(f"r{next(ids)}", meta, timeout_ms=30000.0))])
                     for _ in range(PER_MESSAGE)]
-            send_frames(c, [b"", MDP_CLIENT, b"mmi.batch", *batch_frames(reqs)])
+            if args.client_framing == 2:
+                send_frames(c, [b"", MDP_CLIENT, b"mmi.batch2", *batch_frames_packed(reqs)])
+            else:
+                send_frames(c, [b"", MDP_CLIENT, b"mmi.batch", *batch_frames(reqs)])
         time.sleep(0.0005)
         cpu += turn()
         time.sleep(0.0005)

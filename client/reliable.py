@@ -22,8 +22,11 @@ Pirate, with de-duplication by request id on the master):
   * sends are coalesced: every request (or resend) of one turn of the client's I/O loop goes in
     one message (``mmi.batch``, bounded by ``batch_max`` requests and ``batch_bytes``), and a
     master answers a batching client with every answer of its turn in one message; a lone
-    request goes as a plain RFC 7 message (no added delay when there is nothing to coalesce),
-    and a master that answers ``501`` (it predates batches) gets one message per request;
+    request goes as a plain RFC 7 message (no added delay when there is nothing to coalesce).
+    Batches go as ``mmi.batch2`` (every header packed into the first frame, so a batch of inline
+    tensors is one frame; the master answers in kind); a master that answers ``501`` to it gets
+    ``mmi.batch`` (a frame per header), and one that answers ``501`` to that (it predates
+    batches) gets one message per request;
   * given several masters (active-active), a client talks to one at a time, picked at random so
     clients spread over them; when that master has been silent for ``failover_after`` while
     requests wait (it died, hung or was cut off: pings go every ``ping_interval``), the client
@@ -48,8 +51,12 @@ from zmq.utils.monitor import recv_monitor_message
 from ringserve.client.errors import ConfigError, RingserveError, Timeout, from_error
 from ringserve.protocol.codec import encode_tensors, pack
 from ringserve.protocol.codec import decode_tensors
-from ringserve.protocol.envelope import batch_frames, client_frames, parse_reply, request_header, split_replies
-from ringserve.protocol.messages import MDP_CLIENT, MMI_BATCH, MMI_NOT_IMPLEMENTED, MMI_PING, ProtocolError
+from ringserve.protocol.envelope import (
+    batch_frames, batch_frames_packed, client_frames, parse_reply, request_header, split_replies,
+)
+from ringserve.protocol.messages import (
+    MDP_CLIENT, MMI_BATCH, MMI_BATCH_PACKED, MMI_NOT_IMPLEMENTED, MMI_PING, ProtocolError,
+)
 from ringserve.protocol.security import Security, SecurityError
 from ringserve.protocol.sockets import frames_nbytes, recv_frames, send_frames
 
@@ -134,6 +141,7 @@ def handshake_failure(event: int, value: int, curve: bool) -> str:
 
 
 MMI_BATCH_BYTES = MMI_BATCH.encode()
+MMI_BATCH_PACKED_BYTES = MMI_BATCH_PACKED.encode()
 _INVALID_STATE = (concurrent.futures.InvalidStateError, asyncio.InvalidStateError)
 
 
@@ -200,6 +208,7 @@ class Reliability:
                  failover_after: float = 0.6, batch_max: int = 256, batch_bytes: int = 4 << 20):
         self.batch_max, self.batch_bytes = batch_max, batch_bytes
         self.batching: bool | None = None  # None: not known yet (try), False: the master answered 501
+        self.packed = True  # send "mmi.batch2" (headers in one frame) until the master answers it 501
         self.outgoing: list[Pending] = []  # queued this turn, sent by flush
         self.endpoints = endpoints or [address]
         self.current = current
@@ -265,6 +274,9 @@ class Reliability:
     def _send_batch(self, sock: zmq.Socket, chunk: list) -> None:
         if len(chunk) == 1:
             self._send_frames(sock, client_frames(*chunk[0]))
+        elif self.packed:
+            self.stats.batches_sent += 1
+            self._send_frames(sock, client_frames(MMI_BATCH_PACKED_BYTES, batch_frames_packed(chunk)))
         else:
             self.stats.batches_sent += 1
             self._send_frames(sock, client_frames(MMI_BATCH, batch_frames(chunk)))
@@ -361,6 +373,7 @@ class Reliability:
         sock.connect(self.address)
         self.stats.failovers += 1
         self.batching = None  # the next master may be an older one: try again
+        self.packed = True
         self.epoch = None  # the new master's epoch is news, not a restart
         self.handshakes = 0  # its first handshake must not resend again: resend_all below does
         self.link_up = False
@@ -403,8 +416,9 @@ class Reliability:
         if len(frames) < 4 or frames[1].bytes != MDP_CLIENT:
             log.warning("client_bad_frame", frames=len(frames))
             return
-        if frames[2].bytes == MMI_BATCH_BYTES:
-            self.on_batch(sock, frames[3:])
+        service = frames[2].bytes
+        if service == MMI_BATCH_BYTES or service == MMI_BATCH_PACKED_BYTES:
+            self.on_batch(sock, frames[3:], service == MMI_BATCH_PACKED_BYTES)
             return
         try:
             header, outputs = parse_reply(frames[3:])
@@ -413,10 +427,17 @@ class Reliability:
             return
         self.on_answer(sock, header, outputs)
 
-    def on_batch(self, sock: zmq.Socket, frames: list) -> None:
-        """A master's answers in one message; or its 501: it predates batches, so every request goes
-        on its own from now on (and what it did not take is sent again)."""
+    def on_batch(self, sock: zmq.Socket, frames: list, packed: bool = False) -> None:
+        """A master's answers in one message (either form: split_replies reads both); or its 501: to
+        "mmi.batch2", it predates packed batches, so "mmi.batch" from now on; to "mmi.batch", it
+        predates batches, so every request goes on its own (and what it did not take is sent again)."""
         if len(frames) == 1 and frames[0].bytes == MMI_NOT_IMPLEMENTED:
+            if packed:
+                if self.packed:
+                    self.packed = False
+                    log.info("master_does_not_pack_batches", master=self.address)
+                    self.resend_all(sock)
+                return
             if self.batching is not False:
                 self.batching = False
                 log.info("master_does_not_batch", master=self.address)

@@ -40,14 +40,15 @@ from ringserve.master.status import build_status
 from ringserve.master.window import Windows
 from ringserve.protocol.codec import pack, pack_map_with, pack_pairs, short_repr, unpack_map
 from ringserve.protocol.envelope import (
-    MAX_NAME_LEN, REPLY_FIELDS, checked_result, dispatch_frames, split_batch, parse_heartbeat, parse_ready,
-    parse_request_header, parse_worker_reply, split_replies,
+    FRAMING, MAX_NAME_LEN, REPLY_FIELDS, answers_frames, checked_result, dispatch_chunks, dispatch_frames,
+    dispatch_frames_packed, parse_heartbeat, parse_ready, parse_request_header, parse_worker_reply, split_batch,
+    split_batch_packed, split_replies,
 )
 from ringserve.protocol.security import Security, user_id
 from ringserve.protocol.sockets import BindError, bind, drain, frames_nbytes, send_frames
 from ringserve.protocol.messages import (
-    DISCONNECT, DRAIN, HEARTBEAT, MDP_CLIENT, MMI_BATCH, MMI_FOUND, MMI_NOT_FOUND, MMI_NOT_IMPLEMENTED, MMI_PING,
-    MMI_SERVICE, READY, REPLY, REQUEST, WORKER_COMMANDS, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
+    DISCONNECT, DRAIN, HEARTBEAT, MDP_CLIENT, MMI_BATCH, MMI_BATCH_PACKED, MMI_FOUND, MMI_NOT_FOUND,
+    MMI_NOT_IMPLEMENTED, MMI_PING, MMI_SERVICE, READY, REPLY, REQUEST, WORKER_COMMANDS, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
 )
 
 log = structlog.get_logger("ringserve.master")
@@ -55,6 +56,7 @@ log = structlog.get_logger("ringserve.master")
 MAX_BATCH_RECV = 256  # messages read from one socket per loop turn, so no socket starves the others
 MAX_BATCH_CLIENTS = 65536  # routing ids remembered as batching clients (oldest forgotten: they get singles)
 MMI_BATCH_BYTES = MMI_BATCH.encode()
+MMI_BATCH_PACKED_BYTES = MMI_BATCH_PACKED.encode()
 MAX_UNKNOWN_WAITING = 64  # during the start-up grace: model names nobody serves yet that may queue
 UNSERVED_LABEL = "_unserved"  # metrics label for names no worker serves
 _ROLE_SETS = {role: frozenset([role]) for role in ("client", "worker", "admin")}
@@ -131,7 +133,7 @@ class Broker:
         self._cacheable: dict[str, int | None] | None = None  # see _cache_versions
         self._dirty: set[str] = set()  # models to dispatch at the end of this loop turn
         self._outgoing: dict[bytes, tuple[WorkerRecord, list[PendingRequest]]] = {}  # assigned, not yet sent
-        self._batch_clients: OrderedDict[bytes, None] = OrderedDict()  # routing ids that sent a batch (LRU)
+        self._batch_clients: OrderedDict[bytes, bool] = OrderedDict()  # routing ids that sent a batch (LRU): packed?
         self._client_out: dict[bytes, list] = {}  # their answers of this turn [(header, frames)], see _flush_clients
         if cfg.state_dir:
             os.makedirs(cfg.state_dir, exist_ok=True)
@@ -259,7 +261,7 @@ class Broker:
             self._fail_orphans()
         if liveness.heartbeat_due(self.last_heartbeat, now, self.cfg.heartbeat_interval):
             self.last_heartbeat = now
-            beat = pack({"epoch": self.epoch})
+            beat = pack({"epoch": self.epoch, "framing": FRAMING})
             for w in list(self.workers.values()):
                 self._send_worker(w, [HEARTBEAT, beat])
         seen = {ident: w.last_seen for ident, w in self.workers.items()}
@@ -286,21 +288,23 @@ class Broker:
                                "expected [empty][MDPC01][service][body...] (ZeroMQ RFC 7)"))
             return
         service, body = frames[3].bytes, frames[4:]
-        if service == MMI_BATCH_BYTES:
-            self.on_batch(ident, frames)
+        if service == MMI_BATCH_BYTES or service == MMI_BATCH_PACKED_BYTES:
+            self.on_batch(ident, frames, packed=service == MMI_BATCH_PACKED_BYTES)
             return
         self._one_request(ident, client_scope(frames[-1]), service, body)
 
-    def on_batch(self, ident: bytes, frames: Sequence[zmq.Frame]) -> None:
+    def on_batch(self, ident: bytes, frames: Sequence[zmq.Frame], packed: bool = False) -> None:
         """Several requests in one message (a ringserve client's coalesced sends): each is handled as
         if it came alone (its own checks, dedupe, rate limit, answer), and this client's answers of the
-        turn go back together (_flush_clients). A break in the framing fails what follows it only."""
-        self._batch_clients[ident] = None
+        turn go back together (_flush_clients), packed ("mmi.batch2") if the client sent them packed.
+        A break in the framing fails what follows it only."""
+        self._batch_clients[ident] = packed
         self._batch_clients.move_to_end(ident)
         while len(self._batch_clients) > MAX_BATCH_CLIENTS:
             self._batch_clients.popitem(last=False)
         scope = client_scope(frames[-1])
-        requests, broken = split_batch(frames[4:])
+        requests, broken = (split_batch_packed if packed else split_batch)(frames[4:])
+        now = time.monotonic()  # one clock read for the message: its requests arrived together
         for svc, header_frame, header, tensors in requests:
             if not svc or len(svc) > MAX_NAME_LEN or svc.startswith("mmi."):
                 self._one_request(ident, scope, svc.encode(), [header_frame, *tensors], header)  # says what is wrong
@@ -311,9 +315,10 @@ class Broker:
                 rid = header.get("id") if isinstance(header.get("id"), str) else None
                 self._reply_client(ident, svc.encode(), error_body(rid, ErrorCode.BAD_REQUEST, str(exc)))
                 continue
-            self.on_request(ident, scope, svc.encode(), svc, header_frame, parsed, tensors)
+            self.on_request(ident, scope, svc.encode(), svc, header_frame, parsed, tensors, now)
         if broken is not None:
-            self._reply_client(ident, MMI_BATCH_BYTES, error_body(None, ErrorCode.BAD_REQUEST, f"batch: {broken}"))
+            self._reply_client(ident, MMI_BATCH_PACKED_BYTES if packed else MMI_BATCH_BYTES,
+                               error_body(None, ErrorCode.BAD_REQUEST, f"batch: {broken}"))
 
     def _one_request(self, ident: bytes, scope: str, service: bytes, body: Sequence, header: dict | None = None) -> None:
         """One request (alone, or one of a batch whose split already unpacked its header)."""
@@ -341,7 +346,7 @@ class Broker:
         self.on_request(ident, scope, service, model, body[0], parsed, list(body[1:]))
 
     def on_request(self, ident: bytes, scope: str, service: bytes, model: str, header_frame, parsed,
-                   frames: list) -> None:
+                   frames: list, now: float | None = None) -> None:
         """A checked request. Its id is the client's within `scope`: a resend of an id the master
         holds or has answered is never run twice, never rate-limited, and answered only for the
         model it first asked; the same id from another scope is another request."""
@@ -387,7 +392,7 @@ class Broker:
                          f"queue for {model!r} is full ({self.cfg.max_queue} requests, "
                          f"{self.queues.max_pins} version pins)")
             return
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         timeout = self.cfg.default_timeout if parsed.timeout_ms is None else parsed.timeout_ms / 1000.0
         timeout = min(timeout, self.cfg.max_timeout)  # the client chooses, within the master's cap
         route = self.routes.get(model) if parsed.version is None else None  # a pinned version wins
@@ -661,10 +666,15 @@ class Broker:
         now = time.monotonic()
         entries = [([r.key, r.attempts, r.model, r.version, max(0.0, (r.deadline - now) * 1000.0)], r.header, r.frames)
                    for r in live]
-        if not self._send_worker(w, [REQUEST, *dispatch_frames(entries)]):
-            for r in live:
-                r.attempts -= 1  # never delivered: the retry budget counts attempts a worker received
-            self.evict(w, "send_failed")
+        framed = dispatch_frames_packed if w.framing >= 2 else dispatch_frames  # what the worker said it reads
+        sent = 0
+        for chunk in dispatch_chunks(entries):  # within what a worker accepts (count, header bytes)
+            if not self._send_worker(w, [REQUEST, *framed(chunk)]):
+                for r in live[sent:]:
+                    r.attempts -= 1  # never delivered: the retry budget counts attempts a worker received
+                self.evict(w, "send_failed")
+                return
+            sent += len(chunk)
 
     # --------------------------------------------------------------- workers
     def on_worker(self, frames: Sequence[zmq.Frame]) -> None:
@@ -727,11 +737,11 @@ class Broker:
                 log.warning("worker_name_from_key", announced=name[:MAX_NAME_LEN], key=key_name)
             name = key_name
         w = WorkerRecord(ident, name, hello.models, hello.credit, hello.device, hello.pid,
-                         weight=self.cfg.weights.get(name, hello.weight), user=user or None)
+                         weight=self.cfg.weights.get(name, hello.weight), user=user or None, framing=hello.framing)
         self.workers[ident] = w
         self._models_changed()
         log.info("worker_registered", worker=name, models=sorted(hello.models), credit=hello.credit, device=w.device)
-        self._send_worker(w, [HEARTBEAT, pack({"epoch": self.epoch})])
+        self._send_worker(w, [HEARTBEAT, pack({"epoch": self.epoch, "framing": FRAMING})])
         for model in hello.models:
             self.dispatch(model)
 
@@ -758,12 +768,14 @@ class Broker:
 
     def on_replies(self, w: WorkerRecord, frames: Sequence[zmq.Frame]) -> None:
         """A REPLY message: one or more replies (a batch's answers travel together)."""
+        now = time.monotonic()  # one clock read for the message: its answers came together
         for header_frame, header, data in split_replies(frames):
-            self.on_reply(w, header_frame, header, data)
+            self.on_reply(w, header_frame, header, data, now)
         for model in w.models:
             self.dispatch(model)
 
-    def on_reply(self, w: WorkerRecord, header_frame: zmq.Frame, raw: dict, frames: Sequence[zmq.Frame]) -> None:
+    def on_reply(self, w: WorkerRecord, header_frame: zmq.Frame, raw: dict, frames: Sequence[zmq.Frame],
+                 now: float | None = None) -> None:
         """One reply, found by the master's key (never by the client's id). A result goes to the
         client byte for byte only if its header is exactly what the master would write; its
         version must be one the worker announced and the request allowed."""
@@ -797,7 +809,7 @@ class Broker:
                 clean = parse_worker_reply(raw, frames).header
             header = {**clean, "id": req.rid, "worker": w.name, "epoch": self.epoch}
             body = [pack(header), *(frames if code is None else ())]
-        self.finish(req, body, code, version=version if code is None else None)
+        self.finish(req, body, code, version=version if code is None else None, now=now)
 
     @staticmethod
     def _version_allowed(w: WorkerRecord, req: PendingRequest, version) -> bool:
@@ -906,7 +918,8 @@ class Broker:
                               f"{self.cfg.unavailable_grace:g}s; retry later")
 
     # ------------------------------------------------------------ answering
-    def finish(self, req: PendingRequest, body: list, error_code: str | None, version: int | None = None) -> None:
+    def finish(self, req: PendingRequest, body: list, error_code: str | None, version: int | None = None,
+               now: float | None = None) -> None:
         """The one place a request gets its final answer. Every path ends here, so this is where
         the books are settled: the request leaves `pending`, its queue and its scope's id map,
         and a worker credit slot it still holds (its deadline passed in flight) is given back."""
@@ -927,7 +940,7 @@ class Broker:
         cid = (req.scope, req.rid)
         if self.held.get(cid) == key:
             del self.held[cid]
-        now = time.monotonic()
+        now = time.monotonic() if now is None else now
         counters = self.counters.get(model) or self._counters(model)
         served = self._served_cache if self._served_cache is not None else self._served_models()
         if counters is not None:
@@ -1189,28 +1202,32 @@ class Broker:
 
     def _flush_clients(self) -> None:
         """Every answer of this turn for a client that batches, in as few messages as the bounds allow
-        (--client-batch-max answers, --client-batch-bytes); large tensors stay frames of their own."""
+        (--client-batch-max answers, --client-batch-bytes); large tensors stay frames of their own.
+        A client that sent "mmi.batch2" gets its answers' headers packed into one frame."""
         if not self._client_out:
             return
         out, self._client_out = self._client_out, {}
         limit_n, limit_b = self.cfg.client_batch_max, self.cfg.client_batch_bytes
         for ident, bodies in out.items():
+            packed = self._batch_clients.get(ident) is True
             chunk: list = []
             n = size = 0
             for body in bodies:
                 extra = frames_nbytes(body)
                 if chunk and (n >= limit_n or size + extra > limit_b):
-                    self._send_batch(ident, chunk)
+                    self._send_batch(ident, chunk, packed, n)
                     chunk, n, size = [], 0, 0
-                chunk.extend(body)
+                chunk.append(body)
                 n += 1
                 size += extra
             if chunk:
-                self._send_batch(ident, chunk)
+                self._send_batch(ident, chunk, packed, n)
 
-    def _send_batch(self, ident: bytes, frames: list) -> None:
-        if not self._send_raw(self.frontend, [ident, b"", MDP_CLIENT, MMI_BATCH_BYTES, *frames]):
-            log.warning("reply_undeliverable", client=ident.hex()[:64], answers=len(frames))
+    def _send_batch(self, ident: bytes, bodies: list, packed: bool, n: int) -> None:
+        msg = [ident, b"", MDP_CLIENT, MMI_BATCH_PACKED_BYTES if packed else MMI_BATCH_BYTES,
+               *answers_frames(bodies, packed)]
+        if not self._send_raw(self.frontend, msg):
+            log.warning("reply_undeliverable", client=ident.hex()[:64], answers=n)
 
     def _send_worker(self, w: WorkerRecord, parts: list) -> bool:
         return self._send_raw(self.backend, [w.ident, WORKER_PROTO, *parts])

@@ -34,6 +34,7 @@ class WorkerRecord:
     registered_at: float = field(default_factory=time.time)
     stats: dict[str, Any] = field(default_factory=dict)
     user: str | None = None  # with keys: the CURVE identity it registered with (revoking it evicts the worker)
+    framing: int = 1  # the worker-hop framing it reads (protocol.envelope.FRAMING; its READY says)
     # versions() per model, for the models map it was computed from (checked on every reply; the map
     # is replaced, never changed in place, when the worker's announcement changes)
     _held: tuple = field(default=(None, {}), repr=False, compare=False)

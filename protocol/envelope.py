@@ -28,6 +28,12 @@ MAX_HELD_VERSIONS = 16  # versions of one model a worker may hold side by side
 MAX_TAGS = 16  # request tags: small str -> str map used for routing (e.g. a sticky user id)
 MAX_TAG_LEN = 256
 MAX_PER_MESSAGE = 4096  # requests in one master -> worker REQUEST (or replies in one REPLY)
+# The worker hop's framing (issue 22): 1, every request and reply header a frame of its own; 2, the
+# headers of one REQUEST or REPLY packed together in its first frame (see dispatch_frames_packed and
+# packed_reply_frames). A worker says which it reads in READY ("framing"), a master in its HEARTBEAT;
+# each side sends the packed form only to a peer that said 2, and reads both forms from anyone.
+FRAMING = 2
+MAX_PACKED_BYTES = 4 << 20  # header bytes packed into one frame; beyond it the sender starts a new message
 # Fields a worker's result header may hold for the master to forward it to the client unchanged
 # (an error reply is always re-packed from its checked fields).
 REPLY_FIELDS = frozenset(["id", "key", "attempt", "ok", "model", "version", "batch_rows", "outputs", "worker",
@@ -129,6 +135,12 @@ def client_frames(service: str | bytes, body: Sequence) -> list:
 # and a master answers a client that batches with every answer of one loop turn in one message:
 #     [empty][MDPC01]["mmi.batch"][reply hdr 1][tensors 1...][reply hdr 2]...
 # Requests are split with request_frames (the rule the worker uses too); answers with split_replies.
+# Packed (issue 22; service "mmi.batch2", which a master that predates it answers RFC 8's "501", and
+# the client falls back to "mmi.batch"): the headers ride in the first frame, as msgpack bin, and only
+# out-of-line tensors have frames of their own, both ways:
+#     [empty][MDPC01]["mmi.batch2"][msgpack [[service 1, hdr 1], [service 2, hdr 2], ...]][tensors 1...][tensors 2...]
+#     [empty][MDPC01]["mmi.batch2"][msgpack [reply hdr 1, reply hdr 2, ...]][tensors 1...][tensors 2...]
+# A master answers "mmi.batch2" only to a client that sent it (split_replies reads both answer forms).
 MAX_CLIENT_BATCH = 1024  # requests in one coalesced client message
 
 
@@ -166,6 +178,65 @@ def split_batch(frames: Sequence) -> tuple[list[tuple[str, Any, dict, list]], st
         k += 1 + n
     if k != len(frames):
         return out, f"the batch carries {len(frames) - k} frames no request accounts for"
+    return out, None
+
+
+def batch_frames_packed(requests: Sequence[tuple[bytes, Sequence]]) -> list:
+    """[(service, body frames: header + tensors)] -> the frames after the "mmi.batch2" service frame."""
+    rows, out = [], [b""]
+    for svc, body in requests:
+        rows.append([svc.decode() if isinstance(svc, bytes) else svc, raw_bytes(body[0])])
+        if len(body) > 1:
+            out.extend(body[1:])
+    out[0] = pack(rows)
+    return out
+
+
+def answers_frames(bodies: Sequence[Sequence], packed: bool) -> list:
+    """A master's answers to a batching client [(header frame, tensor frames...)] -> the frames after
+    the service frame: "mmi.batch" (each header a frame) or "mmi.batch2" (the headers in one list)."""
+    out: list = []
+    if not packed:
+        for body in bodies:
+            out.extend(body)
+        return out
+    headers = []
+    out.append(b"")
+    for body in bodies:
+        headers.append(raw_bytes(body[0]))
+        if len(body) > 1:
+            out.extend(body[1:])
+    out[0] = pack(headers)
+    return out
+
+
+def split_batch_packed(frames: Sequence) -> tuple[list[tuple[str, bytes, dict, list]], str | None]:
+    """split_batch for "mmi.batch2": the same entries, verdicts and rule (request_frames), the header
+    taken from its [service, header] pair instead of a frame of its own."""
+    if not frames:
+        return [], "a batch needs its list of requests"
+    try:
+        rows = unpack(frames[0])
+    except ProtocolError:
+        rows = None
+    if not isinstance(rows, list) or not 1 <= len(rows) <= MAX_CLIENT_BATCH:
+        return [], f"a packed batch's first frame must list 1..{MAX_CLIENT_BATCH} [service, header] pairs"
+    out, k, total = [], 1, len(frames)
+    for row in rows:
+        if not (type(row) is list and len(row) == 2 and type(row[0]) is str and type(row[1]) is bytes):
+            return out, "each entry of a packed batch must be [service, header as bin]"
+        svc, raw = row
+        try:
+            header = unpack(raw)
+        except ProtocolError:
+            header = None
+        n = request_frames(header)  # -1 unless a map with a countable tensor list
+        if n < 0 or k + n > total:
+            return out, "a request header's tensor list does not say how many frames follow"
+        out.append((svc, raw, header, list(frames[k:k + n]) if n else []))
+        k += n
+    if k != total:
+        return out, f"the batch carries {total - k} frames no request accounts for"
     return out, None
 
 
@@ -220,6 +291,7 @@ class WorkerHello:
     weight: float
     device: str
     pid: int | None
+    framing: int = 1  # the worker-hop framing it reads (FRAMING)
 
 
 @dataclass
@@ -347,7 +419,17 @@ def parse_ready(info: Any) -> WorkerHello:
                        credit=_int(info.get("credit", 1), "credit", 1, MAX_CREDIT),
                        weight=float(weight),
                        device=_str(info.get("device", "?"), "device", allow_empty=True),
-                       pid=None if pid is None else _int(pid, "pid", 0))
+                       pid=None if pid is None else _int(pid, "pid", 0),
+                       framing=peer_framing(info))
+
+
+def peer_framing(info: Mapping) -> int:
+    """The worker-hop framing a peer says it reads (its READY, or a master's HEARTBEAT): 1 when it
+    does not say (it predates FRAMING), at most our own; a value that is not a positive int is 1."""
+    value = info.get("framing")
+    if type(value) is not int or value < 1:
+        return 1
+    return min(value, FRAMING)
 
 
 def parse_heartbeat(info: Any) -> WorkerBeat:
@@ -412,13 +494,21 @@ def parse_worker_reply(header: Any, frames: Sequence) -> WorkerReply:
 
 # ------------------------------------------------------- several per message
 # A master -> worker REQUEST carries one dispatch list and, per request, the client's own header
-# frame (forwarded as received, never re-packed) and its out-of-line tensor frames:
+# (forwarded as received, never re-packed) and its out-of-line tensor frames. Framing 1:
 #     [REQUEST][msgpack [[key, attempt, model, version, timeout_ms], ...]][hdr 1][frames 1...][hdr 2]...
+# framing 2 (a worker that said so in READY): each client header rides in its dispatch entry, as
+# msgpack bin, so a REQUEST of requests whose tensors are all inline is one frame:
+#     [REQUEST][msgpack [[key, attempt, model, version, timeout_ms, hdr 1], ...]][frames 1...][frames 2...]...
 # `key` is the master's own name for the request (unique per master process; never the
 # client's id, which two tenants may share). The worker answers by key and writes the client's
 # id beside it, so a result header can go on to the client as it is.
-# A worker -> master REPLY carries one or more replies, each a header and its out-of-line frames:
+# A worker -> master REPLY carries one or more replies, each a header and its out-of-line frames.
+# Framing 1:
 #     [REPLY][hdr 1][frames 1...][hdr 2][frames 2...]...
+# framing 2 (a master that said so in its HEARTBEAT): the headers, each packed as msgpack bin, in one
+# list first, then every reply's out-of-line frames in order:
+#     [REPLY][msgpack [hdr 1, hdr 2, ...]][frames 1...][frames 2...]...
+# split_replies reads both (a header is a map, the packed list a list), so does parse_dispatch.
 
 @dataclass
 class Dispatch:
@@ -436,8 +526,16 @@ class Dispatch:
     cid: str | None = None  # the client's request id (from its header)
 
 
+def raw_bytes(frame: Any) -> bytes:
+    """A frame's bytes (a zmq.Frame's are cached by pyzmq, so asking twice copies once)."""
+    if type(frame) is bytes:
+        return frame
+    data = getattr(frame, "bytes", None)
+    return data if type(data) is bytes else bytes(frame)
+
+
 def dispatch_frames(entries: Sequence[tuple[list, Any, Sequence]]) -> list:
-    """[(routing fields, client header frame, tensor frames)] -> the frames after [REQUEST]."""
+    """[(routing fields, client header frame, tensor frames)] -> the frames after [REQUEST] (framing 1)."""
     out = [pack([e[0] for e in entries])]
     for _, header_frame, frames in entries:
         out.append(header_frame)
@@ -445,9 +543,41 @@ def dispatch_frames(entries: Sequence[tuple[list, Any, Sequence]]) -> list:
     return out
 
 
+def dispatch_frames_packed(entries: Sequence[tuple[list, Any, Sequence]]) -> list:
+    """The same REQUEST in framing 2: each client header (its bytes as received) appended to its
+    routing fields, only out-of-line tensor frames after the list."""
+    rows, out = [], [b""]
+    for fields, header_frame, frames in entries:
+        rows.append([*fields, raw_bytes(header_frame)])
+        if frames:
+            out.extend(frames)
+    out[0] = pack(rows)
+    return out
+
+
+def dispatch_chunks(entries: Sequence[tuple[list, Any, Sequence]], max_count: int = MAX_PER_MESSAGE,
+                    max_bytes: int = MAX_PACKED_BYTES) -> list[list]:
+    """Entries cut into REQUESTs a worker accepts: at most max_count each (MAX_PER_MESSAGE is what
+    parse_dispatch takes) and, past the first entry, at most max_bytes of client headers."""
+    chunks: list[list] = []
+    chunk: list = []
+    size = 0
+    for e in entries:
+        n = len(e[1])
+        if chunk and (len(chunk) >= max_count or size + n > max_bytes):
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(e)
+        size += n
+    if chunk:
+        chunks.append(chunk)
+    return chunks
+
+
 def parse_dispatch(frames: Sequence) -> list[Dispatch]:
-    """A worker reads a REQUEST: every routing field and client header checked with the same
-    functions the master used (`request_frames`, `parse_request_header`), frames counted.
+    """A worker reads a REQUEST (either framing; an entry of six items carries its client header,
+    one of five has it in the next frame): every routing field and client header checked with the
+    same functions the master used (`request_frames`, `parse_request_header`), frames counted.
 
     Raises ProtocolError only when the dispatch list itself is unreadable (there is no key to
     answer). Otherwise every entry with a usable key comes back, those that cannot be used with
@@ -460,26 +590,30 @@ def parse_dispatch(frames: Sequence) -> list[Dispatch]:
     if not isinstance(routing, list) or not 1 <= len(routing) <= MAX_PER_MESSAGE:
         raise ProtocolError(f"REQUEST dispatch must be a list of 1..{MAX_PER_MESSAGE} entries")
     spans: list[tuple[Any, Any, list, str | None]] = []  # (entry, header, data, why it cannot be split)
-    k, broken = 1, None
+    k, broken, total = 1, None, len(frames)
     for entry in routing:
         header, data = None, []
         if broken is None:
-            if k >= len(frames):
+            inline = type(entry) is list and len(entry) == 6
+            if not inline and k >= total:
                 broken = "the REQUEST lists more requests than it carries"
             else:
+                raw = entry[5] if inline else frames[k]
+                if not inline:
+                    k += 1
                 try:
-                    header = unpack(frames[k])
+                    header = unpack(raw) if not inline or type(raw) is bytes else None
                 except ProtocolError:
                     header = None
                 n = request_frames(header)
-                if n < 0 or k + 1 + n > len(frames):
+                if n < 0 or k + n > total:
                     broken = "the request header's tensor list does not say how many frames follow"
                 else:
-                    data = list(frames[k + 1:k + 1 + n])
-                k += 1 + max(n, 0)
+                    data = list(frames[k:k + n]) if n else []
+                k += max(n, 0)
         spans.append((entry, header, data, broken))
-    if broken is None and k != len(frames):
-        broken = f"the REQUEST carries {len(frames) - k} frames no request accounts for"
+    if broken is None and k != total:
+        broken = f"the REQUEST carries {total - k} frames no request accounts for"
         spans = [(e, h, d, broken) for e, h, d, _ in spans]
     out = []
     for entry, header, data, why in spans:
@@ -497,9 +631,9 @@ def parse_dispatch(frames: Sequence) -> list[Dispatch]:
 
 
 def _dispatch_entry(entry: Any, header: Any, data: list) -> Dispatch:
-    if not (isinstance(entry, list) and len(entry) == 5):
+    if not (isinstance(entry, list) and len(entry) in (5, 6)):
         raise ProtocolError("each dispatch entry must be [key, attempt, model, version, timeout_ms]")
-    key, attempt, model, version, timeout_ms = entry
+    key, attempt, model, version, timeout_ms = entry[:5]
     key = check_id(key, "key")
     attempt = _int(attempt, "attempt", 1)
     model = _str(model, "model")
@@ -514,7 +648,7 @@ def _dispatch_entry(entry: Any, header: Any, data: list) -> Dispatch:
 
 
 def reply_frames(replies: Sequence[tuple[dict, Sequence]]) -> list:
-    """[(reply header, out-of-line frames)] -> the frames after [REPLY]."""
+    """[(reply header, out-of-line frames)] -> the frames after [REPLY] (framing 1)."""
     out: list = []
     for header, frames in replies:
         out.append(pack(header))
@@ -522,27 +656,76 @@ def reply_frames(replies: Sequence[tuple[dict, Sequence]]) -> list:
     return out
 
 
+def packed_reply_frames(headers: Sequence[bytes], frames: Sequence) -> list:
+    """Framing 2: every reply's packed header in one list, then all their out-of-line frames in order."""
+    return [pack(list(headers)), *frames]
+
+
+def reply_parts(frames: Sequence, count: int) -> tuple[list[bytes], list]:
+    """Framing-1 reply frames known to hold `count` replies (as the worker's compute thread hands
+    them over) -> (each reply's header bytes, the out-of-line frames in order), for
+    packed_reply_frames. When there are as many frames as replies every frame is a header (each
+    reply has one), so nothing is unpacked; otherwise the headers are found as split_replies does."""
+    if count == len(frames):
+        return [raw_bytes(f) for f in frames], []
+    headers: list[bytes] = []
+    data: list = []
+    for raw, _, tensors in split_replies(frames):
+        headers.append(raw_bytes(raw))
+        data.extend(tensors)
+    return headers, data
+
+
+def _reply_frame_count(header: dict) -> int:
+    # a result's outputs say how many frames follow; anything else (an error, an ACK, a ping's
+    # answer) has none
+    n = frame_count(header["outputs"]) if header.get("ok") is True and "outputs" in header else 0
+    if n < 0:
+        raise ProtocolError("field 'outputs' must be a list of tensors")
+    return n
+
+
 def split_replies(frames: Sequence) -> list[tuple[Any, dict, list]]:
     """A REPLY (the master reading a worker), or a master's coalesced answers (a client reading
-    "mmi.batch"): [(header frame, header map, its frames)] per reply.
+    "mmi.batch"), in either framing: [(header frame or bytes, header map, its frames)] per reply.
 
     Only the frame counts are read here (from the outputs lists); parse_worker_reply checks the rest."""
-    out, k = [], 0
-    while k < len(frames):
-        if len(out) >= MAX_PER_MESSAGE:
-            raise ProtocolError(f"more than {MAX_PER_MESSAGE} replies in one message")
-        header = unpack_map(frames[k])
-        # a result's outputs say how many frames follow; anything else (an error, an ACK, a ping's
-        # answer) has none
-        n = frame_count(header["outputs"]) if header.get("ok") is True and "outputs" in header else 0
-        if n < 0:
-            raise ProtocolError("field 'outputs' must be a list of tensors")
+    if not frames:
+        raise ProtocolError("REPLY needs a header")
+    first = unpack(frames[0])
+    if type(first) is list:
+        return _split_packed(first, frames)
+    if type(first) is not dict:
+        raise ProtocolError("body must be a msgpack map")
+    out, k, header = [], 0, first
+    while True:
+        n = _reply_frame_count(header)
         if k + 1 + n > len(frames):
             raise ProtocolError("a reply lists more tensors out of line than the message carries")
         out.append((frames[k], header, list(frames[k + 1:k + 1 + n])))
         k += 1 + n
-    if not out:
-        raise ProtocolError("REPLY needs a header")
+        if k >= len(frames):
+            return out
+        if len(out) >= MAX_PER_MESSAGE:
+            raise ProtocolError(f"more than {MAX_PER_MESSAGE} replies in one message")
+        header = unpack_map(frames[k])
+
+
+def _split_packed(headers: list, frames: Sequence) -> list[tuple[Any, dict, list]]:
+    if not 1 <= len(headers) <= MAX_PER_MESSAGE:
+        raise ProtocolError(f"a packed reply list must hold 1..{MAX_PER_MESSAGE} headers")
+    out, k, total = [], 1, len(frames)
+    for raw in headers:
+        if type(raw) is not bytes:
+            raise ProtocolError("a packed reply list must hold msgpack maps packed as bin")
+        header = unpack_map(raw)
+        n = _reply_frame_count(header)
+        if k + n > total:
+            raise ProtocolError("a reply lists more tensors out of line than the message carries")
+        out.append((raw, header, list(frames[k:k + n]) if n else []))
+        k += n
+    if k != total:
+        raise ProtocolError(f"the message carries {total - k} frames no reply accounts for")
     return out
 
 

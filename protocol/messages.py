@@ -28,6 +28,7 @@ SHARD_COMMANDS = ("hello", "stage", "commit", "abort", "revert", "fetch", "rollb
 MMI_PING = "mmi.ping"  # ringserve's own: reply {"ok", "epoch"}; the client library uses it to watch the master
 MMI_SERVICE = "mmi.service"  # RFC 8: body is a service name; reply is one plain frame "200" or "404"
 MMI_BATCH = "mmi.batch"  # ringserve's own: several requests (or answers) in one message, see docs/protocol.md
+MMI_BATCH_PACKED = "mmi.batch2"  # the same with every header packed into the first frame (issue 22)
 MMI_FOUND = b"200"
 MMI_NOT_FOUND = b"404"
 MMI_NOT_IMPLEMENTED = b"501"  # RFC 8: any other mmi.* service

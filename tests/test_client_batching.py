@@ -12,7 +12,9 @@ import zmq
 
 from ringserve.client import AsyncClient, Client
 from ringserve.protocol.codec import pack, unpack_map
-from ringserve.protocol.envelope import batch_frames, request_body, split_replies
+from ringserve.protocol.envelope import (
+    answers_frames, batch_frames, batch_frames_packed, request_body, split_batch, split_replies,
+)
 from ringserve.protocol.messages import MDP_CLIENT
 from test_master_robustness import X, dealer, next_request, recv, register, reply_ok
 
@@ -86,7 +88,7 @@ def test_an_old_master_that_answers_501_gets_one_message_per_request(zctx):
                 continue
             ident, _, _, service, *body = router.recv_multipart()
             seen.append(service)
-            if service == b"mmi.batch":
+            if service in (b"mmi.batch", b"mmi.batch2"):  # RFC 8: any mmi.* name it does not know
                 router.send_multipart([ident, b"", MDP_CLIENT, service, b"501"])
             elif service == b"mmi.ping":
                 router.send_multipart([ident, b"", MDP_CLIENT, service, pack({"ok": True, "epoch": "old"})])
@@ -106,3 +108,98 @@ def test_an_old_master_that_answers_501_gets_one_message_per_request(zctx):
         t.join(5)
         router.close(linger=0)
     assert b"mmi.batch" in seen and seen.count(b"echo") >= 20
+
+
+def test_a_packed_batch_is_answered_packed_and_an_old_style_batch_as_before(broker):
+    """Issue 22: "mmi.batch2" carries every header in its first frame and gets its answers' headers in
+    one frame; a client of the earlier release ("mmi.batch") still gets one frame per answer header."""
+    w = register(broker, b"w")
+    new, old = dealer(broker, "frontend"), dealer(broker, "frontend")
+    big = np.arange(20000, dtype=np.float32).reshape(1, 20000)  # 80 kB: a frame of its own
+    new.send_multipart([b"", MDP_CLIENT, b"mmi.batch2", *batch_frames_packed(
+        [(b"mlp", request_body("p1", {"x": X})), (b"mlp", request_body("p2", {"x": big})),
+         (b"nobody", request_body("p3", {"x": X}))])])
+    refused = recv(broker, new)
+    assert refused[:3] == [b"", MDP_CLIENT, b"mmi.batch2"] and len(refused) == 4  # one header list, no tensors
+    assert [(a["id"], a["error"]["code"]) for _, a, _ in split_replies(refused[3:])] == [("p3", "UNKNOWN_MODEL")]
+    batch(old, [(b"mlp", request_body("o1", {"x": X})), (b"mlp", request_body("o2", {"x": X}))])
+    for _ in range(4):
+        reply_ok(w, next_request(broker, w))
+    got = recv(broker, new)
+    assert got[:3] == [b"", MDP_CLIENT, b"mmi.batch2"]
+    assert sorted(a["id"] for _, a, _ in split_replies(got[3:])) == ["p1", "p2"]
+    got = recv(broker, old)
+    assert got[:3] == [b"", MDP_CLIENT, b"mmi.batch"] and unpack_map(got[3])["id"] in ("o1", "o2")  # a header frame
+    assert sorted(a["id"] for a in answers_of(got)) == ["o1", "o2"]
+
+
+def test_a_master_that_batches_but_does_not_pack_gets_mmi_batch(zctx):
+    """The earlier release's master knows "mmi.batch", not "mmi.batch2" (501): the client goes on with
+    "mmi.batch", every request answered once."""
+    router = zctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+    seen = []
+
+    def answer(header, data):
+        return [pack({"id": header["id"], "ok": True, "epoch": "old", "outputs": header["inputs"]}), *data]
+
+    def previous_master():
+        while not stop.is_set():
+            if not router.poll(50):
+                continue
+            ident, _, _, service, *body = router.recv_multipart()
+            seen.append(service)
+            if service == b"mmi.batch2":
+                router.send_multipart([ident, b"", MDP_CLIENT, service, b"501"])
+            elif service == b"mmi.batch":
+                entries, broken = split_batch(body)
+                assert broken is None
+                bodies = [answer(h, d) for _, _, h, d in entries]
+                router.send_multipart([ident, b"", MDP_CLIENT, service, *answers_frames(bodies, False)])
+            elif service == b"mmi.ping":
+                router.send_multipart([ident, b"", MDP_CLIENT, service, pack({"ok": True, "epoch": "old"})])
+            else:
+                router.send_multipart([ident, b"", MDP_CLIENT, service, *answer(unpack_map(body[0]), body[1:])])
+
+    t = threading.Thread(target=previous_master, daemon=True)
+    t.start()
+    try:
+        with Client(f"tcp://127.0.0.1:{port}", timeout=10) as c:
+            futs = [c.infer_async("echo", {"x": np.full((1, 4), float(i), np.float32)}) for i in range(20)]
+            assert [f.result(timeout=20).outputs["x"][0, 0] for f in futs] == [float(i) for i in range(20)]
+            assert c._rel.packed is False  # told 501 once, it stays with mmi.batch
+    finally:
+        stop.set()
+        t.join(5)
+        router.close(linger=0)
+    assert b"mmi.batch2" in seen and b"mmi.batch" in seen
+
+
+def test_a_worker_that_reads_framing_2_gets_one_frame_and_its_packed_reply_reaches_every_client(broker):
+    """Issue 22, the worker hop: a worker that says "framing": 2 in READY gets a REQUEST with the client
+    headers in its dispatch entries (one frame when the tensors are inline) and may answer with the
+    headers in one list; a worker that says nothing still gets one frame per header."""
+    from ringserve.protocol.envelope import packed_reply_frames, parse_dispatch
+    from ringserve.protocol.messages import HEARTBEAT, READY, REPLY, REQUEST, WORKER_PROTO
+    from test_master_robustness import GOOD_MODELS
+
+    w = dealer(broker, "backend", b"w2")
+    w.send_multipart([WORKER_PROTO, READY, pack({"name": "w2", "models": GOOD_MODELS, "credit": 8, "framing": 2})])
+    beat = recv(broker, w)
+    assert beat[:2] == [WORKER_PROTO, HEARTBEAT] and unpack_map(beat[2])["framing"] == 2
+    client = dealer(broker, "frontend")
+    inline = lambda rid: request_body(rid, {"x": X})  # noqa: E731  (16 bytes: inline)
+    batch(client, [(b"mlp", inline("a")), (b"mlp", inline("b")), (b"mlp", inline("c"))])
+    frames = recv(broker, w)
+    assert frames[:2] == [WORKER_PROTO, REQUEST] and len(frames) == 3  # the dispatch list carries every header
+    got = parse_dispatch(frames[2:])
+    assert [d.cid for d in got] == ["a", "b", "c"] and all(d.error is None for d in got)
+    headers = [pack({"id": d.cid, "key": d.key, "attempt": d.attempt, "ok": True, "version": 1,
+                     "outputs": [["y", "float32", [1, 4]]]}) for d in got]
+    w.send_multipart([WORKER_PROTO, REPLY, *packed_reply_frames(headers, [X.tobytes()] * 3)])
+    answers = answers_of(recv(broker, client))
+    assert sorted(a["id"] for a in answers) == ["a", "b", "c"] and all(a["ok"] for a in answers)
+    broker_books = broker.books()
+    assert broker_books["ok"] and broker_books["pending"] == 0

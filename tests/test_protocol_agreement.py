@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 from ringserve.protocol import codec
 from ringserve.protocol.codec import pack, unpack_map
 from ringserve.protocol.envelope import (
-    MAX_ID_LEN, dispatch_frames, parse_dispatch, parse_request_header, request_frames,
+    MAX_ID_LEN, answers_frames, batch_frames, batch_frames_packed, dispatch_chunks, dispatch_frames,
+    dispatch_frames_packed, packed_reply_frames, parse_dispatch, parse_request_header, reply_frames, reply_parts,
+    request_frames, split_batch, split_batch_packed, split_replies,
 )
 from ringserve.protocol.messages import ProtocolError
 
@@ -112,20 +114,21 @@ def master_verdict(raw: bytes, frames: list) -> tuple:
     return ("ok", parsed.rid, len(frames))
 
 
-def worker_view(requests: list[tuple[bytes, list]]) -> list:
-    """What the worker concludes from one REQUEST carrying `requests`, by key."""
+def worker_view(requests: list[tuple[bytes, list]], packed: bool = False) -> list:
+    """What the worker concludes from one REQUEST carrying `requests`, by key (framing 2 if `packed`)."""
     entries = [([f"k{i}", 1, "m", None, 1000.0], raw, frames) for i, (raw, frames) in enumerate(requests)]
-    got = {d.key: d for d in parse_dispatch(dispatch_frames(entries))}
+    got = {d.key: d for d in parse_dispatch((dispatch_frames_packed if packed else dispatch_frames)(entries))}
     assert set(got) == {f"k{i}" for i in range(len(requests))}  # every entry is answered by its key
     return [got[f"k{i}"] for i in range(len(requests))]
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["framing1", "framing2"])
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(client_request())
-def test_one_request_gets_one_verdict_from_both(req):
+@given(req=client_request())
+def test_one_request_gets_one_verdict_from_both(req, packed):
     raw, frames = req
     verdict = master_verdict(raw, frames)
-    (d,) = worker_view([req])
+    (d,) = worker_view([req], packed)
     if verdict[0] == "ok":
         assert d.error is None, d.error
         assert (d.cid, len(d.frames)) == verdict[1:]
@@ -134,19 +137,20 @@ def test_one_request_gets_one_verdict_from_both(req):
         assert d.error is not None
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["framing1", "framing2"])
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(client_request(), min_size=1, max_size=6))
-def test_coalesced_requests_split_exactly_as_the_master_counted_them(reqs):
+@given(reqs=st.lists(client_request(), min_size=1, max_size=6))
+def test_coalesced_requests_split_exactly_as_the_master_counted_them(reqs, packed):
     accepted = [r for r in reqs if master_verdict(*r)[0] == "ok"]
     if accepted:  # what a master really sends: only requests it accepted, side by side
-        for (raw, frames), d in zip(accepted, worker_view(accepted), strict=True):
+        for (raw, frames), d in zip(accepted, worker_view(accepted, packed), strict=True):
             assert d.error is None, d.error
             assert d.cid == unpack_map(raw)["id"] and [bytes(f) for f in d.frames] == [bytes(f) for f in frames]
     # A mix (a buggy or hostile master): never raises, every entry answered, and whatever the worker
     # accepts is what the master would accept with the same frames. (Frames that do not add up cannot
     # be pinned on one request: an extra frame of a rejected request reads as its neighbour's header,
     # and frames left over at the end fail every entry, so a mix is not split request by request.)
-    view = worker_view(reqs)
+    view = worker_view(reqs, packed)
     for d in view:  # judged on the header the worker read: after a miscount it is a later request's
         if d.error is None:
             assert master_verdict(pack(d.header), d.frames) == ("ok", d.cid, len(d.frames))
@@ -205,3 +209,152 @@ def test_the_fast_tensor_walk_never_accepts_what_the_full_walk_refuses(req):
         assert list(fast) == (list(full) if make else [])
         for name, arr in fast.items():
             assert (arr.dtype, arr.shape, arr.tobytes()) == (full[name].dtype, full[name].shape, full[name].tobytes())
+
+
+# ------------------------------------------------------------ framing 2 (issue 22): packed headers
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(client_request(), min_size=1, max_size=6))
+def test_both_request_framings_give_the_worker_the_same_requests(reqs):
+    """What a master sends (requests it accepted) reads the same in either framing: keys, ids,
+    headers and tensor frames; so a worker's verdict cannot depend on which framing its master chose."""
+    accepted = [r for r in reqs if master_verdict(*r)[0] == "ok"] or reqs[:0]
+    if not accepted:
+        return
+    one, two = worker_view(accepted, False), worker_view(accepted, True)
+    for a, b in zip(one, two, strict=True):
+        assert (a.key, a.cid, a.error, a.header) == (b.key, b.cid, b.error, b.header)
+        assert [bytes(f) for f in a.frames] == [bytes(f) for f in b.frames]
+
+
+def test_a_packed_request_is_one_frame_when_its_tensors_are_inline():
+    good = pack({"id": "g", "inputs": [["x", "float32", [1], b"\0" * 4]]})
+    big = pack({"id": "b", "inputs": [["x", "uint8", [70000]]]})
+    entries = [(["a", 1, "m", None, 100.0], good, []), (["b", 1, "m", None, 100.0], big, [b"\1" * 70000])]
+    frames = dispatch_frames_packed(entries)
+    assert len(frames) == 2  # the list (both headers inside) and the one large tensor
+    a, b = parse_dispatch(frames)
+    assert a.error is None and b.error is None and a.cid == "g" and bytes(b.frames[0]) == b"\1" * 70000
+    # a header that is not bin in a six-item entry breaks the split from there on, never before
+    bad = msgpack.packb([["a", 1, "m", None, 100.0, good], ["b", 1, "m", None, 100.0, 7]])
+    a, b = parse_dispatch([bad])
+    assert a.error is None and b.error is not None and "could not split" in b.error
+
+
+def test_dispatch_chunks_stay_within_what_a_worker_takes():
+    entries = [([f"k{i}", 1, "m", None, 1.0], b"x" * 10, []) for i in range(10)]
+    assert [len(c) for c in dispatch_chunks(entries, max_count=4)] == [4, 4, 2]
+    assert [len(c) for c in dispatch_chunks(entries, max_bytes=25)] == [2, 2, 2, 2, 2]
+    assert [len(c) for c in dispatch_chunks(entries[:1], max_bytes=1)] == [1]  # one alone always goes
+
+
+@st.composite
+def reply(draw):
+    """(reply header, its out-of-line frames) as a worker's compute thread writes them."""
+    kind = draw(st.sampled_from(["result", "result", "error", "ack"]))
+    key = draw(st.text(min_size=1, max_size=6))
+    if kind == "error":
+        return {"id": key, "key": key, "ok": False, "error": {"code": "INTERNAL", "message": "x"}, "attempt": 1}, []
+    if kind == "ack":
+        return {"id": key, "ack": True}, []
+    outputs, frames = [], []
+    for i in range(draw(st.integers(0, 3))):
+        size = draw(st.integers(0, 6))
+        if draw(st.booleans()):
+            outputs.append([f"y{i}", "uint8", [size]])
+            frames.append(bytes([i]) * size)
+        else:
+            outputs.append([f"y{i}", "uint8", [size], b"\2" * size])
+    return {"id": key, "key": key, "attempt": 1, "ok": True, "version": 1, "outputs": outputs}, frames
+
+
+def _view(split):
+    return [(bytes(raw), header, [bytes(f) for f in data]) for raw, header, data in split]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.lists(reply(), min_size=1, max_size=4), min_size=1, max_size=4))
+def test_a_packed_reply_splits_as_the_same_replies_one_frame_each(turns):
+    """The worker repacks what its compute thread handed over (reply_parts, per RESULT message) and
+    the master splits it (split_replies): the same replies, header bytes and frames as framing 1."""
+    plain, headers, data = [], [], []
+    for replies in turns:
+        part = reply_frames(replies)
+        plain.extend(part)
+        hs, ds = reply_parts(part, len(replies))
+        headers.extend(hs)
+        data.extend(ds)
+    assert _view(split_replies(packed_reply_frames(headers, data))) == _view(split_replies(plain))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(reply(), min_size=1, max_size=4), st.sampled_from(["drop", "extra", "not_bin", "not_map", "empty"]))
+def test_a_packed_reply_that_does_not_add_up_is_refused_whole(replies, how):
+    headers, data = reply_parts(reply_frames(replies), len(replies))
+    frames = packed_reply_frames(headers, data)
+    if how == "drop" and data:
+        frames = frames[:-1]
+    elif how == "extra":
+        frames = [*frames, b"\0"]
+    elif how == "not_bin":
+        frames = [msgpack.packb([*headers[:-1], 7]), *data]
+    elif how == "not_map":
+        frames = [msgpack.packb([*headers[:-1], msgpack.packb([1])]), *data]
+    elif how == "empty":
+        frames = [msgpack.packb([]), *data]
+    else:
+        return
+    with pytest.raises(ProtocolError):
+        split_replies(frames)
+
+
+# ------------------------------------------------ coalesced client traffic, packed ("mmi.batch2")
+SERVICES = st.sampled_from(["m", "echo", "mmi.x", ""]) | st.text(max_size=4)
+
+
+def _entries(split):
+    return [(svc, bytes(raw), header, [bytes(f) for f in data]) for svc, raw, header, data in split[0]], split[1]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(SERVICES, client_request()), min_size=1, max_size=6))
+def test_both_client_batch_framings_split_into_the_same_requests(reqs):
+    """The master splits a client's batch with split_batch ("mmi.batch") or split_batch_packed
+    ("mmi.batch2"), as the client built it (batch_frames / batch_frames_packed): requests whose frames
+    add up come out the same in both, with the same frames; a mix never raises, and every entry either
+    splits is one whose header counts exactly its frames (request_frames)."""
+    chunk = [(svc.encode(), [raw, *frames]) for svc, (raw, frames) in reqs]
+    one = _entries(split_batch(batch_frames(chunk)))
+    two = _entries(split_batch_packed(batch_frames_packed(chunk)))
+    for entries, _ in (one, two):
+        for _, _, header, data in entries:
+            assert request_frames(header) == len(data)
+    counted = all(request_frames(_header_or_none(raw)) == len(frames) for _, (raw, frames) in reqs)
+    if counted:
+        assert one == two and one[1] is None
+        assert [(svc, raw) for svc, raw, _, _ in two[0]] == [(svc, raw) for svc, (raw, _) in reqs]
+
+
+def _header_or_none(raw: bytes):
+    try:
+        return unpack_map(raw)
+    except ProtocolError:
+        return None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(reply(), min_size=1, max_size=6))
+def test_a_client_reads_both_answer_framings_alike(replies):
+    """The master's answers to a batching client (answers_frames, either form) split on the client
+    (split_replies) into the same headers and frames."""
+    bodies = [[pack(h), *frames] for h, frames in replies]
+    assert _view(split_replies(answers_frames(bodies, True))) == _view(split_replies(answers_frames(bodies, False)))
+
+
+def test_a_packed_client_batch_that_breaks_keeps_what_came_before():
+    good = pack({"id": "g", "inputs": [["x", "float32", [1], b"\0" * 4]]})
+    frames = batch_frames_packed([(b"m", [good]), (b"m", [good])])
+    entries, broken = split_batch_packed([msgpack.packb([["m", good], ["m", 7]])])
+    assert len(entries) == 1 and "bin" in broken
+    assert split_batch_packed([b"\xc1"]) == ([], split_batch_packed([msgpack.packb({})])[1])
+    entries, broken = split_batch_packed([*frames, b"extra"])
+    assert len(entries) == 2 and "frames no request accounts for" in broken

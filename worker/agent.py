@@ -25,7 +25,10 @@ import structlog
 import zmq
 
 from ringserve.protocol.codec import decode_tensors, pack, unpack_map
-from ringserve.protocol.envelope import Dispatch, parse_dispatch, reply_frames
+from ringserve.protocol.envelope import (
+    FRAMING, MAX_PACKED_BYTES, MAX_PER_MESSAGE, Dispatch, packed_reply_frames, parse_dispatch, peer_framing, reply_frames,
+    reply_parts,
+)
 from ringserve.protocol.messages import (
     DISCONNECT, DRAIN, HEARTBEAT, READY, REPLY, REQUEST, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
 )
@@ -54,8 +57,9 @@ class MasterLink:
     register_at: float | None = None
     reconnects: int = 0
     in_flight: int = 0
-    replies: list = field(default_factory=list)  # REPLY frames from the compute thread, not yet sent
+    replies: list = field(default_factory=list)  # [(count, REPLY frames)] from the compute thread, not yet sent
     gone: bool = False  # told DISCONNECT while draining: nothing more to say to it
+    framing: int = 1  # the REPLY framing this master reads (its HEARTBEAT says; 1 until it does)
 
 
 def master_list(masters: str | list[str]) -> list[str]:
@@ -184,11 +188,12 @@ class WorkerAgent:
         dealer.connect(link.endpoint)
         self.poller.register(dealer, zmq.POLLIN)
         link.last_heard = time.monotonic()
+        link.framing = 1  # until this connection's master says what it reads (its first HEARTBEAT)
         self._register(link)
 
     def _register(self, link: MasterLink) -> None:
         info = {"name": self.cfg.name, "models": self._models_info(), "credit": self._share(),
-                "device": self._device(), "pid": os.getpid(), "weight": self.cfg.weight}
+                "device": self._device(), "pid": os.getpid(), "weight": self.cfg.weight, "framing": FRAMING}
         self._send(link, [READY, pack(info)])
         link.register_at = None
         log.info("worker_registering", worker=self.cfg.name, master=link.endpoint, models=sorted(self.models))
@@ -305,6 +310,7 @@ class WorkerAgent:
             if link.epoch is not None and epoch != link.epoch:
                 log.info("master_restarted", master=link.endpoint, old=link.epoch, new=epoch)
             link.epoch = epoch if isinstance(epoch, str) else None
+            link.framing = peer_framing(info)  # a master that predates framing 2 gets framing 1
             self.compute.epochs[link.index] = link.epoch  # replies carry it for the client
             link.backoff = 0.0
         elif cmd == DISCONNECT:
@@ -379,16 +385,45 @@ class WorkerAgent:
             count, link = int(frames[1].bytes), self.links[int(frames[2].bytes)]
             self.in_flight -= count
             link.in_flight -= count
-            link.replies.extend(frames[3:])
+            link.replies.append((count, frames[3:]))
         elif kind == CHANGED:
             self._heartbeat(time.monotonic())
 
     def flush_replies(self) -> None:
-        """Every reply the compute thread handed over in this turn goes to its master in one REPLY."""
+        """Every reply the compute thread handed over in this turn goes to its master in one REPLY (or
+        a few: at most MAX_PER_MESSAGE replies, and MAX_PACKED_BYTES of packed headers, each), in the
+        framing that master said it reads: framing 2 packs the headers into one frame."""
         for link in self.links:
-            if link.replies:
-                replies, link.replies = link.replies, []
-                self._send(link, [REPLY, *replies])
+            if not link.replies:
+                continue
+            results, link.replies = link.replies, []
+            packed = link.framing >= 2
+            headers: list = []  # framing 2: the packed headers; framing 1: unused
+            frames: list = []  # framing 2: the out-of-line frames; framing 1: every frame
+            n = size = 0
+            for count, part in results:
+                hs: list = []
+                data, extra = part, 0
+                if packed:
+                    try:
+                        hs, data = reply_parts(part, count)
+                    except ProtocolError as exc:  # our own compute thread's frames: a bug, never a lost answer
+                        log.error("reply_repack_failed", error=str(exc))
+                        self._send(link, [REPLY, *part])
+                        continue
+                    extra = sum(len(h) for h in hs)
+                if n and (n + count > MAX_PER_MESSAGE or size + extra > MAX_PACKED_BYTES):
+                    self._send_replies(link, packed, headers, frames)
+                    headers, frames, n, size = [], [], 0, 0
+                headers.extend(hs)
+                frames.extend(data)
+                n += count
+                size += extra
+            if n:
+                self._send_replies(link, packed, headers, frames)
+
+    def _send_replies(self, link: MasterLink, packed: bool, headers: list, frames: list) -> None:
+        self._send(link, [REPLY, *(packed_reply_frames(headers, frames) if packed else frames)])
 
     def start_drain(self, why: str) -> None:
         if not self.draining:
