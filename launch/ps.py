@@ -9,6 +9,7 @@ from ringserve.launch.logsetup import add_log_flag, configure_logging
 from ringserve.launch.metrics import add_metrics_flags, metrics_access, start_metrics
 from ringserve.launch.procs import announce
 from ringserve.launch.security import add_security_flags, security_from_args
+from ringserve.paramserver.repair import FULL_CHECK_S
 from ringserve.paramserver.shard import ShardConfig, serve
 from ringserve.protocol.placement import parse_shards, resolve_replicas
 from ringserve.protocol.sockets import BindError
@@ -34,6 +35,9 @@ def parser() -> argparse.ArgumentParser:
                    help="copies of each piece (default 2 with at least 2 shards in --shards, else 1)")
     p.add_argument("--repair-interval", type=float, default=2.0,
                    help="seconds between repair rounds (0: no repair)")
+    p.add_argument("--full-check-interval", type=float, default=FULL_CHECK_S,
+                   help="seconds between repair's full comparisons with the other owners (what a shard list "
+                        "change rebalances by)")
     p.add_argument("--repair-mbps", type=float, default=0.0,
                    help="repair traffic at most this many MB/s (0: unbounded)")
     add_metrics_flags(p)
@@ -62,7 +66,8 @@ def main(argv: list[str] | None = None) -> None:
         serve(ShardConfig(args.name, args.data_dir, args.bind, args.pub, args.keep, args.announce_interval,
                           max_staging_bytes=int(args.max_staging_mb * 1024 * 1024), staging_ttl=args.staging_ttl,
                           security=sec, shards=shards, replicas=args.replicas, repair_interval=args.repair_interval,
-                          repair_bytes_per_s=args.repair_mbps * 1e6),
+                          repair_bytes_per_s=args.repair_mbps * 1e6,
+                          full_check_interval=args.full_check_interval),
               announce, expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host,
                                                               metrics_access(args)))
     except BindError as exc:

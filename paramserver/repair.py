@@ -55,10 +55,11 @@ def full_digest(items: list[list]) -> str:
 class Repairer(threading.Thread):
     def __init__(self, name: str, shards: Mapping[str, str], replicas: int, keep: int, apply: "queue.Queue",
                  interval: float = 2.0, max_bytes_per_s: float = 0.0, timeout: float = 5.0,
-                 security: Security | None = None):
+                 security: Security | None = None, full_check_s: float = FULL_CHECK_S):
         super().__init__(name="ringserve-shard-repair", daemon=True)
         self.me, self.shards, self.replicas, self.keep = name, dict(shards), replicas, keep
         self.apply, self.interval, self.max_bytes_per_s, self.timeout = apply, interval, max_bytes_per_s, timeout
+        self.full_check_s = full_check_s
         self.security = security or Security()
         self.ring = ring(self.shards)
         self.fp = fingerprint(self.shards, replicas)
@@ -99,7 +100,7 @@ class Repairer(threading.Thread):
         if me is None:
             return  # our own command loop is busy or stopping: next round
         peers = hellos  # pieces are read by key: a peer on another ring (mid-rebalance) serves them too
-        full = self._last_full is None or time.monotonic() - self._last_full >= FULL_CHECK_S
+        full = self._last_full is None or time.monotonic() - self._last_full >= self.full_check_s
         under_v = under_p = done = 0
         models = {m for h in peers.values() if isinstance(h.get("versions"), dict) for m in h["versions"]}
         for model in sorted(m for m in models if model_name_problem(m) is None):  # a peer's names are checked

@@ -44,7 +44,7 @@ import zmq
 
 from ringserve.paramserver.followers import Followers, parse_report
 from ringserve.paramserver.metrics import ShardMetrics
-from ringserve.paramserver.repair import Repairer
+from ringserve.paramserver.repair import FULL_CHECK_S, Repairer
 from ringserve.paramserver.store import ShardStore, Slice, is_checksum
 from ringserve.protocol.digest import CHECKSUM_FORMS, checksum_matches
 from ringserve.protocol.codec import pack, unpack_map
@@ -72,6 +72,7 @@ class ShardConfig:
     replicas: int | None = None  # R; None: the default for the shard list (unknown without one)
     repair_interval: float = 2.0  # seconds between anti-entropy rounds (0: no repair)
     repair_bytes_per_s: float = 0.0  # repair traffic at most this (0: unbounded)
+    full_check_interval: float = FULL_CHECK_S  # seconds between repair's full comparisons (rebalance)
 
 
 MAX_NAME = 512  # longest tensor name accepted (safetensors header names)
@@ -132,7 +133,8 @@ class Shard:
         self.repairer = None
         if cfg.shards and len(cfg.shards) > 1 and cfg.repair_interval > 0:
             self.repairer = Repairer(cfg.name, cfg.shards, self.replicas, cfg.keep, self.apply,
-                                     cfg.repair_interval, cfg.repair_bytes_per_s, security=cfg.security)
+                                     cfg.repair_interval, cfg.repair_bytes_per_s, security=cfg.security,
+                                     full_check_s=cfg.full_check_interval)
 
     def run(self) -> None:
         log.info("shard_started", shard=self.cfg.name, endpoint=self.endpoint, pub=self.pub_endpoint,

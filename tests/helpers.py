@@ -1,6 +1,7 @@
 """Small helpers several test files share (imported as `helpers`: pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
@@ -58,3 +59,18 @@ def flip_a_byte(path) -> None:
     raw = bytearray(Path(path).read_bytes())
     raw[len(raw) // 2] ^= 0xFF
     Path(path).write_bytes(bytes(raw))
+
+
+def stop_together(procs) -> None:
+    """Stop RoleProcesses as each one's stop() does (SIGCONT, SIGTERM, SIGKILL if still there 3 s
+    later), but SIGTERM all of them first, so they wind down together rather than one after
+    another (a shard's repair round waits up to 2 s on a peer that already left)."""
+    for p in reversed(procs):
+        if p.alive():
+            try:
+                p.signal(signal.SIGCONT)
+                p.signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    for p in reversed(procs):
+        p.stop(timeout=3)

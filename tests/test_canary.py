@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from ringserve.client import Client
 from ringserve.client.admin import AdminClient
-from ringserve.launch.procs import wait_until
+from ringserve.launch.procs import wait_for_workers, wait_until
 from ringserve.worker import demo
 from tests.test_metrics import scrape, value
 
@@ -21,11 +21,18 @@ pytestmark = pytest.mark.timeout(150)
 def two_versions(cluster, tmp_path):
     """Worker w0 serves mlp as v3, w1 as v4 (weights from files, labelled with version=)."""
     cluster.start_master("--state-dir", str(tmp_path / "state"), "--metrics-port", "0")
-    for seed, version in ((3, 3), (4, 4)):
+    started = []
+    for k, (seed, version) in enumerate(((3, 3), (4, 4))):  # both start at once (Cluster.start_workers' flags)
         path = tmp_path / f"mlp-v{version}.safetensors"
         save_file({k: v.contiguous() for k, v in demo.mlp(seed=seed).state_dict().items()}, str(path))
-        cluster.start_workers(1, "--max-batch-size", "16", "--max-queue-delay-us", "2000",
-                              model=f"mlp=ringserve.worker.demo:mlp,weights={path},version={version}")
+        started.append(cluster._start("ringserve.launch.worker", [
+            "--master", cluster.master.info["backend"], "--name", f"w{k}", "--threads", "1", "--heartbeat-interval",
+            "0.2", "--model", f"mlp=ringserve.worker.demo:mlp,weights={path},version={version}",
+            "--max-batch-size", "16", "--max-queue-delay-us", "2000"], f"w{k}", wait_ready=False))
+    for p in started:
+        p.wait_ready(90)
+    cluster.workers += started
+    wait_for_workers(cluster.admin, 2, timeout=60)
     return AdminClient(cluster.admin)
 
 

@@ -12,7 +12,6 @@ import json
 import shutil
 import socket
 import subprocess
-import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,6 +23,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from conftest import Cluster  # noqa: E402
 from helpers import expected, mlp_state  # noqa: E402
+from ringserve.client.admin import AdminClient  # noqa: E402
 from ringserve.launch.procs import RoleProcess, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
@@ -271,7 +271,9 @@ def test_worker_lost_is_503(env):
     body = infer_json("doomed", [{"name": "x", "shape": [1, 2], "datatype": "FP32", "data": [1, 2]}])
     with ThreadPoolExecutor(1) as pool:
         fut = pool.submit(post, gw.info["url"] + "/v2/models/doomed/infer", body)
-        time.sleep(1.0)  # the request is on the worker, sleeping
+        admin = AdminClient(c.admin)  # the request is on the worker, sleeping (5 s; was a fixed 1 s sleep)
+        wait_until(lambda: any(w["name"] == "doomed" and w["in_flight"] for w in admin.status()["workers"]), 20,
+                   0.05, "the request on the doomed worker")
         doomed = next(w for w in c.workers if "doomed" in str(w.log_path))
         doomed.kill()
         status, headers, answer = fut.result(timeout=30)

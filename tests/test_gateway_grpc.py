@@ -2,7 +2,6 @@
 against a real cluster: health, metadata, raw and typed tensors, a pinned version, error codes."""
 from __future__ import annotations
 
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -121,12 +120,15 @@ def test_typed_contents_and_bad_requests(env):
 
 
 def test_overload_and_timeout_codes(env):
-    _, _, client = env
+    from ringserve.client.admin import AdminClient
+
+    c, _, client = env
     x = np.ones((1, 2), np.float32)
     with ThreadPoolExecutor(10) as pool:
         codes = list(pool.map(lambda _: _code(lambda: client.infer("slow", [tensor("x", x)])), range(10)))
     assert "OK" in codes and "StatusCode.RESOURCE_EXHAUSTED" in codes, codes
-    time.sleep(1.5)  # the slow worker finishes what it took
+    admin = AdminClient(c.admin)  # the slow worker finishes what it took (was a fixed 1.5 s sleep)
+    wait_until(lambda: admin.status()["books"]["pending"] == 0, 20, 0.05, "every slow request answered")
     assert status_of(lambda: client.infer("slow", [tensor("x", x)], timeout=50_000)) == "StatusCode.DEADLINE_EXCEEDED"
 
 

@@ -59,13 +59,9 @@ class Pair:
         return [e["frontend"] for e in self.eps]
 
     def stop(self) -> None:
-        for p in reversed(self.procs):
-            if p.alive():
-                try:
-                    os.kill(p.pid, signal.SIGCONT)
-                except OSError:
-                    pass
-            p.stop(timeout=3)
+        from helpers import stop_together
+
+        stop_together(self.procs)  # SIGCONT (a hung master) and SIGTERM to all, then each waited for
 
 
 @pytest.fixture

@@ -38,12 +38,13 @@ def start_ring(cluster, count=3, extra=()):
     return eps
 
 
-def restart(cluster, eps, name, label, wipe=False):
+def restart(cluster, eps, name, label, wipe=False, extra=()):
     if wipe:
         shutil.rmtree(cluster.tmp / name)
     return cluster._start("ringserve.launch.ps", ["--name", name, "--data-dir", str(cluster.tmp / name),
                                                   "--bind", eps[name], "--announce-interval", "0.2",
-                                                  "--shards", shard_list(eps), "--repair-interval", "0.3"], label)
+                                                  "--shards", shard_list(eps), "--repair-interval", "0.3", *extra],
+                          label)
 
 
 def kill(cluster, name, sig=signal.SIGKILL):
@@ -195,13 +196,15 @@ def test_adding_a_fourth_shard_moves_only_the_pieces_whose_owners_change(cluster
         pc.publish("mlp", mlp_state(1))
     before = {n: manifests_on_disk(cluster, n)[1][1] for n in eps}
     four = {**eps, "ps3": f"tcp://127.0.0.1:{free_tcp_ports(1)[0]}"}
+    # a shard drops what it no longer owns in repair's full check (every 30 s by default): every 1 s here
+    full_check = ("--full-check-interval", "1.0")
     cluster._start("ringserve.launch.ps", ["--name", "ps3", "--data-dir", str(cluster.tmp / "ps3"), "--bind",
-                                          four["ps3"], "--shards", shard_list(four), "--repair-interval", "0.3"],
-                   "ps3")
+                                          four["ps3"], "--shards", shard_list(four), "--repair-interval", "0.3",
+                                          *full_check], "ps3")
     for n in eps:  # one at a time: with R = 2 every piece stays on a live owner
         kill(cluster, n, signal.SIGTERM)
         cluster.shards[n].wait(10)
-        cluster.shards[n] = restart(cluster, four, n, f"{n}-four")
+        cluster.shards[n] = restart(cluster, four, n, f"{n}-four", extra=full_check)
     out = subprocess.run([sys.executable, "-m", "ringserve.launch.publish", "--shards", shard_list(four),
                           "--model", "mlp", "--rebalance-from", shard_list(eps), "--wait-s", "60"],
                          capture_output=True, text=True, timeout=120)

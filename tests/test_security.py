@@ -86,6 +86,28 @@ def got_nothing(sock: zmq.Socket, seconds: float = QUIET_S) -> bool:
     return not sock.poll(int(seconds * 1000))
 
 
+def answered(socks: dict[str, zmq.Socket], seconds: float = QUIET_S) -> dict[str, zmq.Socket]:
+    """got_nothing for several peers at once: every socket (each sent to before this is called) is
+    watched for `seconds` from now, together rather than one after another; those that got
+    anything, by name."""
+    poller = zmq.Poller()
+    for sock in socks.values():
+        poller.register(sock, zmq.POLLIN)
+    got: dict[str, zmq.Socket] = {}
+    end = time.monotonic() + seconds
+    while len(got) < len(socks) and (left := end - time.monotonic()) > 0:
+        for sock, _ in poller.poll(max(1, int(left * 1000))):
+            who = next(w for w, x in socks.items() if x is sock)
+            got[who] = sock
+            poller.unregister(sock)
+    return got
+
+
+def close_all(socks: dict[str, zmq.Socket]) -> None:
+    for sock in socks.values():
+        sock.close()
+
+
 def attackers(allowed: set[str]) -> list[str]:
     return ["plain", "unknown", *[r for r in ROLES if r not in allowed]]
 
@@ -116,13 +138,13 @@ def test_master_sockets_refuse_wrong_role_plaintext_and_unknown_keys(cluster, ke
     attempts = 0
 
     # client socket: only client keys; a request and an mmi.ping from anyone else get nothing
-    for who in attackers({"client"}):
-        s = peer(zctx, zmq.DEALER, cluster.frontend, who, keys, master_pub)
+    socks = {who: peer(zctx, zmq.DEALER, cluster.frontend, who, keys, master_pub) for who in attackers({"client"})}
+    for who, s in socks.items():
         send(s, client_frames("mlp", mlp_body(f"evil-{who}")))
         send(s, client_frames("mmi.ping", [b""]))
         attempts += 2
-        assert got_nothing(s), who
-        s.close()
+    assert answered(socks) == {}  # each watched QUIET_S after its sends, all at once
+    close_all(socks)
     st = admin.status()
     assert st["models"].get("mlp", {}).get("requests", 0) == 0, st["models"]
     with Client(cluster.frontend, timeout=10, security=Security(keys, "client", "c1")) as c:
@@ -130,24 +152,25 @@ def test_master_sockets_refuse_wrong_role_plaintext_and_unknown_keys(cluster, ke
 
     # worker socket: only worker keys; READY/HEARTBEAT/REPLY/DISCONNECT from anyone else change nothing
     before = [w["name"] for w in admin.status()["workers"]]
-    for who in attackers({"worker"}):
-        s = peer(zctx, zmq.DEALER, cluster.master.info["backend"], who, keys, master_pub)
+    socks = {who: peer(zctx, zmq.DEALER, cluster.master.info["backend"], who, keys, master_pub)
+             for who in attackers({"worker"})}
+    for who, s in socks.items():
         for cmd, header in ((READY, {"name": f"evil-{who}", "models": {"mlp": {"version": 0}}, "credit": 8}),
                             (HEARTBEAT, {}), (REPLY, {"id": "x", "attempt": 1, "ok": True}), (DISCONNECT, {})):
             send(s, [WORKER_PROTO, cmd, pack(header)])
             attempts += 1
-        assert got_nothing(s), who
-        s.close()
+    assert answered(socks) == {}
+    close_all(socks)
     assert [w["name"] for w in admin.status()["workers"]] == before
 
     # admin socket: only admin keys; status and drain from anyone else get nothing and drain nothing
-    for who in attackers({"admin"}):
-        s = peer(zctx, zmq.DEALER, cluster.admin, who, keys, master_pub)
+    socks = {who: peer(zctx, zmq.DEALER, cluster.admin, who, keys, master_pub) for who in attackers({"admin"})}
+    for s in socks.values():
         send(s, [b"", pack({"cmd": "status"})])
         send(s, [b"", pack({"cmd": "drain", "worker": "w0"})])
         attempts += 2
-        assert got_nothing(s), who
-        s.close()
+    assert answered(socks) == {}
+    close_all(socks)
     assert [w["state"] for w in admin.status()["workers"]] != ["draining"]
     assert attempts >= 40
 
@@ -171,15 +194,16 @@ def test_shard_commands_are_authorized_per_role(cluster, keys, zctx):
             "revert": {"cmd": "revert", "model": "mlp", "version": 2, "token": "t"},
             "rollback": {"cmd": "rollback", "model": "mlp", "version": 1},
         }
-        for who in ["plain", "unknown", *ROLES]:  # everyone not allowed first: they must change nothing
-            s = peer(zctx, zmq.DEALER, info["endpoint"], who, keys, shard_pub)
+        socks = {who: peer(zctx, zmq.DEALER, info["endpoint"], who, keys, shard_pub)
+                 for who in ["plain", "unknown", *ROLES]}  # everyone not allowed first: they must change nothing
+        for who, s in socks.items():
             for cmd, header in commands.items():
                 if who not in shard_command_roles(header):
                     send(s, [SHARD_PROTO, pack({"rid": cmd, **header})])
                     attempts += 1
-            if not got_nothing(s, 0.5):  # one quiet wait per peer; an answer names its command (rid)
-                pytest.fail(f"{who} got an answer to {unpack_map(s.recv_multipart()[-1]).get('rid')!r}")
-            s.close()
+        for who, s in answered(socks, 0.5).items():  # one quiet wait, every peer; an answer names its command
+            pytest.fail(f"{who} got an answer to {unpack_map(s.recv_multipart()[-1]).get('rid')!r}")
+        close_all(socks)
         after = publisher.hello()["ps0"]
         assert (after["seq"], after["current"], after["versions"]) == (before["seq"], before["current"],
                                                                        before["versions"])
@@ -196,10 +220,10 @@ def test_shard_commands_are_authorized_per_role(cluster, keys, zctx):
         assert attempts >= 30
 
         # PUB: workers hear announcements; nobody else gets anything
-        for who in ["plain", "unknown", *[r for r in ROLES if r != "worker"]]:
-            s = peer(zctx, zmq.SUB, info["pub"], who, keys, shard_pub)
-            assert got_nothing(s, 0.8), who  # announcements come every 0.2 s
-            s.close()
+        socks = {who: peer(zctx, zmq.SUB, info["pub"], who, keys, shard_pub)
+                 for who in ["plain", "unknown", *[r for r in ROLES if r != "worker"]]}
+        assert answered(socks, 0.8) == {}  # announcements come every 0.2 s
+        close_all(socks)
         s = peer(zctx, zmq.SUB, info["pub"], "worker", keys, shard_pub)
         assert s.poll(10_000) and unpack_map(s.recv_multipart()[1])["shard"] == "ps0"
         s.close()
