@@ -32,7 +32,7 @@ import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 import structlog
@@ -187,16 +187,19 @@ class ParamClient:
                     out[n][extra] = h[extra][model]
         return out
 
-    def layout(self, model: str, version: int) -> Layout:
+    def layout(self, model: str, version: int, among: Iterable[str] | None = None) -> Layout:
         """The tensors (dtype, shape) of a committed version, from the shards' manifests."""
-        return {item[1]: (item[2], tuple(item[3])) for items in self.manifests(model, version).values()
+        return {item[1]: (item[2], tuple(item[3])) for items in self.manifests(model, version, among).values()
                 for item in items}
 
-    def manifests(self, model: str, version: int) -> dict[str, list]:
-        """{shard: manifest of `version`} from the shards that hold it; ShardCallError unless enough
-        hold it that together they name every piece (all of them with one replica)."""
-        replies = self.rpc.call_all({"cmd": "fetch", "model": model, "version": version, "manifest_only": True},
-                                    raise_on_error=self.replicas == 1)
+    def manifests(self, model: str, version: int, among: Iterable[str] | None = None) -> dict[str, list]:
+        """{shard: manifest of `version`} from the shards that hold it (asking only `among`, when
+        given: the shards a publish found up, so one found down costs no second timeout);
+        ShardCallError unless enough hold it that together they name every piece (all of them with
+        one replica)."""
+        header = {"cmd": "fetch", "model": model, "version": version, "manifest_only": True}
+        asked = self.shards if among is None else [n for n in self.shards if n in set(among)]
+        replies = self.rpc.call({n: (header, []) for n in asked}, raise_on_error=self.replicas == 1)
         got = {n: h["manifest"] for n, (h, _) in replies.items() if h.get("ok") and isinstance(h.get("manifest"), list)}
         if len(got) < min_live(len(self.shards), self.replicas):
             raise ShardCallError({n: _why(replies.get(n))[1] for n in self.shards if n not in got})
@@ -251,7 +254,7 @@ class ParamClient:
         ref_version = base if base is not None else (currents.pop() if len(currents) == 1 else None)
         if ref_version is not None and (base is not None or not allow_layout_change):
             try:
-                ref = self.layout(model, ref_version)
+                ref = self.layout(model, ref_version, among=states)
             except ShardCallError as exc:
                 raise PublishError(f"cannot read the layout of {model!r} v{ref_version}: {exc}") from None
             problem = layout_problem(new_layout, ref, base is not None, allow_new)
@@ -289,8 +292,8 @@ class ParamClient:
         if failed and not short and not conflict and not problem:
             log.warning("stage_missed_shards", model=model, version=version,
                         shards={n: m for n, (_, m) in sorted(failed.items())}, write_quorum=self.write_quorum)
-        if short or conflict or problem:
-            self.rpc.call_all({"cmd": "abort", **ids}, timeout=2, raise_on_error=False)
+        if short or conflict or problem:  # only the shards staged on hold anything to drop
+            self.rpc.call({n: ({"cmd": "abort", **ids}, []) for n in requests}, timeout=2, raise_on_error=False)
             if any(code == "CONFLICT" for code, _ in failed.values()):
                 raise PublishConflict(f"{model!r} v{version} is already committed with other content; "
                                       f"nothing of this publish is served")
