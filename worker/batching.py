@@ -55,6 +55,12 @@ class Ragged:
             return 0
         return next((b for b in self.buckets if length <= b), length)
 
+    @property
+    def cut_by_length(self) -> bool:
+        """Whether a batch is chosen by length (choose_by_length): only without buckets (every length
+        shares a group) and when the model does not pack (padding costs it compute)."""
+        return not self.buckets and not self.packed
+
     def padded_length(self, lengths: Sequence[int]) -> int:
         return max(max(lengths), self.bucket(max(lengths)))
 
@@ -318,7 +324,7 @@ class Batcher:
     def observe(self, batch: Sequence[WorkItem], seconds: float) -> None:
         """A batch ran in `seconds`: fit what a call costs (ragged models without buckets only)."""
         r = batch[0].ragged
-        if r is None or r.buckets or r.packed:
+        if r is None or not r.cut_by_length:
             return
         tokens = sum(i.rows for i in batch) * r.padded_length([i.length for i in batch])
         self.costs.setdefault(batch[0].model, CostFit()).observe(tokens, seconds)
@@ -349,7 +355,7 @@ class Batcher:
     def _pop(self, key: Hashable) -> list[WorkItem]:
         group, limit = self.groups[key], self.limit(key[0])
         r = group[0].ragged
-        if r is not None and not r.buckets and not r.packed and len(group) > 1:
+        if r is not None and r.cut_by_length and len(group) > 1:
             fit = self.costs.get(key[0])
             batch = choose_by_length(group, limit, fit.overhead_tokens() if fit else CostFit.DEFAULT)
             taken = {id(i) for i in batch}
