@@ -40,7 +40,7 @@ from ringserve.master.status import build_status
 from ringserve.master.window import Windows
 from ringserve.protocol.codec import pack, pack_map_with, pack_pairs, short_repr, unpack_map
 from ringserve.protocol.envelope import (
-    FRAMING, MAX_NAME_LEN, REPLY_FIELDS, answers_frames, checked_result, dispatch_chunks, dispatch_frames,
+    FRAMING, MAX_NAME_LEN, REPLY_FIELDS, answers_frames, bounded_chunks, checked_result, dispatch_chunks, dispatch_frames,
     dispatch_frames_packed, parse_heartbeat, parse_ready, parse_request_header, parse_worker_reply, split_batch,
     split_batch_packed, split_replies,
 )
@@ -1210,24 +1210,14 @@ class Broker:
         limit_n, limit_b = self.cfg.client_batch_max, self.cfg.client_batch_bytes
         for ident, bodies in out.items():
             packed = self._batch_clients.get(ident) is True
-            chunk: list = []
-            n = size = 0
-            for body in bodies:
-                extra = frames_nbytes(body)
-                if chunk and (n >= limit_n or size + extra > limit_b):
-                    self._send_batch(ident, chunk, packed, n)
-                    chunk, n, size = [], 0, 0
-                chunk.append(body)
-                n += 1
-                size += extra
-            if chunk:
-                self._send_batch(ident, chunk, packed, n)
+            for chunk in bounded_chunks(bodies, limit_n, limit_b, frames_nbytes):
+                self._send_batch(ident, chunk, packed)
 
-    def _send_batch(self, ident: bytes, bodies: list, packed: bool, n: int) -> None:
+    def _send_batch(self, ident: bytes, bodies: list, packed: bool) -> None:
         msg = [ident, b"", MDP_CLIENT, MMI_BATCH_PACKED_BYTES if packed else MMI_BATCH_BYTES,
                *answers_frames(bodies, packed)]
         if not self._send_raw(self.frontend, msg):
-            log.warning("reply_undeliverable", client=ident.hex()[:64], answers=n)
+            log.warning("reply_undeliverable", client=ident.hex()[:64], answers=len(bodies))
 
     def _send_worker(self, w: WorkerRecord, parts: list) -> bool:
         return self._send_raw(self.backend, [w.ident, WORKER_PROTO, *parts])

@@ -6,7 +6,7 @@ read the same fields the same way.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import itertools
 import math
@@ -181,32 +181,32 @@ def split_batch(frames: Sequence) -> tuple[list[tuple[str, Any, dict, list]], st
     return out, None
 
 
-def batch_frames_packed(requests: Sequence[tuple[bytes, Sequence]]) -> list:
-    """[(service, body frames: header + tensors)] -> the frames after the "mmi.batch2" service frame."""
+def packed_frames(entries: Iterable[tuple[Any, Sequence]]) -> list:
+    """[(row, its out-of-line frames)] -> [msgpack list of the rows][every entry's frames, in order]:
+    the shape of every packed message (mmi.batch2 both ways, a framing-2 REQUEST and REPLY)."""
     rows, out = [], [b""]
-    for svc, body in requests:
-        rows.append([svc.decode() if isinstance(svc, bytes) else svc, raw_bytes(body[0])])
-        if len(body) > 1:
-            out.extend(body[1:])
+    for row, frames in entries:
+        rows.append(row)
+        if frames:
+            out.extend(frames)
     out[0] = pack(rows)
     return out
+
+
+def batch_frames_packed(requests: Sequence[tuple[bytes, Sequence]]) -> list:
+    """[(service, body frames: header + tensors)] -> the frames after the "mmi.batch2" service frame."""
+    return packed_frames(([svc.decode() if isinstance(svc, bytes) else svc, raw_bytes(body[0])], body[1:])
+                         for svc, body in requests)
 
 
 def answers_frames(bodies: Sequence[Sequence], packed: bool) -> list:
     """A master's answers to a batching client [(header frame, tensor frames...)] -> the frames after
     the service frame: "mmi.batch" (each header a frame) or "mmi.batch2" (the headers in one list)."""
+    if packed:
+        return packed_frames((raw_bytes(body[0]), body[1:]) for body in bodies)
     out: list = []
-    if not packed:
-        for body in bodies:
-            out.extend(body)
-        return out
-    headers = []
-    out.append(b"")
     for body in bodies:
-        headers.append(raw_bytes(body[0]))
-        if len(body) > 1:
-            out.extend(body[1:])
-    out[0] = pack(headers)
+        out.extend(body)
     return out
 
 
@@ -546,32 +546,35 @@ def dispatch_frames(entries: Sequence[tuple[list, Any, Sequence]]) -> list:
 def dispatch_frames_packed(entries: Sequence[tuple[list, Any, Sequence]]) -> list:
     """The same REQUEST in framing 2: each client header (its bytes as received) appended to its
     routing fields, only out-of-line tensor frames after the list."""
-    rows, out = [], [b""]
-    for fields, header_frame, frames in entries:
-        rows.append([*fields, raw_bytes(header_frame)])
-        if frames:
-            out.extend(frames)
-    out[0] = pack(rows)
-    return out
+    return packed_frames(([*fields, raw_bytes(header_frame)], frames) for fields, header_frame, frames in entries)
+
+
+def bounded_chunks(items: Iterable, max_count: int, max_bytes: int, size: Callable[[Any], int],
+                   count: Callable[[Any], int] | None = None) -> list[list]:
+    """`items` cut, in order, into chunks of at most `max_count` (each item counting `count(item)`,
+    1 by default) and at most `max_bytes` (`size(item)`), except that a chunk's first item always
+    goes: the one rule for every message several items share (REQUEST, REPLY, a client's answers)."""
+    chunks: list[list] = []
+    chunk: list = []
+    n = total = 0
+    for item in items:
+        k, b = (1 if count is None else count(item)), size(item)
+        if chunk and (n + k > max_count or total + b > max_bytes):
+            chunks.append(chunk)
+            chunk, n, total = [], 0, 0
+        chunk.append(item)
+        n += k
+        total += b
+    if chunk:
+        chunks.append(chunk)
+    return chunks
 
 
 def dispatch_chunks(entries: Sequence[tuple[list, Any, Sequence]], max_count: int = MAX_PER_MESSAGE,
                     max_bytes: int = MAX_PACKED_BYTES) -> list[list]:
     """Entries cut into REQUESTs a worker accepts: at most max_count each (MAX_PER_MESSAGE is what
     parse_dispatch takes) and, past the first entry, at most max_bytes of client headers."""
-    chunks: list[list] = []
-    chunk: list = []
-    size = 0
-    for e in entries:
-        n = len(e[1])
-        if chunk and (len(chunk) >= max_count or size + n > max_bytes):
-            chunks.append(chunk)
-            chunk, size = [], 0
-        chunk.append(e)
-        size += n
-    if chunk:
-        chunks.append(chunk)
-    return chunks
+    return bounded_chunks(entries, max_count, max_bytes, lambda e: len(e[1]))
 
 
 def parse_dispatch(frames: Sequence) -> list[Dispatch]:

@@ -26,7 +26,8 @@ import zmq
 
 from ringserve.protocol.codec import decode_tensors, pack, unpack_map
 from ringserve.protocol.envelope import (
-    FRAMING, MAX_PACKED_BYTES, MAX_PER_MESSAGE, Dispatch, packed_reply_frames, parse_dispatch, peer_framing, reply_frames,
+    FRAMING, MAX_PACKED_BYTES, MAX_PER_MESSAGE, Dispatch, bounded_chunks, packed_reply_frames, parse_dispatch,
+    peer_framing, reply_frames,
     reply_parts,
 )
 from ringserve.protocol.messages import (
@@ -398,32 +399,23 @@ class WorkerAgent:
                 continue
             results, link.replies = link.replies, []
             packed = link.framing >= 2
-            headers: list = []  # framing 2: the packed headers; framing 1: unused
-            frames: list = []  # framing 2: the out-of-line frames; framing 1: every frame
-            n = size = 0
+            parts: list[tuple[int, list, list, int]] = []  # (replies, packed headers, frames, header bytes)
             for count, part in results:
-                hs: list = []
-                data, extra = part, 0
-                if packed:
-                    try:
-                        hs, data = reply_parts(part, count)
-                    except ProtocolError as exc:  # our own compute thread's frames: a bug, never a lost answer
-                        log.error("reply_repack_failed", error=str(exc))
-                        self._send(link, [REPLY, *part])
-                        continue
-                    extra = sum(len(h) for h in hs)
-                if n and (n + count > MAX_PER_MESSAGE or size + extra > MAX_PACKED_BYTES):
-                    self._send_replies(link, packed, headers, frames)
-                    headers, frames, n, size = [], [], 0, 0
-                headers.extend(hs)
-                frames.extend(data)
-                n += count
-                size += extra
-            if n:
-                self._send_replies(link, packed, headers, frames)
-
-    def _send_replies(self, link: MasterLink, packed: bool, headers: list, frames: list) -> None:
-        self._send(link, [REPLY, *(packed_reply_frames(headers, frames) if packed else frames)])
+                if not packed:
+                    parts.append((count, [], part, 0))
+                    continue
+                try:
+                    hs, data = reply_parts(part, count)
+                except ProtocolError as exc:  # our own compute thread's frames: a bug, never a lost answer
+                    log.error("reply_repack_failed", error=str(exc))
+                    self._send(link, [REPLY, *part])
+                    continue
+                parts.append((count, hs, data, sum(len(h) for h in hs)))
+            for chunk in bounded_chunks(parts, MAX_PER_MESSAGE, MAX_PACKED_BYTES, size=lambda p: p[3],
+                                        count=lambda p: p[0]):
+                frames = [f for p in chunk for f in p[2]]
+                self._send(link, [REPLY, *(packed_reply_frames([h for p in chunk for h in p[1]], frames)
+                                           if packed else frames)])
 
     def start_drain(self, why: str) -> None:
         if not self.draining:
