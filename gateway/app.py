@@ -1,11 +1,14 @@
-"""The OIP REST surface as a plain ASGI app (no framework: routing is a split of the path).
+"""The OIP REST surface, called directly by the gateway's HTTP server (gateway/http11.py): no
+framework, no ASGI, no task per request (routing is a split of the path).
 
-Every request gets exactly one answer: a result or ``{"error": ...}`` with a fitting status
-(gateway/errors.py), including bodies that are malformed, too large, compressed wrongly or
-slow to arrive; an unexpected exception is logged and answered 500, and the gateway goes on.
-Inference goes to the master through one ``AsyncClient`` per tenant (so the master's per-client
-token bucket limits each tenant), in this same event loop; nothing is cached or queued here
-beyond the requests in flight.
+``on_head`` answers what needs no body (health, metadata, 404, 401, 405, a declared body over the
+limit) as soon as the headers are in; ``on_body`` checks an inference body, submits it to the
+master and answers from the client future's done-callback. Every request gets exactly one answer:
+a result or ``{"error": ...}`` with a fitting status (gateway/errors.py), including bodies that
+are malformed, too large, compressed wrongly or slow to arrive; an unexpected exception is logged
+and answered 500, and the gateway goes on. Inference goes to the master through one
+``AsyncClient`` per tenant (so the master's per-client token bucket limits each tenant), in this
+same event loop; nothing is cached or queued here beyond the requests in flight.
 """
 from __future__ import annotations
 
@@ -16,16 +19,17 @@ import time
 import uuid
 import zlib
 from dataclasses import dataclass
-from typing import Awaitable, Callable
+from typing import Callable
 
 import orjson
 import structlog
 
 from ringserve.client.aio import AsyncClient
 from ringserve.client.errors import RingserveError
-from ringserve.client.reliable import Reply
+from ringserve.client.reliable import Reply as ClientReply
 from ringserve.gateway.auth import Tokens
 from ringserve.gateway.errors import HttpError, bad_request, from_ringserve
+from ringserve.gateway.http11 import Reply, Request
 from ringserve.gateway.metrics import GatewayMetrics
 from ringserve.gateway.models import ModelBook
 from ringserve.gateway.oip import InferCall, build_response, parse_infer
@@ -39,14 +43,12 @@ SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data", "parameters"]
 TAG_HEADER = b"x-ringserve-tag-"  # x-ringserve-tag-user: u1 -> tags {"user": "u1"} (sticky routes)
 MAX_TENANT_CLIENTS = 256  # one master connection per tenant, at most this many
-JOIN_BELOW = 64 << 10  # output bytes up to this are sent in one write with the JSON header
 VERSION = re.compile(r"^[0-9]{1,9}$")
 JSON = b"application/json"
-_TIMED_OUT = -1.0
+OCTETS = b"application/octet-stream"
 OPENAPI = document_bytes(SERVER_NAME, SERVER_VERSION)  # GET /v2/openapi.json: built once, from gateway/openapi.py
 
-Send = Callable[[dict], Awaitable[None]]
-Receive = Callable[[], Awaitable[dict]]
+Answer = tuple[int, list, list]  # status, headers [(name, value)], body parts (bytes-like)
 
 
 @dataclass
@@ -59,8 +61,16 @@ class AppConfig:
     access_log: bool = True
 
 
-class Disconnected(Exception):
-    """The client went away before its body arrived: nobody to answer."""
+class _Ctx:
+    """What the gateway knows of one request, for its answer, metrics and access line."""
+
+    __slots__ = ("rid", "t0", "endpoint", "model", "id", "tenant", "full_model", "version", "headers", "label")
+
+    def __init__(self, rid: str):
+        self.rid, self.t0 = rid, time.perf_counter()
+        self.endpoint = "other"
+        self.model = self.id = self.tenant = self.full_model = self.version = self.label = None
+        self.headers: dict = {}
 
 
 class GatewayApp:
@@ -74,65 +84,85 @@ class GatewayApp:
         self.clients: dict[str | None, AsyncClient] = {}
         self._prefix = uuid.uuid4().hex[:10]
         self._ids = itertools.count()
-        self._reading: dict[asyncio.Task, float] = {}  # requests whose body is arriving -> deadline
-        self._sweeper: asyncio.Task | None = None
 
-    # ------------------------------------------------------------------ ASGI
-    async def __call__(self, scope: dict, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        t0 = time.perf_counter()
-        rid = f"gw{self._prefix}-{next(self._ids)}"
-        ctx = {"model": None, "id": None, "tenant": None, "rid": rid}
+    @property
+    def max_body_bytes(self) -> int:  # read by gateway/http11.py while a body arrives
+        return self.cfg.max_body_bytes
+
+    @property
+    def body_timeout_s(self) -> float:
+        return self.cfg.body_timeout_s
+
+    # ------------------------------------------------ the HTTP server's calls (gateway/http11.py)
+    def on_head(self, req: Request) -> Answer | None:
+        """The request line and headers are in: the answer now, or None when the body is needed."""
+        ctx = req.ctx = _Ctx(f"gw{self._prefix}-{next(self._ids)}")
         try:
-            status, headers, parts = await self._handle(scope, receive, ctx)
-        except Disconnected:
-            return
+            answer = self._route(req, ctx)
         except HttpError as exc:
-            status, headers, parts = self._error(exc)
+            answer = self._error(exc)
         except Exception:
-            log.exception("gateway_handler_error", path=scope.get("path", "")[:200], request_id=rid)
-            status, headers, parts = self._error(HttpError(500, "INTERNAL: the gateway failed on this request",
-                                                           ErrorCode.INTERNAL))
-        await self._send(send, status, headers, parts, rid)
-        self.metrics.request(ctx.get("endpoint", "other"), status)
-        if self.cfg.access_log:
-            self.access.info("http_request", method=scope["method"], path=scope["path"][:200], status=status,
-                             ms=round((time.perf_counter() - t0) * 1000, 3), request_id=rid, id=ctx["id"],
-                             tenant=ctx["tenant"], model=ctx["model"])
+            log.exception("gateway_handler_error", path=req.path[:200], request_id=ctx.rid)
+            answer = self._error(HttpError(500, "INTERNAL: the gateway failed on this request", ErrorCode.INTERNAL))
+        return None if answer is None else self._done(req, answer)
 
-    async def _send(self, send: Send, status: int, headers: list, parts: list, rid: str) -> None:
-        length = sum(len(p) for p in parts)
-        headers.append((b"content-length", str(length).encode()))
-        headers.append((b"x-ringserve-request-id", rid.encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        if len(parts) > 1 and length <= JOIN_BELOW:
-            parts = [b"".join(parts)]
-        for k, part in enumerate(parts):
-            await send({"type": "http.response.body", "body": part, "more_body": k < len(parts) - 1})
-        if not parts:
-            await send({"type": "http.response.body", "body": b""})
+    def on_body(self, req: Request, body: bytes, reply: Reply) -> None:
+        """The whole body of an inference request is in: check it, submit it, and answer once it is done."""
+        ctx = req.ctx
+        try:
+            call, fut = self._submit(ctx, body)
+        except HttpError as exc:
+            self._infer_failed(ctx, exc)
+            reply(*self._done(req, self._error(exc)))
+            return
+        except Exception:
+            log.exception("gateway_handler_error", path=req.path[:200], request_id=ctx.rid)
+            reply(*self._done(req, self._error(HttpError(500, "INTERNAL: the gateway failed on this request",
+                                                          ErrorCode.INTERNAL))))
+            return
+        fut.add_done_callback(lambda f: self._answered(req, call, f, reply))
+
+    def body_failed(self, req: Request, status: int, reply: Reply) -> None:
+        """The server stopped reading a body: over the size limit (413) or past its deadline (408)."""
+        if status == 413:
+            exc = HttpError(413, f"body is over the limit of {self.cfg.max_body_bytes} bytes (--max-body-bytes)")
+        else:
+            exc = HttpError(408, f"the body did not arrive within {self.cfg.body_timeout_s:g} s")
+        self._infer_failed(req.ctx, exc)
+        reply(*self._done(req, self._error(exc)))
+
+    def _done(self, req: Request, answer: Answer) -> Answer:
+        """Every final answer passes here once: request id header, metrics, access line."""
+        ctx = req.ctx
+        status, headers, parts = answer
+        headers.append((b"x-ringserve-request-id", ctx.rid.encode()))
+        self.metrics.request(ctx.endpoint, status)
+        if self.cfg.access_log:
+            self.access.info("http_request", method=req.method, path=req.path[:200], status=status,
+                             ms=round((time.perf_counter() - ctx.t0) * 1000, 3), request_id=ctx.rid, id=ctx.id,
+                             tenant=ctx.tenant, model=ctx.model)
+        return answer
 
     @staticmethod
-    def _error(exc: HttpError) -> tuple[int, list, list]:
+    def _error(exc: HttpError) -> Answer:
         headers = [(b"content-type", JSON), *exc.headers]
         if exc.retry_after is not None:
             headers.append((b"retry-after", str(exc.retry_after).encode()))
         return exc.status, headers, [orjson.dumps({"error": exc.message})]
 
     @staticmethod
-    def _json(obj, status: int = 200) -> tuple[int, list, list]:
+    def _json(obj, status: int = 200) -> Answer:
         return status, [(b"content-type", JSON)], [orjson.dumps(obj)]
 
     # --------------------------------------------------------------- routing
-    async def _handle(self, scope: dict, receive: Receive, ctx: dict) -> tuple[int, list, list]:
-        path, method = scope["path"], scope["method"]
+    def _route(self, req: Request, ctx: _Ctx) -> Answer | None:
+        path, method = req.path, req.method
         parts = path.strip("/").split("/")
         if parts[0] != "v2":
             raise HttpError(404, f"no such endpoint {path[:200]!r}: the Open Inference Protocol lives under /v2")
         rest = parts[1:]
         if rest in ([], ["health", "live"], ["health", "ready"]):
-            ctx["endpoint"] = "health" if rest else "server_metadata"
+            ctx.endpoint = "health" if rest else "server_metadata"
             _method(method, "GET")
             if not rest:
                 return self._json({"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": EXTENSIONS})
@@ -141,44 +171,51 @@ class GatewayApp:
             ready = self.book.ready
             return self._json({"ready": ready}, 200 if ready else 503)
         if rest == ["openapi.json"]:
-            ctx["endpoint"] = "openapi"
+            ctx.endpoint = "openapi"
             _method(method, "GET")
             return 200, [(b"content-type", JSON)], [OPENAPI]
         if len(rest) < 2 or rest[0] != "models" or not rest[1]:
             raise HttpError(404, f"no such endpoint {path[:200]!r}")
-        headers = dict(scope["headers"])
+        headers = dict(req.headers)
         self._authorize(headers, ctx)
         model = rest[1]
-        ctx["model"] = model[:128]
+        ctx.model = model[:128]
         rest = rest[2:]
         version = None
         if len(rest) >= 2 and rest[0] == "versions":
             version = _version(model, rest[1])
             rest = rest[2:]
         if rest == []:
-            ctx["endpoint"] = "model_metadata"
+            ctx.endpoint = "model_metadata"
             _method(method, "GET")
             return self._json(self._model_metadata(model, version))
         if rest == ["ready"]:
-            ctx["endpoint"] = "model_ready"
+            ctx.endpoint = "model_ready"
             _method(method, "GET")
             view = self._view(model, version)
             ready = view.ready if version is None else version in view.ready_versions
             return self._json({"name": model, "ready": ready}, 200 if ready else 503)
         if rest == ["infer"]:
-            ctx["endpoint"] = "infer"
-            _method(method, "POST")
-            return await self._infer(model, version, headers, receive, ctx)
+            ctx.endpoint = "infer"
+            ctx.full_model, ctx.version, ctx.headers = model, version, headers
+            ctx.label = model if model in self.book.models else "_unknown"
+            try:
+                _method(method, "POST")
+                self._check_declared(headers)
+            except HttpError as exc:
+                self._infer_failed(ctx, exc)
+                raise
+            return None  # the body is needed: on_body
         raise HttpError(404, f"no such endpoint {path[:200]!r}")
 
-    def _authorize(self, headers: dict, ctx: dict) -> None:
+    def _authorize(self, headers: dict, ctx: _Ctx) -> None:
         if self.tokens is None:
             return
         tenant = self.tokens.tenant(headers.get(b"authorization"))
         if tenant is None:
             raise HttpError(401, "a valid API token is needed: Authorization: Bearer TOKEN", "UNAUTHORIZED",
                             headers=((b"www-authenticate", b'Bearer realm="ringserve"'),))
-        ctx["tenant"] = tenant
+        ctx.tenant = tenant
 
     def _view(self, model: str, version: int | None):
         view = self.book.models.get(model)
@@ -200,36 +237,67 @@ class GatewayApp:
                 "inputs": tensors(view.inputs), "outputs": tensors(view.outputs)}
 
     # ------------------------------------------------------------- inference
-    async def _infer(self, model: str, version: int | None, headers: dict, receive: Receive,
-                     ctx: dict) -> tuple[int, list, list]:
-        t0 = time.perf_counter()
-        label = model if model in self.book.models else "_unknown"
-        try:
-            body = await self._read_body(headers, receive)
-            header_length = _header_length(headers)
-            if min(len(body), header_length or len(body)) > self.cfg.max_json_bytes:  # a length past the body: 400
-                raise HttpError(413, f"the JSON part of the body is over {self.cfg.max_json_bytes} bytes "
-                                     "(--max-json-bytes): send large tensors as binary data")
-            call = parse_infer(body, header_length, _tag_headers(headers, ctx.get("tenant")))
-            ctx["id"] = call.request_id
-            status, out, reply_version, rows = await self._run(model, version, call, ctx)
-        except HttpError as exc:
-            self.metrics.infer_done(label, self.book.version_label(model, version), time.perf_counter() - t0, 0,
-                                    exc.code)
-            raise
-        self.metrics.infer_done(label, "" if reply_version is None else str(reply_version),
-                                time.perf_counter() - t0, rows, None)
-        return status, *out
+    def _check_declared(self, headers: dict) -> None:
+        """A declared Content-Length over the limit is refused before any of the body is read."""
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                declared = int(declared)
+            except ValueError:
+                raise bad_request("Content-Length is not a number") from None
+            if declared > self.cfg.max_body_bytes:
+                raise HttpError(413, f"body of {declared} bytes is over the limit of {self.cfg.max_body_bytes} bytes "
+                                     "(--max-body-bytes)")
 
-    async def _run(self, model: str, version: int | None, call: InferCall, ctx: dict):
-        client = self._client(ctx.get("tenant"))
-        reply = await run_call(client, model, version, call, ctx["rid"], self.cfg)
+    def _submit(self, ctx: _Ctx, body: bytes) -> tuple[InferCall, asyncio.Future]:
+        """Check the body and send it to the master: (the call, the client's future)."""
+        headers = ctx.headers
+        encoding = headers.get(b"content-encoding")
+        if encoding is not None and encoding != b"identity":
+            body = _decompress(body, encoding, self.cfg.max_body_bytes)
+        body = memoryview(body)
+        header_length = _header_length(headers)
+        if min(len(body), header_length or len(body)) > self.cfg.max_json_bytes:  # a length past the body: 400
+            raise HttpError(413, f"the JSON part of the body is over {self.cfg.max_json_bytes} bytes "
+                                 "(--max-json-bytes): send large tensors as binary data")
+        call = parse_infer(body, header_length, _tag_headers(headers, ctx.tenant))
+        ctx.id = call.request_id
+        return call, submit_call(self._client(ctx.tenant), ctx.full_model, ctx.version, call, ctx.rid, self.cfg)
+
+    def _answered(self, req: Request, call: InferCall, fut: asyncio.Future, reply: Reply) -> None:
+        """The master's answer (or typed error) is in: build the response and write it."""
+        ctx = req.ctx
+        try:
+            answer = self._response(ctx, call, fut)
+        except HttpError as exc:
+            self._infer_failed(ctx, exc)
+            answer = self._error(exc)
+        except Exception:
+            log.exception("gateway_handler_error", path=req.path[:200], request_id=ctx.rid)
+            exc = HttpError(500, "INTERNAL: the gateway failed on this request", ErrorCode.INTERNAL)
+            self._infer_failed(ctx, exc)
+            answer = self._error(exc)
+        reply(*self._done(req, answer))
+
+    def _response(self, ctx: _Ctx, call: InferCall, fut: asyncio.Future) -> Answer:
+        if fut.cancelled():
+            raise HttpError(503, "the gateway's master connection closed before an answer arrived", retry_after=1)
+        try:
+            reply = fut.result()
+        except RingserveError as exc:
+            raise from_ringserve(exc) from None
+        model = ctx.full_model
         head, raw, hlen = build_response(model, reply.version, call, reply.outputs)
         self.book.learn(model, call.inputs, reply.outputs)
-        headers = [(b"content-type", JSON if hlen is None else b"application/octet-stream")]
-        if hlen is not None:
-            headers.append((b"inference-header-content-length", str(hlen).encode()))
-        return 200, (headers, [head, *raw]), reply.version, rows_of(call)
+        self.metrics.infer_done(ctx.label, "" if reply.version is None else str(reply.version),
+                                time.perf_counter() - ctx.t0, rows_of(call), None)
+        if hlen is None:
+            return 200, [(b"content-type", JSON)], [head, *raw]
+        return 200, [(b"content-type", OCTETS), (b"inference-header-content-length", str(hlen).encode())], [head, *raw]
+
+    def _infer_failed(self, ctx: _Ctx, exc: HttpError) -> None:
+        self.metrics.infer_done(ctx.label, self.book.version_label(ctx.full_model, ctx.version),
+                                time.perf_counter() - ctx.t0, 0, exc.code)
 
     def _client(self, tenant: str | None) -> AsyncClient:
         client = self.clients.get(tenant)
@@ -239,80 +307,27 @@ class GatewayApp:
             client = self.clients[tenant] = self._new_client(self.master)
         return client
 
-    async def _read_body(self, headers: dict, receive: Receive) -> memoryview:
-        """The whole body, bounded in size and time; decompressed when Content-Encoding says so."""
-        limit = self.cfg.max_body_bytes
-        declared = headers.get(b"content-length")
-        if declared is not None:
-            try:
-                declared = int(declared)
-            except ValueError:
-                raise bad_request("Content-Length is not a number") from None
-            if declared > limit:
-                raise HttpError(413, f"body of {declared} bytes is over the limit of {limit} bytes "
-                                     "(--max-body-bytes)")
-        chunks, size = [], 0
-        task = asyncio.current_task()
-        self._reading[task] = time.monotonic() + self.cfg.body_timeout_s  # the sweeper cancels it past this
-        self._start_sweeper()
-        try:
-            while True:
-                msg = await receive()
-                if msg["type"] == "http.disconnect":
-                    raise Disconnected()
-                chunk = msg.get("body", b"")
-                size += len(chunk)
-                if size > limit:
-                    raise HttpError(413, f"body is over the limit of {limit} bytes (--max-body-bytes)")
-                if chunk:
-                    chunks.append(chunk)
-                if not msg.get("more_body", False):
-                    break
-        except asyncio.CancelledError:
-            if self._reading.get(task) != _TIMED_OUT:
-                raise  # cancelled by someone else: not ours to swallow
-            if hasattr(task, "uncancel"):  # Python 3.11+
-                task.uncancel()
-            raise HttpError(408, f"the body did not arrive within {self.cfg.body_timeout_s:g} s") from None
-        finally:
-            self._reading.pop(task, None)
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        encoding = headers.get(b"content-encoding")
-        if encoding is not None and encoding != b"identity":
-            body = _decompress(body, encoding, limit)
-        return memoryview(body)
-
-    def _start_sweeper(self) -> None:
-        if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
-
-    async def _sweep(self) -> None:
-        """Cancel body reads past their deadline: one timer for all requests, not one each."""
-        step = min(0.25, self.cfg.body_timeout_s / 4)
-        while True:
-            await asyncio.sleep(step)
-            now = time.monotonic()
-            for task, deadline in list(self._reading.items()):
-                if deadline != _TIMED_OUT and now >= deadline:
-                    self._reading[task] = _TIMED_OUT
-                    task.cancel()
-
     async def close(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
         for client in self.clients.values():
             client.close()
         self.clients.clear()
 
 
-async def run_call(client: AsyncClient, model: str, version: int | None, call: InferCall, rid: str,
-                   cfg: AppConfig) -> Reply:
-    """Send one checked call to the master and wait for its one answer (HttpError for a typed error)."""
+def submit_call(client: AsyncClient, model: str, version: int | None, call: InferCall, rid: str,
+                cfg: AppConfig) -> asyncio.Future:
+    """Send one checked call to the master: the client's timers fail its future at its deadline (plus a
+    grace), so it always resolves (HttpError 400 for inputs the client cannot encode)."""
     timeout = min(call.timeout_s or cfg.default_timeout_s, cfg.max_timeout_s)
     try:
-        fut = client.submit(model, call.inputs, timeout, version, request_id=rid, tags=call.tags or None)
+        return client.submit(model, call.inputs, timeout, version, request_id=rid, tags=call.tags or None)
     except (ValueError, TypeError) as exc:
         raise bad_request(str(exc)) from None
+
+
+async def run_call(client: AsyncClient, model: str, version: int | None, call: InferCall, rid: str,
+                   cfg: AppConfig) -> ClientReply:
+    """Send one checked call to the master and wait for its one answer (HttpError for a typed error)."""
+    fut = submit_call(client, model, version, call, rid, cfg)
     try:  # the client's timers fail it at its deadline (plus a grace): it always resolves
         return await fut
     except RingserveError as exc:

@@ -1,33 +1,32 @@
-"""Run the gateway: uvicorn (httptools parser, uvloop) serving gateway/app.py on a socket we bind.
+"""Run the gateway: gateway/http11.py (httptools' parser, uvloop) serving gateway/app.py on a socket we bind.
 
-The socket is bound here, before uvicorn starts, so an ephemeral port (``--listen
+The socket is bound here, before the server starts, so an ephemeral port (``--listen
 127.0.0.1:0``) is known and announced on the ``RINGSERVE_READY`` line, and a port that is taken
-is one clear line. uvicorn handles SIGTERM/SIGINT: it stops accepting, finishes the requests in
-flight, and then the master connections are closed. The HTTP stack was chosen by measurement
+is one clear line. On SIGTERM/SIGINT the server stops accepting, finishes the requests in flight,
+and then the master connections are closed. The HTTP stack was chosen by measurement
 (docs/gateway.md, "Choice of libraries").
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import os
 import signal
 import socket
+import ssl
 from dataclasses import dataclass, field
 from typing import Callable
 
 import structlog
-import uvicorn
 
 from ringserve.client.admin import AdminClient
 from ringserve.client.aio import AsyncClient
 from ringserve.gateway.accesslog import BufferedLines, access_logger
 from ringserve.gateway.app import AppConfig, GatewayApp
 from ringserve.gateway.auth import Tokens
+from ringserve.gateway.http11 import HttpServer
 from ringserve.gateway.metrics import GatewayMetrics
 from ringserve.gateway.models import ModelBook
-from ringserve.gateway.transport import CoalescingHttpToolsProtocol
 from ringserve.protocol.security import Security
 from ringserve.protocol.sockets import BindError
 
@@ -61,15 +60,6 @@ class GatewayConfig:
     admin_security: Security | None = None
 
 
-class _Server(uvicorn.Server):
-    """uvicorn's server, but the gateway handles SIGTERM/SIGINT itself: uvicorn would re-raise the
-    signal once it has shut down, killing the process before the master connections are closed."""
-
-    @contextlib.contextmanager
-    def capture_signals(self):
-        yield
-
-
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -98,11 +88,8 @@ async def serve_async(cfg: GatewayConfig, sock: socket.socket, announce: Callabl
     access = access_logger(sink)
     app = GatewayApp(cfg.master, book, cfg.app, tokens, metrics,
                      client_factory=lambda address: AsyncClient(address, security=cfg.client_security), access=access)
-    config = uvicorn.Config(app, http=CoalescingHttpToolsProtocol, lifespan="off", access_log=False, log_config=None,
-                            log_level="warning", server_header=False, date_header=False, proxy_headers=False,
-                            limit_concurrency=cfg.max_connections, timeout_keep_alive=int(cfg.keep_alive_s),
-                            ssl_certfile=cfg.tls_cert, ssl_keyfile=cfg.tls_key, backlog=2048)
-    server = _Server(config)
+    server = HttpServer(app, max_connections=cfg.max_connections, keep_alive_s=cfg.keep_alive_s,
+                        ssl_context=tls_context(cfg.tls_cert, cfg.tls_key) if cfg.tls_cert else None)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):  # stop accepting, finish what is in flight, then close
         loop.add_signal_handler(sig, lambda: setattr(server, "should_exit", True))
@@ -114,7 +101,7 @@ async def serve_async(cfg: GatewayConfig, sock: socket.socket, announce: Callabl
     _tune_gc()
     flusher = loop.create_task(_flush_every(sink))
     task = loop.create_task(server.serve(sockets=[sock]))
-    for _ in range(1000):  # bounded: uvicorn starts in milliseconds
+    for _ in range(1000):  # bounded: the server starts in milliseconds
         if server.started or task.done():
             break
         await asyncio.sleep(0.01)
@@ -134,6 +121,13 @@ async def serve_async(cfg: GatewayConfig, sock: socket.socket, announce: Callabl
             grpc_thread.stop()
         sink.flush()
         log.info("gateway_stopped")
+
+
+def tls_context(cert: str, key: str) -> ssl.SSLContext:
+    """A server context (TLS 1.2+, the default ciphers) from PEM files; a bad file fails at start-up."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
 
 
 def _tune_gc() -> None:
