@@ -8,9 +8,9 @@ keep-alive connections (one request in flight per connection), gRPC through the 
 (grpc.aio), and AsyncClient (bench/loadgen.py). CPU per request is read from the gateway's own
 /proc counters over the measured window, so it holds on a noisy machine. Headline figures
 (`http_req_per_s`, `http_p99_ms`, `gateway_cpu_us_per_req`, `http_vs_zmq_client`) are the binary
-path; `http_json_*`, `http_binary_*` and `grpc_*` give each path. `--http-server thin|http11`
-runs a measured candidate HTTP layer in uvicorn's place (bench/thin_gateway.py), `--paths` a
-subset of the paths.
+path; `http_json_*`, `http_binary_*` and `grpc_*` give each path; `--paths` a subset of the
+paths. To compare with older code, run this file from a checkout of it (`git worktree add`) with
+PYTHONPATH pointing at a folder whose `ringserve` is that checkout.
 """
 from __future__ import annotations
 
@@ -166,9 +166,6 @@ def main(argv=None) -> None:
     p.add_argument("--concurrency", type=int, default=64, help="requests in flight, over all load processes")
     p.add_argument("--load-processes", type=int, default=2, help="separate processes driving the load")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--http-server", choices=("uvicorn", "thin", "http11"), default="uvicorn",
-                   help="a measured candidate in uvicorn's place: thin (bench/thin_gateway.py's minimal httptools "
-                        "protocol) or http11 (bench/http11.py)")
     p.add_argument("--paths", default="json,binary,grpc", help="which paths to measure (the ZMQ client always)")
     args = p.parse_args(argv)
     configure_logging("bench", "warning")  # stdout is the one JSON line
@@ -182,11 +179,9 @@ def main(argv=None) -> None:
             "--master", master.info["backend"], "--model", "mlp=ringserve.worker.demo:mlp", "--device", args.device,
             "--log-level", "warning", "--threads", str(os.environ.get("RS_THREADS", 1))], tmp / "worker.log"))
         wait_for_workers(master.info["admin"], 1, 60)
-        gw_module = "ringserve.launch.gateway" if args.http_server == "uvicorn" else "ringserve.bench.thin_gateway"
-        gw = RoleProcess(gw_module, ["--master", master.info["frontend"], "--admin",
+        gw = RoleProcess("ringserve.launch.gateway", ["--master", master.info["frontend"], "--admin",
                                                       master.info["admin"], "--listen", "127.0.0.1:0",
-                                                      "--grpc-listen", "127.0.0.1:0"], tmp / "gateway.log",
-                         env={"RS_HTTP_CANDIDATE": args.http_server})
+                                                      "--grpc-listen", "127.0.0.1:0"], tmp / "gateway.log")
         procs.append(gw)
         port = int(gw.info["url"].rsplit(":", 1)[1])
         zmq_res, _ = run_load(master.info["frontend"], "mlp", (1, 256), args.concurrency, args.seconds,
@@ -204,7 +199,7 @@ def main(argv=None) -> None:
         for proc in reversed(procs):
             proc.stop()
     b, j, g = figures["binary"], figures["json"], figures["grpc"]
-    r = {"device": args.device, "http_server": args.http_server, "concurrency": args.concurrency, "load_processes": args.load_processes,
+    r = {"device": args.device, "concurrency": args.concurrency, "load_processes": args.load_processes,
          "http_req_per_s": b["req_per_s"], "http_p99_ms": b["p99_ms"], "gateway_cpu_us_per_req": b["gateway_cpu_us"],
          "http_vs_zmq_client": round(b["req_per_s"] / zmq["req_per_s"], 3) if zmq["req_per_s"] else None,
          "grpc_req_per_s": g["req_per_s"], "grpc_p99_ms": g["p99_ms"],

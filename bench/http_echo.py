@@ -2,11 +2,11 @@
 of bench/gateway.py (raw HTTP/1.1 keep-alive, the binary OIP request, 64 in flight); prints one JSON
 line per round with each server's CPU per request (its whole process tree, from /proc).
 
-Candidates: uvicorn (httptools, uvloop, the gateway's coalescing protocol) with an ASGI echo;
-granian (Rust) with an RSGI echo and with the same ASGI echo; an asyncio Protocol on httptools'
-parser under uvloop (no ASGI layer), a task per request as a real handler needs. Rounds interleave
-the candidates, so read the ratios within a round. granian is measured only where it is
-installed (`pip install granian`; the gateway does not depend on it).
+Candidates: uvicorn (httptools, uvloop) with an ASGI echo; granian (Rust) with an RSGI echo and
+with the same ASGI echo; an asyncio Protocol on httptools' parser under uvloop (no ASGI layer), a
+task per request as a real handler needs. Rounds interleave the candidates, so read the ratios
+within a round. uvicorn and granian are measured only where installed (`pip install uvicorn
+granian`; the gateway depends on neither since it serves with gateway/http11.py).
 """
 from __future__ import annotations
 
@@ -89,8 +89,7 @@ def serve_httptools(port: int) -> None:
 def serve_uvicorn(port: int) -> None:
     import uvicorn
 
-    from ringserve.gateway.transport import CoalescingHttpToolsProtocol
-    uvicorn.run(asgi_echo, host="127.0.0.1", port=port, http=CoalescingHttpToolsProtocol, loop="uvloop",
+    uvicorn.run(asgi_echo, host="127.0.0.1", port=port, http="httptools", loop="uvloop",
                 lifespan="off", access_log=False, log_level="warning", server_header=False, date_header=False)
 
 
@@ -179,9 +178,9 @@ def main(argv=None) -> None:
     bench_gateway.proc_cpu_s = tree_cpu_s  # drive() reads one pid; granian serves from a child process
     import importlib.util
     kinds = [k for k in args.servers.split(",")
-             if not k.startswith("granian") or importlib.util.find_spec("granian") is not None]
+             if importlib.util.find_spec(k.split("-")[0]) is not None or k == "httptools"]
     if len(kinds) < len(args.servers.split(",")):
-        print("granian is not installed (not a ringserve dependency): pip install granian to measure it",
+        print("uvicorn or granian is not installed (not ringserve dependencies): pip install them to measure them",
               file=sys.stderr)
     for r in range(args.rounds):
         kinds = kinds if r % 2 == 0 else kinds[::-1]
