@@ -141,6 +141,7 @@ class Http11Protocol(asyncio.Protocol):
         self.parser = httptools.HttpRequestParser(self)
         self.url = b""
         self.headers: list = []
+        self.expect = False  # Expect: 100-continue seen in this request's headers
         self.parsing: Request | None = None  # the request whose bytes are arriving
         self.current: Request | None = None  # the request the app is answering
         self.queue: collections.deque[Request] = collections.deque()
@@ -220,26 +221,31 @@ class Http11Protocol(asyncio.Protocol):
 
     # ------------------------------------------------------------------ parser callbacks
     def on_message_begin(self) -> None:
-        self.url, self.headers = b"", []
+        self.url, self.headers, self.expect = b"", [], False
 
     def on_url(self, url: bytes) -> None:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name.lower(), value))
+        name = name.lower()
+        self.headers.append((name, value))
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect = True
 
     def on_headers_complete(self) -> None:
-        parser = self.parser
+        parser, url = self.parser, self.url
         try:
-            parsed = httptools.parse_url(self.url)
             method = parser.get_method().decode("ascii")
+            if url[:1] == b"/" and b"?" not in url and b"%" not in url and b"#" not in url:
+                path, query = url.decode("latin-1"), b""  # the common case: no parse needed
+            else:
+                parsed = httptools.parse_url(url)
+                path, query = _path(parsed.path), parsed.query or b""
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
             raise httptools.HttpParserError("bad request line") from None
-        req = Request(method, _path(parsed.path), parsed.query or b"", self.headers,
+        req = Request(method, path, query, self.headers,
                       parser.should_keep_alive() and not self.server.stopping and not self.closing)
-        for name, value in self.headers:
-            if name == b"expect" and value.lower() == b"100-continue":
-                req.expect_continue = True
+        req.expect_continue = self.expect
         self.parsing = req
         self.idle_since = None
         if self.current is None and not self.queue:
@@ -329,7 +335,7 @@ class Http11Protocol(asyncio.Protocol):
         if transport is None:
             self.current = None
             return
-        length = sum(len(p) for p in parts)
+        length = len(parts[0]) if len(parts) == 1 else sum(map(len, parts))
         head = [_STATUS_LINES.get(status) or b"HTTP/1.1 %d \r\n" % status]
         for name, value in headers:
             head += (name, b": ", value, b"\r\n")
