@@ -227,9 +227,25 @@ def _requested_outputs(outputs: Any) -> list[tuple[str, bool | None]] | None:
     return wanted
 
 
+HEAD_CACHE = 1024  # response headers remembered: all-binary answers of one model look alike
+_heads: dict[tuple, tuple[bytes, tuple[str, ...]]] = {}
+
+
 def build_response(model: str, version: int | None, call: InferCall,
                    outputs: dict[str, np.ndarray]) -> tuple[bytes, list, int | None]:
-    """(JSON header, raw output buffers, header length or None when the body is JSON alone)."""
+    """(JSON header, raw output buffers, header length or None when the body is JSON alone).
+
+    When every output goes as binary numbers and the request has no id, the header is decided by
+    the model, version, the outputs asked for and each output's name, dtype and shape alone: such
+    a header is built once and reused (bounded cache), and only the buffers are this request's."""
+    key = None
+    if call.request_id is None:
+        key = (model, version, call.binary_output, None if call.outputs is None else tuple(call.outputs),
+               tuple([(name, arr.dtype, arr.shape) for name, arr in outputs.items()]))
+        hit = _heads.get(key)
+        if hit is not None:
+            head, names = hit
+            return head, [memoryview(np.ascontiguousarray(outputs[n])).cast("B") for n in names], len(head)
     if call.outputs is None:
         chosen = [(name, call.binary_output) for name in outputs]
     else:
@@ -239,6 +255,7 @@ def build_response(model: str, version: int | None, call: InferCall,
                 raise bad_request(f"model {model!r} has no output {name[:64]!r} (outputs: {sorted(outputs)})")
             chosen.append((name, call.binary_output if binary is None else binary))
     entries, raw = [], []
+    reusable = True  # every output binary numbers: the header says only names, dtypes and shapes
     for name, binary in chosen:
         arr = outputs[name]
         entry = {"name": name, "datatype": oip_datatype(arr), "shape": list(arr.shape)}
@@ -252,6 +269,7 @@ def build_response(model: str, version: int | None, call: InferCall,
             raw.append(buf)
         else:
             entry["data"] = text if text is not None else arr.reshape(-1)
+        reusable = reusable and binary and arr.dtype != STRINGS
         entries.append(entry)
     resp: dict[str, Any] = {"model_name": model}
     if version is not None:
@@ -260,4 +278,8 @@ def build_response(model: str, version: int | None, call: InferCall,
         resp["id"] = call.request_id
     resp["outputs"] = entries
     head = orjson.dumps(resp, option=orjson.OPT_SERIALIZE_NUMPY)
+    if key is not None and reusable and raw:
+        if len(_heads) >= HEAD_CACHE:
+            _heads.clear()
+        _heads[key] = (head, tuple(name for name, _ in chosen))
     return head, raw, (len(head) if raw else None)
