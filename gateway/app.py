@@ -43,6 +43,7 @@ SERVER_VERSION = "0.1.0"
 EXTENSIONS = ["binary_tensor_data", "parameters"]
 TAG_HEADER = b"x-ringserve-tag-"  # x-ringserve-tag-user: u1 -> tags {"user": "u1"} (sticky routes)
 MAX_TENANT_CLIENTS = 256  # one master connection per tenant, at most this many
+MAX_INFER_PATHS = 1024  # inference paths whose model and version are remembered
 VERSION = re.compile(r"^[0-9]{1,9}$")
 JSON = b"application/json"
 OCTETS = b"application/octet-stream"
@@ -84,6 +85,7 @@ class GatewayApp:
         self.clients: dict[str | None, AsyncClient] = {}
         self._prefix = uuid.uuid4().hex[:10]
         self._ids = itertools.count()
+        self._infer_paths: dict[str, tuple[str, int | None]] = {}  # path -> (model, version), bounded
 
     @property
     def max_body_bytes(self) -> int:  # read by gateway/http11.py while a body arrives
@@ -157,6 +159,11 @@ class GatewayApp:
     # --------------------------------------------------------------- routing
     def _route(self, req: Request, ctx: _Ctx) -> Answer | None:
         path, method = req.path, req.method
+        known = self._infer_paths.get(path)
+        if known is not None:  # an inference path seen before: its model and version, without the split
+            headers = dict(req.headers)
+            self._authorize(headers, ctx)
+            return self._route_infer(req, ctx, known[0], known[1], headers)
         parts = path.strip("/").split("/")
         if parts[0] != "v2":
             raise HttpError(404, f"no such endpoint {path[:200]!r}: the Open Inference Protocol lives under /v2")
@@ -196,17 +203,24 @@ class GatewayApp:
             ready = view.ready if version is None else version in view.ready_versions
             return self._json({"name": model, "ready": ready}, 200 if ready else 503)
         if rest == ["infer"]:
-            ctx.endpoint = "infer"
-            ctx.full_model, ctx.version, ctx.headers = model, version, headers
-            ctx.label = model if model in self.book.models else "_unknown"
-            try:
-                _method(method, "POST")
-                self._check_declared(headers)
-            except HttpError as exc:
-                self._infer_failed(ctx, exc)
-                raise
-            return None  # the body is needed: on_body
+            if len(self._infer_paths) >= MAX_INFER_PATHS:
+                self._infer_paths.clear()
+            self._infer_paths[path] = (model, version)
+            return self._route_infer(req, ctx, model, version, headers)
         raise HttpError(404, f"no such endpoint {path[:200]!r}")
+
+    def _route_infer(self, req: Request, ctx: _Ctx, model: str, version: int | None, headers: dict) -> None:
+        ctx.endpoint = "infer"
+        ctx.model = model[:128]
+        ctx.full_model, ctx.version, ctx.headers = model, version, headers
+        ctx.label = model if model in self.book.models else "_unknown"
+        try:
+            _method(req.method, "POST")
+            self._check_declared(headers)
+        except HttpError as exc:
+            self._infer_failed(ctx, exc)
+            raise
+        return None  # the body is needed: on_body
 
     def _authorize(self, headers: dict, ctx: _Ctx) -> None:
         if self.tokens is None:
