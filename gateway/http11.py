@@ -233,6 +233,8 @@ class Http11Protocol(asyncio.Protocol):
             self.expect = True
 
     def on_headers_complete(self) -> None:
+        if self.closing:
+            return  # bytes after a response that closes the connection: nobody will answer them
         parser, url = self.parser, self.url
         try:
             method = parser.get_method().decode("ascii")
@@ -257,7 +259,7 @@ class Http11Protocol(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         req = self.parsing
-        if req.dropped:
+        if req is None or req.dropped:
             return
         req.size += len(body)
         if req is self.current and req.wants_body:
@@ -273,6 +275,8 @@ class Http11Protocol(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         req = self.parsing
+        if req is None:
+            return
         req.complete = True
         self.parsing = None
         if req is self.current:
@@ -366,6 +370,8 @@ class Http11Protocol(asyncio.Protocol):
         if transport is None:
             return
         if not req.keep_alive or self.closing:
+            self.closing = True  # what the parser still holds of this read is not begun
+            self.queue.clear()
             transport.close()
             return
         if self.queue:  # the next pipelined request, in a later callback: no recursion through a long queue

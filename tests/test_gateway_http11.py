@@ -157,12 +157,13 @@ def test_malformed_bytes_get_400_and_close_and_an_app_bug_gets_500(served):
 def test_body_limits_size_and_time(served):
     _, port = served
     with connect(port) as s:  # a chunked body that grows past the limit: 413 and close
-        s.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n")
-        for _ in range(3):
-            s.sendall(b"200\r\n" + b"x" * 512 + b"\r\n")
-        status, headers, body = read_response(s, bytearray())
+        chunk = b"200\r\n" + b"x" * 512 + b"\r\n"  # and, in the same read, the body's end and a next request
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 3
+                  + b"0\r\n\r\nGET /now HTTP/1.1\r\nHost: t\r\n\r\n")
+        buf = bytearray()
+        status, headers, body = read_response(s, buf)
         assert status.startswith(b"HTTP/1.1 413") and headers[b"connection"] == b"close" and body == b"failed"
-        assert closed(s)
+        assert not buf and closed(s)  # one answer, then the close: nothing for what came after
     with connect(port) as s:  # half a body, then silence: 408 within the body timeout (+ the sweep)
         t0 = time.monotonic()
         s.sendall(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nhalf")
