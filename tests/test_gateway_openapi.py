@@ -164,7 +164,9 @@ def test_schemathesis_finds_no_server_error_and_every_answer_conforms(env):
                   phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
         @given(case=strategy(op))
         def check(case):
-            if time.monotonic() > stop_at:  # noqa: B023 (used within this loop turn only)
+            # past its share of the time an operation stops, once it has had one request (on a loaded
+            # machine drawing the first example can take the whole share): still bounded by max_examples
+            if time.monotonic() > stop_at and any(label == op.label for label, _ in statuses):  # noqa: B023
                 return
             response = case.call(base_url=url, timeout=10)  # a hang is a failure, not a stuck test
             statuses[(case.operation.label, response.status_code)] += 1
