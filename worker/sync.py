@@ -83,6 +83,7 @@ class ShardView:
         self.versions: dict[str, list[int]] = {}  # committed versions per model (from the last snapshot)
         self.history: dict[str, list[int]] = {}  # earlier current versions per model, oldest first (snapshot)
         self.pub: str | None = None
+        self.staged: dict[str, tuple[int, str, str]] = {}  # model -> (version, token, digest) last announced staged
         self.known = False
         self.heard = 0.0  # monotonic time of the last announcement or snapshot
         self.interval = 1.0  # the shard's announce interval (from hello)
@@ -91,7 +92,7 @@ class ShardView:
 class WeightSync(threading.Thread):
     def __init__(self, ctx: zmq.Context, shards: Mapping[str, str], models: Mapping, swaps, on_error=None,
                  timeout: float = 30.0, resync_s: float = 5.0, security: Security | None = None, wake=None,
-                 replicas: int | None = None):
+                 replicas: int | None = None, prefetch: bool = True):
         super().__init__(name="ringserve-weight-sync", daemon=True)
         self.ctx, self.shards, self.models, self.swaps = ctx, dict(shards), models, swaps
         self.timeout, self.resync_s = timeout, resync_s
@@ -115,6 +116,9 @@ class WeightSync(threading.Thread):
         self.quorum = min_live(len(self.shards), self.replicas)  # shards that together name every piece
         self.mismatched: dict[str, str] = {}  # shard -> why its ring differs from ours (never used)
         self.unanswered: dict[str, int] = {}  # shard -> snapshots in a row it did not answer
+        self.prefetch = prefetch  # fetch a staged version while the shards write it (served only once committed)
+        self.prefetched: dict[str, Prefetched] = {}  # model -> a staged version fetched and checked, not served
+        self.prefetch_tried: set[tuple[str, int, str]] = set()  # (model, version, token): never fetched twice
 
     def _connect_sub(self, sub: zmq.Socket, shard: str, endpoint: str) -> None:
         """One SUB, many shards: each connect takes the server key set just before it."""
@@ -180,6 +184,10 @@ class WeightSync(threading.Thread):
         view.seq = seq
         view.current = dict(msg.get("current", {}))
         view.heard = time.monotonic()
+        if msg.get("kind") == "staged":
+            staged = _staged(msg)
+            if staged is not None and (len(view.staged) < 256 or msg["model"] in view.staged):
+                view.staged[msg["model"]] = staged
 
     def report(self) -> dict:
         """What this worker serves, for the shards' follower books (paramserver/followers.py): per
@@ -284,6 +292,59 @@ class WeightSync(threading.Thread):
             if time.monotonic() < not_before:
                 continue
             self._fetch(rpc, name, version)
+        if self.prefetch:
+            for name in self.models:
+                self._maybe_prefetch(rpc, live, name)
+
+    def _maybe_prefetch(self, rpc: ShardRPC, live: list[ShardView], name: str) -> None:
+        """Fetch a version the shards announced staged (and hold it checked, unserved) while they
+        write it to disk: when enough of them staged one content newer than what we serve or fetch."""
+        model = self.models[name]
+        if getattr(model, "on_demand", False) and not model.ready:
+            return
+        votes: dict[tuple[int, str, str], int] = {}
+        for v in live:
+            if name in v.staged:
+                votes[v.staged[name]] = votes.get(v.staged[name], 0) + 1
+        ready = [k for k, n in votes.items() if n >= self.quorum]
+        if not ready:
+            return
+        version, token, digest = max(ready)
+        ours = self.wanted.get(name, model.version)
+        if ((isinstance(ours, int) and version <= ours) or (name, version) in self.refused
+                or (name, version, token) in self.prefetch_tried
+                or all(v.current.get(name) == version for v in live)):  # committed: the fetch proper takes it
+            return
+        if len(self.prefetch_tried) >= 1024:
+            self.prefetch_tried.clear()
+        self.prefetch_tried.add((name, version, token))
+        self._prefetch(rpc, name, version, token, digest,
+                       [n for n, v in self.views.items() if v.known and v.staged.get(name) == (version, token, digest)])
+
+    def _prefetch(self, rpc: ShardRPC, model: str, version: int, token: str, digest: str, asked: list[str]) -> None:
+        """Fetch and check the staged pieces of `version` (the publisher's `token`, content `digest`)
+        into a version beside the held one, kept in `prefetched`: nothing is built or served until
+        the shards commit it, and a stage that fails or never commits is simply dropped."""
+        t0 = time.monotonic()
+        stage = {"stage": token, "digest": digest}
+        self.prefetched.pop(model, None)
+        try:
+            replies = rpc.call({n: ({"cmd": "fetch", "model": model, "version": version, "manifest_only": True,
+                                     **stage}, []) for n in asked},
+                               raise_on_error=False, cancel=self.stopping, enough=self.quorum, grace=0.25)
+            manifests = {n: h["manifest"] for n, (h, _) in replies.items() if h.get("ok") and h.get("digest") == digest}
+            if len(manifests) < self.quorum or (self.replicas == 1 and len(manifests) < len(self.shards)):
+                raise ShardCallError({n: "no staged manifest" for n in asked if n not in manifests})
+            new, need = plan_version(manifests, self.held.get(model), _shapes(self.models[model]))
+            fetched = fetch_into(rpc, model, version, need, new, self.timeout, cancel=self.stopping,
+                                 sources=new.sources, extra=stage)
+        except Exception as exc:  # noqa: BLE001 - nothing is lost: the commit, if it comes, is fetched as ever
+            log.info("weights_prefetch_failed", model=model, version=version, error=str(exc)[:300],
+                     seconds=round(time.monotonic() - t0, 3))
+            return
+        self.prefetched[model] = Prefetched(version, digest, new)
+        log.info("weights_prefetched", model=model, version=version, bytes_fetched=fetched,
+                 seconds=round(time.monotonic() - t0, 3))
 
     def _fallback(self, model: str, current: int) -> int | None:
         """The version to serve when the shards' current one is refused here and nothing is served
@@ -304,7 +365,9 @@ class WeightSync(threading.Thread):
         t0 = time.monotonic()
         held = self.held.get(model)
         served = self.models[model]
-        log.info("weights_fetch_started", model=model, version=version, serving=served.version)
+        pre = self.prefetched.pop(model, None)
+        log.info("weights_fetch_started", model=model, version=version, serving=served.version,
+                 prefetched=pre is not None and pre.version == version)
         try:
             asked = sorted(n for n, v in self.views.items() if v.known)
             replies = rpc.call({n: ({"cmd": "fetch", "model": model, "version": version, "manifest_only": True}, [])
@@ -319,6 +382,9 @@ class WeightSync(threading.Thread):
         except (ShardCallError, KeyError, TypeError, AttributeError) as exc:
             self._fetch_failed(model, version, exc)
             return
+        if pre is not None and pre.version == version and all(
+                replies[n][0].get("digest") == pre.digest for n in manifests):
+            held = pre.held  # its pieces were checked on receipt; the manifests below still decide each one
         try:
             new, need = plan_version(manifests, held, _shapes(served))
             t1 = time.monotonic()
@@ -421,6 +487,25 @@ def _disconnect(sub: zmq.Socket, endpoint: str) -> None:
         sub.disconnect(endpoint)
     except zmq.ZMQError:
         pass
+
+
+def _staged(msg: Mapping) -> tuple[int, str, str] | None:
+    """(version, token, digest) of a shard's "staged" announcement, or None if it is not well formed."""
+    version, token, digest = msg.get("version"), msg.get("token"), msg.get("digest")
+    if (not isinstance(msg.get("model"), str) or model_name_problem(msg["model"])
+            or not isinstance(version, int) or isinstance(version, bool) or version < 0
+            or not isinstance(token, str) or not 1 <= len(token) <= 64
+            or not isinstance(digest, str) or not 1 <= len(digest) <= 128):
+        return None
+    return version, token, digest
+
+
+class Prefetched:
+    """A staged version fetched (every piece checked) before its commit: the base the fetch of
+    that version plans against once the shards commit it with the same digest."""
+
+    def __init__(self, version: int, digest: str, held: "Held") -> None:
+        self.version, self.digest, self.held = version, digest, held
 
 
 class Held:
@@ -634,7 +719,7 @@ def _recv_batch(sock: zmq.Socket, shard: str, expected: dict[int, dict[str, tupl
 def fetch_into(rpc: ShardRPC, model: str, version: int, need: Mapping[str, list[tuple[Piece, str]]], new: Held,
                timeout: float, window: int = FETCH_WINDOW, batch_bytes: int = FETCH_BATCH_BYTES,
                cancel: threading.Event | None = None, sources: Mapping[str, list[str]] | None = None,
-               failover_s: float = FAILOVER_S) -> int:
+               failover_s: float = FAILOVER_S, extra: Mapping | None = None) -> int:
     """Fetch `need` from every shard at once, `window` requests of about `batch_bytes` in flight
     per shard, each reply read straight into `new`.
 
@@ -694,7 +779,7 @@ def fetch_into(rpc: ShardRPC, model: str, version: int, need: Mapping[str, list[
         while todo[n] and len(inflight[n]) < window:
             batch, rid = todo[n][0], rpc.next_rid()
             header = {"cmd": "fetch", "model": model, "version": version, "keys": [p.key for p, _ in batch],
-                      "rid": rid}
+                      "rid": rid, **(extra or {})}
             try:  # never block: a shard whose queue is full counts as failing
                 rpc.socks[n].send_multipart([SHARD_PROTO, pack(header)], zmq.NOBLOCK)
             except zmq.Again:
