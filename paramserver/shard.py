@@ -498,7 +498,7 @@ class Shard:
         del self.staging[(model, version, token)]
         wrote = self.store.commit(model, stage.slice, stage.written, epoch=_epoch(header), prune=False)
         self.prune_due.setdefault(model, time.monotonic())  # after the answer and the announcement
-        self._announce("commit", model, version)
+        self._announce("commit", model, version, digest=digest)  # a worker that fetched the stage knows it
         log.info("version_committed", model=model, version=version, pieces=len(stage.slice.pieces), token=token,
                  pieces_written=wrote["pieces"], bytes_written=wrote["bytes"])
         return {"ok": True}

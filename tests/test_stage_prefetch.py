@@ -215,6 +215,7 @@ def test_a_worker_fetches_a_staged_version_early_but_serves_it_only_once_committ
         (started,) = [e for e in events(worker, "weights_fetch_started") if e["version"] == 2]
         (fetched,) = [e for e in events(worker, "weights_fetched") if e["version"] == 2]
         assert started["prefetched"] is True and fetched["pieces_fetched"] == 0  # every piece came with the stage
+        assert started["manifests_known"] is True  # every shard announced the commit of that content
 
         # a stage that never commits is never served; the next version (other content, same number) is
         ids3 = publish_without_commit(pc, "mlp", v3)

@@ -84,6 +84,7 @@ class ShardView:
         self.history: dict[str, list[int]] = {}  # earlier current versions per model, oldest first (snapshot)
         self.pub: str | None = None
         self.staged: dict[str, tuple[int, str, str]] = {}  # model -> (version, token, digest) last announced staged
+        self.committed: dict[str, tuple[int, str]] = {}  # model -> (version, digest) of its last commit heard
         self.known = False
         self.heard = 0.0  # monotonic time of the last announcement or snapshot
         self.interval = 1.0  # the shard's announce interval (from hello)
@@ -184,10 +185,14 @@ class WeightSync(threading.Thread):
         view.seq = seq
         view.current = dict(msg.get("current", {}))
         view.heard = time.monotonic()
-        if msg.get("kind") == "staged":
-            staged = _staged(msg)
-            if staged is not None and (len(view.staged) < 256 or msg["model"] in view.staged):
-                view.staged[msg["model"]] = staged
+        kind = msg.get("kind")
+        if kind in ("staged", "commit"):
+            staged = _staged({"token": "-", **msg})
+            book = view.staged if kind == "staged" else view.committed
+            if staged is not None and (len(book) < 256 or msg["model"] in book):
+                book[msg["model"]] = staged if kind == "staged" else (staged[0], staged[2])
+        elif kind != "hugz" and isinstance(msg.get("model"), str):
+            view.committed.pop(msg["model"], None)  # a rollback (or anything else): the digest heard is over
 
     def report(self) -> dict:
         """What this worker serves, for the shards' follower books (paramserver/followers.py): per
@@ -228,6 +233,7 @@ class WeightSync(threading.Thread):
                     pub = reachable_pub(str(h["pub"]), self.shards[n])
                     v.versions, v.history = _int_lists(h.get("versions")), _int_lists(h.get("history"))
                     v.boot, v.seq, v.current, v.pub, v.known = boot, seq, current, pub, True
+                    v.committed = {}  # a snapshot tells no digest: the next fetch reads the manifests
                     v.heard, v.interval = time.monotonic(), float(h.get("announce_interval", 1.0))
                     self.snapshots[n] += resync
                     if first:
@@ -342,9 +348,22 @@ class WeightSync(threading.Thread):
             log.info("weights_prefetch_failed", model=model, version=version, error=str(exc)[:300],
                      seconds=round(time.monotonic() - t0, 3))
             return
-        self.prefetched[model] = Prefetched(version, digest, new)
+        t1 = time.monotonic()
+        try:  # built off to the side as after a commit; only a commit of this content swaps it in
+            module = self.models[model].build_shadow(new.tensors(), version)
+        except Exception as exc:  # noqa: BLE001 - a version that does not load is refused after its commit
+            log.info("weights_prebuild_failed", model=model, version=version, error=str(exc)[:300])
+            module = None
+        self.prefetched[model] = Prefetched(version, digest, new, manifests, module)
         log.info("weights_prefetched", model=model, version=version, bytes_fetched=fetched,
-                 seconds=round(time.monotonic() - t0, 3))
+                 seconds=round(time.monotonic() - t0, 3), build_s=round(time.monotonic() - t1, 3))
+
+    def _committed_as(self, model: str, version: int, digest: str) -> bool:
+        """Every shard heard from says, in its commit announcement, that `version` of `model` is
+        current with content `digest`."""
+        known = [v for v in self.views.values() if v.known]
+        return len(known) >= self.quorum and all(
+            v.current.get(model) == version and v.committed.get(model) == (version, digest) for v in known)
 
     def _fallback(self, model: str, current: int) -> int | None:
         """The version to serve when the shards' current one is refused here and nothing is served
@@ -366,24 +385,32 @@ class WeightSync(threading.Thread):
         held = self.held.get(model)
         served = self.models[model]
         pre = self.prefetched.pop(model, None)
+        if pre is not None and pre.version != version:
+            pre = None
+        # the staged manifests are the committed ones when every shard announced this content's commit
+        known = pre is not None and self._committed_as(model, version, pre.digest)
         log.info("weights_fetch_started", model=model, version=version, serving=served.version,
-                 prefetched=pre is not None and pre.version == version)
+                 prefetched=pre is not None, manifests_known=known)
         try:
-            asked = sorted(n for n, v in self.views.items() if v.known)
-            replies = rpc.call({n: ({"cmd": "fetch", "model": model, "version": version, "manifest_only": True}, [])
-                                for n in asked}, raise_on_error=False, cancel=self.stopping,
-                               enough=self.quorum, grace=0.25)
-            manifests = {n: h["manifest"] for n, (h, _) in replies.items() if h.get("ok")}
-            if len(manifests) < self.quorum or (self.replicas == 1 and len(manifests) < len(self.shards)):
-                why = {n: str((h.get("error") or {}).get("message", "failed"))[:300] for n, (h, _) in replies.items()
-                       if not h.get("ok")}
-                why.update({n: "no answer" for n in self.shards if n not in replies})
-                raise ShardCallError(why)
+            if known:
+                manifests = pre.manifests
+            else:
+                asked = sorted(n for n, v in self.views.items() if v.known)
+                replies = rpc.call({n: ({"cmd": "fetch", "model": model, "version": version, "manifest_only": True},
+                                        []) for n in asked}, raise_on_error=False, cancel=self.stopping,
+                                   enough=self.quorum, grace=0.25)
+                manifests = {n: h["manifest"] for n, (h, _) in replies.items() if h.get("ok")}
+                if len(manifests) < self.quorum or (self.replicas == 1 and len(manifests) < len(self.shards)):
+                    why = {n: str((h.get("error") or {}).get("message", "failed"))[:300]
+                           for n, (h, _) in replies.items() if not h.get("ok")}
+                    why.update({n: "no answer" for n in self.shards if n not in replies})
+                    raise ShardCallError(why)
+                if pre is not None and not all(replies[n][0].get("digest") == pre.digest for n in manifests):
+                    pre = None  # other content under this number (another publisher won): fetched as ever
         except (ShardCallError, KeyError, TypeError, AttributeError) as exc:
             self._fetch_failed(model, version, exc)
             return
-        if pre is not None and pre.version == version and all(
-                replies[n][0].get("digest") == pre.digest for n in manifests):
+        if pre is not None:
             held = pre.held  # its pieces were checked on receipt; the manifests below still decide each one
         try:
             new, need = plan_version(manifests, held, _shapes(served))
@@ -404,7 +431,11 @@ class WeightSync(threading.Thread):
             self._refuse(model, version, f"{type(exc).__name__}: {exc}")
             return
         try:
-            module = served.build_shadow(new.tensors(), version)  # off the compute thread, with its stages
+            if (pre is not None and pre.module is not None and set(new.flat) == set(pre.held.flat)
+                    and all(a is pre.held.flat[k] for k, a in new.flat.items())):
+                module = pre.module  # built from exactly these arrays when they were fetched
+            else:
+                module = served.build_shadow(new.tensors(), version)  # off the compute thread, with its stages
         except Exception as exc:  # the version itself is broken: refuse it, keep serving the old one
             self._refuse(model, version, f"{type(exc).__name__}: {exc}")
             return
@@ -504,8 +535,8 @@ class Prefetched:
     """A staged version fetched (every piece checked) before its commit: the base the fetch of
     that version plans against once the shards commit it with the same digest."""
 
-    def __init__(self, version: int, digest: str, held: "Held") -> None:
-        self.version, self.digest, self.held = version, digest, held
+    def __init__(self, version: int, digest: str, held: "Held", manifests: dict, module=None) -> None:
+        self.version, self.digest, self.held, self.manifests, self.module = version, digest, held, manifests, module
 
 
 class Held:
