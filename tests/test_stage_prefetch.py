@@ -4,6 +4,7 @@ once it commits. Real shards and workers on loopback."""
 from __future__ import annotations
 
 import json
+import queue
 import threading
 import time
 
@@ -19,6 +20,7 @@ from ringserve.paramserver.shard import Shard, ShardConfig
 from ringserve.protocol.codec import pack, unpack_map
 from ringserve.protocol.digest import checksum
 from ringserve.protocol.messages import SHARD_PROTO
+from ringserve.worker.sync import WeightSync
 from helpers import expected, mlp_state, shard_list
 
 pytestmark = pytest.mark.timeout(120)
@@ -227,3 +229,29 @@ def test_a_worker_fetches_a_staged_version_early_but_serves_it_only_once_committ
         assert pc.publish("mlp", v4, version=ids3["version"], check_workers=False) == ids3["version"]
         wait_for_workers(cluster.admin, 1, 30, model="mlp", version=ids3["version"])
         np.testing.assert_allclose(c.infer("mlp", {"x": x})["logits"], expected(v4, x), rtol=1e-5, atol=1e-6)
+
+
+def test_an_announcement_older_than_the_snapshot_held_is_ignored_not_a_gap():
+    """Clone pattern: a snapshot (hello) can overtake announcements queued in the SUB; those are
+    already in it, and must not cost a resync (which waits up to a second)."""
+    ctx = zmq.Context()
+    try:
+        ws = WeightSync(ctx, {"ps0": "tcp://127.0.0.1:1"}, {}, queue.Queue())
+        view = ws.views["ps0"]
+        view.known, view.boot, view.seq, view.current = True, "b1", 4, {"m": 2}
+
+        def note(kind, seq, **extra):
+            ws._on_announce([b"m", pack({"kind": kind, "shard": "ps0", "boot": "b1", "seq": seq, "model": "m",
+                                         "version": 2, "current": {"m": 1}, **extra})])
+
+        note("staged", 3, token="t", digest="d")
+        note("commit", 4, digest="d")
+        note("hugz", 3)
+        assert view.known and view.seq == 4 and view.current == {"m": 2}  # nothing older changed the state
+        assert view.staged == {"m": (2, "t", "d")} and view.committed == {}  # a stale commit's digest is not taken
+        note("commit", 5, digest="d2")
+        assert view.known and view.seq == 5 and view.committed == {"m": (2, "d2")}
+        note("rollback", 7)  # a gap: ask for a snapshot
+        assert not view.known
+    finally:
+        ctx.destroy(linger=0)

@@ -177,6 +177,11 @@ class WeightSync(threading.Thread):
             return
         seq, boot = msg.get("seq", 0), msg.get("boot")
         expected = view.seq if msg.get("kind") == "hugz" else view.seq + 1
+        if (view.known and boot == view.boot and isinstance(seq, int) and not isinstance(seq, bool)
+                and seq < expected):  # sent before the snapshot we hold (queued meanwhile): already in it
+            if msg.get("kind") == "staged":
+                self._book(view.staged, msg, _staged(msg))  # a snapshot names no stage; a prefetch checks it all
+            return
         if boot != view.boot or seq != expected:
             if view.known:
                 log.info("shard_gap_resync", shard=msg.get("shard"), seq=seq, expected=expected)
@@ -186,13 +191,19 @@ class WeightSync(threading.Thread):
         view.current = dict(msg.get("current", {}))
         view.heard = time.monotonic()
         kind = msg.get("kind")
-        if kind in ("staged", "commit"):
-            staged = _staged({"token": "-", **msg})
-            book = view.staged if kind == "staged" else view.committed
-            if staged is not None and (len(book) < 256 or msg["model"] in book):
-                book[msg["model"]] = staged if kind == "staged" else (staged[0], staged[2])
+        if kind == "staged":
+            self._book(view.staged, msg, _staged(msg))
+        elif kind == "commit":
+            got = _staged({"token": "-", **msg})
+            self._book(view.committed, msg, got and (got[0], got[2]))
         elif kind != "hugz" and isinstance(msg.get("model"), str):
             view.committed.pop(msg["model"], None)  # a rollback (or anything else): the digest heard is over
+
+    @staticmethod
+    def _book(book: dict, msg: Mapping, value) -> None:
+        """Note what an announcement says of its model (bounded: at most 256 models a shard)."""
+        if value is not None and (len(book) < 256 or msg["model"] in book):
+            book[msg["model"]] = value
 
     def report(self) -> dict:
         """What this worker serves, for the shards' follower books (paramserver/followers.py): per
