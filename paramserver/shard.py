@@ -5,10 +5,19 @@ also reports what it serves: paramserver/followers.py), stage (receive
 this shard's pieces of a new version, checksums verified, pieces not stored yet written to
 disk, invisible), commit (write its manifest: durable and current), abort, revert (undo a
 commit of a publish that failed elsewhere), fetch (send a version's manifest, or its pieces
-or some of them: workers keep several fetches in flight), rollback (make an older version
-current). Storage is content-addressed (paramserver/store.py): a delta writes only its
-changed pieces.
-Each commit or rollback is announced on the PUB with a sequence number; a heartbeat
+or some of them: workers keep several fetches in flight; with `stage` and `digest`, a staged
+version's), rollback (make an older version current). Storage is content-addressed
+(paramserver/store.py): a delta writes only its changed pieces.
+
+A stage's piece files are written (and, with the default `durability="fsync"`, fsynced) on a
+writer thread while this loop serves; the stage is answered only once they are on disk, so a
+publisher never commits what a crash could lose. Meanwhile the checked stage is announced
+("staged": model, version, token, digest) and may be fetched, so workers move its bytes while
+the disk works, and serve it only once it commits (issue 22; worker/sync.py). With
+`durability="replicated"` the files are not fsynced (manifests still are): a commit then
+relies on its W copies: a piece torn by a power loss fails its checksum at start, the shard
+falls back as for any corrupt version, and repair copies it back from the other owners.
+Each stage, commit (with its digest) or rollback is announced on the PUB with a sequence number; a heartbeat
 announcement repeats the current state every interval, so a subscriber that joined late or
 saw a gap asks for a snapshot (hello) instead of trusting what it missed.
 

@@ -12,9 +12,11 @@ current version with the highest epoch among a piece's owners, so a shard that m
 rollback while down does not bring the old version back).
 
 Write path: only pieces not stored yet are written (a delta writes its changed pieces plus a
-small manifest), each to a temporary name, fsynced, renamed, then the pieces directory is
-fsynced. The shard does this when a stage arrives (so the disk works while the other shards
-receive theirs, and a commit is quick); a commit writes whatever is still missing, then the
+small manifest), each to a temporary name, fsynced (unless `fsync=False`: the shard's
+`--durability replicated`), renamed, then the pieces directory is fsynced. The shard does this
+when a stage arrives, on a writer thread (`write_files` touches no books; `note_written`, on
+the shard's loop, books them), so the disk works while the other shards receive theirs and
+workers fetch the stage, and a commit is quick; a commit writes whatever is still missing, then the
 manifest the same way (last: it marks the version done), so a SIGKILL at any moment leaves
 either the old state or the new one; pieces no manifest names are invisible. After a
 commit (the shard runs it once the commit is answered and announced: `commit(prune=False)`,

@@ -12,6 +12,15 @@ Unchanged tensors are shared with the held version. The result is checked whole 
 module and built into a complete new module here (its tensors are the fetched ones; dtype,
 int8, device), which the compute thread swaps in between batches (woken for it).
 
+Prefetch (issue 22): when shards that together name every piece announce one stage (model,
+version, token, digest) newer than what is served, its pieces are fetched from the stage
+(checked on receipt like any piece) and its module built, off to the side, while the shards
+write it to disk; nothing of it is served. Once every shard announces the commit of that
+digest, the built module is swapped in with no byte moved again; if the commit is other
+content, the fetch plans against the prefetched pieces by checksum (or the held ones), and a
+stage aborted or never committed is dropped with nothing refused. An announcement older than
+the snapshot held (a hello overtook it) is already in that snapshot and is ignored.
+
 A version that cannot be assembled or loaded is *refused*: remembered with its reason,
 reported in the heartbeat, never fetched again while a shard holds it (a newer version is).
 A worker that serves nothing yet when the current version is one it refuses serves the newest
