@@ -4,6 +4,7 @@ once it commits. Real shards and workers on loopback."""
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import time
@@ -255,3 +256,34 @@ def test_an_announcement_older_than_the_snapshot_held_is_ignored_not_a_gap():
         assert not view.known
     finally:
         ctx.destroy(linger=0)
+
+
+@pytest.mark.parametrize("durability", ["fsync", "replicated"])
+def test_durability_says_whether_piece_files_are_fsynced_before_the_stage_is_answered(tmp_path, monkeypatch,
+                                                                                       durability):
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    ctx = zmq.Context()
+    shard = Shard(ShardConfig("ps0", str(tmp_path / "ps0"), durability=durability), ctx)
+    thread = threading.Thread(target=shard.run, daemon=True)
+    thread.start()
+    try:
+        with ParamClient({"ps0": shard.endpoint}, replicas=1) as pc:
+            pc.publish("m", {"w": np.arange(4096, dtype=np.float32)}, check_workers=False)
+            assert pc.versions("m")["ps0"]["current"] == 1
+        pieces = [p for p in synced if "/pieces/" in p]
+        manifests = [p for p in synced if p.endswith(".manifest.json.tmp")]
+        assert manifests  # a manifest (what makes a version exist) is always fsynced
+        assert bool(pieces) == (durability == "fsync")
+    finally:
+        shard.request_stop()
+        thread.join(10)
+        ctx.destroy(linger=0)
+    with pytest.raises(ValueError, match="durability"):
+        Shard(ShardConfig("ps1", str(tmp_path / "ps1"), durability="never"), zmq.Context.instance())
