@@ -433,7 +433,10 @@ class WeightSync(threading.Thread):
         if pre is not None:
             held = pre.held  # its pieces were checked on receipt; the manifests below still decide each one
         try:
-            new, need = plan_version(manifests, held, _shapes(served))
+            if known:  # planned (and checked against the module) from these very manifests when prefetched
+                new, need = pre.held, {}
+            else:
+                new, need = plan_version(manifests, held, _shapes(served))
             t1 = time.monotonic()
             log.info("weights_manifest_fetched", model=model, version=version,
                      pieces_total=sum(map(len, manifests.values())), pieces_to_fetch=sum(map(len, need.values())),
