@@ -12,6 +12,11 @@ full_sync_s / raw_zmq_s (issue 11's target <= 2). delta_sync_s: a delta changing
 version and a delta idle (the ratios), then again under a light request load (one request
 every 20 ms: `*_under_load_s`); failed_requests: requests that failed meanwhile (target 0).
 cpu_s_first_full: CPU seconds each role spent during the first full sync (from /proc).
+breakdown_first_full (with `--role-log-level info`): where the first full sync's wall time went,
+seconds from the start of its publish, from the bench's own marks (the publisher is this
+process) and the timestamps in the shards' and workers' logs: stage sent, each shard's write and
+fsync (median and last shard), stages answered, commit done, the workers' prefetch of the staged
+version (last to finish), their fetch after the commit (manifest, transfer, build), last swap.
 
 Replication (issue 20; `--replicas`, default 2): with `--kill-shard`, one more full sync in
 which the last shard is SIGKILLed right after the publish commits, while the workers fetch:
@@ -29,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -86,6 +92,65 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def _events(path: Path, version: int) -> dict[str, list[dict]]:
+    """A role log's events about `version` of the bench's model, by name, with `t` (epoch seconds)."""
+    out: dict[str, list[dict]] = {}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        try:
+            e = json.loads(line)
+            if e.get("version") != version or e.get("model") != "big":
+                continue
+            e["t"] = datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")).timestamp()
+        except (ValueError, KeyError, AttributeError, TypeError):
+            continue
+        out.setdefault(e["event"], []).append(e)
+    return out
+
+
+def breakdown(tmp: Path, version: int, marks: dict, shards: int, workers: int) -> dict:
+    """Where the wall time of the sync of `version` went (seconds from `marks["start"]`)."""
+    t0 = marks["start"]
+
+    def at(t):
+        return None if t is None else round(t - t0, 3)
+
+    out: dict = {"stage_sent": at(marks.get("stage_sent")), "stages_answered": at(marks.get("stage_answered")),
+                 "commit_done": at(marks.get("publish_done"))}
+    staged = [e for i in range(shards) for e in _events(tmp / f"ps{i}.log", version).get("version_staged", [])]
+    if staged:  # logged when the pieces are durable; write and fsync came just before
+        ends = sorted(e["t"] for e in staged)
+        out["shard_write_s"] = [min(e.get("write_s") or 0 for e in staged), max(e.get("write_s") or 0 for e in staged)]
+        out["shard_fsync_s"] = [min(e.get("fsync_s") or 0 for e in staged), max(e.get("fsync_s") or 0 for e in staged)]
+        out["shard_check_s"] = [min(e.get("check_s") or 0 for e in staged), max(e.get("check_s") or 0 for e in staged)]
+        out["shards_durable"] = [at(ends[0]), at(ends[-1])]
+    ws = [_events(tmp / f"w{i}.log", version) for i in range(workers)]
+
+    def last(name, key="t"):
+        got = [e[key] for w in ws for e in w.get(name, [])[-1:] if e.get(key) is not None]
+        return got
+
+    pre = last("weights_prefetched")
+    if pre:
+        out["workers_prefetched"] = [at(min(pre)), at(max(pre))]
+        out["worker_prefetch_s"] = [min(last("weights_prefetched", "seconds")), max(last("weights_prefetched", "seconds"))]
+    started = last("weights_fetch_started")
+    if started:
+        out["workers_saw_commit"] = [at(min(started)), at(max(started))]
+    for key in ("manifest_s", "transfer_s", "build_s"):
+        vals = last("weights_fetched", key)
+        if vals:
+            out[f"worker_{key}"] = [min(vals), max(vals)]
+    swaps = last("weights_swapped")
+    if swaps:
+        out["workers_swapped"] = [at(min(swaps)), at(max(swaps))]
+    out["all_serving_seen"] = at(marks.get("all_on"))
+    return out
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--layers", type=int, default=100)
@@ -96,6 +161,8 @@ def main(argv=None) -> None:
     p.add_argument("--replicas", type=int, default=None, help="copies of each piece (default 2)")
     p.add_argument("--role-log-level", default="warning",
                    help="the shards' and workers' log level (info: per-phase timers in their logs)")
+    p.add_argument("--durability", default=None, choices=("fsync", "replicated"),
+                   help="the shards' --durability (default: theirs, fsync)")
     p.add_argument("--kill-shard", action="store_true",
                    help="also time a full sync with a shard SIGKILLed while the workers fetch")
     args = p.parse_args(argv)
@@ -106,7 +173,8 @@ def main(argv=None) -> None:
     procs: list[RoleProcess] = []
     try:
         shards = [RoleProcess("ringserve.launch.ps", ["--name", f"ps{i}", "--data-dir", str(tmp / f"ps{i}"), "--bind", EPH,
-                                            "--pub", EPH, "--announce-interval", "0.2", "--log-level", args.role_log_level],
+                                            "--pub", EPH, "--announce-interval", "0.2", "--log-level", args.role_log_level,
+                                            *(["--durability", args.durability] if args.durability else [])],
                               tmp / f"ps{i}.log", wait_ready=False) for i in range(args.shards)]
         procs += shards
         for s in shards:
@@ -147,17 +215,36 @@ def main(argv=None) -> None:
         moved, cpu, publish_s, publishes, delta_publishes = [], {}, 0.0, [], []
         pids = {"publisher": [os.getpid()], "shards": [s.pid for s in shards], "workers": [w.pid for w in workers]}
         killed: dict = {}
+        first_marks: dict = {}
         with ParamClient(eps, replicas=args.replicas) as pc, Client(master.info["frontend"], timeout=60) as c:
             def sent_by_shards():  # shards that do not count them (before issue 11): every worker fetched it all
                 hellos = list(pc.hello().values())
                 return sum(h["fetch_bytes"] for h in hellos) if all("fetch_bytes" in h for h in hellos) else None
 
+            real_call, marks = pc.rpc.call, {}
+
+            def marked_call(requests, *a, **kw):  # when the publisher's stage is sent and answered
+                staging = any(h.get("cmd") == "stage" for h, _ in requests.values())
+                if staging:
+                    marks.setdefault("stage_sent", time.time())
+                try:
+                    return real_call(requests, *a, **kw)
+                finally:
+                    if staging:
+                        marks.setdefault("stage_answered", time.time())
+
+            pc.rpc.call = marked_call
+
             def timed_publish(tensors, base=None):
                 version = 1 + max(v for s in pc.versions("big").values() for v in s["versions"] or [0])
+                marks.clear()
+                marks["start"], marks["version"] = time.time(), version
                 t0 = time.perf_counter()
                 pc.publish("big", tensors, base=base, check_workers=False)  # publish_s: the publisher alone
                 publish_s = time.perf_counter() - t0
+                marks["publish_done"] = time.time()
                 wait_until(lambda: all_on(version), 300, 0.01, f"v{version} everywhere")
+                marks["all_on"] = time.time()
                 return time.perf_counter() - t0, publish_s
 
             load = threading.Thread(target=light_load, args=(c,))
@@ -175,6 +262,7 @@ def main(argv=None) -> None:
                     if r == 0 and not under_load:
                         cpu = {role: round(sum(map(cpu_seconds, ps)) - cpu0[role], 2) for role, ps in pids.items()}
                         publish_s = pub
+                        first_marks = dict(marks)
                     after = sent_by_shards()
                     moved.append(nbytes + (after - before if after is not None else nbytes * args.workers))
                     runs["full_loaded" if under_load else "full"].append(took)
@@ -205,6 +293,9 @@ def main(argv=None) -> None:
             moved_frac = len(moved_keys(keys, eps, [*eps, f"ps{args.shards}"], pc.replicas)) / max(1, len(keys))
             stop.set()
             load.join(timeout=60)
+        time.sleep(0.3)  # the roles' last log lines are written
+        parts = (breakdown(tmp, first_marks["version"], first_marks, args.shards, args.workers)
+                 if args.role_log_level in ("info", "debug") and first_marks else None)
         raw = [raw_zmq_seconds(total) for total in moved]
         med = {name: statistics.median(values) for name, values in runs.items()}
         raw_s = statistics.median(raw)
@@ -219,7 +310,8 @@ def main(argv=None) -> None:
             "delta_sync_under_load_s": round(med["delta_loaded"], 3), "failed_requests": failures[0],
             "cpu_s_first_full": cpu, "full_publish_rounds_s": [round(t, 3) for t in publishes],
             "delta_publish_rounds_s": [round(t, 3) for t in delta_publishes],
-            "replicas": pc.replicas, **killed, "pieces_moved_fraction": round(moved_frac, 4), **{f"{name}_rounds_s": [round(t, 3) for t in values] for name, values in runs.items()},
+            "replicas": pc.replicas, **({"durability": args.durability} if args.durability else {}),
+            **({"breakdown_first_full": parts} if parts else {}), **killed, "pieces_moved_fraction": round(moved_frac, 4), **{f"{name}_rounds_s": [round(t, 3) for t in values] for name, values in runs.items()},
         }))
     finally:
         for proc in reversed(procs):

@@ -10,7 +10,7 @@ from ringserve.launch.metrics import add_metrics_flags, metrics_access, start_me
 from ringserve.launch.procs import announce
 from ringserve.launch.security import add_security_flags, security_from_args
 from ringserve.paramserver.repair import FULL_CHECK_S
-from ringserve.paramserver.shard import ShardConfig, serve
+from ringserve.paramserver.shard import DURABILITY, ShardConfig, serve
 from ringserve.protocol.placement import parse_shards, resolve_replicas
 from ringserve.protocol.sockets import BindError
 
@@ -40,6 +40,12 @@ def parser() -> argparse.ArgumentParser:
                         "change rebalances by)")
     p.add_argument("--repair-mbps", type=float, default=0.0,
                    help="repair traffic at most this many MB/s (0: unbounded)")
+    p.add_argument("--durability", choices=DURABILITY, default="fsync",
+                   help="when a stage's pieces count as stored: fsync (each shard fsyncs them before it answers the "
+                        "stage, so a commit survives a power loss of every owner) or replicated (written to the page "
+                        "cache only: a commit survives a crash of any shard process, and a power loss of fewer than "
+                        "the W owners that committed it, whose pieces are checked at start and repaired from the "
+                        "others; docs/operations.md)")
     add_metrics_flags(p)
     add_security_flags(p)
     add_log_flag(p)
@@ -67,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
                           max_staging_bytes=int(args.max_staging_mb * 1024 * 1024), staging_ttl=args.staging_ttl,
                           security=sec, shards=shards, replicas=args.replicas, repair_interval=args.repair_interval,
                           repair_bytes_per_s=args.repair_mbps * 1e6,
-                          full_check_interval=args.full_check_interval),
+                          full_check_interval=args.full_check_interval, durability=args.durability),
               announce, expose=lambda registry: start_metrics(registry, args.metrics_port, args.metrics_host,
                                                               metrics_access(args)))
     except BindError as exc:

@@ -5,10 +5,19 @@ also reports what it serves: paramserver/followers.py), stage (receive
 this shard's pieces of a new version, checksums verified, pieces not stored yet written to
 disk, invisible), commit (write its manifest: durable and current), abort, revert (undo a
 commit of a publish that failed elsewhere), fetch (send a version's manifest, or its pieces
-or some of them: workers keep several fetches in flight), rollback (make an older version
-current). Storage is content-addressed (paramserver/store.py): a delta writes only its
-changed pieces.
-Each commit or rollback is announced on the PUB with a sequence number; a heartbeat
+or some of them: workers keep several fetches in flight; with `stage` and `digest`, a staged
+version's), rollback (make an older version current). Storage is content-addressed
+(paramserver/store.py): a delta writes only its changed pieces.
+
+A stage's piece files are written (and, with the default `durability="fsync"`, fsynced) on a
+writer thread while this loop serves; the stage is answered only once they are on disk, so a
+publisher never commits what a crash could lose. Meanwhile the checked stage is announced
+("staged": model, version, token, digest) and may be fetched, so workers move its bytes while
+the disk works, and serve it only once it commits (issue 22; worker/sync.py). With
+`durability="replicated"` the files are not fsynced (manifests still are): a commit then
+relies on its W copies: a piece torn by a power loss fails its checksum at start, the shard
+falls back as for any corrupt version, and repair copies it back from the other owners.
+Each stage, commit (with its digest) or rollback is announced on the PUB with a sequence number; a heartbeat
 announcement repeats the current state every interval, so a subscriber that joined late or
 saw a gap asks for a snapshot (hello) instead of trusting what it missed.
 
@@ -36,6 +45,7 @@ import queue
 import signal
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -73,6 +83,11 @@ class ShardConfig:
     repair_interval: float = 2.0  # seconds between anti-entropy rounds (0: no repair)
     repair_bytes_per_s: float = 0.0  # repair traffic at most this (0: unbounded)
     full_check_interval: float = FULL_CHECK_S  # seconds between repair's full comparisons (rebalance)
+    durability: str = "fsync"  # "fsync": a stage is answered once its pieces are fsynced; "replicated": once
+    # they are written (page cache), the W-of-R copies being what a commit relies on (docs/operations.md)
+
+
+DURABILITY = ("fsync", "replicated")
 
 
 MAX_NAME = 512  # longest tensor name accepted (safetensors header names)
@@ -88,13 +103,30 @@ class Stage:
     created: float
     nbytes: int  # bytes received for this stage (pieces shared with the base are not counted)
     written: dict = field(default_factory=dict)  # pieces and bytes written to disk on arrival
+    writing: Future | None = None  # the writer thread's job while its pieces go to disk (no commit before)
+
+
+@dataclass
+class PendingReply:
+    """A stage answered once its pieces are on disk (the writer thread's job is done)."""
+
+    ident: bytes
+    rid: object
+    started: float
+    key: tuple[str, int, str]
+    stage: Stage
+    todo: dict
+    reply: dict
+    check_s: float
 
 
 class Shard:
     def __init__(self, cfg: ShardConfig, ctx: zmq.Context | None = None):
         self.cfg = cfg
         self.ctx = ctx or zmq.Context()
-        self.store = ShardStore(cfg.data_dir, cfg.keep)
+        if cfg.durability not in DURABILITY:
+            raise ValueError(f"durability must be one of {', '.join(DURABILITY)}, not {cfg.durability!r}")
+        self.store = ShardStore(cfg.data_dir, cfg.keep, fsync=cfg.durability == "fsync")
         self.store.load_all()
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 1)
@@ -130,6 +162,17 @@ class Shard:
         self.ring_fp = fingerprint(cfg.shards, self.replicas) if cfg.shards else None
         self.prune_due: dict[str, float] = {}  # model -> when a commit left it to prune
         self.apply: queue.Queue = queue.Queue(maxsize=64)  # what repair copied, stored by this loop
+        # Stages' piece files are written (and fsynced) on one thread while this loop serves: the
+        # workers fetch a staged version (announced "staged") while its pieces go to disk; the
+        # stage is answered, and may be committed, only once they are there.
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="ringserve-stage-writer")
+        self.pending: list[PendingReply] = []
+        self._wake_r, self._wake_w = os.pipe()  # the writer says "done" here: the loop's poller hears it
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.poller = zmq.Poller()
+        self.poller.register(self.router, zmq.POLLIN)
+        self.poller.register(self._wake_r, zmq.POLLIN)
         self.repairer = None
         if cfg.shards and len(cfg.shards) > 1 and cfg.repair_interval > 0:
             self.repairer = Repairer(cfg.name, cfg.shards, self.replicas, cfg.keep, self.apply,
@@ -143,11 +186,20 @@ class Shard:
             self.repairer.start()
         try:
             while not self.stopping:
-                if self.router.poll(int(min(self.cfg.announce_interval * 1000 / 2, 200))):
-                    frames = self.router.recv_multipart(copy=False)
-                    self.on_message(frames)
+                ready = dict(self.poller.poll(int(min(self.cfg.announce_interval * 1000 / 2, 200))))
+                if self._wake_r in ready:
+                    self._drain_wake()
+                if self.pending:
+                    self._finish_writes()
+                if self.router in ready:
+                    for _ in range(16):  # bounded per turn: the writer's answers and the timers come round
+                        try:
+                            frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                        except zmq.Again:
+                            break
+                        self.on_message(frames)
                     self._prune_due(idle=False)
-                else:
+                elif not self.pending:
                     self._prune_due(idle=True)
                 self._apply_repairs()
                 now = time.monotonic()
@@ -160,6 +212,9 @@ class Shard:
             if self.repairer is not None:
                 self.repairer.stopping.set()
                 self.repairer.join(timeout=5)
+            self.writer.shutdown(wait=True, cancel_futures=True)  # a write in progress ends; .tmp files go at start
+            for fd in (self._wake_r, self._wake_w):
+                os.close(fd)
             self.router.close(linger=0)
             self.pubsock.close(linger=0)
             log.info("shard_stopped", shard=self.cfg.name)
@@ -241,7 +296,9 @@ class Shard:
                 except ProtocolError as exc:  # a bad report is dropped; the snapshot is still answered
                     log.warning("follower_report_refused", rid=rid, error=str(exc)[:300])
             handler = getattr(self, f"on_{cmd}")
-            reply = handler(header, frames[3:])
+            reply = handler(header, frames[3:]) if cmd != "stage" else self.on_stage(header, frames[3:], ident, started)
+            if reply is None:  # a stage answered when its pieces are on disk (_finish_writes)
+                return
             if isinstance(reply, tuple):
                 reply, out = reply
         except ProtocolError as exc:
@@ -249,6 +306,9 @@ class Shard:
         except Exception as exc:  # a failing command must not stop the shard
             log.exception("shard_command_failed")
             reply = error_body(None, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        self._reply(ident, rid, cmd, started, reply, out)
+
+    def _reply(self, ident: bytes, rid, cmd: str | None, started: float, reply: dict, out: list = ()) -> None:
         reply.setdefault("shard", self.cfg.name)
         reply["rid"] = rid
         self.metrics.on_command(cmd or "invalid", "ok" if reply.get("ok") else reply.get("error", {}).get("code", "?"),
@@ -307,7 +367,10 @@ class Shard:
                 log.warning("stage_expired", model=key[0], version=key[1], token=key[2], bytes=st.nbytes,
                             age_s=round(now - st.created, 1))
 
-    def on_stage(self, header: dict, frames) -> dict:
+    def on_stage(self, header: dict, frames, ident: bytes = b"", started: float = 0.0) -> dict | None:
+        """Check a stage's pieces, announce it ("staged": workers may fetch it now, and serve it
+        once it commits), and hand its piece files to the writer thread; the stage is answered
+        when they are on disk (None here: `_finish_writes` answers)."""
         model, version, token, digest = _model(header), _version(header), _token(header), _digest(header)
         base = header.get("base")
         if base is not None and (not isinstance(base, int) or isinstance(base, bool)):
@@ -359,21 +422,76 @@ class Shard:
             problem = delta_problem(base_slice, replace)
             if problem:
                 return error_body(None, ErrorCode.BAD_REQUEST, f"delta on v{base} of {model!r}: {problem}")
-        replaced = self.staging.pop((model, version, token), None)
+        key = (model, version, token)
+        replaced = self.staging.pop(key, None)
         t1 = time.monotonic()
-        written = self.store.write_pieces(model, sl)  # durable now, visible only once a manifest names them
-        log.info("version_staged", model=model, version=version, pieces=len(items), bytes=nbytes,
-                 check_s=round(t1 - t0, 4), write_s=written.get("write_s"), fsync_s=written.get("fsync_s"))
-        self.staging[(model, version, token)] = Stage(sl, token, time.monotonic(), nbytes, written)
+        stage = Stage(sl, token, time.monotonic(), nbytes)
+        self.staging[key] = stage
         if replaced is not None:
             self.store.collect(model)  # what only the replaced stage wrote
-        return {"ok": True, "staged": len(items), "layout": layout(sl)}
+        todo = self.store.unstored(model, sl)
+        # the files get a name of this stage's own until renamed: another stage of the same content may be writing too
+        stage.writing = self.writer.submit(self._write_stage, model, todo, uuid.uuid4().hex[:8])
+        self.pending.append(PendingReply(ident, header.get("rid"), started or t0, key, stage, todo,
+                                         {"ok": True, "staged": len(items), "layout": layout(sl)}, t1 - t0))
+        self._announce("staged", model, version, token=token, digest=digest)  # its pieces are checked: fetchable
+        return None
+
+    def _write_stage(self, model: str, todo: dict, tag: str) -> dict:
+        """On the writer thread: the stage's new piece files, durable; then wake the loop."""
+        try:
+            return self.store.write_files(model, todo, tag)
+        finally:
+            try:
+                os.write(self._wake_w, b"x")
+            except (BlockingIOError, OSError):  # the pipe is full: the loop wakes anyway
+                pass
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _finish_writes(self) -> None:
+        """Answer the stages whose piece files the writer thread has made durable (or failed to)."""
+        done = [p for p in self.pending if p.stage.writing.done()]
+        if not done:
+            return
+        self.pending = [p for p in self.pending if not p.stage.writing.done()]
+        for p in done:
+            model, version, token = p.key
+            try:
+                written = p.stage.writing.result()
+            except Exception as exc:  # noqa: BLE001 - a full disk, say: this stage fails, the shard serves on
+                log.error("stage_write_failed", model=model, version=version, error=f"{type(exc).__name__}: {exc}")
+                if self.staging.get(p.key) is p.stage:
+                    del self.staging[p.key]
+                self.store.collect(model)
+                self._reply(p.ident, p.rid, "stage", p.started,
+                            error_body(None, ErrorCode.INTERNAL, f"writing the staged pieces failed: "
+                                                                 f"{type(exc).__name__}: {exc}"))
+                continue
+            self.store.note_written(model, p.todo)
+            p.stage.written, p.stage.writing = written, None
+            log.info("version_staged", model=model, version=version, pieces=p.reply["staged"], bytes=p.stage.nbytes,
+                     check_s=round(p.check_s, 4), write_s=written.get("write_s"), fsync_s=written.get("fsync_s"),
+                     durability=self.cfg.durability)
+            if self.staging.get(p.key) is not p.stage:  # aborted, expired or replaced while it was written
+                self.store.collect(model)
+                self._reply(p.ident, p.rid, "stage", p.started,
+                            error_body(None, ErrorCode.UNKNOWN_VERSION, f"the stage of {model!r} v{version} was "
+                                                                        f"dropped while its pieces were written"))
+                continue
+            self._reply(p.ident, p.rid, "stage", p.started, p.reply)
 
     def on_commit(self, header: dict, frames) -> dict:
         model, version, token, digest = _model(header), _version(header), _token(header), _digest(header)
-        stage = self.staging.pop((model, version, token), None)
+        stage = self.staging.get((model, version, token))
         committed = self.store.slices.get(model, {}).get(version)
         if committed is not None:
+            self.staging.pop((model, version, token), None)
             if committed.digest == digest:
                 return {"ok": True, "already": True}  # the same content again (a retried commit)
             return _conflict(model, version)
@@ -381,10 +499,15 @@ class Shard:
             return error_body(None, ErrorCode.UNKNOWN_VERSION, f"nothing staged for {model!r} v{version} "
                                                                f"by this publisher (expired or aborted?)")
         if stage.slice.digest != digest:
+            del self.staging[(model, version, token)]
             raise ProtocolError("commit 'digest' differs from the staged one")
+        if stage.writing is not None:  # a publisher commits after the stage's answer; this one did not wait
+            return error_body(None, ErrorCode.OVERLOADED, f"{model!r} v{version}: the staged pieces are still "
+                                                          f"being written; commit after the stage is answered")
+        del self.staging[(model, version, token)]
         wrote = self.store.commit(model, stage.slice, stage.written, epoch=_epoch(header), prune=False)
         self.prune_due.setdefault(model, time.monotonic())  # after the answer and the announcement
-        self._announce("commit", model, version)
+        self._announce("commit", model, version, digest=digest)  # a worker that fetched the stage knows it
         log.info("version_committed", model=model, version=version, pieces=len(stage.slice.pieces), token=token,
                  pieces_written=wrote["pieces"], bytes_written=wrote["bytes"])
         return {"ok": True}
@@ -427,6 +550,8 @@ class Shard:
         if why:
             return error_body(None, ErrorCode.CORRUPT, f"shard {self.cfg.name}: {model} {why}")
         sl = self.store.slices.get(model, {}).get(version)
+        if header.get("stage") is not None:  # a staged version (announced "staged"): fetched before its commit
+            sl = self._staged_slice(model, version, header)
         if sl is None:
             return error_body(None, ErrorCode.UNKNOWN_VERSION, f"shard {self.cfg.name} has no {model!r} v{version}")
         if header.get("manifest_only"):  # what the version is made of, so a worker fetches only what changed
@@ -437,6 +562,16 @@ class Shard:
         return ({"ok": True, "model": model, "version": version,
                  "pieces": [[*sl.pieces[k].as_list(), sl.checksums[k]] for k in keys]},
                 [memoryview(sl.data[k]).cast("B") for k in keys])
+
+    def _staged_slice(self, model: str, version, header: dict) -> Slice | None:
+        """What a fetch naming a stage (`stage`: the publisher's token, `digest`: its content) reads:
+        the stage's checked pieces, or the committed version once that stage has committed."""
+        token, digest = _token({"token": header.get("stage")}), _digest(header)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise ProtocolError("a fetch of a stage names its version")
+        stage = self.staging.get((model, version, token))
+        sl = stage.slice if stage is not None else self.store.slices.get(model, {}).get(version)
+        return sl if sl is not None and sl.digest == digest else None
 
     def on_rollback(self, header: dict, frames) -> dict:
         model, version = _model(header), _version(header)
@@ -456,12 +591,12 @@ class Shard:
         if self.repairer is not None:
             self.metrics.under_replicated.set(self.repairer.status.get("under_replicated_versions", 0))
 
-    def _announce(self, kind: str, model: str, version: int | None) -> None:
+    def _announce(self, kind: str, model: str, version: int | None, **extra) -> None:
         if kind != "hugz":
             self.seq += 1
         self.pubsock.send_multipart([model.encode(), pack({
             "kind": kind, "shard": self.cfg.name, "boot": self.boot, "seq": self.seq, "model": model,
-            "version": version, "current": dict(self.store.current)})])
+            "version": version, "current": dict(self.store.current), **extra})])
 
 
 def _model(header: dict) -> str:

@@ -12,9 +12,11 @@ current version with the highest epoch among a piece's owners, so a shard that m
 rollback while down does not bring the old version back).
 
 Write path: only pieces not stored yet are written (a delta writes its changed pieces plus a
-small manifest), each to a temporary name, fsynced, renamed, then the pieces directory is
-fsynced. The shard does this when a stage arrives (so the disk works while the other shards
-receive theirs, and a commit is quick); a commit writes whatever is still missing, then the
+small manifest), each to a temporary name, fsynced (unless `fsync=False`: the shard's
+`--durability replicated`), renamed, then the pieces directory is fsynced. The shard does this
+when a stage arrives, on a writer thread (`write_files` touches no books; `note_written`, on
+the shard's loop, books them), so the disk works while the other shards receive theirs and
+workers fetch the stage, and a commit is quick; a commit writes whatever is still missing, then the
 manifest the same way (last: it marks the version done), so a SIGKILL at any moment leaves
 either the old state or the new one; pieces no manifest names are invisible. After a
 commit (the shard runs it once the commit is answered and announced: `commit(prune=False)`,
@@ -128,8 +130,9 @@ def unreferenced(stored: set[str], slices: dict) -> set[str]:
 
 
 class ShardStore:
-    def __init__(self, root: str | os.PathLike, keep: int = 3):
+    def __init__(self, root: str | os.PathLike, keep: int = 3, fsync: bool = True):
         self.root = Path(root)
+        self.fsync = fsync  # piece files fsynced before a stage is answered (False: --durability replicated)
         self.root.mkdir(parents=True, exist_ok=True)
         self.keep = keep
         self.slices: dict[str, dict[int, Slice]] = {}  # model -> version -> slice
@@ -149,42 +152,61 @@ class ShardStore:
         """Make the pieces of `sl` not stored yet durable (temporary name, fsync, rename, fsync of
         the directory); no manifest names them yet, so until a commit they are invisible (and a
         collect removes them). Returns {"pieces", "bytes"} written."""
-        pdir = self.root / model / PIECES
-        pdir.mkdir(parents=True, exist_ok=True)
-        stored = self.stored.setdefault(model, set())
-        todo = {}  # checksum -> array, each new content written once
+        todo = self.unstored(model, sl)
+        done = self.write_files(model, todo)
+        self.note_written(model, todo)
+        return done
+
+    def unstored(self, model: str, sl: Slice) -> dict[str, np.ndarray]:
+        """checksum -> array of the pieces of `sl` that no piece file holds yet (each content once)."""
+        stored = self.stored.get(model, set())
+        todo: dict[str, np.ndarray] = {}
         for k, c in sl.checksums.items():
             if c not in stored and c not in todo:
                 todo[c] = sl.data[k]
+        return todo
+
+    def write_files(self, model: str, todo: dict[str, np.ndarray], tag: str = "") -> dict:
+        """Write and fsync the piece files `todo` (checksum -> array): the file I/O alone, touching
+        none of the store's books, so a shard may run it on a thread while its loop serves (the
+        loop then calls `note_written`). Temporary names carry `tag`, so two writers of one
+        content never share one. Returns {"pieces", "bytes", "write_s", "fsync_s"}."""
+        pdir = self.root / model / PIECES
+        pdir.mkdir(parents=True, exist_ok=True)
+        suffix = f".{tag}.tmp" if tag else ".tmp"  # ends in .tmp: what a crash leaves is dropped at start
         tmps = []
-        t0 = time.monotonic()
+        t0 = t1 = time.monotonic()
         try:
             for c, arr in todo.items():  # write everything, then fsync: the disk works on all of it at once
-                f = open(pdir / f"{c}.tmp", "wb")
+                f = open(pdir / f"{c}{suffix}", "wb")
                 tmps.append((c, f))
                 f.write(memoryview(np.ascontiguousarray(arr)).cast("B"))
             t1 = time.monotonic()
             for _c, f in tmps:
                 f.flush()
-                os.fsync(f.fileno())
+                if self.fsync:
+                    os.fsync(f.fileno())
         except BaseException:
             for c, f in tmps:  # a full disk, say: leave nothing half written behind
                 f.close()
-                (pdir / f"{c}.tmp").unlink(missing_ok=True)
+                (pdir / f"{c}{suffix}").unlink(missing_ok=True)
             raise
         finally:
             for _, f in tmps:
                 f.close()
         for c, _ in tmps:
-            os.replace(pdir / f"{c}.tmp", pdir / c)
-        if tmps:
+            os.replace(pdir / f"{c}{suffix}", pdir / c)
+        if tmps and self.fsync:
             _fsync_dir(pdir)
-        stored.update(todo)
-        nbytes = sum(a.nbytes for a in todo.values())
-        self.written["pieces"] += len(todo)
-        self.written["bytes"] += nbytes
-        return {"pieces": len(todo), "bytes": nbytes, "write_s": round(t1 - t0, 4) if tmps else 0.0,
+        return {"pieces": len(todo), "bytes": sum(a.nbytes for a in todo.values()),
+                "write_s": round(t1 - t0, 4) if tmps else 0.0,
                 "fsync_s": round(time.monotonic() - t1, 4) if tmps else 0.0}
+
+    def note_written(self, model: str, todo: dict[str, np.ndarray]) -> None:
+        """Book piece files `write_files` made (on this store's own thread)."""
+        self.stored.setdefault(model, set()).update(todo)
+        self.written["pieces"] += len(todo)
+        self.written["bytes"] += sum(a.nbytes for a in todo.values())
 
     def commit(self, model: str, sl: Slice, early: dict | None = None, epoch: int | None = None,
                prune: bool = True) -> dict:

@@ -12,6 +12,15 @@ Unchanged tensors are shared with the held version. The result is checked whole 
 module and built into a complete new module here (its tensors are the fetched ones; dtype,
 int8, device), which the compute thread swaps in between batches (woken for it).
 
+Prefetch (issue 22): when shards that together name every piece announce one stage (model,
+version, token, digest) newer than what is served, its pieces are fetched from the stage
+(checked on receipt like any piece) and its module built, off to the side, while the shards
+write it to disk; nothing of it is served. Once every shard announces the commit of that
+digest, the built module is swapped in with no byte moved again; if the commit is other
+content, the fetch plans against the prefetched pieces by checksum (or the held ones), and a
+stage aborted or never committed is dropped with nothing refused. An announcement older than
+the snapshot held (a hello overtook it) is already in that snapshot and is ignored.
+
 A version that cannot be assembled or loaded is *refused*: remembered with its reason,
 reported in the heartbeat, never fetched again while a shard holds it (a newer version is).
 A worker that serves nothing yet when the current version is one it refuses serves the newest
@@ -83,6 +92,8 @@ class ShardView:
         self.versions: dict[str, list[int]] = {}  # committed versions per model (from the last snapshot)
         self.history: dict[str, list[int]] = {}  # earlier current versions per model, oldest first (snapshot)
         self.pub: str | None = None
+        self.staged: dict[str, tuple[int, str, str]] = {}  # model -> (version, token, digest) last announced staged
+        self.committed: dict[str, tuple[int, str]] = {}  # model -> (version, digest) of its last commit heard
         self.known = False
         self.heard = 0.0  # monotonic time of the last announcement or snapshot
         self.interval = 1.0  # the shard's announce interval (from hello)
@@ -91,7 +102,7 @@ class ShardView:
 class WeightSync(threading.Thread):
     def __init__(self, ctx: zmq.Context, shards: Mapping[str, str], models: Mapping, swaps, on_error=None,
                  timeout: float = 30.0, resync_s: float = 5.0, security: Security | None = None, wake=None,
-                 replicas: int | None = None):
+                 replicas: int | None = None, prefetch: bool = True):
         super().__init__(name="ringserve-weight-sync", daemon=True)
         self.ctx, self.shards, self.models, self.swaps = ctx, dict(shards), models, swaps
         self.timeout, self.resync_s = timeout, resync_s
@@ -115,6 +126,9 @@ class WeightSync(threading.Thread):
         self.quorum = min_live(len(self.shards), self.replicas)  # shards that together name every piece
         self.mismatched: dict[str, str] = {}  # shard -> why its ring differs from ours (never used)
         self.unanswered: dict[str, int] = {}  # shard -> snapshots in a row it did not answer
+        self.prefetch = prefetch  # fetch a staged version while the shards write it (served only once committed)
+        self.prefetched: dict[str, Prefetched] = {}  # model -> a staged version fetched and checked, not served
+        self.prefetch_tried: set[tuple[str, int, str]] = set()  # (model, version, token): never fetched twice
 
     def _connect_sub(self, sub: zmq.Socket, shard: str, endpoint: str) -> None:
         """One SUB, many shards: each connect takes the server key set just before it."""
@@ -172,6 +186,11 @@ class WeightSync(threading.Thread):
             return
         seq, boot = msg.get("seq", 0), msg.get("boot")
         expected = view.seq if msg.get("kind") == "hugz" else view.seq + 1
+        if (view.known and boot == view.boot and isinstance(seq, int) and not isinstance(seq, bool)
+                and seq < expected):  # sent before the snapshot we hold (queued meanwhile): already in it
+            if msg.get("kind") == "staged":
+                self._book(view.staged, msg, _staged(msg))  # a snapshot names no stage; a prefetch checks it all
+            return
         if boot != view.boot or seq != expected:
             if view.known:
                 log.info("shard_gap_resync", shard=msg.get("shard"), seq=seq, expected=expected)
@@ -180,6 +199,20 @@ class WeightSync(threading.Thread):
         view.seq = seq
         view.current = dict(msg.get("current", {}))
         view.heard = time.monotonic()
+        kind = msg.get("kind")
+        if kind == "staged":
+            self._book(view.staged, msg, _staged(msg))
+        elif kind == "commit":
+            got = _staged({"token": "-", **msg})
+            self._book(view.committed, msg, got and (got[0], got[2]))
+        elif kind != "hugz" and isinstance(msg.get("model"), str):
+            view.committed.pop(msg["model"], None)  # a rollback (or anything else): the digest heard is over
+
+    @staticmethod
+    def _book(book: dict, msg: Mapping, value) -> None:
+        """Note what an announcement says of its model (bounded: at most 256 models a shard)."""
+        if value is not None and (len(book) < 256 or msg["model"] in book):
+            book[msg["model"]] = value
 
     def report(self) -> dict:
         """What this worker serves, for the shards' follower books (paramserver/followers.py): per
@@ -220,6 +253,7 @@ class WeightSync(threading.Thread):
                     pub = reachable_pub(str(h["pub"]), self.shards[n])
                     v.versions, v.history = _int_lists(h.get("versions")), _int_lists(h.get("history"))
                     v.boot, v.seq, v.current, v.pub, v.known = boot, seq, current, pub, True
+                    v.committed = {}  # a snapshot tells no digest: the next fetch reads the manifests
                     v.heard, v.interval = time.monotonic(), float(h.get("announce_interval", 1.0))
                     self.snapshots[n] += resync
                     if first:
@@ -284,6 +318,72 @@ class WeightSync(threading.Thread):
             if time.monotonic() < not_before:
                 continue
             self._fetch(rpc, name, version)
+        if self.prefetch:
+            for name in self.models:
+                self._maybe_prefetch(rpc, live, name)
+
+    def _maybe_prefetch(self, rpc: ShardRPC, live: list[ShardView], name: str) -> None:
+        """Fetch a version the shards announced staged (and hold it checked, unserved) while they
+        write it to disk: when enough of them staged one content newer than what we serve or fetch."""
+        model = self.models[name]
+        if getattr(model, "on_demand", False) and not model.ready:
+            return
+        votes: dict[tuple[int, str, str], int] = {}
+        for v in live:
+            if name in v.staged:
+                votes[v.staged[name]] = votes.get(v.staged[name], 0) + 1
+        ready = [k for k, n in votes.items() if n >= self.quorum]
+        if not ready:
+            return
+        version, token, digest = max(ready)
+        ours = self.wanted.get(name, model.version)
+        if ((isinstance(ours, int) and version <= ours) or (name, version) in self.refused
+                or (name, version, token) in self.prefetch_tried
+                or all(v.current.get(name) == version for v in live)):  # committed: the fetch proper takes it
+            return
+        if len(self.prefetch_tried) >= 1024:
+            self.prefetch_tried.clear()
+        self.prefetch_tried.add((name, version, token))
+        self._prefetch(rpc, name, version, token, digest,
+                       [n for n, v in self.views.items() if v.known and v.staged.get(name) == (version, token, digest)])
+
+    def _prefetch(self, rpc: ShardRPC, model: str, version: int, token: str, digest: str, asked: list[str]) -> None:
+        """Fetch and check the staged pieces of `version` (the publisher's `token`, content `digest`)
+        into a version beside the held one, kept in `prefetched`: nothing is built or served until
+        the shards commit it, and a stage that fails or never commits is simply dropped."""
+        t0 = time.monotonic()
+        stage = {"stage": token, "digest": digest}
+        self.prefetched.pop(model, None)
+        try:
+            replies = rpc.call({n: ({"cmd": "fetch", "model": model, "version": version, "manifest_only": True,
+                                     **stage}, []) for n in asked},
+                               raise_on_error=False, cancel=self.stopping, enough=self.quorum, grace=0.25)
+            manifests = {n: h["manifest"] for n, (h, _) in replies.items() if h.get("ok") and h.get("digest") == digest}
+            if len(manifests) < self.quorum or (self.replicas == 1 and len(manifests) < len(self.shards)):
+                raise ShardCallError({n: "no staged manifest" for n in asked if n not in manifests})
+            new, need = plan_version(manifests, self.held.get(model), _shapes(self.models[model]))
+            fetched = fetch_into(rpc, model, version, need, new, self.timeout, cancel=self.stopping,
+                                 sources=new.sources, extra=stage)
+        except Exception as exc:  # noqa: BLE001 - nothing is lost: the commit, if it comes, is fetched as ever
+            log.info("weights_prefetch_failed", model=model, version=version, error=str(exc)[:300],
+                     seconds=round(time.monotonic() - t0, 3))
+            return
+        t1 = time.monotonic()
+        try:  # built off to the side as after a commit; only a commit of this content swaps it in
+            module = self.models[model].build_shadow(new.tensors(), version)
+        except Exception as exc:  # noqa: BLE001 - a version that does not load is refused after its commit
+            log.info("weights_prebuild_failed", model=model, version=version, error=str(exc)[:300])
+            module = None
+        self.prefetched[model] = Prefetched(version, digest, new, manifests, module)
+        log.info("weights_prefetched", model=model, version=version, bytes_fetched=fetched,
+                 seconds=round(time.monotonic() - t0, 3), build_s=round(time.monotonic() - t1, 3))
+
+    def _committed_as(self, model: str, version: int, digest: str) -> bool:
+        """Every shard heard from says, in its commit announcement, that `version` of `model` is
+        current with content `digest`."""
+        known = [v for v in self.views.values() if v.known]
+        return len(known) >= self.quorum and all(
+            v.current.get(model) == version and v.committed.get(model) == (version, digest) for v in known)
 
     def _fallback(self, model: str, current: int) -> int | None:
         """The version to serve when the shards' current one is refused here and nothing is served
@@ -304,23 +404,39 @@ class WeightSync(threading.Thread):
         t0 = time.monotonic()
         held = self.held.get(model)
         served = self.models[model]
-        log.info("weights_fetch_started", model=model, version=version, serving=served.version)
+        pre = self.prefetched.pop(model, None)
+        if pre is not None and pre.version != version:
+            pre = None
+        # the staged manifests are the committed ones when every shard announced this content's commit
+        known = pre is not None and self._committed_as(model, version, pre.digest)
+        log.info("weights_fetch_started", model=model, version=version, serving=served.version,
+                 prefetched=pre is not None, manifests_known=known)
         try:
-            asked = sorted(n for n, v in self.views.items() if v.known)
-            replies = rpc.call({n: ({"cmd": "fetch", "model": model, "version": version, "manifest_only": True}, [])
-                                for n in asked}, raise_on_error=False, cancel=self.stopping,
-                               enough=self.quorum, grace=0.25)
-            manifests = {n: h["manifest"] for n, (h, _) in replies.items() if h.get("ok")}
-            if len(manifests) < self.quorum or (self.replicas == 1 and len(manifests) < len(self.shards)):
-                why = {n: str((h.get("error") or {}).get("message", "failed"))[:300] for n, (h, _) in replies.items()
-                       if not h.get("ok")}
-                why.update({n: "no answer" for n in self.shards if n not in replies})
-                raise ShardCallError(why)
+            if known:
+                manifests = pre.manifests
+            else:
+                asked = sorted(n for n, v in self.views.items() if v.known)
+                replies = rpc.call({n: ({"cmd": "fetch", "model": model, "version": version, "manifest_only": True},
+                                        []) for n in asked}, raise_on_error=False, cancel=self.stopping,
+                                   enough=self.quorum, grace=0.25)
+                manifests = {n: h["manifest"] for n, (h, _) in replies.items() if h.get("ok")}
+                if len(manifests) < self.quorum or (self.replicas == 1 and len(manifests) < len(self.shards)):
+                    why = {n: str((h.get("error") or {}).get("message", "failed"))[:300]
+                           for n, (h, _) in replies.items() if not h.get("ok")}
+                    why.update({n: "no answer" for n in self.shards if n not in replies})
+                    raise ShardCallError(why)
+                if pre is not None and not all(replies[n][0].get("digest") == pre.digest for n in manifests):
+                    pre = None  # other content under this number (another publisher won): fetched as ever
         except (ShardCallError, KeyError, TypeError, AttributeError) as exc:
             self._fetch_failed(model, version, exc)
             return
+        if pre is not None:
+            held = pre.held  # its pieces were checked on receipt; the manifests below still decide each one
         try:
-            new, need = plan_version(manifests, held, _shapes(served))
+            if known:  # planned (and checked against the module) from these very manifests when prefetched
+                new, need = pre.held, {}
+            else:
+                new, need = plan_version(manifests, held, _shapes(served))
             t1 = time.monotonic()
             log.info("weights_manifest_fetched", model=model, version=version,
                      pieces_total=sum(map(len, manifests.values())), pieces_to_fetch=sum(map(len, need.values())),
@@ -338,7 +454,11 @@ class WeightSync(threading.Thread):
             self._refuse(model, version, f"{type(exc).__name__}: {exc}")
             return
         try:
-            module = served.build_shadow(new.tensors(), version)  # off the compute thread, with its stages
+            if (pre is not None and pre.module is not None and set(new.flat) == set(pre.held.flat)
+                    and all(a is pre.held.flat[k] for k, a in new.flat.items())):
+                module = pre.module  # built from exactly these arrays when they were fetched
+            else:
+                module = served.build_shadow(new.tensors(), version)  # off the compute thread, with its stages
         except Exception as exc:  # the version itself is broken: refuse it, keep serving the old one
             self._refuse(model, version, f"{type(exc).__name__}: {exc}")
             return
@@ -421,6 +541,25 @@ def _disconnect(sub: zmq.Socket, endpoint: str) -> None:
         sub.disconnect(endpoint)
     except zmq.ZMQError:
         pass
+
+
+def _staged(msg: Mapping) -> tuple[int, str, str] | None:
+    """(version, token, digest) of a shard's "staged" announcement, or None if it is not well formed."""
+    version, token, digest = msg.get("version"), msg.get("token"), msg.get("digest")
+    if (not isinstance(msg.get("model"), str) or model_name_problem(msg["model"])
+            or not isinstance(version, int) or isinstance(version, bool) or version < 0
+            or not isinstance(token, str) or not 1 <= len(token) <= 64
+            or not isinstance(digest, str) or not 1 <= len(digest) <= 128):
+        return None
+    return version, token, digest
+
+
+class Prefetched:
+    """A staged version fetched (every piece checked) before its commit: the base the fetch of
+    that version plans against once the shards commit it with the same digest."""
+
+    def __init__(self, version: int, digest: str, held: "Held", manifests: dict, module=None) -> None:
+        self.version, self.digest, self.held, self.manifests, self.module = version, digest, held, manifests, module
 
 
 class Held:
@@ -634,7 +773,7 @@ def _recv_batch(sock: zmq.Socket, shard: str, expected: dict[int, dict[str, tupl
 def fetch_into(rpc: ShardRPC, model: str, version: int, need: Mapping[str, list[tuple[Piece, str]]], new: Held,
                timeout: float, window: int = FETCH_WINDOW, batch_bytes: int = FETCH_BATCH_BYTES,
                cancel: threading.Event | None = None, sources: Mapping[str, list[str]] | None = None,
-               failover_s: float = FAILOVER_S) -> int:
+               failover_s: float = FAILOVER_S, extra: Mapping | None = None) -> int:
     """Fetch `need` from every shard at once, `window` requests of about `batch_bytes` in flight
     per shard, each reply read straight into `new`.
 
@@ -694,7 +833,7 @@ def fetch_into(rpc: ShardRPC, model: str, version: int, need: Mapping[str, list[
         while todo[n] and len(inflight[n]) < window:
             batch, rid = todo[n][0], rpc.next_rid()
             header = {"cmd": "fetch", "model": model, "version": version, "keys": [p.key for p, _ in batch],
-                      "rid": rid}
+                      "rid": rid, **(extra or {})}
             try:  # never block: a shard whose queue is full counts as failing
                 rpc.socks[n].send_multipart([SHARD_PROTO, pack(header)], zmq.NOBLOCK)
             except zmq.Again:
