@@ -108,7 +108,15 @@ def segments_summary(values: list[float]) -> dict:
             "cpu_us_per_req_median": round(values[len(values) // 2], 1)}
 
 
-def run_async(endpoint: str, concurrency: int, segments: int, prof: cProfile.Profile | None) -> dict:
+def process_summary(values: list[float]) -> dict:
+    """The whole process less the fake master's thread: the client's thread plus libzmq's I/O thread."""
+    values = sorted(values)
+    return {"process_cpu_us_per_req_min": round(values[0], 1),
+            "process_cpu_us_per_req_median": round(values[len(values) // 2], 1)}
+
+
+def run_async(endpoint: str, master_ident: int, concurrency: int, segments: int,
+              prof: cProfile.Profile | None) -> dict:
     from ringserve.client import AsyncClient
 
     x = np.random.default_rng(0).standard_normal((1, 256), dtype=np.float32)
@@ -139,7 +147,7 @@ def run_async(endpoint: str, concurrency: int, segments: int, prof: cProfile.Pro
                 state["answered"], state["target"] = 0, n
                 done_all = loop.create_future()
                 lat.clear()
-                t0 = time.thread_time()
+                t0, p0, m0 = time.thread_time(), time.process_time(), thread_cpu(master_ident)
                 if prof:
                     prof.enable()
                 for _ in range(concurrency):
@@ -147,17 +155,19 @@ def run_async(endpoint: str, concurrency: int, segments: int, prof: cProfile.Pro
                 await asyncio.wait_for(done_all, 60)
                 if prof:
                     prof.disable()
-                return (time.thread_time() - t0) / n * 1e6
+                proc = time.process_time() - p0 - (thread_cpu(master_ident) - m0)
+                return (time.thread_time() - t0) / n * 1e6, proc / n * 1e6
 
             await run(SEGMENT // 2)  # warm-up
-            out = [await run(SEGMENT) for _ in range(segments)]
-            return {**segments_summary(out), "errors": state["errors"], "resent": c.stats.resent,
+            res = [await run(SEGMENT) for _ in range(segments)]
+            return {**segments_summary([a for a, _ in res]), **process_summary([b for _, b in res]), "errors": state["errors"], "resent": c.stats.resent,
                     "batches_sent": c.stats.batches_sent, "batches_received": c.stats.batches_received}
 
     return asyncio.run(main())
 
 
-def run_sync(endpoint: str, concurrency: int, segments: int, prof: cProfile.Profile | None) -> dict:
+def run_sync(endpoint: str, master_ident: int, concurrency: int, segments: int,
+             prof: cProfile.Profile | None) -> dict:
     from ringserve.client import Client
 
     x = np.random.default_rng(0).standard_normal((1, 256), dtype=np.float32)
@@ -169,6 +179,7 @@ def run_sync(endpoint: str, concurrency: int, segments: int, prof: cProfile.Prof
             nonlocal errors
             window: collections.deque = collections.deque()
             t0, io0 = time.thread_time(), thread_cpu(io_ident)
+            p0, m0 = time.process_time(), thread_cpu(master_ident)
             if prof:
                 prof.enable()
             submitted = 0
@@ -186,13 +197,14 @@ def run_sync(endpoint: str, concurrency: int, segments: int, prof: cProfile.Prof
                     submitted += 1
             if prof:
                 prof.disable()
-            return (time.thread_time() - t0) / n * 1e6, (thread_cpu(io_ident) - io0) / n * 1e6
+            proc = time.process_time() - p0 - (thread_cpu(master_ident) - m0)
+            return (time.thread_time() - t0) / n * 1e6, (thread_cpu(io_ident) - io0) / n * 1e6, proc / n * 1e6
 
         run(SEGMENT // 2)
         res = [run(SEGMENT) for _ in range(segments)]
-        caller, io = segments_summary([a for a, _ in res]), segments_summary([b for _, b in res])
-        total = segments_summary([a + b for a, b in res])
-        return {**total, "io_thread_cpu_us_per_req_min": io["cpu_us_per_req_min"],
+        caller, io = segments_summary([r[0] for r in res]), segments_summary([r[1] for r in res])
+        total = segments_summary([r[0] + r[1] for r in res])
+        return {**total, **process_summary([r[2] for r in res]), "io_thread_cpu_us_per_req_min": io["cpu_us_per_req_min"],
                 "io_thread_cpu_us_per_req_median": io["cpu_us_per_req_median"],
                 "caller_cpu_us_per_req_min": caller["cpu_us_per_req_min"],
                 "caller_cpu_us_per_req_median": caller["cpu_us_per_req_median"],
@@ -211,14 +223,14 @@ def main(argv=None) -> None:
     ctx = zmq.Context()
     master = FakeMaster(ctx, packed=args.master == "batch2", batches=args.master != "plain")
     master.start()
-    prof = cProfile.Profile() if args.profile else None
+    prof = cProfile.Profile(time.thread_time) if args.profile else None  # CPU, not the GIL waits
     out: dict = {"concurrency": args.concurrency, "master": args.master}
     try:
         if args.client in ("async", "both"):
-            out["async"] = run_async(master.endpoint, args.concurrency, args.segments, prof)
+            out["async"] = run_async(master.endpoint, master.ident, args.concurrency, args.segments, prof)
         if args.client in ("sync", "both"):
             # with --profile the sync figure profiles the caller's thread only (the I/O thread is another)
-            out["sync"] = run_sync(master.endpoint, args.concurrency, args.segments,
+            out["sync"] = run_sync(master.endpoint, master.ident, args.concurrency, args.segments,
                                    prof if args.client == "sync" else None)
     finally:
         master.stop.set()
