@@ -30,7 +30,9 @@ import structlog
 import zmq
 
 from ringserve.client.errors import RingserveError, Timeout
-from ringserve.client.reliable import first_master, master_addresses, ClientStats, Reliability, Reply, TIMER_STEP_S, new_pending, open_dealer
+from ringserve.client.reliable import (
+    EVENTS, POLLIN, TIMER_STEP_S, ClientStats, Reliability, Reply, first_master, master_addresses, new_pending, open_dealer,
+)
 from ringserve.protocol.security import Security
 
 log = structlog.get_logger("ringserve.client")
@@ -170,7 +172,7 @@ class AsyncClient:
             self._schedule_read()  # more may be waiting: after the loop's other callbacks
         elif rel.outgoing:  # the answers caused resends (an epoch change, a 501)
             rel.flush(sock)
-            if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # the send may have taken the edge: ask
+            if sock.getsockopt(EVENTS) & POLLIN:  # the send may have taken the edge: ask
                 self._schedule_read()
 
     def _on_monitor(self) -> None:

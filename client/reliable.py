@@ -62,6 +62,8 @@ from ringserve.protocol.sockets import frames_nbytes, recv_frames, send_frames
 log = structlog.get_logger("ringserve.client")
 
 TIMER_STEP_S = 0.01
+CANCEL_SWEEP_S = 0.1  # how soon a request whose future the caller cancelled leaves the books at the latest
+EVENTS, POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)  # plain ints: `int & zmq.POLLIN` runs enum code per call
 MAX_MONITOR_EVENTS = 64  # monitor events read per call
 
 
@@ -225,6 +227,8 @@ class Reliability:
         self.handshakes = 0
         self.last_ping = 0.0
         self._next_timers = 0.0
+        self._due = 0.0  # no pending request has a deadline or a resend before this (a lower bound)
+        self._sweep_at = 0.0  # the next walk for cancelled futures, however far off `_due` is
         self._resolved = resolved  # None: nothing to tell (AsyncClient), so no call per answer
 
     # ------------------------------------------------------------- sending
@@ -232,6 +236,9 @@ class Reliability:
         if not self.pending:
             self.expecting_since = time.monotonic()  # silence counts from when an answer is due
         self.pending[p.rid] = p
+        due = p.next_retry if p.next_retry < p.deadline else p.deadline
+        if due < self._due:
+            self._due = due
         self.send(sock, p)
 
     def send(self, sock: zmq.Socket, p: Pending) -> None:
@@ -291,6 +298,7 @@ class Reliability:
 
     def resend_all(self, sock: zmq.Socket) -> None:
         now = time.monotonic()
+        self._due = min(self._due, now + self.retry_interval)
         for p in list(self.pending.values()):
             p.acked_epoch = None
             p.backoff = self.retry_interval
@@ -299,22 +307,36 @@ class Reliability:
 
     # ------------------------------------------------------------- events
     def on_timers(self, sock: zmq.Socket, now: float) -> None:
-        """Cancellations, deadlines, resends and pings; a walk over the pending requests, so at most
-        every TIMER_STEP_S however busy the loop is."""
+        """Cancellations, deadlines, resends and pings, at most every TIMER_STEP_S however busy the
+        loop is. The walk over the pending requests runs only when one of them may be due (`_due`,
+        kept as the earliest deadline or resend of the last walk and of every request since) or, for
+        futures the caller cancelled, every CANCEL_SWEEP_S: a cancelled request is never sent again
+        (the walk that would resend it drops it first), it only leaves the books up to that late."""
         if now < self._next_timers:
             return
         self._next_timers = now + TIMER_STEP_S
-        for p in list(self.pending.values()):
-            if p.future.cancelled():  # the caller gave up: stop sending it
-                del self.pending[p.rid]
-                self.resolve(p)
-            elif now >= p.deadline:
-                del self.pending[p.rid]
-                self.resolve(p, exc=Timeout(self.timeout_message(), p.rid))
-            elif p.acked_epoch is None and now >= p.next_retry:
-                p.backoff = min(p.backoff * 2, self.max_retry_interval)
-                p.next_retry = now + p.backoff
-                self.send(sock, p)
+        if self.pending and (now >= self._due or now >= self._sweep_at):
+            self._sweep_at = now + CANCEL_SWEEP_S
+            due = float("inf")
+            for p in list(self.pending.values()):
+                if p.future.cancelled():  # the caller gave up: stop sending it
+                    del self.pending[p.rid]
+                    self.resolve(p)
+                    continue
+                if now >= p.deadline:
+                    del self.pending[p.rid]
+                    self.resolve(p, exc=Timeout(self.timeout_message(), p.rid))
+                    continue
+                if p.acked_epoch is None:
+                    if now >= p.next_retry:
+                        p.backoff = min(p.backoff * 2, self.max_retry_interval)
+                        p.next_retry = now + p.backoff
+                        self.send(sock, p)
+                    if p.next_retry < due:
+                        due = p.next_retry
+                if p.deadline < due:
+                    due = p.deadline
+            self._due = due
         if (self.pending and len(self.endpoints) > 1
                 and now - max(self.last_heard, self.expecting_since) > self.failover_after):
             self.fail_over(sock, now)
@@ -335,7 +357,7 @@ class Reliability:
         announced); else the first is tried at once (the descriptor or the poller said so). Either
         way the last call finds the socket empty, which re-arms its descriptor's edge."""
         for i in range(limit):
-            if (i or probe) and not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if (i or probe) and not sock.getsockopt(EVENTS) & POLLIN:
                 return False
             try:
                 frames = recv_frames(sock)
@@ -349,9 +371,12 @@ class Reliability:
         return True
 
     def read_monitor(self, sock: zmq.Socket, monitor: zmq.Socket) -> bool:
-        """Handle the monitor's waiting events; True when a new connection was made."""
+        """Handle the monitor's waiting events; True when a new connection was made. Events are rare
+        and the timer looks often: the socket is asked first (ZMQ_EVENTS), no failed recv raised."""
         handshake = False
         for _ in range(MAX_MONITOR_EVENTS):
+            if not monitor.getsockopt(EVENTS) & POLLIN:
+                break
             try:
                 event = recv_monitor_message(monitor, zmq.NOBLOCK)
             except zmq.Again:
