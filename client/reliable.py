@@ -27,6 +27,10 @@ Pirate, with de-duplication by request id on the master):
     tensors is one frame; the master answers in kind); a master that answers ``501`` to it gets
     ``mmi.batch`` (a frame per header), and one that answers ``501`` to that (it predates
     batches) gets one message per request;
+  * an answer's tensors are checked when it arrives (an answer that fails is dropped, so its request
+    is resent or times out) and made into numpy arrays when the caller first reads
+    ``Reply.outputs`` (``client/reply.py``); the timers walk the pending requests only when one of
+    them may be due (a deadline or a resend) and every ``CANCEL_SWEEP_S`` for cancelled futures;
   * given several masters (active-active), a client talks to one at a time, picked at random so
     clients spread over them; when that master has been silent for ``failover_after`` while
     requests wait (it died, hung or was cut off: pings go every ``ping_interval``), the client
