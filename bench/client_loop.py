@@ -9,7 +9,10 @@ Only the client's threads are timed (``time.thread_time``, and for another threa
 rest of the machine; on a shared machine it moves far less than bench/throughput.py's whole-process
 figure. The closed loop is loadgen's: each answer's done-callback submits the next request, so the
 AsyncClient figure includes that driver, as bench/throughput.py's `client_cpu_us_per_req` does.
-Prints one JSON line: CPU per answered request over segments of 3,200 requests (min, median).
+Prints one JSON line: CPU per answered request over segments of 3,200 requests (min, median), and
+`process_cpu_*`: the whole process less the fake master's thread (the client's threads and libzmq's
+I/O thread). --profile uses cProfile on thread CPU time (its own overhead is large; for shares,
+py-spy record --gil -r 1000 -f raw on this script is closer).
 
     python bench/client_loop.py [--client async|sync|both] [--concurrency 64] [--segments 10] [--profile]
 """
