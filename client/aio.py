@@ -9,7 +9,10 @@ reliability rules (resends asking for an ACK, epochs, pings, reconnects, deadlin
 same ``client.reliable.Reliability`` the sync client uses.
 
 A ZeroMQ socket's descriptor signals edges, not levels: after any send the socket may hold
-messages that raised no new edge, so every send schedules one read of the socket too.
+messages that raised no new edge, so every turn that sent asks the socket (ZMQ_EVENTS) whether a
+message waits, and reads it if so; a turn ends only once the socket said it had nothing more, which
+is what re-arms the descriptor. (Asking costs a syscall here, as a recv that fails does; a failed
+recv also raises, so reads stop on the socket's answer, not on zmq.Again.)
 
     async with AsyncClient("tcp://master:5555") as c:
         outputs = await c.infer("mlp", {"x": x})
@@ -27,7 +30,9 @@ import structlog
 import zmq
 
 from ringserve.client.errors import RingserveError, Timeout
-from ringserve.client.reliable import first_master, master_addresses, ClientStats, Reliability, Reply, TIMER_STEP_S, new_pending, open_dealer
+from ringserve.client.reliable import (
+    EVENTS, POLLIN, TIMER_STEP_S, ClientStats, Reliability, Reply, first_master, master_addresses, new_pending, open_dealer,
+)
 from ringserve.protocol.security import Security
 
 log = structlog.get_logger("ringserve.client")
@@ -141,7 +146,7 @@ class AsyncClient:
         if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(self._sock.getsockopt(zmq.FD), self._on_readable)
+        self._loop.add_reader(self._sock.getsockopt(zmq.FD), self._on_descriptor)
         self._loop.add_reader(self._monitor.getsockopt(zmq.FD), self._on_monitor)
         self._timer = self._loop.call_later(TIMER_STEP_S, self._on_timer)
         self._schedule_read()
@@ -151,18 +156,24 @@ class AsyncClient:
             self._read_scheduled = True
             self._loop.call_soon(self._on_readable)
 
-    def _on_readable(self) -> None:
+    def _on_descriptor(self) -> None:
+        """The socket's descriptor fired: a message most likely waits, so the first recv is tried at once."""
+        self._on_readable(False)
+
+    def _on_readable(self, probe: bool = True) -> None:
+        """Send what this turn queued, then read until the socket says it holds nothing more."""
         self._read_scheduled = False
         self._read_since_tick = True
         if self._closed:
             return
-        sends = self.stats.sent
-        self._rel.flush(self._sock)  # what submit() queued since the last turn: one message
-        if self._rel.read_messages(self._sock, MAX_READ_PER_CALL):
+        rel, sock = self._rel, self._sock
+        rel.flush(sock)  # what submit() queued since the last turn: one message
+        if rel.read_messages(sock, MAX_READ_PER_CALL, probe):
             self._schedule_read()  # more may be waiting: after the loop's other callbacks
-        self._rel.flush(self._sock)  # resends the answers caused (an epoch change)
-        if self.stats.sent != sends:
-            self._schedule_read()  # a send happened: the edge may have been consumed
+        elif rel.outgoing:  # the answers caused resends (an epoch change, a 501)
+            rel.flush(sock)
+            if sock.getsockopt(EVENTS) & POLLIN:  # the send may have taken the edge: ask
+                self._schedule_read()
 
     def _on_monitor(self) -> None:
         if self._closed:
