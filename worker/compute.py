@@ -24,9 +24,9 @@ import torch
 import zmq
 
 from ringserve.protocol.codec import encode_tensors
-from ringserve.protocol.envelope import reply_frames
 from ringserve.protocol.messages import ErrorCode, error_body
 from ringserve.worker.batching import Batcher, WorkItem, concat_inputs, split_outputs
+from ringserve.worker.handoff import CHANGED, RESULT, result_frames
 from ringserve.worker.loader import ServedModel, input_error
 from ringserve.worker.metrics import WorkerMetrics
 from ringserve.worker.stages import POST, PRE, Inbox, StagePool, Task
@@ -35,8 +35,6 @@ log = structlog.get_logger("ringserve.worker.compute")
 
 IDLE_WAIT_S = 0.05
 MAX_RESTAGED = 3  # times a request may be preprocessed again because its stages' version was swapped out
-RESULT = b"R"  # [RESULT, count, *REPLY frames]: `count` replies for the master, in one message
-CHANGED = b"S"  # [CHANGED]: model state changed (new version): heartbeat now
 
 
 class BatchStats:
@@ -275,8 +273,7 @@ class ComputeThread(threading.Thread):
         links = {item.link for item in items}
         for link in sorted(links):
             mine = replies if len(links) == 1 else [r for r, i in zip(replies, items) if i.link == link]
-            self.push.send_multipart([RESULT, str(len(mine)).encode(), str(link).encode(), *reply_frames(mine)],
-                                     copy=False)
+            self.push.send_multipart(result_frames(link, mine), copy=False)
 
     def _compute(self, model: ServedModel, batch: list[WorkItem], pinned: int | None) -> list[tuple[dict, list]]:
         """Run and encode a batch; raises if anything about it fails (no partial answers)."""
