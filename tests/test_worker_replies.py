@@ -17,6 +17,7 @@ from ringserve.protocol.sockets import drain
 from ringserve.worker.agent import WorkerAgent, WorkerConfig
 from ringserve.worker.handoff import result_frames
 from ringserve.worker.loader import ServedModel, parse_model_arg
+from ringserve.worker.metrics import LATENCY_BUCKETS, WorkerMetrics
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -77,3 +78,30 @@ def test_handed_over_replies_reach_the_master_whole_in_its_framing(framing):
             sock.close(linger=0)  # the compute thread never started: only the sockets to close
         master.close(linger=0)
         ctx.term()
+
+
+def test_queue_waits_counted_per_batch_export_as_the_same_histogram():
+    """The queue-wait histogram is observed a batch at a time (worker/metrics.py BatchHistogram):
+    a scrape reads exactly what prometheus_client's Histogram reads for the same values."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    waits = [[0.0001, 0.003, 7.0], [0.0], [0.05, 0.0049, 2.5, 1e-6]]
+    mine = WorkerMetrics()
+    ref = CollectorRegistry()
+    hist = Histogram("ringserve_worker_queue_duration_seconds", "Arrival at the worker to the start of its batch",
+                     ["model"], buckets=LATENCY_BUCKETS, registry=ref)
+    for batch in waits:
+        mine.on_batch("mlp", len(batch), batch, 0.01)
+        for w in batch:
+            hist.labels("mlp").observe(w)
+    mine.on_batch("other", 1, [0.2], 0.01)
+    hist.labels("other").observe(0.2)
+    def lines(text: str, sums: bool) -> list[str]:
+        return sorted(ln for ln in text.splitlines()
+                      if "queue_duration" in ln and "_created" not in ln and ("_sum{" in ln) == sums)
+
+    got, want = generate_latest(mine.registry).decode(), generate_latest(ref).decode()
+    assert lines(got, False) == lines(want, False) and len(lines(got, False)) > 30  # buckets, counts, HELP, TYPE
+    # sums: the same values added in another order (a batch's total, then the running sum)
+    assert [float(ln.split()[-1]) for ln in lines(got, True)] == pytest.approx(
+        [float(ln.split()[-1]) for ln in lines(want, True)])

@@ -415,8 +415,11 @@ def split_outputs(outputs: dict[str, Any], items: list[WorkItem]) -> list[dict[s
             if arr.ndim == 0 or arr.shape[0] != total:
                 raise ValueError(f"output {name!r} has shape {list(arr.shape)}; a batched model must return "
                                  f"{total} rows along dim 0")
-    bounds = np.cumsum([i.rows for i in items])[:-1]
-    parts = {n: np.split(a, bounds) if len(items) > 1 else [a] for n, a in outputs.items()}
+    cuts, row = [], 0  # (start, end) per request: slices are views, as np.split's are, at a fraction of its cost
+    for i in items:
+        cuts.append((row, row + i.rows))
+        row += i.rows
+    parts = {n: [a[lo:hi] for lo, hi in cuts] if len(items) > 1 else [a] for n, a in outputs.items()}
     if ragged is not None:
         padded = ragged.padded_length([i.length for i in items])
         for name, arr in outputs.items():

@@ -276,7 +276,8 @@ class ComputeThread(threading.Thread):
             self.push.send_multipart(result_frames(link, mine), copy=False)
 
     def _compute(self, model: ServedModel, batch: list[WorkItem], pinned: int | None) -> list[tuple[dict, list]]:
-        """Run and encode a batch; raises if anything about it fails (no partial answers)."""
+        """Run and encode a batch; raises if anything about it fails (no partial answers). What is the
+        same for every answer of the batch is looked up once, outside the loop over its requests."""
         version = model.version if pinned is None else pinned
         started = time.monotonic()
         outputs = model.run(concat_inputs(batch), pinned)
@@ -284,15 +285,19 @@ class ComputeThread(threading.Thread):
         rows = sum(i.rows for i in batch)
         compute_ms = round(1000 * (time.monotonic() - started), 3)
         post = []  # handed to the stage pool only once the whole batch has split (a failure re-runs it)
+        post_stages = model.stages_for(version) if model.has_stages and model.opts.postprocess is not None else None
+        name, worker, epochs = batch[0].model, self.worker_name, self.epochs  # one model per batch
         for item, out in zip(batch, split_outputs(outputs, batch)):
-            timing = {**item.timing, "queue_ms": round(1000 * (started - item.arrival), 3), "compute_ms": compute_ms}
-            header = {"id": item.client_id, "key": item.rid, "attempt": item.attempt, "ok": True, "model": item.model,
+            queue_ms = round(1000 * (started - item.arrival), 3)
+            timing = {**item.timing, "queue_ms": queue_ms, "compute_ms": compute_ms} if item.timing \
+                else {"queue_ms": queue_ms, "compute_ms": compute_ms}
+            header = {"id": item.client_id, "key": item.rid, "attempt": item.attempt, "ok": True, "model": name,
                       "version": version, "outputs": [], "batch_rows": rows, "timing": timing}
-            epoch = self.epochs.get(item.link)
-            if epoch is not None and self.worker_name is not None:
-                header["worker"], header["epoch"] = self.worker_name, epoch
-            if model.has_stages and model.opts.postprocess is not None:
-                post.append(Task(POST, model, item, out, header, stages=model.stages_for(version)))
+            epoch = epochs.get(item.link)
+            if epoch is not None and worker is not None:
+                header["worker"], header["epoch"] = worker, epoch
+            if post_stages is not None:
+                post.append(Task(POST, model, item, out, header, stages=post_stages))
                 continue
             header["outputs"], frames = encode_tensors(out)
             replies.append((header, frames))
