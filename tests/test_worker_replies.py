@@ -121,7 +121,7 @@ def test_an_input_signature_is_checked_once_and_a_bad_input_is_never_remembered_
         good = {"x": np.zeros((3, 256), np.float32)}
         assert agent._check_inputs(mlp, good) == 3 and agent._check_inputs(mlp, good) == 3
         for bad, why in (({"x": np.zeros((3, 256), np.float64)}, "dtype"), ({"x": np.zeros((3, 255), np.float32)}, "shape"),
-                         ({"y": np.zeros((3, 256), np.float32)}, "takes inputs"), ({"x": np.zeros((0, 256), np.float32)}, "")):
+                         ({"y": np.zeros((3, 256), np.float32)}, "takes inputs"), ({"x": np.zeros((0, 256), np.float32)}, "zero rows")):
             for _ in range(2):  # refused, and refused again: a failure is not remembered
                 with pytest.raises(BadInput, match=why):
                     agent._check_inputs(mlp, bad)
