@@ -45,13 +45,12 @@ class BatchStats:
         self.queue_wait_s = self.compute_s = 0.0
         self.skipped_expired = 0
 
-    def record(self, items: list[WorkItem], started: float, finished: float) -> None:
-        rows = sum(i.rows for i in items)
+    def record(self, items: list[WorkItem], rows: int, waits: list[float], started: float, finished: float) -> None:
         self.batches += 1
         self.requests += len(items)
         self.rows += rows
         self.max_rows = max(self.max_rows, rows)
-        self.queue_wait_s += sum(started - i.arrival for i in items)
+        self.queue_wait_s += sum(waits)
         self.compute_s += finished - started
 
     def snapshot(self) -> dict:
@@ -246,9 +245,9 @@ class ComputeThread(threading.Thread):
         finally:
             finished = time.monotonic()
             self.busy_since = None
-            self.stats.record(batch, started, finished)
-            self.metrics.on_batch(model.name, sum(i.rows for i in batch), [started - i.arrival for i in batch],
-                                  finished - started)
+            rows, waits = sum(i.rows for i in batch), [started - i.arrival for i in batch]  # once, for both books
+            self.stats.record(batch, rows, waits, started, finished)
+            self.metrics.on_batch(model.name, rows, waits, finished - started)
         self._push(replies, owners)
 
     def _restage(self, model: ServedModel, batch: list[WorkItem]) -> None:
