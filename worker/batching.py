@@ -447,5 +447,5 @@ def split_outputs(outputs: dict[str, Any], items: list[WorkItem]) -> list[dict[s
             else:
                 cut = False
             if cut:
-                parts[name] = [p[:, :i.length] for p, i in zip(parts[name], items)]
+                parts[name] = [p[:, :i.length] for p, i in zip(parts[name], items, strict=False)]
     return [{n: parts[n][k] for n in outputs} for k in range(len(items))]

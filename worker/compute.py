@@ -26,7 +26,7 @@ import zmq
 from ringserve.protocol.codec import encode_tensors
 from ringserve.protocol.messages import ErrorCode, error_body
 from ringserve.worker.batching import Batcher, WorkItem, concat_inputs, split_outputs
-from ringserve.worker.handoff import CHANGED, RESULT, result_frames
+from ringserve.worker.handoff import CHANGED, result_frames
 from ringserve.worker.loader import ServedModel, input_error
 from ringserve.worker.metrics import WorkerMetrics
 from ringserve.worker.stages import POST, PRE, Inbox, StagePool, Task
@@ -271,7 +271,7 @@ class ComputeThread(threading.Thread):
         # Blocks only at the inproc pipe's high-water mark, which the socket thread keeps draining.
         links = {item.link for item in items}
         for link in sorted(links):
-            mine = replies if len(links) == 1 else [r for r, i in zip(replies, items) if i.link == link]
+            mine = replies if len(links) == 1 else [r for r, i in zip(replies, items, strict=False) if i.link == link]
             self.push.send_multipart(result_frames(link, mine), copy=False)
 
     def _compute(self, model: ServedModel, batch: list[WorkItem], pinned: int | None) -> list[tuple[dict, list]]:
@@ -286,7 +286,7 @@ class ComputeThread(threading.Thread):
         post = []  # handed to the stage pool only once the whole batch has split (a failure re-runs it)
         post_stages = model.stages_for(version) if model.has_stages and model.opts.postprocess is not None else None
         name, worker, epochs = batch[0].model, self.worker_name, self.epochs  # one model per batch
-        for item, out in zip(batch, split_outputs(outputs, batch)):
+        for item, out in zip(batch, split_outputs(outputs, batch), strict=True):
             queue_ms = round(1000 * (started - item.arrival), 3)
             timing = {**item.timing, "queue_ms": queue_ms, "compute_ms": compute_ms} if item.timing \
                 else {"queue_ms": queue_ms, "compute_ms": compute_ms}

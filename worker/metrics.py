@@ -59,7 +59,7 @@ class BatchHistogram:
             snapshot = [(key, list(counts), total[0]) for key, (counts, total) in self._series.items()]
         for key, counts, total in snapshot:
             cumulative, buckets = 0, []
-            for bound, n in zip((*self.bounds, float("inf")), counts):
+            for bound, n in zip((*self.bounds, float("inf")), counts, strict=True):
                 cumulative += n
                 buckets.append((floatToGoString(bound), cumulative))
             family.add_metric([key], buckets, total)
