@@ -426,7 +426,8 @@ class WorkerAgent:
     @staticmethod
     def _reply_messages(chunk: list, packed: bool) -> list[list]:
         """The REPLY bodies for one chunk of handed-over parts (one, unless repacking our own frames
-        fails: a bug, logged, and each part then goes alone, so no answer is lost)."""
+        fails: a bug, logged, and each part then goes alone as it came, packed, which every master
+        since framing 2 reads, rather than drop its answers)."""
         try:
             if packed:
                 if len(chunk) == 1:
@@ -437,7 +438,7 @@ class WorkerAgent:
             return [[f for _, hs, data in chunk for raw, _, fs in split_replies([hs, *data]) for f in (raw, *fs)]]
         except ProtocolError as exc:
             log.error("reply_repack_failed", error=str(exc))
-            return [[hs, *data] for _, hs, data in chunk] if packed else []
+            return [[hs, *data] for _, hs, data in chunk]
 
     def start_drain(self, why: str) -> None:
         if not self.draining:
