@@ -17,6 +17,9 @@ process's own counters, so it holds on a noisy machine:
   mlp_*_cpu_us_per_req                            the same, for the MLP runs
   cache_hit_cpu_us_per_req                        the MLP marked cache=true, one input per load process:
                                                   the master's CPU per answer it gave from its cache
+`--phases` runs only the named configurations (e.g. `--phases batched,noop`); the figures of the
+others are left out of the line. `mlp_batched_mean_batch_size`, `_worker_queue_ms` and
+`_worker_compute_ms` are the worker's own per-batch figures (admin status) for that run.
 The in-process rates are the median of three slices (at the start, after the batched MLP, at the
 end; `inprocess_bs32_samples_per_s_slices` lists them), so a burst of other load hits one slice.
 """
@@ -36,11 +39,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import in_process_rate  # noqa: E402
 from bench.loadgen import run_load, zmq_limit  # noqa: E402
+from ringserve.client.admin import AdminClient  # noqa: E402
 from ringserve.launch.logsetup import configure_logging  # noqa: E402
 from ringserve.launch.procs import RoleProcess, wait_for_workers  # noqa: E402
 from ringserve.worker import demo  # noqa: E402
 
 EPH = "tcp://127.0.0.1:*"
+PHASES = ("limit", "noop", "noop_bs1", "mlp", "batched", "delay2", "cached", "lowload")
+
+
+class Skipped(dict):
+    """A configuration --phases left out: every figure NaN (arithmetic goes on), dropped from the line."""
+
+    def __missing__(self, key):
+        return float("nan")
 
 
 def serve_and_measure(tmp: Path, model_arg: str, model: str, args, worker_args: list[str]) -> dict:
@@ -57,6 +69,7 @@ def serve_and_measure(tmp: Path, model_arg: str, model: str, args, worker_args: 
         res, cpu = run_load(master.info["frontend"], model, (1, 256), args.concurrency, args.seconds,
                             processes=args.load_processes,
                             server_pids={"master": master.pid, "worker": worker.pid})
+        stats = AdminClient(master.info["admin"], timeout=5.0).status()["workers"][0].get("stats", {})
     finally:
         if worker:
             worker.stop()
@@ -65,7 +78,9 @@ def serve_and_measure(tmp: Path, model_arg: str, model: str, args, worker_args: 
     n = max(1, res.answered)
     return {"req_per_s": round(res.rate, 1), "p50_ms": round(p50, 3), "p99_ms": round(p99, 3),
             "errors": res.errors, "master_cpu_us": round(cpu["master"] / n * 1e6, 1),
-            "worker_cpu_us": round(cpu["worker"] / n * 1e6, 1), "client_cpu_us": round(res.client_cpu_s / n * 1e6, 1)}
+            "worker_cpu_us": round(cpu["worker"] / n * 1e6, 1), "client_cpu_us": round(res.client_cpu_s / n * 1e6, 1),
+            "mean_batch_size": stats.get("mean_batch_size"), "worker_queue_ms": stats.get("mean_queue_wait_ms"),
+            "worker_compute_ms": stats.get("mean_compute_ms")}
 
 
 def main(argv=None) -> None:
@@ -74,7 +89,14 @@ def main(argv=None) -> None:
     p.add_argument("--concurrency", type=int, default=64, help="requests in flight, over all load processes")
     p.add_argument("--load-processes", type=int, default=2, help="separate processes driving the load")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--phases", default=",".join(PHASES), help=f"configurations to run, of: {','.join(PHASES)}")
     args = p.parse_args(argv)
+    phases = {x.strip() for x in args.phases.split(",") if x.strip()}
+    if not phases or phases - set(PHASES):
+        p.error(f"--phases takes some of {','.join(PHASES)}, got {args.phases!r}")
+
+    def phase(name: str, run):
+        return run() if name in phases else Skipped()
     configure_logging("bench", "warning")  # logs to stderr: stdout is the one JSON line
     torch.set_num_threads(int(os.environ.get("RS_THREADS", 1)))
     tmp = Path(tempfile.mkdtemp(prefix="rs-bench-"))
@@ -99,18 +121,22 @@ def main(argv=None) -> None:
         inproc["bs32"].append(in_process_rate(lambda: call(x32), args.seconds / 6) * 32)
 
     inprocess_slice()
-    limit = zmq_limit(args.seconds, args.concurrency, args.load_processes)
-    noop = serve_and_measure(tmp, "noop=ringserve.worker.demo:noop", "noop", args, [])  # the worker's defaults
-    noop1 = serve_and_measure(tmp, "noop=ringserve.worker.demo:noop", "noop", args, ["--max-batch-size", "1"])
-    mlp = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", args, ["--max-batch-size", "1"])
-    batched = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", args, [])  # the worker's defaults
+    limit = phase("limit", lambda: zmq_limit(args.seconds, args.concurrency, args.load_processes))
+    noop = phase("noop", lambda: serve_and_measure(tmp, "noop=ringserve.worker.demo:noop", "noop", args, []))  # defaults
+    noop1 = phase("noop_bs1", lambda: serve_and_measure(tmp, "noop=ringserve.worker.demo:noop", "noop", args,
+                                                        ["--max-batch-size", "1"]))
+    mlp = phase("mlp", lambda: serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", args,
+                                                 ["--max-batch-size", "1"]))
+    batched = phase("batched", lambda: serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", args, []))
     inprocess_slice()
-    delay2 = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", args, ["--max-queue-delay-us", "2000"])
+    delay2 = phase("delay2", lambda: serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", args,
+                                                       ["--max-queue-delay-us", "2000"]))
     # Each load process sends one input over and over: after the first, the master answers from its cache.
-    cached = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp,cache=true", "mlp", args, [])
+    cached = phase("cached", lambda: serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp,cache=true", "mlp", args, []))
     low = argparse.Namespace(**{**vars(args), "concurrency": 2, "load_processes": 2})
-    low_default = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", low, [])
-    low_delay2 = serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", low, ["--max-queue-delay-us", "2000"])
+    low_default = phase("lowload", lambda: serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", low, []))
+    low_delay2 = phase("lowload", lambda: serve_and_measure(tmp, "mlp=ringserve.worker.demo:mlp", "mlp", low,
+                                                            ["--max-queue-delay-us", "2000"]))
 
     inprocess_slice()
     bs1, bs32 = (float(np.median(inproc[k])) for k in ("bs1", "bs32"))
@@ -133,6 +159,8 @@ def main(argv=None) -> None:
              mlp_batched_req_per_s=batched["req_per_s"], mlp_batched_p50_ms=batched["p50_ms"],
              mlp_batched_p99_ms=batched["p99_ms"], mlp_batched_master_cpu_us_per_req=batched["master_cpu_us"],
              mlp_batched_worker_cpu_us_per_req=batched["worker_cpu_us"],
+             mlp_batched_mean_batch_size=batched["mean_batch_size"], mlp_batched_worker_queue_ms=batched["worker_queue_ms"],
+             mlp_batched_worker_compute_ms=batched["worker_compute_ms"],
              mlp_delay2ms_req_per_s=delay2["req_per_s"], mlp_delay2ms_p50_ms=delay2["p50_ms"],
              mlp_delay2ms_p99_ms=delay2["p99_ms"],
              lowload_default_req_per_s=low_default["req_per_s"], lowload_default_p50_ms=low_default["p50_ms"],
@@ -145,8 +173,9 @@ def main(argv=None) -> None:
              mlp_vs_inprocess_bs1=round(mlp["req_per_s"] / bs1, 3),
              mlp_batched_vs_inprocess_bs1=round(batched["req_per_s"] / bs1, 3),
              mlp_batched_vs_inprocess_bs32=round(batched["req_per_s"] / bs32, 3),
-             errors=sum(x["errors"] for x in (noop, noop1, mlp, batched, delay2, cached, low_default, low_delay2)))
-    print(json.dumps(r))
+             errors=sum(x["errors"] for x in (noop, noop1, mlp, batched, delay2, cached, low_default, low_delay2)
+                        if not isinstance(x, Skipped)))
+    print(json.dumps({k: v for k, v in r.items() if not (isinstance(v, float) and v != v)}))  # NaN: not run
 
 
 if __name__ == "__main__":

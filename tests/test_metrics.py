@@ -62,6 +62,7 @@ def test_every_role_serves_metrics_after_real_traffic(cluster):
     assert value(worker, "ringserve_model_ready", model="mlp") == 1
     assert value(worker, "ringserve_worker_requests_total", model="mlp", outcome="ok") == 20
     assert value(worker, "ringserve_worker_batch_size_sum", model="mlp") == 20
+    assert value(worker, "ringserve_worker_queue_duration_seconds_count", model="mlp") == 20  # one per request
     assert value(worker, "ringserve_weight_swaps_total", model="mlp") >= 1
     assert value(worker, "ringserve_worker_compute_duration_seconds_count", model="mlp") >= 5
 

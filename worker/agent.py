@@ -24,11 +24,10 @@ from dataclasses import dataclass, field
 import structlog
 import zmq
 
-from ringserve.protocol.codec import decode_tensors, pack, unpack_map
+from ringserve.protocol.codec import decode_tensors, pack, unpack, unpack_map
 from ringserve.protocol.envelope import (
     FRAMING, MAX_PACKED_BYTES, MAX_PER_MESSAGE, Dispatch, bounded_chunks, packed_reply_frames, parse_dispatch,
-    peer_framing, reply_frames,
-    reply_parts,
+    peer_framing, reply_frames, split_replies,
 )
 from ringserve.protocol.messages import (
     DISCONNECT, DRAIN, HEARTBEAT, READY, REPLY, REQUEST, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
@@ -36,13 +35,15 @@ from ringserve.protocol.messages import (
 from ringserve.protocol.security import Security
 from ringserve.protocol.sockets import drain, send_frames
 from ringserve.worker.batching import Batcher, WorkItem
-from ringserve.worker.compute import CHANGED, RESULT, ComputeThread
+from ringserve.worker.compute import ComputeThread
+from ringserve.worker.handoff import CHANGED, RESULT
 from ringserve.worker.loader import BadInput, ServedModel
 from ringserve.worker.metrics import WorkerMetrics
 
 log = structlog.get_logger("ringserve.worker")
 
 MAX_RECV_PER_TURN = 256
+MAX_CHECKED = 1024  # input signatures remembered as checked (all forgotten when full: bounded whatever clients send)
 
 
 @dataclass
@@ -58,7 +59,7 @@ class MasterLink:
     register_at: float | None = None
     reconnects: int = 0
     in_flight: int = 0
-    replies: list = field(default_factory=list)  # [(count, REPLY frames)] from the compute thread, not yet sent
+    replies: list = field(default_factory=list)  # [(count, packed headers, data frames)] handed over, not yet sent
     gone: bool = False  # told DISCONNECT while draining: nothing more to say to it
     framing: int = 1  # the REPLY framing this master reads (its HEARTBEAT says; 1 until it does)
 
@@ -121,6 +122,7 @@ class WorkerAgent:
         self.drain_requested: str | None = None
         self.failed: str | None = None  # why the worker left on its own (compute died or stalled)
         self.unsplittable = 0  # REQUEST messages with no readable dispatch list (reported in heartbeats)
+        self.checked: dict[tuple, int] = {}  # (model, (name, dtype, shape) per input) -> rows, for inputs that passed
         self.sync = None  # a WeightSync thread when weights come from parameter servers
         self.compute.max_models = cfg.max_models
         self.compute.worker_name = cfg.name
@@ -372,7 +374,7 @@ class WorkerAgent:
         if model is None:
             raise ProtocolError(f"this worker does not serve model {d.model!r}")
         inputs = decode_tensors(d.header.get("inputs"), d.frames)
-        rows = model.check_inputs(inputs)
+        rows = self._check_inputs(model, inputs)
         if model.on_demand and not model.ready:
             self._request_load(model.name)  # the request waits in the batcher until it is loaded
         # 0 means already expired: TIMEOUT without compute
@@ -380,42 +382,63 @@ class WorkerAgent:
         return WorkItem(d.key, d.attempt, model.name, d.version, inputs, rows, arrival=now, deadline=now + timeout_s,
                         keepalive=d.frames, cid=d.cid, link=link)
 
+    def _check_inputs(self, model: ServedModel, inputs: dict) -> int:
+        """model.check_inputs, asked once per input signature: what it checks (names, dtypes, shapes
+        against the model's fixed input_spec) is a function of the signature alone, and under load
+        every request of a model has the same one (its check was a fifth of the socket thread's time).
+        A model with stages checks against its current version's preprocess, so it is asked every time;
+        so is any input that fails (the error is raised, never remembered)."""
+        if model.has_stages:
+            return model.check_inputs(inputs)
+        key = (model.name, tuple((n, a.dtype, a.shape) for n, a in inputs.items()))
+        rows = self.checked.get(key)
+        if rows is None:
+            rows = model.check_inputs(inputs)
+            if len(self.checked) >= MAX_CHECKED:
+                self.checked.clear()
+            self.checked[key] = rows
+        return rows
+
     def on_result(self, frames: list[zmq.Frame]) -> None:
         kind = frames[0].bytes
-        if kind == RESULT:  # [RESULT][count][link][REPLY frames of `count` replies]: sent at the end of the drain
+        if kind == RESULT:  # [RESULT][count][link][packed headers][data frames] (worker/handoff.py)
             count, link = int(frames[1].bytes), self.links[int(frames[2].bytes)]
             self.in_flight -= count
             link.in_flight -= count
-            link.replies.append((count, frames[3:]))
+            link.replies.append((count, frames[3], frames[4:]))
         elif kind == CHANGED:
             self._heartbeat(time.monotonic())
 
     def flush_replies(self) -> None:
-        """Every reply the compute thread handed over in this turn goes to its master in one REPLY (or
-        a few: at most MAX_PER_MESSAGE replies, and MAX_PACKED_BYTES of packed headers, each), in the
-        framing that master said it reads: framing 2 packs the headers into one frame."""
+        """Every reply handed over in this turn goes to its master in one REPLY (or a few: at most
+        MAX_PER_MESSAGE replies, and MAX_PACKED_BYTES of packed headers, each), in the framing that
+        master said it reads. Framing 2: a turn's one part is sent as it came (its headers are
+        already the REPLY's first frame); several parts have their header lists joined."""
         for link in self.links:
             if not link.replies:
                 continue
-            results, link.replies = link.replies, []
-            packed = link.framing >= 2
-            parts: list[tuple[int, list, list, int]] = []  # (replies, packed headers, frames, header bytes)
-            for count, part in results:
-                if not packed:
-                    parts.append((count, [], part, 0))
-                    continue
-                try:
-                    hs, data = reply_parts(part, count)
-                except ProtocolError as exc:  # our own compute thread's frames: a bug, never a lost answer
-                    log.error("reply_repack_failed", error=str(exc))
-                    self._send(link, [REPLY, *part])
-                    continue
-                parts.append((count, hs, data, sum(len(h) for h in hs)))
-            for chunk in bounded_chunks(parts, MAX_PER_MESSAGE, MAX_PACKED_BYTES, size=lambda p: p[3],
+            parts, link.replies = link.replies, []
+            for chunk in bounded_chunks(parts, MAX_PER_MESSAGE, MAX_PACKED_BYTES, size=lambda p: len(p[1]),
                                         count=lambda p: p[0]):
-                frames = [f for p in chunk for f in p[2]]
-                self._send(link, [REPLY, *(packed_reply_frames([h for p in chunk for h in p[1]], frames)
-                                           if packed else frames)])
+                for frames in self._reply_messages(chunk, link.framing >= 2):
+                    self._send(link, [REPLY, *frames])
+
+    @staticmethod
+    def _reply_messages(chunk: list, packed: bool) -> list[list]:
+        """The REPLY bodies for one chunk of handed-over parts (one, unless repacking our own frames
+        fails: a bug, logged, and each part then goes alone as it came, packed, which every master
+        since framing 2 reads, rather than drop its answers)."""
+        try:
+            if packed:
+                if len(chunk) == 1:
+                    return [[chunk[0][1], *chunk[0][2]]]
+                headers = [h for _, hs, _ in chunk for h in unpack(hs)]
+                return [packed_reply_frames(headers, [f for p in chunk for f in p[2]])]
+            # framing 1 (a master from before framing 2): each reply's header in its own frame
+            return [[f for _, hs, data in chunk for raw, _, fs in split_replies([hs, *data]) for f in (raw, *fs)]]
+        except ProtocolError as exc:
+            log.error("reply_repack_failed", error=str(exc))
+            return [[hs, *data] for _, hs, data in chunk]
 
     def start_drain(self, why: str) -> None:
         if not self.draining:

@@ -274,6 +274,10 @@ class Batcher:
         self.models: dict[str, ModelBatching] = dict(models or {})
         self.groups: dict[Hashable, deque[WorkItem]] = {}
         self.rows: dict[Hashable, int] = {}
+        # per group, a deadline no later than its soonest (exact after add and take_expired; after a batch
+        # leaves it may be earlier than any left, which only costs one scan): take_expired skips a group
+        # whose soonest deadline is still ahead, instead of rebuilding every queue on every turn
+        self.soonest: dict[Hashable, float] = {}
         self.costs: dict[str, CostFit] = {}  # per ragged model without buckets: what a call costs in tokens
 
     def configure(self, models: Mapping[str, ModelBatching]) -> None:
@@ -302,6 +306,9 @@ class Batcher:
         key = item.group_key()
         self.groups.setdefault(key, deque()).append(item)
         self.rows[key] = self.rows.get(key, 0) + item.rows
+        soonest = self.soonest.get(key)
+        if soonest is None or item.deadline < soonest:
+            self.soonest[key] = item.deadline
 
     def take_model(self, model: str) -> list[WorkItem]:
         """Remove and return every request queued for `model` (it cannot be loaded: each is answered)."""
@@ -309,16 +316,22 @@ class Batcher:
         for key in [k for k in self.groups if k[0] == model]:
             gone.extend(self.groups.pop(key))
             self.rows.pop(key, None)
+            self.soonest.pop(key, None)
         return gone
 
     def take_expired(self, now: float) -> list[WorkItem]:
         """Remove and return requests whose deadline has passed (they get TIMEOUT, no compute)."""
         gone = []
+        soonest = self.soonest
         for key, group in list(self.groups.items()):
+            if soonest.get(key, -1.0) > now:
+                continue  # nobody in this group is due yet
             keep = deque(i for i in group if i.deadline > now)
             if len(keep) != len(group):
                 gone.extend(i for i in group if i.deadline <= now)
                 self._set(key, keep)
+            if keep:
+                soonest[key] = min(i.deadline for i in keep)
         return gone
 
     def observe(self, batch: Sequence[WorkItem], seconds: float) -> None:
@@ -377,6 +390,7 @@ class Batcher:
         else:
             self.groups.pop(key, None)
             self.rows.pop(key, None)
+            self.soonest.pop(key, None)
 
 
 def concat_inputs(items: list[WorkItem]) -> dict[str, np.ndarray]:
@@ -415,8 +429,11 @@ def split_outputs(outputs: dict[str, Any], items: list[WorkItem]) -> list[dict[s
             if arr.ndim == 0 or arr.shape[0] != total:
                 raise ValueError(f"output {name!r} has shape {list(arr.shape)}; a batched model must return "
                                  f"{total} rows along dim 0")
-    bounds = np.cumsum([i.rows for i in items])[:-1]
-    parts = {n: np.split(a, bounds) if len(items) > 1 else [a] for n, a in outputs.items()}
+    cuts, row = [], 0  # (start, end) per request: slices are views, as np.split's are, at a fraction of its cost
+    for i in items:
+        cuts.append((row, row + i.rows))
+        row += i.rows
+    parts = {n: [a[lo:hi] for lo, hi in cuts] if len(items) > 1 else [a] for n, a in outputs.items()}
     if ragged is not None:
         padded = ragged.padded_length([i.length for i in items])
         for name, arr in outputs.items():
@@ -430,5 +447,5 @@ def split_outputs(outputs: dict[str, Any], items: list[WorkItem]) -> list[dict[s
             else:
                 cut = False
             if cut:
-                parts[name] = [p[:, :i.length] for p, i in zip(parts[name], items)]
+                parts[name] = [p[:, :i.length] for p, i in zip(parts[name], items, strict=False)]
     return [{n: parts[n][k] for n in outputs} for k in range(len(items))]

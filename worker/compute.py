@@ -24,9 +24,9 @@ import torch
 import zmq
 
 from ringserve.protocol.codec import encode_tensors
-from ringserve.protocol.envelope import reply_frames
 from ringserve.protocol.messages import ErrorCode, error_body
 from ringserve.worker.batching import Batcher, WorkItem, concat_inputs, split_outputs
+from ringserve.worker.handoff import CHANGED, result_frames
 from ringserve.worker.loader import ServedModel, input_error
 from ringserve.worker.metrics import WorkerMetrics
 from ringserve.worker.stages import POST, PRE, Inbox, StagePool, Task
@@ -35,8 +35,6 @@ log = structlog.get_logger("ringserve.worker.compute")
 
 IDLE_WAIT_S = 0.05
 MAX_RESTAGED = 3  # times a request may be preprocessed again because its stages' version was swapped out
-RESULT = b"R"  # [RESULT, count, *REPLY frames]: `count` replies for the master, in one message
-CHANGED = b"S"  # [CHANGED]: model state changed (new version): heartbeat now
 
 
 class BatchStats:
@@ -47,13 +45,12 @@ class BatchStats:
         self.queue_wait_s = self.compute_s = 0.0
         self.skipped_expired = 0
 
-    def record(self, items: list[WorkItem], started: float, finished: float) -> None:
-        rows = sum(i.rows for i in items)
+    def record(self, items: list[WorkItem], rows: int, waits: list[float], started: float, finished: float) -> None:
         self.batches += 1
         self.requests += len(items)
         self.rows += rows
         self.max_rows = max(self.max_rows, rows)
-        self.queue_wait_s += sum(started - i.arrival for i in items)
+        self.queue_wait_s += sum(waits)
         self.compute_s += finished - started
 
     def snapshot(self) -> dict:
@@ -248,9 +245,9 @@ class ComputeThread(threading.Thread):
         finally:
             finished = time.monotonic()
             self.busy_since = None
-            self.stats.record(batch, started, finished)
-            self.metrics.on_batch(model.name, sum(i.rows for i in batch), [started - i.arrival for i in batch],
-                                  finished - started)
+            rows, waits = sum(i.rows for i in batch), [started - i.arrival for i in batch]  # once, for both books
+            self.stats.record(batch, rows, waits, started, finished)
+            self.metrics.on_batch(model.name, rows, waits, finished - started)
         self._push(replies, owners)
 
     def _restage(self, model: ServedModel, batch: list[WorkItem]) -> None:
@@ -274,12 +271,12 @@ class ComputeThread(threading.Thread):
         # Blocks only at the inproc pipe's high-water mark, which the socket thread keeps draining.
         links = {item.link for item in items}
         for link in sorted(links):
-            mine = replies if len(links) == 1 else [r for r, i in zip(replies, items) if i.link == link]
-            self.push.send_multipart([RESULT, str(len(mine)).encode(), str(link).encode(), *reply_frames(mine)],
-                                     copy=False)
+            mine = replies if len(links) == 1 else [r for r, i in zip(replies, items, strict=False) if i.link == link]
+            self.push.send_multipart(result_frames(link, mine), copy=False)
 
     def _compute(self, model: ServedModel, batch: list[WorkItem], pinned: int | None) -> list[tuple[dict, list]]:
-        """Run and encode a batch; raises if anything about it fails (no partial answers)."""
+        """Run and encode a batch; raises if anything about it fails (no partial answers). What is the
+        same for every answer of the batch is looked up once, outside the loop over its requests."""
         version = model.version if pinned is None else pinned
         started = time.monotonic()
         outputs = model.run(concat_inputs(batch), pinned)
@@ -287,15 +284,19 @@ class ComputeThread(threading.Thread):
         rows = sum(i.rows for i in batch)
         compute_ms = round(1000 * (time.monotonic() - started), 3)
         post = []  # handed to the stage pool only once the whole batch has split (a failure re-runs it)
-        for item, out in zip(batch, split_outputs(outputs, batch)):
-            timing = {**item.timing, "queue_ms": round(1000 * (started - item.arrival), 3), "compute_ms": compute_ms}
-            header = {"id": item.client_id, "key": item.rid, "attempt": item.attempt, "ok": True, "model": item.model,
+        post_stages = model.stages_for(version) if model.has_stages and model.opts.postprocess is not None else None
+        name, worker, epochs = batch[0].model, self.worker_name, self.epochs  # one model per batch
+        for item, out in zip(batch, split_outputs(outputs, batch), strict=True):
+            queue_ms = round(1000 * (started - item.arrival), 3)
+            timing = {**item.timing, "queue_ms": queue_ms, "compute_ms": compute_ms} if item.timing \
+                else {"queue_ms": queue_ms, "compute_ms": compute_ms}
+            header = {"id": item.client_id, "key": item.rid, "attempt": item.attempt, "ok": True, "model": name,
                       "version": version, "outputs": [], "batch_rows": rows, "timing": timing}
-            epoch = self.epochs.get(item.link)
-            if epoch is not None and self.worker_name is not None:
-                header["worker"], header["epoch"] = self.worker_name, epoch
-            if model.has_stages and model.opts.postprocess is not None:
-                post.append(Task(POST, model, item, out, header, stages=model.stages_for(version)))
+            epoch = epochs.get(item.link)
+            if epoch is not None and worker is not None:
+                header["worker"], header["epoch"] = worker, epoch
+            if post_stages is not None:
+                post.append(Task(POST, model, item, out, header, stages=post_stages))
                 continue
             header["outputs"], frames = encode_tensors(out)
             replies.append((header, frames))

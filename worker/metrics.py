@@ -5,13 +5,65 @@ The compute thread feeds the per-batch figures (``on_batch``) and the weight swa
 description it sends in its heartbeat (``refresh``). prometheus-client's metrics are
 thread-safe, so the two threads and the HTTP thread need no lock of ours. A model's counters
 start at 0 when it is first described (``refresh``), so dashboards read 0 rather than "No data".
+
+The queue-wait histogram has one observation per request, so it is counted in plain lists, a
+batch's waits under one lock (``BatchHistogram``), and made into a family only when a scrape asks:
+observed one by one it cost the compute thread some 34 locked increments per batch of 32.
 """
 from __future__ import annotations
 
+import threading
+from bisect import bisect_left
+from typing import Sequence
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+from prometheus_client.core import HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class BatchHistogram:
+    """A Prometheus histogram with one label, observed a batch of values at a time (one lock per
+    batch), exported as the same family a ``Histogram`` would be (``_bucket``, ``_count``, ``_sum``)."""
+
+    def __init__(self, name: str, documentation: str, label: str, buckets: Sequence[float],
+                 registry: CollectorRegistry) -> None:
+        self.name, self.documentation, self.label = name, documentation, label
+        self.bounds = tuple(float(b) for b in buckets)
+        self._lock = threading.Lock()
+        self._series: dict[str, tuple[list[int], list[float]]] = {}  # label -> (count per bucket, +Inf last; [sum])
+        registry.register(self)
+
+    def observe_many(self, key: str, values: Sequence[float]) -> None:
+        """Observe every value (a value equal to a bound falls in that bound's bucket, as in Prometheus)."""
+        bounds = self.bounds
+        where = [bisect_left(bounds, v) for v in values]
+        total = sum(values)
+        with self._lock:
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = ([0] * (len(bounds) + 1), [0.0])
+            counts = series[0]
+            for i in where:
+                counts[i] += 1
+            series[1][0] += total
+
+    def describe(self) -> list:
+        return [HistogramMetricFamily(self.name, self.documentation, labels=[self.label])]
+
+    def collect(self) -> list:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=[self.label])
+        with self._lock:
+            snapshot = [(key, list(counts), total[0]) for key, (counts, total) in self._series.items()]
+        for key, counts, total in snapshot:
+            cumulative, buckets = 0, []
+            for bound, n in zip((*self.bounds, float("inf")), counts, strict=True):
+                cumulative += n
+                buckets.append((floatToGoString(bound), cumulative))
+            family.add_metric([key], buckets, total)
+        return [family]
 
 
 class WorkerMetrics:
@@ -22,13 +74,14 @@ class WorkerMetrics:
                                     buckets=BATCH_BUCKETS, registry=r)
         self.compute = Histogram("ringserve_worker_compute_duration_seconds", "Model time per batch", ["model"],
                                  buckets=LATENCY_BUCKETS, registry=r)
-        self.queue = Histogram("ringserve_worker_queue_duration_seconds",
-                               "Arrival at the worker to the start of its batch", ["model"],
-                               buckets=LATENCY_BUCKETS, registry=r)
+        self.queue = BatchHistogram("ringserve_worker_queue_duration_seconds",
+                                    "Arrival at the worker to the start of its batch", "model",
+                                    LATENCY_BUCKETS, registry=r)
         self.stage = Histogram("ringserve_worker_stage_duration_seconds",
                                "Time in a model's preprocess or postprocess stage, per request", ["model", "stage"],
                                buckets=LATENCY_BUCKETS, registry=r)
         self._children: dict = {}  # (model, outcome) -> labelled counter: labels() costs a lock and a lookup
+        self._batch_children: dict = {}  # model -> (batch size, compute) labelled histograms
         self.requests = Counter("ringserve_worker_requests", "Requests answered by this worker, by outcome",
                                 ["model", "outcome"], registry=r)
         self.version = Gauge("ringserve_model_version", "Weights version served (0: weights from a file)",
@@ -49,11 +102,12 @@ class WorkerMetrics:
                                  ["model"], registry=r)  # bounded: one entry per refused version
 
     def on_batch(self, model: str, rows: int, queue_waits_s: list[float], compute_s: float) -> None:
-        self.batch_size.labels(model).observe(rows)
-        self.compute.labels(model).observe(compute_s)
-        q = self.queue.labels(model)
-        for w in queue_waits_s:
-            q.observe(w)
+        children = self._batch_children.get(model)
+        if children is None:
+            children = self._batch_children[model] = (self.batch_size.labels(model), self.compute.labels(model))
+        children[0].observe(rows)
+        children[1].observe(compute_s)
+        self.queue.observe_many(model, queue_waits_s)
 
     def on_stage(self, model: str, stage: str, seconds: float) -> None:
         """One request's preprocess or postprocess time (the stage pool's threads call this)."""

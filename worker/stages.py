@@ -37,9 +37,9 @@ import structlog
 import zmq
 
 from ringserve.protocol.codec import encode_tensors, to_numpy
-from ringserve.protocol.envelope import reply_frames
 from ringserve.protocol.messages import ErrorCode, ProtocolError, error_body
 from ringserve.worker.batching import WorkItem
+from ringserve.worker.handoff import result_frames
 from ringserve.worker.loader import BadInput, ServedModel, Stages, TooLong
 from ringserve.worker.metrics import WorkerMetrics
 
@@ -48,7 +48,6 @@ log = structlog.get_logger("ringserve.worker.stages")
 PRE, POST = "preprocess", "postprocess"
 WATCH_S = 0.02  # how often the watchdog looks for stages past their request's deadline
 MAX_REPLACED = 16  # threads a pool may start in place of hung ones, over its life
-RESULT = b"R"  # compute.RESULT: [RESULT, count, link, *REPLY frames]
 
 
 class StageFailed(Exception):
@@ -277,9 +276,8 @@ class StagePool:
 
     @staticmethod
     def _send(push: zmq.Socket, item: WorkItem, replies: list) -> None:
-        """compute.RESULT to the socket thread: [RESULT, count, the master link it goes back to, *frames]."""
-        push.send_multipart([RESULT, str(len(replies)).encode(), str(item.link).encode(), *reply_frames(replies)],
-                            copy=False)
+        """A RESULT to the socket thread (worker/handoff.py), for the master link the request came from."""
+        push.send_multipart(result_frames(item.link, replies), copy=False)
 
 
 class Inbox(queue.Queue):
