@@ -631,8 +631,16 @@ class Broker:
             #                                      nobody holds it: a worker that loads it on demand
             if not able:
                 return  # the common case under load: nobody free, so do not even look at the queue
+            heads = self.queues.heads(model)
+            if len(able) == 1 and len(heads) == 1:  # one free worker, one FIFO: hand it a run at once
+                w, pin = able[0], heads[0][0]
+                if pin is not None and not w.serves(model, pin):
+                    return
+                self.policy([Load(w.ident, len(w.in_flight), w.credit, w.weight)])  # what it sees (round-robin)
+                self._assign_run(w, model, pin, now)
+                continue
             best: tuple[PendingRequest, list[WorkerRecord]] | None = None
-            for pin, req in self.queues.heads(model):
+            for pin, req in heads:
                 if best is not None and req.seq >= best[0].seq:
                     continue
                 cands = able if pin is None else [w for w in able if w.serves(model, pin)]
@@ -646,6 +654,23 @@ class Broker:
             if len(cands) > 1:
                 target = next((w for w in cands if w.ident == key), target)
             self.assign(target, req, now)
+
+    def _assign_run(self, w: WorkerRecord, model: str, pin: int | None, now: float) -> None:
+        """`assign` for the oldest requests of one FIFO, as many as `w` has credit for (the same
+        assignments one at a time would make: each takes the FIFO's head while `w` is the one free
+        worker). `w` is registered and has credit: `_dispatch_model` just found it so, and nothing
+        between sends or evicts."""
+        reqs = self.queues.pop_front(model, pin, w.credit - len(w.in_flight))
+        ident, in_flight = w.ident, w.in_flight
+        for req in reqs:
+            req.attempts += 1
+            req.worker = ident
+            in_flight[req.key] = req.attempts
+        self.metrics.on_dispatches(model, [now - req.received for req in reqs])
+        entry = self._outgoing.get(ident)
+        if entry is None:
+            entry = self._outgoing[ident] = (w, [])
+        entry[1].extend(reqs)
 
     def _loaders(self, model: str) -> list[WorkerRecord]:
         """Workers with credit that load `model` on demand, those with room first (no eviction)."""

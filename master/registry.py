@@ -157,6 +157,23 @@ class ModelQueues:
                 del self._queues[req.model]
                 del self._depth[req.model]
 
+    def pop_front(self, model: str, pin: int | None, n: int) -> list[PendingRequest]:
+        """Up to `n` of the oldest waiting requests of `model` pinned to `pin`, in order, taken off the
+        queue (dispatch hands a run of them to one worker in one go)."""
+        pins = self._queues.get(model)
+        q = pins.get(pin) if pins else None
+        if not q or n <= 0:
+            return []
+        popitem = q.popitem
+        out = [popitem(last=False)[1] for _ in range(min(n, len(q)))]
+        self._depth[model] -= len(out)
+        if not q:
+            del pins[pin]
+            if not pins:
+                del self._queues[model]
+                del self._depth[model]
+        return out
+
     def heads(self, model: str) -> list[tuple[int | None, PendingRequest]]:
         """The oldest waiting request of each version pin of `model`."""
         out = [(pin, next(iter(q.values()))) for pin, q in self._queues.get(model, {}).items()]
