@@ -41,8 +41,8 @@ from ringserve.master.window import Windows
 from ringserve.protocol.codec import pack, pack_map_with, pack_pairs, short_repr, unpack_map
 from ringserve.protocol.envelope import (
     FRAMING, MAX_NAME_LEN, REPLY_FIELDS, answers_frames, bounded_chunks, checked_result, dispatch_chunks, dispatch_frames,
-    dispatch_frames_packed, parse_heartbeat, parse_ready, parse_request_header, parse_worker_reply, split_batch,
-    split_batch_packed, split_replies,
+    dispatch_frames_packed, parse_heartbeat, parse_ready, parse_request_header, parse_worker_reply, raw_bytes,
+    split_batch, split_batch_packed, split_replies,
 )
 from ringserve.protocol.security import Security, user_id
 from ringserve.protocol.sockets import BindError, bind, drain, frames_nbytes, send_frames
@@ -849,7 +849,12 @@ class Broker:
             group = forwarded[(req.model, version)] = []
         group.append(req.received)
         service, client = req.service, req.client
-        sent = self._send_client(client, service, body)
+        out = self._client_out.get(client) if client in self._batch_clients else None
+        if out is not None:  # _send_client for a batching client that has answers this turn already
+            out.append(body)
+            sent = True
+        else:
+            sent = self._send_client(client, service, body)
         if req.digest is not None:  # a digest: its model is cacheable
             self._cache_result(req, body, version)
         self.answered.add(cid, req.model, [service, *body], client if sent else None)
@@ -1307,6 +1312,13 @@ class Broker:
         limit_n, limit_b = self.cfg.client_batch_max, self.cfg.client_batch_bytes
         for ident, bodies in out.items():
             packed = self._batch_clients.get(ident) is True
+            if packed and len(bodies) <= limit_n:  # the common case: headers only, within the bounds
+                headers = [body[0] for body in bodies if len(body) == 1]
+                if len(headers) == len(bodies):
+                    headers = [h if type(h) is bytes else raw_bytes(h) for h in headers]
+                    if sum(map(len, headers)) <= limit_b:  # what bounded_chunks would keep as one chunk
+                        self._send_raw_batch(ident, [pack(headers)], len(headers))
+                        continue
             for chunk in bounded_chunks(bodies, limit_n, limit_b, frames_nbytes):
                 self._send_batch(ident, chunk, packed)
 
@@ -1315,6 +1327,11 @@ class Broker:
                *answers_frames(bodies, packed)]
         if not self._send_raw(self.frontend, msg):
             log.warning("reply_undeliverable", client=ident.hex()[:64], answers=len(bodies))
+
+    def _send_raw_batch(self, ident: bytes, frames: list, count: int) -> None:
+        """An "mmi.batch2" message of `count` answers whose frames (answers_frames' form) are built."""
+        if not self._send_raw(self.frontend, [ident, b"", MDP_CLIENT, MMI_BATCH_PACKED_BYTES, *frames]):
+            log.warning("reply_undeliverable", client=ident.hex()[:64], answers=count)
 
     def _send_worker(self, w: WorkerRecord, parts: list) -> bool:
         return self._send_raw(self.backend, [w.ident, WORKER_PROTO, *parts])

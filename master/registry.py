@@ -136,14 +136,22 @@ class ModelQueues:
         return version not in pins and len(pins) >= self.max_pins
 
     def push(self, req: PendingRequest, front: bool = False) -> None:
-        pins = self._queues.setdefault(req.model, {})
-        q = pins.setdefault(req.version, OrderedDict())
-        if req.key not in q:
-            self._depth[req.model] = self._depth.get(req.model, 0) + 1
-        req.seq = next(self._front_seq) if front else next(self._seq)
-        q[req.key] = req
+        model, key = req.model, req.key
+        pins = self._queues.get(model)
+        if pins is None:
+            pins = self._queues[model] = {}
+        q = pins.get(req.version)
+        if q is None:  # not setdefault: it would build an OrderedDict on every push
+            q = pins[req.version] = OrderedDict()
+        if key not in q:
+            self._depth[model] = self._depth.get(model, 0) + 1
         if front:
-            q.move_to_end(req.key, last=False)
+            req.seq = next(self._front_seq)
+            q[key] = req
+            q.move_to_end(key, last=False)
+        else:
+            req.seq = next(self._seq)
+            q[key] = req
 
     def remove(self, req: PendingRequest) -> None:
         pins = self._queues.get(req.model)
