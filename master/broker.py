@@ -38,7 +38,7 @@ from ringserve.master.registry import AnsweredCache, ModelCounters, ModelQueues,
 from ringserve.master.scheduler import Load, make_policy
 from ringserve.master.status import build_status
 from ringserve.master.window import Windows
-from ringserve.protocol.codec import pack, pack_map_with, pack_pairs, short_repr, unpack_map
+from ringserve.protocol.codec import pack, pack_map_head, pack_pairs, short_repr, unpack_map
 from ringserve.protocol.envelope import (
     FRAMING, MAX_NAME_LEN, REPLY_FIELDS, answers_frames, bounded_chunks, checked_result, dispatch_chunks, dispatch_frames,
     dispatch_frames_packed, parse_heartbeat, parse_ready, parse_request_header, parse_worker_reply, raw_bytes,
@@ -449,12 +449,14 @@ class Broker:
         self.metrics.on_cache(model, hit is not None)
         if hit is None:
             return False
-        _, frames, _, (count, pairs) = hit  # pairs: the header with this epoch and "cached", packed once
-        body = [pack_map_with(count, pairs, "id", cid[1]), *frames]
+        _, frames, _, (head, pairs, nbytes) = hit  # the header with this epoch and "cached", packed once:
+        header = head + pack(cid[1]) + pairs  # the hit packs only its id (pack_map_head)
+        body = [header, *frames]
         counters.ok += 1
         self.metrics.on_answer(model, key[1], "ok", time.monotonic() - now)
         sent = self._send_client(ident, service, body)
-        self.answered.add(cid, model, [service, *body], ident if sent else None)
+        self.answered.add(cid, model, [service, *body], ident if sent else None,
+                          len(service) + len(header) + nbytes)
         return True
 
     def _cache_result(self, req: PendingRequest, body: list, version: int | None) -> None:
@@ -467,8 +469,10 @@ class Broker:
         except ProtocolError:
             return
         header = {k: v for k, v in header.items() if k not in ("id", "key", "epoch", "attempt")}
-        packed = pack_pairs({**header, "epoch": self.epoch, "cached": True})  # a hit adds only its id
-        self.responses.put((req.model, version, req.digest), header, list(body[1:]), packed)
+        count, pairs = pack_pairs({**header, "epoch": self.epoch, "cached": True})  # a hit adds only its id
+        frames = list(body[1:])
+        self.responses.put((req.model, version, req.digest), header, frames,
+                           (pack_map_head(count, "id"), pairs, frames_nbytes(frames)))
 
     def _answer_again(self, ident: bytes, cid: tuple[str, str], service: bytes, model: str, ack: bool) -> None:
         """An id this scope already had answered: its answer again (only for the same model), or an ACK

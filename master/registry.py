@@ -219,13 +219,15 @@ class AnsweredCache:
         self.max_ids, self.max_bytes = max_ids, max_bytes
         self.bytes = 0
 
-    def add(self, cid: tuple[str, str], model: str, body: list, delivered_to: bytes | None = None) -> None:
+    def add(self, cid: tuple[str, str], model: str, body: list, delivered_to: bytes | None = None,
+            nbytes: int | None = None) -> None:
+        """Remember `cid` as answered with `body`; `nbytes` is reply_size(body) when the caller knows it."""
         ids, replies = self._ids, self._replies
         if cid in ids:  # answered again (rare): it becomes the newest, its old reply is dropped
             ids.move_to_end(cid)
             self._drop_reply(cid)
         ids[cid] = [model, delivered_to]
-        size = reply_size(body) + len(cid[0]) + len(cid[1]) + 64
+        size = (reply_size(body) if nbytes is None else nbytes) + len(cid[0]) + len(cid[1]) + 64
         if size <= self.max_bytes:
             replies[cid] = (body, size)
             self.bytes += size
