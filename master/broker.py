@@ -41,8 +41,8 @@ from ringserve.master.window import Windows
 from ringserve.protocol.codec import pack, pack_map_head, pack_pairs, short_repr, unpack_map
 from ringserve.protocol.envelope import (
     FRAMING, MAX_NAME_LEN, REPLY_FIELDS, answers_frames, bounded_chunks, checked_result, dispatch_chunks, dispatch_frames,
-    dispatch_frames_packed, parse_heartbeat, parse_ready, parse_request_header, parse_worker_reply, raw_bytes,
-    split_batch, split_batch_packed, split_replies,
+    dispatch_frames_packed, dispatch_one_packed, parse_heartbeat, parse_ready, parse_request_header, parse_worker_reply,
+    raw_bytes, split_batch, split_batch_packed, split_replies,
 )
 from ringserve.protocol.security import Security, user_id
 from ringserve.protocol.sockets import BindError, bind, drain, frames_nbytes, send_frames
@@ -704,6 +704,15 @@ class Broker:
         if not live or self.workers.get(w.ident) is not w:
             return  # answered or requeued meanwhile (the worker was evicted): nothing to send
         now = time.monotonic()
+        if w.framing >= 2 and not any(r.frames for r in live):  # the common case: one frame, packed at once
+            one = dispatch_one_packed([[r.key, r.attempts, r.model, r.version, max(0.0, (r.deadline - now) * 1000.0),
+                                        raw_bytes(r.header)] for r in live])
+            if one is not None:
+                if not self._send_worker(w, [REQUEST, *one]):
+                    for r in live:
+                        r.attempts -= 1  # never delivered: the retry budget counts attempts a worker received
+                    self.evict(w, "send_failed")
+                return
         entries = [([r.key, r.attempts, r.model, r.version, max(0.0, (r.deadline - now) * 1000.0)], r.header, r.frames)
                    for r in live]
         framed = dispatch_frames_packed if w.framing >= 2 else dispatch_frames  # what the worker said it reads

@@ -549,6 +549,21 @@ def dispatch_frames_packed(entries: Sequence[tuple[list, Any, Sequence]]) -> lis
     return packed_frames(([*fields, raw_bytes(header_frame)], frames) for fields, header_frame, frames in entries)
 
 
+def dispatch_one_packed(rows: list[list]) -> list | None:
+    """A framing-2 REQUEST of requests that carry no out-of-line frames, from its entries already in
+    their packed form (`[key, attempt, model, version, timeout_ms, header bytes]`): its one frame, the
+    same as dispatch_frames_packed's; None when the entries do not fit one REQUEST (dispatch_chunks
+    would cut them), so the caller takes the general path."""
+    if len(rows) > MAX_PER_MESSAGE:
+        return None
+    total = 0
+    for row in rows:
+        total += len(row[5])
+    if total > MAX_PACKED_BYTES and len(rows) > 1:
+        return None
+    return [pack(rows)]
+
+
 def bounded_chunks(items: Iterable, max_count: int, max_bytes: int, size: Callable[[Any], int],
                    count: Callable[[Any], int] | None = None) -> list[list]:
     """`items` cut, in order, into chunks of at most `max_count` (each item counting `count(item)`,
