@@ -870,7 +870,8 @@ class Broker:
             sent = self._send_client(client, service, body)
         if req.digest is not None:  # a digest: its model is cacheable
             self._cache_result(req, body, version)
-        self.answered.add(cid, req.model, [service, *body], client if sent else None)
+        self.answered.add(cid, req.model, [service, *body], client if sent else None,
+                          len(service) + len(body[0]) + (frames_nbytes(body[1:]) if len(body) > 1 else 0))
 
     def _count_forwarded(self, forwarded: dict[tuple[str, int], list[float]], now: float) -> None:
         """What `finish` counts per answer, for a message's forwarded results: per model and version,
