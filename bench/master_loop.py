@@ -44,6 +44,7 @@ def main(argv=None) -> None:
     p.add_argument("--turns", type=int, default=500, help="rounds of (client batches in, worker replies in)")
     p.add_argument("--cache", action="store_true", help="the model is cache=true and every input is the same")
     p.add_argument("--profile", action="store_true", help="cProfile Broker.turn and print the top functions")
+    p.add_argument("--sort", default="cumtime", choices=("cumtime", "tottime"), help="the profile's order")
     p.add_argument("--framing", type=int, default=2, choices=(1, 2),
                    help="the worker hop's framing the fake worker reads and writes (1: a frame per header)")
     p.add_argument("--client-framing", type=int, default=2, choices=(1, 2),
@@ -133,7 +134,7 @@ def main(argv=None) -> None:
                       "master_thread_cpu_us_per_req_median": round(segments[len(segments) // 2], 1)}))
     if prof:
         stats = pstats.Stats(prof, stream=sys.stderr)
-        stats.strip_dirs().sort_stats("cumtime").print_stats(40)
+        stats.strip_dirs().sort_stats(args.sort).print_stats(40)
 
 
 if __name__ == "__main__":

@@ -38,11 +38,11 @@ from ringserve.master.registry import AnsweredCache, ModelCounters, ModelQueues,
 from ringserve.master.scheduler import Load, make_policy
 from ringserve.master.status import build_status
 from ringserve.master.window import Windows
-from ringserve.protocol.codec import pack, pack_map_with, pack_pairs, short_repr, unpack_map
+from ringserve.protocol.codec import pack, pack_map_head, pack_pairs, short_repr, unpack_map
 from ringserve.protocol.envelope import (
     FRAMING, MAX_NAME_LEN, REPLY_FIELDS, answers_frames, bounded_chunks, checked_result, dispatch_chunks, dispatch_frames,
-    dispatch_frames_packed, parse_heartbeat, parse_ready, parse_request_header, parse_worker_reply, split_batch,
-    split_batch_packed, split_replies,
+    dispatch_frames_packed, dispatch_one_packed, parse_heartbeat, parse_ready, parse_request_header, parse_worker_reply,
+    raw_bytes, split_batch, split_batch_packed, split_replies,
 )
 from ringserve.protocol.security import Security, user_id
 from ringserve.protocol.sockets import BindError, bind, drain, frames_nbytes, send_frames
@@ -305,6 +305,7 @@ class Broker:
         scope = client_scope(frames[-1])
         requests, broken = (split_batch_packed if packed else split_batch)(frames[4:])
         now = time.monotonic()  # one clock read for the message: its requests arrived together
+        facts: dict[str, tuple] = {}  # model -> _model_facts(model): they cannot change within one message
         for svc, header_frame, header, tensors in requests:
             if not svc or len(svc) > MAX_NAME_LEN or svc.startswith("mmi."):
                 self._one_request(ident, scope, svc.encode(), [header_frame, *tensors], header)  # says what is wrong
@@ -315,7 +316,10 @@ class Broker:
                 rid = header.get("id") if isinstance(header.get("id"), str) else None
                 self._reply_client(ident, svc.encode(), error_body(rid, ErrorCode.BAD_REQUEST, str(exc)))
                 continue
-            self.on_request(ident, scope, svc.encode(), svc, header_frame, parsed, tensors, now)
+            known = facts.get(svc)
+            if known is None:
+                known = facts[svc] = self._model_facts(svc)
+            self.on_request(ident, scope, known[4], svc, header_frame, parsed, tensors, now, known)
         if broken is not None:
             self._reply_client(ident, MMI_BATCH_PACKED_BYTES if packed else MMI_BATCH_BYTES,
                                error_body(None, ErrorCode.BAD_REQUEST, f"batch: {broken}"))
@@ -345,11 +349,22 @@ class Broker:
             return
         self.on_request(ident, scope, service, model, body[0], parsed, list(body[1:]))
 
+    def _model_facts(self, model: str) -> tuple:
+        """What admitting a request needs to know of its model, the same for every request of a
+        message (nothing on_request does changes them): (counters or None, whether a worker serves
+        it, its route or None, whether it is cacheable, its name as bytes)."""
+        counters = self.counters.get(model) or self._counters(model)
+        served = self._served_cache if self._served_cache is not None else self._served_models()
+        cacheable = self._cacheable if self._cacheable is not None else self._cache_versions()
+        return (counters, counters is not None and model in served, self.routes.get(model),
+                self.cfg.response_cache_bytes > 0 and model in cacheable, model.encode())
+
     def on_request(self, ident: bytes, scope: str, service: bytes, model: str, header_frame, parsed,
-                   frames: list, now: float | None = None) -> None:
+                   frames: list, now: float | None = None, facts: tuple | None = None) -> None:
         """A checked request. Its id is the client's within `scope`: a resend of an id the master
         holds or has answered is never run twice, never rate-limited, and answered only for the
-        model it first asked; the same id from another scope is another request."""
+        model it first asked; the same id from another scope is another request. `facts` are
+        `_model_facts(model)` when the caller has them (a batch: once per model and message)."""
         rid = parsed.rid
         cid = (scope, rid)
         key = self.held.get(cid)
@@ -369,7 +384,7 @@ class Broker:
             return
         if self.limiter is not None and not self._within_rate(ident, scope, service, rid):
             return
-        counters = self.counters.get(model) or self._counters(model)
+        counters, known, route, cacheable, _ = self._model_facts(model) if facts is None else facts
         if counters is not None:
             counters.requests += 1
         else:
@@ -377,28 +392,29 @@ class Broker:
         if self.stopping:
             self._reject(ident, cid, service, model, ErrorCode.OVERLOADED, "master is shutting down")
             return
-        served = self._served_cache if self._served_cache is not None else self._served_models()
-        known = counters is not None and model in served
         if not known and not self._may_wait(model):
             self._reject(ident, cid, service, model, ErrorCode.UNKNOWN_MODEL,
                          f"no worker serves model {short_repr(model)}")
             return
-        if known and parsed.version is not None and parsed.version not in self._served_versions(model):
+        pin = parsed.version
+        if known and pin is not None and pin not in self._served_versions(model):
             self._reject(ident, cid, service, model, ErrorCode.UNKNOWN_VERSION,
-                         f"no worker serves model {model!r} at version {parsed.version}")
+                         f"no worker serves model {model!r} at version {pin}")
             return
-        if self.queues.full(model, parsed.version):
+        queues = self.queues
+        if queues.full(model, pin):
             self._reject(ident, cid, service, model, ErrorCode.OVERLOADED,
                          f"queue for {model!r} is full ({self.cfg.max_queue} requests, "
-                         f"{self.queues.max_pins} version pins)")
+                         f"{queues.max_pins} version pins)")
             return
         now = time.monotonic() if now is None else now
         timeout = self.cfg.default_timeout if parsed.timeout_ms is None else parsed.timeout_ms / 1000.0
         timeout = min(timeout, self.cfg.max_timeout)  # the client chooses, within the master's cap
-        route = self.routes.get(model) if parsed.version is None else None  # a pinned version wins
-        version = self._routed_version(route, parsed.tags) if route else parsed.version
-        cacheable = self._cacheable if self._cacheable is not None else self._cache_versions()
-        digest = self._cache_digest(model, parsed, frames) if model in cacheable else None
+        if pin is not None:
+            route = None  # a pinned version wins
+        version = self._routed_version(route, parsed.tags) if route else pin
+        # the digest of a cacheable model's inputs, once on arrival: the lookup key now, the store key when it answers
+        digest = input_digest(parsed.inputs, frames) if cacheable else None
         if digest is not None:
             cache_key = self._cache_key(model, version, digest)
             if cache_key is not None and self._answer_from_cache(ident, cid, service, model, cache_key, counters,
@@ -406,8 +422,10 @@ class Broker:
                 return
         key = "%x" % next(self._keys)  # _new_key()
         req = PendingRequest(key, rid, ident, service, model, version, header_frame, frames, now + timeout, now, 0,
-                             None, 0, scope, parsed.version is not None, parsed.tags, counters is not None, digest)
-        self._hold(req)
+                             None, 0, scope, pin is not None, parsed.tags, counters is not None, digest)
+        self.pending[key] = req  # _hold(req)
+        heapq.heappush(self.deadlines, (req.deadline, key))
+        queues.push(req)
         self.held[cid] = key
         if parsed.ack:
             self._reply_client(ident, service, {"id": rid, "ack": True})
@@ -416,13 +434,6 @@ class Broker:
         self._dirty.add(model)  # dispatch(model)
 
     # ------------------------------------------------------------ response cache
-    def _cache_digest(self, model: str, parsed, frames: list) -> bytes | None:
-        """The digest of a request's inputs, computed once on arrival: only for a model every serving
-        worker marks cache=true (it is the lookup key now and the store key when the result comes)."""
-        if self.cfg.response_cache_bytes <= 0 or model not in self._cache_versions():
-            return None
-        return input_digest(parsed.inputs, frames)
-
     def _cache_key(self, model: str, version: int | None, digest: bytes | None):
         """(model, the version that would serve it, digest of the inputs), or None: the model is not
         cacheable, or (unpinned, no route) its workers do not agree on one current version (a
@@ -438,12 +449,14 @@ class Broker:
         self.metrics.on_cache(model, hit is not None)
         if hit is None:
             return False
-        _, frames, _, (count, pairs) = hit  # pairs: the header with this epoch and "cached", packed once
-        body = [pack_map_with(count, pairs, "id", cid[1]), *frames]
+        _, frames, _, (head, pairs, nbytes) = hit  # the header with this epoch and "cached", packed once:
+        header = head + pack(cid[1]) + pairs  # the hit packs only its id (pack_map_head)
+        body = [header, *frames]
         counters.ok += 1
         self.metrics.on_answer(model, key[1], "ok", time.monotonic() - now)
         sent = self._send_client(ident, service, body)
-        self.answered.add(cid, model, [service, *body], ident if sent else None)
+        self.answered.add(cid, model, [service, *body], ident if sent else None,
+                          len(service) + len(header) + nbytes)
         return True
 
     def _cache_result(self, req: PendingRequest, body: list, version: int | None) -> None:
@@ -456,8 +469,10 @@ class Broker:
         except ProtocolError:
             return
         header = {k: v for k, v in header.items() if k not in ("id", "key", "epoch", "attempt")}
-        packed = pack_pairs({**header, "epoch": self.epoch, "cached": True})  # a hit adds only its id
-        self.responses.put((req.model, version, req.digest), header, list(body[1:]), packed)
+        count, pairs = pack_pairs({**header, "epoch": self.epoch, "cached": True})  # a hit adds only its id
+        frames = list(body[1:])
+        self.responses.put((req.model, version, req.digest), header, frames,
+                           (pack_map_head(count, "id"), pairs, frames_nbytes(frames)))
 
     def _answer_again(self, ident: bytes, cid: tuple[str, str], service: bytes, model: str, ack: bool) -> None:
         """An id this scope already had answered: its answer again (only for the same model), or an ACK
@@ -620,8 +635,16 @@ class Broker:
             #                                      nobody holds it: a worker that loads it on demand
             if not able:
                 return  # the common case under load: nobody free, so do not even look at the queue
+            heads = self.queues.heads(model)
+            if len(able) == 1 and len(heads) == 1:  # one free worker, one FIFO: hand it a run at once
+                w, pin = able[0], heads[0][0]
+                if pin is not None and not w.serves(model, pin):
+                    return
+                self.policy([Load(w.ident, len(w.in_flight), w.credit, w.weight)])  # what it sees (round-robin)
+                self._assign_run(w, model, pin, now)
+                continue
             best: tuple[PendingRequest, list[WorkerRecord]] | None = None
-            for pin, req in self.queues.heads(model):
+            for pin, req in heads:
                 if best is not None and req.seq >= best[0].seq:
                     continue
                 cands = able if pin is None else [w for w in able if w.serves(model, pin)]
@@ -635,6 +658,23 @@ class Broker:
             if len(cands) > 1:
                 target = next((w for w in cands if w.ident == key), target)
             self.assign(target, req, now)
+
+    def _assign_run(self, w: WorkerRecord, model: str, pin: int | None, now: float) -> None:
+        """`assign` for the oldest requests of one FIFO, as many as `w` has credit for (the same
+        assignments one at a time would make: each takes the FIFO's head while `w` is the one free
+        worker). `w` is registered and has credit: `_dispatch_model` just found it so, and nothing
+        between sends or evicts."""
+        reqs = self.queues.pop_front(model, pin, w.credit - len(w.in_flight))
+        ident, in_flight = w.ident, w.in_flight
+        for req in reqs:
+            req.attempts += 1
+            req.worker = ident
+            in_flight[req.key] = req.attempts
+        self.metrics.on_dispatches(model, [now - req.received for req in reqs])
+        entry = self._outgoing.get(ident)
+        if entry is None:
+            entry = self._outgoing[ident] = (w, [])
+        entry[1].extend(reqs)
 
     def _loaders(self, model: str) -> list[WorkerRecord]:
         """Workers with credit that load `model` on demand, those with room first (no eviction)."""
@@ -664,6 +704,15 @@ class Broker:
         if not live or self.workers.get(w.ident) is not w:
             return  # answered or requeued meanwhile (the worker was evicted): nothing to send
         now = time.monotonic()
+        if w.framing >= 2 and not any(r.frames for r in live):  # the common case: one frame, packed at once
+            one = dispatch_one_packed([[r.key, r.attempts, r.model, r.version, max(0.0, (r.deadline - now) * 1000.0),
+                                        raw_bytes(r.header)] for r in live])
+            if one is not None:
+                if not self._send_worker(w, [REQUEST, *one]):
+                    for r in live:
+                        r.attempts -= 1  # never delivered: the retry budget counts attempts a worker received
+                    self.evict(w, "send_failed")
+                return
         entries = [([r.key, r.attempts, r.model, r.version, max(0.0, (r.deadline - now) * 1000.0)], r.header, r.frames)
                    for r in live]
         framed = dispatch_frames_packed if w.framing >= 2 else dispatch_frames  # what the worker said it reads
@@ -767,12 +816,79 @@ class Broker:
             self._fail_orphans()
 
     def on_replies(self, w: WorkerRecord, frames: Sequence[zmq.Frame]) -> None:
-        """A REPLY message: one or more replies (a batch's answers travel together)."""
+        """A REPLY message: one or more replies (a batch's answers travel together). The common one, a
+        result for its request's current attempt that may go to the client byte for byte, is answered
+        here (`_forward`) with the books settled per request as `finish` does; what the message adds
+        to the counters, metrics and status windows is counted once for it (`_count_forwarded`).
+        Anything else takes `on_reply`, the general path."""
         now = time.monotonic()  # one clock read for the message: its answers came together
-        for header_frame, header, data in split_replies(frames):
-            self.on_reply(w, header_frame, header, data, now)
+        epoch, name, ident = self.epoch, w.name, w.ident
+        in_flight, pending = w.in_flight, self.pending
+        forwarded: dict[tuple[str, int], list[float]] = {}  # (model, version) -> arrival times answered
+        try:
+            for header_frame, raw, data in split_replies(frames):
+                if raw.get("ok") is True and raw.keys() <= REPLY_FIELDS and type(raw.get("version")) is int:
+                    key, attempt, version, passes = checked_result(raw, data, epoch, name)  # raises like on_reply
+                    req = pending.get(key)
+                    if (passes and req is not None and req.worker == ident and req.attempts == attempt
+                            and req.client is not None and req.counted and raw.get("id") == req.rid
+                            and (req.version is None or version == req.version)
+                            and version in w.versions(req.model)):  # what on_reply and _version_allowed check
+                        if in_flight.get(key) == attempt:
+                            del in_flight[key]
+                            w.done += 1
+                        self._forward(req, [header_frame, *data], version, now, forwarded)
+                        continue
+                self.on_reply(w, header_frame, raw, data, now)
+        finally:  # also when a bad reply ends the message: the answers sent before it are counted
+            if forwarded:
+                self._count_forwarded(forwarded, now)
         for model in w.models:
             self.dispatch(model)
+
+    def _forward(self, req: PendingRequest, body: list, version: int, now: float,
+                 forwarded: dict[tuple[str, int], list[float]]) -> None:
+        """`finish` for a result of its request's current attempt, from a worker that serves its model
+        (so the model is served and counted), its worker slot already given back: the request leaves
+        `pending` and its scope's id map, the answer goes out, the caches keep it. Counting is the
+        caller's, once per message."""
+        key = req.key
+        del self.pending[key]
+        cid = (req.scope, req.rid)
+        if self.held.get(cid) == key:
+            del self.held[cid]
+        group = forwarded.get((req.model, version))
+        if group is None:
+            group = forwarded[(req.model, version)] = []
+        group.append(req.received)
+        service, client = req.service, req.client
+        out = self._client_out.get(client) if client in self._batch_clients else None
+        if out is not None:  # _send_client for a batching client that has answers this turn already
+            out.append(body)
+            sent = True
+        else:
+            sent = self._send_client(client, service, body)
+        if req.digest is not None:  # a digest: its model is cacheable
+            self._cache_result(req, body, version)
+        self.answered.add(cid, req.model, [service, *body], client if sent else None,
+                          len(service) + len(body[0]) + (frames_nbytes(body[1:]) if len(body) > 1 else 0))
+
+    def _count_forwarded(self, forwarded: dict[tuple[str, int], list[float]], now: float) -> None:
+        """What `finish` counts per answer, for a message's forwarded results: per model and version,
+        one counter update, each latency in the status window and the duration histogram."""
+        for (model, version), received in forwarded.items():
+            self.counters[model].ok += len(received)
+            window = self.windows.models.get(model)
+            for t in received:
+                if window is None:
+                    self.windows.record(model, t, True, now)  # creates the model's window (bounded)
+                    window = self.windows.models.get(model)
+                else:
+                    window.record(now, now - t)
+            self.metrics.on_answers(model, version, "ok", [now - t for t in received])
+        if len(self.deadlines) > 2 * len(self.pending) + 1024:  # answered entries dominate: drop them
+            self.deadlines = [(r.deadline, r.key) for r in self.pending.values()]
+            heapq.heapify(self.deadlines)
 
     def on_reply(self, w: WorkerRecord, header_frame: zmq.Frame, raw: dict, frames: Sequence[zmq.Frame],
                  now: float | None = None) -> None:
@@ -1210,6 +1326,13 @@ class Broker:
         limit_n, limit_b = self.cfg.client_batch_max, self.cfg.client_batch_bytes
         for ident, bodies in out.items():
             packed = self._batch_clients.get(ident) is True
+            if packed and len(bodies) <= limit_n:  # the common case: headers only, within the bounds
+                headers = [body[0] for body in bodies if len(body) == 1]
+                if len(headers) == len(bodies):
+                    headers = [h if type(h) is bytes else raw_bytes(h) for h in headers]
+                    if sum(map(len, headers)) <= limit_b:  # what bounded_chunks would keep as one chunk
+                        self._send_raw_batch(ident, [pack(headers)], len(headers))
+                        continue
             for chunk in bounded_chunks(bodies, limit_n, limit_b, frames_nbytes):
                 self._send_batch(ident, chunk, packed)
 
@@ -1218,6 +1341,11 @@ class Broker:
                *answers_frames(bodies, packed)]
         if not self._send_raw(self.frontend, msg):
             log.warning("reply_undeliverable", client=ident.hex()[:64], answers=len(bodies))
+
+    def _send_raw_batch(self, ident: bytes, frames: list, count: int) -> None:
+        """An "mmi.batch2" message of `count` answers whose frames (answers_frames' form) are built."""
+        if not self._send_raw(self.frontend, [ident, b"", MDP_CLIENT, MMI_BATCH_PACKED_BYTES, *frames]):
+            log.warning("reply_undeliverable", client=ident.hex()[:64], answers=count)
 
     def _send_worker(self, w: WorkerRecord, parts: list) -> bool:
         return self._send_raw(self.backend, [w.ident, WORKER_PROTO, *parts])

@@ -23,19 +23,38 @@ Key = tuple[str, int, bytes]
 
 
 def input_digest(meta: list, frames: Sequence) -> bytes:
-    """A digest of a request's inputs (checked already): names, dtypes, shapes and bytes, in order."""
+    """A digest of a request's inputs (checked already): names, dtypes, shapes and bytes, in order.
+
+    What is hashed is the msgpack form of the tensor list with every tensor's bytes inline, so a
+    tensor sent inline or in a frame of its own digests the same, and (msgpack being one encoding
+    per value) two different inputs never hash the same bytes. With every tensor inline (no frames:
+    the checks matched one per out-of-line entry) that is the header's own list, packed in one call."""
+    if not frames:
+        return hashlib.blake2b(pack(meta), digest_size=20).digest()
     h = hashlib.blake2b(digest_size=20)
+    h.update(_array_head(len(meta)))
     k = 0
     for entry in meta:
-        h.update(pack(entry[:3]))  # [name, dtype, shape] in msgpack: self-delimiting, one C call
         if len(entry) == 4:
-            data = entry[3]
-        else:
+            h.update(pack(entry))
+        else:  # [name, dtype, shape, data] as msgpack would write it, the data hashed where it lies
             data = frames[k]
             k += 1
-        h.update(len(data).to_bytes(8, "little"))
-        h.update(data)
+            h.update(b"\x94" + pack(entry[0]) + pack(entry[1]) + pack(entry[2]) + _bin_head(len(data)))
+            h.update(data)
     return h.digest()
+
+
+def _array_head(n: int) -> bytes:
+    return bytes([0x90 | n]) if n <= 15 else b"\xdc" + n.to_bytes(2, "big")  # MAX_TENSORS is far below 2**16
+
+
+def _bin_head(n: int) -> bytes:
+    if n < 1 << 8:
+        return b"\xc4" + n.to_bytes(1, "big")
+    if n < 1 << 16:
+        return b"\xc5" + n.to_bytes(2, "big")
+    return b"\xc6" + n.to_bytes(4, "big")
 
 
 class ResponseCache:
@@ -64,7 +83,7 @@ class ResponseCache:
 
     def put(self, key: Key, header: dict, frames: list, packed=None) -> None:
         """Keep an answer; `packed` is the caller's ready-to-send form of the header, if any (kept beside
-        it and counted in the bytes)."""
+        it, its second item, the packed pairs, counted in the bytes)."""
         size = reply_size(frames) + 256 + sum(len(str(v)) for v in header.values())
         if packed is not None:
             size += len(packed[1])

@@ -71,6 +71,31 @@ class MasterMetrics:
         h.counts[bisect_left(LATENCY_BUCKETS, seconds)] += 1
         h.sum += seconds
 
+    def on_answers(self, model: str, version, outcome: str, seconds: list[float]) -> None:
+        """`on_answer` for several answers of one message that share model, version and outcome: one
+        counter update for all of them, each duration still observed in its own bucket."""
+        local = self.local
+        key = (model, version, outcome)
+        answers = local.answers
+        answers[key] = answers.get(key, 0) + len(seconds)
+        h = local.request_duration.get(model)
+        if h is None:
+            h = local.request_duration[model] = Buckets()
+        counts = h.counts
+        for s in seconds:
+            counts[bisect_left(LATENCY_BUCKETS, s)] += 1
+        h.sum += sum(seconds)
+
+    def on_dispatches(self, model: str, waited: list[float]) -> None:
+        """`on_dispatch` for several requests of one model dispatched together."""
+        h = self.local.queue_duration.get(model)
+        if h is None:
+            h = self.local.queue_duration[model] = Buckets()
+        counts = h.counts
+        for s in waited:
+            counts[bisect_left(LATENCY_BUCKETS, s)] += 1
+        h.sum += sum(waited)
+
     def on_cache(self, model: str, hit: bool) -> None:
         key = (model, "hit" if hit else "miss")
         lookups = self.local.cache

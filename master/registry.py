@@ -136,14 +136,22 @@ class ModelQueues:
         return version not in pins and len(pins) >= self.max_pins
 
     def push(self, req: PendingRequest, front: bool = False) -> None:
-        pins = self._queues.setdefault(req.model, {})
-        q = pins.setdefault(req.version, OrderedDict())
-        if req.key not in q:
-            self._depth[req.model] = self._depth.get(req.model, 0) + 1
-        req.seq = next(self._front_seq) if front else next(self._seq)
-        q[req.key] = req
+        model, key = req.model, req.key
+        pins = self._queues.get(model)
+        if pins is None:
+            pins = self._queues[model] = {}
+        q = pins.get(req.version)
+        if q is None:  # not setdefault: it would build an OrderedDict on every push
+            q = pins[req.version] = OrderedDict()
+        if key not in q:
+            self._depth[model] = self._depth.get(model, 0) + 1
         if front:
-            q.move_to_end(req.key, last=False)
+            req.seq = next(self._front_seq)
+            q[key] = req
+            q.move_to_end(key, last=False)
+        else:
+            req.seq = next(self._seq)
+            q[key] = req
 
     def remove(self, req: PendingRequest) -> None:
         pins = self._queues.get(req.model)
@@ -156,6 +164,23 @@ class ModelQueues:
             if not pins:
                 del self._queues[req.model]
                 del self._depth[req.model]
+
+    def pop_front(self, model: str, pin: int | None, n: int) -> list[PendingRequest]:
+        """Up to `n` of the oldest waiting requests of `model` pinned to `pin`, in order, taken off the
+        queue (dispatch hands a run of them to one worker in one go)."""
+        pins = self._queues.get(model)
+        q = pins.get(pin) if pins else None
+        if not q or n <= 0:
+            return []
+        popitem = q.popitem
+        out = [popitem(last=False)[1] for _ in range(min(n, len(q)))]
+        self._depth[model] -= len(out)
+        if not q:
+            del pins[pin]
+            if not pins:
+                del self._queues[model]
+                del self._depth[model]
+        return out
 
     def heads(self, model: str) -> list[tuple[int | None, PendingRequest]]:
         """The oldest waiting request of each version pin of `model`."""
@@ -194,13 +219,15 @@ class AnsweredCache:
         self.max_ids, self.max_bytes = max_ids, max_bytes
         self.bytes = 0
 
-    def add(self, cid: tuple[str, str], model: str, body: list, delivered_to: bytes | None = None) -> None:
+    def add(self, cid: tuple[str, str], model: str, body: list, delivered_to: bytes | None = None,
+            nbytes: int | None = None) -> None:
+        """Remember `cid` as answered with `body`; `nbytes` is reply_size(body) when the caller knows it."""
         ids, replies = self._ids, self._replies
         if cid in ids:  # answered again (rare): it becomes the newest, its old reply is dropped
             ids.move_to_end(cid)
             self._drop_reply(cid)
         ids[cid] = [model, delivered_to]
-        size = reply_size(body) + len(cid[0]) + len(cid[1]) + 64
+        size = (reply_size(body) if nbytes is None else nbytes) + len(cid[0]) + len(cid[1]) + 64
         if size <= self.max_bytes:
             replies[cid] = (body, size)
             self.bytes += size

@@ -67,11 +67,18 @@ def pack_pairs(mapping: Mapping) -> tuple[int, bytes]:
     return len(mapping), b"".join(pack(k) + pack(v) for k, v in mapping.items())
 
 
-def pack_map_with(count: int, pairs: bytes, key: str, value: Any) -> bytes:
-    """pack({key: value, **the map pack_pairs packed}) for a map without `key`, from its packed pairs."""
+def pack_map_head(count: int, key: str) -> bytes:
+    """The bytes a map of `count` packed pairs plus `key` starts with: its length, then `key` packed.
+    `pack_map_head(count, key) + pack(value) + pairs` is `pack_map_with(count, pairs, key, value)`, so a
+    caller that sends one map many times with a different value keeps the head and packs only the value."""
     n = count + 1
     head = bytes([0x80 | n]) if n <= 15 else b"\xde" + n.to_bytes(2, "big")
-    return head + pack(key) + pack(value) + pairs
+    return head + pack(key)
+
+
+def pack_map_with(count: int, pairs: bytes, key: str, value: Any) -> bytes:
+    """pack({key: value, **the map pack_pairs packed}) for a map without `key`, from its packed pairs."""
+    return pack_map_head(count, key) + pack(value) + pairs
 
 
 def unpack(buf) -> Any:

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ringserve.protocol import codec
+from ringserve.protocol import codec, envelope
 from ringserve.protocol.codec import pack, unpack_map
 from ringserve.protocol.envelope import (
     MAX_ID_LEN, answers_frames, batch_frames, batch_frames_packed, dispatch_chunks, dispatch_frames,
-    dispatch_frames_packed, packed_reply_frames, parse_dispatch, parse_request_header, reply_frames, reply_parts,
+    dispatch_frames_packed, dispatch_one_packed, packed_reply_frames, parse_dispatch, parse_request_header, reply_frames, reply_parts,
     request_frames, split_batch, split_batch_packed, split_replies,
 )
 from ringserve.protocol.messages import ProtocolError
@@ -238,6 +238,22 @@ def test_a_packed_request_is_one_frame_when_its_tensors_are_inline():
     bad = msgpack.packb([["a", 1, "m", None, 100.0, good], ["b", 1, "m", None, 100.0, 7]])
     a, b = parse_dispatch([bad])
     assert a.error is None and b.error is not None and "could not split" in b.error
+
+
+def test_a_request_packed_at_once_is_the_packed_request_or_declines():
+    """dispatch_one_packed (the master's path for a REQUEST without out-of-line frames) writes exactly what
+    dispatch_frames_packed writes, and declines whatever dispatch_chunks would cut in two."""
+    entries = [([f"k{i}", 1, "m", None, 1.0], pack({"id": f"r{i}", "inputs": []}), []) for i in range(10)]
+    rows = [[*fields, header] for fields, header, _ in entries]
+    assert dispatch_one_packed(rows) == dispatch_frames_packed(entries)
+    assert dispatch_one_packed(rows[:1]) == dispatch_frames_packed(entries[:1])
+    size = sum(len(h) for _, h, _ in entries)
+    assert len(dispatch_chunks(entries, max_bytes=size - 1)) == 2
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(envelope, "MAX_PACKED_BYTES", size - 1)
+        assert dispatch_one_packed(rows) is None and dispatch_one_packed(rows[:1]) is not None
+        mp.setattr(envelope, "MAX_PER_MESSAGE", 9)
+        assert dispatch_one_packed(rows) is None
 
 
 def test_dispatch_chunks_stay_within_what_a_worker_takes():

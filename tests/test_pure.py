@@ -242,3 +242,43 @@ def test_master_metrics_counted_locally_read_like_prometheus_series():
     assert samples[("ringserve_request_duration_seconds_count", (("model", "mlp"),))] == 4
     assert samples[("ringserve_queue_duration_seconds_count", (("model", "mlp"),))] == 1
     assert samples[("ringserve_response_cache_lookups_total", (("model", "mlp"), ("result", "miss")))] == 1
+
+
+def test_a_message_counted_at_once_reads_like_each_answer_counted_alone():
+    """MasterMetrics.on_answers / on_dispatches (a REPLY's results, a dispatched run) count what
+    on_answer / on_dispatch would for each of them."""
+    from ringserve.master.metrics import MasterMetrics
+    seconds = [0.0005, 0.003, 0.2, 50.0]
+    one, many = MasterMetrics("least-outstanding"), MasterMetrics("least-outstanding")
+    for s in seconds:
+        one.on_answer("mlp", 2, "ok", s)
+        one.on_dispatch("mlp", s)
+    many.on_answers("mlp", 2, "ok", seconds)
+    many.on_dispatches("mlp", seconds)
+    assert one.local.answers == many.local.answers
+    for series in ("request_duration", "queue_duration"):
+        a, b = getattr(one.local, series)["mlp"], getattr(many.local, series)["mlp"]
+        assert a.counts == b.counts and a.sum == pytest.approx(b.sum)
+
+
+def test_a_run_popped_from_a_queue_is_its_oldest_in_order():
+    """ModelQueues.pop_front (dispatch's run for one free worker): the FIFO's head first, re-queued
+    requests before all others, at most n, and the books of an emptied FIFO dropped."""
+    import time
+
+    from ringserve.master.registry import ModelQueues, PendingRequest
+
+    def req(key, version=None):
+        return PendingRequest(key, key, b"c", b"m", "m", version, b"", [], time.monotonic() + 30, time.monotonic())
+    q = ModelQueues(max_queue=100)
+    reqs = [req(f"k{i}") for i in range(5)]
+    for r in reqs:
+        q.push(r)
+    back = req("back")
+    q.push(back, front=True)
+    q.push(req("pinned", 3))
+    assert [r.key for r in q.pop_front("m", None, 3)] == ["back", "k0", "k1"]
+    assert q.depth("m") == 4 and q.pop_front("m", None, 0) == [] and q.pop_front("nope", None, 5) == []
+    assert [r.key for r in q.pop_front("m", None, 10)] == ["k2", "k3", "k4"]
+    assert [pin for pin, _ in q.heads("m")] == [3]
+    assert [r.key for r in q.pop_front("m", 3, 10)] == ["pinned"] and q.models() == [] and q.depth("m") == 0
