@@ -12,6 +12,30 @@ from helpers import stop_together
 
 EPHEMERAL = "tcp://127.0.0.1:*"
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+TESTS = Path(__file__).resolve().parent
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's `--dist loadgroup` (setup.cfg), every test is sent to whichever test
+    process is free, except that the tests of a file that share one of its module-scoped fixtures
+    (a live cluster, a network-namespace deployment) stay together in one process, in file order:
+    the fixture starts once and the tests that change its state still run one after another.
+    A test may also name its own `xdist_group`; this only adds the file's group where none is set."""
+    for item in items:
+        if item.get_closest_marker("xdist_group") is not None:
+            continue
+        info = getattr(item, "_fixtureinfo", None)
+        for defs in (info.name2fixturedefs.values() if info else ()):
+            fd = defs[-1]
+            if fd.scope != "function" and _defined_in_tests(fd.func):
+                item.add_marker(pytest.mark.xdist_group(item.path.name))
+                break
+
+
+def _defined_in_tests(func) -> bool:
+    code = getattr(func, "__code__", None)
+    return code is not None and Path(code.co_filename).resolve().is_relative_to(TESTS)
 
 
 class Cluster:

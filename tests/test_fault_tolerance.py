@@ -187,11 +187,13 @@ def test_drained_worker_finishes_in_flight_and_gets_nothing_new(cluster):
 
 def test_requests_wait_for_workers_during_master_startup_grace(cluster):
     """Right after a (re)start the master knows no workers yet: requests wait, not UNKNOWN_MODEL."""
-    master = cluster.start_master("--heartbeat-liveness", "50")  # 10 s grace
-    with Client(cluster.frontend, timeout=60) as c:
+    # 60 s grace: longer than a worker's start-up takes even on a busy machine (with 10 s, a worker
+    # that took 12 s to import and register under parallel tests missed it: UNKNOWN_MODEL)
+    master = cluster.start_master("--heartbeat-liveness", "300")
+    with Client(cluster.frontend, timeout=90) as c:
         early = c.infer_async("echo", x_of(7))  # no worker exists yet
         cluster.start_workers(1, model="echo=ringserve.worker.demo:noop")
-        np.testing.assert_array_equal(early.result(timeout=60).outputs["y"], x_of(7)["x"])
+        np.testing.assert_array_equal(early.result(timeout=90).outputs["y"], x_of(7)["x"])
     assert master.alive()
 
 

@@ -84,6 +84,7 @@ def test_a_failed_commit_after_a_rollback_to_the_oldest_version_keeps_it_current
         assert {c for _, c in states(pc).values()} == {3}
 
 
+@pytest.mark.timeout(300)  # three publish CLIs, a refused publish's revert, two worker checks: >150 s on a busy machine
 def test_a_version_no_live_worker_loads_is_refused_even_when_forced(cluster, tmp_path):
     """Regression: forced with --allow-layout-change it exited 0, became current and pushed v1
     (what the workers serve) out with --keep 3, so the rollback that would repair it failed."""
