@@ -387,3 +387,5 @@ class Http11Protocol(asyncio.Protocol):
         if not self.queue and self.parsing is None:
             self._resume()
         self._begin(req)
+        if self.current is req and req.answer is not None and not req.complete:
+            self._send_answer(req)  # answered from its head, its body unread (reading may be paused): sent now, then closed
