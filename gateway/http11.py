@@ -334,7 +334,12 @@ class Http11Protocol(asyncio.Protocol):
     def refuse_body(self, req: Request, status: int) -> None:
         """The body went over the limit (413) or past its deadline (408): answered, then closed."""
         req.dropped, req.chunks, req.dispatched, req.keep_alive = True, [], True, False
-        self.app.body_failed(req, status, lambda s, headers, parts: self.respond(req, s, headers, parts))
+        try:
+            self.app.body_failed(req, status, lambda s, headers, parts: self.respond(req, s, headers, parts))
+        except Exception:  # a last resort: it must not end the sweeper (the server) nor leave req unanswered
+            log.exception("gateway_http_app_error")
+            if self.current is req:
+                self._write_raw(req, _plain(500))
 
     def _send_answer(self, req: Request) -> None:
         status, headers, parts = req.answer

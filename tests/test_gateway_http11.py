@@ -40,6 +40,8 @@ class EchoApp:
         self.loop.call_later(delay, reply, 200, [], [b"echo:" + body])
 
     def body_failed(self, req, status, reply):
+        if req.path == "/failboom":
+            raise RuntimeError("an app bug refusing a body")
         reply(status, [], [b"failed"])
 
 
@@ -251,3 +253,21 @@ def test_a_head_past_the_limit_is_refused_and_closed(served):
         status, headers, _ = read_response(s, buf)
         assert status.startswith(b"HTTP/1.1 431") and headers.get(b"connection") == b"close"
         assert closed(s)
+
+
+def test_an_app_bug_refusing_a_slow_body_is_answered_500_and_the_server_keeps_serving(served):
+    """body_failed raising (from the sweeper's 408, or from a 413 while parsing) is answered 500 and
+    closed; it neither ends the sweeper (and with it the server) nor leaves the request unanswered."""
+    _, port = served
+    with connect(port) as s:
+        s.sendall(b"POST /failboom HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nab")  # then silence: 408
+        status, headers, _ = read_response(s, bytearray())
+        assert status.startswith(b"HTTP/1.1 500") and headers.get(b"connection") == b"close"
+    with connect(port) as s:
+        s.sendall(b"POST /failboom HTTP/1.1\r\nHost: t\r\nContent-Length: 2000\r\n\r\n" + b"x" * 2000)  # 413
+        status, headers, _ = read_response(s, bytearray())
+        assert status.startswith(b"HTTP/1.1 500") and headers.get(b"connection") == b"close"
+    time.sleep(0.6)  # a few sweeps
+    with connect(port) as s:
+        s.sendall(b"GET /now HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert read_response(s, bytearray())[2] == b"now"
