@@ -44,6 +44,7 @@ JOIN_BELOW = 64 << 10  # bytes of body joined to the head in one write
 HIGH_WATER = 1 << 20  # unread body bytes buffered for a waiting request before reading pauses
 MAX_QUEUED = 8  # pipelined requests waiting behind the one in flight before reading pauses
 SWEEP_S = 0.25  # how often the sweeper looks at deadlines (their resolution)
+MAX_HEAD = 64 << 10  # bytes of request line and headers (the parser buffers them whole): past it, 431 and close
 
 Reply = Callable[[int, list, list], None]
 
@@ -61,6 +62,7 @@ def _plain(status: int, close: bool = True) -> bytes:
 
 _BAD_REQUEST = _plain(400)
 _UNAVAILABLE = _plain(503)
+_HEAD_TOO_LARGE = _plain(431)
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _CLOSE = b"connection: close\r\n"
 _INTERNAL = (500, [(b"content-type", b"application/json")], [b'{"error":"INTERNAL: the gateway failed on this request"}'])
@@ -148,6 +150,8 @@ class Http11Protocol(asyncio.Protocol):
         self.idle_since: float | None = None
         self.paused = False
         self.closing = False
+        self.in_head = True  # the parser is between requests or in a request line / headers
+        self.head_bytes = 0  # bytes fed while in_head (one read's worth may be missed when a request ends in it)
         self.scheme = "https" if server.ssl_context else "http"
 
     # ------------------------------------------------------------------ connection
@@ -169,6 +173,8 @@ class Http11Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        if self.in_head:
+            self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:  # no upgrades here: answer what was asked, then close
@@ -178,16 +184,18 @@ class Http11Protocol(asyncio.Protocol):
                 self._refuse()
         except httptools.HttpParserError:
             self._refuse()
+        if self.in_head and self.head_bytes > MAX_HEAD and not self.closing:
+            self._refuse(_HEAD_TOO_LARGE)
         req = self.current
         if req is not None and req.answer is not None and not req.complete:
             self._send_answer(req)  # answered before its body ended: sent now, and the connection closes
 
-    def _refuse(self) -> None:
-        """Malformed bytes: 400 and close, after the response the app is giving (if any)."""
+    def _refuse(self, answer: bytes = _BAD_REQUEST) -> None:
+        """Malformed bytes: 400 (or 431) and close, after the response the app is giving (if any)."""
         self.closing = True
         self.queue.clear()
         if self.current is None and self.transport is not None:
-            self.transport.write(_BAD_REQUEST)
+            self.transport.write(answer)
             self.transport.close()
         elif self.current is not None:
             self.current.keep_alive = False
@@ -233,6 +241,7 @@ class Http11Protocol(asyncio.Protocol):
             self.expect = True
 
     def on_headers_complete(self) -> None:
+        self.in_head, self.head_bytes = False, 0
         if self.closing:
             return  # bytes after a response that closes the connection: nobody will answer them
         parser, url = self.parser, self.url
@@ -274,6 +283,7 @@ class Http11Protocol(asyncio.Protocol):
         req.chunks.append(body)
 
     def on_message_complete(self) -> None:
+        self.in_head, self.head_bytes = True, 0
         req = self.parsing
         if req is None:
             return
@@ -324,7 +334,12 @@ class Http11Protocol(asyncio.Protocol):
     def refuse_body(self, req: Request, status: int) -> None:
         """The body went over the limit (413) or past its deadline (408): answered, then closed."""
         req.dropped, req.chunks, req.dispatched, req.keep_alive = True, [], True, False
-        self.app.body_failed(req, status, lambda s, headers, parts: self.respond(req, s, headers, parts))
+        try:
+            self.app.body_failed(req, status, lambda s, headers, parts: self.respond(req, s, headers, parts))
+        except Exception:  # a last resort: it must not end the sweeper (the server) nor leave req unanswered
+            log.exception("gateway_http_app_error")
+            if self.current is req:
+                self._write_raw(req, _plain(500))
 
     def _send_answer(self, req: Request) -> None:
         status, headers, parts = req.answer
@@ -387,3 +402,5 @@ class Http11Protocol(asyncio.Protocol):
         if not self.queue and self.parsing is None:
             self._resume()
         self._begin(req)
+        if self.current is req and req.answer is not None and not req.complete:
+            self._send_answer(req)  # answered from its head, its body unread (reading may be paused): sent now, then closed

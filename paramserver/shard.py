@@ -364,6 +364,7 @@ class Shard:
             if now - st.created > self.cfg.staging_ttl:
                 del self.staging[key]
                 self.store.collect(key[0])
+                self._announce("unstaged", key[0], key[1], token=key[2])  # a worker drops what it prefetched
                 log.warning("stage_expired", model=key[0], version=key[1], token=key[2], bytes=st.nbytes,
                             age_s=round(now - st.created, 1))
 
@@ -468,6 +469,7 @@ class Shard:
                 log.error("stage_write_failed", model=model, version=version, error=f"{type(exc).__name__}: {exc}")
                 if self.staging.get(p.key) is p.stage:
                     del self.staging[p.key]
+                    self._announce("unstaged", model, version, token=token)
                 self.store.collect(model)
                 self._reply(p.ident, p.rid, "stage", p.started,
                             error_body(None, ErrorCode.INTERNAL, f"writing the staged pieces failed: "
@@ -514,8 +516,10 @@ class Shard:
 
     def on_abort(self, header: dict, frames) -> dict:
         model = _model(header)
-        if self.staging.pop((model, _version(header), _token(header)), None) is not None:
+        version, token = _version(header), _token(header)
+        if self.staging.pop((model, version, token), None) is not None:
             self.store.collect(model)  # its pieces, written on arrival, are not kept
+            self._announce("unstaged", model, version, token=token)  # a worker drops what it prefetched
         return {"ok": True}
 
     def on_revert(self, header: dict, frames) -> dict:

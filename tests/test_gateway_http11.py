@@ -40,6 +40,8 @@ class EchoApp:
         self.loop.call_later(delay, reply, 200, [], [b"echo:" + body])
 
     def body_failed(self, req, status, reply):
+        if req.path == "/failboom":
+            raise RuntimeError("an app bug refusing a body")
         reply(status, [], [b"failed"])
 
 
@@ -216,3 +218,56 @@ def test_graceful_stop_finishes_the_request_in_flight_then_refuses(served):
         time.sleep(0.05)
     else:
         pytest.fail("still serving after the stop")
+
+
+def test_a_pipelined_request_answered_from_its_head_is_answered_while_its_body_is_unsent(served):
+    """A request taken from the queue that the app answers from its head alone (its body still to come,
+    reading paused behind the requests before it) is answered and closed, not left waiting forever."""
+    _, port = served
+    with connect(port) as s:
+        partial = b"POST /now HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n" + b"x" * 10
+        s.sendall(post("/echo?300", b"first") + b"GET /now HTTP/1.1\r\nHost: t\r\n\r\n" + partial)
+        buf = bytearray()
+        bodies = [read_response(s, buf)[2] for _ in range(2)]
+        assert bodies == [b"echo:first", b"now"]
+        status, headers, body = read_response(s, buf)
+        assert status.startswith(b"HTTP/1.1 200") and body == b"now" and headers.get(b"connection") == b"close"
+        assert closed(s)
+
+
+def test_a_head_past_the_limit_is_refused_and_closed(served):
+    """Request line and headers are bounded in bytes (one endless header line, or endless headers),
+    even while another request is in flight: the parser buffers no more than the limit."""
+    _, port = served
+    with connect(port) as s:
+        s.sendall(post("/echo?2000", b"first") + b"GET /now HTTP/1.1\r\nHost: t\r\nX-Long: ")
+        for _ in range(16):  # 1 MiB of one header line, far past the limit, while "first" is in flight
+            s.sendall(b"a" * 65536)
+        buf = bytearray()
+        _, headers, body = read_response(s, buf)
+        assert body == b"echo:first" and headers.get(b"connection") == b"close"
+        assert closed(s)
+    with connect(port) as s:  # many short headers, nothing else in flight
+        s.sendall(b"GET /now HTTP/1.1\r\nHost: t\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(10000)))
+        buf = bytearray()
+        status, headers, _ = read_response(s, buf)
+        assert status.startswith(b"HTTP/1.1 431") and headers.get(b"connection") == b"close"
+        assert closed(s)
+
+
+def test_an_app_bug_refusing_a_slow_body_is_answered_500_and_the_server_keeps_serving(served):
+    """body_failed raising (from the sweeper's 408, or from a 413 while parsing) is answered 500 and
+    closed; it neither ends the sweeper (and with it the server) nor leaves the request unanswered."""
+    _, port = served
+    with connect(port) as s:
+        s.sendall(b"POST /failboom HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nab")  # then silence: 408
+        status, headers, _ = read_response(s, bytearray())
+        assert status.startswith(b"HTTP/1.1 500") and headers.get(b"connection") == b"close"
+    with connect(port) as s:
+        s.sendall(b"POST /failboom HTTP/1.1\r\nHost: t\r\nContent-Length: 2000\r\n\r\n" + b"x" * 2000)  # 413
+        status, headers, _ = read_response(s, bytearray())
+        assert status.startswith(b"HTTP/1.1 500") and headers.get(b"connection") == b"close"
+    time.sleep(0.6)  # a few sweeps
+    with connect(port) as s:
+        s.sendall(b"GET /now HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert read_response(s, bytearray())[2] == b"now"

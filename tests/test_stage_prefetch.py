@@ -287,3 +287,23 @@ def test_durability_says_whether_piece_files_are_fsynced_before_the_stage_is_ans
         ctx.destroy(linger=0)
     with pytest.raises(ValueError, match="durability"):
         Shard(ShardConfig("ps1", str(tmp_path / "ps1"), durability="never"), zmq.Context.instance())
+
+
+def test_a_prefetched_stage_that_is_aborted_is_dropped_not_kept_until_a_commit(cluster):
+    """A stage a worker prefetched and the publisher then aborts is announced `unstaged` by every
+    shard; the worker frees what it fetched of it (it was held, unserved, until the next commit)."""
+    eps = cluster.start_shards(2)
+    cluster.start_master()
+    v1, v2 = mlp_state(1), mlp_state(2)
+    with ParamClient(eps) as pc:
+        pc.publish("mlp", v1, check_workers=False)
+        (worker,) = cluster.start_workers(1, "--paramservers", shard_list(eps), "--log-level", "info", wait=False)
+        wait_for_workers(cluster.admin, 1, 60, model="mlp", version=1)
+        ids = publish_without_commit(pc, "mlp", v2)
+        wait_until(lambda: [e for e in events(worker, "weights_prefetched") if e["version"] == 2], 30, 0.05,
+                   "v2 prefetched")
+        replies = pc.rpc.call({n: ({"cmd": "abort", **ids}, []) for n in sorted(eps)})
+        assert all(h["ok"] for h, _ in replies.values())
+        wait_until(lambda: [e for e in events(worker, "weights_prefetch_dropped") if e["version"] == 2], 30, 0.05,
+                   "the aborted stage's prefetch dropped")
+        assert AdminClient(cluster.admin).status()["workers"][0]["models"]["mlp"]["version"] == 1

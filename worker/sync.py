@@ -205,6 +205,10 @@ class WeightSync(threading.Thread):
         elif kind == "commit":
             got = _staged({"token": "-", **msg})
             self._book(view.committed, msg, got and (got[0], got[2]))
+        elif kind == "unstaged":  # aborted or expired on that shard: it no longer counts toward a prefetch
+            got = _staged({"digest": "-", **msg})
+            if got is not None and view.staged.get(msg["model"], (None, None, None))[:2] == got[:2]:
+                del view.staged[msg["model"]]
         elif kind != "hugz" and isinstance(msg.get("model"), str):
             view.committed.pop(msg["model"], None)  # a rollback (or anything else): the digest heard is over
 
@@ -320,7 +324,18 @@ class WeightSync(threading.Thread):
             self._fetch(rpc, name, version)
         if self.prefetch:
             for name in self.models:
+                self._drop_unstaged(live, name)
                 self._maybe_prefetch(rpc, live, name)
+
+    def _drop_unstaged(self, live: list[ShardView], name: str) -> None:
+        """Free a prefetched version no shard stages nor holds as current any more (aborted or
+        expired): it would otherwise be kept, unserved, until the model's next commit."""
+        pre = self.prefetched.get(name)
+        if pre is None or any(v.current.get(name) == pre.version for v in live) or any(
+                (st[0], st[2]) == (pre.version, pre.digest) for v in live if (st := v.staged.get(name))):
+            return
+        del self.prefetched[name]
+        log.info("weights_prefetch_dropped", model=name, version=pre.version, why="no shard stages it any more")
 
     def _maybe_prefetch(self, rpc: ShardRPC, live: list[ShardView], name: str) -> None:
         """Fetch a version the shards announced staged (and hold it checked, unserved) while they
