@@ -66,6 +66,9 @@ def parser() -> argparse.ArgumentParser:
                    help="NAME=ENDPOINT,... of the parameter-server shards to take weights from")
     p.add_argument("--replicas", type=int, default=None,
                    help="copies of each piece on the shards, as every role uses (default 2 with at least 2 shards)")
+    p.add_argument("--no-prefetch", action="store_true",
+                   help="fetch a new version only once the shards commit it, not while they write its stage "
+                        "(the sync then starts at the commit; nothing unserved is held meanwhile)")
     add_metrics_flags(p)
     add_security_flags(p)
     add_log_flag(p)

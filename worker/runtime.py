@@ -47,5 +47,6 @@ def build_worker(args, security: Security | None = None) -> WorkerAgent:
     if args.paramservers:
         agent.sync = WeightSync(agent.ctx, parse_shards(args.paramservers), models, agent.compute.swaps,
                                 security=cfg.security, wake=agent.compute.wake,
-                                replicas=getattr(args, "replicas", None))
+                                replicas=getattr(args, "replicas", None),
+                                prefetch=not getattr(args, "no_prefetch", False))
     return agent
