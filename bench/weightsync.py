@@ -11,12 +11,15 @@ full_sync_s / raw_zmq_s (issue 11's target <= 2). delta_sync_s: a delta changing
 (1%); delta_vs_full = delta_sync_s / full_sync_s (target <= 0.1). Each round syncs a full
 version and a delta idle (the ratios), then again under a light request load (one request
 every 20 ms: `*_under_load_s`); failed_requests: requests that failed meanwhile (target 0).
-cpu_s_first_full: CPU seconds each role spent during the first full sync (from /proc).
+cpu_s_first_full: CPU seconds each role spent during the first full sync (from /proc);
+cpu_s_first_full_by_thread: the same per thread name (/proc/PID/task; ZeroMQ's I/O threads are
+ZMQbg/IO/0, the main thread the role's process name), summed over a role's processes.
 breakdown_first_full (with `--role-log-level info`): where the first full sync's wall time went,
 seconds from the start of its publish, from the bench's own marks (the publisher is this
 process) and the timestamps in the shards' and workers' logs: stage sent, each shard's write and
 fsync (median and last shard), stages answered, commit done, the workers' prefetch of the staged
-version (last to finish), their fetch after the commit (manifest, transfer, build), last swap.
+version (last to finish), their fetch after the commit (manifest, transfer, build), last swap;
+breakdown_first_delta: the same for the first (idle) delta.
 
 Replication (issue 20; `--replicas`, default 2): with `--kill-shard`, one more full sync in
 which the last shard is SIGKILLed right after the publish commits, while the workers fetch:
@@ -92,6 +95,34 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of a process so far, by thread name (threads of one name summed)."""
+    out: dict[str, float] = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            name = Path(f"/proc/{pid}/task/{tid}/comm").read_text().strip()
+            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def roles_thread_cpu(pids: dict[str, list[int]]) -> dict[str, dict[str, float]]:
+    """{role: {thread name: CPU seconds, summed over the role's processes}}."""
+    out: dict[str, dict[str, float]] = {}
+    for role, ps in pids.items():
+        acc = out.setdefault(role, {})
+        for pid in ps:
+            for name, s in thread_cpu(pid).items():
+                acc[name] = acc.get(name, 0.0) + s
+    return out
+
+
 def _events(path: Path, version: int) -> dict[str, list[dict]]:
     """A role log's events about `version` of the bench's model, by name, with `t` (epoch seconds)."""
     out: dict[str, list[dict]] = {}
@@ -137,6 +168,9 @@ def breakdown(tmp: Path, version: int, marks: dict, shards: int, workers: int) -
     if pre:
         out["workers_prefetched"] = [at(min(pre)), at(max(pre))]
         out["worker_prefetch_s"] = [min(last("weights_prefetched", "seconds")), max(last("weights_prefetched", "seconds"))]
+        built = last("weights_prefetched", "build_s")
+        if built:
+            out["worker_prebuild_s"] = [min(built), max(built)]
     started = last("weights_fetch_started")
     if started:
         out["workers_saw_commit"] = [at(min(started)), at(max(started))]
@@ -216,6 +250,8 @@ def main(argv=None) -> None:
         pids = {"publisher": [os.getpid()], "shards": [s.pid for s in shards], "workers": [w.pid for w in workers]}
         killed: dict = {}
         first_marks: dict = {}
+        delta_marks: dict = {}
+        cpu_threads: dict = {}
         with ParamClient(eps, replicas=args.replicas) as pc, Client(master.info["frontend"], timeout=60) as c:
             def sent_by_shards():  # shards that do not count them (before issue 11): every worker fetched it all
                 hellos = list(pc.hello().values())
@@ -258,9 +294,15 @@ def main(argv=None) -> None:
                     fresh = {name: a + k for name, a in state.items()}  # every piece changes: a real full sync
                     before = sent_by_shards()
                     cpu0 = {role: sum(map(cpu_seconds, ps)) for role, ps in pids.items()}
+                    threads0 = roles_thread_cpu(pids) if r == 0 and not under_load else {}
                     took, pub = timed_publish(fresh)
                     if r == 0 and not under_load:
                         cpu = {role: round(sum(map(cpu_seconds, ps)) - cpu0[role], 2) for role, ps in pids.items()}
+                        threads1 = roles_thread_cpu(pids)
+                        cpu_threads = {role: {name: round(s - threads0.get(role, {}).get(name, 0.0), 2)
+                                              for name, s in sorted(by.items())
+                                              if s - threads0.get(role, {}).get(name, 0.0) >= 0.005}
+                                       for role, by in threads1.items()}
                         publish_s = pub
                         first_marks = dict(marks)
                     after = sent_by_shards()
@@ -270,6 +312,8 @@ def main(argv=None) -> None:
                     time.sleep(0.5)
                     changed = {"layers.0.weight": fresh["layers.0.weight"] + 0.01}
                     took, pub = timed_publish(changed, base=pc.versions("big")["ps0"]["current"])
+                    if r == 0 and not under_load:
+                        delta_marks = dict(marks)
                     runs["delta_loaded" if under_load else "delta"].append(took)
                     delta_publishes.append(pub)
             if args.kill_shard:
@@ -296,6 +340,8 @@ def main(argv=None) -> None:
         time.sleep(0.3)  # the roles' last log lines are written
         parts = (breakdown(tmp, first_marks["version"], first_marks, args.shards, args.workers)
                  if args.role_log_level in ("info", "debug") and first_marks else None)
+        delta_parts = (breakdown(tmp, delta_marks["version"], delta_marks, args.shards, args.workers)
+                       if args.role_log_level in ("info", "debug") and delta_marks else None)
         raw = [raw_zmq_seconds(total) for total in moved]
         med = {name: statistics.median(values) for name, values in runs.items()}
         raw_s = statistics.median(raw)
@@ -308,10 +354,11 @@ def main(argv=None) -> None:
             "delta_vs_full": round(med["delta"] / med["full"], 3),
             "full_sync_under_load_s": round(med["full_loaded"], 3),
             "delta_sync_under_load_s": round(med["delta_loaded"], 3), "failed_requests": failures[0],
-            "cpu_s_first_full": cpu, "full_publish_rounds_s": [round(t, 3) for t in publishes],
+            "cpu_s_first_full": cpu, "cpu_s_first_full_by_thread": cpu_threads, "full_publish_rounds_s": [round(t, 3) for t in publishes],
             "delta_publish_rounds_s": [round(t, 3) for t in delta_publishes],
             "replicas": pc.replicas, **({"durability": args.durability} if args.durability else {}),
-            **({"breakdown_first_full": parts} if parts else {}), **killed, "pieces_moved_fraction": round(moved_frac, 4), **{f"{name}_rounds_s": [round(t, 3) for t in values] for name, values in runs.items()},
+            **({"breakdown_first_full": parts} if parts else {}),
+            **({"breakdown_first_delta": delta_parts} if delta_parts else {}), **killed, "pieces_moved_fraction": round(moved_frac, 4), **{f"{name}_rounds_s": [round(t, 3) for t in values] for name, values in runs.items()},
         }))
     finally:
         for proc in reversed(procs):
