@@ -91,6 +91,14 @@ def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     return t.to(device=ref.device, dtype=dtype)
 
 
+def _has_load_hooks(module: torch.nn.Module) -> bool:
+    """Whether any submodule takes part in loading a state dict itself (load hooks, its own
+    _load_from_state_dict): such a module is built through load_state_dict, which runs them."""
+    base = torch.nn.Module._load_from_state_dict
+    return any(m._load_state_dict_pre_hooks or m._load_state_dict_post_hooks
+               or type(m)._load_from_state_dict is not base for m in module.modules())
+
+
 class WeightsRefused(ValueError):
     """A candidate state dict does not fit the module (keys, shapes or dtypes)."""
 
@@ -558,9 +566,10 @@ class ServedModel:
 
     def _with_tensors(self, state: Mapping[str, torch.Tensor]) -> torch.nn.Module | None:
         """A deep copy of the live module's structure whose state tensors are `state`'s own
-        (converted only where the served dtype or device differs): the live tensors are mapped to
-        placeholders on the meta device (no memory, nothing copied), then replaced with
-        load_state_dict(assign=True). None when there is no live module, one tensor serves under
+        (converted only where the served dtype or device differs): each live tensor is mapped, in
+        deepcopy's memo, straight to its replacement, so nothing is copied and no second pass
+        assigns them (`_assign_copy`, the load_state_dict(assign=True) route, is kept for modules
+        with load hooks of their own). None when there is no live module, one tensor serves under
         two names (tied weights: assigning would untie them), or anything here fails (the caller
         then copies into a full copy, as before)."""
         if self.module is None:
@@ -570,17 +579,34 @@ class ServedModel:
             if len({id(t) for t in live.values()}) != len(live) or not all(isinstance(t, torch.Tensor)
                                                                              for t in live.values()):
                 return None
-            memo = {id(t): (torch.nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
-                            if isinstance(t, torch.nn.Parameter) else torch.empty_like(t, device="meta"))
-                    for t in live.values()}
+            if set(state) != set(live) or _has_load_hooks(self.module):
+                return self._assign_copy(state, live)
+            memo, new = {}, {}
+            for k, t in live.items():
+                v = _like(state[k], t)
+                new[k] = v = torch.nn.Parameter(v, requires_grad=t.requires_grad) if isinstance(
+                    t, torch.nn.Parameter) else v
+                memo[id(t)] = v
             module = copy.deepcopy(self.module, memo)
-            module.load_state_dict({k: _like(v, live[k]) for k, v in state.items()}, strict=True, assign=True)
-            if any(t.is_meta for t in module.state_dict().values()):
-                return None
+            got = module.state_dict(keep_vars=True)
+            if set(got) != set(new) or any(got[k] is not v for k, v in new.items()):
+                return self._assign_copy(state, live)  # a module that keeps its state some other way
             return module
         except Exception as exc:  # noqa: BLE001 - fall back to copying into a full copy
             log.warning("assign_build_failed_copying", model=self.name, error=f"{type(exc).__name__}: {exc}")
             return None
+
+    def _assign_copy(self, state: Mapping[str, torch.Tensor], live: Mapping[str, torch.Tensor]) -> torch.nn.Module | None:
+        """The live module's structure copied with placeholders on the meta device (no memory,
+        nothing copied), then `state` put in with load_state_dict(assign=True) (its hooks run)."""
+        memo = {id(t): (torch.nn.Parameter(torch.empty_like(t, device="meta"), requires_grad=t.requires_grad)
+                        if isinstance(t, torch.nn.Parameter) else torch.empty_like(t, device="meta"))
+                for t in live.values()}
+        module = copy.deepcopy(self.module, memo)
+        module.load_state_dict({k: _like(v, live[k]) for k, v in state.items()}, strict=True, assign=True)
+        if any(t.is_meta for t in module.state_dict().values()):
+            return None
+        return module
 
     def _copy_live(self) -> torch.nn.Module | None:
         """A deep copy of the live module (only read, never written): about half the cost of the
