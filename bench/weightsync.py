@@ -13,7 +13,9 @@ version and a delta idle (the ratios), then again under a light request load (on
 every 20 ms: `*_under_load_s`); failed_requests: requests that failed meanwhile (target 0).
 cpu_s_first_full: CPU seconds each role spent during the first full sync (from /proc);
 cpu_s_first_full_by_thread: the same per thread name (/proc/PID/task; ZeroMQ's I/O threads are
-ZMQbg/IO/0, the main thread the role's process name), summed over a role's processes.
+ZMQbg/IO/0, Python's threads all "python"), summed over a role's processes (a thread that ended
+meanwhile, such as the publisher's hashing pool, is left out); minor_faults_first_full: the page
+faults each role took meanwhile (fresh pages its buffers touched).
 breakdown_first_full (with `--role-log-level info`): where the first full sync's wall time went,
 seconds from the start of its publish, from the bench's own marks (the publisher is this
 process) and the timestamps in the shards' and workers' logs: stage sent, each shard's write and
@@ -95,6 +97,14 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
+def minor_faults(pid: int) -> int:
+    """Minor page faults of a process so far (Linux /proc; 0 elsewhere): fresh pages a buffer touched."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def thread_cpu(pid: int) -> dict[str, float]:
     """CPU seconds of each thread of a process so far, by thread name (threads of one name summed)."""
     out: dict[str, float] = {}
@@ -168,9 +178,11 @@ def breakdown(tmp: Path, version: int, marks: dict, shards: int, workers: int) -
     if pre:
         out["workers_prefetched"] = [at(min(pre)), at(max(pre))]
         out["worker_prefetch_s"] = [min(last("weights_prefetched", "seconds")), max(last("weights_prefetched", "seconds"))]
-        built = last("weights_prefetched", "build_s")
-        if built:
-            out["worker_prebuild_s"] = [min(built), max(built)]
+        for key, name in (("manifest_s", "worker_premanifest_s"), ("transfer_s", "worker_pretransfer_s"),
+                          ("build_s", "worker_prebuild_s")):
+            vals = last("weights_prefetched", key)
+            if vals:
+                out[name] = [min(vals), max(vals)]
     started = last("weights_fetch_started")
     if started:
         out["workers_saw_commit"] = [at(min(started)), at(max(started))]
@@ -252,6 +264,7 @@ def main(argv=None) -> None:
         first_marks: dict = {}
         delta_marks: dict = {}
         cpu_threads: dict = {}
+        faults: dict = {}
         with ParamClient(eps, replicas=args.replicas) as pc, Client(master.info["frontend"], timeout=60) as c:
             def sent_by_shards():  # shards that do not count them (before issue 11): every worker fetched it all
                 hellos = list(pc.hello().values())
@@ -295,10 +308,12 @@ def main(argv=None) -> None:
                     before = sent_by_shards()
                     cpu0 = {role: sum(map(cpu_seconds, ps)) for role, ps in pids.items()}
                     threads0 = roles_thread_cpu(pids) if r == 0 and not under_load else {}
+                    faults0 = {role: sum(map(minor_faults, ps)) for role, ps in pids.items()}
                     took, pub = timed_publish(fresh)
                     if r == 0 and not under_load:
                         cpu = {role: round(sum(map(cpu_seconds, ps)) - cpu0[role], 2) for role, ps in pids.items()}
                         threads1 = roles_thread_cpu(pids)
+                        faults = {role: sum(map(minor_faults, ps)) - faults0[role] for role, ps in pids.items()}
                         cpu_threads = {role: {name: round(s - threads0.get(role, {}).get(name, 0.0), 2)
                                               for name, s in sorted(by.items())
                                               if s - threads0.get(role, {}).get(name, 0.0) >= 0.005}
@@ -354,7 +369,8 @@ def main(argv=None) -> None:
             "delta_vs_full": round(med["delta"] / med["full"], 3),
             "full_sync_under_load_s": round(med["full_loaded"], 3),
             "delta_sync_under_load_s": round(med["delta_loaded"], 3), "failed_requests": failures[0],
-            "cpu_s_first_full": cpu, "cpu_s_first_full_by_thread": cpu_threads, "full_publish_rounds_s": [round(t, 3) for t in publishes],
+            "cpu_s_first_full": cpu, "cpu_s_first_full_by_thread": cpu_threads,
+            "minor_faults_first_full": faults, "full_publish_rounds_s": [round(t, 3) for t in publishes],
             "delta_publish_rounds_s": [round(t, 3) for t in delta_publishes],
             "replicas": pc.replicas, **({"durability": args.durability} if args.durability else {}),
             **({"breakdown_first_full": parts} if parts else {}),

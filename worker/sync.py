@@ -377,6 +377,7 @@ class WeightSync(threading.Thread):
             if len(manifests) < self.quorum or (self.replicas == 1 and len(manifests) < len(self.shards)):
                 raise ShardCallError({n: "no staged manifest" for n in asked if n not in manifests})
             new, need = plan_version(manifests, self.held.get(model), _shapes(self.models[model]))
+            tm = time.monotonic()
             fetched = fetch_into(rpc, model, version, need, new, self.timeout, cancel=self.stopping,
                                  sources=new.sources, extra=stage)
         except Exception as exc:  # noqa: BLE001 - nothing is lost: the commit, if it comes, is fetched as ever
@@ -391,7 +392,8 @@ class WeightSync(threading.Thread):
             module = None
         self.prefetched[model] = Prefetched(version, digest, new, manifests, module)
         log.info("weights_prefetched", model=model, version=version, bytes_fetched=fetched,
-                 seconds=round(time.monotonic() - t0, 3), build_s=round(time.monotonic() - t1, 3))
+                 seconds=round(time.monotonic() - t0, 3), manifest_s=round(tm - t0, 3), transfer_s=round(t1 - tm, 3),
+                 build_s=round(time.monotonic() - t1, 3))
 
     def _committed_as(self, model: str, version: int, digest: str) -> bool:
         """Every shard heard from says, in its commit announcement, that `version` of `model` is
