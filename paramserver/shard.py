@@ -102,7 +102,8 @@ class Stage:
     token: str
     created: float
     nbytes: int  # bytes received for this stage (pieces shared with the base are not counted)
-    written: dict = field(default_factory=dict)  # pieces and bytes written to disk on arrival
+    written: dict = field(default_factory=dict)  # pieces and bytes written to disk on arrival (and the staged manifest)
+    tag: str = ""  # names this stage's temporary files (its staged manifest until the commit renames it)
     writing: Future | None = None  # the writer thread's job while its pieces go to disk (no commit before)
 
 
@@ -148,6 +149,7 @@ class Shard:
         self.seq = 0
         self.staging: dict[tuple[str, int, str], Stage] = {}  # (model, version, token) -> stage
         self.store.pinned = self._staged_checksums  # pieces a stage wrote survive a collect until it ends
+        self.store.pinned_tags = lambda model: {st.tag for (m, _, _), st in self.staging.items() if m == model}
         self.replies_dropped = 0
         self.stopping = False
         self.last_announce = 0.0
@@ -426,22 +428,25 @@ class Shard:
         key = (model, version, token)
         replaced = self.staging.pop(key, None)
         t1 = time.monotonic()
-        stage = Stage(sl, token, time.monotonic(), nbytes)
+        stage = Stage(sl, token, time.monotonic(), nbytes, tag=uuid.uuid4().hex[:8])
         self.staging[key] = stage
         if replaced is not None:
             self.store.collect(model)  # what only the replaced stage wrote
         todo = self.store.unstored(model, sl)
         # the files get a name of this stage's own until renamed: another stage of the same content may be writing too
-        stage.writing = self.writer.submit(self._write_stage, model, todo, uuid.uuid4().hex[:8])
+        stage.writing = self.writer.submit(self._write_stage, model, todo, stage.tag, sl)
         self.pending.append(PendingReply(ident, header.get("rid"), started or t0, key, stage, todo,
                                          {"ok": True, "staged": len(items), "layout": layout(sl)}, t1 - t0))
         self._announce("staged", model, version, token=token, digest=digest)  # its pieces are checked: fetchable
         return None
 
-    def _write_stage(self, model: str, todo: dict, tag: str) -> dict:
-        """On the writer thread: the stage's new piece files, durable; then wake the loop."""
+    def _write_stage(self, model: str, todo: dict, tag: str, sl: Slice) -> dict:
+        """On the writer thread: the stage's new piece files, durable, then its manifest under a
+        temporary name (fsynced), so the commit only renames it; then wake the loop."""
         try:
-            return self.store.write_files(model, todo, tag)
+            done = self.store.write_files(model, todo, tag)
+            done["manifest_tmp"] = self.store.write_staged_manifest(model, sl, tag)
+            return done
         finally:
             try:
                 os.write(self._wake_w, b"x")

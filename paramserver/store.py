@@ -12,13 +12,21 @@ current version with the highest epoch among a piece's owners, so a shard that m
 rollback while down does not bring the old version back).
 
 Write path: only pieces not stored yet are written (a delta writes its changed pieces plus a
-small manifest), each to a temporary name, fsynced (unless `fsync=False`: the shard's
-`--durability replicated`), renamed, then the pieces directory is fsynced. The shard does this
+small manifest), each to a temporary name in one unbuffered write, its writeback started at
+once (so the disk works on every piece of a stage while the next ones are written), then all
+fsynced (unless `fsync=False`: the shard's `--durability replicated`), renamed, then the pieces
+directory is fsynced. The shard does this
 when a stage arrives, on a writer thread (`write_files` touches no books; `note_written`, on
 the shard's loop, books them), so the disk works while the other shards receive theirs and
 workers fetch the stage, and a commit is quick; a commit writes whatever is still missing, then the
 manifest the same way (last: it marks the version done), so a SIGKILL at any moment leaves
-either the old state or the new one; pieces no manifest names are invisible. After a
+either the old state or the new one; pieces no manifest names are invisible. The writer thread
+also writes and fsyncs the stage's manifest under a temporary name (`write_staged_manifest`), so
+a commit renames it into place and writes current.json, one directory fsync making both renames
+durable (two waits for the disk instead of four; a crash between the renames leaves the version
+committed but not current, or, on a file system that reorders renames, current naming a version
+without its manifest: the start then falls back to the version current before, as for any
+corrupt current version). After a
 commit (the shard runs it once the commit is answered and announced: `commit(prune=False)`,
 then `prune`), versions beyond `keep` are dropped, except the current one and the one current before
 it (a revert of that commit, or a rollback repairing it, needs it: `prunable`); after a commit,
@@ -127,14 +135,15 @@ def _start_writeback(fd: int) -> None:
             pass
 
 
-def _atomic_write(path: Path, payload: bytes) -> None:
+def _atomic_write(path: Path, payload: bytes, sync_dir: bool = True) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(payload)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    if sync_dir:
+        _fsync_dir(path.parent)
 
 
 def fallback_version(corrupt: int, history: list[int], good: set[int]) -> int | None:
@@ -173,6 +182,7 @@ class ShardStore:
         self.written = {"pieces": 0, "bytes": 0}  # piece files written since start (stages and commits)
         self.last_commit = {"pieces": 0, "bytes": 0, "shared": 0}  # the last commit's writes
         self.pinned = lambda model: set()  # checksums a collect must keep besides kept versions' (live stages)
+        self.pinned_tags = lambda model: set()  # tags of the live stages, whose staged manifests a collect keeps
         self.epochs: dict[str, int] = {}  # model -> stamp of what made the current version current
 
     # --------------------------------------------------------------- writing
@@ -245,23 +255,54 @@ class ShardStore:
         for large ones, to a later `prune` call, so the commit is answered and announced first. Returns
         {"pieces", "bytes", "shared"}: what was written for this version, how many of its pieces
         were stored before."""
-        wrote = self._write_version(model, sl, early)
-        self.set_current(model, sl.version, epoch=epoch)
+        wrote = self._write_version(model, sl, early, sync_dir=False)
+        self.set_current(model, sl.version, epoch=epoch)  # its directory fsync covers the manifest's rename
         self._drop(model)
         if prune:
             self._prune(model)
         self.last_commit = {**wrote, "shared": max(0, len(set(sl.checksums.values())) - wrote["pieces"])}
         return dict(self.last_commit)
 
-    def _write_version(self, model: str, sl: Slice, early: dict | None = None) -> dict:
-        """Write the pieces of `sl` not stored yet, then its manifest (last: it marks it done)."""
-        d = self.root / model
-        now = self.write_pieces(model, sl)  # nothing left to write when the stage wrote them already
-        wrote = {k: now[k] + (early or {}).get(k, 0) for k in ("pieces", "bytes")}
+    @staticmethod
+    def _manifest(model: str, sl: Slice) -> bytes:
         manifest = {"model": model, "version": sl.version, "format": FORMAT, "digest": sl.digest,
                     "pieces": [[*p.as_list(), sl.checksums[k]] for k, p in sl.pieces.items()]}
         manifest["meta_sha256"] = meta_checksum(manifest)
-        _atomic_write(d / f"v{sl.version}.manifest.json", json.dumps(manifest).encode())  # last: marks it done
+        return json.dumps(manifest).encode()
+
+    def write_staged_manifest(self, model: str, sl: Slice, tag: str) -> str:
+        """Write (and fsync) a stage's manifest under a temporary name of the stage's own
+        (`v<N>.manifest.json.<tag>.tmp`: no version exists by it, a start deletes it), so a commit
+        of that stage only renames it (`commit(early={"manifest_tmp": ...})`). File I/O only, like
+        `write_files`: a shard runs it on its writer thread. Returns the file's path."""
+        if not tag.isalnum():
+            raise ValueError("a stage's tag is letters and digits")
+        d = self.root / model
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / f"v{sl.version}.manifest.json.{tag}.tmp"
+        with open(tmp, "wb", buffering=0) as f:
+            _write_all(f, memoryview(self._manifest(model, sl)))
+            os.fsync(f.fileno())  # a manifest is always durable, whatever the pieces' durability
+        return str(tmp)
+
+    def _write_version(self, model: str, sl: Slice, early: dict | None = None, sync_dir: bool = True) -> dict:
+        """Write the pieces of `sl` not stored yet, then its manifest (last: it marks it done).
+        A manifest the stage wrote already (`early["manifest_tmp"]`, durable) is renamed into
+        place; `sync_dir=False` leaves the fsync of the directory to the caller (a commit: the
+        fsync of current.json's rename, in the same directory, makes both renames durable)."""
+        d = self.root / model
+        now = self.write_pieces(model, sl)  # nothing left to write when the stage wrote them already
+        wrote = {k: now[k] + (early or {}).get(k, 0) for k in ("pieces", "bytes")}
+        final = d / f"v{sl.version}.manifest.json"
+        staged = (early or {}).get("manifest_tmp")
+        try:
+            if not staged:
+                raise FileNotFoundError(final)
+            os.replace(staged, final)  # written and fsynced with the stage's pieces
+            if sync_dir:
+                _fsync_dir(d)
+        except FileNotFoundError:  # none written at stage time (or a collect removed it): write it now
+            _atomic_write(final, self._manifest(model, sl), sync_dir=sync_dir)  # last: marks it done
         self.slices.setdefault(model, {})[sl.version] = sl
         self.corrupt.get(model, {}).pop(sl.version, None)
         return wrote
@@ -368,6 +409,10 @@ class ShardStore:
         for c in gone:
             (pdir / c).unlink(missing_ok=True)
         stored -= gone
+        live = self.pinned_tags(model)
+        for f in (self.root / model).glob("v*.manifest.json.*.tmp"):  # staged manifests of stages now gone
+            if f.name.split(".")[-2] not in live:
+                f.unlink(missing_ok=True)
         return len(gone)
 
     # --------------------------------------------------------------- reading
@@ -382,6 +427,8 @@ class ShardStore:
 
     def _scan_pieces(self, model: str, d: Path) -> None:
         """Note the piece files on disk; drop temporary files a crash left behind."""
+        for f in d.glob("*.tmp"):  # a staged manifest, or a manifest or current.json cut off mid-write
+            f.unlink(missing_ok=True)
         stored = self.stored.setdefault(model, set())
         pdir = d / PIECES
         if not pdir.is_dir():

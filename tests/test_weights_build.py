@@ -1,9 +1,16 @@
-"""Building a new version's module off to the side (worker/loader.py `build_shadow`), issue 22
-fifth round: the live module's structure is deep-copied with each live tensor mapped straight to
-its replacement (no placeholders, no load_state_dict pass), and the load_state_dict route is kept
-for modules that take part in loading themselves (load hooks, their own _load_from_state_dict).
-Either way the new module serves exactly the new tensors and the live one is never touched."""
+"""Issue 22, fifth round: what a version costs to build and to commit.
+
+Building a new version's module off to the side (worker/loader.py `build_shadow`): the live
+module's structure is deep-copied with each live tensor mapped straight to its replacement (no
+placeholders, no load_state_dict pass), and the load_state_dict route is kept for modules that
+take part in loading themselves (load hooks, their own _load_from_state_dict). Either way the new
+module serves exactly the new tensors and the live one is never touched.
+
+Committing on a shard (paramserver/store.py): the stage's writer thread writes the manifest too,
+under a temporary name; the commit renames it and writes current.json, with one directory fsync."""
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -11,7 +18,9 @@ import torch
 
 import ringserve.worker.demo as demo_mod
 from ringserve.worker.loader import ServedModel, parse_model_arg
-from ringserve.paramserver.store import ShardStore
+from ringserve.paramserver.store import ShardStore, Slice
+from ringserve.protocol.digest import checksum
+from ringserve.protocol.placement import Piece
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -121,3 +130,51 @@ def test_a_partial_write_is_completed(tmp_path):
     out = store.write_files("m", {"blake3-" + "0" * 64: data})
     assert out["pieces"] == 1 and out["bytes"] == data.nbytes
     assert (tmp_path / "d" / "m" / "pieces" / ("blake3-" + "0" * 64)).read_bytes() == data.tobytes()
+
+
+def _slice(version: int, arr: np.ndarray) -> Slice:
+    sl = Slice(version, digest=f"d{version}")
+    p = Piece("w", "w", arr.dtype.name, tuple(arr.shape), 0, arr.size)
+    sl.pieces["w"], sl.data["w"], sl.checksums["w"] = p, arr, checksum(memoryview(arr).cast("B"))
+    return sl
+
+
+def test_a_commit_renames_the_manifest_its_stage_wrote_and_syncs_the_directory_once(tmp_path, monkeypatch):
+    store = ShardStore(tmp_path / "d")
+    sl = _slice(1, np.arange(1000, dtype=np.float32))
+    written = store.write_files("m", store.unstored("m", sl), "t1")
+    store.note_written("m", store.unstored("m", sl))
+    written["manifest_tmp"] = store.write_staged_manifest("m", sl, "t1")
+    assert not (tmp_path / "d" / "m" / "v1.manifest.json").exists()  # no version exists by a staged manifest
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    store.commit("m", sl, written, epoch=5)
+    # current.json (its temporary file) and the model's directory, once: the manifest only moved
+    assert sorted(os.path.basename(p) for p in synced) == ["current.json.tmp", "m"]
+    assert (tmp_path / "d" / "m" / "v1.manifest.json").exists() and not os.path.exists(written["manifest_tmp"])
+    again = ShardStore(tmp_path / "d")
+    again.load_all()
+    assert again.current["m"] == 1 and np.array_equal(again.slices["m"][1].data["w"].view(np.float32), sl.data["w"])
+
+
+def test_a_commit_without_a_staged_manifest_writes_one(tmp_path):
+    store = ShardStore(tmp_path / "d")
+    sl = _slice(1, np.ones(10, dtype=np.float32))
+    store.commit("m", sl, {"manifest_tmp": str(tmp_path / "d" / "m" / "v1.manifest.json.gone.tmp")})
+    again = ShardStore(tmp_path / "d")
+    again.load_all()
+    assert again.current["m"] == 1
+
+
+def test_staged_manifests_of_stages_gone_are_collected_and_a_start_drops_leftovers(tmp_path):
+    store = ShardStore(tmp_path / "d")
+    live, dead = store.write_staged_manifest("m", _slice(2, np.ones(4, np.float32)), "live00"), \
+        store.write_staged_manifest("m", _slice(3, np.ones(4, np.float32)), "dead00")
+    store.pinned_tags = lambda model: {"live00"}
+    store.collect("m")
+    assert os.path.exists(live) and not os.path.exists(dead)
+    with pytest.raises(ValueError):
+        store.write_staged_manifest("m", _slice(4, np.ones(4, np.float32)), "../x")
+    ShardStore(tmp_path / "d").load_all()  # a start: nothing staged survives it
+    assert not os.path.exists(live)
