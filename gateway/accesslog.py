@@ -5,10 +5,14 @@ work, and so did structlog's processor chain (context merge, level, ISO time sta
 about as much as the whole binary request path). So `AccessLog` renders the line itself with
 orjson, with the fields the role's processors add (its bound context such as ``role``, ``level``,
 ``timestamp`` in ISO 8601 UTC), and honours ``--log-level`` as structlog would. Lines are kept
-in memory (as orjson's bytes: decoded once per batch, not per line) and written together when
-64 kB are waiting, on the gateway's periodic flush every `max_age_s` (so no line waits longer than
-that; a clock read per line cost more than the rest of keeping it) and at shutdown. Bounded: a
-write failure drops the batch rather than growing it.
+in memory (orjson's bytes appended to one ``bytearray``: decoded once per batch, not per line) and
+written together when 64 kB are waiting, on the gateway's periodic flush every `max_age_s` (so no
+line waits longer than that; a clock read per line cost more than the rest of keeping it) and at
+shutdown. Bounded: a write failure drops the batch rather than growing it. Why one buffer and not
+a list of lines: each orjson line kept alive until the flush cost ~2.5 us more to allocate and
+free than the rendering itself (glibc's malloc, lines of a few hundred bytes that orjson sizes
+down from a larger buffer); appended to the buffer, each line's bytes are freed at once and the
+allocator reuses the same block for the next.
 """
 from __future__ import annotations
 
@@ -31,16 +35,21 @@ class BufferedLines:
     def __init__(self, file: TextIO | None = None, max_age_s: float = 0.2):
         self._file = file or sys.stderr
         self.max_age_s = max_age_s  # how often the owner calls flush()
-        self._lines: list[bytes] = []
-        self._bytes = 0
+        self._buf = bytearray()  # the lines waiting, each ended by a newline
         self._lock = threading.Lock()
+
+    @property
+    def pending(self) -> int:
+        """Bytes waiting for the next flush."""
+        return len(self._buf)
 
     def msg(self, message: str | bytes) -> None:
         line = message if type(message) is bytes else message.encode("utf-8", "replace")
         with self._lock:
-            self._lines.append(line)
-            self._bytes += len(line) + 1
-            due = self._bytes >= MAX_BYTES
+            buf = self._buf
+            buf += line
+            buf += b"\n"
+            due = len(buf) >= MAX_BYTES
         if due:
             self.flush()
 
@@ -48,11 +57,11 @@ class BufferedLines:
 
     def flush(self) -> None:
         with self._lock:
-            lines, self._lines, self._bytes = self._lines, [], 0
-        if not lines:
+            buf, self._buf = self._buf, bytearray()
+        if not buf:
             return
         try:
-            self._file.write(b"\n".join(lines).decode("utf-8", "replace") + "\n")
+            self._file.write(buf.decode("utf-8", "replace"))
             self._file.flush()
         except (OSError, ValueError):  # a closed or full stderr: the lines are lost, serving is not
             pass

@@ -47,7 +47,7 @@ def test_byte_bound_flushes_without_waiting_and_is_thread_safe():
     assert out.getvalue()  # the bound wrote some before any flush
     sink.flush()
     assert len(out.getvalue().splitlines()) == 4 * per
-    assert sink._bytes == 0 and not sink._lines
+    assert sink.pending == 0
 
 
 def test_a_failing_file_drops_the_batch_and_serving_goes_on():
@@ -58,10 +58,10 @@ def test_a_failing_file_drops_the_batch_and_serving_goes_on():
     sink = BufferedLines(Broken())
     AccessLog(sink).info("http_request", status=200)
     sink.flush()  # no exception
-    assert not sink._lines
+    assert sink.pending == 0
 
 
 def test_disabled_log_keeps_nothing():
     sink = BufferedLines(io.StringIO())
     AccessLog(sink, enabled=False).info("http_request", status=200)
-    assert not sink._lines
+    assert sink.pending == 0
