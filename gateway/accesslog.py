@@ -4,7 +4,9 @@ A write (and flush) per request cost the gateway more CPU than the rest of a sma
 work, and so did structlog's processor chain (context merge, level, ISO time stamp, renderer:
 about as much as the whole binary request path). So `AccessLog` renders the line itself with
 orjson, with the fields the role's processors add (its bound context such as ``role``, ``level``,
-``timestamp`` in ISO 8601 UTC), and honours ``--log-level`` as structlog would. Lines are kept
+``timestamp`` in ISO 8601 UTC), and honours ``--log-level`` as structlog would. The HTTP line
+(``http_request``) goes further: what only the route decides is rendered once per route and the
+request's own fields are put between (the same bytes, tests/test_gateway_accesslog.py). Lines are kept
 in memory (orjson's bytes appended to one ``bytearray``: decoded once per batch, not per line) and
 written together when 64 kB are waiting, on the gateway's periodic flush every `max_age_s` (so no
 line waits longer than that; a clock read per line cost more than the rest of keeping it) and at
@@ -27,6 +29,8 @@ import orjson
 import structlog
 
 MAX_BYTES = 64 << 10
+MAX_ROUTES = 1024  # AccessLog.http_request's rendered route parts kept
+_HTTP_FIELDS = {"method", "path", "status", "ms", "request_id", "id", "tenant", "model", "event", "level", "timestamp"}
 
 
 class BufferedLines:
@@ -74,6 +78,8 @@ class AccessLog:
         self._sink, self._context, self.enabled = sink, dict(context or {}), enabled
         self._second = -1
         self._prefix = ""
+        self._prefix_bytes = b""
+        self._routes: dict[tuple, tuple[bytes, bytes]] = {}  # http_request's rendered parts per route
 
     def _timestamp(self) -> str:
         """ISO 8601 UTC with microseconds, as structlog's TimeStamper(fmt="iso", utc=True) writes it."""
@@ -82,6 +88,7 @@ class AccessLog:
         if second != self._second:  # the date and time of day change once a second
             self._second = second
             self._prefix = datetime.fromtimestamp(second, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+            self._prefix_bytes = self._prefix.encode()
         return "%s.%06dZ" % (self._prefix, (now - second) * 1e6)
 
     def info(self, event: str, **fields) -> None:
@@ -93,6 +100,35 @@ class AccessLog:
         fields["level"] = "info"
         fields["timestamp"] = self._timestamp()
         self._sink.msg(orjson.dumps(fields, default=str))
+
+    def http_request(self, method: str, path: str, status: int, ms: float, request_id: str, id: str | None,
+                     tenant: str | None, model: str | None) -> None:
+        """``info("http_request", method=..., ..., model=...)``, byte for byte, for the gateway's
+        line per request: what only the route decides (method, path, tenant, model, the bound
+        context) is rendered once per route and kept (bounded), and the rest is put between.
+        `request_id` is the gateway's own (letters, digits and '-': nothing to escape)."""
+        if not self.enabled:
+            return
+        key = (method, path, tenant, model)
+        parts = self._routes.get(key)
+        if parts is None:
+            if self._context.keys() & _HTTP_FIELDS:  # a bound key that would take a field's place: the long way
+                self.info("http_request", method=method, path=path, status=status, ms=ms, request_id=request_id,
+                          id=id, tenant=tenant, model=model)
+                return
+            if len(self._routes) >= MAX_ROUTES:
+                self._routes.clear()
+            head = orjson.dumps({"method": method, "path": path}, default=str)[:-1] + b',"status":'
+            tail = orjson.dumps({"tenant": tenant, "model": model, **self._context, "event": "http_request",
+                                 "level": "info", "timestamp": ""}, default=str)[1:-2]
+            parts = self._routes[key] = (head, b',' + tail)
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._timestamp()
+        self._sink.msg(b'%s%d,"ms":%s,"request_id":"%s","id":%s%s%s.%06dZ"}' % (
+            parts[0], status, orjson.dumps(ms), request_id.encode(), b"null" if id is None else orjson.dumps(id),
+            parts[1], self._prefix_bytes, (now - second) * 1e6))
 
 
 def access_logger(sink: BufferedLines) -> AccessLog:
