@@ -395,7 +395,8 @@ class Http11Protocol(asyncio.Protocol):
             self.loop.call_soon(self._next)
             return
         self.idle_since = time.monotonic()
-        self._resume()
+        if self.paused:
+            self._resume()
 
     def _next(self) -> None:
         if self.current is not None or not self.queue or self.transport is None:

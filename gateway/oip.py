@@ -30,7 +30,7 @@ RESERVED = {"binary_data_output", "timeout", "priority", "headers"}  # request p
 UNSUPPORTED = {"sequence_id", "sequence_start", "sequence_end"}  # Triton's sequence batching
 
 
-@dataclass
+@dataclass(slots=True)  # one per request: slots make it quicker to build and read
 class InferCall:
     """A checked inference request, ready for AsyncClient.submit."""
 
