@@ -64,17 +64,20 @@ _BAD_REQUEST = _plain(400)
 _UNAVAILABLE = _plain(503)
 _HEAD_TOO_LARGE = _plain(431)
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+_METHODS = {m.encode(): m for m in ("GET", "POST", "HEAD", "PUT", "DELETE", "OPTIONS", "PATCH")}
 _CLOSE = b"connection: close\r\n"
 _INTERNAL = (500, [(b"content-type", b"application/json")], [b'{"error":"INTERNAL: the gateway failed on this request"}'])
 
 
 class Request:
-    """One HTTP request as the app sees it; `ctx` is the app's own per-request state."""
+    """One HTTP request as the app sees it; `ctx` is the app's own per-request state. `headers` is a
+    dict of lower-case names to values (a repeated header: its last value; the body's framing is
+    httptools' own decision, which refuses conflicting lengths)."""
 
     __slots__ = ("method", "path", "query", "headers", "ctx", "chunks", "size", "complete", "keep_alive",
                  "expect_continue", "head_only", "answer", "wants_body", "dropped", "deadline", "dispatched")
 
-    def __init__(self, method: str, path: str, query: bytes, headers: list, keep_alive: bool):
+    def __init__(self, method: str, path: str, query: bytes, headers: dict, keep_alive: bool):
         self.method, self.path, self.query, self.headers = method, path, query, headers
         self.keep_alive = keep_alive
         self.ctx = None
@@ -141,8 +144,8 @@ class Http11Protocol(asyncio.Protocol):
         self.server, self.loop, self.app = server, loop, server.app
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
-        self.url = b""
-        self.headers: list = []
+        self.url = b""  # the request line's target, reset once its headers are in (no on_message_begin)
+        self.headers: dict = {}
         self.expect = False  # Expect: 100-continue seen in this request's headers
         self.parsing: Request | None = None  # the request whose bytes are arriving
         self.current: Request | None = None  # the request the app is answering
@@ -228,25 +231,24 @@ class Http11Protocol(asyncio.Protocol):
             self.transport.resume_reading()
 
     # ------------------------------------------------------------------ parser callbacks
-    def on_message_begin(self) -> None:
-        self.url, self.headers, self.expect = b"", [], False
-
     def on_url(self, url: bytes) -> None:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
-        self.headers.append((name, value))
+        self.headers[name] = value
         if name == b"expect" and value.lower() == b"100-continue":
             self.expect = True
 
     def on_headers_complete(self) -> None:
         self.in_head, self.head_bytes = False, 0
+        parser, url, headers, expect = self.parser, self.url, self.headers, self.expect
+        self.url, self.headers, self.expect = b"", {}, False  # for the next request on this connection
         if self.closing:
             return  # bytes after a response that closes the connection: nobody will answer them
-        parser, url = self.parser, self.url
         try:
-            method = parser.get_method().decode("ascii")
+            raw = parser.get_method()
+            method = _METHODS.get(raw) or raw.decode("ascii")
             if url[:1] == b"/" and b"?" not in url and b"%" not in url and b"#" not in url:
                 path, query = url.decode("latin-1"), b""  # the common case: no parse needed
             else:
@@ -254,9 +256,9 @@ class Http11Protocol(asyncio.Protocol):
                 path, query = _path(parsed.path), parsed.query or b""
         except (httptools.HttpParserInvalidURLError, UnicodeDecodeError):
             raise httptools.HttpParserError("bad request line") from None
-        req = Request(method, path, query, self.headers,
+        req = Request(method, path, query, headers,
                       parser.should_keep_alive() and not self.server.stopping and not self.closing)
-        req.expect_continue = self.expect
+        req.expect_continue = expect
         self.parsing = req
         self.idle_since = None
         if self.current is None and not self.queue:
@@ -393,7 +395,8 @@ class Http11Protocol(asyncio.Protocol):
             self.loop.call_soon(self._next)
             return
         self.idle_since = time.monotonic()
-        self._resume()
+        if self.paused:
+            self._resume()
 
     def _next(self) -> None:
         if self.current is not None or not self.queue or self.transport is None:

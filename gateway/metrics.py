@@ -65,6 +65,27 @@ class GatewayMetrics:
             c.seconds += seconds
             c.buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
 
+    def infer_answered(self, model: str, version: str, seconds: float, rows: int, endpoint: str) -> None:
+        """A successful inference and its request's 200, counted under one lock (the common case)."""
+        key = (model, version)
+        rkey = (endpoint, 200)
+        with self._lock:
+            c = self._infer.get(key)
+            if c is None:
+                if len(self._infer) >= MAX_CHILDREN:
+                    key = (_OVERFLOW, _OVERFLOW)
+                c = self._infer.get(key) or self._infer.setdefault(key, _Infer())
+            c.success += 1
+            c.rows += rows
+            c.duration_us += seconds * 1e6
+            c.seconds += seconds
+            c.buckets[bisect.bisect_left(BUCKETS, seconds)] += 1
+            n = self._requests.get(rkey)
+            if n is None and len(self._requests) >= MAX_CHILDREN:
+                rkey = (_OVERFLOW, 0)
+                n = self._requests.get(rkey)
+            self._requests[rkey] = (n or 0) + 1
+
     def request(self, endpoint: str, status: int) -> None:
         key = (endpoint, status)
         with self._lock:

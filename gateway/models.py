@@ -33,6 +33,7 @@ class ModelView:
     inputs: dict[str, tuple[str, list[int]]] = field(default_factory=dict)  # learned: name -> (datatype, shape)
     outputs: dict[str, tuple[str, list[int]]] = field(default_factory=dict)
     last: dict[tuple[bool, str], tuple] = field(default_factory=dict)  # (output?, name) -> (dtype, shape[1:]) last seen
+    learned: tuple | None = None  # the key of the last request learned from (see ModelBook.learn)
 
     @property
     def ready(self) -> bool:
@@ -143,11 +144,20 @@ class ModelBook:
         known = view is not None and str(version).isdigit() and int(version) in view.versions
         return str(int(version)) if known else "_unknown"
 
-    def learn(self, model: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray]) -> None:
+    def learn(self, model: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
+              key: tuple[object, object] | None = None) -> None:
+        """Learn the signatures of a request that succeeded. `key`: objects that decide them (the
+        gateway passes its cached request plan and response header): a request with the same
+        objects as the previous one (compared by identity) has nothing new to teach."""
         view = self.models.get(model)
-        if view is not None:
-            _learn(view.inputs, inputs, view.last, False)
-            _learn(view.outputs, outputs, view.last, True)
+        if view is None:
+            return
+        last = view.learned
+        if key is not None and last is not None and last[0] is key[0] and last[1] is key[1]:
+            return
+        view.learned = key
+        _learn(view.inputs, inputs, view.last, False)
+        _learn(view.outputs, outputs, view.last, True)
 
     async def refresh(self) -> None:
         if self.admin is None:

@@ -10,6 +10,7 @@ A response is JSON, or JSON plus raw output bytes when the request asked for bin
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +30,7 @@ RESERVED = {"binary_data_output", "timeout", "priority", "headers"}  # request p
 UNSUPPORTED = {"sequence_id", "sequence_start", "sequence_end"}  # Triton's sequence batching
 
 
-@dataclass
+@dataclass(slots=True)  # one per request: slots make it quicker to build and read
 class InferCall:
     """A checked inference request, ready for AsyncClient.submit."""
 
@@ -39,6 +40,7 @@ class InferCall:
     binary_output: bool = False  # binary_data_output: every output binary unless it says otherwise
     timeout_s: float | None = None  # Triton's "timeout" parameter (microseconds)
     tags: dict[str, str] = field(default_factory=dict)  # the other parameters, for the master's routes
+    plan: Any = None  # the checked header it came from (the same object for the same header bytes)
 
 
 def _name(value: Any, what: str) -> str:
@@ -79,6 +81,7 @@ class _Input:
     shape: tuple[int, ...]
     size: int | None  # binary_data_size, or None: `data` holds the values
     data: Any = None
+    need: int | None = None  # the bytes dtype and shape take (numbers), None for BYTES: checked per request
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,7 @@ class _Plan:
     tags: dict[str, str]  # never mutated: merged into a new dict per request
     inputs: tuple[_Input, ...]
     outputs: list[tuple[str, bool | None]] | None
+    rows: int = 1  # the first input's first dimension (the metrics' inference count)
 
 
 _plans: dict[bytes, _Plan] = {}
@@ -151,13 +155,15 @@ def _plan(head: memoryview) -> _Plan:
                 raise bad_request(f"{what}: binary_data_size must be a non-negative integer")
             if "data" in entry:
                 raise bad_request(f"{what}: has both 'data' and binary_data_size")
-            planned.append(_Input(name, what, dt, shape, size))
+            planned.append(_Input(name, what, dt, shape, size, None,
+                                  None if dt is STRINGS else math.prod(shape) * dt.itemsize))
         elif "data" not in entry:
             raise bad_request(f"{what}: needs 'data' (or binary_data_size with the bytes after the header)")
         else:
             planned.append(_Input(name, what, dt, shape, None, entry["data"]))
+    first = planned[0].shape
     return _Plan(rid, params.binary_output, params.timeout_s, params.tags, tuple(planned),
-                 _requested_outputs(req.get("outputs")))
+                 _requested_outputs(req.get("outputs")), first[0] if first else 1)
 
 
 def _bind(plan: _Plan, tail: memoryview, extra_tags: dict[str, str] | None) -> InferCall:
@@ -169,17 +175,22 @@ def _bind(plan: _Plan, tail: memoryview, extra_tags: dict[str, str] | None) -> I
             raise bad_request(f"at most {MAX_TAGS} request parameters (and tag headers) are passed on, got {len(tags)}")
     else:
         tags = dict(tags)
-    call = InferCall({}, plan.request_id, plan.outputs, plan.binary_output, plan.timeout_s, tags)
+    inputs: dict[str, np.ndarray] = {}
+    call = InferCall(inputs, plan.request_id, plan.outputs, plan.binary_output, plan.timeout_s, tags, plan)
     offset = 0
     for i in plan.inputs:
-        if i.size is None:
-            call.inputs[i.name] = from_json(i.data, i.shape, i.dtype, i.what)
+        size = i.size
+        if size is None:
+            inputs[i.name] = from_json(i.data, i.shape, i.dtype, i.what)
             continue
-        if offset + i.size > len(tail):
-            raise bad_request(f"{i.what}: binary_data_size {i.size} runs past the end of the body "
+        if offset + size > len(tail):
+            raise bad_request(f"{i.what}: binary_data_size {size} runs past the end of the body "
                               f"({len(tail)} bytes follow the JSON header)")
-        call.inputs[i.name] = from_bytes(tail[offset:offset + i.size], i.shape, i.dtype, i.what)
-        offset += i.size
+        if size == i.need and i.dtype.kind != "b":  # numbers of the right size: a view of the body, in place
+            inputs[i.name] = np.ndarray(i.shape, i.dtype, tail, offset)
+        else:  # BYTES, BOOL (values checked) or a wrong size (its 400): from_bytes decides
+            inputs[i.name] = from_bytes(tail[offset:offset + size], i.shape, i.dtype, i.what)
+        offset += size
     if offset != len(tail):
         raise bad_request(f"{len(tail)} bytes follow the JSON header but the inputs' binary_data_size add up "
                           f"to {offset}")
@@ -227,6 +238,16 @@ def _requested_outputs(outputs: Any) -> list[tuple[str, bool | None]] | None:
     return wanted
 
 
+COPY_BELOW = 4096  # bytes: a smaller output is copied out (one call), a larger one viewed in place
+
+
+def _raw(arr: np.ndarray):
+    """An output's bytes as the response carries them (row-major)."""
+    if arr.nbytes < COPY_BELOW:
+        return arr.tobytes()
+    return memoryview(np.ascontiguousarray(arr)).cast("B")
+
+
 HEAD_CACHE = 1024  # response headers remembered: all-binary answers of one model look alike
 _heads: dict[tuple, tuple[bytes, tuple[str, ...]]] = {}
 
@@ -245,7 +266,7 @@ def build_response(model: str, version: int | None, call: InferCall,
         hit = _heads.get(key)
         if hit is not None:
             head, names = hit
-            return head, [memoryview(np.ascontiguousarray(outputs[n])).cast("B") for n in names], len(head)
+            return head, [_raw(outputs[n]) for n in names], len(head)
     if call.outputs is None:
         chosen = [(name, call.binary_output) for name in outputs]
     else:
@@ -263,8 +284,7 @@ def build_response(model: str, version: int | None, call: InferCall,
         if arr.dtype == STRINGS and not binary and text is None:
             binary = True  # bytes that are not UTF-8: JSON strings cannot carry them
         if binary:
-            buf = (memoryview(strings_buffer(arr, name)) if arr.dtype == STRINGS
-                   else memoryview(np.ascontiguousarray(arr)).cast("B"))
+            buf = memoryview(strings_buffer(arr, name)) if arr.dtype == STRINGS else _raw(arr)
             entry["parameters"] = {"binary_data_size": len(buf)}
             raw.append(buf)
         else:

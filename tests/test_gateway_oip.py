@@ -8,6 +8,7 @@ import orjson
 import pytest
 
 from ringserve.gateway import oip
+from ringserve.gateway.errors import HttpError
 from ringserve.gateway.oip import InferCall, build_response
 
 pytestmark = pytest.mark.timeout(30)
@@ -45,3 +46,52 @@ def test_ids_and_json_outputs_are_not_cached_and_the_cache_is_bounded():
     for k in range(oip.HEAD_CACHE + 5):
         build_response(f"m{k}", 1, InferCall({}, binary_output=True), {"y": np.zeros(3, np.int64)})
     assert 0 < len(oip._heads) <= oip.HEAD_CACHE
+
+
+def binary_body(inputs: list[tuple[str, str, list, bytes]]) -> tuple[memoryview, int]:
+    head = orjson.dumps({"inputs": [{"name": n, "datatype": d, "shape": s, "parameters": {"binary_data_size": len(b)}}
+                                    for n, d, s, b in inputs]})
+    return memoryview(head + b"".join(b for *_, b in inputs)), len(head)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_binary_inputs_are_views_of_the_body_with_every_check_kept(cached):
+    """A binary input of the right size is viewed in place (np.ndarray on the body at its offset):
+    the values, dtype, shape and read-only flag are those numpy.frombuffer gave, the second
+    input starts where the first ends, empty tensors work, and BOOL values, a wrong size and a
+    short body are still refused, from a cached plan as from a new one."""
+    oip._plans.clear()
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    b = np.array([[1, -2, 3]], dtype=np.int64)
+    for _ in range(2 if cached else 1):
+        body, hlen = binary_body([("a", "FP32", [3, 4], a.tobytes()), ("b", "INT64", [1, 3], b.tobytes()),
+                                  ("e", "FP16", [0, 5], b""), ("t", "BOOL", [2], b"\x01\x00")])
+        call = oip.parse_infer(body, hlen)
+    assert (len(oip._plans) == 1) and call.plan is oip._plans[bytes(body[:hlen])]
+    assert call.plan.rows == 3
+    got = call.inputs
+    assert np.array_equal(got["a"], a) and got["a"].dtype == np.float32 and got["a"].shape == (3, 4)
+    assert np.array_equal(got["b"], b) and got["e"].shape == (0, 5) and got["t"].tolist() == [True, False]
+    assert not got["a"].flags.writeable and np.shares_memory(got["a"], np.frombuffer(body, np.uint8))
+    for inputs, text in [([("t", "BOOL", [2], b"\x01\x07")], "BOOL bytes must be 0 or 1"),
+                         ([("a", "FP32", [3, 4], a.tobytes()[:-4])], "needs 48 bytes")]:
+        for _ in range(2):  # a new plan, then the cached one
+            body, hlen = binary_body(inputs)
+            with pytest.raises(HttpError, match=text):
+                oip.parse_infer(body, hlen)
+    body, hlen = binary_body([("a", "FP32", [3, 4], a.tobytes())])
+    with pytest.raises(HttpError, match="runs past the end of the body"):
+        oip.parse_infer(body[:-1], hlen)
+
+
+def test_small_outputs_are_copied_large_ones_viewed_and_both_are_the_array_bytes():
+    oip._heads.clear()
+    small = np.arange(10, dtype=np.float32).reshape(1, 10)
+    large = np.arange(oip.COPY_BELOW, dtype=np.float32).reshape(4, -1)
+    for _ in range(2):  # built, then from the cached header
+        _, raw, _ = build_response("mlp", 1, InferCall({}, binary_output=True), {"s": small, "l": large})
+        assert isinstance(raw[0], bytes) and isinstance(raw[1], memoryview)
+        assert bytes(raw[0]) == small.tobytes() and bytes(raw[1]) == large.tobytes()
+    col = np.asfortranarray(np.arange(2 * oip.COPY_BELOW, dtype=np.float32).reshape(2, -1))  # not C-ordered
+    _, raw, _ = build_response("mlp", 1, InferCall({}, binary_output=True), {"c": col})
+    assert bytes(raw[0]) == np.ascontiguousarray(col).tobytes()
