@@ -112,6 +112,7 @@ def test_an_input_signature_is_checked_once_and_a_bad_input_is_never_remembered_
     with the same signature gets the same rows, any other signature is checked in full (a bad one
     refused every time), and the memo stays bounded whatever shapes clients send."""
     from ringserve.worker.agent import MAX_CHECKED
+    from ringserve.worker.batching import signature
     from ringserve.worker.loader import BadInput
 
     mlp = ServedModel(parse_model_arg("mlp=ringserve.worker.demo:mlp"), torch.device("cpu"))
@@ -119,21 +120,21 @@ def test_an_input_signature_is_checked_once_and_a_bad_input_is_never_remembered_
     agent = WorkerAgent(WorkerConfig(master="tcp://127.0.0.1:1"), {"mlp": mlp, "seq": ragged})
     try:
         good = {"x": np.zeros((3, 256), np.float32)}
-        assert agent._check_inputs(mlp, good) == 3 and agent._check_inputs(mlp, good) == 3
+        assert agent._check_inputs(mlp, good) == (3, signature(good)) and agent._check_inputs(mlp, good)[0] == 3
         for bad, why in (({"x": np.zeros((3, 256), np.float64)}, "dtype"), ({"x": np.zeros((3, 255), np.float32)}, "shape"),
                          ({"y": np.zeros((3, 256), np.float32)}, "takes inputs"), ({"x": np.zeros((0, 256), np.float32)}, "zero rows")):
             for _ in range(2):  # refused, and refused again: a failure is not remembered
                 with pytest.raises(BadInput, match=why):
                     agent._check_inputs(mlp, bad)
         ids = lambda n: {"input_ids": np.ones((1, n), np.int64)}  # noqa: E731  (the mask is optional)
-        assert agent._check_inputs(ragged, ids(128)) == 1 and agent._check_inputs(ragged, ids(7)) == 1
+        assert agent._check_inputs(ragged, ids(128)) == (1, None) and agent._check_inputs(ragged, ids(7)) == (1, None)
         for _ in range(2):
             with pytest.raises(BadInput, match="beyond this model's maximum"):
                 agent._check_inputs(ragged, ids(129))
         for n in range(1, 3 * MAX_CHECKED):  # signatures without end: the memo never grows past its bound
             agent._check_inputs(mlp, {"x": np.zeros((n, 256), np.float32)})
             assert len(agent.checked) <= MAX_CHECKED
-        assert agent._check_inputs(mlp, good) == 3
+        assert agent._check_inputs(mlp, good)[0] == 3
     finally:
         agent.results.close(linger=0)
         agent.ctx.term()

@@ -34,7 +34,7 @@ from ringserve.protocol.messages import (
 )
 from ringserve.protocol.security import Security
 from ringserve.protocol.sockets import drain, send_frames
-from ringserve.worker.batching import Batcher, WorkItem
+from ringserve.worker.batching import Batcher, WorkItem, signature
 from ringserve.worker.compute import ComputeThread
 from ringserve.worker.handoff import CHANGED, RESULT
 from ringserve.worker.loader import BadInput, ServedModel
@@ -122,7 +122,7 @@ class WorkerAgent:
         self.drain_requested: str | None = None
         self.failed: str | None = None  # why the worker left on its own (compute died or stalled)
         self.unsplittable = 0  # REQUEST messages with no readable dispatch list (reported in heartbeats)
-        self.checked: dict[tuple, int] = {}  # (model, (name, dtype, shape) per input) -> rows, for inputs that passed
+        self.checked: dict[tuple, tuple] = {}  # (model, (name, dtype, shape) per input) -> (rows, signature), for inputs that passed
         self.sync = None  # a WeightSync thread when weights come from parameter servers
         self.compute.max_models = cfg.max_models
         self.compute.worker_name = cfg.name
@@ -374,30 +374,33 @@ class WorkerAgent:
         if model is None:
             raise ProtocolError(f"this worker does not serve model {d.model!r}")
         inputs = decode_tensors(d.header.get("inputs"), d.frames)
-        rows = self._check_inputs(model, inputs)
+        rows, sig = self._check_inputs(model, inputs)
         if model.on_demand and not model.ready:
             self._request_load(model.name)  # the request waits in the batcher until it is loaded
         # 0 means already expired: TIMEOUT without compute
         timeout_s = min(max(d.timeout_ms, 0.0) / 1000.0, 3600.0)
         return WorkItem(d.key, d.attempt, model.name, d.version, inputs, rows, arrival=now, deadline=now + timeout_s,
-                        keepalive=d.frames, cid=d.cid, link=link)
+                        keepalive=d.frames, cid=d.cid, link=link, sig=sig)
 
-    def _check_inputs(self, model: ServedModel, inputs: dict) -> int:
+    def _check_inputs(self, model: ServedModel, inputs: dict) -> tuple[int, tuple | None]:
         """model.check_inputs, asked once per input signature: what it checks (names, dtypes, shapes
         against the model's fixed input_spec) is a function of the signature alone, and under load
         every request of a model has the same one (its check was a fifth of the socket thread's time).
+        Returns (rows, the batching signature or None), the signature remembered with the verdict so
+        that the compute thread's batcher need not build it per request (``batching.signature``;
+        None for ragged models, whose batcher pads and keys by length).
         A model with stages checks against its current version's preprocess, so it is asked every time;
         so is any input that fails (the error is raised, never remembered)."""
         if model.has_stages:
-            return model.check_inputs(inputs)
+            return model.check_inputs(inputs), None
         key = (model.name, tuple((n, a.dtype, a.shape) for n, a in inputs.items()))
-        rows = self.checked.get(key)
-        if rows is None:
-            rows = model.check_inputs(inputs)
+        known = self.checked.get(key)
+        if known is None:
+            known = (model.check_inputs(inputs), None if model.ragged is not None else signature(inputs))
             if len(self.checked) >= MAX_CHECKED:
                 self.checked.clear()
-            self.checked[key] = rows
-        return rows
+            self.checked[key] = known
+        return known
 
     def on_result(self, frames: list[zmq.Frame]) -> None:
         kind = frames[0].bytes

@@ -26,7 +26,7 @@ import zmq
 from ringserve.protocol.codec import encode_tensors
 from ringserve.protocol.messages import ErrorCode, error_body
 from ringserve.worker.batching import Batcher, WorkItem, concat_inputs, split_outputs
-from ringserve.worker.handoff import CHANGED, result_frames
+from ringserve.worker.handoff import CHANGED, batch_outputs, joined_header, result_frames, shared_fields
 from ringserve.worker.loader import ServedModel, input_error
 from ringserve.worker.metrics import WorkerMetrics
 from ringserve.worker.stages import POST, PRE, Inbox, StagePool, Task
@@ -34,6 +34,7 @@ from ringserve.worker.stages import POST, PRE, Inbox, StagePool, Task
 log = structlog.get_logger("ringserve.worker.compute")
 
 IDLE_WAIT_S = 0.05
+OWN_FIELDS = 5  # what each answer of a packed batch adds to the shared fields: id, key, attempt, outputs, timing
 MAX_RESTAGED = 3  # times a request may be preprocessed again because its stages' version was swapped out
 
 
@@ -263,7 +264,7 @@ class ComputeThread(threading.Thread):
             self.stages.submit(Task(PRE, model, item))
         log.info("requests_restaged", model=model.name, count=len(batch), serving=model.version)
 
-    def _push(self, replies: list[tuple[dict, list]], items: list[WorkItem]) -> None:
+    def _push(self, replies: list[tuple[dict | bytes, list]], items: list[WorkItem]) -> None:
         """Hand a batch's replies (one per item, in order) to the socket thread, one message per
         master they go back to (it sends each as one REPLY)."""
         if not replies:
@@ -274,18 +275,22 @@ class ComputeThread(threading.Thread):
             mine = replies if len(links) == 1 else [r for r, i in zip(replies, items, strict=False) if i.link == link]
             self.push.send_multipart(result_frames(link, mine), copy=False)
 
-    def _compute(self, model: ServedModel, batch: list[WorkItem], pinned: int | None) -> list[tuple[dict, list]]:
+    def _compute(self, model: ServedModel, batch: list[WorkItem], pinned: int | None) -> list[tuple[dict | bytes, list]]:
         """Run and encode a batch; raises if anything about it fails (no partial answers). What is the
         same for every answer of the batch is looked up once, outside the loop over its requests."""
         version = model.version if pinned is None else pinned
         started = time.monotonic()
         outputs = model.run(concat_inputs(batch), pinned)
-        replies = []
         rows = sum(i.rows for i in batch)
         compute_ms = round(1000 * (time.monotonic() - started), 3)
-        post = []  # handed to the stage pool only once the whole batch has split (a failure re-runs it)
         post_stages = model.stages_for(version) if model.has_stages and model.opts.postprocess is not None else None
         name, worker, epochs = batch[0].model, self.worker_name, self.epochs  # one model per batch
+        if post_stages is None and len(batch) > 1 and batch[0].ragged is None:
+            metas = batch_outputs(outputs, [i.rows for i in batch])
+            if metas is not None:
+                return self._packed_replies(model, batch, version, rows, started, compute_ms, metas)
+        replies = []
+        post = []  # handed to the stage pool only once the whole batch has split (a failure re-runs it)
         for item, out in zip(batch, split_outputs(outputs, batch), strict=True):
             queue_ms = round(1000 * (started - item.arrival), 3)
             timing = {**item.timing, "queue_ms": queue_ms, "compute_ms": compute_ms} if item.timing \
@@ -304,6 +309,30 @@ class ComputeThread(threading.Thread):
             self.metrics.on_answers(model.name, "ok", len(replies))
         for task in post:
             self.stages.submit(task)
+        return replies
+
+    def _packed_replies(self, model: ServedModel, batch: list[WorkItem], version: int | None, rows: int,
+                        started: float, compute_ms: float, metas: list[list]) -> list[tuple[bytes, list]]:
+        """The batch's answers with every output inline (``batch_outputs``): the same fields as the
+        general path's headers, each packed as it goes to the master, the fields all of them share
+        packed once per master link (``joined_header``)."""
+        shared_base = {"ok": True, "model": batch[0].model, "version": version, "batch_rows": rows}
+        shared: dict[int, tuple] = {}
+        worker, epochs = self.worker_name, self.epochs
+        replies = []
+        for item, meta in zip(batch, metas, strict=True):
+            fields = shared.get(item.link)
+            if fields is None:
+                epoch = epochs.get(item.link)
+                fields = shared[item.link] = shared_fields(
+                    {**shared_base, "worker": worker, "epoch": epoch} if epoch is not None and worker is not None
+                    else shared_base, OWN_FIELDS)
+            queue_ms = round(1000 * (started - item.arrival), 3)
+            timing = {**item.timing, "queue_ms": queue_ms, "compute_ms": compute_ms} if item.timing \
+                else {"queue_ms": queue_ms, "compute_ms": compute_ms}
+            replies.append((joined_header({"id": item.client_id, "key": item.rid, "attempt": item.attempt,
+                                           "outputs": meta, "timing": timing}, fields), []))
+        self.metrics.on_answers(model.name, "ok", len(replies))
         return replies
 
     def _failure(self, model: ServedModel, item: WorkItem, exc: Exception) -> tuple[dict, list]:

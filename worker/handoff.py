@@ -6,20 +6,73 @@ list of each answer's packed header, ``envelope.packed_reply_frames``). Why: the
 receives a few frames per batch instead of one per answer, and sends a turn's single part on to a
 framing-2 master as it came, without splitting the headers out of frames and packing them again
 (the profile of the batched MLP put that hand-over at a fifth of the socket thread's time).
+
+A batch's answers share most of their header (ok, model, version, batch_rows, worker, epoch) and,
+for single-row requests, the layout of their outputs: ``batch_outputs`` cuts each request's
+inline outputs from one copy of each batched output, and ``joined_header`` packs only a request's
+own fields, the shared ones packed once per batch (``pack_pairs``). Both were most of the compute
+thread's time per request beyond the model (a dict, a split, an encode and a pack per answer).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
-from ringserve.protocol.codec import pack
+import numpy as np
+
+from ringserve.protocol.codec import BYTES, INLINE_MAX, encode_tensors, pack, pack_pairs
 from ringserve.protocol.envelope import packed_reply_frames
 
 RESULT = b"R"  # [RESULT, count, link, packed headers, *data frames]: `count` answers for master `link`
 CHANGED = b"S"  # [CHANGED]: model state changed (new version): heartbeat now
 
 
-def result_frames(link: int, replies: Sequence[tuple[dict, Sequence]]) -> list:
-    """[(reply header, out-of-line frames)] for one master -> the RESULT message's frames."""
+def result_frames(link: int, replies: Sequence[tuple[dict | bytes, Sequence]]) -> list:
+    """[(reply header, or the header already packed, out-of-line frames)] for one master -> the
+    RESULT message's frames."""
     data = [f for _, frames in replies for f in frames]
     return [RESULT, str(len(replies)).encode(), str(link).encode(),
-            *packed_reply_frames([pack(header) for header, _ in replies], data)]
+            *packed_reply_frames([header if type(header) is bytes else pack(header) for header, _ in replies], data)]
+
+
+def shared_fields(fields: Mapping[str, Any], own_count: int) -> tuple[bytes, dict, int]:
+    """The header fields every answer of a batch shares, packed once, for answers that add
+    `own_count` fields of their own: (the map's first byte and the shared pairs, the fields, own_count)."""
+    count, pairs = pack_pairs(fields)
+    n = own_count + count
+    return (bytes((0x80 | n,)) + pairs if n <= 15 else b""), dict(fields), own_count
+
+
+def joined_header(own: Mapping[str, Any], shared: tuple[bytes, dict, int]) -> bytes:
+    """pack({**own, **shared fields}) for keys that do not overlap: a msgpack map is its length and
+    then its pairs in any order, so a map of at most 15 entries is one byte (0x80 | length), the
+    shared pairs as packed once, and `own`'s pairs as `pack(own)` wrote them after its own first byte."""
+    head, fields, own_count = shared
+    if not head or len(own) != own_count:  # not a fixmap (no reply header has that many fields today), or
+        return pack({**own, **fields})  # not the count the head was made for: pack it whole
+    return head + pack(own)[1:]
+
+
+def batch_outputs(outputs: Mapping[str, Any], rows: Sequence[int]) -> list[list] | None:
+    """Each request's `outputs` meta list (every tensor inline, as ``encode_tensors`` writes it for
+    that request's rows), for requests of `rows` rows in order; None when the general path must
+    take the batch: an output that is not a C-contiguous numeric numpy array with the batch's
+    rows on dim 0, or a request's share beyond INLINE_MAX bytes (it travels in a frame)."""
+    total = sum(rows)
+    top = max(rows)
+    cut = []  # (name, dtype name, trailing shape, bytes per row, the batch's bytes)
+    for name, arr in outputs.items():
+        if type(arr) is not np.ndarray or arr.ndim == 0 or arr.shape[0] != total or not arr.flags.c_contiguous:
+            return None
+        row_bytes = arr.nbytes // total
+        if top * row_bytes > INLINE_MAX:
+            return None
+        meta, _ = encode_tensors({name: arr[:0]})  # the dtype's wire name, by the codec's own rule
+        dtname = meta[0][1]
+        if dtname == BYTES or np.dtype(dtname) != arr.dtype:  # strings, or bytes the codec would convert
+            return None
+        cut.append((name, dtname, list(arr.shape[1:]), row_bytes, arr.tobytes()))
+    out, row = [], 0
+    for n in rows:
+        out.append([[name, dtname, [n, *tail], data[row * rb:(row + n) * rb]] for name, dtname, tail, rb, data in cut])
+        row += n
+    return out
