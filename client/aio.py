@@ -193,12 +193,16 @@ class AsyncClient:
             return
         rel, sock = self._rel, self._sock
         rel.flush(sock)  # what submit() queued since the last turn: one message
-        if rel.read_messages(sock, MAX_READ_PER_CALL, probe):
-            self._schedule_read()  # more may be waiting: after the loop's other callbacks
-        elif rel.outgoing:  # the answers caused resends (an epoch change, a 501)
+        waiting = len(rel.pending)
+        more = rel.read_messages(sock, MAX_READ_PER_CALL, probe)  # True: more may be waiting
+        if not more and rel.outgoing:  # the answers caused resends (an epoch change, a 501)
             rel.flush(sock)
-            if sock.getsockopt(EVENTS) & POLLIN:  # the send may have taken the edge: ask
-                self._schedule_read()
+            more = sock.getsockopt(EVENTS) & POLLIN  # the send may have taken the edge: ask
+        if more or len(rel.pending) < waiting:
+            # Answered futures queued their callbacks just now, so this next turn runs after them, in
+            # the same pass of the loop, and sends what they submitted in one message; without it
+            # the first submit asked for a turn of its own: one more pass (an epoll) per message.
+            self._schedule_read()
 
     def _on_monitor(self) -> None:
         if self._closed:
