@@ -14,6 +14,12 @@ message waits, and reads it if so; a turn ends only once the socket said it had 
 is what re-arms the descriptor. (Asking costs a syscall here, as a recv that fails does; a failed
 recv also raises, so reads stop on the socket's answer, not on zmq.Again.)
 
+The loop is woken as little as the rules allow, because a wake-up after a sleep costs far more CPU
+than the work it does: a read that answered requests asks for the next turn itself (it runs right
+after the callbacks the answers queued, and sends what they submitted in one message); the timer
+sleeps until the books next need it (``Reliability.next_due``), and a read that finds it nearly due
+runs it in the same turn, so under load the timer never wakes the loop on its own.
+
     async with AsyncClient("tcp://master:5555") as c:
         outputs = await c.infer("mlp", {"x": x})
 """
