@@ -47,7 +47,7 @@ class FakeMaster(threading.Thread):
     """A ROUTER answering each request instantly: a plain request with a plain answer, mmi.batch2 and
     mmi.batch in kind (or 501 when told it predates them), mmi.ping with the epoch."""
 
-    def __init__(self, ctx: zmq.Context, packed: bool = True, batches: bool = True):
+    def __init__(self, ctx: zmq.Context, packed: bool = True, batches: bool = True, delay_s: float = 0.0):
         super().__init__(daemon=True, name="fake-master")
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.linger = 0
@@ -62,6 +62,8 @@ class FakeMaster(threading.Thread):
                                              "timing": {"queue_ms": 0.1, "compute_ms": 0.2}, "worker": "w1",
                                              "epoch": self.epoch})
         self.stop = threading.Event()
+        self.delay_s = delay_s  # each message's answer is sent this long after it came
+        self.held: collections.deque = collections.deque()  # (when, frames), in order
 
     def answer(self, header: dict | None) -> bytes:
         rid = header.get("id") if isinstance(header, dict) else None
@@ -69,10 +71,23 @@ class FakeMaster(threading.Thread):
             return pack({"id": rid, "ack": True, "epoch": self.epoch})
         return pack_map_with(self.count, self.pairs, "id", rid)
 
+    def send(self, frames: list) -> None:
+        if self.delay_s:
+            self.held.append((time.monotonic() + self.delay_s, frames))
+        else:
+            send_frames(self.sock, frames)
+
+    def release(self) -> int:
+        """Send the held answers that are due; the milliseconds until the next is (50 with none)."""
+        held, now = self.held, time.monotonic()
+        while held and held[0][0] <= now:
+            send_frames(self.sock, held.popleft()[1])
+        return max(0, int((held[0][0] - now) * 1000) + 1) if held else 50
+
     def run(self) -> None:
         sock = self.sock
         while not self.stop.is_set():
-            if not sock.poll(50):
+            if not sock.poll(self.release()):
                 continue
             for _ in range(1000):
                 try:
@@ -82,21 +97,21 @@ class FakeMaster(threading.Thread):
                 ident, service = frames[0], frames[3].bytes
                 head = [ident, b"", MDP_CLIENT, service]
                 if service == b"mmi.ping":
-                    send_frames(sock, [*head, pack({"ok": True, "epoch": self.epoch})])
+                    self.send([*head, pack({"ok": True, "epoch": self.epoch})])
                 elif service == b"mmi.batch2":
                     if not self.packed:
-                        send_frames(sock, [*head, MMI_NOT_IMPLEMENTED])
+                        self.send([*head, MMI_NOT_IMPLEMENTED])
                         continue
                     entries, _ = split_batch_packed(frames[4:])
-                    send_frames(sock, [*head, *answers_frames([[self.answer(h)] for _, _, h, _ in entries], True)])
+                    self.send([*head, *answers_frames([[self.answer(h)] for _, _, h, _ in entries], True)])
                 elif service == b"mmi.batch":
                     if not self.batches:
-                        send_frames(sock, [*head, MMI_NOT_IMPLEMENTED])
+                        self.send([*head, MMI_NOT_IMPLEMENTED])
                         continue
                     entries, _ = split_batch(frames[4:])
-                    send_frames(sock, [*head, *answers_frames([[self.answer(h)] for _, _, h, _ in entries], False)])
+                    self.send([*head, *answers_frames([[self.answer(h)] for _, _, h, _ in entries], False)])
                 else:
-                    send_frames(sock, [*head, self.answer(unpack_map(frames[4]))])
+                    self.send([*head, self.answer(unpack_map(frames[4]))])
         sock.close(linger=0)
 
 
@@ -221,13 +236,17 @@ def main(argv=None) -> None:
     p.add_argument("--segments", type=int, default=10, help="measured segments of 3,200 requests each")
     p.add_argument("--master", choices=("batch2", "batch", "plain"), default="batch2",
                    help="what the fake master reads: batch2 (today's), batch (501 to mmi.batch2), plain (501 to both)")
+    p.add_argument("--answer-delay-ms", type=float, default=0.0,
+                   help="the fake master answers each message this long after it came (the whole system's "
+                        "round trip at 64 in flight is about 10 ms: the client sleeps between messages, as there)")
     p.add_argument("--profile", action="store_true", help="cProfile the measured client thread, top functions to stderr")
     args = p.parse_args(argv)
     ctx = zmq.Context()
-    master = FakeMaster(ctx, packed=args.master == "batch2", batches=args.master != "plain")
+    master = FakeMaster(ctx, packed=args.master == "batch2", batches=args.master != "plain",
+                        delay_s=args.answer_delay_ms / 1000.0)
     master.start()
     prof = cProfile.Profile(time.thread_time) if args.profile else None  # CPU, not the GIL waits
-    out: dict = {"concurrency": args.concurrency, "master": args.master}
+    out: dict = {"concurrency": args.concurrency, "master": args.master, "answer_delay_ms": args.answer_delay_ms}
     try:
         if args.client in ("async", "both"):
             out["async"] = run_async(master.endpoint, master.ident, args.concurrency, args.segments, prof)

@@ -89,11 +89,73 @@ def _client_proc(address: str, model: str, row_shape: tuple, concurrency: int, w
             await closed_loop(c, warmup, [])
             await asyncio.sleep(max(0.0, start_at - time.time()))
             lat: list = []
+            spy = _start_profile(seconds)
+            marks = _marks(c)
             cpu0, t0 = time.process_time(), time.perf_counter()
             errors = await closed_loop(c, seconds, lat)
-            out.send((len(lat), errors, time.perf_counter() - t0, time.process_time() - cpu0, lat))
+            cpu, took = time.process_time() - cpu0, time.perf_counter() - t0
+            _stop_profile(spy, len(lat), marks, _marks(c))
+            out.send((len(lat), errors, took, cpu, lat))
 
-    asyncio.run(main())
+    # RS_LOADGEN_GC=freeze / RS_LOADGEN_LOOP=uvloop: levers the process that runs a client may pull
+    # (not the client's own code), measured beside the defaults; the figures use the defaults.
+    if os.environ.get("RS_LOADGEN_GC") == "freeze":
+        import gc
+
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
+    if os.environ.get("RS_LOADGEN_LOOP") == "uvloop":
+        import uvloop
+
+        uvloop.run(main())
+    else:
+        asyncio.run(main())
+
+
+def _start_profile(seconds: float):
+    """RS_LOADGEN_PROFILE=DIR: py-spy samples this load process over its measured window (the
+    figure of that run then carries py-spy's own cost, a few per cent: for shares, not figures)."""
+    where = os.environ.get("RS_LOADGEN_PROFILE")
+    if not where:
+        return None
+    import shutil
+    import subprocess
+    import sys
+
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    os.makedirs(where, exist_ok=True)
+    return subprocess.Popen([spy, "record", "--nonblocking", "-r", "250", "-d", str(max(1, int(seconds))),
+                             "-f", "raw", "-o", os.path.join(where, f"load-{os.getpid()}.txt"), "-p", str(os.getpid())],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _marks(c) -> dict:
+    """What the window's split is read from: the process's and this thread's CPU, the kernel's
+    share, context switches, and the client's messages each way."""
+    import resource
+
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"process_cpu": time.process_time(), "main_thread_cpu": time.thread_time(), "user": ru.ru_utime,
+            "system": ru.ru_stime, "voluntary_switches": ru.ru_nvcsw, "involuntary_switches": ru.ru_nivcsw,
+            "messages_in": c.stats.batches_received, "messages_out": c.stats.batches_sent + 0}
+
+
+def _stop_profile(spy, answered: int, before: dict, after: dict) -> None:
+    """Waits for py-spy (bounded) and writes the window's split beside its profile, per answer."""
+    if spy is None:
+        return
+    try:
+        spy.wait(30)
+    except Exception:
+        spy.kill()
+        spy.wait(5)
+    import json
+
+    n = max(answered, 1)
+    split = {k: round((after[k] - before[k]) / n * (1e6 if isinstance(before[k], float) else 1), 3) for k in before}
+    where = os.environ["RS_LOADGEN_PROFILE"]
+    with open(os.path.join(where, f"load-{os.getpid()}.json"), "w") as f:
+        f.write(json.dumps({"answered": answered, "per_answer": split}) + "\n")
 
 
 def run_load(address: str, model: str, row_shape: tuple, concurrency: int, seconds: float,

@@ -351,6 +351,18 @@ class Reliability:
             except zmq.Again:
                 pass
 
+    def next_due(self, now: float) -> float:
+        """The earliest moment `on_timers` may have work (a deadline or resend, the sweep for
+        cancelled futures, a ping, a failover check), never before its own TIMER_STEP_S spacing;
+        `inf` with nothing pending (then it has none). A loop that sleeps until this instead of
+        waking every TIMER_STEP_S does the same work at the same moments, less the empty wakes."""
+        if not self.pending:
+            return float("inf")
+        due = min(self._due, self._sweep_at, self.last_ping + self.ping_interval)
+        if len(self.endpoints) > 1:
+            due = min(due, max(self.last_heard, self.expecting_since) + self.failover_after)
+        return due if due > self._next_timers else self._next_timers
+
     def read_messages(self, sock: zmq.Socket, limit: int, probe: bool = False) -> bool:
         """Handle up to `limit` waiting messages; True when the limit was reached (more may wait).
         Nothing a peer sends stops the client: a message that trips a bug is logged and counted.
