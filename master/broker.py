@@ -150,6 +150,7 @@ class Broker:
         self.in_grace = True
         self.limiter = RateLimiter(cfg.rate_limit, cfg.rate_burst) if cfg.rate_limit > 0 else None
         self.refused = 0  # messages from peers not (or no longer) allowed on that socket
+        self._secure = cfg.security.enabled  # keys: every message's sender is checked (_allowed)
         self.frontend, self.frontend_ep = _router(self.ctx, cfg.frontend, cfg.hwm, cfg.security, "master.client")
         self.backend, self.backend_ep = _router(self.ctx, cfg.backend, cfg.hwm, cfg.security, "master.worker")
         self.admin, self.admin_ep = _router(self.ctx, cfg.admin, 1000, cfg.security, "master.admin")
@@ -168,6 +169,7 @@ class Broker:
             self.poller.register(sock, zmq.POLLIN)
             self.peer_socks[sock] = self.peers[ep]
         self.last_peer_sync = 0.0
+        self._next_liveness = 0.0  # when the next worker could have been silent too long (_check_liveness)
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -178,33 +180,37 @@ class Broker:
         log.info("master_started", epoch=self.epoch, policy=self.cfg.policy, **self.endpoints)
         try:
             while not self._finished():
-                self.turn(self._poll_timeout_ms())
+                self.turn()
         finally:
             self.close()
 
-    def turn(self, timeout_ms: int) -> None:
+    def turn(self, timeout_ms: int | None = None) -> None:
         """One loop turn: read what arrived, run the timers, then dispatch and send what the
-        handlers queued (each worker gets its share of the turn's requests in one message)."""
-        events = dict(self.poller.poll(timeout_ms))
-        for sock, handler in ((self.backend, self.on_worker), (self.frontend, self.on_client),
-                              (self.admin, self.on_admin)):
-            if sock in events:
-                drain(sock, handler, MAX_BATCH_RECV)
-        for sock, peer in self.peer_socks.items():
-            if sock in events:
-                drain(sock, lambda frames, peer=peer: self.on_peer_reply(peer, frames), MAX_BATCH_RECV)
+        handlers queued (each worker gets its share of the turn's requests in one message).
+        `timeout_ms`: how long the poll may wait at most; None: until the next timer is due."""
+        events = dict(self.poller.poll(self._poll_timeout_ms() if timeout_ms is None else timeout_ms))
+        if events:
+            for sock, handler in ((self.backend, self.on_worker), (self.frontend, self.on_client),
+                                  (self.admin, self.on_admin)):
+                if sock in events:
+                    drain(sock, handler, MAX_BATCH_RECV)
+            for sock, peer in self.peer_socks.items():
+                if sock in events:
+                    drain(sock, lambda frames, peer=peer: self.on_peer_reply(peer, frames), MAX_BATCH_RECV)
         try:
             self.on_tick(time.monotonic())
         except Exception:  # a bug must not end the loop; the next turn tries again
             log.exception("tick_failed")
-        try:
-            self.flush()
-        except Exception:
-            log.exception("flush_failed")
-        try:
-            self._flush_clients()
-        except Exception:
-            log.exception("client_flush_failed")
+        if self._dirty or self._outgoing:
+            try:
+                self.flush()
+            except Exception:
+                log.exception("flush_failed")
+        if self._client_out:
+            try:
+                self._flush_clients()
+            except Exception:
+                log.exception("client_flush_failed")
 
     def request_stop(self, *_: object) -> None:
         """SIGTERM/SIGINT: refuse new work, let in-flight work finish, then leave."""
@@ -236,10 +242,8 @@ class Broker:
 
     def _poll_timeout_ms(self) -> int:
         now = time.monotonic()
-        nxt = self.last_heartbeat + self.cfg.heartbeat_interval
-        if self.workers:  # wake for the earliest possible eviction, not just the next heartbeat
-            expiry = liveness.expiry(self.cfg.heartbeat_interval, self.cfg.heartbeat_liveness)
-            nxt = min(nxt, min(w.last_seen for w in self.workers.values()) + expiry)
+        nxt = min(self.last_heartbeat + self.cfg.heartbeat_interval,
+                  self._next_liveness)  # the earliest possible eviction, not just the next heartbeat
         if self.deadlines:
             nxt = min(nxt, self.deadlines[0][0])
         if self.peers:
@@ -247,9 +251,14 @@ class Broker:
         return max(0, min(int((nxt - now) * 1000) + 1, 1000))
 
     def on_tick(self, now: float) -> None:
-        self._expire_deadlines(now)
-        self._expire_unavailable(now)
-        self._cut_revoked()
+        """The timers, every turn: each does nothing until it is due (one comparison each)."""
+        deadlines = self.deadlines
+        if deadlines and deadlines[0][0] <= now:
+            self._expire_deadlines(now)
+        if self.recently_served:
+            self._expire_unavailable(now)
+        if self._secure:
+            self._cut_revoked()
         if self.peers and now - self.last_peer_sync >= self.cfg.peer_interval:
             self.last_peer_sync = now
             self._sync_peers(now)
@@ -264,16 +273,26 @@ class Broker:
             beat = pack({"epoch": self.epoch, "framing": FRAMING})
             for w in list(self.workers.values()):
                 self._send_worker(w, [HEARTBEAT, beat])
+        if now >= self._next_liveness:
+            self._check_liveness(now)
+
+    def _check_liveness(self, now: float) -> None:
+        """Evict the workers silent for liveness x interval, and note when the next one could be:
+        a worker's last_seen only moves forward and one registering later is seen at or after
+        `now`, so no eviction can fall due before that time and the check waits for it."""
+        interval, beats = self.cfg.heartbeat_interval, self.cfg.heartbeat_liveness
         seen = {ident: w.last_seen for ident, w in self.workers.items()}
-        for ident in liveness.missed(seen, now, self.cfg.heartbeat_interval, self.cfg.heartbeat_liveness):
+        for ident in liveness.missed(seen, now, interval, beats):
             w = self.workers.get(ident)
             if w is not None:
                 self.evict(w, "heartbeat_expired", tell=True)
+        first = min((w.last_seen for w in self.workers.values()), default=now)
+        self._next_liveness = min(first, now) + liveness.expiry(interval, beats)
 
     # --------------------------------------------------------------- clients
     def on_client(self, frames: Sequence[zmq.Frame]) -> None:
         ident = frames[0].bytes
-        if not self._allowed(frames, "client"):
+        if self._secure and not self._allowed(frames, "client"):  # without keys everyone is allowed
             return
         try:
             self._on_client(ident, frames)
@@ -291,7 +310,7 @@ class Broker:
         if service == MMI_BATCH_BYTES or service == MMI_BATCH_PACKED_BYTES:
             self.on_batch(ident, frames, packed=service == MMI_BATCH_PACKED_BYTES)
             return
-        self._one_request(ident, client_scope(frames[-1]), service, body)
+        self._one_request(ident, client_scope(frames[-1], self._secure), service, body)
 
     def on_batch(self, ident: bytes, frames: Sequence[zmq.Frame], packed: bool = False) -> None:
         """Several requests in one message (a ringserve client's coalesced sends): each is handled as
@@ -302,7 +321,7 @@ class Broker:
         self._batch_clients.move_to_end(ident)
         while len(self._batch_clients) > MAX_BATCH_CLIENTS:
             self._batch_clients.popitem(last=False)
-        scope = client_scope(frames[-1])
+        scope = client_scope(frames[-1], self._secure)
         requests, broken = (split_batch_packed if packed else split_batch)(frames[4:])
         now = time.monotonic()  # one clock read for the message: its requests arrived together
         facts: dict[str, tuple] = {}  # model -> _model_facts(model): they cannot change within one message
@@ -728,7 +747,7 @@ class Broker:
     # --------------------------------------------------------------- workers
     def on_worker(self, frames: Sequence[zmq.Frame]) -> None:
         ident = frames[0].bytes
-        if not self._allowed(frames, "worker"):
+        if self._secure and not self._allowed(frames, "worker"):
             return
         try:
             self._on_worker(ident, frames)
@@ -1364,12 +1383,14 @@ class Broker:
             raise
 
 
-def client_scope(frame: zmq.Frame) -> str:
+def client_scope(frame: zmq.Frame, secure: bool = True) -> str:
     """Whose request ids these are. With keys: the client's CURVE identity ("client:NAME:FP"),
     so no tenant can reach another's answers. Without keys there are no tenants to tell apart
     (anyone who reaches the port may act as anyone), so the scope is the peer's address: clients
-    on one host share it, and a reconnect (a new routing id) keeps it, so resends still dedupe."""
-    user = user_id(frame)
+    on one host share it, and a reconnect (a new routing id) keeps it, so resends still dedupe.
+    `secure` False (no keys, so no ZAP handler and no User-Id): the address is asked for at once
+    (asking for a User-Id that is not there raises inside pyzmq, an exception per message)."""
+    user = user_id(frame) if secure else None
     if user:
         return user
     try:
