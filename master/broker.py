@@ -121,6 +121,7 @@ class Broker:
         self.recently_served: dict[str, float] = {}  # model nobody serves now -> when its last worker left
         self.queues = ModelQueues(cfg.max_queue)
         self.answered = AnsweredCache(max_bytes=cfg.answer_cache_bytes)
+        self._answered_ids = self.answered.ids  # the same dict for the cache's life: membership per request
         self.responses = ResponseCache(cfg.response_cache_bytes)
         self.counters: dict[str, ModelCounters] = {}  # only for models some worker serves or served
         self.windows = Windows()  # recent rate and latency per counted model (status)
@@ -326,7 +327,8 @@ class Broker:
         now = time.monotonic()  # one clock read for the message: its requests arrived together
         facts: dict[str, tuple] = {}  # model -> _model_facts(model): they cannot change within one message
         for svc, header_frame, header, tensors in requests:
-            if not svc or len(svc) > MAX_NAME_LEN or svc.startswith("mmi."):
+            known = facts.get(svc)  # a name with facts was checked already
+            if known is None and (not svc or len(svc) > MAX_NAME_LEN or svc.startswith("mmi.")):
                 self._one_request(ident, scope, svc.encode(), [header_frame, *tensors], header)  # says what is wrong
                 continue
             try:  # what _one_request does, without decoding the name or slicing the frames again
@@ -335,7 +337,6 @@ class Broker:
                 rid = header.get("id") if isinstance(header.get("id"), str) else None
                 self._reply_client(ident, svc.encode(), error_body(rid, ErrorCode.BAD_REQUEST, str(exc)))
                 continue
-            known = facts.get(svc)
             if known is None:
                 known = facts[svc] = self._model_facts(svc)
             self.on_request(ident, scope, known[4], svc, header_frame, parsed, tensors, now, known)
@@ -398,7 +399,7 @@ class Broker:
             if parsed.ack:
                 self._reply_client(ident, service, {"id": rid, "ack": True})
             return
-        if cid in self.answered:
+        if cid in self._answered_ids:  # `cid in self.answered`, without a method call per request
             self._answer_again(ident, cid, service, model, parsed.ack)
             return
         if self.limiter is not None and not self._within_rate(ident, scope, service, rid):
@@ -420,25 +421,26 @@ class Broker:
             self._reject(ident, cid, service, model, ErrorCode.UNKNOWN_VERSION,
                          f"no worker serves model {model!r} at version {pin}")
             return
+        if pin is not None:
+            route = None  # a pinned version wins
+        version = self._routed_version(route, parsed.tags) if route else pin
+        now = time.monotonic() if now is None else now
+        digest = None
+        if cacheable:  # a hit is answered before anything a miss needs: the queue's room, a deadline, books
+            # the digest of the inputs, once on arrival: the lookup key now, the store key when it answers
+            digest = input_digest(parsed.inputs, frames)
+            cache_key = self._cache_key(model, version, digest)
+            if cache_key is not None and self._answer_from_cache(ident, cid, service, model, cache_key, counters,
+                                                                 now):
+                return
         queues = self.queues
         if queues.full(model, pin):
             self._reject(ident, cid, service, model, ErrorCode.OVERLOADED,
                          f"queue for {model!r} is full ({self.cfg.max_queue} requests, "
                          f"{queues.max_pins} version pins)")
             return
-        now = time.monotonic() if now is None else now
         timeout = self.cfg.default_timeout if parsed.timeout_ms is None else parsed.timeout_ms / 1000.0
         timeout = min(timeout, self.cfg.max_timeout)  # the client chooses, within the master's cap
-        if pin is not None:
-            route = None  # a pinned version wins
-        version = self._routed_version(route, parsed.tags) if route else pin
-        # the digest of a cacheable model's inputs, once on arrival: the lookup key now, the store key when it answers
-        digest = input_digest(parsed.inputs, frames) if cacheable else None
-        if digest is not None:
-            cache_key = self._cache_key(model, version, digest)
-            if cache_key is not None and self._answer_from_cache(ident, cid, service, model, cache_key, counters,
-                                                                 now):
-                return
         key = "%x" % next(self._keys)  # _new_key()
         req = PendingRequest(key, rid, ident, service, model, version, header_frame, frames, now + timeout, now, 0,
                              None, 0, scope, pin is not None, parsed.tags, counters is not None, digest)
@@ -459,7 +461,9 @@ class Broker:
         rollout), so which version would answer is not known."""
         if digest is None:
             return None
-        version = self._cache_versions().get(model) if version is None else version
+        if version is None:
+            cacheable = self._cacheable if self._cacheable is not None else self._cache_versions()
+            version = cacheable.get(model)
         return None if version is None else (model, version, digest)
 
     def _answer_from_cache(self, ident: bytes, cid: tuple[str, str], service: bytes, model: str, key, counters,
@@ -719,13 +723,21 @@ class Broker:
 
     def _send_requests(self, w: WorkerRecord, reqs: list[PendingRequest]) -> None:
         """One REQUEST message with every request assigned to `w` this turn."""
-        live = [r for r in reqs if r.worker == w.ident and self.pending.get(r.key) is r]
-        if not live or self.workers.get(w.ident) is not w:
+        ident, pending = w.ident, self.pending
+        live, inline = [], True
+        for r in reqs:
+            if r.worker == ident and pending.get(r.key) is r:
+                live.append(r)
+                if r.frames:
+                    inline = False
+        if not live or self.workers.get(ident) is not w:
             return  # answered or requeued meanwhile (the worker was evicted): nothing to send
         now = time.monotonic()
-        if w.framing >= 2 and not any(r.frames for r in live):  # the common case: one frame, packed at once
-            one = dispatch_one_packed([[r.key, r.attempts, r.model, r.version, max(0.0, (r.deadline - now) * 1000.0),
-                                        raw_bytes(r.header)] for r in live])
+        if w.framing >= 2 and inline:  # the common case: one frame, packed at once
+            ms = now * 1000.0
+            one = dispatch_one_packed([[r.key, r.attempts, r.model, r.version,
+                                        left if (left := r.deadline * 1000.0 - ms) > 0.0 else 0.0,
+                                        h if type(h := r.header) is bytes else raw_bytes(h)] for r in live])
             if one is not None:
                 if not self._send_worker(w, [REQUEST, *one]):
                     for r in live:
@@ -844,6 +856,7 @@ class Broker:
         epoch, name, ident = self.epoch, w.name, w.ident
         in_flight, pending = w.in_flight, self.pending
         forwarded: dict[tuple[str, int], list[float]] = {}  # (model, version) -> arrival times answered
+        held: dict[str, frozenset[int]] = {}  # model -> w.versions(model), asked once per message
         try:
             for header_frame, raw, data in split_replies(frames):
                 if raw.get("ok") is True and raw.keys() <= REPLY_FIELDS and type(raw.get("version")) is int:
@@ -851,8 +864,13 @@ class Broker:
                     req = pending.get(key)
                     if (passes and req is not None and req.worker == ident and req.attempts == attempt
                             and req.client is not None and req.counted and raw.get("id") == req.rid
-                            and (req.version is None or version == req.version)
-                            and version in w.versions(req.model)):  # what on_reply and _version_allowed check
+                            and (req.version is None or version == req.version)):
+                        versions = held.get(req.model)
+                        if versions is None:
+                            versions = held[req.model] = w.versions(req.model)
+                    else:
+                        versions = ()
+                    if version in versions:  # what on_reply and _version_allowed check
                         if in_flight.get(key) == attempt:
                             del in_flight[key]
                             w.done += 1
@@ -897,14 +915,16 @@ class Broker:
         one counter update, each latency in the status window and the duration histogram."""
         for (model, version), received in forwarded.items():
             self.counters[model].ok += len(received)
+            latencies = [now - t for t in received]
             window = self.windows.models.get(model)
-            for t in received:
-                if window is None:
-                    self.windows.record(model, t, True, now)  # creates the model's window (bounded)
-                    window = self.windows.models.get(model)
-                else:
-                    window.record(now, now - t)
-            self.metrics.on_answers(model, version, "ok", [now - t for t in received])
+            if window is None:
+                self.windows.record(model, received[0], True, now)  # creates the model's window (bounded)
+                window = self.windows.models.get(model)
+                if window is not None and len(latencies) > 1:
+                    window.record_all(now, latencies[1:])
+            else:
+                window.record_all(now, latencies)
+            self.metrics.on_answers(model, version, "ok", latencies)
         if len(self.deadlines) > 2 * len(self.pending) + 1024:  # answered entries dominate: drop them
             self.deadlines = [(r.deadline, r.key) for r in self.pending.values()]
             heapq.heapify(self.deadlines)
