@@ -121,6 +121,7 @@ class Broker:
         self.recently_served: dict[str, float] = {}  # model nobody serves now -> when its last worker left
         self.queues = ModelQueues(cfg.max_queue)
         self.answered = AnsweredCache(max_bytes=cfg.answer_cache_bytes)
+        self._answered_ids = self.answered.ids  # the same dict for the cache's life: membership per request
         self.responses = ResponseCache(cfg.response_cache_bytes)
         self.counters: dict[str, ModelCounters] = {}  # only for models some worker serves or served
         self.windows = Windows()  # recent rate and latency per counted model (status)
@@ -150,6 +151,7 @@ class Broker:
         self.in_grace = True
         self.limiter = RateLimiter(cfg.rate_limit, cfg.rate_burst) if cfg.rate_limit > 0 else None
         self.refused = 0  # messages from peers not (or no longer) allowed on that socket
+        self._secure = cfg.security.enabled  # keys: every message's sender is checked (_allowed)
         self.frontend, self.frontend_ep = _router(self.ctx, cfg.frontend, cfg.hwm, cfg.security, "master.client")
         self.backend, self.backend_ep = _router(self.ctx, cfg.backend, cfg.hwm, cfg.security, "master.worker")
         self.admin, self.admin_ep = _router(self.ctx, cfg.admin, 1000, cfg.security, "master.admin")
@@ -168,6 +170,7 @@ class Broker:
             self.poller.register(sock, zmq.POLLIN)
             self.peer_socks[sock] = self.peers[ep]
         self.last_peer_sync = 0.0
+        self._next_liveness = 0.0  # when the next worker could have been silent too long (_check_liveness)
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -178,33 +181,37 @@ class Broker:
         log.info("master_started", epoch=self.epoch, policy=self.cfg.policy, **self.endpoints)
         try:
             while not self._finished():
-                self.turn(self._poll_timeout_ms())
+                self.turn()
         finally:
             self.close()
 
-    def turn(self, timeout_ms: int) -> None:
+    def turn(self, timeout_ms: int | None = None) -> None:
         """One loop turn: read what arrived, run the timers, then dispatch and send what the
-        handlers queued (each worker gets its share of the turn's requests in one message)."""
-        events = dict(self.poller.poll(timeout_ms))
-        for sock, handler in ((self.backend, self.on_worker), (self.frontend, self.on_client),
-                              (self.admin, self.on_admin)):
-            if sock in events:
-                drain(sock, handler, MAX_BATCH_RECV)
-        for sock, peer in self.peer_socks.items():
-            if sock in events:
-                drain(sock, lambda frames, peer=peer: self.on_peer_reply(peer, frames), MAX_BATCH_RECV)
+        handlers queued (each worker gets its share of the turn's requests in one message).
+        `timeout_ms`: how long the poll may wait at most; None: until the next timer is due."""
+        events = dict(self.poller.poll(self._poll_timeout_ms() if timeout_ms is None else timeout_ms))
+        if events:
+            for sock, handler in ((self.backend, self.on_worker), (self.frontend, self.on_client),
+                                  (self.admin, self.on_admin)):
+                if sock in events:
+                    drain(sock, handler, MAX_BATCH_RECV)
+            for sock, peer in self.peer_socks.items():
+                if sock in events:
+                    drain(sock, lambda frames, peer=peer: self.on_peer_reply(peer, frames), MAX_BATCH_RECV)
         try:
             self.on_tick(time.monotonic())
         except Exception:  # a bug must not end the loop; the next turn tries again
             log.exception("tick_failed")
-        try:
-            self.flush()
-        except Exception:
-            log.exception("flush_failed")
-        try:
-            self._flush_clients()
-        except Exception:
-            log.exception("client_flush_failed")
+        if self._dirty or self._outgoing:
+            try:
+                self.flush()
+            except Exception:
+                log.exception("flush_failed")
+        if self._client_out:
+            try:
+                self._flush_clients()
+            except Exception:
+                log.exception("client_flush_failed")
 
     def request_stop(self, *_: object) -> None:
         """SIGTERM/SIGINT: refuse new work, let in-flight work finish, then leave."""
@@ -236,10 +243,8 @@ class Broker:
 
     def _poll_timeout_ms(self) -> int:
         now = time.monotonic()
-        nxt = self.last_heartbeat + self.cfg.heartbeat_interval
-        if self.workers:  # wake for the earliest possible eviction, not just the next heartbeat
-            expiry = liveness.expiry(self.cfg.heartbeat_interval, self.cfg.heartbeat_liveness)
-            nxt = min(nxt, min(w.last_seen for w in self.workers.values()) + expiry)
+        nxt = min(self.last_heartbeat + self.cfg.heartbeat_interval,
+                  self._next_liveness)  # the earliest possible eviction, not just the next heartbeat
         if self.deadlines:
             nxt = min(nxt, self.deadlines[0][0])
         if self.peers:
@@ -247,9 +252,14 @@ class Broker:
         return max(0, min(int((nxt - now) * 1000) + 1, 1000))
 
     def on_tick(self, now: float) -> None:
-        self._expire_deadlines(now)
-        self._expire_unavailable(now)
-        self._cut_revoked()
+        """The timers, every turn: each does nothing until it is due (one comparison each)."""
+        deadlines = self.deadlines
+        if deadlines and deadlines[0][0] <= now:
+            self._expire_deadlines(now)
+        if self.recently_served:
+            self._expire_unavailable(now)
+        if self._secure:
+            self._cut_revoked()
         if self.peers and now - self.last_peer_sync >= self.cfg.peer_interval:
             self.last_peer_sync = now
             self._sync_peers(now)
@@ -264,16 +274,26 @@ class Broker:
             beat = pack({"epoch": self.epoch, "framing": FRAMING})
             for w in list(self.workers.values()):
                 self._send_worker(w, [HEARTBEAT, beat])
+        if now >= self._next_liveness:
+            self._check_liveness(now)
+
+    def _check_liveness(self, now: float) -> None:
+        """Evict the workers silent for liveness x interval, and note when the next one could be:
+        a worker's last_seen only moves forward and one registering later is seen at or after
+        `now`, so no eviction can fall due before that time and the check waits for it."""
+        interval, beats = self.cfg.heartbeat_interval, self.cfg.heartbeat_liveness
         seen = {ident: w.last_seen for ident, w in self.workers.items()}
-        for ident in liveness.missed(seen, now, self.cfg.heartbeat_interval, self.cfg.heartbeat_liveness):
+        for ident in liveness.missed(seen, now, interval, beats):
             w = self.workers.get(ident)
             if w is not None:
                 self.evict(w, "heartbeat_expired", tell=True)
+        first = min((w.last_seen for w in self.workers.values()), default=now)
+        self._next_liveness = min(first, now) + liveness.expiry(interval, beats)
 
     # --------------------------------------------------------------- clients
     def on_client(self, frames: Sequence[zmq.Frame]) -> None:
         ident = frames[0].bytes
-        if not self._allowed(frames, "client"):
+        if self._secure and not self._allowed(frames, "client"):  # without keys everyone is allowed
             return
         try:
             self._on_client(ident, frames)
@@ -291,7 +311,7 @@ class Broker:
         if service == MMI_BATCH_BYTES or service == MMI_BATCH_PACKED_BYTES:
             self.on_batch(ident, frames, packed=service == MMI_BATCH_PACKED_BYTES)
             return
-        self._one_request(ident, client_scope(frames[-1]), service, body)
+        self._one_request(ident, client_scope(frames[-1], self._secure), service, body)
 
     def on_batch(self, ident: bytes, frames: Sequence[zmq.Frame], packed: bool = False) -> None:
         """Several requests in one message (a ringserve client's coalesced sends): each is handled as
@@ -302,12 +322,13 @@ class Broker:
         self._batch_clients.move_to_end(ident)
         while len(self._batch_clients) > MAX_BATCH_CLIENTS:
             self._batch_clients.popitem(last=False)
-        scope = client_scope(frames[-1])
+        scope = client_scope(frames[-1], self._secure)
         requests, broken = (split_batch_packed if packed else split_batch)(frames[4:])
         now = time.monotonic()  # one clock read for the message: its requests arrived together
         facts: dict[str, tuple] = {}  # model -> _model_facts(model): they cannot change within one message
         for svc, header_frame, header, tensors in requests:
-            if not svc or len(svc) > MAX_NAME_LEN or svc.startswith("mmi."):
+            known = facts.get(svc)  # a name with facts was checked already
+            if known is None and (not svc or len(svc) > MAX_NAME_LEN or svc.startswith("mmi.")):
                 self._one_request(ident, scope, svc.encode(), [header_frame, *tensors], header)  # says what is wrong
                 continue
             try:  # what _one_request does, without decoding the name or slicing the frames again
@@ -316,7 +337,6 @@ class Broker:
                 rid = header.get("id") if isinstance(header.get("id"), str) else None
                 self._reply_client(ident, svc.encode(), error_body(rid, ErrorCode.BAD_REQUEST, str(exc)))
                 continue
-            known = facts.get(svc)
             if known is None:
                 known = facts[svc] = self._model_facts(svc)
             self.on_request(ident, scope, known[4], svc, header_frame, parsed, tensors, now, known)
@@ -379,7 +399,7 @@ class Broker:
             if parsed.ack:
                 self._reply_client(ident, service, {"id": rid, "ack": True})
             return
-        if cid in self.answered:
+        if cid in self._answered_ids:  # `cid in self.answered`, without a method call per request
             self._answer_again(ident, cid, service, model, parsed.ack)
             return
         if self.limiter is not None and not self._within_rate(ident, scope, service, rid):
@@ -401,25 +421,26 @@ class Broker:
             self._reject(ident, cid, service, model, ErrorCode.UNKNOWN_VERSION,
                          f"no worker serves model {model!r} at version {pin}")
             return
+        if pin is not None:
+            route = None  # a pinned version wins
+        version = self._routed_version(route, parsed.tags) if route else pin
+        now = time.monotonic() if now is None else now
+        digest = None
+        if cacheable:  # a hit is answered before anything a miss needs: the queue's room, a deadline, books
+            # the digest of the inputs, once on arrival: the lookup key now, the store key when it answers
+            digest = input_digest(parsed.inputs, frames)
+            cache_key = self._cache_key(model, version, digest)
+            if cache_key is not None and self._answer_from_cache(ident, cid, service, model, cache_key, counters,
+                                                                 now):
+                return
         queues = self.queues
         if queues.full(model, pin):
             self._reject(ident, cid, service, model, ErrorCode.OVERLOADED,
                          f"queue for {model!r} is full ({self.cfg.max_queue} requests, "
                          f"{queues.max_pins} version pins)")
             return
-        now = time.monotonic() if now is None else now
         timeout = self.cfg.default_timeout if parsed.timeout_ms is None else parsed.timeout_ms / 1000.0
         timeout = min(timeout, self.cfg.max_timeout)  # the client chooses, within the master's cap
-        if pin is not None:
-            route = None  # a pinned version wins
-        version = self._routed_version(route, parsed.tags) if route else pin
-        # the digest of a cacheable model's inputs, once on arrival: the lookup key now, the store key when it answers
-        digest = input_digest(parsed.inputs, frames) if cacheable else None
-        if digest is not None:
-            cache_key = self._cache_key(model, version, digest)
-            if cache_key is not None and self._answer_from_cache(ident, cid, service, model, cache_key, counters,
-                                                                 now):
-                return
         key = "%x" % next(self._keys)  # _new_key()
         req = PendingRequest(key, rid, ident, service, model, version, header_frame, frames, now + timeout, now, 0,
                              None, 0, scope, pin is not None, parsed.tags, counters is not None, digest)
@@ -440,7 +461,9 @@ class Broker:
         rollout), so which version would answer is not known."""
         if digest is None:
             return None
-        version = self._cache_versions().get(model) if version is None else version
+        if version is None:
+            cacheable = self._cacheable if self._cacheable is not None else self._cache_versions()
+            version = cacheable.get(model)
         return None if version is None else (model, version, digest)
 
     def _answer_from_cache(self, ident: bytes, cid: tuple[str, str], service: bytes, model: str, key, counters,
@@ -700,13 +723,21 @@ class Broker:
 
     def _send_requests(self, w: WorkerRecord, reqs: list[PendingRequest]) -> None:
         """One REQUEST message with every request assigned to `w` this turn."""
-        live = [r for r in reqs if r.worker == w.ident and self.pending.get(r.key) is r]
-        if not live or self.workers.get(w.ident) is not w:
+        ident, pending = w.ident, self.pending
+        live, inline = [], True
+        for r in reqs:
+            if r.worker == ident and pending.get(r.key) is r:
+                live.append(r)
+                if r.frames:
+                    inline = False
+        if not live or self.workers.get(ident) is not w:
             return  # answered or requeued meanwhile (the worker was evicted): nothing to send
         now = time.monotonic()
-        if w.framing >= 2 and not any(r.frames for r in live):  # the common case: one frame, packed at once
-            one = dispatch_one_packed([[r.key, r.attempts, r.model, r.version, max(0.0, (r.deadline - now) * 1000.0),
-                                        raw_bytes(r.header)] for r in live])
+        if w.framing >= 2 and inline:  # the common case: one frame, packed at once
+            ms = now * 1000.0
+            one = dispatch_one_packed([[r.key, r.attempts, r.model, r.version,
+                                        left if (left := r.deadline * 1000.0 - ms) > 0.0 else 0.0,
+                                        h if type(h := r.header) is bytes else raw_bytes(h)] for r in live])
             if one is not None:
                 if not self._send_worker(w, [REQUEST, *one]):
                     for r in live:
@@ -728,7 +759,7 @@ class Broker:
     # --------------------------------------------------------------- workers
     def on_worker(self, frames: Sequence[zmq.Frame]) -> None:
         ident = frames[0].bytes
-        if not self._allowed(frames, "worker"):
+        if self._secure and not self._allowed(frames, "worker"):
             return
         try:
             self._on_worker(ident, frames)
@@ -825,6 +856,7 @@ class Broker:
         epoch, name, ident = self.epoch, w.name, w.ident
         in_flight, pending = w.in_flight, self.pending
         forwarded: dict[tuple[str, int], list[float]] = {}  # (model, version) -> arrival times answered
+        held: dict[str, frozenset[int]] = {}  # model -> w.versions(model), asked once per message
         try:
             for header_frame, raw, data in split_replies(frames):
                 if raw.get("ok") is True and raw.keys() <= REPLY_FIELDS and type(raw.get("version")) is int:
@@ -832,8 +864,13 @@ class Broker:
                     req = pending.get(key)
                     if (passes and req is not None and req.worker == ident and req.attempts == attempt
                             and req.client is not None and req.counted and raw.get("id") == req.rid
-                            and (req.version is None or version == req.version)
-                            and version in w.versions(req.model)):  # what on_reply and _version_allowed check
+                            and (req.version is None or version == req.version)):
+                        versions = held.get(req.model)
+                        if versions is None:
+                            versions = held[req.model] = w.versions(req.model)
+                    else:
+                        versions = ()
+                    if version in versions:  # what on_reply and _version_allowed check
                         if in_flight.get(key) == attempt:
                             del in_flight[key]
                             w.done += 1
@@ -878,14 +915,16 @@ class Broker:
         one counter update, each latency in the status window and the duration histogram."""
         for (model, version), received in forwarded.items():
             self.counters[model].ok += len(received)
+            latencies = [now - t for t in received]
             window = self.windows.models.get(model)
-            for t in received:
-                if window is None:
-                    self.windows.record(model, t, True, now)  # creates the model's window (bounded)
-                    window = self.windows.models.get(model)
-                else:
-                    window.record(now, now - t)
-            self.metrics.on_answers(model, version, "ok", [now - t for t in received])
+            if window is None:
+                self.windows.record(model, received[0], True, now)  # creates the model's window (bounded)
+                window = self.windows.models.get(model)
+                if window is not None and len(latencies) > 1:
+                    window.record_all(now, latencies[1:])
+            else:
+                window.record_all(now, latencies)
+            self.metrics.on_answers(model, version, "ok", latencies)
         if len(self.deadlines) > 2 * len(self.pending) + 1024:  # answered entries dominate: drop them
             self.deadlines = [(r.deadline, r.key) for r in self.pending.values()]
             heapq.heapify(self.deadlines)
@@ -1364,12 +1403,14 @@ class Broker:
             raise
 
 
-def client_scope(frame: zmq.Frame) -> str:
+def client_scope(frame: zmq.Frame, secure: bool = True) -> str:
     """Whose request ids these are. With keys: the client's CURVE identity ("client:NAME:FP"),
     so no tenant can reach another's answers. Without keys there are no tenants to tell apart
     (anyone who reaches the port may act as anyone), so the scope is the peer's address: clients
-    on one host share it, and a reconnect (a new routing id) keeps it, so resends still dedupe."""
-    user = user_id(frame)
+    on one host share it, and a reconnect (a new routing id) keeps it, so resends still dedupe.
+    `secure` False (no keys, so no ZAP handler and no User-Id): the address is asked for at once
+    (asking for a User-Id that is not there raises inside pyzmq, an exception per message)."""
+    user = user_id(frame) if secure else None
     if user:
         return user
     try:

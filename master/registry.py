@@ -245,6 +245,11 @@ class AnsweredCache:
     def __contains__(self, cid: tuple[str, str]) -> bool:
         return cid in self._ids
 
+    @property
+    def ids(self) -> dict:
+        """The ids held (read-only use: membership), for a caller that asks once per request."""
+        return self._ids
+
     def __len__(self) -> int:
         return len(self._ids)
 

@@ -43,6 +43,22 @@ class ModelWindow:
             self.lat[i], self.at[i] = latency, now
             self.n += 1
 
+    def record_all(self, now: float, latencies: list[float]) -> None:
+        """`record(now, latency)` for each of `latencies` (a message's results answered together)."""
+        if self.first is None:
+            self.first = now
+        sec = int(now)
+        k = sec % SPAN_S
+        if self.seconds[k] != sec:
+            self.seconds[k], self.counts[k] = sec, 0
+        self.counts[k] += len(latencies)
+        lat, at, n = self.lat, self.at, self.n
+        for latency in latencies:
+            i = n % RING
+            lat[i], at[i] = latency, now
+            n += 1
+        self.n = n
+
     def summary(self, now: float) -> dict:
         """{"rate_per_s", "p50_ms", "p99_ms"} over the last SPAN_S seconds (None when nothing to say)."""
         sec = int(now)

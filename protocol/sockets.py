@@ -38,20 +38,32 @@ def recv_frames(sock: zmq.Socket) -> list:
     return frames
 
 
-def drain(sock: zmq.Socket, handler: Callable[[list], None], limit: int) -> None:
-    """Handle up to `limit` waiting messages without blocking, so no socket starves the others.
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 
-    A handler that raises is logged and the loop goes on: one bad message never stops a process.
+
+def drain(sock: zmq.Socket, handler: Callable[[list], None], limit: int) -> bool:
+    """Handle up to `limit` waiting messages without blocking, so no socket starves the others.
+    Returns True when it stopped at `limit` (more may be waiting), False when the socket is empty.
+
+    Called when a poll said the socket is readable, so the first message is read at once; after it,
+    ZMQ_EVENTS says whether another waits, instead of a raised zmq.Again ending every drain (an
+    exception costs about twice the read: 5.5 against 2.4 us here). A handler that raises is logged
+    and the loop goes on: one bad message never stops a process.
     """
-    for _ in range(limit):
+    get = sock.getsockopt
+    for i in range(limit):
+        if i and not get(_EVENTS) & _POLLIN:
+            return False
         try:
             frames = recv_frames(sock)
-        except zmq.Again:
-            return
+        except zmq.Again:  # nothing after all (a poll's stale readiness, or a caller that did not poll)
+            return False
         try:
             handler(frames)
         except Exception:
             log.exception("handler_failed", handler=getattr(handler, "__name__", "?"))
+    return True
 
 
 class BindError(RuntimeError):

@@ -211,6 +211,30 @@ def test_the_fast_tensor_walk_never_accepts_what_the_full_walk_refuses(req):
             assert (arr.dtype, arr.shape, arr.tobytes()) == (full[name].dtype, full[name].shape, full[name].tobytes())
 
 
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(client_request())
+def test_the_fast_tensor_check_is_the_fast_walk_without_arrays(req):
+    """codec._fast_check (what the master runs on every request and result) accepts exactly what
+    _fast_walk(make=False) accepts, so it never passes what the full walk refuses."""
+    raw, frames = req
+    try:
+        header = unpack_map(raw)
+    except ProtocolError:
+        return
+    meta = header.get("inputs")
+    assert codec._fast_check(meta, frames) == (codec._fast_walk(meta, frames, False) is not None)
+
+
+def test_the_fast_tensor_check_refuses_a_name_twice_and_steps_aside_for_strings():
+    one = ["x", "float32", [1], b"\0" * 4]
+    assert codec._fast_check([one], []) and codec._fast_check([one, ["y", "float32", [1], b"\0" * 4]], [])
+    assert not codec._fast_check([one, one], [])
+    assert not codec._fast_check([one, ["y", "float32", [1]], ["x", "int8", [4], b"1234"]], [b"\0" * 4])
+    assert not codec._fast_check([["s", "bytes", [1], b"\1\0\0\0a"]], [])  # strings: the full walk decides
+    with pytest.raises(ProtocolError):
+        codec.check_tensors([one, one], [])
+
+
 # ------------------------------------------------------------ framing 2 (issue 22): packed headers
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(client_request(), min_size=1, max_size=6))

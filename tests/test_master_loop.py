@@ -1,0 +1,121 @@
+"""The master loop's fixed costs (issue 22, fifth round): a drain that ends on ZMQ_EVENTS, timers
+that run only when due, a cache hit that skips what a miss needs. Real Broker, real sockets on
+loopback (the `broker` fixture), pumped by hand."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import zmq
+
+from ringserve.master import liveness
+from ringserve.master.window import ModelWindow
+from ringserve.protocol.codec import pack, unpack_map
+from ringserve.protocol.messages import DISCONNECT, HEARTBEAT
+from ringserve.protocol.sockets import drain
+from tests.test_master_robustness import answer, dealer, next_request, recv, register, reply_ok, request
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_drain_stops_at_its_limit_and_says_more_wait_then_empties_without_raising():
+    ctx = zmq.Context()
+    try:
+        pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
+        for s in (pull, push):
+            s.setsockopt(zmq.LINGER, 0)
+        port = pull.bind_to_random_port("tcp://127.0.0.1")
+        push.connect(f"tcp://127.0.0.1:{port}")
+        for i in range(3):
+            push.send_multipart([b"m%d" % i, b"tail"])
+        assert pull.poll(5000)
+        deadline = time.monotonic() + 5
+        while pull.getsockopt(zmq.EVENTS) & zmq.POLLIN and time.monotonic() < deadline:
+            got: list = []
+            if drain(pull, got.append, 2):  # the limit: more may wait
+                assert [f.bytes for f in got[0]] == [b"m0", b"tail"] and len(got) == 2
+                break
+        got = []
+        while not got and time.monotonic() < deadline:
+            pull.poll(100)
+            assert drain(pull, got.append, 5) is False  # what waited is read, then EVENTS says empty
+        assert [f[0].bytes for f in got] == [b"m2"]
+
+        def boom(_frames):
+            raise RuntimeError("a handler bug")
+        push.send(b"x")
+        assert pull.poll(5000)
+        assert drain(pull, boom, 4) is False  # logged, the drain goes on and ends
+        assert drain(pull, boom, 4) is False  # nothing waits: the first read's zmq.Again ends it quietly
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_a_silent_worker_is_evicted_when_due_and_not_before(broker):
+    b = broker
+    w = register(b, b"w1")
+    (rec,) = b.workers.values()
+    expiry = liveness.expiry(b.cfg.heartbeat_interval, b.cfg.heartbeat_liveness)
+    b.on_tick(rec.last_seen + expiry / 2)
+    assert b.workers and b._next_liveness >= rec.last_seen + expiry  # the next check waits for its due time
+    b.on_tick(rec.last_seen + expiry + 0.01)
+    assert not b.workers  # due: evicted and told
+    kinds = [recv(b, w)[1] for _ in range(3)]  # each tick's clock also made a heartbeat due
+    assert kinds == [HEARTBEAT, HEARTBEAT, DISCONNECT]
+
+
+def test_a_request_and_its_result_still_take_one_turn_each_way(broker):
+    b = broker
+    w = register(b, b"w1")
+    c = dealer(b, "frontend")
+    request(c, "r1")
+    reply_ok(w, next_request(b, w))
+    out = answer(recv(b, c))
+    assert out["id"] == "r1" and out["ok"] is True
+    assert b.books()["ok"] and not b.pending
+
+
+def test_a_cache_hit_is_answered_even_when_the_queue_is_full(broker):
+    """A hit needs no queue slot, deadline or worker: it is answered before the queue's room is
+    looked at (a miss for the same model is still refused OVERLOADED)."""
+    b = broker
+    models = {"mlp": {"version": 1, "ready": True, "dtype": "float32", "quantize": None, "device": "cpu",
+                      "cache": True}}
+    w = register(b, b"w1", credit=1, models=models)
+    c = dealer(b, "frontend")
+    request(c, "r1")
+    reply_ok(w, next_request(b, w))
+    assert answer(recv(b, c))["ok"] is True  # kept in the response cache
+    b.queues.max_queue = 0  # every queue is full from now on
+    request(c, "r2")
+    hit = answer(recv(b, c))
+    assert hit["id"] == "r2" and hit["ok"] is True and hit.get("cached") is True
+    c.send_multipart([b"", b"MDPC01", b"mlp", pack({"id": "r3", "inputs": [["x", "float32", [1, 1], b"\0" * 4]]})])
+    miss = answer(recv(b, c))
+    assert miss["id"] == "r3" and miss["error"]["code"] == "OVERLOADED"
+    assert b.books()["ok"]
+
+
+def test_record_all_is_record_for_each_latency():
+    one, many = ModelWindow(), ModelWindow()
+    now = 1000.25
+    for lat in (0.001, 0.002, 0.003):
+        one.record(now, lat)
+    many.record_all(now, [0.001, 0.002, 0.003])
+    assert (one.lat, one.at, one.n, one.counts, one.seconds, one.first) == \
+        (many.lat, many.at, many.n, many.counts, many.seconds, many.first)
+    assert one.summary(now + 0.1) == many.summary(now + 0.1)
+
+
+def test_without_keys_the_scope_is_the_peer_address(broker):
+    from ringserve.master.broker import client_scope
+    ctx = broker.ctx
+    c = dealer(broker, "frontend")
+    c.send_multipart([b"", b"MDPC01", b"mmi.ping", b""])
+    frames = []
+    deadline = time.monotonic() + 5
+    while not frames and time.monotonic() < deadline:
+        if broker.frontend.poll(100):
+            frames = broker.frontend.recv_multipart(copy=False)
+    assert frames and client_scope(frames[-1], secure=False) == client_scope(frames[-1]) == "addr:127.0.0.1"
+    assert ctx is broker.ctx and unpack_map is not None
