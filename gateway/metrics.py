@@ -45,14 +45,19 @@ class GatewayMetrics:
         self._requests: dict[tuple[str, int], int] = {}
         self.registry.register(self)
 
+    def _child(self, key: tuple[str, str]) -> tuple[tuple[str, str], "_Infer"]:
+        """The counters of (model, version), or the overflow child past MAX_CHILDREN (held lock)."""
+        c = self._infer.get(key)
+        if c is None:
+            if len(self._infer) >= MAX_CHILDREN:
+                key = (_OVERFLOW, _OVERFLOW)
+            c = self._infer.get(key) or self._infer.setdefault(key, _Infer())
+        return key, c
+
     def infer_done(self, model: str, version: str, seconds: float, rows: int, reason: str | None) -> None:
         key = (model, version)
         with self._lock:
-            c = self._infer.get(key)
-            if c is None:
-                if len(self._infer) >= MAX_CHILDREN:
-                    key = (_OVERFLOW, _OVERFLOW)
-                c = self._infer.get(key) or self._infer.setdefault(key, _Infer())
+            key, c = self._child(key)
             if reason is None:
                 c.success += 1
                 c.rows += rows
@@ -70,11 +75,7 @@ class GatewayMetrics:
         key = (model, version)
         rkey = (endpoint, 200)
         with self._lock:
-            c = self._infer.get(key)
-            if c is None:
-                if len(self._infer) >= MAX_CHILDREN:
-                    key = (_OVERFLOW, _OVERFLOW)
-                c = self._infer.get(key) or self._infer.setdefault(key, _Infer())
+            key, c = self._child(key)
             c.success += 1
             c.rows += rows
             c.duration_us += seconds * 1e6

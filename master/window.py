@@ -29,15 +29,19 @@ class ModelWindow:
         self.seconds = [-1] * SPAN_S  # which second each count belongs to
         self.first: float | None = None  # the first answer's time: the window is never longer than that
 
-    def record(self, now: float, latency: float | None) -> None:
-        """One final answer at `now`; `latency` for a result (None: an error, counted in the rate only)."""
+    def _count(self, now: float, answers: int) -> None:
+        """`answers` final answers in the second of `now` (the rate's ring of per-second counts)."""
         if self.first is None:
             self.first = now
         sec = int(now)
         k = sec % SPAN_S
         if self.seconds[k] != sec:
             self.seconds[k], self.counts[k] = sec, 0
-        self.counts[k] += 1
+        self.counts[k] += answers
+
+    def record(self, now: float, latency: float | None) -> None:
+        """One final answer at `now`; `latency` for a result (None: an error, counted in the rate only)."""
+        self._count(now, 1)
         if latency is not None:
             i = self.n % RING
             self.lat[i], self.at[i] = latency, now
@@ -45,13 +49,7 @@ class ModelWindow:
 
     def record_all(self, now: float, latencies: list[float]) -> None:
         """`record(now, latency)` for each of `latencies` (a message's results answered together)."""
-        if self.first is None:
-            self.first = now
-        sec = int(now)
-        k = sec % SPAN_S
-        if self.seconds[k] != sec:
-            self.seconds[k], self.counts[k] = sec, 0
-        self.counts[k] += len(latencies)
+        self._count(now, len(latencies))
         lat, at, n = self.lat, self.at, self.n
         for latency in latencies:
             i = n % RING
