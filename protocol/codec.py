@@ -154,6 +154,26 @@ def check_tensors(meta: Any, frames: Sequence) -> None:
         _walk(meta, frames, make=False)  # the full walk: it names what is wrong (or passes an unusual form)
 
 
+def _fast_count(name: Any, dtype: Any, shape: Any, nbytes: int) -> int:
+    """One numeric tensor's checks for the fast paths (`_fast_check`, `_fast_walk`): its element
+    count, or -1 for anything they leave to `_walk` (a bad or long name, "bytes" or an unknown
+    dtype, a bad shape, a byte count that does not match); each check is `_check_entry`'s."""
+    if type(name) is not str or not 0 < len(name) <= MAX_NAME or type(dtype) is not str:
+        return -1
+    size = _ITEMSIZE.get(dtype)  # None for "bytes" (walked by _walk) and for unknown names
+    if size is None or type(shape) is not list or len(shape) > MAX_DIMS:
+        return -1
+    count = nonzero = 1
+    for d in shape:
+        if type(d) is not int or d < 0 or d > MAX_DIM:
+            return -1
+        count *= d
+        nonzero *= d or 1
+    if nonzero > MAX_ELEMENTS or nbytes != count * size:
+        return -1
+    return count
+
+
 def _fast_check(meta: Any, frames: Sequence) -> bool:
     """`_fast_walk(meta, frames, False) is not None` without its dict of names (the master checks every
     request and every result, one or two tensors each): each check is `_fast_walk`'s, a name seen
@@ -178,18 +198,7 @@ def _fast_check(meta: Any, frames: Sequence) -> bool:
             k += 1
         else:
             return False
-        if type(name) is not str or not 0 < len(name) <= MAX_NAME or type(dtype) is not str:
-            return False
-        size = _ITEMSIZE.get(dtype)
-        if size is None or type(shape) is not list or len(shape) > MAX_DIMS:
-            return False
-        count = nonzero = 1
-        for d in shape:
-            if type(d) is not int or d < 0 or d > MAX_DIM:
-                return False
-            count *= d
-            nonzero *= d or 1
-        if nonzero > MAX_ELEMENTS or len(buf) != count * size:
+        if _fast_count(name, dtype, shape, len(buf)) < 0:
             return False
         if first is None:
             first = name
@@ -316,18 +325,8 @@ def _fast_walk(meta: Any, frames: Sequence, make: bool) -> dict | None:
         else:
             return None
         name, dtype, shape = entry[0], entry[1], entry[2]
-        if type(name) is not str or not 0 < len(name) <= MAX_NAME or type(dtype) is not str:
-            return None
-        size = _ITEMSIZE.get(dtype)  # None for "bytes" (walked by _walk) and for unknown names
-        if size is None or type(shape) is not list or len(shape) > MAX_DIMS:
-            return None
-        count = nonzero = 1
-        for d in shape:
-            if type(d) is not int or d < 0 or d > MAX_DIM:
-                return None
-            count *= d
-            nonzero *= d or 1
-        if nonzero > MAX_ELEMENTS or len(buf) != count * size or name in out:
+        count = _fast_count(name, dtype, shape, len(buf))
+        if count < 0 or name in out:
             return None
         out[name] = (np.frombuffer(buf, dtype=_DTYPE[dtype]).reshape(shape) if count else np.zeros(shape, dtype)) \
             if make else None
