@@ -167,6 +167,9 @@ def breakdown(tmp: Path, version: int, marks: dict, shards: int, workers: int) -
         out["shard_write_s"] = [min(e.get("write_s") or 0 for e in staged), max(e.get("write_s") or 0 for e in staged)]
         out["shard_fsync_s"] = [min(e.get("fsync_s") or 0 for e in staged), max(e.get("fsync_s") or 0 for e in staged)]
         out["shard_check_s"] = [min(e.get("check_s") or 0 for e in staged), max(e.get("check_s") or 0 for e in staged)]
+        for key in ("manifest_s", "queued_s", "durable_s"):  # the staged manifest's write + fsync; waits
+            if all(e.get(key) is not None for e in staged):
+                out[f"shard_{key}"] = [min(e[key] for e in staged), max(e[key] for e in staged)]
         out["shards_durable"] = [at(ends[0]), at(ends[-1])]
     ws = [_events(tmp / f"w{i}.log", version) for i in range(workers)]
 

@@ -444,8 +444,11 @@ class Shard:
         """On the writer thread: the stage's new piece files, durable, then its manifest under a
         temporary name (fsynced), so the commit only renames it; then wake the loop."""
         try:
+            began = time.monotonic()
             done = self.store.write_files(model, todo, tag)
+            t = time.monotonic()
             done["manifest_tmp"] = self.store.write_staged_manifest(model, sl, tag)
+            done["began"], done["manifest_s"] = began, round(time.monotonic() - t, 4)
             return done
         finally:
             try:
@@ -482,9 +485,11 @@ class Shard:
                 continue
             self.store.note_written(model, p.todo)
             p.stage.written, p.stage.writing = written, None
+            now = time.monotonic()  # queued_s: received -> the writer began; durable_s: received -> this answer
             log.info("version_staged", model=model, version=version, pieces=p.reply["staged"], bytes=p.stage.nbytes,
                      check_s=round(p.check_s, 4), write_s=written.get("write_s"), fsync_s=written.get("fsync_s"),
-                     durability=self.cfg.durability)
+                     manifest_s=written.get("manifest_s"), queued_s=round(written.get("began", now) - p.started, 4),
+                     durable_s=round(now - p.started, 4), durability=self.cfg.durability)
             if self.staging.get(p.key) is not p.stage:  # aborted, expired or replaced while it was written
                 self.store.collect(model)
                 self._reply(p.ident, p.rid, "stage", p.started,

@@ -100,6 +100,67 @@ def test_every_route_to_a_tensor_leads_to_the_new_one(monkeypatch):
     assert model.module.order[0] is model.module.a
 
 
+class Shared(torch.nn.Module):
+    """One submodule under two names, a non-persistent buffer, plain-data attributes."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(4, 4)
+        self.again = self.a
+        self.norm = torch.nn.LayerNorm(4)
+        self.register_buffer("tmp", torch.zeros(4), persistent=False)
+        self.input_spec = {"x": ((None, 4), "float32")}
+        self.sizes = [4, 4]
+
+    def forward(self, x):
+        return {"y": self.norm(self.again(x)) + self.tmp}
+
+
+def test_a_plain_module_is_cloned_without_deepcopy_and_shares_nothing_mutable(monkeypatch):
+    """The sixth round's build: a plain module's structure is cloned attribute by attribute (no
+    copy.deepcopy walk); the clone takes the new tensors, keeps one submodule used twice as one,
+    and shares no mutable attribute with the live module."""
+    import copy as copy_mod
+
+    model = ServedModel(parse_model_arg("big=ringserve.worker.demo:stack,arg.layers=3,arg.width=8"),
+                        torch.device("cpu"))
+    tensors = {k: torch.randn_like(v) for k, v in model.module.state_dict().items()}
+
+    def no_deepcopy(*a, **kw):
+        raise AssertionError("deepcopy called for a plain module")
+
+    monkeypatch.setattr(copy_mod, "deepcopy", no_deepcopy)
+    module = model.build_shadow(tensors)
+    for k, t in module.state_dict(keep_vars=True).items():
+        assert t.data_ptr() == tensors[k].data_ptr()
+    was = model.module.training
+    module.train(not was)
+    assert model.module.training == was  # the flag is the clone's own
+    assert module.input_spec == model.module.input_spec and module.input_spec is not model.module.input_spec
+    for new, old in zip(module.modules(), model.module.modules(), strict=True):
+        assert new is not old and new._parameters is not old._parameters and new._forward_hooks is not old._forward_hooks
+    monkeypatch.undo()
+    torch.testing.assert_close(module(torch.ones(1, 8))["y"],
+                               torch.func.functional_call(model.module, tensors, torch.ones(1, 8))["y"])
+
+
+def test_a_clone_keeps_a_shared_submodule_one_and_copies_plain_attributes(monkeypatch):
+    from ringserve.worker.loader import _clone_structure
+
+    live = Shared()
+    memo = {id(t): (torch.nn.Parameter(t.detach() + 1) if isinstance(t, torch.nn.Parameter) else t + 1)
+            for t in [*live.parameters(), *live.buffers()]}
+    clone = _clone_structure(live, memo)
+    assert clone is not None and clone.again is clone.a and clone.a is not live.a
+    assert clone.tmp is memo[id(live.tmp)] and "tmp" in clone._non_persistent_buffers_set
+    clone.sizes.append(5)
+    clone._non_persistent_buffers_set.add("x")
+    assert live.sizes == [4, 4] and live._non_persistent_buffers_set == {"tmp"}
+    live.a.register_forward_hook(lambda *a: None)  # a hook is not plain data: the caller deep-copies
+    assert _clone_structure(live, memo) is None
+    assert _clone_structure(Aliased(), {}) is None  # a list of modules outside _modules: deep copy
+
+
 def test_a_module_with_load_hooks_is_built_through_load_state_dict(monkeypatch):
     model = _model(monkeypatch, "hooked", Hooked)
     before = Hooked.calls
