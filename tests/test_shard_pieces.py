@@ -407,3 +407,18 @@ def test_a_data_dir_of_the_earlier_single_file_format_is_read_and_built_on(tmp_p
     again.load_all()
     assert again.versions() == {"m": [1, 2]} and again.current == {"m": 2} and not again.corrupt
     np.testing.assert_array_equal(again.slices["m"][2].data["b"], v1["b"])
+
+
+def test_a_second_owner_listing_a_piece_equally_is_a_source_and_any_other_entry_is_refused():
+    """plan_version parses an entry once (sixth round): another owner's entry equal to it, type for
+    type, only adds a source; one that differs is parsed and checked as before (other content:
+    refused), and one shard listing a piece twice is refused."""
+    entry = ["w:0", "w", "float32", [4], 0, 4, "0" * 64]
+    new, need = plan_version({"a": [list(entry)], "b": [list(entry)]}, None)
+    assert new.sources == {"w:0": ["a", "b"]} and sum(map(len, need.values())) == 1
+    with pytest.raises(ValueError):
+        plan_version({"a": [list(entry)], "b": ["w:0", "w", "float32", [4], 0, 4, "1" * 64]}, None)
+    with pytest.raises(ValueError):
+        plan_version({"a": [list(entry)], "b": ["w:0", "w", "float32", [4, 1], 0, 4, "0" * 64]}, None)
+    with pytest.raises(ValueError):  # one shard listing it twice
+        plan_version({"a": [list(entry), list(entry)]}, None)

@@ -622,6 +622,13 @@ def _item(item: object) -> tuple[Piece, str]:
     return piece, item[6]
 
 
+def _same_entry(checked: list, item: list) -> bool:
+    """Whether `item` is, value for value and type for type (1 is not 1.0 nor True), the manifest
+    entry `checked` that _item already validated (the shape's dimensions too)."""
+    return (len(item) == len(checked) and all(type(a) is type(b) and a == b for a, b in zip(checked, item))
+            and (not isinstance(item[3], list) or all(type(a) is type(b) for a, b in zip(checked[3], item[3]))))
+
+
 def plan_version(manifests: Mapping[str, list], held: Held | None, shapes: Mapping[str, tuple] | None = None
                  ) -> tuple[Held, dict[str, list[tuple[Piece, str]]]]:
     """Check what the shards say a version is made of (every tensor tiled exactly by its pieces,
@@ -631,11 +638,17 @@ def plan_version(manifests: Mapping[str, list], held: Held | None, shapes: Mappi
     per shard the pieces to fetch into it)."""
     pieces: dict[str, tuple[Piece, str]] = {}
     sources: dict[str, list[str]] = {}
+    raw: dict[str, list] = {}  # key -> the entry as first listed: another owner's equal entry is not parsed again
     for shard, items in sorted(manifests.items()):
         if not isinstance(items, list):
             raise ValueError(f"shard {shard}: manifest is not a list")
         for item in items:
+            if (isinstance(item, list) and item and type(item[0]) is str and item[0] in raw
+                    and _same_entry(raw[item[0]], item) and shard not in sources[item[0]]):
+                sources[item[0]].append(shard)  # the same entry, already checked: this owner holds it too
+                continue
             piece, checksum = _item(item)
+            raw.setdefault(piece.key, item)
             if piece.key in pieces:
                 if pieces[piece.key] != (piece, checksum) or shard in sources[piece.key]:
                     raise ValueError(f"piece {piece.key}: shards {sources[piece.key][0]} and {shard} list it "
