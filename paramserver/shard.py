@@ -445,10 +445,8 @@ class Shard:
         temporary name (fsynced), so the commit only renames it; then wake the loop."""
         try:
             began = time.monotonic()
-            done = self.store.write_files(model, todo, tag)
-            t = time.monotonic()
-            done["manifest_tmp"] = self.store.write_staged_manifest(model, sl, tag)
-            done["began"], done["manifest_s"] = began, round(time.monotonic() - t, 4)
+            done = self.store.write_stage(model, todo, tag, sl)  # pieces and manifest, one pass
+            done["began"] = began
             return done
         finally:
             try:

@@ -21,7 +21,9 @@ the shard's loop, books them), so the disk works while the other shards receive 
 workers fetch the stage, and a commit is quick; a commit writes whatever is still missing, then the
 manifest the same way (last: it marks the version done), so a SIGKILL at any moment leaves
 either the old state or the new one; pieces no manifest names are invisible. The writer thread
-also writes and fsyncs the stage's manifest under a temporary name (`write_staged_manifest`), so
+also writes and fsyncs the stage's manifest under a temporary name (`write_stage` does both: the
+manifest is written before the pieces' fsyncs, its writeback started, and fsynced after their
+renames, so the disk takes it with the pieces rather than after them), so
 a commit renames it into place and writes current.json, one directory fsync making both renames
 durable (two waits for the disk instead of four; a crash between the renames leaves the version
 committed but not current, or, on a file system that reorders renames, current naming a version
@@ -209,10 +211,24 @@ class ShardStore:
         none of the store's books, so a shard may run it on a thread while its loop serves (the
         loop then calls `note_written`). Temporary names carry `tag`, so two writers of one
         content never share one. Returns {"pieces", "bytes", "write_s", "fsync_s"}."""
+        return self._write_files(model, todo, tag)
+
+    def write_stage(self, model: str, todo: dict[str, np.ndarray], tag: str, sl: Slice) -> dict:
+        """A stage's files in one pass, for the writer thread: its new piece files (as
+        `write_files`) and its manifest under a temporary name (as `write_staged_manifest`), the
+        manifest written before the pieces' fsyncs so the disk works on all of them at once and
+        its own fsync, after the pieces' renames, finds little left to do: one wait for the disk
+        fewer than writing the manifest after the pieces. The same guarantees: every piece fsynced
+        before its rename, the pieces directory fsynced after, the manifest always fsynced.
+        Returns write_files' figures plus "manifest_tmp" (its path) and "manifest_s"."""
+        return self._write_files(model, todo, tag, sl)
+
+    def _write_files(self, model: str, todo: dict[str, np.ndarray], tag: str = "", sl: Slice | None = None) -> dict:
         pdir = self.root / model / PIECES
         pdir.mkdir(parents=True, exist_ok=True)
         suffix = f".{tag}.tmp" if tag else ".tmp"  # ends in .tmp: what a crash leaves is dropped at start
         tmps = []
+        manifest = None
         t0 = t1 = time.monotonic()
         try:
             for c, arr in todo.items():  # write everything, then fsync: the disk works on all of it at once
@@ -222,6 +238,8 @@ class ShardStore:
                 if self.fsync:
                     _start_writeback(f.fileno())  # the disk starts on this piece while the next is written
             t1 = time.monotonic()
+            if sl is not None:
+                manifest = self._open_staged_manifest(model, sl, tag)
             for _c, f in tmps:
                 if self.fsync:
                     os.fsync(f.fileno())
@@ -229,17 +247,28 @@ class ShardStore:
             for c, f in tmps:  # a full disk, say: leave nothing half written behind
                 f.close()
                 (pdir / f"{c}{suffix}").unlink(missing_ok=True)
+            if manifest is not None:
+                manifest[1].close()
+                Path(manifest[0]).unlink(missing_ok=True)
             raise
         finally:
             for _, f in tmps:
                 f.close()
         for c, _ in tmps:
             os.replace(pdir / f"{c}{suffix}", pdir / c)
+        t2 = time.monotonic()
+        out = {"pieces": len(todo), "bytes": sum(a.nbytes for a in todo.values()),
+               "write_s": round(t1 - t0, 4) if tmps else 0.0}
+        if manifest is not None:
+            try:
+                os.fsync(manifest[1].fileno())  # a manifest is always durable, whatever the pieces' durability
+            finally:
+                manifest[1].close()
+            out["manifest_tmp"], out["manifest_s"] = manifest[0], round(time.monotonic() - t2, 4)
         if tmps and self.fsync:
             _fsync_dir(pdir)
-        return {"pieces": len(todo), "bytes": sum(a.nbytes for a in todo.values()),
-                "write_s": round(t1 - t0, 4) if tmps else 0.0,
-                "fsync_s": round(time.monotonic() - t1, 4) if tmps else 0.0}
+        out["fsync_s"] = round(time.monotonic() - t1 - out.get("manifest_s", 0.0), 4) if tmps else 0.0
+        return out
 
     def note_written(self, model: str, todo: dict[str, np.ndarray]) -> None:
         """Book piece files `write_files` made (on this store's own thread)."""
@@ -274,16 +303,31 @@ class ShardStore:
         """Write (and fsync) a stage's manifest under a temporary name of the stage's own
         (`v<N>.manifest.json.<tag>.tmp`: no version exists by it, a start deletes it), so a commit
         of that stage only renames it (`commit(early={"manifest_tmp": ...})`). File I/O only, like
-        `write_files`: a shard runs it on its writer thread. Returns the file's path."""
+        `write_files`: a shard runs it on its writer thread (`write_stage`: with the pieces). Returns
+        the file's path."""
+        path, f = self._open_staged_manifest(model, sl, tag)
+        try:
+            os.fsync(f.fileno())  # a manifest is always durable, whatever the pieces' durability
+        finally:
+            f.close()
+        return path
+
+    def _open_staged_manifest(self, model: str, sl: Slice, tag: str):
+        """(path, open file) of a stage's manifest, written, its writeback started, not fsynced yet."""
         if not tag.isalnum():
             raise ValueError("a stage's tag is letters and digits")
         d = self.root / model
         d.mkdir(parents=True, exist_ok=True)
         tmp = d / f"v{sl.version}.manifest.json.{tag}.tmp"
-        with open(tmp, "wb", buffering=0) as f:
+        f = open(tmp, "wb", buffering=0)
+        try:
             _write_all(f, memoryview(self._manifest(model, sl)))
-            os.fsync(f.fileno())  # a manifest is always durable, whatever the pieces' durability
-        return str(tmp)
+            _start_writeback(f.fileno())
+        except BaseException:
+            f.close()
+            tmp.unlink(missing_ok=True)
+            raise
+        return str(tmp), f
 
     def _write_version(self, model: str, sl: Slice, early: dict | None = None, sync_dir: bool = True) -> dict:
         """Write the pieces of `sl` not stored yet, then its manifest (last: it marks it done).

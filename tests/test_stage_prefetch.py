@@ -33,13 +33,13 @@ class InProcessShard:
     def __init__(self, tmp, ctx: zmq.Context):
         self.shard = Shard(ShardConfig("ps0", str(tmp / "ps0"), announce_interval=0.2), ctx)
         self.gate = threading.Event()
-        real = self.shard.store.write_files
+        real = self.shard.store.write_stage
 
         def slow_write(*args, **kw):
             self.gate.wait(30)
             return real(*args, **kw)
 
-        self.shard.store.write_files = slow_write
+        self.shard.store.write_stage = slow_write
         self.thread = threading.Thread(target=self.shard.run, daemon=True)
         self.thread.start()
         self.dealer = ctx.socket(zmq.DEALER)

@@ -219,6 +219,36 @@ def test_a_commit_renames_the_manifest_its_stage_wrote_and_syncs_the_directory_o
     assert again.current["m"] == 1 and np.array_equal(again.slices["m"][1].data["w"].view(np.float32), sl.data["w"])
 
 
+def test_a_stage_writes_its_pieces_and_manifest_in_one_pass_each_durable_in_order(tmp_path, monkeypatch):
+    """write_stage (sixth round): the manifest is written before the pieces' fsyncs and fsynced after
+    their renames; every piece is fsynced before its rename, the pieces' directory after them."""
+    store = ShardStore(tmp_path / "d")
+    sl = _slice(1, np.arange(1000, dtype=np.float32))
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.path.basename(
+        os.readlink(f"/proc/self/fd/{fd}")))), real_fsync(fd)))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("rename", os.path.basename(str(b)))),
+                                                     real_replace(a, b)))
+    written = store.write_stage("m", store.unstored("m", sl), "t1", sl)
+    monkeypatch.undo()
+    c = sl.checksums["w"]
+    manifest = os.path.basename(written["manifest_tmp"])
+    assert events == [("fsync", f"{c}.t1.tmp"), ("rename", c), ("fsync", manifest), ("fsync", "pieces")]
+    assert written["pieces"] == 1 and written["bytes"] == 4000 and os.path.exists(written["manifest_tmp"])
+    store.note_written("m", store.unstored("m", sl))
+    store.commit("m", sl, written, epoch=5)
+    again = ShardStore(tmp_path / "d")
+    again.load_all()
+    assert again.current["m"] == 1 and np.array_equal(again.slices["m"][1].data["w"].view(np.float32), sl.data["w"])
+    replicated = ShardStore(tmp_path / "r", fsync=False)  # --durability replicated: only the manifest is fsynced
+    events.clear()
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd)))
+    out = replicated.write_stage("m", replicated.unstored("m", sl), "t2", sl)
+    assert events == [os.path.basename(out["manifest_tmp"])]
+
+
 def test_a_commit_without_a_staged_manifest_writes_one(tmp_path):
     store = ShardStore(tmp_path / "d")
     sl = _slice(1, np.ones(10, dtype=np.float32))
