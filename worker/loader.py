@@ -634,9 +634,11 @@ class ServedModel:
         return state
 
     def _with_tensors(self, state: Mapping[str, torch.Tensor]) -> torch.nn.Module | None:
-        """A deep copy of the live module's structure whose state tensors are `state`'s own
-        (converted only where the served dtype or device differs): each live tensor is mapped, in
-        deepcopy's memo, straight to its replacement, so nothing is copied and no second pass
+        """A copy of the live module's structure whose state tensors are `state`'s own
+        (converted only where the served dtype or device differs): each live tensor is mapped
+        straight to its replacement (a plain module is cloned attribute by attribute,
+        `_clone_structure`; any other goes through deepcopy with the mapping as its memo), so
+        nothing is copied and no second pass
         assigns them (`_assign_copy`, the load_state_dict(assign=True) route, is kept for modules
         with load hooks of their own). None when there is no live module, one tensor serves under
         two names (tied weights: assigning would untie them), or anything here fails (the caller
