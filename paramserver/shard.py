@@ -435,24 +435,29 @@ class Shard:
         todo = self.store.unstored(model, sl)
         # the files get a name of this stage's own until renamed: another stage of the same content may be writing too
         stage.writing = self.writer.submit(self._write_stage, model, todo, stage.tag, sl)
+        stage.writing.add_done_callback(self._wake)  # once the result is set: the loop's done() then holds
         self.pending.append(PendingReply(ident, header.get("rid"), started or t0, key, stage, todo,
                                          {"ok": True, "staged": len(items), "layout": layout(sl)}, t1 - t0))
         self._announce("staged", model, version, token=token, digest=digest)  # its pieces are checked: fetchable
         return None
 
     def _write_stage(self, model: str, todo: dict, tag: str, sl: Slice) -> dict:
-        """On the writer thread: the stage's new piece files, durable, then its manifest under a
-        temporary name (fsynced), so the commit only renames it; then wake the loop."""
+        """On the writer thread: the stage's new piece files, durable, and its manifest under a
+        temporary name (fsynced), so the commit only renames it. The loop is woken by `_wake`,
+        the future's done callback: woken from in here, before the future held its result, the
+        loop found the write not done and slept a poll timeout more (up to 200 ms) before it
+        answered the stage (sixth round)."""
+        began = time.monotonic()
+        done = self.store.write_stage(model, todo, tag, sl)  # pieces and manifest, one pass
+        done["began"] = began
+        return done
+
+    def _wake(self, _future: Future | None = None) -> None:
+        """Wake the loop's poller (the writer's job is done)."""
         try:
-            began = time.monotonic()
-            done = self.store.write_stage(model, todo, tag, sl)  # pieces and manifest, one pass
-            done["began"] = began
-            return done
-        finally:
-            try:
-                os.write(self._wake_w, b"x")
-            except (BlockingIOError, OSError):  # the pipe is full: the loop wakes anyway
-                pass
+            os.write(self._wake_w, b"x")
+        except (BlockingIOError, OSError):  # the pipe is full (the loop wakes anyway) or closed at stop
+            pass
 
     def _drain_wake(self) -> None:
         try:

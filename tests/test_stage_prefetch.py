@@ -140,6 +140,27 @@ def test_a_stage_is_answered_only_once_durable_and_is_fetchable_by_token_meanwhi
     assert after["ok"] and np.array_equal(np.frombuffer(frames_after[0], np.float32), arrays["b"])
 
 
+def test_the_writer_wakes_the_loop_only_once_its_job_is_done(inproc, monkeypatch):
+    """The loop answers a stage when it finds the writer's future done; woken before that (from
+    inside the job, as before the sixth round) it found it not done and slept a poll timeout more
+    (100-200 ms per stage). The wake now comes from the future's done callback."""
+    shard, seen = inproc.shard, []
+    real_write = os.write
+
+    def spy(fd, data):
+        if fd == shard._wake_w:
+            seen.append([p.stage.writing.done() for p in list(shard.pending) if p.stage.writing is not None])
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", spy)
+    hdr, frames = stage("m", 1, "tok", {"w": np.arange(100, dtype=np.float32)})
+    rid = inproc.send(hdr, frames)
+    inproc.gate.set()
+    answer, _ = inproc.recv()
+    assert answer["rid"] == rid and answer["ok"]
+    assert seen and all(all(done) for done in seen), seen
+
+
 def test_a_stage_aborted_while_written_is_answered_as_failed_and_leaves_no_piece(inproc, tmp_path):
     hdr, frames = stage("m", 1, "tok", {"w": np.arange(64, dtype=np.float32)})
     rid = inproc.send(hdr, frames)
