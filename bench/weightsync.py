@@ -19,7 +19,9 @@ faults each role took meanwhile (fresh pages its buffers touched).
 breakdown_first_full (with `--role-log-level info`): where the first full sync's wall time went,
 seconds from the start of its publish, from the bench's own marks (the publisher is this
 process) and the timestamps in the shards' and workers' logs: stage sent, each shard's write and
-fsync (median and last shard), stages answered, commit done, the workers' prefetch of the staged
+fsync (median and last shard), its staged manifest's write and fsync, its wait for the writer
+thread and its time from receipt to durable (`shard_manifest_s`, `shard_queued_s`,
+`shard_durable_s`: fastest and slowest shard), stages answered, commit done, the workers' prefetch of the staged
 version (last to finish), their fetch after the commit (manifest, transfer, build), last swap;
 breakdown_first_delta: the same for the first (idle) delta.
 
