@@ -313,7 +313,7 @@ class ComputeThread(threading.Thread):
         return replies
 
     def _packed_replies(self, model: ServedModel, batch: list[WorkItem], version: int | None, rows: int,
-                        started: float, compute_ms: float, metas: list[list]) -> list[tuple[bytes, tuple]]:
+                        started: float, compute_ms: float, metas: list[list]) -> list[tuple[bytes, list]]:
         """The batch's answers with every output inline (``batch_outputs``): the same fields as the
         general path's headers, each packed as it goes to the master, the fields all of them share
         packed once per master link (``joined_header``)."""
@@ -336,7 +336,7 @@ class ComputeThread(threading.Thread):
             timing = {**item.timing, "queue_ms": queue_ms, "compute_ms": compute_ms} if item.timing \
                 else {"queue_ms": queue_ms, "compute_ms": compute_ms}
             append((joined_header({"id": item.rid if item.cid is None else item.cid, "key": item.rid,
-                                   "attempt": item.attempt, "outputs": meta, "timing": timing}, fields), ()))  # all inline: no frames
+                                   "attempt": item.attempt, "outputs": meta, "timing": timing}, fields), []))
         self.metrics.on_answers(model.name, "ok", len(replies))
         return replies
 
