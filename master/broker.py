@@ -326,8 +326,6 @@ class Broker:
         requests, broken = (split_batch_packed if packed else split_batch)(frames[4:])
         now = time.monotonic()  # one clock read for the message: its requests arrived together
         facts: dict[str, tuple] = {}  # model -> _model_facts(model): they cannot change within one message
-        plain: dict[str, bool] = {}  # model -> whether its requests may skip on_request's preamble (below)
-        held, answered = self.held, self._answered_ids
         for svc, header_frame, header, tensors in requests:
             known = facts.get(svc)  # a name with facts was checked already
             if known is None and (not svc or len(svc) > MAX_NAME_LEN or svc.startswith("mmi.")):
@@ -341,15 +339,7 @@ class Broker:
                 continue
             if known is None:
                 known = facts[svc] = self._model_facts(svc)
-                # served, no route, no rate limit: for an unpinned request of a new id, while the master
-                # is not stopping, on_request decides nothing _admit does not (the id checks are below)
-                plain[svc] = known[1] and known[2] is None and self.limiter is None
-            cid = (scope, parsed.rid)
-            if not plain[svc] or parsed.version is not None or self.stopping or cid in held or cid in answered:
-                self.on_request(ident, scope, known[4], svc, header_frame, parsed, tensors, now, known)
-                continue
-            known[0].requests += 1  # on_request's count (a served model has counters)
-            self._admit(ident, cid, known[4], svc, header_frame, parsed, tensors, now, known[0], None, None, known[3])
+            self.on_request(ident, scope, known[4], svc, header_frame, parsed, tensors, now, known)
         if broken is not None:
             self._reply_client(ident, MMI_BATCH_PACKED_BYTES if packed else MMI_BATCH_BYTES,
                                error_body(None, ErrorCode.BAD_REQUEST, f"batch: {broken}"))
@@ -434,16 +424,7 @@ class Broker:
         if pin is not None:
             route = None  # a pinned version wins
         version = self._routed_version(route, parsed.tags) if route else pin
-        self._admit(ident, cid, service, model, header_frame, parsed, frames, time.monotonic() if now is None else now,
-                    counters, version, route, cacheable)
-
-    def _admit(self, ident: bytes, cid: tuple[str, str], service: bytes, model: str, header_frame, parsed,
-               frames: list, now: float, counters: ModelCounters | None, version: int | None,
-               route: routing.Route | None, cacheable: bool) -> None:
-        """The rest of on_request for a request it has counted and let through (its id is new in its
-        scope, its model and pin may be served, `version` is the one that would serve it): the
-        response cache first, then the queue's room, then the books. A batch's plain requests
-        (on_batch) come here directly."""
+        now = time.monotonic() if now is None else now
         digest = None
         if cacheable:  # a hit is answered before anything a miss needs: the queue's room, a deadline, books
             # the digest of the inputs, once on arrival: the lookup key now, the store key when it answers
@@ -453,7 +434,6 @@ class Broker:
                                                                  now):
                 return
         queues = self.queues
-        pin = parsed.version
         if queues.full(model, pin):
             self._reject(ident, cid, service, model, ErrorCode.OVERLOADED,
                          f"queue for {model!r} is full ({self.cfg.max_queue} requests, "
@@ -462,9 +442,8 @@ class Broker:
         timeout = self.cfg.default_timeout if parsed.timeout_ms is None else parsed.timeout_ms / 1000.0
         timeout = min(timeout, self.cfg.max_timeout)  # the client chooses, within the master's cap
         key = "%x" % next(self._keys)  # _new_key()
-        rid = cid[1]
         req = PendingRequest(key, rid, ident, service, model, version, header_frame, frames, now + timeout, now, 0,
-                             None, 0, cid[0], pin is not None, parsed.tags, counters is not None, digest)
+                             None, 0, scope, pin is not None, parsed.tags, counters is not None, digest)
         self.pending[key] = req  # _hold(req)
         heapq.heappush(self.deadlines, (req.deadline, key))
         queues.push(req)
@@ -877,7 +856,6 @@ class Broker:
         epoch, name, ident = self.epoch, w.name, w.ident
         in_flight, pending = w.in_flight, self.pending
         forwarded: dict[tuple[str, int], list[float]] = {}  # (model, version) -> arrival times answered
-        answers: list[tuple] = []  # what the answered-id cache keeps of them, added once (add_many)
         held: dict[str, frozenset[int]] = {}  # model -> w.versions(model), asked once per message
         try:
             for header_frame, raw, data in split_replies(frames):
@@ -896,27 +874,21 @@ class Broker:
                         if in_flight.get(key) == attempt:
                             del in_flight[key]
                             w.done += 1
-                        self._forward(req, [header_frame, *data], version, forwarded, answers)
+                        self._forward(req, [header_frame, *data], version, now, forwarded)
                         continue
-                if answers:  # the general path's answers join the cache after the ones before them
-                    self.answered.add_many(answers)
-                    answers = []
                 self.on_reply(w, header_frame, raw, data, now)
-        finally:  # also when a bad reply ends the message: the answers sent before it are kept and counted
-            if answers:
-                self.answered.add_many(answers)
+        finally:  # also when a bad reply ends the message: the answers sent before it are counted
             if forwarded:
                 self._count_forwarded(forwarded, now)
         for model in w.models:
             self.dispatch(model)
 
-    def _forward(self, req: PendingRequest, body: list, version: int,
-                 forwarded: dict[tuple[str, int], list[float]], answers: list) -> None:
+    def _forward(self, req: PendingRequest, body: list, version: int, now: float,
+                 forwarded: dict[tuple[str, int], list[float]]) -> None:
         """`finish` for a result of its request's current attempt, from a worker that serves its model
         (so the model is served and counted), its worker slot already given back: the request leaves
-        `pending` and its scope's id map, the answer goes out, the response cache keeps it. Counting
-        and the answered-id cache's entry (`answers`, for AnsweredCache.add_many) are the caller's,
-        once per message."""
+        `pending` and its scope's id map, the answer goes out, the caches keep it. Counting is the
+        caller's, once per message."""
         key = req.key
         del self.pending[key]
         cid = (req.scope, req.rid)
@@ -935,8 +907,8 @@ class Broker:
             sent = self._send_client(client, service, body)
         if req.digest is not None:  # a digest: its model is cacheable
             self._cache_result(req, body, version)
-        answers.append((cid, req.model, [service, *body], client if sent else None,
-                        len(service) + len(body[0]) + (frames_nbytes(body[1:]) if len(body) > 1 else 0)))
+        self.answered.add(cid, req.model, [service, *body], client if sent else None,
+                          len(service) + len(body[0]) + (frames_nbytes(body[1:]) if len(body) > 1 else 0))
 
     def _count_forwarded(self, forwarded: dict[tuple[str, int], list[float]], now: float) -> None:
         """What `finish` counts per answer, for a message's forwarded results: per model and version,

@@ -237,24 +237,6 @@ class AnsweredCache:
             old, _ = ids.popitem(last=False)
             self._drop_reply(old)
 
-    def add_many(self, entries: list) -> None:
-        """`add` for a message's answers, in order: [(cid, model, body, delivered_to, nbytes)], each step
-        as `add` takes it (the bounds restored after each), with the lookups done once."""
-        ids, replies, max_bytes, max_ids, drop = self._ids, self._replies, self.max_bytes, self.max_ids, self._drop_reply
-        for cid, model, body, delivered_to, nbytes in entries:
-            if cid in ids:  # answered again (rare): as in add
-                ids.move_to_end(cid)
-                drop(cid)
-            ids[cid] = [model, delivered_to]
-            size = nbytes + len(cid[0]) + len(cid[1]) + 64
-            if size <= max_bytes:
-                replies[cid] = (body, size)
-                self.bytes += size
-                while self.bytes > max_bytes and replies:
-                    self.bytes -= replies.popitem(last=False)[1][1]  # the oldest reply held
-            while len(ids) > max_ids:
-                drop(ids.popitem(last=False)[0])
-
     def _drop_reply(self, cid: tuple[str, str]) -> None:
         held = self._replies.pop(cid, None)
         if held is not None:

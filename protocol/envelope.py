@@ -59,7 +59,7 @@ def timing_ok(value: Any) -> bool:
         return False
     for k, v in value.items():  # a plain loop: this runs for every result the master forwards
         if not (type(k) is str and 0 < len(k) <= MAX_TIMING_KEY and (type(v) is float or type(v) is int)
-                and 0 <= v <= MAX_TIMING_MS):  # NaN compares false, so the bounds exclude it and inf
+                and 0 <= v <= MAX_TIMING_MS and v == v):  # v == v: not NaN; the bounds exclude inf
             return False
     return True
 

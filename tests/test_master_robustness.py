@@ -14,7 +14,6 @@ import time
 import numpy as np
 import pytest
 import zmq
-from hypothesis import given, settings, strategies as st
 
 from ringserve.client import Client
 from ringserve.client.admin import AdminClient
@@ -339,22 +338,6 @@ def test_answer_cache_is_bounded_in_bytes():
     assert ("other", "r49") not in cache and cache.model(("s", "r3")) == "m"
     cache.add(("s", "huge"), "m", [b"\0" * (2 << 20)])
     assert ("s", "huge") in cache and cache.reply(("s", "huge")) is None and cache.bytes <= 1 << 20
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 3000), st.booleans()), max_size=40),
-       st.integers(0, 8), st.integers(2, 12), st.integers(500, 8000))
-def test_add_many_leaves_the_books_as_one_add_each(adds, split, max_ids, max_bytes):
-    """AnsweredCache.add_many (a REPLY message's forwarded answers at once) ends in the state one `add`
-    per answer would: the same ids in the same order, the same replies held, the same byte count."""
-    one, many = AnsweredCache(max_ids, max_bytes), AnsweredCache(max_ids, max_bytes)
-    entries = [(("s", f"r{i}"), "m", [b"svc", b"\0" * n], b"c" if sent else None, 3 + n) for i, n, sent in adds]
-    for cid, model, body, to, nbytes in entries:
-        one.add(cid, model, body, to, nbytes)
-    many.add_many(entries[:split])
-    many.add_many(entries[split:])
-    assert list(many._ids.items()) == list(one._ids.items())
-    assert list(many._replies.items()) == list(one._replies.items()) and many.bytes == one.bytes
 
 
 def test_big_replies_stay_within_the_cache_budget_and_timeouts_are_capped(broker):
