@@ -10,10 +10,11 @@ import zmq
 
 from ringserve.master import liveness
 from ringserve.master.window import ModelWindow
-from ringserve.protocol.codec import pack, unpack_map
+from ringserve.protocol.codec import pack, unpack, unpack_map
+from ringserve.protocol.envelope import batch_frames_packed
 from ringserve.protocol.messages import DISCONNECT, HEARTBEAT
 from ringserve.protocol.sockets import drain
-from tests.test_master_robustness import answer, dealer, next_request, recv, register, reply_ok, request
+from tests.test_master_robustness import X, answer, dealer, next_request, recv, register, reply_ok, request
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -24,8 +25,10 @@ def test_drain_stops_at_its_limit_and_says_more_wait_then_empties_without_raisin
         pull, push = ctx.socket(zmq.PULL), ctx.socket(zmq.PUSH)
         for s in (pull, push):
             s.setsockopt(zmq.LINGER, 0)
-        port = pull.bind_to_random_port("tcp://127.0.0.1")
-        push.connect(f"tcp://127.0.0.1:{port}")
+        # inproc: a send lands in the reader's pipe at once, so all three wait before the first
+        # drain (over tcp one could still be in flight and the limit case never be seen)
+        pull.bind("inproc://drain-limit")
+        push.connect("inproc://drain-limit")
         for i in range(3):
             push.send_multipart([b"m%d" % i, b"tail"])
         assert pull.poll(5000)
@@ -119,3 +122,32 @@ def test_without_keys_the_scope_is_the_peer_address(broker):
             frames = broker.frontend.recv_multipart(copy=False)
     assert frames and client_scope(frames[-1], secure=False) == client_scope(frames[-1]) == "addr:127.0.0.1"
     assert ctx is broker.ctx and unpack_map is not None
+
+
+def test_a_batch_admits_each_request_as_alone_duplicates_acks_and_pins_included(broker):
+    """on_batch's plain admission (served model, no route, new id, unpinned) keeps on_request's books:
+    each request counted once, a duplicate id inside the message held once, an ACK where asked, a
+    pinned request through on_request; every one dispatched once and answered once."""
+    b = broker
+    w = register(b, b"w1", credit=8)
+    c = dealer(b, "frontend")
+
+    def body(rid, **fields):
+        return [pack({"id": rid, "inputs": [["x", "float32", [1, 4]]], **fields}), X.tobytes()]
+    reqs = [(b"mlp", body("r1")), (b"mlp", body("r1")), (b"mlp", body("r2", ack=True)),
+            (b"mlp", body("r3", version=1)), (b"mlp", body("r4", timeout_ms=1e15))]
+    c.send_multipart([b"", b"MDPC01", b"mmi.batch2", *batch_frames_packed(reqs)])
+    got = sorted((next_request(b, w) for _ in range(4)), key=lambda d: d["id"])
+    assert [d["id"] for d in got] == ["r1", "r2", "r3", "r4"]
+    assert b.counters["mlp"].requests == 4 and len(b.pending) == 4 and len(b.held) == 4
+    assert max(r.deadline - r.received for r in b.pending.values()) <= b.cfg.max_timeout  # capped as alone
+    for d in got:
+        reply_ok(w, d)
+    answers: list[dict] = []
+    while len(answers) < 5:  # the ACK of r2, then four results (one message or several)
+        frames = recv(b, c)
+        assert frames[2] == b"mmi.batch2"
+        answers.extend(unpack_map(h) for h in unpack(frames[3]))
+    assert answers[0] == {"id": "r2", "ack": True, "epoch": b.epoch}
+    assert sorted(a["id"] for a in answers[1:]) == ["r1", "r2", "r3", "r4"] and all(a["ok"] for a in answers[1:])
+    assert b.books()["ok"] and not b.pending and not b.held and b.counters["mlp"].ok == 4
