@@ -19,6 +19,7 @@ import time
 import uuid
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import orjson
@@ -125,7 +126,7 @@ class GatewayApp:
             reply(*self._done(req, self._error(HttpError(500, "INTERNAL: the gateway failed on this request",
                                                           ErrorCode.INTERNAL))))
             return
-        fut.add_done_callback(lambda f: self._answered(req, call, f, reply))
+        fut.add_done_callback(partial(self._answered, req, call, reply))  # a partial: no frame of its own
 
     def body_failed(self, req: Request, status: int, reply: Reply) -> None:
         """The server stopped reading a body: over the size limit (413) or past its deadline (408)."""
@@ -289,7 +290,7 @@ class GatewayApp:
         ctx.id = call.request_id
         return call, submit_call(self._client(ctx.tenant), ctx.full_model, ctx.version, call, ctx.rid, self.cfg)
 
-    def _answered(self, req: Request, call: InferCall, fut: asyncio.Future, reply: Reply) -> None:
+    def _answered(self, req: Request, call: InferCall, reply: Reply, fut: asyncio.Future) -> None:
         """The master's answer (or typed error) is in: build the response and write it."""
         ctx = req.ctx
         try:
@@ -405,8 +406,8 @@ def _header_length(headers: dict) -> int | None:
 def _tag_headers(headers: dict, tenant: str | None) -> dict[str, str]:
     tags = {}
     for name in headers:
-        if name.startswith(TAG_HEADER):
-            tags[name[len(TAG_HEADER):].decode("latin-1")[:256]] = headers[name].decode("latin-1")[:256]
+        if name[:16] == TAG_HEADER:  # a slice compare: cheaper than a startswith call, per header per request
+            tags[name[16:].decode("latin-1")[:256]] = headers[name].decode("latin-1")[:256]
     if tenant is not None:
         tags["tenant"] = tenant  # the token's tenant wins over anything the request says
     return tags
