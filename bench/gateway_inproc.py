@@ -35,15 +35,17 @@ from ringserve.gateway.models import ModelBook, ModelView  # noqa: E402
 
 
 class FakeClient:
-    """AsyncClient's submit, answered on the next loop turn (as a batched reply would be, later)."""
+    """AsyncClient's submit, answered on the next loop turn (as a batched reply would be, later),
+    in the form the real client hands over: the checked tensor list (a 1x10 FP32 output inline, as
+    the worker sends a tensor that small) with no arrays made yet (client/reply.py)."""
 
     def __init__(self, loop):
         self.loop = loop
-        self.out = {"logits": np.zeros((1, 10), np.float32)}
+        self.meta = [["logits", "float32", [1, 10], np.zeros((1, 10), np.float32).tobytes()]]
 
     def submit(self, model, inputs, timeout=None, version=None, request_id=None, tags=None):
         fut = self.loop.create_future()
-        self.loop.call_soon(fut.set_result, Reply(request_id, self.out, 1, "w", {}))
+        self.loop.call_soon(fut.set_result, Reply(request_id, None, 1, "w", {}, self.meta, ()))
         return fut
 
     def close(self):

@@ -6,6 +6,8 @@ there, before its request counts as answered. Making the numpy views is half of 
 answer, and a caller that only wants to know a request succeeded (a load generator, a health check)
 never needs them, so ``Reply.outputs`` makes them on first read from the checked list and keeps
 them: a caller that reads every answer pays what it paid before, one that does not pays half.
+``Reply.raw`` hands over that checked list and its frames for a caller that only forwards the
+bytes (the gateway writes them into its HTTP answer without making arrays).
 """
 from __future__ import annotations
 
@@ -56,6 +58,17 @@ class Reply:
             out = self._outputs = checked_arrays(self._meta or [], self._frames)
             self._meta, self._frames = None, ()
         return out
+
+    @property
+    def raw(self) -> tuple[list, Sequence] | None:
+        """The answer's tensors as they arrived, checked and not made into arrays: ``(meta, frames)``,
+        where each meta entry is ``[name, dtype, shape]`` (its bytes the next of `frames`, in order) or
+        ``[name, dtype, shape, bytes]`` (inline). For a caller that forwards the bytes (the gateway's
+        binary answers) and so never needs the arrays; None once ``outputs`` was read or when the
+        answer came decoded already (read ``outputs`` then). Read-only: the lists are the reply's."""
+        if self._outputs is not None or self._meta is None:
+            return None
+        return self._meta, self._frames
 
     def __repr__(self) -> str:
         return f"Reply(id={self.id!r}, version={self.version!r}, worker={self.worker!r}, outputs={self.outputs!r})"

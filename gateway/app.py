@@ -19,6 +19,7 @@ import time
 import uuid
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import orjson
@@ -32,7 +33,7 @@ from ringserve.gateway.errors import HttpError, bad_request, from_ringserve
 from ringserve.gateway.http11 import Reply, Request
 from ringserve.gateway.metrics import GatewayMetrics
 from ringserve.gateway.models import ModelBook
-from ringserve.gateway.oip import InferCall, build_response, parse_infer
+from ringserve.gateway.oip import InferCall, build_response, parse_infer, raw_response, remember_raw
 from ringserve.gateway.openapi import document_bytes
 from ringserve.protocol.messages import ErrorCode
 
@@ -125,7 +126,7 @@ class GatewayApp:
             reply(*self._done(req, self._error(HttpError(500, "INTERNAL: the gateway failed on this request",
                                                           ErrorCode.INTERNAL))))
             return
-        fut.add_done_callback(lambda f: self._answered(req, call, f, reply))
+        fut.add_done_callback(partial(self._answered, req, call, reply))  # a partial: no frame of its own
 
     def body_failed(self, req: Request, status: int, reply: Reply) -> None:
         """The server stopped reading a body: over the size limit (413) or past its deadline (408)."""
@@ -289,7 +290,7 @@ class GatewayApp:
         ctx.id = call.request_id
         return call, submit_call(self._client(ctx.tenant), ctx.full_model, ctx.version, call, ctx.rid, self.cfg)
 
-    def _answered(self, req: Request, call: InferCall, fut: asyncio.Future, reply: Reply) -> None:
+    def _answered(self, req: Request, call: InferCall, reply: Reply, fut: asyncio.Future) -> None:
         """The master's answer (or typed error) is in: build the response and write it."""
         ctx = req.ctx
         try:
@@ -311,16 +312,27 @@ class GatewayApp:
             reply = fut.result()
         except RingserveError as exc:
             raise from_ringserve(exc) from None
-        model = ctx.full_model
-        outputs = reply.outputs
-        head, raw, hlen = build_response(model, reply.version, call, outputs)
-        self.book.learn(model, call.inputs, outputs, (call.plan, head))
+        model, version = ctx.full_model, reply.version
+        wire = reply.raw  # the checked buffers: an all-binary answer of a known form is written from them
+        hit = None if wire is None else raw_response(model, version, call, wire[0], wire[1])
+        if hit is not None:
+            head, parts, hlen_ascii = hit
+            if not self.book.knows(model, (call.plan, head)):
+                self.book.learn(model, call.inputs, reply.outputs, (call.plan, head))
+            headers = [(b"content-type", OCTETS), (b"inference-header-content-length", hlen_ascii)]
+        else:
+            outputs = reply.outputs
+            head, raw, hlen = build_response(model, version, call, outputs)
+            self.book.learn(model, call.inputs, outputs, (call.plan, head))
+            if wire is not None and hlen is not None:
+                remember_raw(model, version, call, wire[0], outputs, head)
+            parts = [head, *raw]
+            headers = ([(b"content-type", JSON)] if hlen is None else
+                       [(b"content-type", OCTETS), (b"inference-header-content-length", str(hlen).encode())])
         ctx.counted = True  # with its endpoint's 200, in the same call
-        self.metrics.infer_answered(ctx.label, "" if reply.version is None else str(reply.version),
+        self.metrics.infer_answered(ctx.label, "" if version is None else str(version),
                                     time.perf_counter() - ctx.t0, rows_of(call), ctx.endpoint)
-        if hlen is None:
-            return 200, [(b"content-type", JSON)], [head, *raw]
-        return 200, [(b"content-type", OCTETS), (b"inference-header-content-length", str(hlen).encode())], [head, *raw]
+        return 200, headers, parts
 
     def _infer_failed(self, ctx: _Ctx, exc: HttpError) -> None:
         self.metrics.infer_done(ctx.label, self.book.version_label(ctx.full_model, ctx.version),
@@ -394,8 +406,8 @@ def _header_length(headers: dict) -> int | None:
 def _tag_headers(headers: dict, tenant: str | None) -> dict[str, str]:
     tags = {}
     for name in headers:
-        if name.startswith(TAG_HEADER):
-            tags[name[len(TAG_HEADER):].decode("latin-1")[:256]] = headers[name].decode("latin-1")[:256]
+        if name[:16] == TAG_HEADER:  # a slice compare: cheaper than a startswith call, per header per request
+            tags[name[16:].decode("latin-1")[:256]] = headers[name].decode("latin-1")[:256]
     if tenant is not None:
         tags["tenant"] = tenant  # the token's tenant wins over anything the request says
     return tags

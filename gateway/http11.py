@@ -30,6 +30,7 @@ import collections
 import http
 import ssl
 import time
+from functools import partial
 from typing import Callable
 from urllib.parse import unquote
 
@@ -326,7 +327,7 @@ class Http11Protocol(asyncio.Protocol):
             chunks, req.chunks = req.chunks, []
             body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
             try:
-                self.app.on_body(req, body, lambda status, headers, parts: self.respond(req, status, headers, parts))
+                self.app.on_body(req, body, partial(self.respond, req))  # a partial: no Python frame of its own
             except Exception:  # the app answers its own errors; this is a last resort
                 log.exception("gateway_http_app_error")
                 if self.current is req:
@@ -337,7 +338,7 @@ class Http11Protocol(asyncio.Protocol):
         """The body went over the limit (413) or past its deadline (408): answered, then closed."""
         req.dropped, req.chunks, req.dispatched, req.keep_alive = True, [], True, False
         try:
-            self.app.body_failed(req, status, lambda s, headers, parts: self.respond(req, s, headers, parts))
+            self.app.body_failed(req, status, partial(self.respond, req))
         except Exception:  # a last resort: it must not end the sweeper (the server) nor leave req unanswered
             log.exception("gateway_http_app_error")
             if self.current is req:

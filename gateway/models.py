@@ -144,6 +144,15 @@ class ModelBook:
         known = view is not None and str(version).isdigit() and int(version) in view.versions
         return str(int(version)) if known else "_unknown"
 
+    def knows(self, model: str, key: tuple[object, object]) -> bool:
+        """Whether `learn` with this key would have nothing new to teach (the same objects as the
+        previous request's): a caller can then skip making the arrays it would pass."""
+        view = self.models.get(model)
+        if view is None:
+            return True
+        last = view.learned
+        return last is not None and last[0] is key[0] and last[1] is key[1]
+
     def learn(self, model: str, inputs: dict[str, np.ndarray], outputs: dict[str, np.ndarray],
               key: tuple[object, object] | None = None) -> None:
         """Learn the signatures of a request that succeeded. `key`: objects that decide them (the

@@ -7,6 +7,9 @@ Every field is checked before anything is sent on; a mistake is a 400 that names
 
 A response is JSON, or JSON plus raw output bytes when the request asked for binary outputs
 (``parameters.binary_data_output`` for all, ``outputs[i].parameters.binary_data`` for one).
+Once an all-binary answer's header has been built for a form (model, version, outputs asked for,
+each output's name, dtype and shape), the next answers of that form are written from the reply's
+checked buffers with no arrays made (``raw_response``; the same bytes as ``build_response``).
 """
 from __future__ import annotations
 
@@ -303,3 +306,58 @@ def build_response(model: str, version: int | None, call: InferCall,
             _heads.clear()
         _heads[key] = (head, tuple(name for name, _ in chosen))
     return head, raw, (len(head) if raw else None)
+
+
+# An all-binary answer's response from the reply's checked buffers (client Reply.raw), no arrays made:
+# keyed by what decides the header (as _heads) with the tensors' wire description in place of the
+# arrays' dtype and shape; the value says which buffer each output's bytes are.
+_raw_heads: dict[tuple, tuple[bytes, bytes, tuple[tuple[bool, int], ...]]] = {}
+
+
+def _raw_key(model: str, version: int | None, call: InferCall, meta: list) -> tuple:
+    sig = tuple([(e[0], e[1], tuple(e[2]), len(e)) for e in meta])
+    return model, version, call.binary_output, None if call.outputs is None else tuple(call.outputs), sig
+
+
+def raw_response(model: str, version: int | None, call: InferCall, meta: list,
+                 frames) -> tuple[bytes, list, bytes] | None:
+    """(JSON header, body parts: the header then each output's bytes as they arrived, the header's
+    length as ASCII) for an answer whose response of the same form was built before by
+    build_response (its header reused: no id, every output binary numbers); None otherwise (build
+    it with build_response from the arrays). `meta` and `frames` are checked already (the client's)."""
+    if call.request_id is not None:
+        return None
+    hit = _raw_heads.get(_raw_key(model, version, call, meta))
+    if hit is None:
+        return None
+    head, hlen, picks = hit
+    parts = [head]
+    for inline, k in picks:
+        parts.append(meta[k][3] if inline else memoryview(frames[k]).cast("B"))
+    return head, parts, hlen
+
+
+def remember_raw(model: str, version: int | None, call: InferCall, meta: list, outputs: dict[str, np.ndarray],
+                 head: bytes) -> None:
+    """After build_response answered the reply that `meta` describes with `head`: keep it for
+    raw_response when it is a reused all-binary header (so the same form is answered from the buffers)."""
+    if call.request_id is not None or len(meta) != len(outputs):
+        return
+    hit = _heads.get((model, version, call.binary_output, None if call.outputs is None else tuple(call.outputs),
+                      tuple([(name, arr.dtype, arr.shape) for name, arr in outputs.items()])))
+    if hit is None or hit[0] is not head:
+        return
+    where: dict[str, tuple[bool, int]] = {}
+    frame = 0
+    for k, e in enumerate(meta):
+        if len(e) == 4:
+            where[e[0]] = (True, k)
+        else:
+            where[e[0]] = (False, frame)
+            frame += 1
+    if len(where) != len(meta) or not all(name in where for name in hit[1]):
+        return
+    if len(_raw_heads) >= HEAD_CACHE:
+        _raw_heads.clear()
+    _raw_heads[_raw_key(model, version, call, meta)] = (head, str(len(head)).encode(),
+                                                        tuple([where[name] for name in hit[1]]))

@@ -95,3 +95,87 @@ def test_small_outputs_are_copied_large_ones_viewed_and_both_are_the_array_bytes
     col = np.asfortranarray(np.arange(2 * oip.COPY_BELOW, dtype=np.float32).reshape(2, -1))  # not C-ordered
     _, raw, _ = build_response("mlp", 1, InferCall({}, binary_output=True), {"c": col})
     assert bytes(raw[0]) == np.ascontiguousarray(col).tobytes()
+
+
+def _wire(outputs: dict[str, np.ndarray], frame_names: set[str]) -> tuple[list, list]:
+    """The checked tensor list as the client hands it over (client Reply.raw): small tensors inline,
+    the others as frames."""
+    from ringserve.protocol.codec import check_tensors
+    meta, frames = [], []
+    for name, arr in outputs.items():
+        if name in frame_names:
+            meta.append([name, str(arr.dtype), list(arr.shape)])
+            frames.append(memoryview(arr.tobytes()))
+        else:
+            meta.append([name, str(arr.dtype), list(arr.shape), arr.tobytes()])
+    check_tensors(meta, frames)
+    return meta, frames
+
+
+@pytest.mark.parametrize("asked", [None, [("b", None), ("a", True)], [("a", None)]])
+def test_an_answer_written_from_the_raw_buffers_is_the_response_build_response_gives(asked):
+    """raw_response serves a form only after build_response built (and reused) its header, and then
+    gives the same header and the same bytes, in the order the outputs were asked, from the inline
+    bytes and the frames as they arrived."""
+    oip._heads.clear()
+    oip._raw_heads.clear()
+    rng = np.random.default_rng(3)
+    outputs = {"a": rng.standard_normal((2, 3)).astype(np.float32), "b": np.arange(5000, dtype=np.int64)}
+    meta, frames = _wire(outputs, {"b"})
+    call = InferCall({}, outputs=asked, binary_output=True)
+    assert oip.raw_response("mlp", 1, call, meta, frames) is None  # nothing built for this form yet
+    oip.remember_raw("mlp", 1, call, meta, outputs, b"{}")  # not the header build_response keeps: ignored
+    assert not oip._raw_heads
+    head, raw, hlen = build_response("mlp", 1, call, outputs)
+    oip.remember_raw("mlp", 1, call, meta, outputs, head)
+    got = oip.raw_response("mlp", 1, call, meta, frames)
+    assert got is not None
+    assert got[0] == head and got[2] == str(hlen).encode()
+    assert [bytes(b) for b in got[1]] == [head, *[bytes(b) for b in raw]]
+    names = [n for n, _ in asked] if asked else list(outputs)
+    assert [bytes(b) for b in got[1][1:]] == [outputs[n].tobytes() for n in names]
+
+
+def test_raw_answers_of_another_form_are_not_served_from_a_remembered_header():
+    oip._heads.clear()
+    oip._raw_heads.clear()
+    call = InferCall({}, binary_output=True)
+    outputs = {"logits": np.zeros((1, 10), np.float32)}
+    meta, frames = _wire(outputs, set())
+    for _ in range(2):
+        head, _, _ = build_response("mlp", 1, call, outputs)
+        oip.remember_raw("mlp", 1, call, meta, outputs, head)
+    assert oip.raw_response("mlp", 1, call, meta, frames) is not None
+    other_shape, _ = _wire({"logits": np.zeros((2, 10), np.float32)}, set())
+    other_dtype, _ = _wire({"logits": np.zeros((1, 10), np.float64)}, set())
+    other_name, _ = _wire({"y": np.zeros((1, 10), np.float32)}, set())
+    as_frame, fr = _wire(outputs, {"logits"})
+    assert oip.raw_response("mlp", 1, call, other_shape, frames) is None
+    assert oip.raw_response("mlp", 1, call, other_dtype, frames) is None
+    assert oip.raw_response("mlp", 1, call, other_name, frames) is None
+    assert oip.raw_response("mlp", 1, call, as_frame, fr) is None
+    assert oip.raw_response("mlp", 2, call, meta, frames) is None
+    assert oip.raw_response("other", 1, call, meta, frames) is None
+    assert oip.raw_response("mlp", 1, InferCall({}, request_id="r1", binary_output=True), meta, frames) is None
+    assert oip.raw_response("mlp", 1, InferCall({}), meta, frames) is None  # JSON outputs
+    assert oip.raw_response("mlp", 1, InferCall({}, outputs=[("logits", False)], binary_output=True),
+                            meta, frames) is None
+    for k in range(oip.HEAD_CACHE + 5):
+        m = f"m{k}"
+        for _ in range(2):
+            head, _, _ = build_response(m, 1, call, outputs)
+            oip.remember_raw(m, 1, call, meta, outputs, head)
+    assert 0 < len(oip._raw_heads) <= oip.HEAD_CACHE
+
+
+def test_strings_are_never_answered_from_raw_buffers():
+    oip._heads.clear()
+    oip._raw_heads.clear()
+    from ringserve.protocol.codec import encode_tensors
+    arr = np.array([b"ab", b"c"], dtype=object)
+    meta, frames = encode_tensors({"s": arr})
+    call = InferCall({}, binary_output=True)
+    for _ in range(2):
+        head, _, _ = build_response("mlp", 1, call, {"s": arr})
+        oip.remember_raw("mlp", 1, call, meta, {"s": arr}, head)
+    assert not oip._raw_heads and oip.raw_response("mlp", 1, call, meta, frames) is None
