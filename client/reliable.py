@@ -310,16 +310,23 @@ class Reliability:
             self.send(sock, p)
 
     # ------------------------------------------------------------- events
-    def on_timers(self, sock: zmq.Socket, now: float) -> None:
+    def on_timers(self, sock: zmq.Socket, now: float, early: float = 0.0) -> None:
         """Cancellations, deadlines, resends and pings, at most every TIMER_STEP_S however busy the
         loop is. The walk over the pending requests runs only when one of them may be due (`_due`,
         kept as the earliest deadline or resend of the last walk and of every request since) or, for
         futures the caller cancelled, every CANCEL_SWEEP_S: a cancelled request is never sent again
-        (the walk that would resend it drops it first), it only leaves the books up to that late."""
-        if now < self._next_timers:
+        (the walk that would resend it drops it first), it only leaves the books up to that late.
+
+        `early`: a caller awake anyway (AsyncClient's read) runs now what falls due within it, where
+        early is harmless: the step, the sweep for cancelled futures and the ping (they move on from
+        now). Deadlines, resends and the failover compare with `now` itself. Without it, a read that
+        ran the timers a little early did nothing and set the timer for the same moment, so the next
+        reads ran them again (about one run per message under load instead of one per sweep)."""
+        soon = now + early
+        if soon < self._next_timers:
             return
         self._next_timers = now + TIMER_STEP_S
-        if self.pending and (now >= self._due or now >= self._sweep_at):
+        if self.pending and (now >= self._due or soon >= self._sweep_at):
             self._sweep_at = now + CANCEL_SWEEP_S
             due = float("inf")
             for p in list(self.pending.values()):
@@ -344,7 +351,7 @@ class Reliability:
         if (self.pending and len(self.endpoints) > 1
                 and now - max(self.last_heard, self.expecting_since) > self.failover_after):
             self.fail_over(sock, now)
-        if self.pending and now - self.last_ping >= self.ping_interval:
+        if self.pending and soon - self.last_ping >= self.ping_interval:
             self.last_ping = now
             try:
                 sock.send_multipart(client_frames(MMI_PING, [pack({})]), zmq.NOBLOCK)
