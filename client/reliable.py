@@ -243,7 +243,11 @@ class Reliability:
         due = p.next_retry if p.next_retry < p.deadline else p.deadline
         if due < self._due:
             self._due = due
-        self.send(sock, p)
+        # send(sock, p) for a request never sent nor queued: its first send, without the call
+        p.sends = 1
+        self.stats.sent += 1
+        p.queued = True
+        self.outgoing.append(p)
 
     def send(self, sock: zmq.Socket, p: Pending) -> None:
         """Queue `p` for this turn's message (flush sends it; the caller's loop calls flush). A request
@@ -509,8 +513,30 @@ class Reliability:
         self.stats.batches_received += 1
         self.heard = True
         self.last_heard = time.monotonic()  # one clock read for the message, not one per answer
-        on_answer = self.on_answer
+        on_answer, pending, resolved = self.on_answer, self.pending, self._resolved
         for _, header, data in answers:
+            # The common answer, decided here without on_answer's and resolve's calls (under load
+            # each costs about as much as the books they keep): a result for a request still
+            # waiting, in the epoch already known, no ACK. Anything else goes to on_answer, which
+            # decides the same for this one (same checks, in the same order of effect).
+            get = header.get
+            rid = get("id")
+            if (get("ok") is True and type(rid) is str and get("epoch") == self.epoch and not get("ack")
+                    and (p := pending.get(rid)) is not None):
+                meta = get("outputs", [])
+                try:  # checked before anything of the answer is believed: a bad one is dropped whole
+                    check_tensors(meta, data)
+                except ProtocolError as exc:
+                    log.warning("client_bad_reply", error=str(exc))
+                    continue
+                del pending[rid]
+                if resolved is not None:
+                    resolved(rid)
+                try:
+                    p.future.set_result(Reply(rid, None, get("version"), get("worker"), header, meta, data or ()))
+                except _INVALID_STATE:  # cancelled (or answered) already
+                    pass
+                continue
             on_answer(sock, header, data)
 
     def on_answer(self, sock: zmq.Socket, header: dict, data: list | None, now: float | None = None,
