@@ -18,7 +18,10 @@ The loop is woken as little as the rules allow, because a wake-up after a sleep 
 than the work it does: a read that answered requests asks for the next turn itself (it runs right
 after the callbacks the answers queued, and sends what they submitted in one message); the timer
 sleeps until the books next need it (``Reliability.next_due``), and a read that finds it nearly due
-runs it in the same turn, so under load the timer never wakes the loop on its own.
+runs it in the same turn, so under load the timer never wakes the loop on its own. Such a read runs
+it only with requests in the books (one that answered them all leaves it to the turn after, once the
+done-callbacks have submitted again), and what may run early then does (the sweep, the ping), so the
+timers run about once per sweep, not once per message.
 
     async with AsyncClient("tcp://master:5555") as c:
         outputs = await c.infer("mlp", {"x": x})
