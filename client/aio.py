@@ -18,7 +18,10 @@ The loop is woken as little as the rules allow, because a wake-up after a sleep 
 than the work it does: a read that answered requests asks for the next turn itself (it runs right
 after the callbacks the answers queued, and sends what they submitted in one message); the timer
 sleeps until the books next need it (``Reliability.next_due``), and a read that finds it nearly due
-runs it in the same turn, so under load the timer never wakes the loop on its own.
+runs it in the same turn, so under load the timer never wakes the loop on its own. Such a read runs
+it only with requests in the books (one that answered them all leaves it to the turn after, once the
+done-callbacks have submitted again), and what may run early then does (the sweep, the ping), so the
+timers run about once per sweep, not once per message.
 
     async with AsyncClient("tcp://master:5555") as c:
         outputs = await c.infer("mlp", {"x": x})
@@ -214,11 +217,15 @@ class AsyncClient:
             # the same pass of the loop, and sends what they submitted in one message; without it
             # the first submit asked for a turn of its own: one more pass (an epoll) per message.
             self._schedule_read()
-        if self._timer_at - EARLY_TIMERS_S <= time.monotonic():  # the loop is awake anyway: no wake of its own
+        # The loop is awake anyway: no wake of its own. Not while the books are empty: a read that
+        # answered every request in flight (32 answers in a message, 32 in flight) would run them
+        # with nothing to do and set the timer for IDLE_WAKE_S, and the next turn's submits would
+        # move it back: runs the turn after, once the done-callbacks have submitted again.
+        if rel.pending and self._timer_at - EARLY_TIMERS_S <= time.monotonic():
             if self._timer is not None:
                 self._timer.cancel()
             self._timer, self._timer_at = None, float("inf")
-            self._run_timers()
+            self._run_timers(EARLY_TIMERS_S)
 
     def _on_monitor(self) -> None:
         if self._closed:
@@ -233,15 +240,16 @@ class AsyncClient:
         self._timer, self._timer_at = None, float("inf")
         self._run_timers()
 
-    def _run_timers(self) -> None:
-        """Deadlines, resends, pings, failover, the monitor's look; then the timer is set for the next."""
+    def _run_timers(self, early: float = 0.0) -> None:
+        """Deadlines, resends, pings, failover, the monitor's look; then the timer is set for the next.
+        `early`: run by a read, ahead of the timer: what may run early does (Reliability.on_timers)."""
         sends, pinged = self.stats.sent, self._rel.last_ping
         now = time.monotonic()
         try:
-            if now >= self._monitor_at:
+            if now + early >= self._monitor_at:
                 self._monitor_at = now + MONITOR_LOOK_S
                 self._on_monitor()  # its descriptor's edge may have come (and gone) before a reader was added
-            self._rel.on_timers(self._sock, now)
+            self._rel.on_timers(self._sock, now, early)
             self._rel.flush(self._sock)
         except Exception:
             self.stats.loop_errors += 1

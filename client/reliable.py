@@ -243,7 +243,11 @@ class Reliability:
         due = p.next_retry if p.next_retry < p.deadline else p.deadline
         if due < self._due:
             self._due = due
-        self.send(sock, p)
+        # send(sock, p) for a request never sent nor queued: its first send, without the call
+        p.sends = 1
+        self.stats.sent += 1
+        p.queued = True
+        self.outgoing.append(p)
 
     def send(self, sock: zmq.Socket, p: Pending) -> None:
         """Queue `p` for this turn's message (flush sends it; the caller's loop calls flush). A request
@@ -310,16 +314,23 @@ class Reliability:
             self.send(sock, p)
 
     # ------------------------------------------------------------- events
-    def on_timers(self, sock: zmq.Socket, now: float) -> None:
+    def on_timers(self, sock: zmq.Socket, now: float, early: float = 0.0) -> None:
         """Cancellations, deadlines, resends and pings, at most every TIMER_STEP_S however busy the
         loop is. The walk over the pending requests runs only when one of them may be due (`_due`,
         kept as the earliest deadline or resend of the last walk and of every request since) or, for
         futures the caller cancelled, every CANCEL_SWEEP_S: a cancelled request is never sent again
-        (the walk that would resend it drops it first), it only leaves the books up to that late."""
-        if now < self._next_timers:
+        (the walk that would resend it drops it first), it only leaves the books up to that late.
+
+        `early`: a caller awake anyway (AsyncClient's read) runs now what falls due within it, where
+        early is harmless: the step, the sweep for cancelled futures and the ping (they move on from
+        now). Deadlines, resends and the failover compare with `now` itself. Without it, a read that
+        ran the timers a little early did nothing and set the timer for the same moment, so the next
+        reads ran them again (about one run per message under load instead of one per sweep)."""
+        soon = now + early
+        if soon < self._next_timers:
             return
         self._next_timers = now + TIMER_STEP_S
-        if self.pending and (now >= self._due or now >= self._sweep_at):
+        if self.pending and (now >= self._due or soon >= self._sweep_at):
             self._sweep_at = now + CANCEL_SWEEP_S
             due = float("inf")
             for p in list(self.pending.values()):
@@ -344,7 +355,7 @@ class Reliability:
         if (self.pending and len(self.endpoints) > 1
                 and now - max(self.last_heard, self.expecting_since) > self.failover_after):
             self.fail_over(sock, now)
-        if self.pending and now - self.last_ping >= self.ping_interval:
+        if self.pending and soon - self.last_ping >= self.ping_interval:
             self.last_ping = now
             try:
                 sock.send_multipart(client_frames(MMI_PING, [pack({})]), zmq.NOBLOCK)
@@ -502,8 +513,30 @@ class Reliability:
         self.stats.batches_received += 1
         self.heard = True
         self.last_heard = time.monotonic()  # one clock read for the message, not one per answer
-        on_answer = self.on_answer
+        on_answer, pending, resolved = self.on_answer, self.pending, self._resolved
         for _, header, data in answers:
+            # The common answer, decided here without on_answer's and resolve's calls (under load
+            # each costs about as much as the books they keep): a result for a request still
+            # waiting, in the epoch already known, no ACK. Anything else goes to on_answer, which
+            # decides the same for this one (same checks, in the same order of effect).
+            get = header.get
+            rid = get("id")
+            if (get("ok") is True and type(rid) is str and get("epoch") == self.epoch and not get("ack")
+                    and (p := pending.get(rid)) is not None):
+                meta = get("outputs", [])
+                try:  # checked before anything of the answer is believed: a bad one is dropped whole
+                    check_tensors(meta, data)
+                except ProtocolError as exc:
+                    log.warning("client_bad_reply", error=str(exc))
+                    continue
+                del pending[rid]
+                if resolved is not None:
+                    resolved(rid)
+                try:
+                    p.future.set_result(Reply(rid, None, get("version"), get("worker"), header, meta, data or ()))
+                except _INVALID_STATE:  # cancelled (or answered) already
+                    pass
+                continue
             on_answer(sock, header, data)
 
     def on_answer(self, sock: zmq.Socket, header: dict, data: list | None, now: float | None = None,

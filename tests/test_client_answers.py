@@ -165,7 +165,10 @@ def test_a_cancelled_request_leaves_the_books_and_is_never_sent_again(zctx):
 
 def test_many_in_flight_through_packed_messages_each_answered_once(zctx):
     """AsyncClient with 64 in flight for 2,000 requests, answers in shuffled packed messages: each
-    future gets its own answer exactly once, nothing is resent."""
+    future gets its own answer exactly once, nothing is resent. The retry interval is past the
+    deadline, so a resend cannot happen however long a loaded machine stalls the process (it did, past
+    the default 0.5 s): `resent == 0` then means no request needed one, and an answer lost or given
+    to the wrong future still fails the test (a Timeout, or a wrong value), not hidden by a resend."""
     rng = random.Random(3)
     held: list = []
 
@@ -181,7 +184,7 @@ def test_many_in_flight_through_packed_messages_each_answered_once(zctx):
     master = PackedMaster(zctx, answer)
 
     async def main():
-        async with AsyncClient(master.address, timeout=20) as c:
+        async with AsyncClient(master.address, timeout=20, retry_interval=3600.0) as c:
             got: dict[str, float] = {}
             sem = asyncio.Semaphore(64)
 

@@ -126,3 +126,85 @@ def test_the_timer_sleeps_until_something_is_due_and_every_rule_still_holds(zctx
 async def _until(pred, step: float = 0.01) -> None:
     while not pred():
         await asyncio.sleep(step)
+
+
+class EchoLaterMaster(QuietMaster):
+    """Answers every request of a message in one message `delay` later (as a loaded master does:
+    a round trip of some ms, every answer of the client's message together); counts pings."""
+
+    def __init__(self, ctx: zmq.Context, delay: float = 0.01):
+        self.delay, self.pings = delay, 0
+        super().__init__(ctx)
+
+    def run(self) -> None:
+        import collections
+        import time
+
+        held: collections.deque = collections.deque()
+        while not self.stop.is_set():
+            wait = max(0.0, held[0][0] - time.monotonic()) if held else 0.02
+            if self.sock.poll(int(wait * 1000) + 1):
+                ident, _, _, service, *body = self.sock.recv_multipart()
+                if service == b"mmi.ping":
+                    self.pings += 1
+                    self.sock.send_multipart([ident, b"", MDP_CLIENT, service, pack({"ok": True, "epoch": "e1"})])
+                    continue
+                headers = [h for _, _, h, _ in split_batch_packed(body)[0]] if service == b"mmi.batch2" \
+                    else [unpack_map(body[0])]
+                answers = [pack({"id": h["id"], "ok": True, "epoch": "e1", "outputs": []}) for h in headers]
+                held.append((time.monotonic() + self.delay, ident, answers))
+            while held and held[0][0] <= time.monotonic():
+                _, ident, answers = held.popleft()
+                for a in answers:
+                    self.sock.send_multipart([ident, b"", MDP_CLIENT, b"m", a])
+
+
+def test_reads_that_empty_the_books_do_not_run_the_timers_once_per_message(zctx):
+    """16 in flight, every answer of a message together after 10 ms: each answered message empties
+    the books until the done-callbacks submit again. The read ran the timers there with nothing
+    pending (setting the timer IDLE_WAKE_S away, which the next submit moved back), and a run a
+    little early did nothing, so the next read ran them again: about one run per message (~50 a
+    second here). Now the read runs them once the books are full again, and what may run early
+    (the sweep, the ping) does: about one run per CANCEL_SWEEP_S. Pings and the sweep still come."""
+    master = EchoLaterMaster(zctx, 0.01)
+
+    async def main() -> tuple[int, int, int]:
+        async with AsyncClient(master.address, timeout=30, retry_interval=3600.0) as c:
+            runs: list = []
+            real = c._run_timers
+
+            def run_timers(*early) -> None:
+                runs.append(early)
+                real(*early)
+            c._run_timers = run_timers
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 1.5
+            answered = 0
+            done = loop.create_future()
+
+            def submit() -> None:
+                c.submit("m", X).add_done_callback(on_done)
+
+            def on_done(f) -> None:
+                nonlocal answered
+                answered += 1
+                if loop.time() < end:
+                    submit()
+                elif not c._rel.pending and not done.done():
+                    done.set_result(None)
+
+            for _ in range(16):
+                submit()
+            gone = c.submit("m", X, request_id="gone")  # never answered by the master: cancelled below
+            gone.cancel()
+            await asyncio.wait_for(done, 20)
+            return len(runs), answered, master.pings
+
+    try:
+        runs, answered, pings = asyncio.run(main())
+    finally:
+        master.close()
+    messages = answered / 16
+    assert messages >= 10, messages  # the loop ran (even on a loaded machine: 10 ms a message)
+    assert runs <= 1.5 / CANCEL_SWEEP_S * 2 + 10, (runs, messages)  # not one per message
+    assert pings >= 1
