@@ -150,6 +150,17 @@ MMI_BATCH_PACKED_BYTES = MMI_BATCH_PACKED.encode()
 _INVALID_STATE = (concurrent.futures.InvalidStateError, asyncio.InvalidStateError)
 
 
+def _tensors_ok(meta: object, data: list | None) -> bool:
+    """An answer's tensors checked before anything of it is believed (a bad one is dropped whole,
+    logged): the one check of on_batch's common path and of on_answer."""
+    try:
+        check_tensors(meta, data)
+    except ProtocolError as exc:
+        log.warning("client_bad_reply", error=str(exc))
+        return False
+    return True
+
+
 @dataclass
 class ClientStats:
     sent: int = 0
@@ -524,10 +535,7 @@ class Reliability:
             if (get("ok") is True and type(rid) is str and get("epoch") == self.epoch and not get("ack")
                     and (p := pending.get(rid)) is not None):
                 meta = get("outputs", [])
-                try:  # checked before anything of the answer is believed: a bad one is dropped whole
-                    check_tensors(meta, data)
-                except ProtocolError as exc:
-                    log.warning("client_bad_reply", error=str(exc))
+                if not _tensors_ok(meta, data):
                     continue
                 del pending[rid]
                 if resolved is not None:
@@ -557,10 +565,7 @@ class Reliability:
         meta = None
         if ok and outputs is None and p is not None and not get("ack"):
             meta = get("outputs", [])
-            try:  # checked before anything of the answer is believed: a bad one is dropped whole
-                check_tensors(meta, data)
-            except ProtocolError as exc:
-                log.warning("client_bad_reply", error=str(exc))
+            if not _tensors_ok(meta, data):
                 return
         epoch = get("epoch")
         if epoch != self.epoch:  # the same epoch as before (the common case) changes nothing
