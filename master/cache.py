@@ -7,7 +7,8 @@ is (model, version, digest of the inputs): the version is the one that would ser
 request — the client's pin, the route's choice, or the single current version every worker
 serves — so a publish, a rollback or a route change can never return an older version's answer;
 while workers disagree on the current version (a rollout), unpinned requests are not cached.
-The digest covers every input's name, dtype, shape and bytes. Bounded in bytes, LRU.
+The digest covers every input's name, dtype, shape and bytes (small inputs: their exact bytes, see
+input_digest). Bounded in bytes (the keys' bytes counted), LRU.
 Pure data and hashing: the broker decides when to look up and store.
 """
 from __future__ import annotations
@@ -22,27 +23,43 @@ from ringserve.protocol.codec import pack
 Key = tuple[str, int, bytes]
 
 
-def input_digest(meta: list, frames: Sequence) -> bytes:
-    """A digest of a request's inputs (checked already): names, dtypes, shapes and bytes, in order.
+EXACT_MAX = 4096  # inputs whose msgpack form is at most this many bytes are keyed by that form itself
 
-    What is hashed is the msgpack form of the tensor list with every tensor's bytes inline, so a
-    tensor sent inline or in a frame of its own digests the same, and (msgpack being one encoding
-    per value) two different inputs never hash the same bytes. With every tensor inline (no frames:
-    the checks matched one per out-of-line entry) that is the header's own list, packed in one call."""
+
+def input_digest(meta: list, frames: Sequence) -> bytes:
+    """The inputs' part of a cache key (inputs checked already): names, dtypes, shapes and bytes, in order.
+
+    What is keyed is the msgpack form of the tensor list with every tensor's bytes inline, so a
+    tensor sent inline or in a frame of its own keys the same, and (msgpack being one encoding
+    per value) two different inputs never have the same form. Up to EXACT_MAX bytes the key is that
+    form itself: the dict's own hash finds it and its equality check compares every byte, so no
+    collision can serve another input's answer and no cryptographic hash is paid per request (the
+    cache-hit path's largest own cost, issue 22); the bytes are counted in the cache's bound. Above
+    it, b"\0" + blake2b-160 of the form (a form starts 0x9_ or 0xdc, so the two kinds never meet)."""
     if not frames:
-        return hashlib.blake2b(pack(meta), digest_size=20).digest()
+        form = pack(meta)  # with every tensor inline that is the header's own list, packed in one call
+        return form if len(form) <= EXACT_MAX else b"\0" + hashlib.blake2b(form, digest_size=20).digest()
+    pieces = list(_form_pieces(meta, frames))
+    if sum(map(len, pieces)) <= EXACT_MAX:  # the same rule as inline: the form's length decides
+        return b"".join(pieces)
     h = hashlib.blake2b(digest_size=20)
-    h.update(_array_head(len(meta)))
+    for piece in pieces:
+        h.update(piece)  # a frame's data hashed where it lies, never joined
+    return b"\0" + h.digest()
+
+
+def _form_pieces(meta: list, frames: Sequence):
+    """The msgpack form of `meta` with each out-of-line tensor's frame inline, as consecutive pieces."""
+    yield _array_head(len(meta))
     k = 0
     for entry in meta:
         if len(entry) == 4:
-            h.update(pack(entry))
-        else:  # [name, dtype, shape, data] as msgpack would write it, the data hashed where it lies
+            yield pack(entry)
+        else:  # [name, dtype, shape, data] as msgpack would write it
             data = frames[k]
             k += 1
-            h.update(b"\x94" + pack(entry[0]) + pack(entry[1]) + pack(entry[2]) + _bin_head(len(data)))
-            h.update(data)
-    return h.digest()
+            yield b"\x94" + pack(entry[0]) + pack(entry[1]) + pack(entry[2]) + _bin_head(len(data))
+            yield data
 
 
 def _array_head(n: int) -> bytes:
@@ -84,7 +101,7 @@ class ResponseCache:
     def put(self, key: Key, header: dict, frames: list, packed=None) -> None:
         """Keep an answer; `packed` is the caller's ready-to-send form of the header, if any (kept beside
         it, its second item, the packed pairs, counted in the bytes)."""
-        size = reply_size(frames) + 256 + sum(len(str(v)) for v in header.values())
+        size = reply_size(frames) + 256 + len(key[2]) + sum(len(str(v)) for v in header.values())
         if packed is not None:
             size += len(packed[1])
         if size > self.max_bytes:
