@@ -123,6 +123,8 @@ class Broker:
         self.answered = AnsweredCache(max_bytes=cfg.answer_cache_bytes)
         self._answered_ids = self.answered.ids  # the same dict for the cache's life: membership per request
         self.responses = ResponseCache(cfg.response_cache_bytes)
+        self._batch_hits: dict[tuple[str, int], int] | None = None  # while on_batch runs: its cache hits per
+        # (model, version), their answer metrics observed once at the message's end (_count_batch_hits)
         self.counters: dict[str, ModelCounters] = {}  # only for models some worker serves or served
         self.windows = Windows()  # recent rate and latency per counted model (status)
         self.unknown_model_requests = 0  # requests for names nobody serves: one number, not one entry each
@@ -325,6 +327,17 @@ class Broker:
         scope = client_scope(frames[-1], self._secure)
         requests, broken = (split_batch_packed if packed else split_batch)(frames[4:])
         now = time.monotonic()  # one clock read for the message: its requests arrived together
+        self._batch_hits = {}
+        try:
+            self._batch_requests(ident, scope, requests, now)
+        finally:
+            self._count_batch_hits(now)
+        if broken is not None:
+            self._reply_client(ident, MMI_BATCH_PACKED_BYTES if packed else MMI_BATCH_BYTES,
+                               error_body(None, ErrorCode.BAD_REQUEST, f"batch: {broken}"))
+
+    def _batch_requests(self, ident: bytes, scope: str, requests: list, now: float) -> None:
+        """on_batch's requests, each as if it came alone."""
         facts: dict[str, tuple] = {}  # model -> _model_facts(model): they cannot change within one message
         for svc, header_frame, header, tensors in requests:
             known = facts.get(svc)  # a name with facts was checked already
@@ -340,9 +353,15 @@ class Broker:
             if known is None:
                 known = facts[svc] = self._model_facts(svc)
             self.on_request(ident, scope, known[4], svc, header_frame, parsed, tensors, now, known)
-        if broken is not None:
-            self._reply_client(ident, MMI_BATCH_PACKED_BYTES if packed else MMI_BATCH_BYTES,
-                               error_body(None, ErrorCode.BAD_REQUEST, f"batch: {broken}"))
+
+    def _count_batch_hits(self, now: float) -> None:
+        """The answer metrics of a message's cache hits, one update per (model, version): each hit's
+        duration is the message's (arrival to the end of its handling), the same bucket in practice."""
+        hits, self._batch_hits = self._batch_hits, None
+        if hits:
+            took = time.monotonic() - now
+            for (model, version), n in hits.items():
+                self.metrics.on_answers(model, version, "ok", [took] * n)
 
     def _one_request(self, ident: bytes, scope: str, service: bytes, body: Sequence, header: dict | None = None) -> None:
         """One request (alone, or one of a batch whose split already unpacked its header)."""
@@ -476,7 +495,12 @@ class Broker:
         header = head + pack(cid[1]) + pairs  # the hit packs only its id (pack_map_head)
         body = [header, *frames]
         counters.ok += 1
-        self.metrics.on_answer(model, key[1], "ok", time.monotonic() - now)
+        hits = self._batch_hits
+        if hits is None:  # a request alone
+            self.metrics.on_answer(model, key[1], "ok", time.monotonic() - now)
+        else:  # one of a batch: counted with the message's other hits when it ends
+            k = (model, key[1])
+            hits[k] = hits.get(k, 0) + 1
         sent = self._send_client(ident, service, body)
         self.answered.add(cid, model, [service, *body], ident if sent else None,
                           len(service) + len(header) + nbytes)
