@@ -99,6 +99,40 @@ def test_a_cache_hit_is_answered_even_when_the_queue_is_full(broker):
     assert b.books()["ok"]
 
 
+def test_the_hits_of_one_batch_are_each_answered_once_and_each_counted_in_the_metrics(broker):
+    """A message's cache hits observe their answer metrics together at its end (once per model and
+    version): every hit still counted as one "ok" answer and one request duration, a lone request's
+    hit as before, and each answered once under its own id."""
+    b = broker
+    models = {"mlp": {"version": 1, "ready": True, "dtype": "float32", "quantize": None, "device": "cpu",
+                      "cache": True}}
+    w = register(b, b"w1", credit=1, models=models)
+    c = dealer(b, "frontend")
+    request(c, "r0")
+    reply_ok(w, next_request(b, w))
+    assert answer(recv(b, c))["ok"] is True  # kept in the response cache
+    local = b.metrics.local
+    before = local.answers.get(("mlp", 1, "ok"), 0)
+    durations = sum(local.request_duration["mlp"].counts)
+    reqs = [(b"mlp", [pack({"id": f"h{i}", "inputs": [["x", "float32", [1, 4]]]}), X.tobytes()]) for i in range(5)]
+    c.send_multipart([b"", b"MDPC01", b"mmi.batch2", *batch_frames_packed(reqs)])
+    answers: list[dict] = []
+    while len(answers) < 5:
+        frames = recv(b, c)
+        assert frames[2] == b"mmi.batch2"
+        answers.extend(unpack_map(h) for h in unpack(frames[3]))
+    assert sorted(a["id"] for a in answers) == [f"h{i}" for i in range(5)]
+    assert all(a["ok"] and a.get("cached") is True for a in answers)
+    assert b._batch_hits is None  # nothing left over for the next message
+    assert local.answers[("mlp", 1, "ok")] == before + 5
+    assert sum(local.request_duration["mlp"].counts) == durations + 5
+    alone = dealer(b, "frontend")  # a client that never batched: its answer comes alone
+    request(alone, "alone")
+    assert answer(recv(b, alone)).get("cached") is True
+    assert local.answers[("mlp", 1, "ok")] == before + 6 and b.responses.hits == 6
+    assert b.books()["ok"]
+
+
 def test_record_all_is_record_for_each_latency():
     one, many = ModelWindow(), ModelWindow()
     now = 1000.25

@@ -10,7 +10,8 @@ from ringserve.client import Client
 from ringserve.client.admin import AdminClient
 from ringserve.client.params import ParamClient
 from ringserve.launch.procs import wait_for_workers, wait_until
-from ringserve.master.cache import ResponseCache, input_digest
+from ringserve.master.cache import EXACT_MAX, ResponseCache, input_digest
+from ringserve.protocol.codec import pack
 from ringserve.worker import demo
 
 pytestmark = pytest.mark.timeout(150)
@@ -34,6 +35,32 @@ def test_the_cache_stays_within_its_bytes_and_keys_by_every_input_byte():
     assert a != input_digest([["x", "float32", [2, 1], b"\0" * 8]], [])  # the shape counts
     assert a != input_digest([["y", "float32", [1, 2], b"\0" * 8]], [])  # and the name
     assert a != input_digest([["x", "int32", [1, 2], b"\0" * 8]], [])  # and the dtype
+
+
+def test_small_inputs_key_by_their_exact_form_large_ones_by_a_marked_digest_inline_or_framed_alike():
+    """Up to EXACT_MAX bytes the key is the inputs' msgpack form itself (the dict compares every byte:
+    no hash collision can serve another input's answer); above it b"\\0" + blake2b-160, never equal to
+    a form. Inline or in a frame (bytes or a zmq.Frame), on either side of the bound: the same key."""
+    import zmq
+    small = [["x", "float32", [1, 256], b"\1" * 1024]]
+    assert input_digest(small, []) == pack(small)  # the exact form, no hash
+    for n in (EXACT_MAX - 40, EXACT_MAX - 21, EXACT_MAX - 20, EXACT_MAX - 19, EXACT_MAX, 3 * EXACT_MAX):
+        data = bytes(range(256)) * (n // 256) + b"\7" * (n % 256)
+        inline = [["a", "uint8", [len(data)], data], ["b", "int8", [2], b"\0\1"]]
+        framed = [["a", "uint8", [len(data)]], ["b", "int8", [2], b"\0\1"]]
+        key = input_digest(inline, [])
+        assert key == input_digest(framed, [data]) == input_digest(framed, [zmq.Frame(data)])
+        if len(pack(inline)) <= EXACT_MAX:
+            assert key == pack(inline)
+        else:
+            assert len(key) == 21 and key[:1] == b"\0"  # a form starts with 0x9_ or 0xdc: never this
+        changed = [["a", "uint8", [len(data)], data[:-1] + b"\8"], inline[1]]
+        assert input_digest(changed, []) != key  # every byte counts, either kind
+    c = ResponseCache(max_bytes=1 << 20)
+    c.put(("m", 1, b"k"), {"ok": True}, [])
+    one = c.bytes
+    c.put(("m", 1, b"k" * 3001), {"ok": True}, [])
+    assert c.bytes - one == one + 3000  # a key's bytes count in the bound
 
 
 def test_hits_come_from_the_master_and_a_publish_or_rollback_never_returns_an_old_answer(cluster):
