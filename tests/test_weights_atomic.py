@@ -507,3 +507,39 @@ def test_weight_sync_follows_a_shard_restarted_on_a_new_pub_port(cluster):
         sync.stopping.set()
         sync.join(10)
         ctx.destroy(linger=0)
+
+
+def test_a_fetch_longer_than_the_silence_limit_costs_no_resync(cluster, monkeypatch):
+    """While the sync thread fetches it reads no announcement; the heartbeats the shards sent
+    meanwhile wait in the SUB. A fetch longer than the silence limit must not make it take every
+    shard for silent (a snapshot of each, and the commit digests forgotten: seen after the bench's
+    2 s fetches under load)."""
+    import ringserve.worker.sync as sync_mod
+    monkeypatch.setattr(sync_mod, "SILENCE_MIN_S", 0.3)  # limit: max(5 x 0.2 s, 0.3 s) = 1 s
+    real = sync_mod.fetch_into
+
+    def slow_fetch(*args, **kw):
+        time.sleep(1.6)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(sync_mod, "fetch_into", slow_fetch)
+    eps = cluster.start_shards(2)
+    model = ServedModel(parse_model_arg(MLP), torch.device("cpu"), wait_for_weights=True)
+    swaps: queue.Queue = queue.Queue()
+    ctx = zmq.Context()
+    sync = WeightSync(ctx, parse_shards(shard_list(eps)), {"mlp": model}, swaps, timeout=5.0, resync_s=1000.0,
+                      prefetch=False)
+    sync.start()
+    try:
+        with ParamClient(eps, chunk_bytes=SMALL_CHUNK, timeout=5.0) as pc:
+            wait_until(lambda: all(v.known for v in sync.views.values()), 30, what="snapshots")
+            time.sleep(0.5)
+            snapshots = dict(sync.snapshots)
+            pc.publish("mlp", mlp_state(1), check_workers=False)
+            assert swaps.get(timeout=30)[2] == 1
+            time.sleep(0.5)  # the loop has turned after the fetch
+            assert sync.snapshots == snapshots and all(v.known for v in sync.views.values())
+    finally:
+        sync.stopping.set()
+        sync.join(10)
+        ctx.destroy(linger=0)
