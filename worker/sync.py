@@ -145,7 +145,7 @@ class WeightSync(threading.Thread):
         log.info("weight_sync_started", shards=sorted(self.shards), models=sorted(self.models))
         try:
             while not self.stopping.is_set():
-                self._read_announcements(sub, 0, 1000)  # queued during a fetch: heard before any is called silent
+                heard = self._read_announcements(sub, 0, 1000)  # queued during a fetch: read before any is called silent
                 now = time.monotonic()
                 for n, v in self.views.items():
                     if v.known and now - v.heard > max(SILENCE_INTERVALS * v.interval, SILENCE_MIN_S):
@@ -164,27 +164,31 @@ class WeightSync(threading.Thread):
                             log.info("shard_pub_moved", shard=n, old=connected[n], new=v.pub)
                         self._connect_sub(sub, n, v.pub)
                         connected[n] = v.pub
-                self._read_announcements(sub, POLL_MS)
+                self._read_announcements(sub, 0 if heard else POLL_MS)  # news already read: act on it now
                 self._maybe_fetch(rpc)
                 self._free_retired()
         finally:
             sub.close(linger=0)
             rpc.close()
 
-    def _read_announcements(self, sub: zmq.Socket, timeout_ms: int, limit: int = 100) -> None:
+    def _read_announcements(self, sub: zmq.Socket, timeout_ms: int, limit: int = 100) -> int:
         """Take in what the SUB holds (at most `limit` messages a call), waiting up to `timeout_ms` for
         the first. Called before the silence check too: a fetch or a build blocks this thread for
         as long as it takes (2 s seen under load), and the heartbeats sent meanwhile are queued,
         not missed; judged before they are read, every shard looked silent and was asked for a
-        snapshot, which also forgets the commit digests a prefetch is swapped in by."""
+        snapshot, which also forgets the commit digests a prefetch is swapped in by. Returns how
+        many were read (the loop then does not wait POLL_MS before acting on them)."""
         if not sub.poll(timeout_ms):
-            return
+            return 0
+        n = 0
         for _ in range(limit):
             try:
                 frames = sub.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
             self._on_announce(frames)
+            n += 1
+        return n
 
     def _on_announce(self, frames: list[bytes]) -> None:
         try:
