@@ -254,11 +254,7 @@ class Reliability:
         due = p.next_retry if p.next_retry < p.deadline else p.deadline
         if due < self._due:
             self._due = due
-        # send(sock, p) for a request never sent nor queued: its first send, without the call
-        p.sends = 1
-        self.stats.sent += 1
-        p.queued = True
-        self.outgoing.append(p)
+        self.send(sock, p)
 
     def send(self, sock: zmq.Socket, p: Pending) -> None:
         """Queue `p` for this turn's message (flush sends it; the caller's loop calls flush). A request

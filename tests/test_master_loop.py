@@ -78,17 +78,24 @@ def test_a_request_and_its_result_still_take_one_turn_each_way(broker):
     assert b.books()["ok"] and not b.pending
 
 
-def test_a_cache_hit_is_answered_even_when_the_queue_is_full(broker):
-    """A hit needs no queue slot, deadline or worker: it is answered before the queue's room is
-    looked at (a miss for the same model is still refused OVERLOADED)."""
-    b = broker
+def _cached_answer(b, rid: str):
+    """A worker serving a cacheable "mlp" (credit 1) and a client whose request `rid` was answered by it,
+    so its answer is in the response cache; returns the client."""
     models = {"mlp": {"version": 1, "ready": True, "dtype": "float32", "quantize": None, "device": "cpu",
                       "cache": True}}
     w = register(b, b"w1", credit=1, models=models)
     c = dealer(b, "frontend")
-    request(c, "r1")
+    request(c, rid)
     reply_ok(w, next_request(b, w))
     assert answer(recv(b, c))["ok"] is True  # kept in the response cache
+    return c
+
+
+def test_a_cache_hit_is_answered_even_when_the_queue_is_full(broker):
+    """A hit needs no queue slot, deadline or worker: it is answered before the queue's room is
+    looked at (a miss for the same model is still refused OVERLOADED)."""
+    b = broker
+    c = _cached_answer(b, "r1")
     b.queues.max_queue = 0  # every queue is full from now on
     request(c, "r2")
     hit = answer(recv(b, c))
@@ -104,13 +111,7 @@ def test_the_hits_of_one_batch_are_each_answered_once_and_each_counted_in_the_me
     version): every hit still counted as one "ok" answer and one request duration, a lone request's
     hit as before, and each answered once under its own id."""
     b = broker
-    models = {"mlp": {"version": 1, "ready": True, "dtype": "float32", "quantize": None, "device": "cpu",
-                      "cache": True}}
-    w = register(b, b"w1", credit=1, models=models)
-    c = dealer(b, "frontend")
-    request(c, "r0")
-    reply_ok(w, next_request(b, w))
-    assert answer(recv(b, c))["ok"] is True  # kept in the response cache
+    c = _cached_answer(b, "r0")
     local = b.metrics.local
     before = local.answers.get(("mlp", 1, "ok"), 0)
     durations = sum(local.request_duration["mlp"].counts)

@@ -335,7 +335,7 @@ class ComputeThread(threading.Thread):
             queue_ms = round(1000 * (started - item.arrival), 3)
             timing = {**item.timing, "queue_ms": queue_ms, "compute_ms": compute_ms} if item.timing \
                 else {"queue_ms": queue_ms, "compute_ms": compute_ms}
-            append((joined_header({"id": item.rid if item.cid is None else item.cid, "key": item.rid,
+            append((joined_header({"id": item.client_id, "key": item.rid,
                                    "attempt": item.attempt, "outputs": meta, "timing": timing}, fields), []))
         self.metrics.on_answers(model.name, "ok", len(replies))
         return replies
