@@ -36,7 +36,7 @@ from ringserve.protocol.security import Security
 from ringserve.protocol.sockets import drain, send_frames
 from ringserve.worker.batching import Batcher, WorkItem, signature
 from ringserve.worker.compute import ComputeThread
-from ringserve.worker.handoff import CHANGED, RESULT, WAKE
+from ringserve.worker.handoff import CHANGED, RESULT
 from ringserve.worker.loader import BadInput, ServedModel
 from ringserve.worker.metrics import WorkerMetrics
 
@@ -409,12 +409,6 @@ class WorkerAgent:
             self.in_flight -= count
             link.in_flight -= count
             link.replies.append((count, frames[3], frames[4:]))
-        elif kind == WAKE:  # the compute thread's answers, waiting in its deque (worker/handoff.py ReadyAnswers)
-            for index, count, headers, data in self.compute.ready.take():
-                link = self.links[index]
-                self.in_flight -= count
-                link.in_flight -= count
-                link.replies.append((count, headers, data))
         elif kind == CHANGED:
             self._heartbeat(time.monotonic())
 

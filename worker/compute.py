@@ -26,7 +26,7 @@ import zmq
 from ringserve.protocol.codec import encode_tensors
 from ringserve.protocol.messages import ErrorCode, error_body
 from ringserve.worker.batching import Batcher, WorkItem, concat_inputs, split_outputs
-from ringserve.worker.handoff import CHANGED, ReadyAnswers, batch_outputs, joined_header, result_frames, shared_fields
+from ringserve.worker.handoff import CHANGED, batch_outputs, joined_header, result_frames, shared_fields
 from ringserve.worker.loader import ServedModel, input_error
 from ringserve.worker.metrics import WorkerMetrics
 from ringserve.worker.stages import POST, PRE, Inbox, StagePool, Task
@@ -76,7 +76,6 @@ class ComputeThread(threading.Thread):
         self.metrics = metrics or WorkerMetrics()
         self.stopping = threading.Event()
         self.push: zmq.Socket | None = None
-        self.ready = ReadyAnswers()  # this thread's answers, taken by the socket thread on a WAKE
         self.max_models = 0  # > 0: on-demand models, the least recently used beyond this are evicted
         self.request_load = lambda name: None  # set by the agent: ask the weight sync to load a model
         self.busy_since: float | None = None  # monotonic start of the batch now running, else None
@@ -267,14 +266,15 @@ class ComputeThread(threading.Thread):
         log.info("requests_restaged", model=model.name, count=len(batch), serving=model.version)
 
     def _push(self, replies: list[tuple[dict | bytes, list]], items: list[WorkItem]) -> None:
-        """Hand a batch's replies (one per item, in order) to the socket thread, one part per master
-        they go back to (it sends each as one REPLY), in ``self.ready`` with one WAKE frame at most."""
+        """Hand a batch's replies (one per item, in order) to the socket thread, one message per
+        master they go back to (it sends each as one REPLY)."""
         if not replies:
             return  # every request of the batch went on to its postprocess stage
+        # Blocks only at the inproc pipe's high-water mark, which the socket thread keeps draining.
         links = {item.link for item in items}
         for link in sorted(links):
             mine = replies if len(links) == 1 else [r for r, i in zip(replies, items, strict=False) if i.link == link]
-            self.ready.put(link, mine, self.push)
+            self.push.send_multipart(result_frames(link, mine), copy=False)
 
     def _compute(self, model: ServedModel, batch: list[WorkItem], pinned: int | None) -> list[tuple[dict | bytes, list]]:
         """Run and encode a batch; raises if anything about it fails (no partial answers). What is the
@@ -357,5 +357,4 @@ class ComputeThread(threading.Thread):
     def _reply_error(self, item: WorkItem, code: str, message: str) -> None:
         body = error_body(item.client_id, code, message, key=item.rid, attempt=item.attempt, model=item.model)
         self.metrics.on_answer(item.model, code)
-        # One answer alone (a deadline, a refusal: rare) goes as a RESULT message, as a stage thread's do.
-        self.push.send_multipart(result_frames(item.link, [(body, [])]), copy=False)
+        self._push([(body, [])], [item])

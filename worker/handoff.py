@@ -15,7 +15,6 @@ thread's time per request beyond the model (a dict, a split, an encode and a pac
 """
 from __future__ import annotations
 
-from collections import deque
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -25,43 +24,6 @@ from ringserve.protocol.envelope import packed_reply_frames
 
 RESULT = b"R"  # [RESULT, count, link, packed headers, *data frames]: `count` answers for master `link`
 CHANGED = b"S"  # [CHANGED]: model state changed (new version): heartbeat now
-WAKE = b"W"  # [WAKE]: answers wait in the compute thread's ReadyAnswers: take them
-
-
-class ReadyAnswers:
-    """The compute thread's answers to the socket thread in a deque, with one one-frame WAKE on the
-    inproc pipe for however many batches wait, instead of a RESULT message of 4+ frames per batch.
-
-    Why: pyzmq lets go of the GIL around every frame it sends, and the sender must then win the
-    GIL back from the socket thread, which holds it while it parses requests (the switch interval,
-    1 ms, at worst): py-spy put a quarter of the compute thread's samples in ``_push``'s
-    ``Socket.send`` in the batched MLP run. ``put`` is the compute thread's (one WAKE only when
-    the socket thread has taken everything since the last), ``take`` the socket thread's (it clears
-    the flag before it empties the deque, so an answer put after that sends a WAKE of its own).
-    Bounded as the inproc pipe was: it holds answers to requests in flight, which credit bounds."""
-
-    def __init__(self) -> None:
-        self.parts: deque[tuple[int, int, bytes, list]] = deque()
-        self.woken = False
-
-    def put(self, link: int, replies: Sequence[tuple[dict | bytes, Sequence]], push) -> None:
-        """Queue one master's answers (as ``result_frames`` would carry them); wake the socket thread
-        through `push` unless a WAKE it has not acted on is already on its way."""
-        data = [f for _, frames in replies for f in frames]
-        headers = packed_reply_frames([h if type(h) is bytes else pack(h) for h, _ in replies], ())[0]
-        self.parts.append((link, len(replies), headers, data))
-        if not self.woken:
-            self.woken = True
-            push.send(WAKE)
-
-    def take(self) -> list[tuple[int, int, bytes, list]]:
-        """Everything queued, oldest first, as (link, count, packed headers, data frames)."""
-        self.woken = False
-        parts = self.parts
-        out = []
-        while parts:
-            out.append(parts.popleft())
-        return out
 
 
 def result_frames(link: int, replies: Sequence[tuple[dict | bytes, Sequence]]) -> list:
