@@ -15,7 +15,9 @@ cpu_s_first_full: CPU seconds each role spent during the first full sync (from /
 cpu_s_first_full_by_thread: the same per thread name (/proc/PID/task; ZeroMQ's I/O threads are
 ZMQbg/IO/0, Python's threads all "python"), summed over a role's processes (a thread that ended
 meanwhile, such as the publisher's hashing pool, is left out); minor_faults_first_full: the page
-faults each role took meanwhile (fresh pages its buffers touched).
+faults each role took meanwhile (fresh pages its buffers touched); cpu_s_full_rounds /
+minor_faults_full_rounds: the same two for every idle full round (the first, cold, against the
+warm ones).
 breakdown_first_full (with `--role-log-level info`): where the first full sync's wall time went,
 seconds from the start of its publish, from the bench's own marks (the publisher is this
 process) and the timestamps in the shards' and workers' logs: stage sent, each shard's write and
@@ -304,6 +306,7 @@ def main(argv=None) -> None:
             load = threading.Thread(target=light_load, args=(c,))
             load.start()
             k = 0
+            cpu_rounds, fault_rounds = [], []
             for r in range(args.rounds):
                 for under_load in (False, True):
                     (loaded.set if under_load else loaded.clear)()
@@ -315,6 +318,9 @@ def main(argv=None) -> None:
                     threads0 = roles_thread_cpu(pids) if r == 0 and not under_load else {}
                     faults0 = {role: sum(map(minor_faults, ps)) for role, ps in pids.items()}
                     took, pub = timed_publish(fresh)
+                    if not under_load:  # every idle full round's CPU and faults: the cold round vs the warm ones
+                        cpu_rounds.append({role: round(sum(map(cpu_seconds, ps)) - cpu0[role], 2) for role, ps in pids.items()})
+                        fault_rounds.append({role: sum(map(minor_faults, ps)) - faults0[role] for role, ps in pids.items()})
                     if r == 0 and not under_load:
                         cpu = {role: round(sum(map(cpu_seconds, ps)) - cpu0[role], 2) for role, ps in pids.items()}
                         threads1 = roles_thread_cpu(pids)
@@ -375,7 +381,8 @@ def main(argv=None) -> None:
             "full_sync_under_load_s": round(med["full_loaded"], 3),
             "delta_sync_under_load_s": round(med["delta_loaded"], 3), "failed_requests": failures[0],
             "cpu_s_first_full": cpu, "cpu_s_first_full_by_thread": cpu_threads,
-            "minor_faults_first_full": faults, "full_publish_rounds_s": [round(t, 3) for t in publishes],
+            "minor_faults_first_full": faults,
+            "cpu_s_full_rounds": cpu_rounds, "minor_faults_full_rounds": fault_rounds, "full_publish_rounds_s": [round(t, 3) for t in publishes],
             "delta_publish_rounds_s": [round(t, 3) for t in delta_publishes],
             "replicas": pc.replicas, **({"durability": args.durability} if args.durability else {}),
             **({"breakdown_first_full": parts} if parts else {}),
