@@ -35,6 +35,7 @@ class LoadResult:
     seconds: float = 0.0
     client_cpu_s: float = 0.0
     latencies_s: list = field(default_factory=list)
+    runnable: dict | None = None  # RS_LOADGEN_RUNSTATE=1: runnable_shares over the window
 
     @property
     def rate(self) -> float:
@@ -158,6 +159,39 @@ def _stop_profile(spy, answered: int, before: dict, after: dict) -> None:
         f.write(json.dumps({"answered": answered, "per_answer": split}) + "\n")
 
 
+def runnable_shares(pids: dict[str, int], seconds: float, period_s: float = 0.001) -> dict:
+    """Sample each named process's threads' state ('R': running or runnable) every `period_s` for
+    `seconds`: {"by_count": {n: share of samples with n processes runnable}, "by_role": {name: share}}."""
+    tasks = {}
+    for name, pid in pids.items():
+        try:
+            tasks[name] = [f"/proc/{pid}/task/{t}/stat" for t in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+    by_count: dict[int, int] = {}
+    by_role = dict.fromkeys(tasks, 0)
+    n, end = 0, time.perf_counter() + seconds
+    while time.perf_counter() < end and n < int(seconds / period_s) + 1:
+        running = 0
+        for name, paths in tasks.items():
+            for path in paths:
+                try:
+                    with open(path, "rb") as f:
+                        state = f.read().rsplit(b")", 1)[1].split(None, 1)[0]
+                except OSError:
+                    continue
+                if state == b"R":
+                    running += 1
+                    by_role[name] += 1
+                    break
+        by_count[running] = by_count.get(running, 0) + 1
+        n += 1
+        time.sleep(period_s)
+    n = max(n, 1)
+    return {"samples": n, "by_count": {k: round(v / n, 3) for k, v in sorted(by_count.items())},
+            "by_role": {k: round(v / n, 3) for k, v in by_role.items()}}
+
+
 def run_load(address: str, model: str, row_shape: tuple, concurrency: int, seconds: float,
              processes: int = 2, warmup: float = 0.5, server_pids: dict[str, int] | None = None
              ) -> tuple[LoadResult, dict[str, float]]:
@@ -180,6 +214,14 @@ def run_load(address: str, model: str, row_shape: tuple, concurrency: int, secon
         time.sleep(max(0.0, start_at - time.time()))
         cpu0 = {k: proc_cpu_s(pid) for k, pid in server_pids.items()}
         res = LoadResult()
+        sampler = None
+        if os.environ.get("RS_LOADGEN_RUNSTATE") == "1":
+            import threading
+
+            roles = {**server_pids, **{f"load{i}": p.pid for i, p in enumerate(procs)}}
+            sampler = threading.Thread(target=lambda: setattr(res, "runnable", runnable_shares(roles, seconds * 0.8)),
+                                       daemon=True)
+            sampler.start()
         for r in pipes:
             if not r.poll(seconds + 60):
                 raise RuntimeError("a load process did not report")
@@ -190,6 +232,8 @@ def run_load(address: str, model: str, row_shape: tuple, concurrency: int, secon
             res.client_cpu_s += cpu
             res.latencies_s.extend(lat)
         cpu = {k: proc_cpu_s(pid) - cpu0[k] for k, pid in server_pids.items()}
+        if sampler is not None:
+            sampler.join(seconds + 5)
         return res, cpu
     finally:
         for p in procs:

@@ -20,7 +20,8 @@ process's own counters, so it holds on a noisy machine:
 `--phases` runs only the named configurations (e.g. `--phases batched,noop`); the figures of the
 others are left out of the line. `mlp_batched_mean_batch_size`, `_worker_queue_ms` and
 `_worker_compute_ms` are the worker's own per-batch figures (admin status) for that run.
-The in-process rates are the median of three slices (at the start, after the batched MLP, at the
+RS_LOADGEN_RUNSTATE=1 adds `noop_runnable_shares` (bench/loadgen.py: how many processes were runnable
+at once during the no-op run, and each role's share). The in-process rates are the median of three slices (at the start, after the batched MLP, at the
 end; `inprocess_bs32_samples_per_s_slices` lists them), so a burst of other load hits one slice.
 """
 from __future__ import annotations
@@ -80,7 +81,7 @@ def serve_and_measure(tmp: Path, model_arg: str, model: str, args, worker_args: 
             "errors": res.errors, "master_cpu_us": round(cpu["master"] / n * 1e6, 1),
             "worker_cpu_us": round(cpu["worker"] / n * 1e6, 1), "client_cpu_us": round(res.client_cpu_s / n * 1e6, 1),
             "mean_batch_size": stats.get("mean_batch_size"), "worker_queue_ms": stats.get("mean_queue_wait_ms"),
-            "worker_compute_ms": stats.get("mean_compute_ms")}
+            "worker_compute_ms": stats.get("mean_compute_ms"), "runnable": res.runnable}
 
 
 def main(argv=None) -> None:
@@ -175,6 +176,8 @@ def main(argv=None) -> None:
              mlp_batched_vs_inprocess_bs32=round(batched["req_per_s"] / bs32, 3),
              errors=sum(x["errors"] for x in (noop, noop1, mlp, batched, delay2, cached, low_default, low_delay2)
                         if not isinstance(x, Skipped)))
+    if noop.get("runnable"):  # RS_LOADGEN_RUNSTATE=1 (bench/loadgen.py): do the stages overlap?
+        r["noop_runnable_shares"] = noop["runnable"]
     print(json.dumps({k: v for k, v in r.items() if not (isinstance(v, float) and v != v)}))  # NaN: not run
 
 
