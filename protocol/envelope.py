@@ -14,6 +14,7 @@ import math
 from ringserve.protocol.codec import (
     check_tensors, decode_tensors, encode_tensors, frame_count, pack, short_repr, unpack, unpack_map,
 )
+from ringserve.protocol import fastcheck
 from ringserve.protocol.messages import MDP_CLIENT, ErrorCode, ProtocolError
 
 MAX_ID_LEN = 128
@@ -43,6 +44,11 @@ REPLY_FIELDS = frozenset(["id", "key", "attempt", "ok", "model", "version", "bat
 MAX_TIMING = 8
 MAX_TIMING_KEY = 32
 MAX_TIMING_MS = 1e9
+# protocol/fastcheck.py (the compiled accept paths) spells these bounds in its types: one value each
+assert (fastcheck._MAX_ID_LEN, fastcheck._MAX_NAME_LEN, fastcheck._MAX_INT, fastcheck._MAX_TAGS, fastcheck._MAX_TAG_LEN,
+        fastcheck._MAX_TIMING, fastcheck._MAX_TIMING_KEY, fastcheck._MAX_TIMING_MS) == (
+    MAX_ID_LEN, MAX_NAME_LEN, MAX_INT, MAX_TAGS, MAX_TAG_LEN, MAX_TIMING, MAX_TIMING_KEY, MAX_TIMING_MS)
+assert set(fastcheck._Result.__struct_fields__) == REPLY_FIELDS
 
 
 def _timing_entry(k: Any, v: Any) -> bool:
@@ -234,6 +240,52 @@ def split_batch_packed(frames: Sequence) -> tuple[list[tuple[str, bytes, dict, l
         if n < 0 or k + n > total:
             return out, "a request header's tensor list does not say how many frames follow"
         out.append((svc, raw, header, list(frames[k:k + n]) if n else []))
+        k += n
+    if k != total:
+        return out, f"the batch carries {total - k} frames no request accounts for"
+    return out, None
+
+
+def split_batch_checked(frames: Sequence) -> tuple[list[tuple[str, bytes, dict | None, list, ClientRequest | None]],
+                                                    str | None]:
+    """split_batch_packed ("mmi.batch2") with each request checked as it is split: the same entries,
+    verdicts and order, each with one more item, `parse_request_header(header, tensors)` where the
+    compiled path (protocol/fastcheck.py: the header's bytes decoded by msgspec into typed fields)
+    accepted it, else None. Where it is given the header map is None (the caller needs neither: it
+    unpacks the frame if it must); where it is None the map is given, unpacked as split_batch_packed
+    does, and the caller checks it with parse_request_header, which words any refusal."""
+    if not frames:
+        return [], "a batch needs its list of requests"
+    try:
+        rows = unpack(frames[0])
+    except ProtocolError:
+        rows = None
+    if not isinstance(rows, list) or not 1 <= len(rows) <= MAX_CLIENT_BATCH:
+        return [], f"a packed batch's first frame must list 1..{MAX_CLIENT_BATCH} [service, header] pairs"
+    out, k, total = [], 1, len(frames)
+    decode, fields, used = fastcheck.decode_request, fastcheck.request_fields, fastcheck.frames_used
+    for row in rows:
+        if not (type(row) is list and len(row) == 2 and type(row[0]) is str and type(row[1]) is bytes):
+            return out, "each entry of a packed batch must be [service, header as bin]"
+        svc, raw = row
+        r = decode(raw)
+        if r is not None:
+            n = used(r)
+            if k + n <= total:
+                tensors = list(frames[k:k + n]) if n else []
+                got = fields(r, tensors)
+                if got is not None:
+                    out.append((svc, raw, None, tensors, ClientRequest(*got)))
+                    k += n
+                    continue
+        try:  # split_batch_packed's own step: it decides and words what the compiled path did not take
+            header = unpack(raw)
+        except ProtocolError:
+            header = None
+        n = request_frames(header)  # -1 unless a map with a countable tensor list
+        if n < 0 or k + n > total:
+            return out, "a request header's tensor list does not say how many frames follow"
+        out.append((svc, raw, header, list(frames[k:k + n]) if n else [], None))
         k += n
     if k != total:
         return out, f"the batch carries {total - k} frames no request accounts for"
@@ -745,6 +797,31 @@ def _split_packed(headers: list, frames: Sequence) -> list[tuple[Any, dict, list
     if k != total:
         raise ProtocolError(f"the message carries {total - k} frames no reply accounts for")
     return out
+
+
+def split_results(frames: Sequence, epoch: str, worker: str) -> list[tuple[Any, dict | None, list, tuple | None]]:
+    """split_replies(frames) for the master's on_replies, each reply with what it would check of it:
+    [(header frame or bytes, header map or None, its frames, checked or None)]. `checked` is
+    (key, attempt, version, passes, the header's "id") where the compiled path (protocol/fastcheck.py)
+    took the header: a result (ok true, only REPLY_FIELDS, an int version) for which the first four
+    are checked_result(header, frames, epoch, worker)'s answer; its map is then None (unpack_map of
+    the header frame gives it to a caller that needs it). A message the compiled path does not take
+    whole (framing 1, any header it does not accept) comes back as split_replies splits it, each
+    `checked` None, so its errors, their wording and their order stay split_replies'."""
+    headers = fastcheck.decode_packed(frames[0]) if frames else None
+    if headers is not None:
+        out, k, total, fast = [], 1, len(frames), fastcheck.fast_result
+        for raw in headers:
+            got = fast(raw, frames, k, total, epoch, worker)
+            if got is None:
+                break
+            n, checked = got
+            out.append((raw, None, list(frames[k:k + n]) if n else [], checked))
+            k += n
+        else:
+            if k == total:
+                return out
+    return [(h, m, d, None) for h, m, d in split_replies(frames)]
 
 
 def forwardable_result(header: dict, frames: Sequence) -> str:

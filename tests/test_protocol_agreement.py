@@ -398,3 +398,30 @@ def test_a_packed_client_batch_that_breaks_keeps_what_came_before():
     assert split_batch_packed([b"\xc1"]) == ([], split_batch_packed([msgpack.packb({})])[1])
     entries, broken = split_batch_packed([*frames, b"extra"])
     assert len(entries) == 2 and "frames no request accounts for" in broken
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(req=client_request())
+def test_the_masters_compiled_check_and_the_workers_split_give_one_verdict(req):
+    """The master's mmi.batch2 path with the compiled check (envelope.split_batch_checked, msgspec) and
+    the worker's parse_dispatch agree on each request: accepted by one exactly when by the other, with
+    the same id and frames."""
+    raw, frames = req
+    got, broken = envelope.split_batch_checked([pack([["m", raw]]), *frames])
+    if broken is None:
+        ((_, _, header, tensors, parsed),) = got
+        if parsed is None:
+            try:
+                parsed = parse_request_header(header, tensors)
+            except ProtocolError:
+                parsed = None
+        verdict = ("bad",) if parsed is None else ("ok", parsed.rid, len(tensors))
+    else:
+        verdict = ("bad",)
+    assert verdict == master_verdict(raw, frames)  # the compiled path changes no verdict
+    (d,) = worker_view([req], packed=True)
+    if verdict[0] == "ok":
+        assert d.error is None, d.error
+        assert (d.cid, len(d.frames)) == verdict[1:]
+    else:
+        assert d.error is not None

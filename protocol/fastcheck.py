@@ -1,0 +1,190 @@
+"""Compiled accept paths for the two headers the master reads per request (issue 22), with msgspec.
+
+The master's remaining cost per request is Python-level header work: a msgpack unpack of each client
+request header and each worker result header, then the checks of envelope.py (`request_frames`,
+`parse_request_header` with `check_tensors`; `split_replies`, `checked_result` with `check_tensors`
+and `timing_ok`). Here the header's bytes are decoded straight into typed msgspec Structs whose
+constraints are those checks (string lengths, integer ranges, dtypes, shape bounds, the timing map),
+in C, and only what a type cannot say (a tensor's byte count against its shape, names seen twice,
+the frame count, the epoch and the worker's name) is checked after, in a few Python lines.
+
+These functions only ever ACCEPT: each returns exactly what envelope.py's own functions return for
+the same bytes, or None for anything it does not take (a field of another type, an unknown field, a
+string tensor, a failed count, a byte msgspec reads differently...), and then the caller takes the
+Python path, which stays the one authority on refusals and their wording. The forms accepted are
+narrower than the Python checks' (every field of a known name and type, nothing else), so that
+msgspec never accepts what Python refuses: tests/test_proto8_fastcheck.py feeds both the same random
+headers (valid, mutated, wrong types, bool for int, NaN and inf, huge ints, extra fields, bin keys,
+wrong lengths) and asserts the same verdicts and values.
+
+The raw header bytes are never re-encoded: whatever the master forwards byte for byte stays so.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Sequence, Union
+
+import msgspec
+
+from ringserve.protocol.codec import MAX_DIM, MAX_DIMS, MAX_ELEMENTS, MAX_NAME, MAX_TENSORS, _ITEMSIZE
+
+UNSET = msgspec.UNSET
+_MAX_ID_LEN = 128  # envelope.MAX_ID_LEN (envelope imports this module: the values are asserted equal there)
+_MAX_NAME_LEN = 128  # envelope.MAX_NAME_LEN
+_MAX_INT = 2**63 - 1
+_MAX_TAGS = 16
+_MAX_TAG_LEN = 256
+_MAX_TIMING = 8
+_MAX_TIMING_KEY = 32
+_MAX_TIMING_MS = 1e9
+
+# Numeric dtypes only: a "bytes" tensor's buffer must be walked string by string (codec._walk).
+_Dtype = Literal["bool", "uint8", "int8", "int16", "int32", "int64", "float16", "float32", "float64"]
+_Id = Annotated[str, msgspec.Meta(min_length=1, max_length=_MAX_ID_LEN)]
+_Dim = Annotated[int, msgspec.Meta(ge=0, le=MAX_DIM)]
+_Tag = Annotated[str, msgspec.Meta(max_length=_MAX_TAG_LEN)]
+_TimingMs = Union[Annotated[int, msgspec.Meta(ge=0, le=int(_MAX_TIMING_MS))],
+                  Annotated[float, msgspec.Meta(ge=0, le=_MAX_TIMING_MS)]]
+_Timing = Annotated[dict[Annotated[str, msgspec.Meta(min_length=1, max_length=_MAX_TIMING_KEY)], _TimingMs],
+                    msgspec.Meta(max_length=_MAX_TIMING)]
+
+
+class _Tensor(msgspec.Struct, array_like=True, gc=False):
+    """[name, dtype, shape] or [name, dtype, shape, data as bin] (a nil fourth item is refused: bytes only)."""
+
+    name: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
+    dtype: _Dtype
+    shape: Annotated[list[_Dim], msgspec.Meta(max_length=MAX_DIMS)]
+    data: bytes = UNSET
+
+
+_Tensors = Annotated[list[_Tensor], msgspec.Meta(max_length=MAX_TENSORS)]
+
+
+class _Request(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A client request header in the form request_header() writes: the fields parse_request_header
+    reads, nothing else (an unknown field could hold anything msgpack refuses, e.g. an int map key)."""
+
+    id: _Id
+    inputs: _Tensors
+    version: Union[Annotated[int, msgspec.Meta(ge=0)], None] = None
+    timeout_ms: Union[int, float, None] = None  # both kept as sent (Python keeps an int an int); > 0 checked after
+    ack: Union[bool, None] = None
+    tags: Union[Annotated[dict[_Tag, _Tag], msgspec.Meta(max_length=_MAX_TAGS)], None] = None
+
+
+class _Result(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """A worker's result header in the form checked_result passes: only REPLY_FIELDS, ok true, a
+    key, an int attempt and version, outputs; the optional fields of the types forwardable accepts."""
+
+    key: _Id
+    attempt: Annotated[int, msgspec.Meta(ge=1, le=_MAX_INT)]
+    ok: bool
+    version: int
+    outputs: _Tensors
+    id: Union[str, None] = None
+    model: Union[Annotated[str, msgspec.Meta(max_length=_MAX_NAME_LEN)], None] = None
+    batch_rows: Union[int, None] = None
+    worker: Union[str, None] = None
+    epoch: Union[str, None] = None
+    timing: Union[_Timing, None] = None
+
+
+_REQUEST = msgspec.msgpack.Decoder(_Request)
+_RESULT = msgspec.msgpack.Decoder(_Result)
+_PACKED = msgspec.msgpack.Decoder(Annotated[list[bytes], msgspec.Meta(min_length=1, max_length=4096)])
+_Error = (msgspec.DecodeError, msgspec.ValidationError)
+
+
+def _frames_used(tensors: list) -> int:
+    n = 0
+    for t in tensors:
+        if t.data is UNSET:
+            n += 1
+    return n
+
+
+def _sizes_ok(tensors: list, frames: Sequence, k: int, end: int) -> bool:
+    """What check_tensors adds to the types: each buffer's length is the shape's element count times
+    the dtype's item size, the shape's element count (zeros as 1) bounded, no name twice, and the
+    out-of-line buffers exactly frames[k:end]."""
+    names = None
+    for t in tensors:
+        buf = t.data
+        if buf is UNSET:
+            if k >= end:
+                return False
+            buf = frames[k]
+            k += 1
+        count = nonzero = 1
+        for d in t.shape:
+            count *= d
+            nonzero *= d or 1
+        if nonzero > MAX_ELEMENTS or len(buf) != count * _ITEMSIZE[t.dtype]:
+            return False
+        if names is None:
+            names = {t.name}
+        elif t.name in names:
+            return False
+        else:
+            names.add(t.name)
+    return k == end
+
+
+def _as_lists(tensors: list) -> list:
+    """The tensor list as msgpack decodes it (lists, the shape list shared with the Struct)."""
+    return [[t.name, t.dtype, t.shape] if t.data is UNSET else [t.name, t.dtype, t.shape, t.data] for t in tensors]
+
+
+def decode_request(raw: Any) -> _Request | None:
+    """A client request header's bytes as a _Request when the compiled path takes them (types and
+    bounds all checked), else None."""
+    try:
+        return _REQUEST.decode(raw)
+    except _Error:
+        return None
+
+
+def request_fields(r: _Request, frames: Sequence) -> tuple | None:
+    """(rid, inputs, version, timeout_ms, ack, tags) of a decoded request whose tensors are exactly
+    `frames`: parse_request_header(unpack(raw), frames)'s fields; None where a check fails (the
+    caller asks parse_request_header, which words the refusal)."""
+    timeout_ms = r.timeout_ms
+    if timeout_ms is not None and not timeout_ms > 0:
+        return None
+    tensors = r.inputs
+    if not _sizes_ok(tensors, frames, 0, len(frames)):
+        return None
+    return r.id, _as_lists(tensors), r.version, timeout_ms, bool(r.ack), r.tags
+
+
+def frames_used(r: _Request) -> int:
+    """request_frames(unpack(raw)) of a decoded request."""
+    return _frames_used(r.inputs)
+
+
+def decode_packed(frame: Any) -> list | None:
+    """A framing-2 REPLY's first frame as its list of 1..4096 packed headers, or None (ask split_replies)."""
+    try:
+        return _PACKED.decode(frame)
+    except _Error:
+        return None
+
+
+def fast_result(raw: Any, frames: Sequence, k: int, end: int, epoch: str,
+                worker: str) -> tuple[int, tuple[str, int, int, bool, Any]] | None:
+    """A result header's bytes whose tensors start at frames[k] (and may run to frames[end]) ->
+    (how many frames it uses, (key, attempt, version, passes, its "id"))
+    where the first four are checked_result(unpack(raw), frames used, epoch, worker)'s answer and
+    the header is one on_replies would check that way (ok true, only REPLY_FIELDS, an int version);
+    None for anything else."""
+    try:
+        r = _RESULT.decode(raw)
+    except _Error:
+        return None
+    if r.ok is not True:
+        return None
+    tensors = r.outputs
+    n = _frames_used(tensors)
+    if k + n > end or not _sizes_ok(tensors, frames, k, k + n):
+        return None
+    return n, (r.key, r.attempt, r.version, r.epoch == epoch and r.worker == worker, r.id)
