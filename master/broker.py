@@ -42,7 +42,7 @@ from ringserve.protocol.codec import pack, pack_map_head, pack_pairs, short_repr
 from ringserve.protocol.envelope import (
     FRAMING, MAX_NAME_LEN, REPLY_FIELDS, answers_frames, bounded_chunks, checked_result, dispatch_chunks, dispatch_frames,
     dispatch_frames_packed, dispatch_one_packed, parse_heartbeat, parse_ready, parse_request_header, parse_worker_reply,
-    raw_bytes, split_batch, split_batch_packed, split_replies,
+    raw_bytes, split_batch, split_batch_checked, split_results,
 )
 from ringserve.protocol.security import Security, user_id
 from ringserve.protocol.sockets import BindError, bind, drain, frames_nbytes, send_frames
@@ -325,7 +325,11 @@ class Broker:
         while len(self._batch_clients) > MAX_BATCH_CLIENTS:
             self._batch_clients.popitem(last=False)
         scope = client_scope(frames[-1], self._secure)
-        requests, broken = (split_batch_packed if packed else split_batch)(frames[4:])
+        if packed:
+            requests, broken = split_batch_checked(frames[4:])
+        else:
+            requests, broken = split_batch(frames[4:])
+            requests = [(*r, None) for r in requests]
         now = time.monotonic()  # one clock read for the message: its requests arrived together
         self._batch_hits = {}
         try:
@@ -339,17 +343,18 @@ class Broker:
     def _batch_requests(self, ident: bytes, scope: str, requests: list, now: float) -> None:
         """on_batch's requests, each as if it came alone."""
         facts: dict[str, tuple] = {}  # model -> _model_facts(model): they cannot change within one message
-        for svc, header_frame, header, tensors in requests:
+        for svc, header_frame, header, tensors, parsed in requests:
             known = facts.get(svc)  # a name with facts was checked already
             if known is None and (not svc or len(svc) > MAX_NAME_LEN or svc.startswith("mmi.")):
                 self._one_request(ident, scope, svc.encode(), [header_frame, *tensors], header)  # says what is wrong
                 continue
-            try:  # what _one_request does, without decoding the name or slicing the frames again
-                parsed = parse_request_header(header, tensors)
-            except ProtocolError as exc:
-                rid = header.get("id") if isinstance(header.get("id"), str) else None
-                self._reply_client(ident, svc.encode(), error_body(rid, ErrorCode.BAD_REQUEST, str(exc)))
-                continue
+            if parsed is None:
+                try:  # what _one_request does, without decoding the name or slicing the frames again
+                    parsed = parse_request_header(header, tensors)
+                except ProtocolError as exc:
+                    rid = header.get("id") if isinstance(header.get("id"), str) else None
+                    self._reply_client(ident, svc.encode(), error_body(rid, ErrorCode.BAD_REQUEST, str(exc)))
+                    continue
             if known is None:
                 known = facts[svc] = self._model_facts(svc)
             self.on_request(ident, scope, known[4], svc, header_frame, parsed, tensors, now, known)
@@ -882,12 +887,17 @@ class Broker:
         forwarded: dict[tuple[str, int], list[float]] = {}  # (model, version) -> arrival times answered
         held: dict[str, frozenset[int]] = {}  # model -> w.versions(model), asked once per message
         try:
-            for header_frame, raw, data in split_replies(frames):
-                if raw.get("ok") is True and raw.keys() <= REPLY_FIELDS and type(raw.get("version")) is int:
-                    key, attempt, version, passes = checked_result(raw, data, epoch, name)  # raises like on_reply
+            for header_frame, raw, data, checked in split_results(frames, epoch, name):
+                if checked is not None or (raw.get("ok") is True and raw.keys() <= REPLY_FIELDS
+                                           and type(raw.get("version")) is int):
+                    if checked is not None:
+                        key, attempt, version, passes, rid = checked
+                    else:
+                        key, attempt, version, passes = checked_result(raw, data, epoch, name)  # raises like on_reply
+                        rid = raw.get("id")
                     req = pending.get(key)
                     if (passes and req is not None and req.worker == ident and req.attempts == attempt
-                            and req.client is not None and req.counted and raw.get("id") == req.rid
+                            and req.client is not None and req.counted and rid == req.rid
                             and (req.version is None or version == req.version)):
                         versions = held.get(req.model)
                         if versions is None:
@@ -900,7 +910,7 @@ class Broker:
                             w.done += 1
                         self._forward(req, [header_frame, *data], version, now, forwarded)
                         continue
-                self.on_reply(w, header_frame, raw, data, now)
+                self.on_reply(w, header_frame, unpack_map(header_frame) if raw is None else raw, data, now)
         finally:  # also when a bad reply ends the message: the answers sent before it are counted
             if forwarded:
                 self._count_forwarded(forwarded, now)

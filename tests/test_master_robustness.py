@@ -281,7 +281,13 @@ def test_a_resend_on_the_socket_that_got_the_answer_gets_only_an_ack(broker):
     assert silent(broker, w, 0.1)  # never run twice
 
 
-def test_checked_reply_headers_pass_byte_for_byte_and_odd_ones_are_repacked(broker):
+@pytest.mark.parametrize("packed", [False, True], ids=["framing1", "framing2"])
+def test_checked_reply_headers_pass_byte_for_byte_and_odd_ones_are_repacked(broker, packed):
+    """Framing 2 takes the compiled path (protocol/fastcheck.py via split_results): an odd header it
+    accepts but that does not pass (another epoch or worker, another id) still goes on re-packed."""
+    def body(header_bytes: bytes) -> bytes:
+        return pack([header_bytes]) if packed else header_bytes
+
     w = register(broker, b"w")
     client = dealer(broker, "frontend")
     out = [["y", "float32", [1, 4], X.tobytes()]]
@@ -289,7 +295,7 @@ def test_checked_reply_headers_pass_byte_for_byte_and_odd_ones_are_repacked(brok
     hdr = next_request(broker, w)
     stamped = pack({"id": "r1", "key": hdr["key"], "attempt": hdr["attempt"], "ok": True, "outputs": out,
                     "worker": "w", "epoch": broker.epoch, "version": 1, "model": "mlp", "batch_rows": 1})
-    w.send_multipart([WORKER_PROTO, REPLY, stamped])
+    w.send_multipart([WORKER_PROTO, REPLY, body(stamped)])
     assert recv(broker, client)[3] == stamped  # the worker's own bytes
     for i, odd in enumerate(({"ack": True}, {"epoch": "old"}, {"worker": "someone-else"}, {"error": "x"},
                              {"model": ["m"]}, {"id": "not-the-clients"})):
@@ -298,7 +304,7 @@ def test_checked_reply_headers_pass_byte_for_byte_and_odd_ones_are_repacked(brok
         hdr = next_request(broker, w)
         header = {"id": rid, "key": hdr["key"], "attempt": hdr["attempt"], "ok": True, "outputs": out, "worker": "w",
                   "epoch": broker.epoch, "version": 1, **odd}
-        w.send_multipart([WORKER_PROTO, REPLY, pack(header)])
+        w.send_multipart([WORKER_PROTO, REPLY, body(pack(header))])
         got = answer(recv(broker, client))
         assert got["ok"] is True and got["id"] == rid and "ack" not in got and "error" not in got
         assert got["epoch"] == broker.epoch and got["worker"] == "w"
