@@ -48,8 +48,9 @@ _Timing = Annotated[dict[Annotated[str, msgspec.Meta(min_length=1, max_length=_M
                     msgspec.Meta(max_length=_MAX_TIMING)]
 
 
-class _Tensor(msgspec.Struct, array_like=True, gc=False):
-    """[name, dtype, shape] or [name, dtype, shape, data as bin] (a nil fourth item is refused: bytes only)."""
+class _Tensor(msgspec.Struct, array_like=True, forbid_unknown_fields=True, gc=False):
+    """[name, dtype, shape] or [name, dtype, shape, data as bin] (a nil fourth item is refused: bytes only;
+    forbid_unknown_fields: an array_like struct would otherwise ignore a fifth item, which Python refuses)."""
 
     name: Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
     dtype: _Dtype
