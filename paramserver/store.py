@@ -421,10 +421,10 @@ class ShardStore:
         revert of the last commit, or the rollback that repairs it, makes current again)."""
         return {v for v in (self.current.get(model), *self.history.get(model, [])[-1:]) if v is not None}
 
-    def prune(self, model: str) -> None:
+    def prune(self, model: str) -> int:
         """Drop the versions beyond `keep` (never the protected ones) and the piece files no kept
-        version or live stage references."""
-        self._prune(model)
+        version or live stage references; returns how many piece files were deleted."""
+        return self._prune(model)
 
     def _drop(self, model: str) -> None:
         """Drop the versions beyond `keep` from the books at once, and their manifests (so a
@@ -436,13 +436,13 @@ class ShardStore:
             (self.root / model / f"v{v}.manifest.json").unlink(missing_ok=True)
             self.doomed.setdefault(model, set()).add(v)
 
-    def _prune(self, model: str) -> None:
+    def _prune(self, model: str) -> int:
         self._drop(model)
         live = self.slices.get(model, {})
         for v in self.doomed.pop(model, set()):
             if v not in live:  # a version number committed again since it was dropped keeps its files
                 self._forget(model, v)
-        self.collect(model)
+        return self.collect(model)
 
     def collect(self, model: str) -> int:
         """Delete the piece files no kept version references (nor a live stage: `pinned`);
