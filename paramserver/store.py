@@ -125,10 +125,25 @@ def _write_all(f, buf: memoryview) -> None:
 
 def _start_writeback(fd: int) -> None:
     """Ask the kernel to start writing a file's dirty pages now, without waiting (Linux: a
-    POSIX_FADV_DONTNEED on dirty pages starts their writeback, then drops the pages once clean,
-    which a shard never reads again until a restart). The fsync that follows still decides
-    durability; this only lets the disk work on every piece of a stage while the rest are
-    written, instead of one fsync after another finding each file's data still in memory."""
+    POSIX_FADV_DONTNEED on dirty pages starts their writeback; it drops only the pages clean
+    at the time of the call, so the dirty ones stay cached: `_drop_cached` after the fsync
+    drops them). The fsync that follows still decides durability; this only lets the disk
+    work on every piece of a stage while the rest are written, instead of one fsync after
+    another finding each file's data still in memory."""
+    _advise_dontneed(fd)
+
+
+def _drop_cached(fd: int) -> None:
+    """Drop a file's pages from the page cache once its fsync made them clean (a shard never
+    reads a piece file again until a restart: it serves the copies it holds in memory).
+    Without it every version written stayed cached, the page cache grew by a model's share at
+    each full sync until the first prune deleted files, and the stages' writes and receive
+    buffers ran on memory the kernel had to hand out fresh (the sync's slow second round,
+    docs/benchmarks.md, seventh round, second pass); with it they reuse the pages just freed."""
+    _advise_dontneed(fd)
+
+
+def _advise_dontneed(fd: int) -> None:
     advise = getattr(os, "posix_fadvise", None)
     if advise is not None:
         try:
@@ -243,6 +258,7 @@ class ShardStore:
             for _c, f in tmps:
                 if self.fsync:
                     os.fsync(f.fileno())
+                    _drop_cached(f.fileno())  # clean now: out of the page cache
         except BaseException:
             for c, f in tmps:  # a full disk, say: leave nothing half written behind
                 f.close()
