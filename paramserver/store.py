@@ -14,8 +14,10 @@ rollback while down does not bring the old version back).
 Write path: only pieces not stored yet are written (a delta writes its changed pieces plus a
 small manifest), each to a temporary name in one unbuffered write, its writeback started at
 once (so the disk works on every piece of a stage while the next ones are written), then all
-fsynced (unless `fsync=False`: the shard's `--durability replicated`), renamed, then the pieces
-directory is fsynced. The shard does this
+fsynced (unless `fsync=False`: the shard's `--durability replicated`), each one's pages dropped
+from the page cache once its fsync made them clean (the shard serves the copies it holds in
+memory and reads a piece file again only at a restart), renamed, then the pieces directory is
+fsynced. The shard does this
 when a stage arrives, on a writer thread (`write_files` touches no books; `note_written`, on
 the shard's loop, books them), so the disk works while the other shards receive theirs and
 workers fetch the stage, and a commit is quick; a commit writes whatever is still missing, then the
