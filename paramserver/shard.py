@@ -228,8 +228,11 @@ class Shard:
         for model, since in list(self.prune_due.items()):
             if idle or now - since >= PRUNE_WITHIN_S:
                 del self.prune_due[model]
+                t0 = time.monotonic()
                 try:
-                    self.store.prune(model)
+                    gone = self.store.prune(model)
+                    log.info("version_pruned", model=model, pieces=gone, idle=idle,
+                             waited_s=round(t0 - since, 3), took_s=round(time.monotonic() - t0, 4))
                 except Exception:  # noqa: BLE001 - a file that cannot be deleted never stops the shard
                     log.exception("prune_failed", model=model)
 

@@ -14,8 +14,10 @@ rollback while down does not bring the old version back).
 Write path: only pieces not stored yet are written (a delta writes its changed pieces plus a
 small manifest), each to a temporary name in one unbuffered write, its writeback started at
 once (so the disk works on every piece of a stage while the next ones are written), then all
-fsynced (unless `fsync=False`: the shard's `--durability replicated`), renamed, then the pieces
-directory is fsynced. The shard does this
+fsynced (unless `fsync=False`: the shard's `--durability replicated`), each one's pages dropped
+from the page cache once its fsync made them clean (the shard serves the copies it holds in
+memory and reads a piece file again only at a restart), renamed, then the pieces directory is
+fsynced. The shard does this
 when a stage arrives, on a writer thread (`write_files` touches no books; `note_written`, on
 the shard's loop, books them), so the disk works while the other shards receive theirs and
 workers fetch the stage, and a commit is quick; a commit writes whatever is still missing, then the
@@ -125,10 +127,25 @@ def _write_all(f, buf: memoryview) -> None:
 
 def _start_writeback(fd: int) -> None:
     """Ask the kernel to start writing a file's dirty pages now, without waiting (Linux: a
-    POSIX_FADV_DONTNEED on dirty pages starts their writeback, then drops the pages once clean,
-    which a shard never reads again until a restart). The fsync that follows still decides
-    durability; this only lets the disk work on every piece of a stage while the rest are
-    written, instead of one fsync after another finding each file's data still in memory."""
+    POSIX_FADV_DONTNEED on dirty pages starts their writeback; it drops only the pages clean
+    at the time of the call, so the dirty ones stay cached: `_drop_cached` after the fsync
+    drops them). The fsync that follows still decides durability; this only lets the disk
+    work on every piece of a stage while the rest are written, instead of one fsync after
+    another finding each file's data still in memory."""
+    _advise_dontneed(fd)
+
+
+def _drop_cached(fd: int) -> None:
+    """Drop a file's pages from the page cache once its fsync made them clean (a shard never
+    reads a piece file again until a restart: it serves the copies it holds in memory).
+    Without it every version written stayed cached, the page cache grew by a model's share at
+    each full sync until the first prune deleted files, and the stages' writes and receive
+    buffers ran on memory the kernel had to hand out fresh (the sync's slow second round,
+    docs/benchmarks.md, seventh round, second pass); with it they reuse the pages just freed."""
+    _advise_dontneed(fd)
+
+
+def _advise_dontneed(fd: int) -> None:
     advise = getattr(os, "posix_fadvise", None)
     if advise is not None:
         try:
@@ -243,6 +260,7 @@ class ShardStore:
             for _c, f in tmps:
                 if self.fsync:
                     os.fsync(f.fileno())
+                    _drop_cached(f.fileno())  # clean now: out of the page cache
         except BaseException:
             for c, f in tmps:  # a full disk, say: leave nothing half written behind
                 f.close()
@@ -421,10 +439,10 @@ class ShardStore:
         revert of the last commit, or the rollback that repairs it, makes current again)."""
         return {v for v in (self.current.get(model), *self.history.get(model, [])[-1:]) if v is not None}
 
-    def prune(self, model: str) -> None:
+    def prune(self, model: str) -> int:
         """Drop the versions beyond `keep` (never the protected ones) and the piece files no kept
-        version or live stage references."""
-        self._prune(model)
+        version or live stage references; returns how many piece files were deleted."""
+        return self._prune(model)
 
     def _drop(self, model: str) -> None:
         """Drop the versions beyond `keep` from the books at once, and their manifests (so a
@@ -436,13 +454,13 @@ class ShardStore:
             (self.root / model / f"v{v}.manifest.json").unlink(missing_ok=True)
             self.doomed.setdefault(model, set()).add(v)
 
-    def _prune(self, model: str) -> None:
+    def _prune(self, model: str) -> int:
         self._drop(model)
         live = self.slices.get(model, {})
         for v in self.doomed.pop(model, set()):
             if v not in live:  # a version number committed again since it was dropped keeps its files
                 self._forget(model, v)
-        self.collect(model)
+        return self.collect(model)
 
     def collect(self, model: str) -> int:
         """Delete the piece files no kept version references (nor a live stage: `pinned`);
