@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import os
 import statistics
 import sys
@@ -221,7 +222,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     configure_logging("bench", "warning")  # logs to stderr: stdout is the one JSON line
     tmp = Path(tempfile.mkdtemp(prefix="rs-wsync-"))
-    print(f"role logs in {tmp}", file=sys.stderr)
+    print(f"role logs in {tmp} (the shards' data dirs there are removed at the end)", file=sys.stderr)
     spec = f"big=ringserve.worker.demo:stack,arg.layers={args.layers},arg.width={args.width}"
     procs: list[RoleProcess] = []
     try:
@@ -391,6 +392,9 @@ def main(argv=None) -> None:
     finally:
         for proc in reversed(procs):
             proc.stop()
+        for d in tmp.glob("ps*"):  # the shards' data (hundreds of MB a run); the role logs stay
+            if d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
 
 
 if __name__ == "__main__":
