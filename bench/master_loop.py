@@ -3,7 +3,8 @@ process, a fake worker DEALER that answers every REQUEST at once and two fake cl
 send 32-request mmi.batch messages. Only ``Broker.turn`` is timed (``time.thread_time``), so the
 figure excludes the fake peers, libzmq's I/O thread and whatever else runs on the machine; on a
 shared machine it moves far less than bench/throughput.py's whole-system figures. Prints one JSON
-line: the master thread's CPU per answered request over segments of 3,200 requests (min, median).
+line: the master thread's CPU per answered request over segments of 3,200 requests (min, median),
+and the cyclic GC's share of it (its thread time inside the turns, per generation).
 
     python bench/master_loop.py [--turns 500] [--cache] [--profile] [--framing 1|2] [--client-framing 1|2]
 
@@ -70,14 +71,30 @@ def main(argv=None) -> None:
     meta, _ = encode_tensors({"x": x})
     ids = iter(range(1 << 62))
     prof = cProfile.Profile() if args.profile else None
+    gc_time = [0.0, 0.0, 0.0]  # the cyclic GC's thread time inside Broker.turn, per generation
+    gc_runs = [0, 0, 0]
+    in_turn, gc_t0 = [False], [0.0]
+
+    def on_gc(phase: str, info: dict) -> None:
+        if not in_turn[0]:
+            return
+        if phase == "start":
+            gc_t0[0] = time.thread_time()
+        else:
+            gc_time[info["generation"]] += time.thread_time() - gc_t0[0]
+            gc_runs[info["generation"]] += 1
+
+    gc.callbacks.append(on_gc)
 
     def turn() -> float:
         t0 = time.thread_time()
+        in_turn[0] = True
         if prof:
             prof.enable()
         b.turn(5)
         if prof:
             prof.disable()
+        in_turn[0] = False
         return time.thread_time() - t0
 
     def answer_worker() -> None:
@@ -113,6 +130,8 @@ def main(argv=None) -> None:
         gc.freeze()
         gc.set_threshold(args.gc_threshold, *gc.get_threshold()[1:])
     segments, cpu, answered = [], 0.0, 0
+    gc_time[:], gc_runs[:] = [0.0, 0.0, 0.0], [0, 0, 0]
+    total_cpu, total_answered = 0.0, 0
     for i in range(1, args.turns + 1):
         for c in clients:
             reqs = [(b"noop", [pack(request_header(f"r{next(ids)}", meta, timeout_ms=30000.0))])
@@ -130,6 +149,7 @@ def main(argv=None) -> None:
         time.sleep(0.0005)
         answered += read_clients()
         if i % SEGMENT == 0:
+            total_cpu, total_answered = total_cpu + cpu, total_answered + answered
             segments.append(cpu / max(answered, 1) * 1e6)
             cpu, answered = 0.0, 0
     b.close()
@@ -137,7 +157,11 @@ def main(argv=None) -> None:
     segments.sort()
     print(json.dumps({"cache": args.cache, "gc_threshold": args.gc_threshold or None, "segments": len(segments),
                       "master_thread_cpu_us_per_req_min": round(segments[0], 1),
-                      "master_thread_cpu_us_per_req_median": round(segments[len(segments) // 2], 1)}))
+                      "master_thread_cpu_us_per_req_median": round(segments[len(segments) // 2], 1),
+                      # the cyclic GC inside the turns: its share of their CPU, and its runs per generation
+                      "gc_share": round(sum(gc_time) / max(total_cpu, 1e-9), 3),
+                      "gc_us_per_req": [round(t / max(total_answered, 1) * 1e6, 2) for t in gc_time],
+                      "gc_runs": gc_runs}))
     if prof:
         stats = pstats.Stats(prof, stream=sys.stderr)
         stats.strip_dirs().sort_stats(args.sort).print_stats(40)

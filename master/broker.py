@@ -457,20 +457,18 @@ class Broker:
             if cache_key is not None and self._answer_from_cache(ident, cid, service, model, cache_key, counters,
                                                                  now):
                 return
-        queues = self.queues
-        if queues.full(model, pin):
-            self._reject(ident, cid, service, model, ErrorCode.OVERLOADED,
-                         f"queue for {model!r} is full ({self.cfg.max_queue} requests, "
-                         f"{queues.max_pins} version pins)")
-            return
         timeout = self.cfg.default_timeout if parsed.timeout_ms is None else parsed.timeout_ms / 1000.0
         timeout = min(timeout, self.cfg.max_timeout)  # the client chooses, within the master's cap
-        key = "%x" % next(self._keys)  # _new_key()
+        key = "%x" % next(self._keys)  # _new_key() (a refused request uses a key too: keys only need be unique)
         req = PendingRequest(key, rid, ident, service, model, version, header_frame, frames, now + timeout, now, 0,
                              None, 0, scope, pin is not None, parsed.tags, counters is not None, digest)
+        if not self.queues.push_new(req, pin):  # queues.full(model, pin), else queues.push(req): one call
+            self._reject(ident, cid, service, model, ErrorCode.OVERLOADED,
+                         f"queue for {model!r} is full ({self.cfg.max_queue} requests, "
+                         f"{self.queues.max_pins} version pins)")
+            return
         self.pending[key] = req  # _hold(req)
         heapq.heappush(self.deadlines, (req.deadline, key))
-        queues.push(req)
         self.held[cid] = key
         if parsed.ack:
             self._reply_client(ident, service, {"id": rid, "ack": True})
@@ -507,7 +505,7 @@ class Broker:
             k = (model, key[1])
             hits[k] = hits.get(k, 0) + 1
         sent = self._send_client(ident, service, body)
-        self.answered.add(cid, model, [service, *body], ident if sent else None,
+        self.answered.add(cid, model, (service, *body), ident if sent else None,
                           len(service) + len(header) + nbytes)
         return True
 
@@ -941,7 +939,8 @@ class Broker:
             sent = self._send_client(client, service, body)
         if req.digest is not None:  # a digest: its model is cacheable
             self._cache_result(req, body, version)
-        self.answered.add(cid, req.model, [service, *body], client if sent else None,
+        # a tuple: with the header's msgspec.Raw or bytes in it the GC stops tracking it (see AnsweredCache)
+        self.answered.add(cid, req.model, (service, *body), client if sent else None,
                           len(service) + len(body[0]) + (frames_nbytes(body[1:]) if len(body) > 1 else 0))
 
     def _count_forwarded(self, forwarded: dict[tuple[str, int], list[float]], now: float) -> None:

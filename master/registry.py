@@ -153,6 +153,30 @@ class ModelQueues:
             req.seq = next(self._seq)
             q[key] = req
 
+    def push_new(self, req: PendingRequest, pin: int | None) -> bool:
+        """`full(req.model, pin)` and, when there is room, `push(req)`, in one call: for a request
+        never queued before (a fresh key), at the back. False (nothing queued) when full. The room
+        is for the client's `pin` (None: unpinned), the FIFO is `req.version`'s, as the two calls do."""
+        model = req.model
+        depth = self._depth.get(model, 0)
+        if depth >= self.max_queue:
+            return False
+        queues = self._queues
+        pins = queues.get(model)
+        if pins is None:
+            if self.max_pins <= 0:  # what full() says of a model with no FIFO yet
+                return False
+            pins = queues[model] = {}
+        elif pin not in pins and len(pins) >= self.max_pins:
+            return False
+        q = pins.get(req.version)
+        if q is None:
+            q = pins[req.version] = OrderedDict()
+        self._depth[model] = depth + 1
+        req.seq = next(self._seq)
+        q[req.key] = req
+        return True
+
     def remove(self, req: PendingRequest) -> None:
         pins = self._queues.get(req.model)
         q = pins.get(req.version) if pins else None
@@ -211,10 +235,18 @@ class AnsweredCache:
     Ids are kept up to `max_ids`; reply frames (the body after the service frame, so they can be
     sent to whichever socket asks) only while their total stays within `max_bytes`, newest first.
     A reply bigger than the whole budget is not kept at all.
+
+    The master's hot paths hand `add` a reply as a tuple (service, header, *frames): the entries are
+    then tuples of bytes, msgspec.Raw or str that the cyclic GC stops tracking after one collection,
+    so the up to `max_ids` entries are not walked again by every full collection (while the cache
+    grows, those walks cost more than the adds: issue 22, seventh round, second pass). `reply`
+    gives back what was stored (a list or a tuple: both are sendable frame sequences).
     """
 
     def __init__(self, max_ids: int = 100_000, max_bytes: int = 64 << 20):
-        self._ids: OrderedDict[tuple[str, str], list] = OrderedDict()  # (scope, id) -> [model, delivered to]
+        # (scope, id) -> (model, delivered to): tuples of str/bytes/None, which the cyclic GC stops tracking,
+        # so the up to `max_ids` entries are not walked by every full collection
+        self._ids: OrderedDict[tuple[str, str], tuple] = OrderedDict()
         self._replies: OrderedDict[tuple[str, str], tuple[list, int]] = OrderedDict()
         self.max_ids, self.max_bytes = max_ids, max_bytes
         self.bytes = 0
@@ -223,10 +255,11 @@ class AnsweredCache:
             nbytes: int | None = None) -> None:
         """Remember `cid` as answered with `body`; `nbytes` is reply_size(body) when the caller knows it."""
         ids, replies = self._ids, self._replies
-        if cid in ids:  # answered again (rare): it becomes the newest, its old reply is dropped
+        n = len(ids)
+        ids[cid] = (model, delivered_to)  # one lookup of the (large) map, not a membership test and a store
+        if len(ids) == n:  # answered again (rare): it becomes the newest, its old reply is dropped
             ids.move_to_end(cid)
             self._drop_reply(cid)
-        ids[cid] = [model, delivered_to]
         size = (reply_size(body) if nbytes is None else nbytes) + len(cid[0]) + len(cid[1]) + 64
         if size <= self.max_bytes:
             replies[cid] = (body, size)
@@ -265,8 +298,8 @@ class AnsweredCache:
     def resent_to(self, cid: tuple[str, str], ident: bytes) -> None:
         """The answer went again, to `ident`: a further resend on that socket gets only an ACK."""
         entry = self._ids.get(cid)
-        if entry is not None:
-            entry[1] = ident
+        if entry is not None:  # a store to a key held keeps its place in the order
+            self._ids[cid] = (entry[0], ident)
 
     def reply(self, cid: tuple[str, str]) -> list | None:
         held = self._replies.get(cid)
