@@ -18,6 +18,14 @@ headers (valid, mutated, wrong types, bool for int, NaN and inf, huge ints, extr
 wrong lengths) and asserts the same verdicts and values.
 
 The raw header bytes are never re-encoded: whatever the master forwards byte for byte stays so.
+
+The worker reads the same client headers again inside a framing-2 REQUEST (issue 22, second pass):
+`decode_routes` decodes the REQUEST's routing list (key, attempt, model, version, timeout_ms, header
+bin) into typed entries, and `request_arrays` checks a decoded header's tensors and views them as
+arrays in the same pass (decode_tensors' values), so envelope._fast_dispatch gives parse_dispatch's
+Dispatch values without msgpack-unpacking either; it takes a REQUEST whole or not at all (then the
+Python path decides every entry). tests/test_worker9_dispatch.py holds it to the Python path's
+verdicts and values, and to the master's compiled verdict on the same header.
 """
 from __future__ import annotations
 
