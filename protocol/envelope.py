@@ -562,20 +562,39 @@ def parse_worker_reply(header: Any, frames: Sequence) -> WorkerReply:
 #     [REPLY][msgpack [hdr 1, hdr 2, ...]][frames 1...][frames 2...]...
 # split_replies reads both (a header is a map, the packed list a list), so does parse_dispatch.
 
-@dataclass
 class Dispatch:
     """One request as a worker gets it: the master's routing fields and the client's header.
-    `error` says what is wrong with this one request (it is answered BAD_REQUEST by its key)."""
+    `error` says what is wrong with this one request (it is answered BAD_REQUEST by its key).
+    Where the compiled path (fastcheck) took the REQUEST, `arrays` holds the inputs already decoded
+    (decode_tensors of the header's tensor list) and `header` is unpacked from `raw` only when read:
+    the worker needs no other field of it."""
 
-    key: str
-    attempt: int
-    model: str
-    version: int | None
-    timeout_ms: float
-    header: dict
-    frames: list
-    error: str | None = None
-    cid: str | None = None  # the client's request id (from its header)
+    __slots__ = ("key", "attempt", "model", "version", "timeout_ms", "_header", "frames", "error", "cid", "raw",
+                 "arrays")
+
+    def __init__(self, key: str, attempt: int, model: str, version: int | None, timeout_ms: float,
+                 header: dict | None, frames: list, error: str | None = None, cid: str | None = None,
+                 raw: bytes | None = None, arrays: dict | None = None) -> None:
+        self.key, self.attempt, self.model, self.version, self.timeout_ms = key, attempt, model, version, timeout_ms
+        self._header, self.frames, self.error, self.cid, self.raw, self.arrays = header, frames, error, cid, raw, arrays
+
+    @property
+    def header(self) -> dict:
+        if self._header is None:
+            self._header = unpack(self.raw) if self.raw is not None else {}
+        return self._header
+
+    def _fields(self) -> tuple:
+        return (self.key, self.attempt, self.model, self.version, self.timeout_ms, self.header, self.frames,
+                self.error, self.cid)
+
+    def __eq__(self, other: object) -> bool:  # as the dataclass it was: the routing fields, header and frames
+        return type(other) is Dispatch and self._fields() == other._fields()
+
+    def __repr__(self) -> str:
+        return (f"Dispatch(key={self.key!r}, attempt={self.attempt!r}, model={self.model!r}, version={self.version!r}, "
+                f"timeout_ms={self.timeout_ms!r}, header={self.header!r}, frames={self.frames!r}, "
+                f"error={self.error!r}, cid={self.cid!r})")
 
 
 def raw_bytes(frame: Any) -> bytes:
@@ -648,12 +667,22 @@ def parse_dispatch(frames: Sequence) -> list[Dispatch]:
     """A worker reads a REQUEST (either framing; an entry of six items carries its client header,
     one of five has it in the next frame): every routing field and client header checked with the
     same functions the master used (`request_frames`, `parse_request_header`), frames counted.
+    A framing-2 REQUEST the compiled checks take whole (`_fast_dispatch`, protocol/fastcheck.py)
+    comes back from them, the same values, with each request's inputs already decoded (`arrays`).
 
     Raises ProtocolError only when the dispatch list itself is unreadable (there is no key to
     answer). Otherwise every entry with a usable key comes back, those that cannot be used with
     `error` set (answered BAD_REQUEST): a bad field or header fails its own entry; a header
     whose frames cannot be counted, or frames that do not add up, fail that entry and every
     later one (their frames can no longer be told apart), never the entries before it."""
+    if not frames:
+        raise ProtocolError("REQUEST needs a dispatch list")
+    fast = _fast_dispatch(frames)
+    return fast if fast is not None else _python_dispatch(frames)
+
+
+def _python_dispatch(frames: Sequence) -> list[Dispatch]:
+    """parse_dispatch's own checks, in Python: the one authority on every refusal and its wording."""
     if not frames:
         raise ProtocolError("REQUEST needs a dispatch list")
     routing = unpack(frames[0])
@@ -698,6 +727,36 @@ def parse_dispatch(frames: Sequence) -> list[Dispatch]:
                 cid = header.get("id") if type(header) is dict and type(header.get("id")) is str else None
                 out.append(Dispatch(key, attempt, "", None, 0.0, {}, [], error=str(exc), cid=cid))
     return out
+
+
+def _fast_dispatch(frames: Sequence) -> list[Dispatch] | None:
+    """parse_dispatch's answer for a framing-2 REQUEST the compiled checks (protocol/fastcheck.py)
+    take whole: every routing entry and client header accepted, the frames adding up; each Dispatch
+    with its inputs decoded (`arrays`) and its header left packed (`raw`). None for anything else,
+    a single entry it does not take included: the Python path then decides the whole REQUEST, and
+    words every refusal, so this path never changes a verdict."""
+    routes = fastcheck.decode_routes(frames[0])
+    if routes is None:
+        return None
+    decode, used, arrays_of = fastcheck.decode_request, fastcheck.frames_used, fastcheck.request_arrays
+    isfinite = math.isfinite
+    out, k, total = [], 1, len(frames)
+    for rt in routes:
+        r = decode(rt.header)
+        if r is None:
+            return None
+        n = used(r)
+        if k + n > total:
+            return None
+        data = list(frames[k:k + n]) if n else []
+        arrays = arrays_of(r, data)
+        timeout_ms = rt.timeout_ms
+        if arrays is None or not isfinite(timeout_ms):
+            return None
+        out.append(Dispatch(rt.key, rt.attempt, rt.model, rt.version, float(timeout_ms), None, data, cid=r.id,
+                            raw=rt.header, arrays=arrays))
+        k += n
+    return out if k == total else None
 
 
 def _dispatch_entry(entry: Any, header: Any, data: list) -> Dispatch:

@@ -18,12 +18,21 @@ headers (valid, mutated, wrong types, bool for int, NaN and inf, huge ints, extr
 wrong lengths) and asserts the same verdicts and values.
 
 The raw header bytes are never re-encoded: whatever the master forwards byte for byte stays so.
+
+The worker reads the same client headers again inside a framing-2 REQUEST (issue 22, second pass):
+`decode_routes` decodes the REQUEST's routing list (key, attempt, model, version, timeout_ms, header
+bin) into typed entries, and `request_arrays` checks a decoded header's tensors and views them as
+arrays in the same pass (decode_tensors' values), so envelope._fast_dispatch gives parse_dispatch's
+Dispatch values without msgpack-unpacking either; it takes a REQUEST whole or not at all (then the
+Python path decides every entry). tests/test_worker9_dispatch.py holds it to the Python path's
+verdicts and values, and to the master's compiled verdict on the same header.
 """
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Sequence, Union
 
 import msgspec
+import numpy as np
 
 from ringserve.protocol.codec import MAX_DIM, MAX_DIMS, MAX_ELEMENTS, MAX_NAME, MAX_TENSORS, _ITEMSIZE
 
@@ -189,3 +198,61 @@ def fast_result(raw: Any, frames: Sequence, k: int, end: int, epoch: str,
     if k + n > end or not _sizes_ok(tensors, frames, k, k + n):
         return None
     return n, (r.key, r.attempt, r.version, r.epoch == epoch and r.worker == worker, r.id)
+
+
+# ------------------------------------------------------------------ the worker's REQUEST (issue 22)
+# A framing-2 REQUEST's first frame: [[key, attempt, model, version, timeout_ms, client header bin], ...]
+# (envelope.dispatch_frames_packed). `_dispatch_entry`'s checks as types: key an id, attempt an int
+# in 1..2**63-1, model a name of 1..128 characters, version None or an int in 0..2**63-1, timeout_ms
+# an int or a float (finiteness checked after), the header as bin; six items exactly (five is framing
+# 1, whose header is a frame of its own: the Python path's).
+
+class _Route(msgspec.Struct, array_like=True, forbid_unknown_fields=True, gc=False):
+    key: _Id
+    attempt: Annotated[int, msgspec.Meta(ge=1, le=_MAX_INT)]
+    model: Annotated[str, msgspec.Meta(min_length=1, max_length=_MAX_NAME_LEN)]
+    version: Union[Annotated[int, msgspec.Meta(ge=0, le=_MAX_INT)], None]
+    timeout_ms: Union[int, float]
+    header: bytes
+
+
+_ROUTES = msgspec.msgpack.Decoder(Annotated[list[_Route], msgspec.Meta(min_length=1, max_length=4096)])
+_DTYPES = {name: np.dtype(name) for name in _ITEMSIZE}
+
+
+def decode_routes(frame: Any) -> list | None:
+    """A framing-2 REQUEST's dispatch list as _Routes (1..4096 of them, each field's type and bounds
+    checked, the timeout's finiteness not), or None (ask parse_dispatch's Python path)."""
+    try:
+        return _ROUTES.decode(frame)
+    except _Error:
+        return None
+
+
+def request_arrays(r: _Request, frames: Sequence) -> dict | None:
+    """The inputs of a decoded request whose tensors are exactly `frames`, as arrays viewing their
+    bytes: decode_tensors(header["inputs"], frames) for a header parse_request_header accepts (its
+    checks, request_fields's, made in the same pass); None where one fails (the caller asks the
+    Python path, which words the refusal)."""
+    timeout_ms = r.timeout_ms
+    if timeout_ms is not None and not timeout_ms > 0:
+        return None
+    out: dict = {}
+    k, end = 0, len(frames)
+    for t in r.inputs:
+        buf = t.data
+        if buf is UNSET:
+            if k >= end:
+                return None
+            buf = frames[k]
+            k += 1
+        shape = t.shape
+        count = nonzero = 1
+        for d in shape:
+            count *= d
+            nonzero *= d or 1
+        dtype = t.dtype
+        if nonzero > MAX_ELEMENTS or len(buf) != count * _ITEMSIZE[dtype] or t.name in out:
+            return None
+        out[t.name] = np.frombuffer(buf, dtype=_DTYPES[dtype]).reshape(shape) if count else np.zeros(shape, dtype)
+    return out if k == end else None

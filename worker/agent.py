@@ -373,7 +373,9 @@ class WorkerAgent:
         model = self.models.get(d.model)
         if model is None:
             raise ProtocolError(f"this worker does not serve model {d.model!r}")
-        inputs = decode_tensors(d.header.get("inputs"), d.frames)
+        inputs = d.arrays  # decoded by parse_dispatch where its compiled path took the REQUEST
+        if inputs is None:
+            inputs = decode_tensors(d.header.get("inputs"), d.frames)
         rows, sig = self._check_inputs(model, inputs)
         if model.on_demand and not model.ready:
             self._request_load(model.name)  # the request waits in the batcher until it is loaded
