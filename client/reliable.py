@@ -53,7 +53,8 @@ from zmq.utils.monitor import recv_monitor_message
 
 from ringserve.client.errors import ConfigError, RingserveError, Timeout, from_error
 from ringserve.client.reply import Reply
-from ringserve.protocol.codec import check_tensors, encode_tensors, pack
+from ringserve.protocol.codec import check_tensors, encode_tensors, pack, unpack_map
+from ringserve.protocol.fastanswer import split_answers
 from ringserve.protocol.envelope import (
     batch_frames, client_frames, packed_frames, parse_reply, request_header, split_replies,
 )
@@ -511,6 +512,10 @@ class Reliability:
                 log.info("master_does_not_batch", master=self.address)
                 self.resend_all(sock)
             return
+        fast = split_answers(frames) if packed else None
+        if fast is not None:
+            self._on_answers(sock, fast)
+            return
         try:
             answers = split_replies(frames)
         except ProtocolError as exc:
@@ -542,6 +547,29 @@ class Reliability:
                     pass
                 continue
             on_answer(sock, header, data)
+
+    def _on_answers(self, sock: zmq.Socket, answers: list) -> None:
+        """on_batch's loop for a message the compiled path took whole (protocol/fastanswer.py: every
+        header typed and bounded, every tensor list checked against its frames, so `_tensors_ok` holds
+        for each): the same decisions as on_batch's common path, and anything else (an ACK, another
+        epoch, a request no longer waiting) goes to on_answer with the header's map, which decides it
+        as for the Python path (its checks made again)."""
+        self.batching = True
+        self.stats.batches_received += 1
+        self.heard = True
+        self.last_heard = time.monotonic()
+        on_answer, pending, resolved = self.on_answer, self.pending, self._resolved
+        for raw, rid, epoch, ack, version, worker, meta, data in answers:
+            if epoch == self.epoch and not ack and (p := pending.get(rid)) is not None:
+                del pending[rid]
+                if resolved is not None:
+                    resolved(rid)
+                try:
+                    p.future.set_result(Reply(rid, None, version, worker, None, meta, data or (), raw))
+                except _INVALID_STATE:  # cancelled (or answered) already
+                    pass
+                continue
+            on_answer(sock, unpack_map(raw), data)
 
     def on_answer(self, sock: zmq.Socket, header: dict, data: list | None, now: float | None = None,
                   outputs: dict | None = None) -> None:

@@ -7,7 +7,9 @@ answer, and a caller that only wants to know a request succeeded (a load generat
 never needs them, so ``Reply.outputs`` makes them on first read from the checked list and keeps
 them: a caller that reads every answer pays what it paid before, one that does not pays half.
 ``Reply.raw`` hands over that checked list and its frames for a caller that only forwards the
-bytes (the gateway writes them into its HTTP answer without making arrays).
+bytes (the gateway writes them into its HTTP answer without making arrays). The same holds for
+``Reply.header``: an answer the compiled path (protocol/fastanswer.py) took keeps its header's
+bytes, and the map is unpacked from them on first read (most callers never read it).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
-from ringserve.protocol.codec import SUPPORTED_DTYPES, decode_tensors
+from ringserve.protocol.codec import SUPPORTED_DTYPES, decode_tensors, unpack_map
 
 _DTYPES = {name: np.dtype(name) for name in SUPPORTED_DTYPES}
 
@@ -43,13 +45,24 @@ class Reply:
     """A successful answer: its id, outputs (name -> numpy array), the version and worker that
     computed it, and the header as the master sent it."""
 
-    __slots__ = ("id", "version", "worker", "header", "_outputs", "_meta", "_frames")
+    __slots__ = ("id", "version", "worker", "_header", "_raw", "_outputs", "_meta", "_frames")
 
     def __init__(self, id: str, outputs: dict[str, np.ndarray] | None, version: int | None, worker: str | None,
-                 header: dict, meta: list | None = None, frames: Sequence = ()):
-        self.id, self.version, self.worker, self.header = id, version, worker, header
+                 header: dict | None, meta: list | None = None, frames: Sequence = (), raw: bytes | None = None):
+        self.id, self.version, self.worker = id, version, worker
+        self._header, self._raw = header, raw  # header None: unpacked from raw (accepted already) when first read
         self._outputs = outputs  # None: made from meta and frames (checked already) when first read
         self._meta, self._frames = meta, frames
+
+    @property
+    def header(self) -> dict:
+        """The answer's header map as the master sent it (made from its bytes on first read when the
+        compiled path, protocol/fastanswer.py, took the answer without making it)."""
+        h = self._header
+        if h is None:
+            h = self._header = unpack_map(self._raw) if self._raw is not None else {}
+            self._raw = None
+        return h
 
     @property
     def outputs(self) -> dict[str, np.ndarray]:
