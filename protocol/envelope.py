@@ -218,32 +218,10 @@ def answers_frames(bodies: Sequence[Sequence], packed: bool) -> list:
 
 def split_batch_packed(frames: Sequence) -> tuple[list[tuple[str, bytes, dict, list]], str | None]:
     """split_batch for "mmi.batch2": the same entries, verdicts and rule (request_frames), the header
-    taken from its [service, header] pair instead of a frame of its own."""
-    if not frames:
-        return [], "a batch needs its list of requests"
-    try:
-        rows = unpack(frames[0])
-    except ProtocolError:
-        rows = None
-    if not isinstance(rows, list) or not 1 <= len(rows) <= MAX_CLIENT_BATCH:
-        return [], f"a packed batch's first frame must list 1..{MAX_CLIENT_BATCH} [service, header] pairs"
-    out, k, total = [], 1, len(frames)
-    for row in rows:
-        if not (type(row) is list and len(row) == 2 and type(row[0]) is str and type(row[1]) is bytes):
-            return out, "each entry of a packed batch must be [service, header as bin]"
-        svc, raw = row
-        try:
-            header = unpack(raw)
-        except ProtocolError:
-            header = None
-        n = request_frames(header)  # -1 unless a map with a countable tensor list
-        if n < 0 or k + n > total:
-            return out, "a request header's tensor list does not say how many frames follow"
-        out.append((svc, raw, header, list(frames[k:k + n]) if n else []))
-        k += n
-    if k != total:
-        return out, f"the batch carries {total - k} frames no request accounts for"
-    return out, None
+    taken from its [service, header] pair instead of a frame of its own. The Python path alone
+    (split_batch_checked's, without the compiled step): what split_batch_checked is tested against."""
+    out, why = _split_packed_batch(frames, compiled=False)
+    return [entry[:4] for entry in out], why
 
 
 def split_batch_checked(frames: Sequence) -> tuple[list[tuple[str, bytes, dict | None, list, ClientRequest | None]],
@@ -254,6 +232,14 @@ def split_batch_checked(frames: Sequence) -> tuple[list[tuple[str, bytes, dict |
     accepted it, else None. Where it is given the header map is None (the caller needs neither: it
     unpacks the frame if it must); where it is None the map is given, unpacked as split_batch_packed
     does, and the caller checks it with parse_request_header, which words any refusal."""
+    return _split_packed_batch(frames, compiled=True)
+
+
+def _split_packed_batch(frames: Sequence, compiled: bool) -> tuple[list[tuple], str | None]:
+    """The one splitter of "mmi.batch2" (split_batch_packed, split_batch_checked): each entry
+    (service, header bytes, header map or None, tensor frames, ClientRequest or None). With
+    `compiled`, a header the compiled path takes whole comes back checked and unpacked by nobody;
+    every other one takes the Python step, which decides and words what is wrong."""
     if not frames:
         return [], "a batch needs its list of requests"
     try:
@@ -268,7 +254,7 @@ def split_batch_checked(frames: Sequence) -> tuple[list[tuple[str, bytes, dict |
         if not (type(row) is list and len(row) == 2 and type(row[0]) is str and type(row[1]) is bytes):
             return out, "each entry of a packed batch must be [service, header as bin]"
         svc, raw = row
-        r = decode(raw)
+        r = decode(raw) if compiled else None
         if r is not None:
             n = used(r)
             if k + n <= total:
@@ -278,7 +264,7 @@ def split_batch_checked(frames: Sequence) -> tuple[list[tuple[str, bytes, dict |
                     out.append((svc, raw, None, tensors, ClientRequest(*got)))
                     k += n
                     continue
-        try:  # split_batch_packed's own step: it decides and words what the compiled path did not take
+        try:  # the Python step: it decides and words what the compiled path did not take
             header = unpack(raw)
         except ProtocolError:
             header = None
