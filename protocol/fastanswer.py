@@ -7,7 +7,7 @@ AsyncClient's loop. Here a packed answer message ("mmi.batch2": every header pac
 first frame) is decoded straight into typed msgspec Structs whose constraints are those checks (ids,
 dtypes, shape bounds), in C, and what a type cannot say (a tensor's byte count against its shape, a
 name seen twice, the frames each answer takes and that they add up to the message) is checked
-after in a few Python lines, with protocol/fastcheck.py's own types and `_sizes_ok`'s checks.
+after in a few Python lines, with protocol/fastcheck.py's own types and `tensors_end`'s checks.
 
 Like fastcheck, it only ever ACCEPTS. `split_answers(frames)` returns, for a message it takes whole,
 one tuple per header (its raw bytes, the fields the client reads, its tensor list as msgpack
@@ -26,7 +26,7 @@ then (client/reply.py), once.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+from typing import Sequence, Union
 
 import msgspec
 
@@ -61,8 +61,9 @@ _Error = (msgspec.DecodeError, msgspec.ValidationError)
 def _checked_meta(tensors: list, frames: Sequence, k: int, total: int) -> tuple[list, int] | None:
     """The tensor list as msgpack decodes it ([name, dtype, shape(, data)] lists) and the index of the
     frame after its last, when every tensor's bytes match its shape and dtype, no name is seen twice
-    and its out-of-line buffers are frames[k:...] (within `total`): `_sizes_ok`'s checks, in one walk
-    with the lists made (one tensor, the common answer, needs no set of names)."""
+    and its out-of-line buffers are frames[k:...] (within `total`): fastcheck.tensors_end's checks, in one
+    walk with the lists made (one tensor, the common answer, needs no set of names). Kept apart from
+    tensors_end for speed: calling it, then as_lists, cost 20 % more per answer (0.86 -> 1.03 us)."""
     out = []
     for t in tensors:
         buf = t.data
@@ -83,15 +84,6 @@ def _checked_meta(tensors: list, frames: Sequence, k: int, total: int) -> tuple[
     if len(out) > 1 and len({t.name for t in tensors}) != len(out):
         return None
     return out, k
-
-
-def decode_answer(raw: Any) -> _Answer | None:
-    """One answer header's bytes as an _Answer when the compiled path takes them (ok true), else None."""
-    try:
-        a = _ANSWER.decode(raw)
-    except _Error:
-        return None
-    return a if a.ok is True else None
 
 
 def split_answers(frames: Sequence) -> list[tuple] | None:
