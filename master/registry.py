@@ -154,27 +154,11 @@ class ModelQueues:
             q[key] = req
 
     def push_new(self, req: PendingRequest, pin: int | None) -> bool:
-        """`full(req.model, pin)` and, when there is room, `push(req)`, in one call: for a request
-        never queued before (a fresh key), at the back. False (nothing queued) when full. The room
-        is for the client's `pin` (None: unpinned), the FIFO is `req.version`'s, as the two calls do."""
-        model = req.model
-        depth = self._depth.get(model, 0)
-        if depth >= self.max_queue:
+        """`push(req)` when `full(req.model, pin)` says there is room; False (nothing queued) when
+        full. The room is for the client's `pin` (None: unpinned), the FIFO is `req.version`'s."""
+        if self.full(req.model, pin):
             return False
-        queues = self._queues
-        pins = queues.get(model)
-        if pins is None:
-            if self.max_pins <= 0:  # what full() says of a model with no FIFO yet
-                return False
-            pins = queues[model] = {}
-        elif pin not in pins and len(pins) >= self.max_pins:
-            return False
-        q = pins.get(req.version)
-        if q is None:
-            q = pins[req.version] = OrderedDict()
-        self._depth[model] = depth + 1
-        req.seq = next(self._seq)
-        q[req.key] = req
+        self.push(req)
         return True
 
     def remove(self, req: PendingRequest) -> None:
