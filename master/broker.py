@@ -886,13 +886,11 @@ class Broker:
         held: dict[str, frozenset[int]] = {}  # model -> w.versions(model), asked once per message
         try:
             for header_frame, raw, data, checked in split_results(frames, epoch, name):
-                if checked is not None or (raw.get("ok") is True and raw.keys() <= REPLY_FIELDS
-                                           and type(raw.get("version")) is int):
-                    if checked is not None:
-                        key, attempt, version, passes, rid = checked
-                    else:
-                        key, attempt, version, passes = checked_result(raw, data, epoch, name)  # raises like on_reply
-                        rid = raw.get("id")
+                if checked is None and (raw.get("ok") is True and raw.keys() <= REPLY_FIELDS
+                                        and type(raw.get("version")) is int):  # the compiled path did not take it
+                    checked = (*checked_result(raw, data, epoch, name), raw.get("id"))  # raises like on_reply
+                if checked is not None:
+                    key, attempt, version, passes, rid = checked
                     req = pending.get(key)
                     if (passes and req is not None and req.worker == ident and req.attempts == attempt
                             and req.client is not None and req.counted and rid == req.rid
