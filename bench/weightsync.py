@@ -272,6 +272,7 @@ def main(argv=None) -> None:
         first_marks: dict = {}
         delta_marks: dict = {}
         cpu_threads: dict = {}
+        delta_steps: list[dict] = []
         faults: dict = {}
         with ParamClient(eps, replicas=args.replicas) as pc, Client(master.info["frontend"], timeout=60) as c:
             def sent_by_shards():  # shards that do not count them (before issue 11): every worker fetched it all
@@ -280,15 +281,29 @@ def main(argv=None) -> None:
 
             real_call, marks = pc.rpc.call, {}
 
-            def marked_call(requests, *a, **kw):  # when the publisher's stage is sent and answered
-                staging = any(h.get("cmd") == "stage" for h, _ in requests.values())
-                if staging:
+            def step_of(requests) -> str | None:  # which step of a publish a call is (its marks)
+                cmds = {h.get("cmd") for h, _ in requests.values()}
+                if cmds == {"stage"}:
+                    return "stage"
+                if cmds == {"commit"}:
+                    return "commit_arbiter" if "commit_arbiter_done" not in marks else "commit_rest"
+                if cmds == {"hello"}:
+                    return "hello"
+                if cmds == {"fetch"}:
+                    return "layout"
+                return None
+
+            def marked_call(requests, *a, **kw):  # when each step of the publish is sent and answered
+                step = step_of(requests) if "start" in marks else None
+                if step == "stage":
                     marks.setdefault("stage_sent", time.time())
                 try:
                     return real_call(requests, *a, **kw)
                 finally:
-                    if staging:
+                    if step == "stage":
                         marks.setdefault("stage_answered", time.time())
+                    elif step is not None:
+                        marks.setdefault(f"{step}_done", time.time())
 
             pc.rpc.call = marked_call
 
@@ -302,12 +317,15 @@ def main(argv=None) -> None:
                 marks["publish_done"] = time.time()
                 wait_until(lambda: all_on(version), 300, 0.01, f"v{version} everywhere")
                 marks["all_on"] = time.time()
+                if base is not None and not loaded.is_set():  # every idle delta's steps, seconds from its start (the publisher's marks)
+                    delta_steps.append({k[:-5] if k.endswith("_done") else k: round(v - marks["start"], 4)
+                                        for k, v in marks.items() if k not in ("start", "version")})
                 return time.perf_counter() - t0, publish_s
 
             load = threading.Thread(target=light_load, args=(c,))
             load.start()
             k = 0
-            cpu_rounds, fault_rounds = [], []
+            cpu_rounds, fault_rounds, cpu_deltas = [], [], []
             for r in range(args.rounds):
                 for under_load in (False, True):
                     (loaded.set if under_load else loaded.clear)()
@@ -338,7 +356,12 @@ def main(argv=None) -> None:
                     publishes.append(pub)
                     time.sleep(0.5)
                     changed = {"layers.0.weight": fresh["layers.0.weight"] + 0.01}
-                    took, pub = timed_publish(changed, base=pc.versions("big")["ps0"]["current"])
+                    delta_base = pc.versions("big")["ps0"]["current"]
+                    cpu0 = {role: sum(map(cpu_seconds, ps)) for role, ps in pids.items()}
+                    took, pub = timed_publish(changed, base=delta_base)
+                    if not under_load:  # the CPU each role spent in each idle delta (the 2 cores they share)
+                        cpu_deltas.append({role: round(sum(map(cpu_seconds, ps)) - cpu0[role], 3)
+                                           for role, ps in pids.items()})
                     if r == 0 and not under_load:
                         delta_marks = dict(marks)
                     runs["delta_loaded" if under_load else "delta"].append(took)
@@ -385,6 +408,7 @@ def main(argv=None) -> None:
             "minor_faults_first_full": faults,
             "cpu_s_full_rounds": cpu_rounds, "minor_faults_full_rounds": fault_rounds, "full_publish_rounds_s": [round(t, 3) for t in publishes],
             "delta_publish_rounds_s": [round(t, 3) for t in delta_publishes],
+            "delta_steps_rounds": delta_steps, "cpu_s_delta_rounds": cpu_deltas,
             "replicas": pc.replicas, **({"durability": args.durability} if args.durability else {}),
             **({"breakdown_first_full": parts} if parts else {}),
             **({"breakdown_first_delta": delta_parts} if delta_parts else {}), **killed, "pieces_moved_fraction": round(moved_frac, 4), **{f"{name}_rounds_s": [round(t, 3) for t in values] for name, values in runs.items()},

@@ -523,11 +523,13 @@ class Shard:
             return error_body(None, ErrorCode.OVERLOADED, f"{model!r} v{version}: the staged pieces are still "
                                                           f"being written; commit after the stage is answered")
         del self.staging[(model, version, token)]
+        t0 = time.monotonic()
         wrote = self.store.commit(model, stage.slice, stage.written, epoch=_epoch(header), prune=False)
+        commit_s = time.monotonic() - t0
         self.prune_due.setdefault(model, time.monotonic())  # after the answer and the announcement
         self._announce("commit", model, version, digest=digest)  # a worker that fetched the stage knows it
         log.info("version_committed", model=model, version=version, pieces=len(stage.slice.pieces), token=token,
-                 pieces_written=wrote["pieces"], bytes_written=wrote["bytes"])
+                 pieces_written=wrote["pieces"], bytes_written=wrote["bytes"], commit_s=round(commit_s, 4))
         return {"ok": True}
 
     def on_abort(self, header: dict, frames) -> dict:
