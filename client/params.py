@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 import uuid
@@ -43,7 +44,7 @@ from ringserve.client.errors import Conflict
 from ringserve.protocol.digest import DEFAULT as PIECE_DIGEST, checksum as piece_checksum
 from ringserve.protocol.codec import to_numpy
 from ringserve.protocol.placement import (DEFAULT_CHUNK_BYTES, fingerprint, min_live, model_name_problem, owners,
-                                          parse_shards, place, plan, quorum_problem, resolve_replicas, ring,
+                                          parse_shards, plan, quorum_problem, resolve_replicas, ring,
                                           ring_problem)
 from ringserve.protocol.security import Security
 from ringserve.protocol.shardrpc import ShardCallError, ShardRPC
@@ -52,6 +53,7 @@ log = structlog.get_logger("ringserve.publish")
 
 HASH_THREADS = min(4, os.cpu_count() or 1)  # threads hashing the pieces of a publish
 WORKER_CHECK_S = 60.0  # how long a publish waits for a live worker to load what it committed
+WORKER_CHECK_POLL_FIRST_S, WORKER_CHECK_POLL_MAX_S = 0.005, 0.1  # its polls of the shards: 5 ms, doubling to 100 ms
 
 
 class PublishError(RuntimeError):
@@ -107,7 +109,7 @@ def tiling_problem(layouts: Mapping[str, Mapping[str, list]]) -> tuple[Layout, s
                 problems.append(f"{param}: shards disagree on its shape or dtype")
             entry[2].update(tuple(r) for r in ranges)  # replicated pieces: each range counted once
     for param, (_dtype, shape, ranges) in merged.items():
-        numel, edge = int(np.prod(shape, dtype=np.int64)) if shape else 1, 0
+        numel, edge = math.prod(shape), 0  # exact Python ints (1 for a scalar)
         for start, stop in sorted(ranges):
             if start != edge:
                 problems.append(f"{param}: pieces {'overlap' if start < edge else 'leave a gap'} at element {edge}")
@@ -146,15 +148,22 @@ class ParamClient:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def hello(self, timeout: float | None = None) -> dict[str, dict]:
-        out = {n: h for n, (h, _) in self.rpc.call_all({"cmd": "hello"}, timeout).items()}
+    def hello(self, timeout: float | None = None, layout_of: Mapping | None = None) -> dict[str, dict]:
+        """Every shard's hello (ShardCallError if one does not answer); `layout_of` ({model,
+        version or None for the current one}) asks each for that version's layout too (`layout_of`
+        in the reply: what `publish` checks a new version against, without a round trip more)."""
+        header = {"cmd": "hello", **({"layout_of": dict(layout_of)} if layout_of is not None else {})}
+        out = {n: h for n, (h, _) in self.rpc.call_all(header, timeout).items()}
         self._check_ring(out)
         return out
 
-    def live(self, timeout: float | None = None) -> tuple[dict[str, dict], dict[str, str]]:
+    def live(self, timeout: float | None = None, layout_of: Mapping | None = None
+             ) -> tuple[dict[str, dict], dict[str, str]]:
         """The hellos of the shards that answer, and why the others did not. RingMismatch if
-        one answers with another ring; PublishError if too few answer to see every piece."""
-        replies = self.rpc.call_all({"cmd": "hello"}, timeout, raise_on_error=False)
+        one answers with another ring; PublishError if too few answer to see every piece.
+        `layout_of`: as for `hello`."""
+        header = {"cmd": "hello", **({"layout_of": dict(layout_of)} if layout_of is not None else {})}
+        replies = self.rpc.call_all(header, timeout, raise_on_error=False)
         states = {n: h for n, (h, _) in replies.items() if h.get("ok")}
         self._check_ring(states)
         down = {n: _why(replies.get(n))[1] for n in self.shards if n not in states}
@@ -191,6 +200,29 @@ class ParamClient:
         """The tensors (dtype, shape) of a committed version, from the shards' manifests."""
         return {item[1]: (item[2], tuple(item[3])) for items in self.manifests(model, version, among).values()
                 for item in items}
+
+    def _hello_layout(self, states: Mapping[str, dict], model: str, version: int) -> Layout | None:
+        """The layout of `version` from the shards' hellos (`layout_of`), as `layout` reads it from
+        their manifests; None unless enough of them sent it that together they name every piece
+        (the rule `manifests` applies). A layout that is not a {tensor: [dtype, shape]} map of
+        names, dtype names and dimensions is not used (the manifests are read instead)."""
+        got = []
+        for h in states.values():
+            lay = h.get("layout_of")
+            if (isinstance(lay, dict) and lay.get("model") == model and lay.get("version") == version
+                    and isinstance(lay.get("layout"), dict)):
+                got.append(lay["layout"])
+        if len(got) < min_live(len(self.shards), self.replicas):
+            return None
+        out: Layout = {}
+        for lay in got:
+            for name, entry in lay.items():
+                if not (isinstance(name, str) and isinstance(entry, list) and len(entry) == 2
+                        and isinstance(entry[0], str) and isinstance(entry[1], list)
+                        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in entry[1])):
+                    return None
+                out[name] = (entry[0], tuple(entry[1]))
+        return out
 
     def manifests(self, model: str, version: int, among: Iterable[str] | None = None) -> dict[str, list]:
         """{shard: manifest of `version`} from the shards that hold it (asking only `among`, when
@@ -230,8 +262,9 @@ class ParamClient:
         problem = model_name_problem(model)
         if problem:
             raise PublishError(f"cannot publish: {problem}")
+        ask = {"model": model, "version": base}  # the layout to check against, in the same round trip
         try:
-            states, down = self.live() if self.replicas > 1 else (self.hello(), {})
+            states, down = self.live(layout_of=ask) if self.replicas > 1 else (self.hello(layout_of=ask), {})
         except ShardCallError as exc:
             raise PublishError(f"cannot publish {model!r}: {exc}") from None
         except PublishError as exc:
@@ -253,10 +286,12 @@ class ParamClient:
         currents = set(previous.values()) - {None}
         ref_version = base if base is not None else (currents.pop() if len(currents) == 1 else None)
         if ref_version is not None and (base is not None or not allow_layout_change):
-            try:
-                ref = self.layout(model, ref_version, among=states)
-            except ShardCallError as exc:
-                raise PublishError(f"cannot read the layout of {model!r} v{ref_version}: {exc}") from None
+            ref = self._hello_layout(states, model, ref_version)
+            if ref is None:  # not from enough hellos (a shard from before `layout_of`): the manifests, as ever
+                try:
+                    ref = self.layout(model, ref_version, among=states)
+                except ShardCallError as exc:
+                    raise PublishError(f"cannot read the layout of {model!r} v{ref_version}: {exc}") from None
             problem = layout_problem(new_layout, ref, base is not None, allow_new)
             if problem:
                 what = (f"delta on v{base}" if base is not None else
@@ -268,7 +303,11 @@ class ParamClient:
         flat = {n: a.reshape(-1) for n, a in arrays.items()}
         requests = {}
         replace = {n: [d, list(shp)] for n, (d, shp) in new_layout.items()} if base is not None else None
-        placed = {n: mine for n, mine in place(pieces, self.shards, self.replicas).items() if n in states}
+        placed: dict[str, list] = {n: [] for n in sorted(self.shards) if n in states}  # as place(), on our ring
+        for p in pieces:
+            for n in owners(p.key, self.ring, self.replicas):
+                if n in placed:
+                    placed[n].append(p)
         unique = {p.key: p for mine in placed.values() for p in mine}  # a piece on R owners is hashed once
         frame_of = {k: memoryview(np.ascontiguousarray(flat[p.param][p.start:p.stop])).cast("B")
                     for k, p in unique.items()}
@@ -360,6 +399,7 @@ class ParamClient:
         commit) count: one from before may speak of a reverted version of the same number."""
         end = time.monotonic() + limit_s
         verdicts: dict[str, str] = {}
+        pause = WORKER_CHECK_POLL_FIRST_S  # a delta's workers report within ~20 ms: ask soon, then less often
         while True:
             followers = self._followers(model)
             if not followers:
@@ -384,7 +424,8 @@ class ParamClient:
                 raise PublishError(f"{model!r} v{version} is committed and current, but no live worker loaded it "
                                    f"within {limit_s:g}s (still waiting: {', '.join(waiting)}); check "
                                    f"`ringserve-admin status`, roll back if it is wrong")
-            time.sleep(0.1)
+            time.sleep(max(0.0, min(pause, end - time.monotonic())))
+            pause = min(2 * pause, WORKER_CHECK_POLL_MAX_S)
 
     def _followers(self, model: str) -> dict[str, tuple[float, dict]]:
         """(age in seconds, state) of the freshest report of every live worker following `model`,

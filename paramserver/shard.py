@@ -343,6 +343,29 @@ class Shard:
         self.followers.note(name, models, time.monotonic())
 
     def on_hello(self, header: dict, frames) -> dict:
+        reply = self._hello()
+        if header.get("layout_of") is not None:  # a publisher's: what it checks a new version against
+            reply["layout_of"] = self._layout_of(header["layout_of"])
+        return reply
+
+    def _layout_of(self, ask: object) -> dict:
+        """The layout ({tensor: [dtype, shape]}) of the committed version a publisher's hello asks
+        for (`version` None: the current one), so the publisher needs no manifest round trip
+        before it stages; `layout` None when this shard holds no readable copy of it."""
+        if not isinstance(ask, dict):
+            raise ProtocolError("field 'layout_of' must be a map {model, version}")
+        model, version = _model(ask), ask.get("version")
+        if version is None:
+            version = self.store.current.get(model)
+        elif not isinstance(version, int) or isinstance(version, bool) or version < 0:
+            raise ProtocolError("field 'layout_of.version' must be a non-negative integer or nil")
+        sl = self.store.slices.get(model, {}).get(version) if version is not None else None
+        if sl is None or self.store.corrupt.get(model, {}).get(version):
+            return {"model": model, "version": version, "layout": None}
+        return {"model": model, "version": version,
+                "layout": {p.param: [p.dtype, list(p.shape)] for p in sl.pieces.values()}}
+
+    def _hello(self) -> dict:
         return {"ok": True, "name": self.cfg.name, "pub": self.pub_endpoint, "boot": self.boot, "seq": self.seq,
                 "current": dict(self.store.current), "versions": self.store.versions(),
                 "history": {m: list(h) for m, h in self.store.history.items() if h},
