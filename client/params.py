@@ -3,7 +3,8 @@
 A version becomes visible only when every shard has committed it: workers switch only when
 all shards announce the same current version.
 
-Before anything is staged the new version is checked against the model's layout: a delta
+Before anything is staged the new version is checked against the model's layout (sent with the
+shards' hellos, `layout_of`; read from their manifests when too few hellos carry it): a delta
 against its base (same shapes and dtypes; new tensors only with `allow_new`), a full version
 against the current one (refused if it would leave the model unloadable, unless
 `allow_layout_change`). After staging, the shards' replies must tile every tensor exactly, or

@@ -1,7 +1,8 @@
 """One parameter-server shard: a ROUTER for commands, a PUB for announcements (Clone pattern).
 
 Commands ([RSP01][msgpack header][tensor frames...]): hello (state snapshot; a worker's hello
-also reports what it serves: paramserver/followers.py), stage (receive
+also reports what it serves: paramserver/followers.py; a publisher's may ask for a committed
+version's layout, `layout_of`, which it checks a new version against), stage (receive
 this shard's pieces of a new version, checksums verified, pieces not stored yet written to
 disk, invisible), commit (write its manifest: durable and current), abort, revert (undo a
 commit of a publish that failed elsewhere), fetch (send a version's manifest, or its pieces
