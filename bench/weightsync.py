@@ -25,7 +25,10 @@ fsync (median and last shard), its staged manifest's write and fsync, its wait f
 thread and its time from receipt to durable (`shard_manifest_s`, `shard_queued_s`,
 `shard_durable_s`: fastest and slowest shard), stages answered, commit done, the workers' prefetch of the staged
 version (last to finish), their fetch after the commit (manifest, transfer, build), last swap;
-breakdown_first_delta: the same for the first (idle) delta.
+breakdown_first_delta: the same for the first (idle) delta. delta_steps_rounds: for every idle
+delta, the publisher's own marks (seconds from its start: hello, layout, stage_sent,
+stage_answered, commit_arbiter, commit_rest, publish, all_on; at any log level);
+cpu_s_delta_rounds: the CPU each role spent in each idle delta.
 
 Replication (issue 20; `--replicas`, default 2): with `--kill-shard`, one more full sync in
 which the last shard is SIGKILLed right after the publish commits, while the workers fetch:
