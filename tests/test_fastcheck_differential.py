@@ -35,10 +35,10 @@ import struct
 import msgpack
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from ringserve.protocol import envelope, fastanswer, fastcheck
+from ringserve.protocol import codec, envelope, fastanswer, fastcheck
 from ringserve.protocol.codec import check_tensors, decode_tensors, pack, unpack_map
 from ringserve.protocol.envelope import (
     MAX_ID_LEN, REPLY_FIELDS, checked_result, dispatch_frames_packed, packed_reply_frames, parse_dispatch,
@@ -48,7 +48,7 @@ from ringserve.protocol.messages import ProtocolError
 
 pytestmark = pytest.mark.timeout(120)
 
-SETTINGS = settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ITEM = {"float32": 4, "int64": 8, "uint8": 1, "bool": 1, "float16": 2, "float64": 8, "int8": 1, "int16": 2,
         "int32": 4}
 EPOCH, WORKER = "e1", "w1"
@@ -214,9 +214,9 @@ def mutate_pairs(draw, pairs: list, fields: list) -> list:
         pairs.insert(draw(st.integers(0, len(pairs))), pairs[i])
     elif m == "dup_odd":
         pairs.insert(draw(st.integers(0, len(pairs))), (pairs[i][0], draw(ODD)))
-    elif m == "bad_key":
+    elif m == "bad_key" and type(pairs[i][0]) is str:
         pairs[i] = (BadStr(pairs[i][0].encode() + draw(st.sampled_from(BAD_UTF8))), pairs[i][1])
-    elif m == "bin_key":
+    elif m == "bin_key" and type(pairs[i][0]) is str:
         pairs[i] = (pairs[i][0].encode(), pairs[i][1])
     elif m == "int_key":
         pairs[i] = (draw(st.integers(0, 3)), pairs[i][1])
@@ -335,6 +335,7 @@ def test_one_request_header_gets_one_verdict(req):
     got = fastcheck.request_fields(r, frames)
     if valid:
         assert got is not None, (raw, frames, want)
+    event(f"request: compiled {'took it' if got is not None else 'left it to Python'}")
     if got is not None:
         assert repr(envelope.ClientRequest(*got)) == want, "the compiled path took what Python refuses or reads otherwise"
     arrays = fastcheck.request_arrays(r, frames)  # the worker's pass over the same header
@@ -367,7 +368,9 @@ def test_the_master_concludes_the_same_of_a_packed_client_batch(reqs, form, data
         first = enc(rows * 300)  # 1200 > MAX_CLIENT_BATCH rows
     frames = [first, *(f for _, (_, fs, _) in reqs for f in fs)]
     frames = _frames_off(data.draw, frames)
-    assert batch_outcome(*split_batch_checked(frames)) == batch_outcome(*split_batch_packed(frames))
+    got = split_batch_checked(frames)
+    event(f"batch: {sum(e[4] is not None for e in got[0])} of {len(got[0])} requests compiled")
+    assert batch_outcome(*got) == batch_outcome(*split_batch_packed(frames))
 
 
 # ------------------------------------------------------------------ worker result headers
@@ -443,6 +446,8 @@ def test_the_master_concludes_the_same_of_a_packed_reply(results, data):
     want = _results(lambda f: split_replies(f), frames)
     got = _results(lambda f: split_results(f, EPOCH, WORKER), frames)
     assert got == want
+    if type(got) is list:
+        event(f"reply: compiled {'took it' if split_results(frames, EPOCH, WORKER)[0][3] is not None else 'left it'}")
     if (all(v for _, _, v in results) and first in ("ok", "wide") and type(want) is list
             and all(c.startswith("(") for _, _, c in want)):  # results Python takes: so does the compiled path
         assert all(c is not None for _, _, _, c in split_results(frames, EPOCH, WORKER)), frames
@@ -455,6 +460,7 @@ def test_one_result_header_gets_one_verdict(res):
     got = fastcheck.fast_result(raw, frames, 0, len(frames), EPOCH, WORKER)
     if valid and results_outcome([(raw, unpack_map(raw), frames)])[0][2].startswith("("):
         assert got is not None, (raw, frames)
+    event(f"result: compiled {'took it' if got is not None else 'left it to Python'}")
     if got is None:
         return
     header = unpack_map(raw)
@@ -518,6 +524,7 @@ def test_the_worker_concludes_the_same_of_a_packed_request(reqs, data):
         got = f"refused: {exc}"
     assert got == want
     fast = envelope._fast_dispatch(frames)
+    event(f"REQUEST: compiled {'took it' if fast is not None else 'left it to Python'}")
     if fast is not None:
         assert all(d.error is None and d.arrays is not None for d in fast)
     elif (form in ("ok", "wide") and len(frames) == 1 + sum(len(fs) for _, fs, _ in entries)
@@ -575,6 +582,7 @@ def test_the_client_concludes_the_same_of_a_packed_answer_message(answers, data)
         slow = split_replies(frames)
     except ProtocolError:
         slow = None
+    event(f"answers: compiled {'took it' if fast is not None else 'left it to Python'}")
     if fast is None:
         return
     assert slow is not None, f"the compiled path took a message Python refuses: {frames!r}"
@@ -643,3 +651,29 @@ def test_every_prefix_and_every_wide_form_of_a_valid_message_gets_one_verdict():
             got = f"refused: {exc}"
         assert got == want
     assert envelope._fast_dispatch(request_frames_) is not None
+
+
+# ------------------------------------------------------------------ codec's own fast loop (Python, same rule)
+@SETTINGS
+@given(st.lists(tensor(), max_size=4), st.data())
+def test_codecs_fast_tensor_loops_accept_only_what_the_full_walk_accepts(tensors, data):
+    """codec._fast_check / _fast_walk (the flat loops check_tensors and decode_tensors try first, on
+    every path above) against _walk, which decides and words refusals: same verdict, same arrays."""
+    meta = [t[0] for t in tensors]
+    frames = _frames_off(data.draw, [b"", *(t[1] for t in tensors if t[1] is not None)])[1:]
+    try:
+        meta = unpack_map(enc({"m": meta}))["m"]  # as a peer's bytes decode
+    except ProtocolError:
+        return
+    try:
+        want = codec._walk(meta, frames, make=True)
+    except ProtocolError:
+        want = None
+    if codec._fast_check(meta, frames):
+        assert want is not None
+    fast = codec._fast_walk(meta, frames, True)
+    event(f"codec: fast loop {'took it' if fast is not None else 'left it to _walk'}")
+    if fast is not None:
+        assert want is not None and list(fast) == list(want)
+        for name, a in fast.items():
+            assert (a.dtype, a.shape, a.tobytes()) == (want[name].dtype, want[name].shape, want[name].tobytes())
