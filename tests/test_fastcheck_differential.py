@@ -496,6 +496,14 @@ def dispatch_outcome(frames) -> list | str:
     return [repr(one(d)) for d in frames]
 
 
+def dispatch_verdict(parse, frames) -> list | str:
+    """What one REQUEST parser concludes of the frames: its outcome, or its refusal's words."""
+    try:
+        return dispatch_outcome(parse(frames))
+    except ProtocolError as exc:
+        return f"refused: {exc}"
+
+
 @SETTINGS
 @given(st.lists(st.tuples(route(), request()), min_size=1, max_size=4), st.data())
 def test_the_worker_concludes_the_same_of_a_packed_request(reqs, data):
@@ -519,15 +527,7 @@ def test_the_worker_concludes_the_same_of_a_packed_request(reqs, data):
         frames[0] = enc(rows)
     elif form == "trunc":
         frames[0] = bytes(frames[0])[:data.draw(st.integers(0, len(frames[0]) - 1))]
-    try:
-        want = dispatch_outcome(envelope._python_dispatch(frames))
-    except ProtocolError as exc:
-        want = f"refused: {exc}"
-    try:
-        got = dispatch_outcome(parse_dispatch(frames))
-    except ProtocolError as exc:
-        got = f"refused: {exc}"
-    assert got == want
+    assert dispatch_verdict(parse_dispatch, frames) == dispatch_verdict(envelope._python_dispatch, frames)
     fast = envelope._fast_dispatch(frames)
     event(f"REQUEST: compiled {'took it' if fast is not None else 'left it to Python'}")
     if fast is not None:
@@ -646,15 +646,7 @@ def test_every_prefix_and_every_wide_form_of_a_valid_message_gets_one_verdict():
     for cut in range(len(request_frames_[0])):
         frames = [request_frames_[0][:cut], *request_frames_[1:]]
         assert envelope._fast_dispatch(frames) is None
-        try:
-            want = dispatch_outcome(envelope._python_dispatch(frames))
-        except ProtocolError as exc:
-            want = f"refused: {exc}"
-        try:
-            got = dispatch_outcome(parse_dispatch(frames))
-        except ProtocolError as exc:
-            got = f"refused: {exc}"
-        assert got == want
+        assert dispatch_verdict(parse_dispatch, frames) == dispatch_verdict(envelope._python_dispatch, frames)
     assert envelope._fast_dispatch(request_frames_) is not None
 
 
