@@ -166,9 +166,12 @@ def test_a_master_that_batches_but_does_not_pack_gets_mmi_batch(zctx):
     t = threading.Thread(target=previous_master, daemon=True)
     t.start()
     try:
-        with Client(f"tcp://127.0.0.1:{port}", timeout=10) as c:
+        # failover_after well past the test: a fail-over (the fake master's thread starved for 0.6 s on a
+        # loaded machine) sets packed back to True on purpose, since the next master may be newer
+        with Client(f"tcp://127.0.0.1:{port}", timeout=10, failover_after=60.0) as c:
             futs = [c.infer_async("echo", {"x": np.full((1, 4), float(i), np.float32)}) for i in range(20)]
             assert [f.result(timeout=20).outputs["x"][0, 0] for f in futs] == [float(i) for i in range(20)]
+            assert c._rel.stats.failovers == 0
             assert c._rel.packed is False  # told 501 once, it stays with mmi.batch
     finally:
         stop.set()
