@@ -45,7 +45,7 @@ from ringserve.client.errors import Conflict
 from ringserve.protocol.digest import DEFAULT as PIECE_DIGEST, checksum as piece_checksum
 from ringserve.protocol.codec import to_numpy
 from ringserve.protocol.placement import (DEFAULT_CHUNK_BYTES, fingerprint, min_live, model_name_problem, owners,
-                                          parse_shards, plan, quorum_problem, resolve_replicas, ring,
+                                          parse_shards, place, plan, quorum_problem, resolve_replicas, ring,
                                           ring_problem)
 from ringserve.protocol.security import Security
 from ringserve.protocol.shardrpc import ShardCallError, ShardRPC
@@ -122,6 +122,11 @@ def tiling_problem(layouts: Mapping[str, Mapping[str, list]]) -> tuple[Layout, s
     return {p: (d, s) for p, (d, s, _) in merged.items()}, ("; ".join(problems[:8]) or None)
 
 
+def _hello_header(layout_of: Mapping | None) -> dict:
+    """A publisher's hello; with `layout_of` ({model, version}) it asks for that version's layout too."""
+    return {"cmd": "hello", **({"layout_of": dict(layout_of)} if layout_of is not None else {})}
+
+
 class ParamClient:
     def __init__(self, shards: str | Mapping[str, str], chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  timeout: float = 30.0, security: Security | None = None, replicas: int | None = None,
@@ -153,8 +158,7 @@ class ParamClient:
         """Every shard's hello (ShardCallError if one does not answer); `layout_of` ({model,
         version or None for the current one}) asks each for that version's layout too (`layout_of`
         in the reply: what `publish` checks a new version against, without a round trip more)."""
-        header = {"cmd": "hello", **({"layout_of": dict(layout_of)} if layout_of is not None else {})}
-        out = {n: h for n, (h, _) in self.rpc.call_all(header, timeout).items()}
+        out = {n: h for n, (h, _) in self.rpc.call_all(_hello_header(layout_of), timeout).items()}
         self._check_ring(out)
         return out
 
@@ -163,8 +167,7 @@ class ParamClient:
         """The hellos of the shards that answer, and why the others did not. RingMismatch if
         one answers with another ring; PublishError if too few answer to see every piece.
         `layout_of`: as for `hello`."""
-        header = {"cmd": "hello", **({"layout_of": dict(layout_of)} if layout_of is not None else {})}
-        replies = self.rpc.call_all(header, timeout, raise_on_error=False)
+        replies = self.rpc.call_all(_hello_header(layout_of), timeout, raise_on_error=False)
         states = {n: h for n, (h, _) in replies.items() if h.get("ok")}
         self._check_ring(states)
         down = {n: _why(replies.get(n))[1] for n in self.shards if n not in states}
@@ -304,11 +307,7 @@ class ParamClient:
         flat = {n: a.reshape(-1) for n, a in arrays.items()}
         requests = {}
         replace = {n: [d, list(shp)] for n, (d, shp) in new_layout.items()} if base is not None else None
-        placed: dict[str, list] = {n: [] for n in sorted(self.shards) if n in states}  # as place(), on our ring
-        for p in pieces:
-            for n in owners(p.key, self.ring, self.replicas):
-                if n in placed:
-                    placed[n].append(p)
+        placed = {n: mine for n, mine in place(pieces, self.ring, self.replicas).items() if n in states}
         unique = {p.key: p for mine in placed.values() for p in mine}  # a piece on R owners is hashed once
         frame_of = {k: memoryview(np.ascontiguousarray(flat[p.param][p.start:p.stop])).cast("B")
                     for k, p in unique.items()}

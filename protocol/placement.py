@@ -159,10 +159,15 @@ def owners(key: str, shard_names: Iterable[str] | HashRing, replicas: int = 1) -
     return [n["nodename"] if isinstance(n, dict) else str(n) for n in r.range(key, size=replicas, unique=True)]
 
 
-def place(pieces: Iterable[Piece], shard_names: Iterable[str], replicas: int = 1) -> dict[str, list[Piece]]:
-    """Group pieces by the shards that own them (each piece under each of its `replicas` owners)."""
-    names = sorted(shard_names)
-    r = ring(names)
+def place(pieces: Iterable[Piece], shard_names: Iterable[str] | HashRing, replicas: int = 1
+          ) -> dict[str, list[Piece]]:
+    """Group pieces by the shards that own them (each piece under each of its `replicas` owners).
+    Given a ring already built (a publisher's), it is used as it is, not built again."""
+    if isinstance(shard_names, HashRing):
+        r, names = shard_names, sorted(shard_names.get_nodes())
+    else:
+        names = sorted(shard_names)
+        r = ring(names)
     out: dict[str, list[Piece]] = {n: [] for n in names}
     for p in pieces:
         for n in owners(p.key, r, replicas):

@@ -99,3 +99,12 @@ def test_a_malformed_hello_layout_is_not_used():
             assert pc._hello_layout({"ps0": {"layout_of": bad}, "ps1": {"layout_of": good}}, "m", 3) is None
     finally:
         pc.close()
+
+
+def test_place_on_a_built_ring_groups_as_on_the_names():
+    """The publisher passes its own ring to `place`: the grouping is the one the names give."""
+    from ringserve.protocol.placement import place, plan, ring
+    names = ["ps-2", "ps-0", "ps-1", "ps-3"]
+    pieces = plan({f"w{i}": ("float32", [64, 64], 4) for i in range(20)}, chunk_bytes=4096)
+    for replicas in (1, 2, 3):
+        assert place(pieces, ring(names), replicas) == place(pieces, names, replicas)
