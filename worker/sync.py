@@ -62,7 +62,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from ringserve.protocol.digest import CHECKSUM_FORMS, checksum_matches, is_checksum
-from ringserve.protocol.codec import SUPPORTED_DTYPES, pack, unpack_map
+from ringserve.protocol.codec import _ITEMSIZE, _NAME, SUPPORTED_DTYPES, pack, unpack_map
 from ringserve.protocol.messages import SHARD_PROTO, ProtocolError
 from ringserve.protocol.placement import Piece, fingerprint, min_live, model_name_problem, resolve_replicas, ring_problem
 from ringserve.protocol.security import Security
@@ -555,25 +555,11 @@ def _nbytes(p: Piece) -> int:
     return (p.stop - p.start) * _itemsize(p.dtype)
 
 
-_DTYPE_NAMES: dict[np.dtype, str] = {}  # bounded: one entry per dtype numpy has
-_ITEMSIZES: dict[str, int] = {}  # bounded: keys are SUPPORTED_DTYPES (checked by _item before any use)
-
-
-def _dtype_name(dt: np.dtype) -> str:
-    """`dt.name`, remembered: numpy builds the name string on every access (a plan asks once per tensor)."""
-    name = _DTYPE_NAMES.get(dt)
-    if name is None:
-        name = _DTYPE_NAMES[dt] = dt.name
-    return name
-
-
 def _itemsize(dtype: str) -> int:
-    size = _ITEMSIZES.get(dtype)
-    if size is None:
-        size = np.dtype(dtype).itemsize
-        if dtype in SUPPORTED_DTYPES:
-            _ITEMSIZES[dtype] = size
-    return size
+    """codec's table for the wire's dtypes (no numpy dtype built per tensor); numpy for any other
+    name, which `_item` refuses before it is used."""
+    size = _ITEMSIZE.get(dtype)
+    return size if size is not None else np.dtype(dtype).itemsize
 
 
 def reachable_pub(announced: str, command: str) -> str:
@@ -727,7 +713,7 @@ def plan_version(manifests: Mapping[str, list], held: Held | None, shapes: Mappi
         if edge != numel:
             raise ValueError(f"tensor {param}: the shards' pieces do not cover its {numel} elements")
         old = held.flat.get(param) if held else None
-        reuse = old is not None and old.size == numel and _dtype_name(old.dtype) == dtype
+        reuse = old is not None and old.size == numel and (_NAME.get(old.dtype) or old.dtype.name) == dtype
         changed = [(p, c) for p, c in plist if not (reuse and held.sums.get(p.key) == c)]
         if not changed:
             arr = old  # shared with the held version, never written
