@@ -155,28 +155,10 @@ class ModelQueues:
 
     def push_new(self, req: PendingRequest, pin: int | None) -> bool:
         """`push(req)` when `full(req.model, pin)` says there is room; False (nothing queued) when
-        full. The room is for the client's `pin` (None: unpinned), the FIFO is `req.version`'s.
-        One call per request (on_request's): `full` and `push` written out, so the model's depth and
-        pins are looked up once, not twice (tests/test_master9_books.py holds it to the two calls)."""
-        model = req.model
-        depth = self._depth.get(model, 0)
-        if depth >= self.max_queue:
+        full. The room is for the client's `pin` (None: unpinned), the FIFO is `req.version`'s."""
+        if self.full(req.model, pin):
             return False
-        pins = self._queues.get(model)
-        if pins is None:
-            if self.max_pins <= 0:  # full(): no pin is held yet, and none may be
-                return False
-            pins = self._queues[model] = {}
-        elif pin not in pins and len(pins) >= self.max_pins:
-            return False
-        version, key = req.version, req.key
-        q = pins.get(version)
-        if q is None:
-            q = pins[version] = OrderedDict()
-        if key not in q:
-            self._depth[model] = depth + 1
-        req.seq = next(self._seq)
-        q[key] = req
+        self.push(req)
         return True
 
     def remove(self, req: PendingRequest) -> None:
