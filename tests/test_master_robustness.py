@@ -544,3 +544,17 @@ def test_models_map_keeps_versions_held_side_by_side_and_refusals():
                 {"refused": {"version": "x"}}, {"refused": {"version": 1, "reason": "y" * 5000}}):
         with pytest.raises(ProtocolError):
             parse_models({"m": {"version": 1, **bad}})
+
+
+@pytest.mark.parametrize("version", [2**63, 2**64 - 1])
+def test_a_pin_past_what_a_version_can_be_is_unknown_and_the_master_keeps_serving(broker, version):
+    """A client's version pin is only checked non-negative (tests/test_protocol_bounds.py): one past
+    2**63 - 1 matches no version a worker can announce, so it is answered UNKNOWN_VERSION at once,
+    never dispatched, and the next request is served as usual."""
+    w = register(broker, b"w")
+    client = dealer(broker, "frontend")
+    request(client, "huge", version=version)
+    got = answer(recv(broker, client))
+    assert got["id"] == "huge" and got["error"]["code"] == "UNKNOWN_VERSION", got
+    request(client, "next")
+    assert next_request(broker, w)["id"] == "next"
