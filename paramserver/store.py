@@ -25,7 +25,9 @@ through the page cache in one unbuffered write, its writeback started at once (s
 works on every piece of a stage while the next ones are written), and, when fsynced, its pages
 dropped from the page cache once its fsync made them clean (the shard serves the copies it
 holds in memory and reads a piece file again only at a restart). Durability rests on the same
-fsyncs either way. The shard does this
+fsyncs either way. O_DIRECT pieces of one call are written and fsynced in IO_LANES lanes at
+once (the calling thread and a small pool of the store's own), since each such write waits for
+the disk: every lane's pieces are fsynced before any rename, as before. The shard does this
 when a stage arrives, on a writer thread (`write_files` touches no books; `note_written`, on
 the shard's loop, books them), so the disk works while the other shards receive theirs and
 workers fetch the stage, and a commit is quick; a commit writes whatever is still missing, then the
@@ -63,6 +65,7 @@ import mmap
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,6 +141,7 @@ def _write_all(f, buf: memoryview) -> None:
 
 DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, length and offset multiples of this (covers 512 B and 4 KiB blocks)
 BOUNCE_BYTES = 4 * 1024 * 1024  # the aligned buffer a piece goes through on its way to an O_DIRECT write
+IO_LANES = 4  # O_DIRECT pieces of one call written and fsynced by this many threads at once (each waits for the disk)
 _bounce = threading.local()  # one per writing thread (the shard's writer thread, its loop), kept for good
 
 
@@ -265,6 +269,7 @@ class ShardStore:
         self.root = Path(root)
         self.fsync = fsync  # piece files fsynced before a stage is answered (False: --durability replicated)
         self.direct = direct  # piece files written O_DIRECT when fsynced (False: through the page cache)
+        self._pool: ThreadPoolExecutor | None = None  # IO_LANES - 1 more threads writing O_DIRECT pieces
         self.root.mkdir(parents=True, exist_ok=True)
         self.keep = keep
         self.slices: dict[str, dict[int, Slice]] = {}  # model -> version -> slice
@@ -323,23 +328,30 @@ class ShardStore:
         tmps = []
         manifest = None
         t0 = t1 = time.monotonic()
+        direct = self.fsync and self.direct
+        lanes = [list(todo.items())[i::IO_LANES] for i in range(IO_LANES)] if direct and len(todo) > 1 else [list(todo.items())]
+        lanes = [lane for lane in lanes if lane]
+        jobs = [self._io_pool().submit(self._write_lane, pdir, suffix, lane) for lane in lanes[1:]]
+        here = None
         try:
-            for c, arr in todo.items():  # write everything, then fsync: the disk works on all of it at once
-                f, direct = _open_piece(pdir / f"{c}{suffix}", self.fsync and self.direct)
-                tmps.append((c, f))
-                if _write_piece(f, direct, memoryview(np.ascontiguousarray(arr)).cast("B")):
-                    continue  # on the disk already (O_DIRECT): its fsync makes its size and blocks durable
-                if direct:
-                    self.direct = False  # this file system took O_DIRECT but not its writes: plain ones from now on
-                if self.fsync:
-                    _start_writeback(f.fileno())  # the disk starts on this piece while the next is written
-            t1 = time.monotonic()
-            if sl is not None:
-                manifest = self._open_staged_manifest(model, sl, tag)
-            for _c, f in tmps:
-                if self.fsync:
-                    os.fsync(f.fileno())
-                    _drop_cached(f.fileno())  # clean now: out of the page cache
+            try:
+                here = self._write_lane(pdir, suffix, lanes[0], sync=sl is None) if lanes else None
+                if sl is not None:  # written while the pieces go to disk, fsynced after them
+                    manifest = self._open_staged_manifest(model, sl, tag)
+                    if here is not None:
+                        self._fsync_lane(here[0])
+            finally:
+                done = [here] if here is not None else []
+                failed = None
+                for job in jobs:
+                    try:
+                        done.append(job.result())
+                    except BaseException as exc:  # noqa: BLE001 - that lane removed its own files
+                        failed = failed or exc
+                tmps = [cf for files, _ in done for cf in files]
+                if failed is not None:
+                    raise failed
+            t1 = max((end for _, end in done), default=t0)
         except BaseException:
             for c, f in tmps:  # a full disk, say: leave nothing half written behind
                 f.close()
@@ -366,6 +378,42 @@ class ShardStore:
             _fsync_dir(pdir)
         out["fsync_s"] = round(time.monotonic() - t1 - out.get("manifest_s", 0.0), 4) if tmps else 0.0
         return out
+
+    def _io_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(IO_LANES - 1, thread_name_prefix="ringserve-piece-io")
+        return self._pool
+
+    def _write_lane(self, pdir: Path, suffix: str, lane: list, sync: bool = True) -> tuple[list, float]:
+        """Write the pieces of `lane` ((checksum, array) pairs) to their temporary files and, with
+        `sync` (and the store's fsync), fsync them. Returns ([(checksum, open file)], when the
+        writes ended). On a failure its own files are closed and removed before it raises."""
+        files: list = []
+        try:
+            for c, arr in lane:
+                f, direct = _open_piece(pdir / f"{c}{suffix}", self.fsync and self.direct)
+                files.append((c, f))
+                if _write_piece(f, direct, memoryview(np.ascontiguousarray(arr)).cast("B")):
+                    continue  # on the disk already (O_DIRECT): its fsync makes its size and blocks durable
+                if direct:
+                    self.direct = False  # this file system took O_DIRECT but not its writes: plain ones from now on
+                if self.fsync:
+                    _start_writeback(f.fileno())  # the disk starts on this piece while the next is written
+            ended = time.monotonic()
+            if sync:
+                self._fsync_lane(files)
+        except BaseException:
+            for c, f in files:
+                f.close()
+                (pdir / f"{c}{suffix}").unlink(missing_ok=True)
+            raise
+        return files, ended
+
+    def _fsync_lane(self, files: list) -> None:
+        for _c, f in files:
+            if self.fsync:
+                os.fsync(f.fileno())
+                _drop_cached(f.fileno())  # clean now: out of the page cache
 
     def note_written(self, model: str, todo: dict[str, np.ndarray]) -> None:
         """Book piece files `write_files` made (on this store's own thread)."""
