@@ -379,6 +379,12 @@ class ShardStore:
         out["fsync_s"] = round(time.monotonic() - t1 - out.get("manifest_s", 0.0), 4) if tmps else 0.0
         return out
 
+    def close(self) -> None:
+        """Let the lanes' threads go (a store writing again starts them anew)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
     def _io_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(IO_LANES - 1, thread_name_prefix="ringserve-piece-io")
