@@ -27,7 +27,8 @@ dropped from the page cache once its fsync made them clean (the shard serves the
 holds in memory and reads a piece file again only at a restart). Durability rests on the same
 fsyncs either way. O_DIRECT pieces of one call are written and fsynced in IO_LANES lanes at
 once (the calling thread and a small pool of the store's own), since each such write waits for
-the disk: every lane's pieces are fsynced before any rename, as before. The shard does this
+the disk: every lane's pieces are fsynced before any rename, as before. Each thread that writes
+keeps its bounce buffer (BOUNCE_BYTES, 4 MiB) for good: 16 MiB for a shard's four lanes. The shard does this
 when a stage arrives, on a writer thread (`write_files` touches no books; `note_written`, on
 the shard's loop, books them), so the disk works while the other shards receive theirs and
 workers fetch the stage, and a commit is quick; a commit writes whatever is still missing, then the
@@ -397,7 +398,10 @@ class ShardStore:
         files: list = []
         try:
             for c, arr in lane:
-                f, direct = _open_piece(pdir / f"{c}{suffix}", self.fsync and self.direct)
+                asked = self.fsync and self.direct
+                f, direct = _open_piece(pdir / f"{c}{suffix}", asked)
+                if asked and not direct:
+                    self.direct = False  # refused at open (tmpfs): plain files from now on, no second try
                 files.append((c, f))
                 if _write_piece(f, direct, memoryview(np.ascontiguousarray(arr)).cast("B")):
                     continue  # on the disk already (O_DIRECT): its fsync makes its size and blocks durable

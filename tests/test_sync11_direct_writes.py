@@ -126,3 +126,23 @@ def test_every_direct_piece_is_fsynced_before_its_rename(tmp_path, monkeypatch):
     assert len(renames) == len(todo)
     for i in renames:
         assert ("fsync", calls[i][1]) in calls[:i] or not os.path.exists("/proc/self/fd")
+
+
+def test_a_file_system_refusing_o_direct_gets_plain_files(tmp_path, monkeypatch):
+    """Refused at open (tmpfs: EINVAL): plain writes, the same bytes, and no second try."""
+    opened: list[int] = []
+    real_open = os.open
+
+    def refusing(path, flags, mode=0o777, **kw):
+        opened.append(flags)
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, mode, **kw)
+
+    monkeypatch.setattr(store_mod.os, "open", refusing)
+    todo = _todo((5000, 9000, 70_000, 123))
+    st = ShardStore(tmp_path, keep=3)
+    st.write_files("m", todo, tag="t1")
+    assert not st.direct and sum(1 for fl in opened if fl & os.O_DIRECT) <= 4  # at most once per lane
+    for c, a in todo.items():
+        assert (tmp_path / "m" / PIECES / c).read_bytes() == a.tobytes()
