@@ -216,6 +216,7 @@ class Shard:
                 self.repairer.stopping.set()
                 self.repairer.join(timeout=5)
             self.writer.shutdown(wait=True, cancel_futures=True)  # a write in progress ends; .tmp files go at start
+            self.store.close()
             for fd in (self._wake_r, self._wake_w):
                 os.close(fd)
             self.router.close(linger=0)

@@ -12,12 +12,23 @@ current version with the highest epoch among a piece's owners, so a shard that m
 rollback while down does not bring the old version back).
 
 Write path: only pieces not stored yet are written (a delta writes its changed pieces plus a
-small manifest), each to a temporary name in one unbuffered write, its writeback started at
-once (so the disk works on every piece of a stage while the next ones are written), then all
-fsynced (unless `fsync=False`: the shard's `--durability replicated`), each one's pages dropped
-from the page cache once its fsync made them clean (the shard serves the copies it holds in
-memory and reads a piece file again only at a restart), renamed, then the pieces directory is
-fsynced. The shard does this
+small manifest), each to a temporary name, then all fsynced (unless `fsync=False`: the shard's
+`--durability replicated`), renamed, then the pieces directory is fsynced. With fsync (the
+default) a piece file is opened O_DIRECT and its bytes go through a page-aligned bounce buffer
+of the writing thread's own (mapped once, reused: the frames a shard received are not
+block-aligned), the last block zero-padded and the file cut back to its length before the
+fsync: the disk reads the bytes from that buffer and no page-cache page is filled (issue 22,
+sync11: the copy into fresh page-cache pages was most of the writer threads' CPU in
+bench/weightsync.py). Where O_DIRECT is refused (tmpfs at open; EINVAL or a short write at the
+first write: the file is written again, whole) and with `fsync=False`, a piece is written
+through the page cache in one unbuffered write, its writeback started at once (so the disk
+works on every piece of a stage while the next ones are written), and, when fsynced, its pages
+dropped from the page cache once its fsync made them clean (the shard serves the copies it
+holds in memory and reads a piece file again only at a restart). Durability rests on the same
+fsyncs either way. O_DIRECT pieces of one call are written and fsynced in IO_LANES lanes at
+once (the calling thread and a small pool of the store's own), since each such write waits for
+the disk: every lane's pieces are fsynced before any rename, as before. Each thread that writes
+keeps its bounce buffer (BOUNCE_BYTES, 4 MiB) for good: 16 MiB for a shard's four lanes. The shard does this
 when a stage arrives, on a writer thread (`write_files` touches no books; `note_written`, on
 the shard's loop, books them), so the disk works while the other shards receive theirs and
 workers fetch the stage, and a commit is quick; a commit writes whatever is still missing, then the
@@ -48,10 +59,14 @@ manifest) are still read; new commits use pieces.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import json
+import mmap
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +140,71 @@ def _write_all(f, buf: memoryview) -> None:
     raise OSError(errno.EIO, "write made no progress")
 
 
+DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, length and offset multiples of this (covers 512 B and 4 KiB blocks)
+BOUNCE_BYTES = 4 * 1024 * 1024  # the aligned buffer a piece goes through on its way to an O_DIRECT write
+IO_LANES = 4  # O_DIRECT pieces of one call written and fsynced by this many threads at once (each waits for the disk)
+_bounce = threading.local()  # one per writing thread (the shard's writer thread, its loop), kept for good
+
+
+def _bounce_buffer() -> memoryview:
+    """This thread's page-aligned bounce buffer: mapped and touched once, then reused for every
+    piece, so a write touches no page it has not touched before."""
+    buf = getattr(_bounce, "buf", None)
+    if buf is None:
+        buf = _bounce.buf = memoryview(mmap.mmap(-1, BOUNCE_BYTES))
+    return buf
+
+
+def _open_piece(path: Path, direct: bool):
+    """(unbuffered file, whether it is O_DIRECT) for a new piece file; O_DIRECT is asked for only
+    when `direct`, and a file system that refuses it (tmpfs: EINVAL) gets a plain file."""
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return open(path, "wb", buffering=0, opener=lambda p, fl: os.open(p, fl | os.O_DIRECT, 0o666)), True
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+    return open(path, "wb", buffering=0), False
+
+
+def _write_direct(f, buf: memoryview) -> bool:
+    """Write all of `buf` to the O_DIRECT file `f` through this thread's bounce buffer (the
+    received frames a shard holds are not block-aligned): the disk reads the bytes from that
+    buffer, and no page-cache page is filled. The last block is padded with zeros and the file
+    cut back to `len(buf)`. False (nothing to rely on in the file) when the kernel refuses
+    the alignment (EINVAL) or writes short: the caller writes the file again without O_DIRECT."""
+    fd, bounce, off, n = f.fileno(), _bounce_buffer(), 0, len(buf)
+    while off < n:
+        k = min(BOUNCE_BYTES, n - off)
+        bounce[:k] = buf[off:off + k]
+        padded = -(-k // DIRECT_ALIGN) * DIRECT_ALIGN
+        if padded > k:
+            bounce[k:padded] = bytes(padded - k)
+        try:
+            if os.pwrite(fd, bounce[:padded], off) != padded:
+                return False
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            return False
+        off += k
+    if n % DIRECT_ALIGN:
+        os.ftruncate(fd, n)
+    return True
+
+
+def _write_piece(f, direct: bool, buf: memoryview) -> bool:
+    """Write a piece file's bytes; True when they went O_DIRECT (nothing in the page cache)."""
+    if direct:
+        if _write_direct(f, buf):
+            return True
+        fd = f.fileno()
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        os.ftruncate(fd, 0)
+    _write_all(f, buf)
+    return False
+
+
 def _start_writeback(fd: int) -> None:
     """Ask the kernel to start writing a file's dirty pages now, without waiting (Linux: a
     POSIX_FADV_DONTNEED on dirty pages starts their writeback; it drops only the pages clean
@@ -186,9 +266,11 @@ def unreferenced(stored: set[str], slices: dict) -> set[str]:
 
 
 class ShardStore:
-    def __init__(self, root: str | os.PathLike, keep: int = 3, fsync: bool = True):
+    def __init__(self, root: str | os.PathLike, keep: int = 3, fsync: bool = True, direct: bool = True):
         self.root = Path(root)
         self.fsync = fsync  # piece files fsynced before a stage is answered (False: --durability replicated)
+        self.direct = direct  # piece files written O_DIRECT when fsynced (False: through the page cache)
+        self._pool: ThreadPoolExecutor | None = None  # IO_LANES - 1 more threads writing O_DIRECT pieces
         self.root.mkdir(parents=True, exist_ok=True)
         self.keep = keep
         self.slices: dict[str, dict[int, Slice]] = {}  # model -> version -> slice
@@ -247,20 +329,30 @@ class ShardStore:
         tmps = []
         manifest = None
         t0 = t1 = time.monotonic()
+        direct = self.fsync and self.direct
+        lanes = [list(todo.items())[i::IO_LANES] for i in range(IO_LANES)] if direct and len(todo) > 1 else [list(todo.items())]
+        lanes = [lane for lane in lanes if lane]
+        jobs = [self._io_pool().submit(self._write_lane, pdir, suffix, lane) for lane in lanes[1:]]
+        here = None
         try:
-            for c, arr in todo.items():  # write everything, then fsync: the disk works on all of it at once
-                f = open(pdir / f"{c}{suffix}", "wb", buffering=0)  # one write syscall per piece
-                tmps.append((c, f))
-                _write_all(f, memoryview(np.ascontiguousarray(arr)).cast("B"))
-                if self.fsync:
-                    _start_writeback(f.fileno())  # the disk starts on this piece while the next is written
-            t1 = time.monotonic()
-            if sl is not None:
-                manifest = self._open_staged_manifest(model, sl, tag)
-            for _c, f in tmps:
-                if self.fsync:
-                    os.fsync(f.fileno())
-                    _drop_cached(f.fileno())  # clean now: out of the page cache
+            try:
+                here = self._write_lane(pdir, suffix, lanes[0], sync=sl is None) if lanes else None
+                if sl is not None:  # written while the pieces go to disk, fsynced after them
+                    manifest = self._open_staged_manifest(model, sl, tag)
+                    if here is not None:
+                        self._fsync_lane(here[0])
+            finally:
+                done = [here] if here is not None else []
+                failed = None
+                for job in jobs:
+                    try:
+                        done.append(job.result())
+                    except BaseException as exc:  # noqa: BLE001 - that lane removed its own files
+                        failed = failed or exc
+                tmps = [cf for files, _ in done for cf in files]
+                if failed is not None:
+                    raise failed
+            t1 = max((end for _, end in done), default=t0)
         except BaseException:
             for c, f in tmps:  # a full disk, say: leave nothing half written behind
                 f.close()
@@ -287,6 +379,51 @@ class ShardStore:
             _fsync_dir(pdir)
         out["fsync_s"] = round(time.monotonic() - t1 - out.get("manifest_s", 0.0), 4) if tmps else 0.0
         return out
+
+    def close(self) -> None:
+        """Let the lanes' threads go (a store writing again starts them anew)."""
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    def _io_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(IO_LANES - 1, thread_name_prefix="ringserve-piece-io")
+        return self._pool
+
+    def _write_lane(self, pdir: Path, suffix: str, lane: list, sync: bool = True) -> tuple[list, float]:
+        """Write the pieces of `lane` ((checksum, array) pairs) to their temporary files and, with
+        `sync` (and the store's fsync), fsync them. Returns ([(checksum, open file)], when the
+        writes ended). On a failure its own files are closed and removed before it raises."""
+        files: list = []
+        try:
+            for c, arr in lane:
+                asked = self.fsync and self.direct
+                f, direct = _open_piece(pdir / f"{c}{suffix}", asked)
+                if asked and not direct:
+                    self.direct = False  # refused at open (tmpfs): plain files from now on, no second try
+                files.append((c, f))
+                if _write_piece(f, direct, memoryview(np.ascontiguousarray(arr)).cast("B")):
+                    continue  # on the disk already (O_DIRECT): its fsync makes its size and blocks durable
+                if direct:
+                    self.direct = False  # this file system took O_DIRECT but not its writes: plain ones from now on
+                if self.fsync:
+                    _start_writeback(f.fileno())  # the disk starts on this piece while the next is written
+            ended = time.monotonic()
+            if sync:
+                self._fsync_lane(files)
+        except BaseException:
+            for c, f in files:
+                f.close()
+                (pdir / f"{c}{suffix}").unlink(missing_ok=True)
+            raise
+        return files, ended
+
+    def _fsync_lane(self, files: list) -> None:
+        for _c, f in files:
+            if self.fsync:
+                os.fsync(f.fileno())
+                _drop_cached(f.fileno())  # clean now: out of the page cache
 
     def note_written(self, model: str, todo: dict[str, np.ndarray]) -> None:
         """Book piece files `write_files` made (on this store's own thread)."""
