@@ -14,7 +14,13 @@ bench/weightsync.py: worker CPU per full sync 1.04-1.05 s -> 0.71 s). A tunable 
 process start, so `large_buffer_env` is what a launcher adds to a role's environment
 (launch/procs.py does; see docs/deployment.md for servers started otherwise).
 
-The master and the shards hold messages, so they return large buffers (`return_large_buffers_to_the_os`).
+The master holds messages of every size a client sends, so it returns large buffers
+(`return_large_buffers_to_the_os`). A shard's large buffers are the frames of stages, 1 MiB
+pieces received, held while their version is kept and freed at a prune, with the next stage's
+pieces the same sizes: it keeps them (`keep_piece_buffers`), so a stage lands in memory the last
+pruned version held instead of in fresh mappings (bench/weightsync.py, ninth round: the shards
+took ~52,000 page faults per full sync, one per 4 KiB page received; their peak now stays
+mapped after a prune, bounded by the versions they keep plus the staging bound).
 A worker's large buffers are mostly a model's activations, allocated and freed by every batch
 at the same sizes: it keeps them (`keep_compute_buffers`), as PyTorch's own caching allocators
 do on a GPU, so its peak is one batch's activations on top of the weights it holds.
@@ -47,6 +53,11 @@ def large_buffer_env(environ: dict | None = None) -> dict[str, str]:
 def return_large_buffers_to_the_os() -> bool:
     """Fix glibc's mmap threshold (no-op elsewhere); True when it took effect."""
     return _mallopt((M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+
+
+def keep_piece_buffers() -> bool:
+    """For a shard: as `keep_compute_buffers` (a stage's pieces reuse the memory of pruned ones)."""
+    return keep_compute_buffers()
 
 
 def keep_compute_buffers() -> bool:

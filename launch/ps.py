@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 
 from ringserve.launch.cli import bind_error_exit, make_parser, parse_args
-from ringserve.launch.memory import return_large_buffers_to_the_os
+from ringserve.launch.memory import keep_piece_buffers
 from ringserve.launch.logsetup import add_log_flag, configure_logging
 from ringserve.launch.metrics import add_metrics_flags, metrics_access, start_metrics
 from ringserve.launch.procs import announce
@@ -55,7 +55,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(parser(), argv)
     configure_logging("paramserver", args.log_level)
-    return_large_buffers_to_the_os()
+    keep_piece_buffers()
     # A shard's key is named after the shard: workers find its public key by the ring's names.
     sec = security_from_args(args, "shard", (args.bind, args.pub), default_name=args.name)
     try:
