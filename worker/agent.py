@@ -36,7 +36,7 @@ from ringserve.protocol.security import Security
 from ringserve.protocol.sockets import drain, send_frames
 from ringserve.worker.batching import Batcher, WorkItem, signature
 from ringserve.worker.compute import ComputeThread
-from ringserve.worker.handoff import CHANGED, RESULT
+from ringserve.worker.handoff import CHANGED, read_result
 from ringserve.worker.loader import BadInput, ServedModel
 from ringserve.worker.metrics import WorkerMetrics
 
@@ -427,11 +427,12 @@ class WorkerAgent:
 
     def on_result(self, frames: list[zmq.Frame]) -> None:
         kind = frames[0].bytes
-        if kind == RESULT:  # [RESULT][count][link][packed headers][data frames] (worker/handoff.py)
-            count, link = int(frames[1].bytes), self.links[int(frames[2].bytes)]
+        result = read_result(kind)
+        if result is not None:  # [RESULT count link][packed headers][data frames] (worker/handoff.py)
+            count, link = result[0], self.links[result[1]]
             self.in_flight -= count
             link.in_flight -= count
-            link.replies.append((count, frames[3], frames[4:]))
+            link.replies.append((count, frames[1], frames[2:]))
         elif kind == CHANGED:
             self._heartbeat(time.monotonic())
 

@@ -373,6 +373,12 @@ class Batcher:
                 soonest[key] = min(i.deadline for i in keep)
         return gone
 
+    @staticmethod
+    def wants_cost(batch: Sequence[WorkItem]) -> bool:
+        """Whether ``observe`` uses what this batch cost (ragged models without buckets only)."""
+        r = batch[0].ragged
+        return r is not None and r.cut_by_length
+
     def observe(self, batch: Sequence[WorkItem], seconds: float) -> None:
         """A batch ran in `seconds`: fit what a call costs (ragged models without buckets only)."""
         r = batch[0].ragged

@@ -150,6 +150,8 @@ class ComputeThread(threading.Thread):
             pass
 
     def _apply_swaps(self) -> None:
+        if not self.swaps.qsize():  # the common turn: nothing queued, and no Empty raised to say so
+            return  # (a swap queued after this look is seen next turn: the weight-sync thread wakes us)
         changed = False
         while True:
             try:
@@ -222,16 +224,19 @@ class ComputeThread(threading.Thread):
                 return
             pinned = target
         started = self.busy_since = time.monotonic()
-        cpu_started = time.thread_time()
+        # What a call costs, for a batcher that cuts batches by length (Batcher.wants_cost): on a CPU
+        # this thread's CPU time, which other processes on a shared machine do not inflate (with more
+        # torch threads it counts this thread's share, as the wall time of the parallel part shrinks
+        # too); on a GPU the wall time. Read only then: the thread's clock is a system call.
+        costed = self.batcher.wants_cost(batch)
+        cpu_started = time.thread_time() if costed and model.device.type == "cpu" else None
         owners = batch  # the item each reply answers (none for those gone on to a postprocess stage)
         try:
             replies = self._compute(model, batch, pinned)
             owners = [] if model.opts.postprocess is not None else batch
-            # What a call costs, for batches by length: on a CPU this thread's CPU time, which other
-            # processes on a shared machine do not inflate (with more torch threads it counts this
-            # thread's share, as the wall time of the parallel part shrinks too); on a GPU the wall time.
-            took = time.thread_time() - cpu_started if model.device.type == "cpu" else time.monotonic() - started
-            self.batcher.observe(batch, took)
+            if costed:
+                took = time.thread_time() - cpu_started if cpu_started is not None else time.monotonic() - started
+                self.batcher.observe(batch, took)
         except Exception as exc:
             if len(batch) == 1:
                 replies = [self._failure(model, batch[0], exc)]

@@ -1,7 +1,8 @@
 """What the compute thread and the stage threads hand the socket thread: one message per batch.
 
-A batch's answers travel over the inproc pipe as ``[RESULT, count, link, packed headers, *data
-frames]``, where the packed headers are exactly the first frame of a framing-2 REPLY (a msgpack
+A batch's answers travel over the inproc pipe as ``[RESULT count link, packed headers, *data
+frames]`` (the first frame ``b"R<count> <link>"``: a frame less to send is a GIL hand-over less per
+batch; ``read_result`` reads it), where the packed headers are exactly the first frame of a framing-2 REPLY (a msgpack
 list of each answer's packed header, ``envelope.packed_reply_frames``). Why: the socket thread then
 receives a few frames per batch instead of one per answer, and sends a turn's single part on to a
 framing-2 master as it came, without splitting the headers out of frames and packing them again
@@ -26,7 +27,7 @@ import numpy as np
 from ringserve.protocol.codec import BYTES, INLINE_MAX, encode_tensors, pack, pack_pairs
 from ringserve.protocol.envelope import packed_reply_frames
 
-RESULT = b"R"  # [RESULT, count, link, packed headers, *data frames]: `count` answers for master `link`
+RESULT = b"R"  # [RESULT count link, packed headers, *data frames]: `count` answers for master `link`
 CHANGED = b"S"  # [CHANGED]: model state changed (new version): heartbeat now
 
 
@@ -34,8 +35,16 @@ def result_frames(link: int, replies: Sequence[tuple[dict | bytes, Sequence]]) -
     """[(reply header, or the header already packed, out-of-line frames)] for one master -> the
     RESULT message's frames."""
     data = [f for _, frames in replies for f in frames]
-    return [RESULT, str(len(replies)).encode(), str(link).encode(),
+    return [b"R%d %d" % (len(replies), link),
             *packed_reply_frames([header if type(header) is bytes else pack(header) for header, _ in replies], data)]
+
+
+def read_result(first: bytes) -> tuple[int, int] | None:
+    """A hand-over's first frame -> (count, link) for a RESULT (``result_frames``), None for anything else."""
+    if first[:1] != RESULT:
+        return None
+    count, link = first[1:].split(b" ")
+    return int(count), int(link)
 
 
 def shared_fields(fields: Mapping[str, Any], own_count: int) -> tuple[bytes, dict, int]:
