@@ -719,27 +719,46 @@ def _fast_dispatch(frames: Sequence) -> list[Dispatch] | None:
     with its inputs decoded (`arrays`) and its header left packed (`raw`). None for anything else,
     a single entry it does not take included: the Python path then decides the whole REQUEST, and
     words every refusal, so this path never changes a verdict."""
+    rows = fast_requests(frames)
+    if rows is None:
+        return None
+    return [Dispatch(key, attempt, model, version, timeout_ms, None, data, cid=cid, raw=raw, arrays=arrays)
+            for key, attempt, model, version, timeout_ms, cid, data, arrays, raw in rows]
+
+
+def fast_requests(frames: Sequence) -> list[tuple] | None:
+    """The compiled path of parse_dispatch (`_fast_dispatch`, whose checks these are) as plain rows,
+    for a worker that builds its own object per request and needs no Dispatch in between:
+    ``(key, attempt, model, version, timeout_ms, client id, tensor frames, inputs decoded, client
+    header packed)`` per request, in order; None wherever `_fast_dispatch` is None (the caller then
+    asks parse_dispatch, whose Python path decides and words every refusal)."""
+    if not frames:
+        return None
     routes = fastcheck.decode_routes(frames[0])
     if routes is None:
         return None
     decode, used, arrays_of = fastcheck.decode_request, fastcheck.frames_used, fastcheck.request_arrays
     isfinite = math.isfinite
     out, k, total = [], 1, len(frames)
+    append = out.append
     for rt in routes:
-        r = decode(rt.header)
+        raw = rt.header
+        r = decode(raw)
         if r is None:
             return None
         n = used(r)
-        if k + n > total:
-            return None
-        data = list(frames[k:k + n]) if n else []
+        if n:
+            if k + n > total:
+                return None
+            data = list(frames[k:k + n])
+            k += n
+        else:
+            data = []
         arrays = arrays_of(r, data)
         timeout_ms = rt.timeout_ms
         if arrays is None or not isfinite(timeout_ms):
             return None
-        out.append(Dispatch(rt.key, rt.attempt, rt.model, rt.version, float(timeout_ms), None, data, cid=r.id,
-                            raw=rt.header, arrays=arrays))
-        k += n
+        append((rt.key, rt.attempt, rt.model, rt.version, float(timeout_ms), r.id, data, arrays, raw))
     return out if k == total else None
 
 

@@ -5,6 +5,7 @@ the general path still takes every batch the fast path must not (outputs out of 
 bytes the codec would convert, a model that returns the wrong number of rows)."""
 from __future__ import annotations
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -12,7 +13,7 @@ import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ringserve.protocol.codec import INLINE_MAX, decode_tensors, encode_tensors, pack, unpack_map
+from ringserve.protocol.codec import INLINE_MAX, decode_tensors, encode_tensors, pack, unpack, unpack_map
 from ringserve.protocol.envelope import split_replies
 from ringserve.worker.batching import Batcher, WorkItem, signature, split_outputs
 from ringserve.worker.compute import ComputeThread
@@ -89,11 +90,18 @@ def compute():
 def test_packed_replies_match_the_general_path_field_for_field(compute, monkeypatch):
     ct, model = compute
     items = [_item(i, 1 + i % 3, link=i % 2, timing={"preprocess_ms": 0.5} if i == 3 else None) for i in range(9)]
+    for i, item in enumerate(items):  # arrivals in runs (one REQUEST each), so timing maps are shared and not
+        item.arrival = float(i // 4) / 1000.0
     fast = ct._compute(model, items, None)
-    assert all(type(h) is bytes and frames == [] for h, frames in fast)
-    monkeypatch.setattr("ringserve.worker.compute.batch_outputs", lambda outputs, rows: None)
+    assert all(type(h) is bytes and len(frames) == 0 for h, frames in fast)
+    monkeypatch.setattr("ringserve.worker.compute.batch_outputs", lambda outputs, rows, packed=False: None)
     slow = ct._compute(model, items, None)
     assert all(type(h) is dict for h, _ in slow)
+    fast_queue = {}  # each arrival's queue_ms, the same for every answer that arrived then
+    for (fh, _), item in zip(fast, items, strict=True):
+        assert fast_queue.setdefault(item.arrival, unpack_map(fh)["timing"]["queue_ms"]) == \
+            unpack_map(fh)["timing"]["queue_ms"]
+    assert len(set(fast_queue.values())) == len(fast_queue)  # and a different one for each arrival
     for (fh, _), (sh, sframes), item in zip(fast, slow, items, strict=True):
         f, s = unpack_map(fh), unpack_map(pack(sh))
         f["timing"].pop("compute_ms"), s["timing"].pop("compute_ms")  # two runs of the model: two times
@@ -101,7 +109,7 @@ def test_packed_replies_match_the_general_path_field_for_field(compute, monkeypa
         assert f == s and f["epoch"] == f"e{item.link}" and f["worker"] == "w1"
         assert decode_tensors(f["outputs"], [])["logits"].shape == (item.rows, 10)
     # what the socket thread receives: one RESULT whose replies split as the master splits them
-    replies = split_replies(result_frames(0, fast)[3:])
+    replies = split_replies(result_frames(0, fast)[1:])
     assert [unpack_map(raw)["key"] for raw, _, _ in replies] == [i.rid for i in items]
 
 
@@ -118,3 +126,20 @@ def test_a_signature_from_the_socket_thread_groups_as_the_batcher_would():
 
     for sig in (False, True):
         assert key(a, sig) == key(b, sig) == key(a, not sig) and key(a, sig) != key(c, sig)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.lists(st.integers(1, 300), min_size=1, max_size=12),
+       shapes=st.lists(st.tuples(st.sampled_from(["float32", "int64", "bool", "float16", "uint8"]),
+                                 st.lists(st.integers(0, 5), max_size=2)), min_size=1, max_size=17))
+def test_packed_batch_outputs_are_the_lists_encoded(rows, shapes):
+    """batch_outputs(packed=True) (each request's list encoded once per row count, its bytes
+    joined on) is, byte for byte, the list batch_outputs gives, encoded; None exactly when it is."""
+    total = sum(rows)
+    rng = np.random.default_rng(total)
+    outputs = {f"o{k}": (rng.standard_normal((total, *tail)) * 10).astype(dt) for k, (dt, tail) in enumerate(shapes)}
+    plain, packed = batch_outputs(outputs, rows), batch_outputs(outputs, rows, packed=True)
+    assert (plain is None) == (packed is None)
+    if plain is not None:
+        assert [bytes(r) for r in packed] == [msgspec.msgpack.encode(m) for m in plain]
+        assert [unpack(bytes(r)) for r in packed] == plain

@@ -26,8 +26,8 @@ import zmq
 
 from ringserve.protocol.codec import decode_tensors, pack, unpack, unpack_map
 from ringserve.protocol.envelope import (
-    FRAMING, MAX_PACKED_BYTES, MAX_PER_MESSAGE, Dispatch, bounded_chunks, packed_reply_frames, parse_dispatch,
-    peer_framing, reply_frames, split_replies,
+    FRAMING, MAX_PACKED_BYTES, MAX_PER_MESSAGE, Dispatch, bounded_chunks, fast_requests, packed_reply_frames,
+    parse_dispatch, peer_framing, reply_frames, split_replies,
 )
 from ringserve.protocol.messages import (
     DISCONNECT, DRAIN, HEARTBEAT, READY, REPLY, REQUEST, WORKER_PROTO, ErrorCode, ProtocolError, error_body,
@@ -36,7 +36,7 @@ from ringserve.protocol.security import Security
 from ringserve.protocol.sockets import drain, send_frames
 from ringserve.worker.batching import Batcher, WorkItem, signature
 from ringserve.worker.compute import ComputeThread
-from ringserve.worker.handoff import CHANGED, RESULT
+from ringserve.worker.handoff import CHANGED, read_result
 from ringserve.worker.loader import BadInput, ServedModel
 from ringserve.worker.metrics import WorkerMetrics
 
@@ -336,28 +336,36 @@ class WorkerAgent:
         before it may join a batch; the good ones go to the compute thread in one hand-over, the
         bad ones are answered BAD_REQUEST together, by key. A REQUEST with no readable dispatch
         list has no key to answer: the master is told at once (a heartbeat counting it) and
-        reclaims those credit slots when their deadlines pass."""
+        reclaims those credit slots when their deadlines pass.
+        A REQUEST the compiled checks take whole comes as plain rows (``envelope.fast_requests``: no
+        Dispatch per request); anything else goes through parse_dispatch, which words every refusal."""
         link = link or self.links[0]
-        try:
-            dispatched = parse_dispatch(frames)
-        except ProtocolError as exc:
-            self.unsplittable += 1
-            log.warning("bad_request_from_master", master=link.endpoint, error=str(exc),
-                        unsplittable=self.unsplittable)
-            self._heartbeat(time.monotonic())
-            return
         now = time.monotonic()
         items, refused = [], []
-        for d in dispatched:
+        rows = fast_requests(frames)
+        if rows is not None:
+            work_item = self._work_item_of
+            for key, attempt, model, version, timeout_ms, cid, data, arrays, _ in rows:
+                try:
+                    items.append(work_item(key, attempt, model, version, timeout_ms, cid, data, arrays, now, link.index))
+                except Exception as exc:  # noqa: BLE001 - answered by key, as the Dispatch path answers it
+                    refused.append((self._refused(key, attempt, cid, exc), ()))
+        else:
             try:
-                if d.error is not None:
-                    raise ProtocolError(d.error)
-                items.append(self._work_item(d, now, link.index))
-            except (ProtocolError, BadInput) as exc:
-                refused.append((self._refusal(d, str(exc)), ()))
-            except Exception as exc:  # a check that trips on a value it did not expect: still the input's fault
-                log.warning("request_check_failed", request_id=d.cid, error=f"{type(exc).__name__}: {exc}")
-                refused.append((self._refusal(d, f"malformed request ({type(exc).__name__}: {str(exc)[:200]})"), ()))
+                dispatched = parse_dispatch(frames)
+            except ProtocolError as exc:
+                self.unsplittable += 1
+                log.warning("bad_request_from_master", master=link.endpoint, error=str(exc),
+                            unsplittable=self.unsplittable)
+                self._heartbeat(time.monotonic())
+                return
+            for d in dispatched:
+                try:
+                    if d.error is not None:
+                        raise ProtocolError(d.error)
+                    items.append(self._work_item(d, now, link.index))
+                except Exception as exc:  # noqa: BLE001 - see _refused
+                    refused.append((self._refused(d.key, d.attempt, d.cid, exc), ()))
         if items:
             self.in_flight += len(items)
             link.in_flight += len(items)
@@ -365,24 +373,37 @@ class WorkerAgent:
         if refused:
             self._send(link, [REPLY, *reply_frames(refused)])
 
-    @staticmethod
-    def _refusal(d: Dispatch, message: str) -> dict:
-        return error_body(d.cid, ErrorCode.BAD_REQUEST, message, key=d.key, attempt=d.attempt)
+    def _refused(self, key: str, attempt: int, cid: str | None, exc: Exception) -> dict:
+        """The BAD_REQUEST answer for one request whose checks failed: the check's own words for a
+        ProtocolError or BadInput; any other exception is a check that tripped on a value it did not
+        expect, still the input's fault (logged)."""
+        if isinstance(exc, (ProtocolError, BadInput)):
+            return error_body(cid, ErrorCode.BAD_REQUEST, str(exc), key=key, attempt=attempt)
+        log.warning("request_check_failed", request_id=cid, error=f"{type(exc).__name__}: {exc}")
+        return error_body(cid, ErrorCode.BAD_REQUEST, f"malformed request ({type(exc).__name__}: {str(exc)[:200]})",
+                          key=key, attempt=attempt)
 
     def _work_item(self, d: Dispatch, now: float, link: int = 0) -> WorkItem:
-        model = self.models.get(d.model)
-        if model is None:
-            raise ProtocolError(f"this worker does not serve model {d.model!r}")
         inputs = d.arrays  # decoded by parse_dispatch where its compiled path took the REQUEST
         if inputs is None:
+            if d.model not in self.models:  # before the tensors: the answer names the model, as it always did
+                raise ProtocolError(f"this worker does not serve model {d.model!r}")
             inputs = decode_tensors(d.header.get("inputs"), d.frames)
+        return self._work_item_of(d.key, d.attempt, d.model, d.version, d.timeout_ms, d.cid, d.frames, inputs, now, link)
+
+    def _work_item_of(self, key: str, attempt: int, name: str, version: int | None, timeout_ms: float, cid: str | None,
+                      frames: list, inputs: dict, now: float, link: int) -> WorkItem:
+        """One checked request's WorkItem (its routing fields checked by protocol/, its inputs here)."""
+        model = self.models.get(name)
+        if model is None:
+            raise ProtocolError(f"this worker does not serve model {name!r}")
         rows, sig = self._check_inputs(model, inputs)
         if model.on_demand and not model.ready:
             self._request_load(model.name)  # the request waits in the batcher until it is loaded
         # 0 means already expired: TIMEOUT without compute
-        timeout_s = min(max(d.timeout_ms, 0.0) / 1000.0, 3600.0)
-        return WorkItem(d.key, d.attempt, model.name, d.version, inputs, rows, arrival=now, deadline=now + timeout_s,
-                        keepalive=d.frames, cid=d.cid, link=link, sig=sig)
+        timeout_s = min(max(timeout_ms, 0.0) / 1000.0, 3600.0)
+        return WorkItem(key, attempt, name, version, inputs, rows, now, now + timeout_s, frames, cid=cid, link=link,
+                        sig=sig)
 
     def _check_inputs(self, model: ServedModel, inputs: dict) -> tuple[int, tuple | None]:
         """model.check_inputs, asked once per input signature: what it checks (names, dtypes, shapes
@@ -395,7 +416,7 @@ class WorkerAgent:
         so is any input that fails (the error is raised, never remembered)."""
         if model.has_stages:
             return model.check_inputs(inputs), None
-        key = (model.name, tuple((n, a.dtype, a.shape) for n, a in inputs.items()))
+        key = (model.name, tuple([(n, a.dtype, a.shape) for n, a in inputs.items()]))  # a list: a third cheaper than a genexpr
         known = self.checked.get(key)
         if known is None:
             known = (model.check_inputs(inputs), None if model.ragged is not None else signature(inputs))
@@ -406,11 +427,12 @@ class WorkerAgent:
 
     def on_result(self, frames: list[zmq.Frame]) -> None:
         kind = frames[0].bytes
-        if kind == RESULT:  # [RESULT][count][link][packed headers][data frames] (worker/handoff.py)
-            count, link = int(frames[1].bytes), self.links[int(frames[2].bytes)]
+        result = read_result(kind)
+        if result is not None:  # [RESULT count link][packed headers][data frames] (worker/handoff.py)
+            count, link = result[0], self.links[result[1]]
             self.in_flight -= count
             link.in_flight -= count
-            link.replies.append((count, frames[3], frames[4:]))
+            link.replies.append((count, frames[1], frames[2:]))
         elif kind == CHANGED:
             self._heartbeat(time.monotonic())
 

@@ -319,6 +319,36 @@ class Batcher:
         if soonest is None or item.deadline < soonest:
             self.soonest[key] = item.deadline
 
+    def add_all(self, items: Sequence[WorkItem]) -> None:
+        """``add`` of each item in order, the group looked up once for a run of items that share the
+        model and the checked signature (one REQUEST's requests, mostly): the same queues, rows and
+        soonest deadlines as adding them one by one."""
+        groups, rows, soonest, models = self.groups, self.rows, self.soonest, self.models
+        last_model, last_sig, group, key = None, None, None, None
+        for item in items:
+            sig = item.sig
+            if sig is None or item.model != last_model or sig is not last_sig or item.stage_version is not None:
+                m = models.get(item.model)
+                if sig is None or (m is not None and m.ragged is not None) or item.stage_version is not None:
+                    self.add(item)  # ragged, staged or not yet signed: the general way
+                    last_model = None
+                    continue
+                last_model, last_sig = item.model, sig
+                key = (item.model, item.version, None, sig)
+                group = groups.get(key)
+                if group is None:
+                    group = groups[key] = deque()
+            elif item.version != key[1]:
+                key = (item.model, item.version, None, sig)
+                group = groups.get(key)
+                if group is None:
+                    group = groups[key] = deque()
+            group.append(item)
+            rows[key] = rows.get(key, 0) + item.rows
+            first = soonest.get(key)
+            if first is None or item.deadline < first:
+                soonest[key] = item.deadline
+
     def take_model(self, model: str) -> list[WorkItem]:
         """Remove and return every request queued for `model` (it cannot be loaded: each is answered)."""
         gone = []
@@ -342,6 +372,12 @@ class Batcher:
             if keep:
                 soonest[key] = min(i.deadline for i in keep)
         return gone
+
+    @staticmethod
+    def wants_cost(batch: Sequence[WorkItem]) -> bool:
+        """Whether ``observe`` uses what this batch cost (ragged models without buckets only)."""
+        r = batch[0].ragged
+        return r is not None and r.cut_by_length
 
     def observe(self, batch: Sequence[WorkItem], seconds: float) -> None:
         """A batch ran in `seconds`: fit what a call costs (ragged models without buckets only)."""

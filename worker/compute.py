@@ -19,6 +19,7 @@ import threading
 import time
 from typing import Mapping
 
+import msgspec
 import structlog
 import torch
 import zmq
@@ -26,7 +27,9 @@ import zmq
 from ringserve.protocol.codec import encode_tensors
 from ringserve.protocol.messages import ErrorCode, error_body
 from ringserve.worker.batching import Batcher, WorkItem, concat_inputs, split_outputs
-from ringserve.worker.handoff import CHANGED, batch_outputs, joined_header, result_frames, shared_fields
+from ringserve.worker.handoff import (
+    CHANGED, batch_outputs, joined_header, packed_timing, result_frames, shared_fields,
+)
 from ringserve.worker.loader import ServedModel, input_error
 from ringserve.worker.metrics import WorkerMetrics
 from ringserve.worker.stages import POST, PRE, Inbox, StagePool, Task
@@ -35,6 +38,7 @@ log = structlog.get_logger("ringserve.worker.compute")
 
 IDLE_WAIT_S = 0.05
 OWN_FIELDS = 5  # what each answer of a packed batch adds to the shared fields: id, key, attempt, outputs, timing
+NO_FRAMES = ()  # an answer with every output inline: no frames of its own (one tuple for all)
 MAX_RESTAGED = 3  # times a request may be preprocessed again because its stages' version was swapped out
 
 
@@ -136,18 +140,18 @@ class ComputeThread(threading.Thread):
         self.inbox.put([])
 
     def _take_inbox(self, block_s: float | None) -> None:
-        add = self.batcher.add
+        add_all = self.batcher.add_all
         try:
             if block_s is not None:
-                for item in self.inbox.get(timeout=max(block_s, 0.0)):
-                    add(item)
+                add_all(self.inbox.get(timeout=max(block_s, 0.0)))
             while True:
-                for item in self.inbox.get_nowait():
-                    add(item)
+                add_all(self.inbox.get_nowait())
         except queue.Empty:
             pass
 
     def _apply_swaps(self) -> None:
+        if not self.swaps.qsize():  # the common turn: nothing queued, and no Empty raised to say so
+            return  # (a swap queued after this look is seen next turn: the weight-sync thread wakes us)
         changed = False
         while True:
             try:
@@ -220,16 +224,19 @@ class ComputeThread(threading.Thread):
                 return
             pinned = target
         started = self.busy_since = time.monotonic()
-        cpu_started = time.thread_time()
+        # What a call costs, for a batcher that cuts batches by length (Batcher.wants_cost): on a CPU
+        # this thread's CPU time, which other processes on a shared machine do not inflate (with more
+        # torch threads it counts this thread's share, as the wall time of the parallel part shrinks
+        # too); on a GPU the wall time. Read only then: the thread's clock is a system call.
+        costed = self.batcher.wants_cost(batch)
+        cpu_started = time.thread_time() if costed and model.device.type == "cpu" else None
         owners = batch  # the item each reply answers (none for those gone on to a postprocess stage)
         try:
             replies = self._compute(model, batch, pinned)
             owners = [] if model.opts.postprocess is not None else batch
-            # What a call costs, for batches by length: on a CPU this thread's CPU time, which other
-            # processes on a shared machine do not inflate (with more torch threads it counts this
-            # thread's share, as the wall time of the parallel part shrinks too); on a GPU the wall time.
-            took = time.thread_time() - cpu_started if model.device.type == "cpu" else time.monotonic() - started
-            self.batcher.observe(batch, took)
+            if costed:
+                took = time.thread_time() - cpu_started if cpu_started is not None else time.monotonic() - started
+                self.batcher.observe(batch, took)
         except Exception as exc:
             if len(batch) == 1:
                 replies = [self._failure(model, batch[0], exc)]
@@ -287,7 +294,7 @@ class ComputeThread(threading.Thread):
         post_stages = model.stages_for(version) if model.has_stages and model.opts.postprocess is not None else None
         name, worker, epochs = batch[0].model, self.worker_name, self.epochs  # one model per batch
         if post_stages is None and len(batch) > 1 and batch[0].ragged is None:
-            metas = batch_outputs(outputs, [i.rows for i in batch])
+            metas = batch_outputs(outputs, [i.rows for i in batch], packed=True)  # each request's, encoded
             if metas is not None:
                 return self._packed_replies(model, batch, version, rows, started, compute_ms, metas)
         replies = []
@@ -314,15 +321,18 @@ class ComputeThread(threading.Thread):
 
     def _packed_replies(self, model: ServedModel, batch: list[WorkItem], version: int | None, rows: int,
                         started: float, compute_ms: float, metas: list[list]) -> list[tuple[bytes, list]]:
-        """The batch's answers with every output inline (``batch_outputs``): the same fields as the
-        general path's headers, each packed as it goes to the master, the fields all of them share
-        packed once per master link (``joined_header``)."""
+        """The batch's answers with every output inline (``batch_outputs``, each request's list already
+        encoded): the same fields as the general path's headers, each packed as it goes to the master,
+        the fields all of them share packed once per master link (``joined_header``), the timing map
+        once per arrival (the requests of one REQUEST arrived together)."""
         shared_base = {"ok": True, "model": batch[0].model, "version": version, "batch_rows": rows}
         shared: dict[int, tuple] = {}
         worker, epochs = self.worker_name, self.epochs
         replies = []
         append = replies.append
         link, fields = None, None
+        encode = msgspec.msgpack.encode
+        arrival, timing = None, None  # the requests of one REQUEST arrived together: one timing map for them
         for item, meta in zip(batch, metas, strict=True):
             if item.link != link:  # a batch mostly comes from one master: look its fields up on a change only
                 link = item.link
@@ -332,11 +342,16 @@ class ComputeThread(threading.Thread):
                     fields = shared[link] = shared_fields(
                         {**shared_base, "worker": worker, "epoch": epoch} if epoch is not None and worker is not None
                         else shared_base, OWN_FIELDS)
-            queue_ms = round(1000 * (started - item.arrival), 3)
-            timing = {**item.timing, "queue_ms": queue_ms, "compute_ms": compute_ms} if item.timing \
-                else {"queue_ms": queue_ms, "compute_ms": compute_ms}
-            append((joined_header({"id": item.client_id, "key": item.rid,
-                                   "attempt": item.attempt, "outputs": meta, "timing": timing}, fields), []))
+            if item.timing:  # times of its own (a preprocess stage): a map of its own
+                timing, arrival = {**item.timing, "queue_ms": round(1000 * (started - item.arrival), 3),
+                                   "compute_ms": compute_ms}, None
+            elif item.arrival != arrival or timing is None:
+                arrival = item.arrival
+                timing = packed_timing({"queue_ms": round(1000 * (started - arrival), 3), "compute_ms": compute_ms})
+            own = {"id": item.rid if item.cid is None else item.cid, "key": item.rid, "attempt": item.attempt,
+                   "outputs": meta, "timing": timing}
+            head = fields[0]  # joined_header, written out for its common case (a fixmap): a call less per answer
+            append((head + encode(own)[1:] if head else joined_header(own, fields), NO_FRAMES))
         self.metrics.on_answers(model.name, "ok", len(replies))
         return replies
 

@@ -589,8 +589,8 @@ class ServedModel:
         t = torch.from_numpy(arr)
         if self.device.type == "cuda":
             t = t.pin_memory().to(self.device, non_blocking=True)
-        if t.is_floating_point() and self.opts.quantize is None:
-            t = t.to(self.float_dtype)
+        if t.is_floating_point() and self.opts.quantize is None and t.dtype is not self.float_dtype:
+            t = t.to(self.float_dtype)  # (to() of the dtype it has returns the tensor: the call alone skipped)
         return t
 
     def build_shadow(self, state: Mapping[str, torch.Tensor], version: int | None = None) -> torch.nn.Module:
@@ -769,6 +769,6 @@ def _to_numpy(t: torch.Tensor | np.ndarray) -> np.ndarray:
     if isinstance(t, np.ndarray):  # e.g. a bytes output (an object array of bytes or str)
         return t
     t = t.detach()
-    if t.is_floating_point() and t.dtype != torch.float64:
+    if t.is_floating_point() and t.dtype is not torch.float32 and t.dtype is not torch.float64:
         t = t.float()  # float16/bfloat16 outputs travel as float32 (numpy has no bfloat16)
-    return t.cpu().numpy()
+    return (t if t.is_cpu else t.cpu()).numpy()

@@ -39,7 +39,11 @@ class BatchHistogram:
     def observe_many(self, key: str, values: Sequence[float]) -> None:
         """Observe every value (a value equal to a bound falls in that bound's bucket, as in Prometheus)."""
         bounds = self.bounds
-        where = [bisect_left(bounds, v) for v in values]
+        where, last, at = [], None, 0
+        for v in values:  # a batch's waits come in runs of one value (one REQUEST's requests): one search a run
+            if v != last:
+                last, at = v, bisect_left(bounds, v)
+            where.append(at)
         total = sum(values)
         with self._lock:
             series = self._series.get(key)
