@@ -80,3 +80,58 @@ def test_a_header_that_cannot_be_packed_raises_when_the_request_is_made():
     except TypeError:
         return
     raise AssertionError("an unpackable tag was accepted")
+
+
+def test_an_unpackable_request_is_refused_at_submit_and_its_neighbours_go_at_once():
+    """Before, the header was packed in the loop's flush: an unpackable one raised there, after the
+    turn's list was taken, so the good requests queued beside it were not sent until their resend
+    (retry_interval later, asking for an ACK) and the bad one waited for its deadline."""
+    import asyncio
+
+    import zmq
+
+    from ringserve.client import AsyncClient
+    from ringserve.client.reliable import MMI_BATCH_PACKED_BYTES
+    from ringserve.protocol.envelope import split_batch_packed
+    from ringserve.protocol.messages import MDP_CLIENT
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.linger = 0
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+
+    async def main() -> list:
+        async with AsyncClient(f"tcp://127.0.0.1:{port}", timeout=5, retry_interval=30) as c:
+            x = np.zeros((1, 4), np.float32)
+            futures = [c.submit("mlp", {"x": x}, request_id="good-1")]
+            try:
+                c.submit("mlp", {"x": x}, request_id="bad", tags={"user": object()})
+            except TypeError:
+                pass
+            else:
+                raise AssertionError("an unpackable tag was accepted")
+            futures.append(c.submit("mlp", {"x": x}, request_id="good-2"))
+            assert "bad" not in c._rel.pending
+            loop, got = asyncio.get_running_loop(), []
+            end = loop.time() + 5
+            while len(got) < 2 and loop.time() < end:
+                if router.poll(0):
+                    frames = router.recv_multipart()
+                    assert frames[1:3] == [b"", MDP_CLIENT]
+                    if frames[3] == MMI_BATCH_PACKED_BYTES:
+                        reqs, broken = split_batch_packed(frames[4:])
+                        assert broken is None
+                        got += [h["id"] for _, _, h, _ in reqs]
+                    elif frames[3] == b"mlp":
+                        from ringserve.protocol.codec import unpack_map
+                        got.append(unpack_map(frames[4])["id"])
+                await asyncio.sleep(0.005)
+            for f in futures:
+                f.cancel()
+            return got
+
+    try:
+        assert asyncio.run(asyncio.wait_for(main(), 20)) == ["good-1", "good-2"]
+    finally:
+        router.close(0)
+        ctx.term()
