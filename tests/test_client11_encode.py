@@ -135,3 +135,10 @@ def test_an_unpackable_request_is_refused_at_submit_and_its_neighbours_go_at_onc
     finally:
         router.close(0)
         ctx.term()
+
+
+def test_values_only_msgpack_packs_still_pack_as_before():
+    import msgpack
+
+    rows = [["k", 1, "m", None, msgpack.Timestamp(1, 2), b"h"], [msgpack.ExtType(5, b"x"), b"h"]]
+    assert packed_frames([(r, []) for r in rows])[0] == pack(rows)
