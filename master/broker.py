@@ -43,7 +43,7 @@ from ringserve.protocol.codec import pack, pack_map_head, pack_pairs, short_repr
 from ringserve.protocol.envelope import (
     FRAMING, MAX_NAME_LEN, REPLY_FIELDS, answers_frames, bounded_chunks, checked_result, dispatch_chunks, dispatch_frames,
     dispatch_frames_packed, dispatch_one_packed, parse_heartbeat, parse_ready, parse_request_header, parse_worker_reply,
-    pack_rows, raw_bytes, split_batch, split_batch_checked, split_results,
+    raw_bytes, split_batch, split_batch_checked, split_results,
 )
 from ringserve.protocol.security import Security, user_id
 from ringserve.protocol.sockets import BindError, bind, drain, frames_nbytes, send_frames
@@ -1403,7 +1403,7 @@ class Broker:
                 if len(headers) == len(bodies):
                     headers = [h if type(h) is bytes else raw_bytes(h) for h in headers]
                     if sum(map(len, headers)) <= limit_b:  # what bounded_chunks would keep as one chunk
-                        self._send_raw_batch(ident, [pack_rows(headers)], len(headers))
+                        self._send_raw_batch(ident, [pack(headers)], len(headers))
                         continue
             for chunk in bounded_chunks(bodies, limit_n, limit_b, frames_nbytes):
                 self._send_batch(ident, chunk, packed)

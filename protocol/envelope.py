@@ -646,7 +646,7 @@ def dispatch_one_packed(rows: list[list]) -> list | None:
         total += len(row[5])
     if total > MAX_PACKED_BYTES and len(rows) > 1:
         return None
-    return [pack_rows(rows)]
+    return [pack(rows)]
 
 
 def bounded_chunks(items: Iterable, max_count: int, max_bytes: int, size: Callable[[Any], int],
