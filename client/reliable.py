@@ -56,7 +56,7 @@ from ringserve.client.reply import Reply
 from ringserve.protocol.codec import check_tensors, encode_tensors, pack, unpack_map
 from ringserve.protocol.fastanswer import split_answers
 from ringserve.protocol.envelope import (
-    batch_frames, client_frames, packed_frames, parse_reply, request_header, split_replies,
+    batch_frames, client_frames, pack_header, packed_frames, parse_reply, request_header, split_replies,
 )
 from ringserve.protocol.messages import (
     MDP_CLIENT, MMI_BATCH, MMI_BATCH_PACKED, MMI_NOT_IMPLEMENTED, MMI_PING, ProtocolError,
@@ -181,6 +181,7 @@ class Pending:
     rid: str
     service: bytes
     header: dict  # the request header as first sent (no ack asked)
+    head: bytes  # that header packed, once, when the request was made (a resend asking for an ACK packs its own)
     tensors: list  # out-of-line tensor frames
     future: Any  # concurrent.futures.Future or asyncio.Future
     deadline: float
@@ -193,7 +194,7 @@ class Pending:
 
     def packed_header(self) -> bytes:
         """The header as this send carries it: the first send as built, a resend asking for an ACK."""
-        return pack(self.header if self.sends <= 1 else {**self.header, "ack": True})
+        return self.head if self.sends <= 1 else pack({**self.header, "ack": True})
 
     def body(self) -> list:
         """The request's frames: its header, then its out-of-line tensors."""
@@ -205,11 +206,13 @@ class Pending:
 
 def new_pending(rid: str, model: str, inputs: Mapping[str, Any], timeout: float, grace: float, retry: float,
                 version: int | None, tags: Mapping[str, str] | None, future) -> Pending:
-    """A request ready to send (encoded in the caller's thread, so the I/O loop only sends)."""
+    """A request ready to send (encoded and its header packed in the caller's thread, so the I/O loop
+    only sends, and a header that cannot be packed raises to the caller here, not in the loop)."""
     meta, tensors = encode_tensors(inputs)
     now = time.monotonic()
     header = request_header(rid, meta, version=version, timeout_ms=timeout * 1000.0, tags=tags)
-    return Pending(rid, model.encode(), header, tensors, future, now + timeout + grace, now + retry, retry, model)
+    return Pending(rid, model.encode(), header, pack_header(header), tensors, future, now + timeout + grace,
+                   now + retry, retry, model)
 
 
 class Reliability:
