@@ -54,7 +54,7 @@ def test_small_inputs_key_by_their_exact_form_large_ones_by_a_marked_digest_inli
             assert key == pack(inline)
         else:
             assert len(key) == 21 and key[:1] == b"\0"  # a form starts with 0x9_ or 0xdc: never this
-        changed = [["a", "uint8", [len(data)], data[:-1] + b"\8"], inline[1]]
+        changed = [["a", "uint8", [len(data)], data[:-1] + b"\x08"], inline[1]]
         assert input_digest(changed, []) != key  # every byte counts, either kind
     c = ResponseCache(max_bytes=1 << 20)
     c.put(("m", 1, b"k"), {"ok": True}, [])
