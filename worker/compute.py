@@ -19,7 +19,6 @@ import threading
 import time
 from typing import Mapping
 
-import msgspec
 import structlog
 import torch
 import zmq
@@ -331,7 +330,6 @@ class ComputeThread(threading.Thread):
         replies = []
         append = replies.append
         link, fields = None, None
-        encode = msgspec.msgpack.encode
         arrival, timing = None, None  # the requests of one REQUEST arrived together: one timing map for them
         for item, meta in zip(batch, metas, strict=True):
             if item.link != link:  # a batch mostly comes from one master: look its fields up on a change only
@@ -348,10 +346,8 @@ class ComputeThread(threading.Thread):
             elif item.arrival != arrival or timing is None:
                 arrival = item.arrival
                 timing = packed_timing({"queue_ms": round(1000 * (started - arrival), 3), "compute_ms": compute_ms})
-            own = {"id": item.rid if item.cid is None else item.cid, "key": item.rid, "attempt": item.attempt,
-                   "outputs": meta, "timing": timing}
-            head = fields[0]  # joined_header, written out for its common case (a fixmap): a call less per answer
-            append((head + encode(own)[1:] if head else joined_header(own, fields), NO_FRAMES))
+            append((joined_header({"id": item.client_id, "key": item.rid, "attempt": item.attempt, "outputs": meta,
+                                   "timing": timing}, fields), NO_FRAMES))
         self.metrics.on_answers(model.name, "ok", len(replies))
         return replies
 

@@ -13,8 +13,8 @@ for single-row requests, the layout of their outputs: ``batch_outputs`` cuts eac
 inline outputs from one copy of each batched output, and ``joined_header`` packs only a request's
 own fields, the shared ones packed once per batch (``pack_pairs``). Both were most of the compute
 thread's time per request beyond the model (a dict, a split, an encode and a pack per answer).
-A request's own fields are encoded by msgspec (the same msgpack bytes as ``pack`` for these types,
-in a third of its time), which also lets a part already encoded travel as ``msgspec.Raw``: the
+A request's own fields are encoded by msgspec (envelope's ``pack_header``: the same msgpack bytes as
+``pack`` for these types, in a third of its time), which also lets a part already encoded travel as ``msgspec.Raw``: the
 timing map, which every answer of one REQUEST shares (``packed_timing``).
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import msgspec
 import numpy as np
 
 from ringserve.protocol.codec import BYTES, INLINE_MAX, encode_tensors, pack, pack_pairs
-from ringserve.protocol.envelope import packed_reply_frames
+from ringserve.protocol.envelope import pack_header, pack_rows, packed_reply_frames
 
 RESULT = b"R"  # [RESULT count link, packed headers, *data frames]: `count` answers for master `link`
 CHANGED = b"S"  # [CHANGED]: model state changed (new version): heartbeat now
@@ -55,9 +55,6 @@ def shared_fields(fields: Mapping[str, Any], own_count: int) -> tuple[bytes, dic
     return (bytes((0x80 | n,)) + pairs if n <= 15 else b""), dict(fields), own_count
 
 
-_encode = msgspec.msgpack.encode  # a function, not an Encoder: safe from any thread
-
-
 def joined_header(own: Mapping[str, Any], shared: tuple[bytes, dict, int]) -> bytes:
     """pack({**own, **shared fields}) for keys that do not overlap: a msgpack map is its length and
     then its pairs in any order, so a map of at most 15 entries is one byte (0x80 | length), the
@@ -65,13 +62,13 @@ def joined_header(own: Mapping[str, Any], shared: tuple[bytes, dict, int]) -> by
     `own`'s values may hold ``msgspec.Raw`` (msgpack already encoded, e.g. ``packed_timing``)."""
     head, fields, own_count = shared
     if not head or len(own) != own_count:  # not a fixmap (no reply header has that many fields today), or
-        return _encode({**own, **fields})  # not the count the head was made for: encode it whole
-    return head + _encode(own)[1:]
+        return pack_header({**own, **fields})  # not the count the head was made for: encode it whole
+    return head + pack_header(own)[1:]
 
 
 def packed_timing(timing: Mapping[str, Any]) -> msgspec.Raw:
     """A reply's timing map encoded once, for every answer that shares it (``joined_header``'s `own`)."""
-    return msgspec.Raw(_encode(timing))
+    return msgspec.Raw(pack_header(timing))
 
 
 def batch_outputs(outputs: Mapping[str, Any], rows: Sequence[int], packed: bool = False) -> list | None:
@@ -117,8 +114,8 @@ def _packed_outputs(cut: list, rows: Sequence[int]) -> list[msgspec.Raw]:
             for k, (name, dtname, tail, rb, _) in enumerate(cut):
                 size = n * rb  # the bytes' own head: bin 8 or bin 16 (a share is at most INLINE_MAX)
                 bin_head = bytes((0xC4, size)) if size < 0x100 else b"\xc5" + size.to_bytes(2, "big")
-                head = _encode([name, dtname, [n, *tail], b""])[:-2] + bin_head  # [..., bin 8 of 0 bytes] less its head
-                parts.append((_encode([None] * len(cut))[:-len(cut)] if k == 0 else b"") + head)
+                head = pack_rows([name, dtname, [n, *tail], b""])[:-2] + bin_head  # [..., bin 8 of 0 bytes] less its head
+                parts.append((pack_rows([None] * len(cut))[:-len(cut)] if k == 0 else b"") + head)
         if len(parts) == 1:
             out.append(msgspec.Raw(parts[0] + views[0][row * cut[0][3]:(row + n) * cut[0][3]]))
         else:
