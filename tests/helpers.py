@@ -4,9 +4,12 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import torch
+import zmq
 
+from ringserve.protocol.messages import READY, WORKER_PROTO
 from ringserve.worker import demo
 
 
@@ -74,3 +77,28 @@ def stop_together(procs) -> None:
                 pass
     for p in reversed(procs):
         p.stop(timeout=3)
+
+
+@contextmanager
+def noop_agent_and_master():
+    """(agent, router): a WorkerAgent serving the no-op model, its compute thread not started, its
+    DEALER connected to a ROUTER on an ephemeral port standing in for the master, READY already read
+    there. Every socket is closed and the context ended after, whatever the test did."""
+    from ringserve.worker.agent import WorkerAgent, WorkerConfig
+    from ringserve.worker.loader import ServedModel, parse_model_arg
+
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    model = ServedModel(parse_model_arg("noop=ringserve.worker.demo:noop"), torch.device("cpu"))
+    agent = WorkerAgent(WorkerConfig(master=f"tcp://127.0.0.1:{port}"), {"noop": model}, ctx=ctx)
+    try:
+        agent._connect(agent.links[0])  # a real DEALER: READY goes out
+        assert router.poll(10_000) and router.recv_multipart()[1:3] == [WORKER_PROTO, READY]
+        yield agent, router
+    finally:
+        for sock in [link.dealer for link in agent.links if link.dealer is not None] + [agent.results]:
+            sock.close(linger=0)
+        router.close(linger=0)
+        ctx.term()

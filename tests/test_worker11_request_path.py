@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 import zmq
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,9 +17,9 @@ from ringserve.protocol import envelope
 from ringserve.protocol.codec import encode_tensors, pack, unpack, unpack_map
 from ringserve.protocol.envelope import dispatch_frames_packed, request_header
 from ringserve.protocol.messages import REPLY, WORKER_PROTO
-from ringserve.worker.agent import WorkerAgent, WorkerConfig
 from ringserve.worker.batching import Batcher, ModelBatching, Ragged, WorkItem, signature
-from ringserve.worker.loader import ServedModel, parse_model_arg
+
+from helpers import noop_agent_and_master
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -86,22 +85,8 @@ def test_fast_requests_are_the_compiled_dispatch_as_rows():
 
 @pytest.fixture
 def agent_and_master():
-    ctx = zmq.Context()
-    router = ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    port = router.bind_to_random_port("tcp://127.0.0.1")
-    model = ServedModel(parse_model_arg("noop=ringserve.worker.demo:noop"), torch.device("cpu"))
-    agent = WorkerAgent(WorkerConfig(master=f"tcp://127.0.0.1:{port}"), {"noop": model}, ctx=ctx)
-    try:
-        agent._connect(agent.links[0])  # a DEALER to our ROUTER, READY sent
-        assert router.poll(10_000)
-        router.recv_multipart()  # READY
-        yield agent, router
-    finally:
-        agent.links[0].dealer.close(linger=0)
-        agent.results.close(linger=0)
-        router.close(linger=0)
-        ctx.term()
+    with noop_agent_and_master() as pair:
+        yield pair
 
 
 def test_a_bad_request_in_a_compiled_request_is_answered_alone(agent_and_master):

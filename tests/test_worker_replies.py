@@ -12,12 +12,14 @@ import zmq
 
 from ringserve.protocol.codec import encode_tensors, pack, unpack_map
 from ringserve.protocol.envelope import split_replies
-from ringserve.protocol.messages import READY, REPLY, WORKER_PROTO, ErrorCode, error_body
+from ringserve.protocol.messages import REPLY, WORKER_PROTO, ErrorCode, error_body
 from ringserve.protocol.sockets import drain
 from ringserve.worker.agent import WorkerAgent, WorkerConfig
 from ringserve.worker.handoff import result_frames
 from ringserve.worker.loader import ServedModel, parse_model_arg
 from ringserve.worker.metrics import LATENCY_BUCKETS, WorkerMetrics
+
+from helpers import noop_agent_and_master
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,53 +33,42 @@ def _reply(i: int, big: bool) -> tuple[dict, list]:
 
 @pytest.mark.parametrize("framing", [1, 2])
 def test_handed_over_replies_reach_the_master_whole_in_its_framing(framing):
-    ctx = zmq.Context()
-    master = ctx.socket(zmq.ROUTER)
-    master.setsockopt(zmq.LINGER, 0)
-    port = master.bind_to_random_port("tcp://127.0.0.1")
-    model = ServedModel(parse_model_arg("noop=ringserve.worker.demo:noop"), torch.device("cpu"))
-    agent = WorkerAgent(WorkerConfig(master=f"tcp://127.0.0.1:{port}"), {"noop": model}, ctx=ctx)
-    push = ctx.socket(zmq.PUSH)
-    push.setsockopt(zmq.LINGER, 0)
-    try:
-        link = agent.links[0]
-        agent._connect(link)  # a real DEALER: READY goes out
-        assert master.poll(5000) and master.recv_multipart()[1:3] == [WORKER_PROTO, READY]
-        link.framing = framing
-        batches = [[_reply(0, False), _reply(1, True)], [_reply(2, False)],
-                   [(error_body("c3", ErrorCode.TIMEOUT, "late", key="k3", attempt=1), [])]]
-        agent.in_flight = link.in_flight = 4
-        push.connect(agent.results_ep)
-        for replies in batches:  # three parts in one turn, as the compute and stage threads send them
-            push.send_multipart(result_frames(0, replies), copy=False)
-        got = 0
-        for _ in range(100):  # bounded: the inproc pipe delivers at once
-            if got == len(batches) or not agent.results.poll(100):
-                break
-            before = len(link.replies)
-            drain(agent.results, agent.on_result, 16)
-            got += len(link.replies) - before
-        assert got == len(batches) and agent.in_flight == 0 and link.in_flight == 0
-        agent.flush_replies()
-        assert master.poll(5000)
-        frames = master.recv_multipart()
-        assert frames[1:3] == [WORKER_PROTO, REPLY]
-        body = frames[3:]
-        expected = [(pack(h), [bytes(f) for f in fs]) for replies in batches for h, fs in replies]
-        if framing == 1:  # one frame per header, each followed by its own tensor frames
-            assert body == [f for raw, fs in expected for f in (raw, *fs)]
-        else:  # one header list, then every tensor frame in order
-            assert len(body) == 1 + sum(len(fs) for _, fs in expected)
-        split = split_replies(body)
-        assert [(bytes(raw), [bytes(f) for f in fs]) for raw, _, fs in split] == expected
-        assert [unpack_map(raw)["id"] for raw, _ in expected] == ["c0", "c1", "c2", "c3"]
-        assert not master.poll(200)  # one REPLY for the whole turn
-    finally:
-        push.close(linger=0)
-        for sock in [link.dealer for link in agent.links if link.dealer is not None] + [agent.results]:
-            sock.close(linger=0)  # the compute thread never started: only the sockets to close
-        master.close(linger=0)
-        ctx.term()
+    with noop_agent_and_master() as (agent, master):
+        push = agent.ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        try:
+            link = agent.links[0]
+            link.framing = framing
+            batches = [[_reply(0, False), _reply(1, True)], [_reply(2, False)],
+                       [(error_body("c3", ErrorCode.TIMEOUT, "late", key="k3", attempt=1), [])]]
+            agent.in_flight = link.in_flight = 4
+            push.connect(agent.results_ep)
+            for replies in batches:  # three parts in one turn, as the compute and stage threads send them
+                push.send_multipart(result_frames(0, replies), copy=False)
+            got = 0
+            for _ in range(100):  # bounded: the inproc pipe delivers at once
+                if got == len(batches) or not agent.results.poll(100):
+                    break
+                before = len(link.replies)
+                drain(agent.results, agent.on_result, 16)
+                got += len(link.replies) - before
+            assert got == len(batches) and agent.in_flight == 0 and link.in_flight == 0
+            agent.flush_replies()
+            assert master.poll(5000)
+            frames = master.recv_multipart()
+            assert frames[1:3] == [WORKER_PROTO, REPLY]
+            body = frames[3:]
+            expected = [(pack(h), [bytes(f) for f in fs]) for replies in batches for h, fs in replies]
+            if framing == 1:  # one frame per header, each followed by its own tensor frames
+                assert body == [f for raw, fs in expected for f in (raw, *fs)]
+            else:  # one header list, then every tensor frame in order
+                assert len(body) == 1 + sum(len(fs) for _, fs in expected)
+            split = split_replies(body)
+            assert [(bytes(raw), [bytes(f) for f in fs]) for raw, _, fs in split] == expected
+            assert [unpack_map(raw)["id"] for raw, _ in expected] == ["c0", "c1", "c2", "c3"]
+            assert not master.poll(200)  # one REPLY for the whole turn
+        finally:
+            push.close(linger=0)
 
 
 def test_queue_waits_counted_per_batch_export_as_the_same_histogram():
