@@ -330,7 +330,8 @@ class ShardStore:
         manifest = None
         t0 = t1 = time.monotonic()
         direct = self.fsync and self.direct
-        lanes = [list(todo.items())[i::IO_LANES] for i in range(IO_LANES)] if direct and len(todo) > 1 else [list(todo.items())]
+        items = list(todo.items())
+        lanes = [items[i::IO_LANES] for i in range(IO_LANES)] if direct and len(items) > 1 else [items]
         lanes = [lane for lane in lanes if lane]
         jobs = [self._io_pool().submit(self._write_lane, pdir, suffix, lane) for lane in lanes[1:]]
         here = None
