@@ -611,11 +611,23 @@ class Held:
         self.shapes: dict[str, tuple] = {}
         self.sums: dict[str, str] = {}
         self.sources: dict[str, list[str]] = {}  # piece key -> the shards whose manifest lists it (owners)
+        # piece key -> (its manifest entry as checked, the Piece, its checksum): the next version's
+        # plan takes an entry equal to one of these, value for value and type for type, as checked
+        self.entries: dict[str, tuple[list, Piece, str]] = {}
+        # param -> (its flat array, the tensor `tensors` gave for it): a version sharing the array
+        # gives the same tensor object, so the worker's build keeps what it built from it
+        self.views: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
         with warnings.catch_warnings():  # a received frame may be read-only: nobody writes to these
             warnings.simplefilter("ignore", UserWarning)
-            return {n: torch.from_numpy(a).reshape(self.shapes[n]) for n, a in self.flat.items()}
+            for n, a in self.flat.items():
+                view = self.views.get(n)
+                if view is None or view[0] is not a:
+                    view = self.views[n] = (a, torch.from_numpy(a).reshape(self.shapes[n]))
+                out[n] = view[1]
+        return out
 
 
 MAX_EXTRA_BYTES = 256 << 20  # tensors a version carries that the module does not hold (ignored keys)
@@ -647,8 +659,11 @@ def _item(item: object) -> tuple[Piece, str]:
 def _same_entry(checked: list, item: list) -> bool:
     """Whether `item` is, value for value and type for type (1 is not 1.0 nor True), the manifest
     entry `checked` that _item already validated (the shape's dimensions too)."""
-    return (len(item) == len(checked) and all(type(a) is type(b) and a == b for a, b in zip(checked, item))
-            and (not isinstance(item[3], list) or all(type(a) is type(b) for a, b in zip(checked[3], item[3]))))
+    if item != checked:  # one C-level comparison of the values (1 == 1.0 == True: the types below)
+        return False
+    if list(map(type, item)) != list(map(type, checked)):
+        return False
+    return not isinstance(item[3], list) or list(map(type, item[3])) == list(map(type, checked[3]))
 
 
 def plan_version(manifests: Mapping[str, list], held: Held | None, shapes: Mapping[str, tuple] | None = None
@@ -661,14 +676,19 @@ def plan_version(manifests: Mapping[str, list], held: Held | None, shapes: Mappi
     pieces: dict[str, tuple[Piece, str]] = {}
     sources: dict[str, list[str]] = {}
     raw: dict[str, list] = {}  # key -> the entry as first listed: another owner's equal entry is not parsed again
+    entries = held.entries if held is not None else {}  # the held version's entries, checked: not parsed again
     for shard, items in sorted(manifests.items()):
         if not isinstance(items, list):
             raise ValueError(f"shard {shard}: manifest is not a list")
         for item in items:
-            if (isinstance(item, list) and item and type(item[0]) is str and item[0] in raw
-                    and _same_entry(raw[item[0]], item) and shard not in sources[item[0]]):
-                sources[item[0]].append(shard)  # the same entry, already checked: this owner holds it too
-                continue
+            if isinstance(item, list) and item and type(item[0]) is str:
+                if item[0] in raw:
+                    if _same_entry(raw[item[0]], item) and shard not in sources[item[0]]:
+                        sources[item[0]].append(shard)  # the same entry, already checked: this owner holds it too
+                        continue
+                elif (known := entries.get(item[0])) is not None and _same_entry(known[0], item):
+                    raw[item[0]], pieces[item[0]], sources[item[0]] = known[0], (known[1], known[2]), [shard]
+                    continue  # the held version's entry: checked when it was planned
             piece, checksum = _item(item)
             raw.setdefault(piece.key, item)
             if piece.key in pieces:
@@ -689,6 +709,7 @@ def plan_version(manifests: Mapping[str, list], held: Held | None, shapes: Mappi
     for piece, checksum in pieces.values():
         by_param.setdefault(piece.param, []).append((piece, checksum))
     new = Held()
+    new.entries = {k: (raw[k], p, c) for k, (p, c) in pieces.items()}
     need: dict[str, list[tuple[Piece, str]]] = {n: [] for n in manifests}
     extra = 0
     for param, plist in sorted(by_param.items()):
@@ -717,6 +738,8 @@ def plan_version(manifests: Mapping[str, list], held: Held | None, shapes: Mappi
         changed = [(p, c) for p, c in plist if not (reuse and held.sums.get(p.key) == c)]
         if not changed:
             arr = old  # shared with the held version, never written
+            if param in held.views and shape == held.shapes.get(param):
+                new.views[param] = held.views[param]  # and so is its tensor
         elif len(plist) == 1:
             arr = None  # one piece, the whole tensor: its received frame becomes the array (no copy)
             need[source(plist[0][0].key)].append(plist[0])
