@@ -118,7 +118,7 @@ def _manifests():
 def test_a_plan_takes_the_held_entries_and_parses_only_the_others(monkeypatch):
     first, _ = plan_version(_manifests(), None)
     held = Held()
-    held.entries = first.entries
+    held.entries, held.counts = first.entries, {}  # counts unknown: every tensor checked again
     held.flat = {"a": np.zeros(4, np.float32), "b": np.zeros(8, np.float32)}
     held.sums = dict(first.sums)
     held.shapes = {"a": (4,), "b": (2, 4)}
@@ -147,6 +147,14 @@ def test_a_plan_takes_the_held_entries_and_parses_only_the_others(monkeypatch):
     bad["s1"][0] = ["a", "a", "float32", [4], 0, 4, "9" * 64]  # another owner's other content: refused
     with pytest.raises(ValueError):
         plan_version(bad, held)
+    held.counts = first.counts
+    short = _manifests()
+    short["s1"].remove(short["s1"][1])  # b#1 listed by nobody: b's held entries alone do not tile it
+    short["s2"].remove(short["s2"][1])
+    with pytest.raises(ValueError, match="do not cover"):
+        plan_version(short, held)
+    new, _ = plan_version(_manifests(), held)
+    assert new.flat["b"] is held.flat["b"] and new.counts == {"a": 1, "b": 2}
 
 
 def test_a_version_sharing_an_array_gives_the_same_tensor_object():

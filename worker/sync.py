@@ -614,6 +614,7 @@ class Held:
         # piece key -> (its manifest entry as checked, the Piece, its checksum): the next version's
         # plan takes an entry equal to one of these, value for value and type for type, as checked
         self.entries: dict[str, tuple[list, Piece, str]] = {}
+        self.counts: dict[str, int] = {}  # param -> how many pieces it was planned from
         # param -> (its flat array, the tensor `tensors` gave for it): a version sharing the array
         # gives the same tensor object, so the worker's build keeps what it built from it
         self.views: dict[str, tuple[np.ndarray, torch.Tensor]] = {}
@@ -661,9 +662,10 @@ def _same_entry(checked: list, item: list) -> bool:
     entry `checked` that _item already validated (the shape's dimensions too)."""
     if item != checked:  # one C-level comparison of the values (1 == 1.0 == True: the types below)
         return False
-    if list(map(type, item)) != list(map(type, checked)):
-        return False
-    return not isinstance(item[3], list) or list(map(type, item[3])) == list(map(type, checked[3]))
+    # equal values: a string equals only a string, and a list only a list; a number may be another
+    # number's type, so those (start, stop, the shape's dimensions) are compared type for type
+    return (type(item[4]) is type(checked[4]) and type(item[5]) is type(checked[5])
+            and (not isinstance(item[3], list) or list(map(type, item[3])) == list(map(type, checked[3]))))
 
 
 def plan_version(manifests: Mapping[str, list], held: Held | None, shapes: Mapping[str, tuple] | None = None
@@ -677,6 +679,7 @@ def plan_version(manifests: Mapping[str, list], held: Held | None, shapes: Mappi
     sources: dict[str, list[str]] = {}
     raw: dict[str, list] = {}  # key -> the entry as first listed: another owner's equal entry is not parsed again
     entries = held.entries if held is not None else {}  # the held version's entries, checked: not parsed again
+    reused: dict[str, int] = {}  # param -> how many of its pieces are the held version's entries
     for shard, items in sorted(manifests.items()):
         if not isinstance(items, list):
             raise ValueError(f"shard {shard}: manifest is not a list")
@@ -688,6 +691,7 @@ def plan_version(manifests: Mapping[str, list], held: Held | None, shapes: Mappi
                         continue
                 elif (known := entries.get(item[0])) is not None and _same_entry(known[0], item):
                     raw[item[0]], pieces[item[0]], sources[item[0]] = known[0], (known[1], known[2]), [shard]
+                    reused[known[1].param] = reused.get(known[1].param, 0) + 1
                     continue  # the held version's entry: checked when it was planned
             piece, checksum = _item(item)
             raw.setdefault(piece.key, item)
@@ -715,8 +719,6 @@ def plan_version(manifests: Mapping[str, list], held: Held | None, shapes: Mappi
     for param, plist in sorted(by_param.items()):
         shape, dtype = plist[0][0].shape, plist[0][0].dtype
         numel = math.prod(shape)  # exact (Python ints; 1 for a scalar): np.prod cost 0.3 ms a plan here
-        if any(p.shape != shape or p.dtype != dtype for p, _ in plist):
-            raise ValueError(f"tensor {param}: the shards disagree on its shape or dtype")
         if shapes is not None:
             if param in shapes and tuple(shapes[param]) != tuple(shape):
                 raise ValueError(f"tensor {param}: shape {list(shape)}, the module has {list(shapes[param])}")
@@ -724,6 +726,19 @@ def plan_version(manifests: Mapping[str, list], held: Held | None, shapes: Mappi
                 extra += numel * _itemsize(dtype)
                 if extra > MAX_EXTRA_BYTES:
                     raise ValueError(f"more than {MAX_EXTRA_BYTES >> 20} MiB of tensors the module does not hold")
+        old = held.flat.get(param) if held else None
+        new.counts[param] = len(plist)
+        if (old is not None and reused.get(param) == len(plist) == held.counts.get(param)
+                and old.size == numel and shape == held.shapes.get(param)):
+            # every piece is an entry the held version was planned from, and it had no other: the
+            # tiling was checked then, the checksums are the held ones, so the array is shared
+            new.flat[param], new.shapes[param] = old, shape
+            if param in held.views:
+                new.views[param] = held.views[param]  # and so is its tensor
+            new.sums.update({p.key: c for p, c in plist})
+            continue
+        if any(p.shape != shape or p.dtype != dtype for p, _ in plist):
+            raise ValueError(f"tensor {param}: the shards disagree on its shape or dtype")
         plist.sort(key=lambda pc: pc[0].start)
         edge = 0
         for p, _ in plist:  # pieces must tile [0, numel) exactly: no gap, no overlap
@@ -733,7 +748,6 @@ def plan_version(manifests: Mapping[str, list], held: Held | None, shapes: Mappi
             edge = p.stop
         if edge != numel:
             raise ValueError(f"tensor {param}: the shards' pieces do not cover its {numel} elements")
-        old = held.flat.get(param) if held else None
         reuse = old is not None and old.size == numel and (_NAME.get(old.dtype) or old.dtype.name) == dtype
         changed = [(p, c) for p, c in plist if not (reuse and held.sums.get(p.key) == c)]
         if not changed:
