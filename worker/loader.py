@@ -26,7 +26,8 @@ Weights are all-or-nothing: a candidate state dict is checked whole against the 
 layout (`check_state`, a pure function), then a complete new module is built off to the side
 (`build_shadow`, on the weight-sync thread: the live module's structure taking the new
 tensors as its own, converted to the served dtype/device where they differ; int8 rebuilt), and
-the compute thread only swaps one reference (`install`). The live module is never written to.
+the compute thread only swaps one reference (`install`). The live module is never written to; a
+delta's module shares the live one's unchanged tensors and unchanged plain submodules, read-only.
 """
 from __future__ import annotations
 
