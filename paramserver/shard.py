@@ -14,9 +14,7 @@ A stage's piece files are written (and, with the default `durability="fsync"`, f
 writer thread while this loop serves; the stage is answered only once they are on disk, so a
 publisher never commits what a crash could lose. Meanwhile the checked stage is announced
 ("staged": model, version, token, digest) and may be fetched, so workers move its bytes while
-the disk works, and serve it only once it commits (issue 22; worker/sync.py). Once no command
-came for SPARE_REFILL_IDLE_S, the writer thread makes the empty files the next stage's pieces are
-written into (store.py's spares), and stops as soon as a command comes. With
+the disk works, and serve it only once it commits (issue 22; worker/sync.py). With
 `durability="replicated"` the files are not fsynced (manifests still are): a commit then
 relies on its W copies: a piece torn by a power loss fails its checksum at start, the shard
 falls back as for any corrupt version, and repair copies it back from the other owners.
@@ -95,7 +93,6 @@ DURABILITY = ("fsync", "replicated")
 
 MAX_NAME = 512  # longest tensor name accepted (safetensors header names)
 PRUNE_WITHIN_S = 2.0  # a commit's prune waits for an idle moment at most this long
-SPARE_REFILL_IDLE_S = 0.25  # no command for this long: the writer makes the next stage's spare files
 
 
 @dataclass
@@ -173,8 +170,6 @@ class Shard:
         # stage is answered, and may be committed, only once they are there.
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="ringserve-stage-writer")
         self.pending: list[PendingReply] = []
-        self.last_busy = 0.0  # when the router last had commands (spares are made only after a quiet while)
-        self.refilling: Future | None = None  # the writer's job making spare files, if any
         self._wake_r, self._wake_w = os.pipe()  # the writer says "done" here: the loop's poller hears it
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
@@ -200,7 +195,6 @@ class Shard:
                 if self.pending:
                     self._finish_writes()
                 if self.router in ready:
-                    self.last_busy = time.monotonic()
                     for _ in range(16):  # bounded per turn: the writer's answers and the timers come round
                         try:
                             frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
@@ -210,7 +204,6 @@ class Shard:
                     self._prune_due(idle=False)
                 elif not self.pending:
                     self._prune_due(idle=True)
-                    self._refill_spares()
                 self._apply_repairs()
                 now = time.monotonic()
                 self.expire_staging(now)
@@ -229,21 +222,6 @@ class Shard:
             self.router.close(linger=0)
             self.pubsock.close(linger=0)
             log.info("shard_stopped", shard=self.cfg.name)
-
-    def _refill_spares(self) -> None:
-        """When no command came for SPARE_REFILL_IDLE_S (a sync's traffic is over) and the writer
-        is free: have it create the empty files the next stage's pieces go into (store.py,
-        `refill_spares`), one model per job, stopping as soon as a command arrives or a stage waits."""
-        if self.stopping or (self.refilling is not None and not self.refilling.done()):
-            return
-        since = time.monotonic()
-        if since - self.last_busy < SPARE_REFILL_IDLE_S:
-            return
-        short = self.store.spares_short()
-        if short:
-            self.refilling = self.writer.submit(
-                self.store.refill_spares, short[0],
-                lambda: self.stopping or bool(self.pending) or self.last_busy > since)
 
     def _prune_due(self, idle: bool) -> None:
         """Prune the models committed lately: when no command waits (the workers' fetches of the

@@ -28,13 +28,7 @@ holds in memory and reads a piece file again only at a restart). Durability rest
 fsyncs either way. O_DIRECT pieces of one call are written and fsynced in IO_LANES lanes at
 once (the calling thread and a small pool of the store's own), since each such write waits for
 the disk: every lane's pieces are fsynced before any rename, as before. Each thread that writes
-keeps its bounce buffer (BOUNCE_BYTES, 4 MiB) for good: 16 MiB for a shard's four lanes. A new
-piece file is a spare when there is one (``<model>/spare/``: a piece file a collect found
-unreferenced, renamed there instead of deleted, or an empty file `refill_spares` made while the
-shard was quiet; at most SPARE_FILES holding SPARE_BYTES per model), renamed to the piece's
-temporary name and written over: on ext4 without a journal every file created after many were
-deleted scanned the recently deleted inodes, about a tenth of a full sync's CPU (issue 22, tenth
-round). The shard does this
+keeps its bounce buffer (BOUNCE_BYTES, 4 MiB) for good: 16 MiB for a shard's four lanes. The shard does this
 when a stage arrives, on a writer thread (`write_files` touches no books; `note_written`, on
 the shard's loop, books them), so the disk works while the other shards receive theirs and
 workers fetch the stage, and a commit is quick; a commit writes whatever is still missing, then the
@@ -52,8 +46,7 @@ commit (the shard runs it once the commit is answered and announced: `commit(pru
 then `prune`), versions beyond `keep` are dropped, except the current one and the one current before
 it (a revert of that commit, or a rollback repairing it, needs it: `prunable`); after a commit,
 rollback, revert, abort or expired stage, piece files that neither a kept version nor a live
-stage references are deleted or kept as spares (temporary files a crash left behind, and the
-spares, go at start).
+stage references are deleted (temporary files a crash left behind go at start).
 
 Read path (start): every piece a manifest names is read once and checked against its name;
 a version with a manifest that fails its own checksum, a piece missing or failing its
@@ -318,7 +311,6 @@ class ShardStore:
         self._spares: dict[str, dict] = {}  # model -> its spare files by size, and their count and bytes
         self._spare_lock = threading.Lock()  # the loop adds spares (collect), the writer's lanes take them
         self._spare_seq = 0
-        self._spare_want: dict[str, int] = {}  # model -> pieces of its largest write: spares a refill makes
 
     # --------------------------------------------------------------- writing
     def write_pieces(self, model: str, sl: Slice) -> dict:
@@ -365,8 +357,6 @@ class ShardStore:
         t0 = t1 = time.monotonic()
         direct = self.fsync and self.direct
         items = list(todo.items())
-        with self._spare_lock:
-            self._spare_want[model] = min(SPARE_FILES, max(self._spare_want.get(model, 0), len(items)))
         lanes = [items[i::IO_LANES] for i in range(IO_LANES)] if direct and len(items) > 1 else [items]
         lanes = [lane for lane in lanes if lane]
         jobs = [self._io_pool().submit(self._write_lane, pdir, suffix, lane) for lane in lanes[1:]]
@@ -682,42 +672,6 @@ class ShardStore:
                     book["bytes"] += size
                     return
         path.unlink(missing_ok=True)
-
-    def spares_short(self) -> list[str]:
-        """The models with fewer spares than their largest write had pieces (what `refill_spares` makes)."""
-        with self._spare_lock:
-            return [m for m, want in self._spare_want.items()
-                    if self._spares.get(m, {}).get("files", 0) < min(want, SPARE_FILES)]
-
-    def refill_spares(self, model: str, stop=lambda: False) -> int:
-        """Create empty spare files until `model` has as many as its largest write had pieces
-        (SPARE_FILES at most), checking `stop` before each: a shard runs it on its writer thread
-        when nothing else happens (paramserver/shard.py), so the next stage's pieces are written
-        into files that exist already, without the inode allocation (the pruned versions' own
-        files only become spares a prune later). Empty files hold no disk space. Returns how
-        many it created."""
-        made = 0
-        sdir = self.root / model / SPARES
-        for _ in range(SPARE_FILES):  # bounded
-            with self._spare_lock:
-                book = self._spares.setdefault(model, {"files": 0, "bytes": 0, "by_size": {}})
-                if book["files"] >= min(self._spare_want.get(model, 0), SPARE_FILES):
-                    break
-                self._spare_seq += 1
-                path = sdir / f"{self._spare_seq}.tmp"
-            if stop():
-                break
-            try:
-                sdir.mkdir(parents=True, exist_ok=True)
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-            except OSError as exc:  # a full disk, say: the pieces get new files, as without spares
-                log.warning("spare_file_failed", model=model, error=str(exc))
-                break
-            with self._spare_lock:
-                book["by_size"].setdefault(0, []).append(path)
-                book["files"] += 1
-            made += 1
-        return made
 
     def _take_spare(self, model: str, nbytes: int) -> Path | None:
         """A spare file of `model` to write a new piece of `nbytes` into (one of that size when

@@ -12,11 +12,9 @@ and that a start deletes the spares a run left behind.
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 import pytest
-import zmq
 
 from ringserve.paramserver import store as store_mod
 from ringserve.paramserver.store import DIRECT_ALIGN, PIECES, SPARES, ShardStore
@@ -113,58 +111,3 @@ def test_a_spare_gone_meanwhile_means_a_new_file(tmp_path):
     (c, a), = new.items()
     assert (tmp_path / "m" / PIECES / c).read_bytes() == a.tobytes()
     st.close()
-
-
-def test_a_refill_makes_empty_spares_for_the_next_stage(tmp_path, monkeypatch):
-    """The first versions have no pruned files to reuse: `refill_spares` makes empty ones, as many
-    as the largest write had pieces, and stops when told to."""
-    st = ShardStore(tmp_path, keep=3)
-    assert st.spares_short() == [] and st.refill_spares("m") == 0  # nothing written yet: nothing wanted
-    _written(st, _todo((1 << 20, 4096, 10), 9))
-    assert st.spares_short() == ["m"]
-    calls = []
-    assert st.refill_spares("m", stop=lambda: calls.append(1) or len(calls) > 2) == 2  # told to stop
-    assert st.refill_spares("m") == 1 and st.spares_short() == []
-    spares = _spares(tmp_path)
-    assert len(spares) == 3 and all(f.stat().st_size == 0 for f in spares)
-    inodes = {f.stat().st_ino for f in spares}
-    new = _todo((1 << 20, 70_000, 3), 10)
-    _written(st, new)
-    pdir = tmp_path / "m" / PIECES
-    for c, a in new.items():
-        assert (pdir / c).read_bytes() == a.tobytes()
-    assert {(pdir / c).stat().st_ino for c in new} == inodes and not _spares(tmp_path)
-    monkeypatch.setattr(store_mod, "SPARE_FILES", 1)
-    assert st.refill_spares("m") == 1 and st.refill_spares("m") == 0  # bounded
-    st.close()
-
-
-def test_a_quiet_shard_makes_the_spares_and_its_next_stage_uses_them(tmp_path):
-    """paramserver/shard.py: once no command came for SPARE_REFILL_IDLE_S after a commit, its
-    writer makes as many empty spares as the stage had pieces; the next stage is written into them."""
-    from ringserve.client.params import ParamClient
-    from ringserve.launch.procs import wait_until
-    from ringserve.paramserver.shard import Shard, ShardConfig
-
-    ctx = zmq.Context()
-    shard = Shard(ShardConfig("ps0", str(tmp_path / "ps0"), announce_interval=0.2), ctx)
-    thread = threading.Thread(target=shard.run, daemon=True)
-    thread.start()
-    try:
-        with ParamClient({"ps0": shard.endpoint}) as pc:
-            first = {f"w{i}": np.full(5000, i, np.float32) for i in range(4)}
-            pc.publish("m", first, check_workers=False)
-            sdir = tmp_path / "ps0" / "m" / SPARES
-            wait_until(lambda: sdir.is_dir() and len(list(sdir.iterdir())) == len(first), 10, 0.05, "spares made")
-            inodes = {f.stat().st_ino for f in sdir.iterdir()}
-            second = {name: a + 10 for name, a in first.items()}  # no content shared with the first
-            pc.publish("m", second, check_workers=False)
-            pdir = tmp_path / "ps0" / "m" / PIECES
-            files = {c: (pdir / c) for c in shard.store.slices["m"][2].checksums.values()}
-            assert {f.stat().st_ino for f in files.values()} == inodes
-            for k, c in shard.store.slices["m"][2].checksums.items():
-                assert files[c].read_bytes() == shard.store.slices["m"][2].data[k].tobytes()
-    finally:
-        shard.request_stop()
-        thread.join(10)
-        ctx.term()
