@@ -144,9 +144,6 @@ DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, length and offset multiples of 
 BOUNCE_BYTES = 4 * 1024 * 1024  # the aligned buffer a piece goes through on its way to an O_DIRECT write
 IO_LANES = 4  # O_DIRECT pieces of one call written and fsynced by this many threads at once (each waits for the disk)
 _bounce = threading.local()  # one per writing thread (the shard's writer thread, its loop), kept for good
-SPARES = "spare"  # sub-directory of a model's directory: pruned piece files kept for new pieces to reuse
-SPARE_FILES = 1024  # at most this many spare files per model ...
-SPARE_BYTES = 1 << 30  # ... holding at most this many bytes of disk; beyond either a pruned file is deleted
 
 
 def _bounce_buffer() -> memoryview:
@@ -158,26 +155,16 @@ def _bounce_buffer() -> memoryview:
     return buf
 
 
-def _open_piece(path: Path, direct: bool, spare: Path | None = None):
+def _open_piece(path: Path, direct: bool):
     """(unbuffered file, whether it is O_DIRECT) for a new piece file; O_DIRECT is asked for only
-    when `direct`, and a file system that refuses it (tmpfs: EINVAL) gets a plain file.
-    With `spare` (a pruned piece file, `ShardStore._take_spare`) that file is renamed to `path`
-    and opened without truncating it: no inode is allocated and its blocks are written over
-    (the caller cuts it to the piece's length); a spare gone meanwhile means a new file."""
-    mode = "wb"
-    if spare is not None:
-        try:
-            os.replace(spare, path)
-            mode = "r+b"  # O_WRONLY-like, no O_CREAT, no O_TRUNC: the old blocks stay allocated
-        except OSError:
-            pass
+    when `direct`, and a file system that refuses it (tmpfs: EINVAL) gets a plain file."""
     if direct and hasattr(os, "O_DIRECT"):
         try:
-            return open(path, mode, buffering=0, opener=lambda p, fl: os.open(p, fl | os.O_DIRECT, 0o666)), True
+            return open(path, "wb", buffering=0, opener=lambda p, fl: os.open(p, fl | os.O_DIRECT, 0o666)), True
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-    return open(path, mode, buffering=0), False
+    return open(path, "wb", buffering=0), False
 
 
 def _write_direct(f, buf: memoryview) -> bool:
@@ -207,25 +194,15 @@ def _write_direct(f, buf: memoryview) -> bool:
 
 
 def _write_piece(f, direct: bool, buf: memoryview) -> bool:
-    """Write a piece file's bytes (from offset 0; a reused spare longer than them is cut back to
-    their length); True when they went O_DIRECT (nothing in the page cache)."""
-    fd = f.fileno()
+    """Write a piece file's bytes; True when they went O_DIRECT (nothing in the page cache)."""
     if direct:
         if _write_direct(f, buf):
-            _cut_to(fd, len(buf))
             return True
+        fd = f.fileno()
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
         os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
     _write_all(f, buf)
-    _cut_to(fd, len(buf))
     return False
-
-
-def _cut_to(fd: int, n: int) -> None:
-    """Cut a file back to `n` bytes when it is longer (a reused spare held a larger piece)."""
-    if os.fstat(fd).st_size != n:
-        os.ftruncate(fd, n)
 
 
 def _start_writeback(fd: int) -> None:
@@ -308,9 +285,6 @@ class ShardStore:
         self.pinned = lambda model: set()  # checksums a collect must keep besides kept versions' (live stages)
         self.pinned_tags = lambda model: set()  # tags of the live stages, whose staged manifests a collect keeps
         self.epochs: dict[str, int] = {}  # model -> stamp of what made the current version current
-        self._spares: dict[str, dict] = {}  # model -> its spare files by size, and their count and bytes
-        self._spare_lock = threading.Lock()  # the loop adds spares (collect), the writer's lanes take them
-        self._spare_seq = 0
 
     # --------------------------------------------------------------- writing
     def write_pieces(self, model: str, sl: Slice) -> dict:
@@ -426,7 +400,7 @@ class ShardStore:
         try:
             for c, arr in lane:
                 asked = self.fsync and self.direct
-                f, direct = _open_piece(pdir / f"{c}{suffix}", asked, self._take_spare(pdir.parent.name, arr.nbytes))
+                f, direct = _open_piece(pdir / f"{c}{suffix}", asked)
                 if asked and not direct:
                     self.direct = False  # refused at open (tmpfs): plain files from now on, no second try
                 files.append((c, f))
@@ -633,62 +607,13 @@ class ShardStore:
         stored = self.stored.setdefault(model, set())
         gone = unreferenced(stored, self.slices.get(model, {})) - self.pinned(model)
         for c in gone:
-            self._spare_or_unlink(model, pdir / c)
+            (pdir / c).unlink(missing_ok=True)
         stored -= gone
         live = self.pinned_tags(model)
         for f in (self.root / model).glob("v*.manifest.json.*.tmp"):  # staged manifests of stages now gone
             if f.name.split(".")[-2] not in live:
                 f.unlink(missing_ok=True)
         return len(gone)
-
-    def _spare_or_unlink(self, model: str, path: Path) -> None:
-        """A piece file no kept version references: kept as a spare (renamed into the model's
-        spare directory) while fewer than SPARE_FILES holding SPARE_BYTES are kept, else deleted.
-        On a file system without a journal (ext4 here) creating a file after many were deleted
-        costs a scan of the recently deleted inodes (`recently_deleted`, in the kernel's inode
-        allocation): the largest part of the shards' writer CPU in bench/weightsync.py, tenth
-        round. A new piece written into a spare allocates no inode, and its bytes go over blocks
-        already allocated. The renames are not made durable: after a crash a spare may be back
-        under its old piece name with another piece's bytes, which the start's check of every
-        piece against its name refuses like any torn piece (and a start deletes the spares)."""
-        try:
-            size = path.stat().st_size
-        except OSError:
-            return  # gone already
-        with self._spare_lock:
-            book = self._spares.setdefault(model, {"files": 0, "bytes": 0, "by_size": {}})
-            if book["files"] < SPARE_FILES and book["bytes"] + size <= SPARE_BYTES:
-                sdir = path.parent.parent / SPARES
-                self._spare_seq += 1
-                dest = sdir / f"{self._spare_seq}.tmp"  # ends in .tmp: no checksum's name; a start deletes it
-                try:
-                    sdir.mkdir(exist_ok=True)
-                    os.replace(path, dest)
-                except OSError:
-                    pass
-                else:
-                    book["by_size"].setdefault(size, []).append(dest)
-                    book["files"] += 1
-                    book["bytes"] += size
-                    return
-        path.unlink(missing_ok=True)
-
-    def _take_spare(self, model: str, nbytes: int) -> Path | None:
-        """A spare file of `model` to write a new piece of `nbytes` into (one of that size when
-        there is one: nothing to cut or extend), or None. The caller renames it."""
-        with self._spare_lock:
-            book = self._spares.get(model)
-            if not book or not book["files"]:
-                return None
-            by_size = book["by_size"]
-            size = nbytes if by_size.get(nbytes) else next(n for n, files in by_size.items() if files)
-            files = by_size[size]
-            path = files.pop()
-            if not files:
-                del by_size[size]
-            book["files"] -= 1
-            book["bytes"] -= size
-            return path
 
     # --------------------------------------------------------------- reading
     def load_all(self) -> None:
@@ -701,10 +626,8 @@ class ShardStore:
                 log.error("model_unreadable", model=d.name, error=f"{type(exc).__name__}: {exc}")
 
     def _scan_pieces(self, model: str, d: Path) -> None:
-        """Note the piece files on disk; drop temporary files a crash left behind (and spares)."""
+        """Note the piece files on disk; drop temporary files a crash left behind."""
         for f in d.glob("*.tmp"):  # a staged manifest, or a manifest or current.json cut off mid-write
-            f.unlink(missing_ok=True)
-        for f in (d / SPARES).glob("*.tmp"):  # pruned piece files kept by the last run: no version's
             f.unlink(missing_ok=True)
         stored = self.stored.setdefault(model, set())
         pdir = d / PIECES
