@@ -178,55 +178,43 @@ def _children() -> set[int]:
 
 
 def main(argv=None) -> None:
-    from bench.loadgen import run_load
-    from ringserve.launch.procs import RoleProcess, wait_for_workers
+    from bench.throughput import serve_and_measure
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seconds", type=float, default=3.0, help="the load's measured window")
     p.add_argument("--record", type=float, default=1.0, help="perf's recording, inside the window")
     p.add_argument("--timeline", type=float, default=0.0, help="milliseconds of timeline to print (stderr)")
     args = p.parse_args(argv)
-    eph = "tcp://127.0.0.1:*"
     tmp = Path(tempfile.mkdtemp(prefix="rs-sched-"))
     data = tmp / "sched.data"
-    master = RoleProcess("ringserve.launch.master", ["--frontend", eph, "--backend", eph, "--admin", eph,
-                                                     "--log-level", "warning"], tmp / "master.log")
-    worker = None
-    try:
-        worker = RoleProcess("ringserve.launch.worker", ["--master", master.info["backend"], "--model",
-                                                         "noop=ringserve.worker.demo:noop", "--device", "cpu",
-                                                         "--log-level", "warning", "--threads", "1"], tmp / "worker.log")
-        wait_for_workers(master.info["admin"], 1, 60)
-        # run_load starts measuring 3.5 s after it is called (0.5 s warm-up + 3 s start-up)
-        delay = 3.5 + max(0.0, (args.seconds - args.record) / 2)
-        children: set[int] = set()
+    # run_load starts measuring 3.5 s after it is called (0.5 s warm-up + 3 s start-up)
+    delay = 3.5 + max(0.0, (args.seconds - args.record) / 2)
+    children: set[int] = set()
+    pids: dict[str, int] = {}
 
-        def record() -> None:
-            time.sleep(delay)
-            children.update(_children())  # the load processes, by now all started
-            subprocess.run(["perf", "sched", "record", "-a", "-o", str(data), "--", "sleep", str(args.record)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=args.record + 60)
-        rec = threading.Thread(target=record)
+    def record() -> None:
+        time.sleep(delay)
+        children.update(_children())  # the load processes, by now all started
+        subprocess.run(["perf", "sched", "record", "-a", "-o", str(data), "--", "sleep", str(args.record)],
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=args.record + 60)
+    rec = threading.Thread(target=record)
+
+    def start_recording(master_pid: int, worker_pid: int) -> None:
+        pids.update(master=master_pid, worker=worker_pid)
         rec.start()
-        res, cpu = run_load(master.info["frontend"], "noop", (1, 256), 64, args.seconds, processes=2,
-                            server_pids={"master": master.pid, "worker": worker.pid})
-        rec.join(args.record + 90)
-        text = subprocess.run(["perf", "sched", "timehist", "-i", str(data)], capture_output=True, text=True,
-                              timeout=120).stdout
-    finally:
-        if worker:
-            worker.stop()
-        master.stop()
+    # throughput.py's no-op configuration: 64 in flight from 2 load processes, the worker's defaults
+    load = argparse.Namespace(concurrency=64, load_processes=2, seconds=args.seconds, device="cpu")
+    res = serve_and_measure(tmp, "noop=ringserve.worker.demo:noop", "noop", load, [], on_start=start_recording)
+    rec.join(args.record + 90)
+    text = subprocess.run(["perf", "sched", "timehist", "-i", str(data)], capture_output=True, text=True,
+                          timeout=120).stdout
     rows = parse_timehist(text)
     zmq_pids = {pid for _, _, name, _, pid, _ in rows if name.startswith("ZMQbg/IO")}  # not the resource tracker
-    loads = sorted((children - {master.pid, worker.pid}) & zmq_pids)
-    labels = label_threads(rows, master.pid, worker.pid, loads)
-    n = max(1, res.answered)
-    out = {"req_per_s": round(res.rate, 1), "errors": res.errors,
-           "master_cpu_us_per_req": round(cpu["master"] / n * 1e6, 1),
-           "worker_cpu_us_per_req": round(cpu["worker"] / n * 1e6, 1),
-           "client_cpu_us_per_req": round(res.client_cpu_s / n * 1e6, 1), **summarize(rows, labels),
-           "waves": wave_offsets(rows, labels)}
+    loads = sorted((children - set(pids.values())) & zmq_pids)
+    labels = label_threads(rows, pids["master"], pids["worker"], loads)
+    out = {"req_per_s": res["req_per_s"], "errors": res["errors"], "master_cpu_us_per_req": res["master_cpu_us"],
+           "worker_cpu_us_per_req": res["worker_cpu_us"], "client_cpu_us_per_req": res["client_cpu_us"],
+           **summarize(rows, labels), "waves": wave_offsets(rows, labels)}
     if args.timeline:
         print(timeline(rows, labels, 0.1, args.timeline), file=sys.stderr)
     print(json.dumps(out))

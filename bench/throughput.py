@@ -56,8 +56,11 @@ class Skipped(dict):
         return float("nan")
 
 
-def serve_and_measure(tmp: Path, model_arg: str, model: str, args, worker_args: list[str]) -> dict:
-    """Start a master and one worker, drive load from separate processes, return figures."""
+def serve_and_measure(tmp: Path, model_arg: str, model: str, args, worker_args: list[str],
+                      on_start=None) -> dict:
+    """Start a master and one worker, drive load from separate processes, return figures.
+    `on_start(master_pid, worker_pid)`, if given, is called once both serve, just before the load
+    starts (bench/schedline.py starts its recording there)."""
     master = RoleProcess("ringserve.launch.master", ["--frontend", EPH, "--backend", EPH, "--admin", EPH,
                                                      "--log-level", "warning"], tmp / "master.log")
     worker = None
@@ -67,6 +70,8 @@ def serve_and_measure(tmp: Path, model_arg: str, model: str, args, worker_args: 
                                                          "--threads", str(os.environ.get("RS_THREADS", 1)),
                                                          *worker_args], tmp / "worker.log")
         wait_for_workers(master.info["admin"], 1, 60)
+        if on_start is not None:
+            on_start(master.pid, worker.pid)
         res, cpu = run_load(master.info["frontend"], model, (1, 256), args.concurrency, args.seconds,
                             processes=args.load_processes,
                             server_pids={"master": master.pid, "worker": worker.pid})
