@@ -337,22 +337,29 @@ def main(argv=None) -> None:
             load.start()
             k = 0
             cpu_rounds, fault_rounds, cpu_deltas = [], [], []
+
+            def full_of(k):  # a round's full version: every piece changes (a real full sync)
+                return {name: a + k for name, a in state.items()}
+
+            def delta_of(fresh):  # its delta: one layer of the 100
+                return {"layers.0.weight": fresh["layers.0.weight"] + 0.01}
+
             for _ in range(args.warmup_rounds):  # rounds run as the measured ones, their figures not kept
                 for under_load in (False, True):
                     (loaded.set if under_load else loaded.clear)()
                     time.sleep(0.5)
                     k += 1
-                    timed_publish({name: a + k for name, a in state.items()})
+                    fresh = full_of(k)
+                    timed_publish(fresh)
                     time.sleep(0.5)
-                    timed_publish({"layers.0.weight": state["layers.0.weight"] + k + 0.01},
-                                  base=pc.versions("big")["ps0"]["current"])
+                    timed_publish(delta_of(fresh), base=pc.versions("big")["ps0"]["current"])
             delta_steps.clear()
             for r in range(args.rounds):
                 for under_load in (False, True):
                     (loaded.set if under_load else loaded.clear)()
                     time.sleep(0.5)
                     k += 1
-                    fresh = {name: a + k for name, a in state.items()}  # every piece changes: a real full sync
+                    fresh = full_of(k)
                     before = sent_by_shards()
                     cpu0 = {role: sum(map(cpu_seconds, ps)) for role, ps in pids.items()}
                     threads0 = roles_thread_cpu(pids) if r == 0 and not under_load else {}
@@ -376,7 +383,7 @@ def main(argv=None) -> None:
                     runs["full_loaded" if under_load else "full"].append(took)
                     publishes.append(pub)
                     time.sleep(0.5)
-                    changed = {"layers.0.weight": fresh["layers.0.weight"] + 0.01}
+                    changed = delta_of(fresh)
                     delta_base = pc.versions("big")["ps0"]["current"]
                     cpu0 = {role: sum(map(cpu_seconds, ps)) for role, ps in pids.items()}
                     took, pub = timed_publish(changed, base=delta_base)
@@ -390,7 +397,7 @@ def main(argv=None) -> None:
             if args.kill_shard:
                 loaded.set()
                 k += 1
-                fresh = {name: a + k for name, a in state.items()}
+                fresh = full_of(k)
                 version = 1 + max(v for s in pc.versions("big").values() for v in s["versions"] or [0])
                 t0 = time.perf_counter()
                 pc.publish("big", fresh, check_workers=False)
