@@ -147,8 +147,9 @@ def _unchanged(module: torch.nn.Module, tensors: Mapping[int, torch.Tensor],
             ok = all(t is None or tensors.get(id(t)) is t for t in value.values())
         elif name != "_modules":
             kind = type(value)
-            ok = (kind in _SHARED_TYPES or (kind is collections.OrderedDict or kind is dict or kind is set)
-                  and not value or _plain_copy(value) is not _NOT_PLAIN)
+            # _plain_copy's answer, without a copy for the common cases (a flag, an empty hook dict)
+            ok = (kind in _SHARED_TYPES or (kind in (collections.OrderedDict, dict, set) and not value)
+                  or _plain_copy(value) is not _NOT_PLAIN)
     for sub in module._modules.values():  # each one answered, shared where it can be
         if sub is not None and not _unchanged(sub, tensors, seen):
             ok = False
