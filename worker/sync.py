@@ -749,7 +749,12 @@ def plan_version(manifests: Mapping[str, list], held: Held | None, shapes: Mappi
         if edge != numel:
             raise ValueError(f"tensor {param}: the shards' pieces do not cover its {numel} elements")
         reuse = old is not None and old.size == numel and (_NAME.get(old.dtype) or old.dtype.name) == dtype
-        changed = [(p, c) for p, c in plist if not (reuse and held.sums.get(p.key) == c)]
+        # a piece is the held one only if the held piece of its key had its checksum *and* its place:
+        # a publish with another --chunk-bytes gives a key another range, where the held bytes differ
+        kept = held.entries if reuse else {}
+        changed = [(p, c) for p, c in plist if not ((e := kept.get(p.key)) is not None and e[2] == c
+                                                    and e[1].start == p.start and e[1].stop == p.stop
+                                                    and e[1].param == p.param)]
         if not changed:
             arr = old  # shared with the held version, never written
             if param in held.views and shape == held.shapes.get(param):
