@@ -20,9 +20,10 @@ Pirate, with de-duplication by request id on the master):
   * the socket is made in the constructor's thread (``open_dealer``): keys or an address that
     cannot be used raise ``ConfigError`` to the caller instead of failing in a loop;
   * sends are coalesced: every request (or resend) of one turn of the client's I/O loop goes in
-    one message (``mmi.batch``, bounded by ``batch_max`` requests and ``batch_bytes``), and a
-    master answers a batching client with every answer of its turn in one message; a lone
-    request goes as a plain RFC 7 message (no added delay when there is nothing to coalesce).
+    one message (``mmi.batch``, bounded by ``batch_max`` requests, never more than the
+    MAX_CLIENT_BATCH a master takes, and ``batch_bytes``), and a master answers a batching client
+    with every answer of its turn in one message; a lone request goes as a plain RFC 7 message
+    (no added delay when there is nothing to coalesce).
     Batches go as ``mmi.batch2`` (every header packed into the first frame, so a batch of inline
     tensors is one frame; the master answers in kind); a master that answers ``501`` to it gets
     ``mmi.batch`` (a frame per header), and one that answers ``501`` to that (it predates
@@ -56,7 +57,8 @@ from ringserve.client.reply import Reply
 from ringserve.protocol.codec import check_tensors, encode_tensors, pack, unpack_map
 from ringserve.protocol.fastanswer import split_answers
 from ringserve.protocol.envelope import (
-    batch_frames, client_frames, pack_header, packed_frames, parse_reply, request_header, split_replies,
+    MAX_CLIENT_BATCH, batch_frames, client_frames, pack_header, packed_frames, parse_reply, request_header,
+    split_replies,
 )
 from ringserve.protocol.messages import (
     MDP_CLIENT, MMI_BATCH, MMI_BATCH_PACKED, MMI_NOT_IMPLEMENTED, MMI_PING, ProtocolError,
@@ -222,7 +224,9 @@ class Reliability:
                  resolved: Callable[[str], None] | None = None, address: str = "the master",
                  curve: bool = False, endpoints: list[str] | None = None, current: int = 0,
                  failover_after: float = 0.6, batch_max: int = 256, batch_bytes: int = 4 << 20):
-        self.batch_max, self.batch_bytes = batch_max, batch_bytes
+        # a master refuses a batch of more than MAX_CLIENT_BATCH requests whole (an error with no id:
+        # none of them would be answered), so a larger batch_max is cut to it
+        self.batch_max, self.batch_bytes = max(1, min(batch_max, MAX_CLIENT_BATCH)), batch_bytes
         self.batching: bool | None = None  # None: not known yet (try), False: the master answered 501
         self.packed = True  # send "mmi.batch2" (headers in one frame) until the master answers it 501
         self.outgoing: list[Pending] = []  # queued this turn, sent by flush
