@@ -41,3 +41,32 @@ def test_a_republish_with_other_chunks_never_takes_a_held_piece_of_its_key_from_
     np.testing.assert_array_equal(held.flat["w"], v1)  # the held version untouched
     again = assemble(_published(v2, 2), {}, new)  # the same chunks again: every piece kept, nothing asked
     assert again.flat["w"] is new.flat["w"]
+
+
+@pytest.mark.timeout(120)
+def test_a_worker_serves_a_republish_in_other_chunks_as_published(cluster):
+    """The same through real shards and a worker: v1 published in 12 KiB pieces, v2 in 4 KiB ones,
+    v2's net.4.weight#3 ([3072, 4096)) holding v1's net.4.weight#3 bytes ([9216, 10240))."""
+    from ringserve.client import Client
+    from ringserve.client.params import ParamClient
+    from ringserve.launch.procs import wait_for_workers
+    from helpers import expected, mlp_state, shard_list
+
+    eps = cluster.start_shards(1)
+    cluster.start_master()
+    v1 = mlp_state(1)
+    v2 = {k: t.clone() for k, t in v1.items()}
+    flat1, flat2 = v1["net.4.weight"].view(-1), v2["net.4.weight"].view(-1)
+    flat2[3072:4096] = flat1[9216:10240]
+    x = np.random.default_rng(0).standard_normal((4, 256), dtype=np.float32)
+    with ParamClient(eps, chunk_bytes=12 * 1024) as pc:
+        assert pc.publish("mlp", v1) == 1
+    cluster.start_workers(1, "--paramservers", shard_list(eps), wait=False)
+    wait_for_workers(cluster.admin, 1, 60, model="mlp", version=1)
+    with ParamClient(eps, chunk_bytes=4 * 1024) as pc:
+        assert pc.publish("mlp", v2) == 2
+    wait_for_workers(cluster.admin, 1, 60, model="mlp", version=2)
+    with Client(cluster.frontend, timeout=20) as c:
+        r = c.infer_async("mlp", {"x": x}).result()
+    assert r.version == 2
+    np.testing.assert_allclose(r.outputs["logits"], expected(v2, x), rtol=1e-4, atol=1e-5)
