@@ -5,9 +5,10 @@ periodic heartbeat with the current state). A sequence gap, a shard restart (new
 a shard not heard from yet makes the worker ask that shard for a snapshot (hello). A model
 switches to version V only when *every* shard says V is current (a half-done publish stays
 invisible). Then the manifests are checked (tiling, shapes the module's) before anything is
-allocated, and only the pieces whose checksum changed are fetched: from all shards at once,
-several requests in flight per shard, each piece received straight into the new version's
-arrays beside the live ones (or kept as its frame when it is a whole tensor), hashed once.
+allocated, and only the pieces not held (held: the same key, place and checksum) are fetched:
+from all shards at once, several requests in flight per shard, each piece received straight
+into the new version's arrays beside the live ones (or kept as its frame when it is a whole
+tensor), hashed once.
 Unchanged tensors are shared with the held version. The result is checked whole against the
 module and built into a complete new module here (its tensors are the fetched ones; dtype,
 int8, device), which the compute thread swaps in between batches (woken for it).
