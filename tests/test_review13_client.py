@@ -32,3 +32,24 @@ def test_a_batch_max_beyond_the_masters_bound_still_gets_every_request_answered(
     assert not [g for g in got if isinstance(g, Timeout)], "requests of a refused batch were never answered"
     assert [g["y"][0, 0] for g in got] == [float(i) for i in range(n)]
     assert batches > 0
+
+
+@pytest.mark.parametrize("model", ["", "m" * 129, "mmi.service", "mmi.batch2"])
+def test_a_model_name_no_master_takes_is_refused_at_submit_not_timed_out(cluster, model):
+    """A master answers a request for such a name with no id (an empty or long name: BAD_REQUEST
+    before the id is read) or as an RFC 8 service ("mmi.*": a bare 501, which a batching client even
+    takes for a master that cannot batch), so the request could only time out: refused at once."""
+    cluster.start_master()
+
+    async def run():
+        async with AsyncClient(cluster.frontend, timeout=3) as ac:
+            with pytest.raises(ValueError, match="model name"):
+                ac.submit(model, {"x": np.ones((1, 4), np.float32)})
+            assert not ac._rel.pending
+
+    asyncio.run(run())
+    from ringserve.client import Client
+
+    with Client(cluster.frontend, timeout=3) as c:
+        with pytest.raises(ValueError, match="model name"):
+            c.infer_async(model, {"x": np.ones((1, 4), np.float32)})
