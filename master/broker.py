@@ -42,8 +42,8 @@ from ringserve.master.window import Windows
 from ringserve.protocol.codec import pack, pack_map_head, pack_pairs, short_repr, unpack_map
 from ringserve.protocol.envelope import (
     FRAMING, MAX_NAME_LEN, REPLY_FIELDS, answers_frames, bounded_chunks, checked_result, dispatch_chunks, dispatch_frames,
-    dispatch_frames_packed, dispatch_one_packed, pack_rows, parse_heartbeat, parse_ready, parse_request_header,
-    parse_worker_reply, raw_bytes, split_batch, split_batch_checked, split_results,
+    dispatch_frames_packed, dispatch_one_packed, parse_heartbeat, parse_ready, parse_request_header, parse_worker_reply,
+    raw_bytes, split_batch, split_batch_checked, split_results,
 )
 from ringserve.protocol.security import Security, user_id
 from ringserve.protocol.sockets import BindError, bind, drain, frames_nbytes, send_frames
@@ -345,7 +345,6 @@ class Broker:
     def _batch_requests(self, ident: bytes, scope: str, requests: list, now: float) -> None:
         """on_batch's requests, each as if it came alone."""
         facts: dict[str, tuple] = {}  # model -> _model_facts(model): they cannot change within one message
-        on_request = self.on_request
         for svc, header_frame, header, tensors, parsed in requests:
             known = facts.get(svc)  # a name with facts was checked already
             if known is None and (not svc or len(svc) > MAX_NAME_LEN or svc.startswith("mmi.")):
@@ -360,7 +359,7 @@ class Broker:
                     continue
             if known is None:
                 known = facts[svc] = self._model_facts(svc)
-            on_request(ident, scope, known[4], svc, header_frame, parsed, tensors, now, known)
+            self.on_request(ident, scope, known[4], svc, header_frame, parsed, tensors, now, known)
 
     def _count_batch_hits(self, now: float) -> None:
         """The answer metrics of a message's cache hits, one update per (model, version): each hit's
@@ -460,10 +459,8 @@ class Broker:
             if cache_key is not None and self._answer_from_cache(ident, cid, service, model, cache_key, counters,
                                                                  now):
                 return
-        cfg = self.cfg
-        timeout = cfg.default_timeout if parsed.timeout_ms is None else parsed.timeout_ms / 1000.0
-        if timeout > cfg.max_timeout:  # the client chooses, within the master's cap
-            timeout = cfg.max_timeout
+        timeout = self.cfg.default_timeout if parsed.timeout_ms is None else parsed.timeout_ms / 1000.0
+        timeout = min(timeout, self.cfg.max_timeout)  # the client chooses, within the master's cap
         key = "%x" % next(self._keys)  # _new_key() (a refused request uses a key too: keys only need be unique)
         req = PendingRequest(key, rid, ident, service, model, version, header_frame, frames, now + timeout, now, 0,
                              None, 0, scope, pin is not None, parsed.tags, counters is not None, digest)
@@ -756,23 +753,20 @@ class Broker:
     def _send_requests(self, w: WorkerRecord, reqs: list[PendingRequest]) -> None:
         """One REQUEST message with every request assigned to `w` this turn."""
         ident, pending = w.ident, self.pending
-        now = time.monotonic()
-        ms = now * 1000.0
-        live, rows = [], []  # rows: the framing-2 one-frame form, built in the same pass while every one is inline
+        live, inline = [], True
         for r in reqs:
             if r.worker == ident and pending.get(r.key) is r:
                 live.append(r)
-                if rows is not None:
-                    if r.frames:
-                        rows = None
-                    else:
-                        rows.append([r.key, r.attempts, r.model, r.version,
-                                     left if (left := r.deadline * 1000.0 - ms) > 0.0 else 0.0,
-                                     h if type(h := r.header) is bytes else raw_bytes(h)])
+                if r.frames:
+                    inline = False
         if not live or self.workers.get(ident) is not w:
             return  # answered or requeued meanwhile (the worker was evicted): nothing to send
-        if w.framing >= 2 and rows is not None:  # the common case: one frame, packed at once
-            one = dispatch_one_packed(rows)
+        now = time.monotonic()
+        if w.framing >= 2 and inline:  # the common case: one frame, packed at once
+            ms = now * 1000.0
+            one = dispatch_one_packed([[r.key, r.attempts, r.model, r.version,
+                                        left if (left := r.deadline * 1000.0 - ms) > 0.0 else 0.0,
+                                        h if type(h := r.header) is bytes else raw_bytes(h)] for r in live])
             if one is not None:
                 if not self._send_worker(w, [REQUEST, *one]):
                     for r in live:
@@ -892,8 +886,6 @@ class Broker:
         in_flight, pending = w.in_flight, self.pending
         forwarded: dict[tuple[str, int], list[float]] = {}  # (model, version) -> arrival times answered
         held: dict[str, frozenset[int]] = {}  # model -> w.versions(model), asked once per message
-        forward = self._forward
-        done = 0  # slots given back by this message's forwarded results (w.done, added once at its end)
         try:
             for header_frame, raw, data, checked in split_results(frames, epoch, name):
                 if checked is None and (raw.get("ok") is True and raw.keys() <= REPLY_FIELDS
@@ -905,26 +897,25 @@ class Broker:
                     if (passes and req is not None and req.worker == ident and req.attempts == attempt
                             and req.client is not None and req.counted and rid == req.rid
                             and (req.version is None or version == req.version)):
-                        model = req.model
-                        versions = held.get(model)
+                        versions = held.get(req.model)
                         if versions is None:
-                            versions = held[model] = w.versions(model)
-                        if version in versions:  # what on_reply and _version_allowed check
-                            if in_flight.get(key) == attempt:
-                                del in_flight[key]
-                                done += 1
-                            forward(req, [header_frame, *data] if data else [header_frame], version, forwarded)
-                            continue
+                            versions = held[req.model] = w.versions(req.model)
+                    else:
+                        versions = ()
+                    if version in versions:  # what on_reply and _version_allowed check
+                        if in_flight.get(key) == attempt:
+                            del in_flight[key]
+                            w.done += 1
+                        self._forward(req, [header_frame, *data], version, now, forwarded)
+                        continue
                 self.on_reply(w, header_frame, unpack_map(header_frame) if raw is None else raw, data, now)
         finally:  # also when a bad reply ends the message: the answers sent before it are counted
-            if done:
-                w.done += done
             if forwarded:
                 self._count_forwarded(forwarded, now)
         for model in w.models:
             self.dispatch(model)
 
-    def _forward(self, req: PendingRequest, body: list, version: int,
+    def _forward(self, req: PendingRequest, body: list, version: int, now: float,
                  forwarded: dict[tuple[str, int], list[float]]) -> None:
         """`finish` for a result of its request's current attempt, from a worker that serves its model
         (so the model is served and counted), its worker slot already given back: the request leaves
@@ -933,9 +924,8 @@ class Broker:
         key = req.key
         del self.pending[key]
         cid = (req.scope, req.rid)
-        held = self.held
-        if held.get(cid) == key:
-            del held[cid]
+        if self.held.get(cid) == key:
+            del self.held[cid]
         group = forwarded.get((req.model, version))
         if group is None:
             group = forwarded[(req.model, version)] = []
@@ -1413,7 +1403,7 @@ class Broker:
                 if len(headers) == len(bodies):
                     headers = [h if type(h) is bytes else raw_bytes(h) for h in headers]
                     if sum(map(len, headers)) <= limit_b:  # what bounded_chunks would keep as one chunk
-                        self._send_raw_batch(ident, [pack_rows(headers)], len(headers))  # codec.pack's bytes
+                        self._send_raw_batch(ident, [pack(headers)], len(headers))
                         continue
             for chunk in bounded_chunks(bodies, limit_n, limit_b, frames_nbytes):
                 self._send_batch(ident, chunk, packed)

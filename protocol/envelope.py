@@ -278,17 +278,21 @@ def _split_packed_batch(frames: Sequence, compiled: bool) -> tuple[list[tuple], 
     if not isinstance(rows, list) or not 1 <= len(rows) <= MAX_CLIENT_BATCH:
         return [], f"a packed batch's first frame must list 1..{MAX_CLIENT_BATCH} [service, header] pairs"
     out, k, total = [], 1, len(frames)
-    at = fastcheck.request_at  # decode_request, frames_used and request_fields in one call
+    decode, fields, used = fastcheck.decode_request, fastcheck.request_fields, fastcheck.frames_used
     for row in rows:
         if not (type(row) is list and len(row) == 2 and type(row[0]) is str and type(row[1]) is bytes):
             return out, "each entry of a packed batch must be [service, header as bin]"
         svc, raw = row
-        got = at(raw, frames, k, total) if compiled else None
-        if got is not None:
-            end, fields = got
-            out.append((svc, raw, None, list(frames[k:end]) if end > k else [], ClientRequest(*fields)))
-            k = end
-            continue
+        r = decode(raw) if compiled else None
+        if r is not None:
+            n = used(r)
+            if k + n <= total:
+                tensors = list(frames[k:k + n]) if n else []
+                got = fields(r, tensors)
+                if got is not None:
+                    out.append((svc, raw, None, tensors, ClientRequest(*got)))
+                    k += n
+                    continue
         try:  # the Python step: it decides and words what the compiled path did not take
             header = unpack(raw)
         except ProtocolError:
@@ -643,7 +647,7 @@ def dispatch_one_packed(rows: list[list]) -> list | None:
         total += len(row[5])
     if total > MAX_PACKED_BYTES and len(rows) > 1:
         return None
-    return [pack_rows(rows)]  # codec.pack's bytes (str, int, float64, None, bin), at msgspec's cost
+    return [pack(rows)]
 
 
 def bounded_chunks(items: Iterable, max_count: int, max_bytes: int, size: Callable[[Any], int],

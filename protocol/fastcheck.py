@@ -171,27 +171,6 @@ def request_fields(r: _Request, frames: Sequence) -> tuple | None:
     return r.id, _as_lists(tensors), r.version, timeout_ms, bool(r.ack), r.tags
 
 
-def request_at(raw: Any, frames: Sequence, k: int, end: int) -> tuple[int, tuple] | None:
-    """decode_request(raw), frames_used and request_fields in one call, for a header whose tensors
-    start at frames[k] (and may run to frames[end]): (the index after its last frame, request_fields'
-    tuple for those frames), or None wherever one of the three would give None (or the frames run
-    out). The master's splitter of "mmi.batch2" asks this once per request: the same verdict and
-    values as the three calls, without building the frame slice before the check (issue 22)."""
-    try:
-        r = _REQUEST.decode(raw)
-    except _Error:
-        return None
-    timeout_ms = r.timeout_ms
-    if timeout_ms is not None and not timeout_ms > 0:
-        return None
-    tensors = r.inputs
-    used = tensors_end(tensors, frames, k, end)
-    if used < 0:
-        return None
-    return used, (r.id, [[t.name, t.dtype, t.shape] if t.data is UNSET else [t.name, t.dtype, t.shape, t.data]
-                         for t in tensors], r.version, timeout_ms, bool(r.ack), r.tags)
-
-
 def frames_used(r: _Request) -> int:
     """request_frames(unpack(raw)) of a decoded request."""
     return _frames_used(r.inputs)
