@@ -57,7 +57,7 @@ from ringserve.client.reply import Reply
 from ringserve.protocol.codec import check_tensors, encode_tensors, pack, unpack_map
 from ringserve.protocol.fastanswer import split_answers
 from ringserve.protocol.envelope import (
-    MAX_CLIENT_BATCH, MAX_NAME_LEN, batch_frames, client_frames, pack_header, packed_frames, parse_reply, request_header,
+    MAX_CLIENT_BATCH, MAX_NAME_LEN, batch_frames, client_frames, is_model_name, pack_header, packed_frames, parse_reply, request_header,
     split_replies,
 )
 from ringserve.protocol.messages import (
@@ -213,7 +213,7 @@ def new_pending(rid: str, model: str, inputs: Mapping[str, Any], timeout: float,
     A model name no master takes as one raises ValueError here too: a master answers an empty or
     too long name with no id, and an "mmi." name as an RFC 8 service (a bare 501 that a batching
     client would take for a master that cannot batch), so the request could only time out."""
-    if not model or len(model) > MAX_NAME_LEN or model.startswith("mmi."):
+    if not is_model_name(model):
         raise ValueError(f"model name must be 1..{MAX_NAME_LEN} characters, not starting with 'mmi.', "
                          f"got {model[:40]!r}")
     meta, tensors = encode_tensors(inputs)

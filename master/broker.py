@@ -42,7 +42,7 @@ from ringserve.master.window import Windows
 from ringserve.protocol.codec import pack, pack_map_head, pack_pairs, short_repr, unpack_map
 from ringserve.protocol.envelope import (
     FRAMING, MAX_NAME_LEN, REPLY_FIELDS, answers_frames, bounded_chunks, checked_result, dispatch_chunks, dispatch_frames,
-    dispatch_frames_packed, dispatch_one_packed, parse_heartbeat, parse_ready, parse_request_header, parse_worker_reply,
+    dispatch_frames_packed, dispatch_one_packed, is_model_name, parse_heartbeat, parse_ready, parse_request_header, parse_worker_reply,
     raw_bytes, split_batch, split_batch_checked, split_results,
 )
 from ringserve.protocol.security import Security, user_id
@@ -347,7 +347,7 @@ class Broker:
         facts: dict[str, tuple] = {}  # model -> _model_facts(model): they cannot change within one message
         for svc, header_frame, header, tensors, parsed in requests:
             known = facts.get(svc)  # a name with facts was checked already
-            if known is None and (not svc or len(svc) > MAX_NAME_LEN or svc.startswith("mmi.")):
+            if known is None and not is_model_name(svc):
                 self._one_request(ident, scope, svc.encode(), [header_frame, *tensors], header)  # says what is wrong
                 continue
             if parsed is None:
@@ -382,7 +382,7 @@ class Broker:
             return
         rid = None
         try:
-            if not model or len(model) > MAX_NAME_LEN:
+            if not is_model_name(model):  # not "mmi." (dispatched above): 1..MAX_NAME_LEN characters
                 raise ProtocolError(f"service name must be 1..{MAX_NAME_LEN} characters")
             if not body:
                 raise ProtocolError("missing request body")

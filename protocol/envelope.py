@@ -97,6 +97,13 @@ def clean_timing(value: Any) -> dict | None:
     return out or None
 
 
+def is_model_name(name: str) -> bool:
+    """Whether a master takes `name` as a model's service name: 1..MAX_NAME_LEN characters, not an
+    RFC 8 "mmi." service. The master answers any other name with an error that carries no id (or as
+    an MMI command), so the client refuses such a name at submit, where the caller sees why."""
+    return 0 < len(name) <= MAX_NAME_LEN and not name.startswith("mmi.")
+
+
 def check_id(value: Any, what: str = "id") -> str:
     """The one rule for an id on the wire (a client's request id, the master's dispatch key):
     a string of 1..MAX_ID_LEN characters. Every role checks ids with this function."""
