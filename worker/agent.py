@@ -151,7 +151,6 @@ class WorkerAgent:
                 if self.results in events:
                     drain(self.results, self.on_result, MAX_RECV_PER_TURN)
                     self.flush_replies()
-                    self.compute.handed.set()  # a compute thread waiting to hand over goes on (compute.py)
                 for link in self.links:
                     if link.dealer in events:
                         drain(link.dealer, lambda frames, link=link: self.on_master(frames, link), MAX_RECV_PER_TURN)

@@ -39,7 +39,6 @@ IDLE_WAIT_S = 0.05
 OWN_FIELDS = 5  # what each answer of a packed batch adds to the shared fields: id, key, attempt, outputs, timing
 NO_FRAMES = ()  # an answer with every output inline: no frames of its own (one tuple for all)
 MAX_RESTAGED = 3  # times a request may be preprocessed again because its stages' version was swapped out
-HANDOVER_WAIT_S = 0.0005  # longest wait, after a batch's answers are pushed, for the socket thread to send them
 
 
 class BatchStats:
@@ -87,10 +86,6 @@ class ComputeThread(threading.Thread):
         self.epochs: dict[int, str | None] = {}  # per master link: its epoch, so the master can pass them to the client byte for byte
         self.stage_threads = 2  # --stage-threads: the pool that runs pre/postprocess stages (worker/stages.py)
         self.stages: StagePool | None = None
-        # Set by the socket thread once it has sent what it was handed (after flush_replies): with another
-        # batch waiting, _push waits for it (at most HANDOVER_WAIT_S), so a batch's REPLY leaves before the
-        # next batch holds the GIL, and the master works on it while this thread computes the next.
-        self.handed = threading.Event()
 
     def start(self) -> None:
         """Start the stage pool first (when a model has stages), so no request reaches the inbox before it."""
@@ -261,7 +256,7 @@ class ComputeThread(threading.Thread):
             rows, waits = sum(i.rows for i in batch), [started - i.arrival for i in batch]  # once, for both books
             self.stats.record(batch, rows, waits, started, finished)
             self.metrics.on_batch(model.name, rows, waits, finished - started)
-        self._push(replies, owners, handover=True)
+        self._push(replies, owners)
 
     def _restage(self, model: ServedModel, batch: list[WorkItem]) -> None:
         """Requests preprocessed by stages of a version swapped out since go back to the stage pool,
@@ -276,17 +271,11 @@ class ComputeThread(threading.Thread):
             self.stages.submit(Task(PRE, model, item))
         log.info("requests_restaged", model=model.name, count=len(batch), serving=model.version)
 
-    def _push(self, replies: list[tuple[dict | bytes, list]] | PackedResult, items: list[WorkItem], handover: bool = False) -> None:
+    def _push(self, replies: list[tuple[dict | bytes, list]] | PackedResult, items: list[WorkItem]) -> None:
         """Hand a batch's replies (one per item, in order) to the socket thread, one message per
-        master they go back to (it sends each as one REPLY). `handover` (a batch's answers): when
-        another batch waits, wait until the socket thread has sent them (``handed``, at most
-        HANDOVER_WAIT_S), so they leave before the next batch holds the GIL."""
+        master they go back to (it sends each as one REPLY)."""
         if not replies:
             return  # every request of the batch went on to its postprocess stage
-        handed = self.handed
-        wait = handover and bool(self.batcher.groups or self.inbox.queue)  # another batch to run next
-        if wait:
-            handed.clear()  # before the send: the socket thread's set after it is never lost
         # Blocks only at the inproc pipe's high-water mark, which the socket thread keeps draining.
         if type(replies) is PackedResult:  # already one RESULT per master link
             for message in replies.messages():
@@ -296,8 +285,6 @@ class ComputeThread(threading.Thread):
             for link in sorted(links):
                 mine = replies if len(links) == 1 else [r for r, i in zip(replies, items, strict=False) if i.link == link]
                 self.push.send_multipart(result_frames(link, mine), copy=False)
-        if wait:
-            handed.wait(HANDOVER_WAIT_S)
 
     def _compute(self, model: ServedModel, batch: list[WorkItem],
                  pinned: int | None) -> list[tuple[dict | bytes, list]] | PackedResult:
