@@ -338,11 +338,7 @@ class WorkerAgent:
         list has no key to answer: the master is told at once (a heartbeat counting it) and
         reclaims those credit slots when their deadlines pass.
         A REQUEST the compiled checks take whole comes as plain rows (``envelope.fast_requests``: no
-        Dispatch per request); anything else goes through parse_dispatch, which words every refusal.
-        On that path a request of a model without stages or on-demand loading whose input signature
-        already passed (``self.checked``) gets its WorkItem built inline, the model looked up once per
-        run of requests for one model: ``_work_item_of``'s answer without its two calls per request;
-        everything else (a new signature, a refusal) still goes through ``_work_item_of``."""
+        Dispatch per request); anything else goes through parse_dispatch, which words every refusal."""
         link = link or self.links[0]
         now = time.monotonic()
         items, refused = [], []

@@ -16,11 +16,6 @@ thread's time per request beyond the model (a dict, a split, an encode and a pac
 A request's own fields are encoded by msgspec (envelope's ``pack_header``: the same msgpack bytes as
 ``pack`` for these types, in a third of its time), which also lets a part already encoded travel as ``msgspec.Raw``: the
 timing map, which every answer of one REQUEST shares (``packed_timing``).
-A batch the compute thread packs this way writes its answers straight into each master link's
-RESULT headers frame (``PackedResult``: a ``Struct`` of each answer's own fields encoded with
-``encode_into`` over the shared head's last byte, which is then put back): the same bytes as
-``result_frames`` of the answers' ``joined_header``s, without a bytes object per answer, a pack of
-the list of them, or a call per answer (issue 22, eleventh round).
 """
 from __future__ import annotations
 
@@ -82,8 +77,8 @@ class PackedResult:
 
     def add(self, link: int, head: bytes, cid: str, key: str, attempt: int, outputs: msgspec.Raw,
             timing: msgspec.Raw) -> None:
-        """One answer: `head` is ``shared_fields``' first part (the map's byte and the shared pairs),
-        then the own fields as ``joined_header`` writes them. The own map is
+        """One answer: `head` is ``shared_fields``' first part (the map's byte and the shared pairs,
+        at least one pair), then the own fields as ``joined_header`` writes them. The own map is
         encoded over `head`'s last byte (its own first byte, which joined_header drops) and that byte
         is put back; the answer's bin head goes in front once its length is known."""
         buf = self.parts[link]
