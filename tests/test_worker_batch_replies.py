@@ -17,7 +17,7 @@ from ringserve.protocol.codec import INLINE_MAX, decode_tensors, encode_tensors,
 from ringserve.protocol.envelope import split_replies
 from ringserve.worker.batching import Batcher, WorkItem, signature, split_outputs
 from ringserve.worker.compute import ComputeThread
-from ringserve.worker.handoff import PackedResult, batch_outputs, joined_header, packed_timing, result_frames, shared_fields
+from ringserve.worker.handoff import batch_outputs, joined_header, result_frames, shared_fields
 from ringserve.worker.loader import ServedModel, parse_model_arg
 
 pytestmark = pytest.mark.timeout(120)
@@ -70,44 +70,6 @@ def test_joined_header_is_the_whole_map_packed(own, shared):
     assert unpack_map(joined_header({"id": "x"}, shared_fields(shared, len(own)))) == {"id": "x", **shared}  # other count
 
 
-def _in_order(packed: PackedResult, items: list[WorkItem]) -> list[tuple[bytes, tuple]]:
-    """A PackedResult's answers as (header bytes, no frames), in the batch's order (each link's in its own)."""
-    messages = {int(first.split(b" ")[1]): unpack(frame) for first, frame in packed.messages()}
-    assert all(first == b"R%d %d" % (len(messages[int(first.split(b" ")[1])]), int(first.split(b" ")[1]))
-               for first, _ in packed.messages())
-    per_link = {link: iter(headers) for link, headers in messages.items()}
-    return [(next(per_link[i.link]), ()) for i in items]
-
-
-_IDS = st.text(min_size=1, max_size=80)
-
-
-@settings(max_examples=80, deadline=None)
-@given(answers=st.lists(st.tuples(st.integers(0, 2), _IDS, _IDS, st.integers(1, 2**40),
-                                  st.binary(max_size=20_000), st.floats(0, 1e6)), min_size=1, max_size=40),
-       shared=st.dictionaries(st.sampled_from(["ok", "model", "version", "batch_rows", "worker", "epoch"]), _VALUES))
-def test_a_packed_result_is_result_frames_of_the_joined_headers_byte_for_byte(answers, shared):
-    """Issue 22 (eleventh round): PackedResult writes each link's RESULT headers frame straight from the
-    answers' fields: the same bytes, count and link as result_frames of their joined_header's, whatever the
-    ids (unicode, long), attempts, output sizes (bin 8 and 16 heads), lists longer than 15 and shared fields."""
-    fields = shared_fields(shared, 5)
-    counts: dict[int, int] = {}
-    for link, *_ in answers:
-        counts[link] = counts.get(link, 0) + 1
-    packed = PackedResult(counts)
-    expected: dict[int, list] = {}
-    for link, cid, key, attempt, blob, ms in answers:
-        outputs = msgspec.Raw(pack([["y", "uint8", [len(blob)], blob]]))
-        timing = packed_timing({"queue_ms": ms, "compute_ms": 0.5})
-        packed.add(link, fields[0], cid, key, attempt, outputs, timing)
-        own = {"id": cid, "key": key, "attempt": attempt, "outputs": outputs, "timing": timing}
-        expected.setdefault(link, []).append((joined_header(own, fields), ()))
-    got = packed.messages()
-    assert len(packed) == len(answers)
-    assert [[bytes(f) for f in m] for m in got] == \
-        [[bytes(f) for f in result_frames(link, expected[link])] for link in sorted(expected)]
-
-
 @pytest.fixture
 def compute():
     ctx = zmq.Context()
@@ -130,16 +92,7 @@ def test_packed_replies_match_the_general_path_field_for_field(compute, monkeypa
     items = [_item(i, 1 + i % 3, link=i % 2, timing={"preprocess_ms": 0.5} if i == 3 else None) for i in range(9)]
     for i, item in enumerate(items):  # arrivals in runs (one REQUEST each), so timing maps are shared and not
         item.arrival = float(i // 4) / 1000.0
-    packed = ct._compute(model, items, None)
-    assert type(packed) is PackedResult and len(packed) == len(items)
-    fast = _in_order(packed, items)
-    again = PackedResult({0: 5, 1: 4})  # the compute thread's inlined writes are PackedResult.add's, byte for byte
-    for (fh, _), item in zip(fast, items, strict=True):
-        f = unpack_map(fh)
-        shared = {k: f[k] for k in ("ok", "model", "version", "batch_rows", "worker", "epoch")}
-        again.add(item.link, shared_fields(shared, 5)[0], f["id"], f["key"], f["attempt"],
-                  msgspec.Raw(pack(f["outputs"])), packed_timing(f["timing"]))
-    assert [[bytes(x) for x in m] for m in again.messages()] == [[bytes(x) for x in m] for m in packed.messages()]
+    fast = ct._compute(model, items, None)
     assert all(type(h) is bytes and len(frames) == 0 for h, frames in fast)
     monkeypatch.setattr("ringserve.worker.compute.batch_outputs", lambda outputs, rows, packed=False: None)
     slow = ct._compute(model, items, None)

@@ -344,22 +344,10 @@ class WorkerAgent:
         items, refused = [], []
         rows = fast_requests(frames)
         if rows is not None:
-            work_item, models, checked, index = self._work_item_of, self.models, self.checked, link.index
-            last, plain = None, False  # the model of the run of requests now read (one REQUEST mostly has one)
-            append = items.append
-            for key, attempt, name, version, timeout_ms, cid, data, arrays, _ in rows:
+            work_item = self._work_item_of
+            for key, attempt, model, version, timeout_ms, cid, data, arrays, _ in rows:
                 try:
-                    if name != last:
-                        model = models.get(name)
-                        last, plain = name, model is not None and not model.has_stages and not model.on_demand
-                    if plain:  # inputs of a signature already checked: _work_item_of's answer, its calls inlined
-                        known = checked.get((name, tuple([(n, a.dtype, a.shape) for n, a in arrays.items()])))
-                        if known is not None:
-                            append(WorkItem(key, attempt, name, version, arrays, known[0], now,
-                                            now + min(max(timeout_ms, 0.0) / 1000.0, 3600.0), data, cid=cid,
-                                            link=index, sig=known[1]))
-                            continue
-                    append(work_item(key, attempt, name, version, timeout_ms, cid, data, arrays, now, index))
+                    items.append(work_item(key, attempt, model, version, timeout_ms, cid, data, arrays, now, link.index))
                 except Exception as exc:  # noqa: BLE001 - answered by key, as the Dispatch path answers it
                     refused.append((self._refused(key, attempt, cid, exc), ()))
         else:

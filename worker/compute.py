@@ -27,7 +27,7 @@ from ringserve.protocol.codec import encode_tensors
 from ringserve.protocol.messages import ErrorCode, error_body
 from ringserve.worker.batching import Batcher, WorkItem, concat_inputs, split_outputs
 from ringserve.worker.handoff import (
-    CHANGED, ENCODE_INTO, Own, PackedResult, batch_outputs, bin_head, packed_timing, result_frames, shared_fields,
+    CHANGED, batch_outputs, joined_header, packed_timing, result_frames, shared_fields,
 )
 from ringserve.worker.loader import ServedModel, input_error
 from ringserve.worker.metrics import WorkerMetrics
@@ -271,23 +271,18 @@ class ComputeThread(threading.Thread):
             self.stages.submit(Task(PRE, model, item))
         log.info("requests_restaged", model=model.name, count=len(batch), serving=model.version)
 
-    def _push(self, replies: list[tuple[dict | bytes, list]] | PackedResult, items: list[WorkItem]) -> None:
+    def _push(self, replies: list[tuple[dict | bytes, list]], items: list[WorkItem]) -> None:
         """Hand a batch's replies (one per item, in order) to the socket thread, one message per
         master they go back to (it sends each as one REPLY)."""
         if not replies:
             return  # every request of the batch went on to its postprocess stage
         # Blocks only at the inproc pipe's high-water mark, which the socket thread keeps draining.
-        if type(replies) is PackedResult:  # already one RESULT per master link
-            for message in replies.messages():
-                self.push.send_multipart(message, copy=False)
-        else:
-            links = {item.link for item in items}
-            for link in sorted(links):
-                mine = replies if len(links) == 1 else [r for r, i in zip(replies, items, strict=False) if i.link == link]
-                self.push.send_multipart(result_frames(link, mine), copy=False)
+        links = {item.link for item in items}
+        for link in sorted(links):
+            mine = replies if len(links) == 1 else [r for r, i in zip(replies, items, strict=False) if i.link == link]
+            self.push.send_multipart(result_frames(link, mine), copy=False)
 
-    def _compute(self, model: ServedModel, batch: list[WorkItem],
-                 pinned: int | None) -> list[tuple[dict | bytes, list]] | PackedResult:
+    def _compute(self, model: ServedModel, batch: list[WorkItem], pinned: int | None) -> list[tuple[dict | bytes, list]]:
         """Run and encode a batch; raises if anything about it fails (no partial answers). What is the
         same for every answer of the batch is looked up once, outside the loop over its requests."""
         version = model.version if pinned is None else pinned
@@ -300,9 +295,7 @@ class ComputeThread(threading.Thread):
         if post_stages is None and len(batch) > 1 and batch[0].ragged is None:
             metas = batch_outputs(outputs, [i.rows for i in batch], packed=True)  # each request's, encoded
             if metas is not None:
-                packed = self._packed_replies(model, batch, version, rows, started, compute_ms, metas)
-                if packed is not None:
-                    return packed
+                return self._packed_replies(model, batch, version, rows, started, compute_ms, metas)
         replies = []
         post = []  # handed to the stage pool only once the whole batch has split (a failure re-runs it)
         for item, out in zip(batch, split_outputs(outputs, batch), strict=True):
@@ -326,55 +319,37 @@ class ComputeThread(threading.Thread):
         return replies
 
     def _packed_replies(self, model: ServedModel, batch: list[WorkItem], version: int | None, rows: int,
-                        started: float, compute_ms: float, metas: list[list]) -> PackedResult | None:
+                        started: float, compute_ms: float, metas: list[list]) -> list[tuple[bytes, list]]:
         """The batch's answers with every output inline (``batch_outputs``, each request's list already
         encoded): the same fields as the general path's headers, each packed as it goes to the master,
-        the fields all of them share packed once per master link (``shared_fields``), the timing map
-        once per arrival (the requests of one REQUEST arrived together), and written straight into
-        each link's RESULT frame (``PackedResult``: the bytes ``joined_header`` and ``result_frames``
-        would make of them)."""
+        the fields all of them share packed once per master link (``joined_header``), the timing map
+        once per arrival (the requests of one REQUEST arrived together)."""
         shared_base = {"ok": True, "model": batch[0].model, "version": version, "batch_rows": rows}
+        shared: dict[int, tuple] = {}
         worker, epochs = self.worker_name, self.epochs
-        first = batch[0].link
-        if all(item.link == first for item in batch):
-            counts = {first: len(batch)}
-        else:
-            counts = {}
-            for item in batch:
-                counts[item.link] = counts.get(item.link, 0) + 1
-        result = PackedResult(counts)
-        parts, encode_into, own = result.parts, ENCODE_INTO, Own  # PackedResult.add, inlined: a call less per answer
-        heads: dict[int, bytes] = {}
-        link, head, buf, last = None, None, None, 0
+        replies = []
+        append = replies.append
+        link, fields = None, None
         arrival, timing = None, None  # the requests of one REQUEST arrived together: one timing map for them
         for item, meta in zip(batch, metas, strict=True):
             if item.link != link:  # a batch mostly comes from one master: look its fields up on a change only
                 link = item.link
-                head = heads.get(link)
-                if head is None:
+                fields = shared.get(link)
+                if fields is None:
                     epoch = epochs.get(link)
-                    head = heads[link] = shared_fields(
+                    fields = shared[link] = shared_fields(
                         {**shared_base, "worker": worker, "epoch": epoch} if epoch is not None and worker is not None
-                        else shared_base, OWN_FIELDS)[0]
-                    if not head:  # more fields than a fixmap holds (no reply header has them today): the general path
-                        return None
-                buf, last = parts[link], head[-1]
+                        else shared_base, OWN_FIELDS)
             if item.timing:  # times of its own (a preprocess stage): a map of its own
-                timing, arrival = packed_timing({**item.timing, "queue_ms": round(1000 * (started - item.arrival), 3),
-                                                 "compute_ms": compute_ms}), None
+                timing, arrival = {**item.timing, "queue_ms": round(1000 * (started - item.arrival), 3),
+                                   "compute_ms": compute_ms}, None
             elif item.arrival != arrival or timing is None:
                 arrival = item.arrival
                 timing = packed_timing({"queue_ms": round(1000 * (started - arrival), 3), "compute_ms": compute_ms})
-            cid, key = item.cid, item.rid
-            start = len(buf)
-            buf += head
-            end = len(buf) - 1
-            encode_into(own(key if cid is None else cid, key, item.attempt, meta, timing), buf, end)
-            buf[end] = last
-            size = len(buf) - start
-            buf[start:start] = b"\xc5" + size.to_bytes(2, "big") if 0x100 <= size < 0x10000 else bin_head(size)
-        self.metrics.on_answers(model.name, "ok", len(batch))
-        return result
+            append((joined_header({"id": item.client_id, "key": item.rid, "attempt": item.attempt, "outputs": meta,
+                                   "timing": timing}, fields), NO_FRAMES))
+        self.metrics.on_answers(model.name, "ok", len(replies))
+        return replies
 
     def _failure(self, model: ServedModel, item: WorkItem, exc: Exception) -> tuple[dict, list]:
         """The error answer for one request: BAD_REQUEST when its input is the cause, else INTERNAL."""

@@ -27,8 +27,6 @@ import numpy as np
 from ringserve.protocol.codec import BYTES, INLINE_MAX, encode_tensors, pack, pack_pairs
 from ringserve.protocol.envelope import pack_header, pack_rows, packed_reply_frames
 
-ENCODE_INTO = msgspec.msgpack.Encoder().encode_into
-
 RESULT = b"R"  # [RESULT count link, packed headers, *data frames]: `count` answers for master `link`
 CHANGED = b"S"  # [CHANGED]: model state changed (new version): heartbeat now
 
@@ -39,67 +37,6 @@ def result_frames(link: int, replies: Sequence[tuple[dict | bytes, Sequence]]) -
     data = [f for _, frames in replies for f in frames]
     return [b"R%d %d" % (len(replies), link),
             *packed_reply_frames([header if type(header) is bytes else pack(header) for header, _ in replies], data)]
-
-
-class Own(msgspec.Struct, gc=False):
-    """A packed answer's own fields (``joined_header``'s `own`, in its order): msgspec writes a Struct as
-    the map ``pack_header`` writes for the dict of the same fields, at two thirds of the dict's cost."""
-
-    id: str
-    key: str
-    attempt: int
-    outputs: msgspec.Raw
-    timing: msgspec.Raw
-
-
-def _array_head(n: int) -> bytes:
-    return bytes((0x90 | n,)) if n <= 15 else (b"\xdc" + n.to_bytes(2, "big") if n < 0x10000 else b"\xdd" + n.to_bytes(4, "big"))
-
-
-def bin_head(n: int) -> bytes:
-    return bytes((0xC4, n)) if n < 0x100 else (b"\xc5" + n.to_bytes(2, "big") if n < 0x10000 else b"\xc6" + n.to_bytes(4, "big"))
-
-
-class PackedResult:
-    """A batch's answers (every output inline) written straight into each master link's RESULT
-    headers frame: the bytes ``result_frames`` makes of the same answers' ``joined_header``s (a
-    msgpack list of bin, each the answer's map), without a bytes object per answer in between.
-    ``add`` per answer, in order; ``messages`` once, for the compute thread's push."""
-
-    __slots__ = ("parts", "count")
-
-    def __init__(self, counts: Mapping[int, int]) -> None:
-        self.parts = {link: bytearray(_array_head(n)) for link, n in counts.items()}  # link -> its frame so far
-        self.count = sum(counts.values())
-
-    def __len__(self) -> int:
-        return self.count
-
-    def add(self, link: int, head: bytes, cid: str, key: str, attempt: int, outputs: msgspec.Raw,
-            timing: msgspec.Raw) -> None:
-        """One answer: `head` is ``shared_fields``' first part (the map's byte and the shared pairs,
-        at least one pair), then the own fields as ``joined_header`` writes them. The own map is
-        encoded over `head`'s last byte (its own first byte, which joined_header drops) and that byte
-        is put back; the answer's bin head goes in front once its length is known."""
-        buf = self.parts[link]
-        start = len(buf)
-        buf += head
-        end = len(buf) - 1
-        ENCODE_INTO(Own(cid, key, attempt, outputs, timing), buf, end)
-        buf[end] = head[-1]
-        buf[start:start] = bin_head(len(buf) - start)
-
-    def messages(self) -> list[list]:
-        """The RESULT messages, one per master link, in link order."""
-        return [[b"R%d %d" % (frame_count(buf), link), buf] for link, buf in sorted(self.parts.items())]
-
-
-def frame_count(frame) -> int:
-    """How many entries a msgpack list (``_array_head``) holds, from its head."""
-    first = frame[0]
-    if first & 0xF0 == 0x90:
-        return first & 0x0F
-    return int.from_bytes(frame[1:3] if first == 0xDC else frame[1:5], "big")
 
 
 def read_result(first: bytes) -> tuple[int, int] | None:
@@ -176,8 +113,8 @@ def _packed_outputs(cut: list, rows: Sequence[int]) -> list[msgspec.Raw]:
             parts = heads[n] = []
             for k, (name, dtname, tail, rb, _) in enumerate(cut):
                 size = n * rb  # the bytes' own head: bin 8 or bin 16 (a share is at most INLINE_MAX)
-                bhead = bytes((0xC4, size)) if size < 0x100 else b"\xc5" + size.to_bytes(2, "big")
-                head = pack_rows([name, dtname, [n, *tail], b""])[:-2] + bhead  # [..., bin 8 of 0 bytes] less its head
+                bin_head = bytes((0xC4, size)) if size < 0x100 else b"\xc5" + size.to_bytes(2, "big")
+                head = pack_rows([name, dtname, [n, *tail], b""])[:-2] + bin_head  # [..., bin 8 of 0 bytes] less its head
                 parts.append((pack_rows([None] * len(cut))[:-len(cut)] if k == 0 else b"") + head)
         if len(parts) == 1:
             out.append(msgspec.Raw(parts[0] + views[0][row * cut[0][3]:(row + n) * cut[0][3]]))
