@@ -234,6 +234,19 @@ def _advise_dontneed(fd: int) -> None:
             pass
 
 
+def _map_piece(path: Path, like: np.ndarray) -> np.ndarray | None:
+    """A piece file mapped read-only as an array of `like`'s dtype and shape; None where the file
+    cannot be opened or is not exactly as long (the array in memory is then kept)."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != like.nbytes:
+                return None
+            m = mmap.mmap(f.fileno(), like.nbytes, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    return np.frombuffer(m, dtype=like.dtype).reshape(like.shape)
+
+
 def _atomic_write(path: Path, payload: bytes, sync_dir: bool = True) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -285,6 +298,7 @@ class ShardStore:
         self.pinned = lambda model: set()  # checksums a collect must keep besides kept versions' (live stages)
         self.pinned_tags = lambda model: set()  # tags of the live stages, whose staged manifests a collect keeps
         self.epochs: dict[str, int] = {}  # model -> stamp of what made the current version current
+        self.mapped: dict[str, dict[str, np.ndarray]] = {}  # model -> checksum -> its piece file mapped (`demote`)
 
     # --------------------------------------------------------------- writing
     def write_pieces(self, model: str, sl: Slice) -> dict:
@@ -598,7 +612,44 @@ class ShardStore:
         for v in self.doomed.pop(model, set()):
             if v not in live:  # a version number committed again since it was dropped keeps its files
                 self._forget(model, v)
-        return self.collect(model)
+        gone = self.collect(model)
+        self.demote(model)
+        return gone
+
+    def demote(self, model: str) -> int:
+        """Hold only the current version's pieces (and live stages') in memory: a piece that only
+        superseded kept versions reference is served from its piece file, mapped read-only, and its
+        received buffer freed, so the next stage's frames reuse that memory instead of faulting in
+        fresh pages (issue 22, sync13: a shard held its last `keep` versions' bytes and its heap grew
+        over the first three full syncs). Only pieces whose file is on disk (booked in `stored`) and
+        as long as the array are mapped; anything else stays as it is. Returns how many were mapped."""
+        by_v = self.slices.get(model, {})
+        cur = by_v.get(self.current.get(model))
+        hot = set(cur.checksums.values()) if cur is not None else set()
+        hot |= self.pinned(model)
+        stored = self.stored.get(model, set())
+        mapped = self.mapped.setdefault(model, {})
+        for c in set(mapped) - stored:  # its file was deleted: no slice refers to the mapping any more
+            del mapped[c]
+        pdir = self.root / model / PIECES
+        n = 0
+        for sl in by_v.values():
+            if sl is cur:
+                continue
+            for k, c in sl.checksums.items():
+                a = sl.data.get(k)
+                if a is None or c in hot or c not in stored or a.nbytes == 0:
+                    continue
+                m = mapped.get(c)
+                if m is None:
+                    m = _map_piece(pdir / c, a)
+                    if m is None:
+                        continue
+                    mapped[c] = m
+                    n += 1
+                if sl.data[k] is not m:
+                    sl.data[k] = m
+        return n
 
     def collect(self, model: str) -> int:
         """Delete the piece files no kept version references (nor a live stage: `pinned`);
