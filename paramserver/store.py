@@ -46,9 +46,14 @@ commit (the shard runs it once the commit is answered and announced: `commit(pru
 then `prune`), versions beyond `keep` are dropped, except the current one and the one current before
 it (a revert of that commit, or a rollback repairing it, needs it: `prunable`); after a commit,
 rollback, revert, abort or expired stage, piece files that neither a kept version nor a live
-stage references are deleted (temporary files a crash left behind go at start).
+stage references are deleted (temporary files a crash left behind go at start). The prune also
+maps (`demote`, read-only) the piece files of pieces that only superseded kept versions
+reference, so their received buffers are freed: a shard's memory holds its current version and
+live stages, not `keep` versions, and the next stage's frames reuse the freed memory rather than
+fresh pages (issue 22, sync13); fetches, repair and deltas read a mapped piece like any other.
 
-Read path (start): every piece a manifest names is read once and checked against its name;
+Read path (start): every piece a manifest names is read once and checked against its name (then
+held in memory for the current version, mapped from its file for the others: `demote`);
 a version with a manifest that fails its own checksum, a piece missing or failing its
 checksum, or anything unreadable is marked corrupt and never served, and the shard still
 starts. A corrupt current version falls back to the one that was current before it (recorded
@@ -729,6 +734,7 @@ class ShardStore:
                 self.current[model] = back
                 del hist[max(i for i, v in enumerate(hist) if v == back):]
             log.error("current_version_corrupt_fell_back", model=model, version=wanted, now=back, why=why)
+        self.demote(model)  # the versions before the current one are read from their files when fetched
         log.info("model_loaded_from_disk", model=model, versions=sorted(good), current=self.current.get(model),
                  pieces=len(self.stored.get(model, ())))
 

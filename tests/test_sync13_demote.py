@@ -85,3 +85,17 @@ def test_a_superseded_version_is_fetched_whole_from_its_mapped_files(cluster):
         if time.monotonic() > end:
             break
         time.sleep(0.3)
+
+
+def test_a_restart_holds_the_current_version_in_memory_and_maps_the_others(tmp_path):
+    rng = np.random.default_rng(6)
+    vs = {v: {"w": rng.standard_normal(200).astype(np.float32)} for v in (1, 2)}
+    store = ShardStore(tmp_path, keep=3)
+    for v in (1, 2):
+        store.commit("m", make_slice(v, vs[v]))
+    again = ShardStore(tmp_path, keep=3)
+    again.load_all()
+    assert again.current["m"] == 2 and not again.corrupt
+    assert _is_mapped(again.slices["m"][1].data["w"]) and not _is_mapped(again.slices["m"][2].data["w"])
+    for v in (1, 2):
+        np.testing.assert_array_equal(again.slices["m"][v].data["w"], vs[v]["w"])
