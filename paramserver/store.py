@@ -46,9 +46,14 @@ commit (the shard runs it once the commit is answered and announced: `commit(pru
 then `prune`), versions beyond `keep` are dropped, except the current one and the one current before
 it (a revert of that commit, or a rollback repairing it, needs it: `prunable`); after a commit,
 rollback, revert, abort or expired stage, piece files that neither a kept version nor a live
-stage references are deleted (temporary files a crash left behind go at start).
+stage references are deleted (temporary files a crash left behind go at start). The prune also
+maps (`demote`, read-only) the piece files of pieces that only superseded kept versions
+reference, so their received buffers are freed: a shard's memory holds its current version and
+live stages, not `keep` versions, and the next stage's frames reuse the freed memory rather than
+fresh pages (issue 22, sync13); fetches, repair and deltas read a mapped piece like any other.
 
-Read path (start): every piece a manifest names is read once and checked against its name;
+Read path (start): every piece a manifest names is read once and checked against its name (then
+held in memory for the current version, mapped from its file for the others: `demote`);
 a version with a manifest that fails its own checksum, a piece missing or failing its
 checksum, or anything unreadable is marked corrupt and never served, and the shard still
 starts. A corrupt current version falls back to the one that was current before it (recorded
@@ -234,6 +239,19 @@ def _advise_dontneed(fd: int) -> None:
             pass
 
 
+def _map_piece(path: Path, like: np.ndarray) -> np.ndarray | None:
+    """A piece file mapped read-only as an array of `like`'s dtype and shape; None where the file
+    cannot be opened or is not exactly as long (the array in memory is then kept)."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size != like.nbytes:
+                return None
+            m = mmap.mmap(f.fileno(), like.nbytes, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):
+        return None
+    return np.frombuffer(m, dtype=like.dtype).reshape(like.shape)
+
+
 def _atomic_write(path: Path, payload: bytes, sync_dir: bool = True) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -285,6 +303,7 @@ class ShardStore:
         self.pinned = lambda model: set()  # checksums a collect must keep besides kept versions' (live stages)
         self.pinned_tags = lambda model: set()  # tags of the live stages, whose staged manifests a collect keeps
         self.epochs: dict[str, int] = {}  # model -> stamp of what made the current version current
+        self.mapped: dict[str, dict[str, np.ndarray]] = {}  # model -> checksum -> its piece file mapped (`demote`)
 
     # --------------------------------------------------------------- writing
     def write_pieces(self, model: str, sl: Slice) -> dict:
@@ -598,7 +617,44 @@ class ShardStore:
         for v in self.doomed.pop(model, set()):
             if v not in live:  # a version number committed again since it was dropped keeps its files
                 self._forget(model, v)
-        return self.collect(model)
+        gone = self.collect(model)
+        self.demote(model)
+        return gone
+
+    def demote(self, model: str) -> int:
+        """Hold only the current version's pieces (and live stages') in memory: a piece that only
+        superseded kept versions reference is served from its piece file, mapped read-only, and its
+        received buffer freed, so the next stage's frames reuse that memory instead of faulting in
+        fresh pages (issue 22, sync13: a shard held its last `keep` versions' bytes and its heap grew
+        over the first three full syncs). Only pieces whose file is on disk (booked in `stored`) and
+        as long as the array are mapped; anything else stays as it is. Returns how many were mapped."""
+        by_v = self.slices.get(model, {})
+        cur = by_v.get(self.current.get(model))
+        hot = set(cur.checksums.values()) if cur is not None else set()
+        hot |= self.pinned(model)
+        stored = self.stored.get(model, set())
+        mapped = self.mapped.setdefault(model, {})
+        for c in set(mapped) - stored:  # its file was deleted: no slice refers to the mapping any more
+            del mapped[c]
+        pdir = self.root / model / PIECES
+        n = 0
+        for sl in by_v.values():
+            if sl is cur:
+                continue
+            for k, c in sl.checksums.items():
+                a = sl.data.get(k)
+                if a is None or c in hot or c not in stored or a.nbytes == 0:
+                    continue
+                m = mapped.get(c)
+                if m is None:
+                    m = _map_piece(pdir / c, a)
+                    if m is None:
+                        continue
+                    mapped[c] = m
+                    n += 1
+                if sl.data[k] is not m:
+                    sl.data[k] = m
+        return n
 
     def collect(self, model: str) -> int:
         """Delete the piece files no kept version references (nor a live stage: `pinned`);
@@ -678,6 +734,7 @@ class ShardStore:
                 self.current[model] = back
                 del hist[max(i for i, v in enumerate(hist) if v == back):]
             log.error("current_version_corrupt_fell_back", model=model, version=wanted, now=back, why=why)
+        self.demote(model)  # the versions before the current one are read from their files when fetched
         log.info("model_loaded_from_disk", model=model, versions=sorted(good), current=self.current.get(model),
                  pieces=len(self.stored.get(model, ())))
 
