@@ -241,7 +241,9 @@ def _advise_dontneed(fd: int) -> None:
 
 def _map_piece(path: Path, like: np.ndarray) -> np.ndarray | None:
     """A piece file mapped read-only as an array of `like`'s dtype and shape; None where the file
-    cannot be opened or is not exactly as long (the array in memory is then kept)."""
+    cannot be opened or is not exactly as long (the array in memory is then kept). The data dir must
+    be the shard's alone: a mapped file that something else cuts short makes the next read of it
+    fault (SIGBUS ends the shard; its start then checks every piece again and refuses the version)."""
     try:
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size != like.nbytes:
