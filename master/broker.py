@@ -1178,9 +1178,11 @@ class Broker:
     def _refresh_metrics(self) -> None:
         depths = {m: self.queues.depth(m) for m in self.queues.models() if self._served(m)}
         states: dict[str, int] = {}
+        in_flight: dict[str, int] = {}  # per name: workers may share one (with keys: every pod of one key)
         for w in self.workers.values():
             states[w.state] = states.get(w.state, 0) + 1
-        self.metrics.refresh(depths, {w.name: len(w.in_flight) for w in self.workers.values()}, states)
+            in_flight[w.name] = in_flight.get(w.name, 0) + len(w.in_flight)
+        self.metrics.refresh(depths, in_flight, states)
         self.metrics.cache_bytes.set(self.responses.bytes)
         self.metrics.cache_evictions.set(self.responses.evictions)
         self._refresh_autoscale(time.monotonic())

@@ -105,3 +105,26 @@ def test_an_answer_zeromq_refused_to_a_batching_client_is_sent_again_in_full_not
         assert again[0].get("ok") is True and "ack" not in again[0], again[0]  # the answer itself
     client.close(linger=0)
     w.close(linger=0)
+
+
+def test_workers_that_share_a_name_are_all_counted_in_the_in_flight_gauge(broker):
+    """With keys a worker is the name of its key, and the secure deployment gives every worker pod
+    the one key `worker` (deploy/overlays/secure/config/worker.toml): every pod registers as
+    "worker". ringserve_worker_in_flight{worker} was set from {name: in flight}, so the last of
+    them overwrote the others' figures; now it is their sum."""
+    from test_master_robustness import next_request, request
+    a = register(broker, b"wa", credit=2, name="worker")
+    b = register(broker, b"wb", credit=2, name="worker")
+    client = broker.ctx.socket(zmq.DEALER)
+    client.setsockopt(zmq.LINGER, 0)
+    client.connect(broker.endpoints["frontend"])
+    for i in range(4):
+        request(client, f"r{i}")
+    for w in (a, b):  # round-robin: two each, held unanswered
+        next_request(broker, w)
+        next_request(broker, w)
+    assert sum(len(w.in_flight) for w in broker.workers.values()) == 4
+    broker._refresh_metrics()
+    assert broker.metrics.registry.get_sample_value("ringserve_worker_in_flight", {"worker": "worker"}) == 4
+    for s in (client, a, b):
+        s.close(linger=0)
