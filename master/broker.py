@@ -56,6 +56,7 @@ log = structlog.get_logger("ringserve.master")
 
 MAX_BATCH_RECV = 256  # messages read from one socket per loop turn, so no socket starves the others
 MAX_BATCH_CLIENTS = 65536  # routing ids remembered as batching clients (oldest forgotten: they get singles)
+MAX_UNDELIVERED = 65536  # (routing id, request id) of batched answers ZeroMQ refused, remembered (oldest forgotten)
 MMI_BATCH_BYTES = MMI_BATCH.encode()
 MMI_BATCH_PACKED_BYTES = MMI_BATCH_PACKED.encode()
 MAX_UNKNOWN_WAITING = 64  # during the start-up grace: model names nobody serves yet that may queue
@@ -140,6 +141,9 @@ class Broker:
         self._outgoing: dict[bytes, tuple[WorkerRecord, list[PendingRequest]]] = {}  # assigned, not yet sent
         self._batch_clients: OrderedDict[bytes, bool] = OrderedDict()  # routing ids that sent a batch (LRU): packed?
         self._client_out: dict[bytes, list] = {}  # their answers of this turn [(header, frames)], see _flush_clients
+        # (routing id, request id) of batched answers whose send failed at the turn's end, after `answered`
+        # booked them as delivered to that socket: a resend from it gets the answer again, not an ACK alone
+        self._undelivered: OrderedDict[tuple[bytes, str], None] = OrderedDict()
         if cfg.state_dir:
             os.makedirs(cfg.state_dir, exist_ok=True)
         self.routes: dict[str, routing.Route] = routing.load_routes(self._routes_path()) if cfg.state_dir else {}
@@ -533,9 +537,10 @@ class Broker:
         if self.answered.model(cid) != model:
             self._reply_client(ident, service, _id_in_use(rid, self.answered.model(cid)))
             return
-        if ack and self.answered.delivered_to(cid) == ident:
+        if ack and self.answered.delivered_to(cid) == ident and (ident, rid) not in self._undelivered:
             self._reply_client(ident, service, {"id": rid, "ack": True})
             return
+        self._undelivered.pop((ident, rid), None)  # sent again now (a refusal at this turn's end books it again)
         cached = self.answered.reply(cid)
         log.info("duplicate_request", request_id=rid, resent=cached is not None)
         if cached is not None:
@@ -1173,9 +1178,11 @@ class Broker:
     def _refresh_metrics(self) -> None:
         depths = {m: self.queues.depth(m) for m in self.queues.models() if self._served(m)}
         states: dict[str, int] = {}
+        in_flight: dict[str, int] = {}  # per name: workers may share one (with keys: every pod of one key)
         for w in self.workers.values():
             states[w.state] = states.get(w.state, 0) + 1
-        self.metrics.refresh(depths, {w.name: len(w.in_flight) for w in self.workers.values()}, states)
+            in_flight[w.name] = in_flight.get(w.name, 0) + len(w.in_flight)
+        self.metrics.refresh(depths, in_flight, states)
         self.metrics.cache_bytes.set(self.responses.bytes)
         self.metrics.cache_evictions.set(self.responses.evictions)
         self._refresh_autoscale(time.monotonic())
@@ -1403,21 +1410,42 @@ class Broker:
                 if len(headers) == len(bodies):
                     headers = [h if type(h) is bytes else raw_bytes(h) for h in headers]
                     if sum(map(len, headers)) <= limit_b:  # what bounded_chunks would keep as one chunk
-                        self._send_raw_batch(ident, [pack(headers)], len(headers))
+                        if not self._send_raw_batch(ident, [pack(headers)], len(headers)):
+                            self._not_delivered(ident, bodies)
                         continue
             for chunk in bounded_chunks(bodies, limit_n, limit_b, frames_nbytes):
-                self._send_batch(ident, chunk, packed)
+                if not self._send_batch(ident, chunk, packed):
+                    self._not_delivered(ident, chunk)
 
-    def _send_batch(self, ident: bytes, bodies: list, packed: bool) -> None:
+    def _not_delivered(self, ident: bytes, bodies: list) -> None:
+        """ZeroMQ refused these answers to `ident` (its pipe full, or it is gone) after `answered` booked
+        them as delivered there (_send_client queued them): noted, so that socket's resend of one gets
+        the answer again rather than an ACK that says it is on its way (review14, issue 22)."""
+        for body in bodies:
+            try:
+                rid = unpack_map(raw_bytes(body[0])).get("id")
+            except ProtocolError:
+                continue
+            if isinstance(rid, str):
+                self._undelivered[(ident, rid)] = None
+                self._undelivered.move_to_end((ident, rid))
+        while len(self._undelivered) > MAX_UNDELIVERED:
+            self._undelivered.popitem(last=False)
+
+    def _send_batch(self, ident: bytes, bodies: list, packed: bool) -> bool:
         msg = [ident, b"", MDP_CLIENT, MMI_BATCH_PACKED_BYTES if packed else MMI_BATCH_BYTES,
                *answers_frames(bodies, packed)]
-        if not self._send_raw(self.frontend, msg):
-            log.warning("reply_undeliverable", client=ident.hex()[:64], answers=len(bodies))
+        if self._send_raw(self.frontend, msg):
+            return True
+        log.warning("reply_undeliverable", client=ident.hex()[:64], answers=len(bodies))
+        return False
 
-    def _send_raw_batch(self, ident: bytes, frames: list, count: int) -> None:
+    def _send_raw_batch(self, ident: bytes, frames: list, count: int) -> bool:
         """An "mmi.batch2" message of `count` answers whose frames (answers_frames' form) are built."""
-        if not self._send_raw(self.frontend, [ident, b"", MDP_CLIENT, MMI_BATCH_PACKED_BYTES, *frames]):
-            log.warning("reply_undeliverable", client=ident.hex()[:64], answers=count)
+        if self._send_raw(self.frontend, [ident, b"", MDP_CLIENT, MMI_BATCH_PACKED_BYTES, *frames]):
+            return True
+        log.warning("reply_undeliverable", client=ident.hex()[:64], answers=count)
+        return False
 
     def _send_worker(self, w: WorkerRecord, parts: list) -> bool:
         return self._send_raw(self.backend, [w.ident, WORKER_PROTO, *parts])
