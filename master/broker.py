@@ -668,7 +668,8 @@ class Broker:
 
         A failed send evicts its worker, and the eviction asks to dispatch again: those requests
         join the next round here, never a nested dispatch; each extra round follows an
-        eviction, so the rounds are bounded by the number of workers.
+        eviction, so the rounds are bounded by the number of workers. A send that raises (a bug)
+        answers its requests INTERNAL and the turn's other sends still go (`_fail_unsent`).
         """
         for _ in range(len(self.workers) + 2):
             if not self._dirty and not self._outgoing:
@@ -677,7 +678,19 @@ class Broker:
                 self._dispatch_model(self._dirty.pop())
             outgoing, self._outgoing = self._outgoing, {}
             for w, reqs in outgoing.values():
-                self._send_requests(w, reqs)
+                try:
+                    self._send_requests(w, reqs)
+                except Exception:  # a bug packing these: each answered now, not left assigned until its deadline
+                    log.exception("send_requests_failed", worker=w.name, requests=len(reqs))
+                    self._fail_unsent(w, reqs)
+
+    def _fail_unsent(self, w: WorkerRecord, reqs: list[PendingRequest]) -> None:
+        """Answer INTERNAL every request of `reqs` still assigned to `w` (its slot given back by
+        `finish`): whatever made their send raise would make it raise again on another worker, so
+        they are not requeued; the other workers' requests of the turn are still sent."""
+        for r in reqs:
+            if r.worker == w.ident and self.pending.get(r.key) is r:
+                self.fail(r, ErrorCode.INTERNAL, "the master could not send this request to a worker")
 
     def _dispatch_model(self, model: str) -> None:
         """Each send looks at the workers once and at the head of each version pin's FIFO, never
