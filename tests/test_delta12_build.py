@@ -120,7 +120,6 @@ def test_a_plan_takes_the_held_entries_and_parses_only_the_others(monkeypatch):
     held = Held()
     held.entries, held.counts = first.entries, {}  # counts unknown: every tensor checked again
     held.flat = {"a": np.zeros(4, np.float32), "b": np.zeros(8, np.float32)}
-    held.sums = dict(first.sums)
     held.shapes = {"a": (4,), "b": (2, 4)}
     parsed = []
     real = sync_mod._item

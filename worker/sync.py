@@ -610,7 +610,6 @@ class Held:
     def __init__(self) -> None:
         self.flat: dict[str, np.ndarray] = {}
         self.shapes: dict[str, tuple] = {}
-        self.sums: dict[str, str] = {}
         self.sources: dict[str, list[str]] = {}  # piece key -> the shards whose manifest lists it (owners)
         # piece key -> (its manifest entry as checked, the Piece, its checksum): the next version's
         # plan takes an entry equal to one of these, value for value and type for type, as checked
@@ -736,7 +735,6 @@ def plan_version(manifests: Mapping[str, list], held: Held | None, shapes: Mappi
             new.flat[param], new.shapes[param] = old, shape
             if param in held.views:
                 new.views[param] = held.views[param]  # and so is its tensor
-            new.sums.update({p.key: c for p, c in plist})
             continue
         if any(p.shape != shape or p.dtype != dtype for p, _ in plist):
             raise ValueError(f"tensor {param}: the shards disagree on its shape or dtype")
@@ -771,7 +769,6 @@ def plan_version(manifests: Mapping[str, list], held: Held | None, shapes: Mappi
             for p, c in changed:
                 need[source(p.key)].append((p, c))
         new.flat[param], new.shapes[param] = arr, shape
-        new.sums.update({p.key: c for p, c in plist})
     new.sources = sources
     return new, {n: items for n, items in need.items() if items}
 
