@@ -654,8 +654,7 @@ class ShardStore:
                         continue
                     mapped[c] = m
                     n += 1
-                if sl.data[k] is not m:
-                    sl.data[k] = m
+                sl.data[k] = m
         return n
 
     def collect(self, model: str) -> int:
